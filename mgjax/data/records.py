@@ -1,0 +1,74 @@
+"""The one record shape that crosses from dataset building into training.
+
+Every reader turns its source format into `Record`s; anything it cannot turn into a
+valid record becomes a `Rejection` that names the file, the record and the reason,
+so the builder can report it and carry on with the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+CATEGORIES = ("text", "understanding", "generation")
+ROLES = ("system", "user", "assistant")
+IMAGE_PLACEHOLDER = "<image>"
+# Mini-Gemini's generation convention: the user turn ends with " <GEN>" and the answer
+# carries a text-to-image prompt between <h> and </h> (plain text, not special tokens).
+GEN_MARKER = "<GEN>"
+PROMPT_OPEN, PROMPT_CLOSE = "<h>", "</h>"
+
+
+@dataclasses.dataclass
+class Record:
+  id: str
+  source: str
+  category: str  # one of CATEGORIES
+  messages: list[dict[str, str]]  # [{"role": ..., "content": ...}, ...]
+  images: list[bytes] = dataclasses.field(default_factory=list)  # encoded JPEG/PNG
+
+  def to_example(self) -> dict:
+    """The dict a TFDS builder yields for this record."""
+    return {
+        "id": self.id,
+        "source": self.source,
+        "category": self.category,
+        "messages": [{"role": m["role"], "content": m["content"]} for m in self.messages],
+        "images": list(self.images),
+    }
+
+
+@dataclasses.dataclass
+class Rejection:
+  source: str
+  file: str
+  record: str  # where in the file: "line 12", "record 3 (id=abc)", ...
+  reason: str
+
+  def __str__(self) -> str:
+    return f"{self.file}: {self.record}: {self.reason} [source {self.source}]"
+
+
+def infer_category(messages: list[dict[str, str]], num_images: int) -> str:
+  """generation if a user turn asks with <GEN>; understanding if it has images; else text."""
+  if any(m["role"] == "user" and m["content"].rstrip().endswith(GEN_MARKER) for m in messages):
+    return "generation"
+  return "understanding" if num_images else "text"
+
+
+def check(record: Record) -> str | None:
+  """Returns why a record cannot be trained on, or None when it is fine."""
+  if not record.messages:
+    return "empty conversation: no turns"
+  for i, m in enumerate(record.messages):
+    if m.get("role") not in ROLES:
+      return f"turn {i}: unknown role {m.get('role')!r} (expected one of {ROLES})"
+    if not isinstance(m.get("content"), str) or not m["content"].strip():
+      return f"turn {i}: empty {m.get('role')} turn"
+  if not any(m["role"] == "assistant" for m in record.messages):
+    return "no assistant turn: nothing to learn from"
+  slots = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in record.messages)
+  if slots != len(record.images):
+    return f"{slots} {IMAGE_PLACEHOLDER} placeholders but {len(record.images)} images"
+  if record.category not in CATEGORIES:
+    return f"unknown category {record.category!r} (expected one of {CATEGORIES})"
+  return None
