@@ -1,0 +1,18 @@
+"""Stage 1: fine-tune the whole VLM on the whole instruction mix (split `train`).
+
+  python -m mgjax.main --config=configs/stage1.py --workdir=runs/stage1
+  python -m mgjax.main --config=configs/stage1.py:model=sample --config.train.steps=100
+"""
+
+from mgjax import config as mgjax_config
+
+
+def get_config(arg=None):
+  args = mgjax_config.parse_arg(arg, model="sample", data="sample")
+  c = mgjax_config.base_config(model=args.model, data=args.data)
+  c.stage = 1
+  c.workdir = "runs/stage1"
+  c.data.train_split = "train"
+  c.optim.lr = 1e-3
+  c.lock()
+  return c

@@ -1,0 +1,25 @@
+"""Stage 2: start from stage 1's params and specialise on the generation subset.
+
+A fresh optimizer with a lower, shorter schedule: the generation subset is small and
+one-note, so a stage-1-sized schedule would overfit it and drag understanding along.
+
+  python -m mgjax.main --config=configs/stage2.py --workdir=runs/stage2 --config.init_from=runs/stage1
+"""
+
+from mgjax import config as mgjax_config
+
+
+def get_config(arg=None):
+  args = mgjax_config.parse_arg(arg, model="sample", data="sample")
+  c = mgjax_config.base_config(model=args.model, data=args.data)
+  c.stage = 2
+  c.workdir = "runs/stage2"
+  c.init_from = "runs/stage1"
+  c.data.train_split = "train_generation"
+  c.optim.lr = 2e-4
+  c.optim.warmup_steps = 10
+  c.train.steps = 150
+  c.train.eval_every = 50
+  c.train.checkpoint_every = 50
+  c.lock()
+  return c

@@ -1,0 +1,132 @@
+"""Checkpoints with orbax: WORKDIR/checkpoints/<step>/{params,opt_state,data,meta}.
+
+`params` and `opt_state` are array trees (saved asynchronously, sharded as they live),
+`data` is the grain iterator position (one file per process), `meta` a JSON dict
+(stage, step, config, dataset, and for stage 2 the checkpoint it started from).
+Full resume (`Checkpoints.restore`) is kept apart from the params-only load that starts
+stage 2 (`restore_params`), as MaxText does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+ITEMS = ("params", "opt_state", "data", "meta")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that is missing or does not fit the model."""
+
+
+def path_str(path: tuple) -> str:
+  """"llm/layers/0/self_attn/q_proj/kernel" for a jax key path."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+  return "/".join(parts)
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying concrete shardings, the restore target orbax needs."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Checkpoints:
+  """The checkpoints of one workdir."""
+
+  def __init__(self, workdir: str, *, max_to_keep: int | None = None, read_only: bool = False):
+    self.directory = epath.Path(workdir) / "checkpoints"
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, read_only=read_only, create=not read_only,
+        enable_async_checkpointing=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, *, params: Any, opt_state: Any, data_iter: Any, meta: dict) -> None:
+    """Starts an asynchronous save; arrays are copied off first, so training goes on."""
+    self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            data=grain.checkpoint.CheckpointSave(data_iter),
+            meta=ocp.args.JsonSave(meta),
+        ),
+        force=True,
+    )
+
+  def restore(self, step: int, *, abstract_params: Any, abstract_opt_state: Any, data_iter: Any):
+    """Full resume: params, optimizer state, data position (restored into data_iter), meta."""
+    check_params_fit(self, step, abstract_params)
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params),
+            opt_state=ocp.args.StandardRestore(abstract_opt_state),
+            data=grain.checkpoint.CheckpointRestore(data_iter),
+            meta=ocp.args.JsonRestore(),
+        ),
+    )
+    return restored["params"], restored["opt_state"], restored["meta"]
+
+  def restore_params(self, step: int, abstract_params: Any) -> tuple[Any, dict]:
+    check_params_fit(self, step, abstract_params)
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
+    return restored["params"], restored["meta"]
+
+  def param_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    metadata = self._manager.item_metadata(step)["params"]
+    leaves = jax.tree_util.tree_leaves_with_path(metadata, is_leaf=lambda x: hasattr(x, "shape"))
+    return {path_str(p): tuple(m.shape) for p, m in leaves}
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def check_params_fit(checkpoints: Checkpoints, step: int, abstract_params: Any) -> None:
+  """Stops with every mismatched parameter path before orbax tries to restore."""
+  saved = checkpoints.param_shapes(step)
+  wanted = {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
+  problems = [f"  {p}: checkpoint {saved[p]} vs model {wanted[p]}" for p in sorted(wanted) if p in saved and saved[p] != wanted[p]]
+  problems += [f"  {p}: missing from the checkpoint (model wants {wanted[p]})" for p in sorted(wanted) if p not in saved]
+  problems += [f"  {p}: in the checkpoint {saved[p]} but not in the model" for p in sorted(saved) if p not in wanted]
+  if problems:
+    shown = problems[:40] + ([f"  ... and {len(problems) - 40} more"] if len(problems) > 40 else [])
+    raise CheckpointError(
+        f"checkpoint {checkpoints.directory / str(step)} does not fit the model: {len(problems)} "
+        "mismatched parameter(s):\n" + "\n".join(shown) +
+        "\nUse the model config the checkpoint was trained with (see its meta/ item), or start from a matching checkpoint.")
+
+
+def locate(path: str) -> tuple[str, int]:
+  """Finds (workdir, step) for a workdir, its checkpoints/ folder, or one checkpoints/<step> folder."""
+  p = epath.Path(path)
+  if p.name.isdigit() and p.parent.name == "checkpoints":
+    if not p.exists():
+      raise CheckpointError(f"checkpoint {p} does not exist")
+    return str(p.parent.parent), int(p.name)
+  workdir = p.parent if p.name == "checkpoints" else p
+  step = Checkpoints(str(workdir), read_only=True).latest_step() if (workdir / "checkpoints").exists() else None
+  if step is None:
+    raise CheckpointError(
+        f"no checkpoint found under {workdir / 'checkpoints'}. Stage 2 starts from stage 1's params: run "
+        f"`python -m mgjax.main --config=configs/stage1.py --workdir={workdir}` first, or point "
+        "--config.init_from at a workdir (or checkpoints/<step> folder) that holds one.")
+  return str(workdir), step

@@ -1,0 +1,122 @@
+"""The training config every stage shares, and helpers to load config files.
+
+Config files under configs/ are Python files with `get_config(arg)` (big_vision style):
+`--config=configs/stage1.py:model=sample` passes "model=sample" as `arg`. Configs come
+back locked, so a misspelt override (`--config.train.stpes=5`) is an error instead of a
+silently ignored key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+# CLIP's normalisation constants; both towers of Mini-Gemini use them.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def parse_arg(arg: str | None, **defaults: str) -> ml_collections.ConfigDict:
+  """Parses "key=value,key=value" from `--config=FILE:ARG` over the given defaults."""
+  values = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in values:
+      raise ValueError(f"config argument {item!r}: expected key=value with key in {sorted(values)}")
+    values[key] = value
+  return ml_collections.ConfigDict(values)
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Imports a config file by path and calls its get_config(arg)."""
+  spec = importlib.util.spec_from_file_location(f"_mgjax_config_{abs(hash(path))}", path)
+  if spec is None or spec.loader is None:
+    raise FileNotFoundError(f"config file {path} not found")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def preset(kind: str, name: str) -> ml_collections.ConfigDict:
+  """Loads configs/<kind>/<name>.py, e.g. preset("models", "sample")."""
+  path = os.path.join(CONFIGS_DIR, kind, f"{name}.py")
+  if not os.path.exists(path):
+    available = sorted(f[:-3] for f in os.listdir(os.path.join(CONFIGS_DIR, kind)) if f.endswith(".py"))
+    raise ValueError(f"no {kind} preset {name!r}: {path} does not exist; available: {available}")
+  return load_config_file(path)
+
+
+def base_config(model: str = "sample", data: str = "sample") -> ml_collections.ConfigDict:
+  """Fields common to every stage; stage files change what makes them that stage."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stage = 1
+  # Stage 2: the workdir (or a checkpoints/<step> folder) whose params it starts from.
+  c.init_from = ""
+  # Used when --workdir is not given.
+  c.workdir = ""
+
+  c.data = ml_collections.ConfigDict()
+  # The dataset recipe (configs/data/*.py); main builds it under data_dir when missing.
+  c.data.recipe = preset("data", data)
+  c.data.data_dir = "data"
+  c.data.train_split = "train"
+  c.data.val_splits = ("val_understanding", "val_generation", "val_text")
+  c.data.seq_len = 256
+  c.data.batch_size = 16  # global, across all processes
+  c.data.max_images = 1  # image slots per sample; extra images are dropped with a warning
+  c.data.num_threads = 2
+  c.data.prefetch = 4
+  c.data.image_mean = CLIP_MEAN
+  c.data.image_std = CLIP_STD
+
+  c.model = preset("models", model)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 50
+  c.optim.end_lr_factor = 0.1  # cosine decays to lr * end_lr_factor
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.grad_clip = 1.0
+  # Regexes over parameter paths like "vision_lowres/encoder/layers/0/mlp/fc1/kernel";
+  # matching parameters are not updated (and get no optimizer state).
+  c.optim.freeze = ()
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 600
+  c.train.eval_every = 100
+  c.train.checkpoint_every = 200
+  c.train.log_every = 10
+  c.train.max_to_keep = 2
+  c.train.eval_batch_size = 32
+
+  c.mesh = ml_collections.ConfigDict()
+  # Sizes of the mesh axes; -1 takes the devices left over.
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  # Logical axis names (on every weight) -> mesh axes, MaxText style.
+  c.mesh.rules = (
+      ("batch", ("data", "fsdp")),
+      ("vocab", "tensor"),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("head_dim", None),
+      ("norm", None),
+      ("vision_embed", "fsdp"),
+      ("vision_mlp", "tensor"),
+      ("vision_heads", "tensor"),
+      ("conv_in", None),
+      ("conv_out", "fsdp"),
+      ("conv_kernel", None),
+      ("pos", None),
+  )
+  return c

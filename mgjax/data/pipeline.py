@@ -1,0 +1,170 @@
+"""From a built TFDS split to fixed-shape training batches, with grain.
+
+Templates, tokenisation, loss masks and image preprocessing happen here, never in the
+builder, so one built dataset serves every model and chat template.
+
+A batch (per process) is a dict of numpy arrays:
+  input_ids [B, T] int32       tokens fed to the model; each <image> already expanded
+                               into `num_image_tokens` copies of the image token
+  targets [B, T] int32         the next token at every position
+  loss_mask [B, T] float32     1 where the target is an assistant token
+  segment_ids [B, T] int32     1 on real tokens, 0 on padding
+  positions [B, T] int32
+  images_lowres [B, M, l, l, 3] float32, images_highres [B, M, h, h, 3] float32
+                               normalised pixels of up to M images, zeros in empty slots
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from mgjax.data.records import IMAGE_PLACEHOLDER
+
+
+def _text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def preprocess_image(data: bytes, size: int, mean: tuple, std: tuple) -> np.ndarray:
+  """Decodes, resizes the shorter side to `size` (bicubic), centre-crops, normalises."""
+  image = Image.open(io.BytesIO(data)).convert("RGB")
+  w, h = image.size
+  scale = size / min(w, h)
+  image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+  left, top = (image.width - size) // 2, (image.height - size) // 2
+  image = image.crop((left, top, left + size, top + size))
+  pixels = np.asarray(image, dtype=np.float32) / 255.0
+  return (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+class ConversationEncoder:
+  """One TFDS example -> one fixed-shape training example (a grain map transform)."""
+
+  def __init__(self, tokenizer, *, seq_len: int, num_image_tokens: int, max_images: int,
+               lowres_size: int, highres_size: int, image_mean: tuple, image_std: tuple):
+    self.tokenizer = tokenizer
+    self.seq_len = seq_len
+    self.num_image_tokens = num_image_tokens
+    self.max_images = max_images
+    self.lowres_size, self.highres_size = lowres_size, highres_size
+    self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+    self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+      raise ValueError(f"tokenizer {tokenizer.name_or_path} has no {IMAGE_PLACEHOLDER} token; add it as a special token")
+    self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+  def messages(self, example: dict) -> list[dict[str, str]]:
+    m = example["messages"]
+    return [{"role": _text(r), "content": _text(c)} for r, c in zip(m["role"], m["content"])]
+
+  def __call__(self, example: dict) -> dict[str, np.ndarray]:
+    encoded = self.tokenizer.apply_chat_template(
+        self.messages(example), tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, assistant = self._expand_images(encoded["input_ids"], encoded["assistant_masks"])
+    # Predict token t+1 from tokens <= t; train only where t+1 is an assistant token.
+    ids, assistant = ids[: self.seq_len + 1], assistant[: self.seq_len + 1]
+    ids, assistant = self._drop_partial_image(ids, assistant)
+    n = len(ids) - 1
+    out = {
+        "input_ids": np.full(self.seq_len, self.pad_id, np.int32),
+        "targets": np.full(self.seq_len, self.pad_id, np.int32),
+        "loss_mask": np.zeros(self.seq_len, np.float32),
+        "segment_ids": np.zeros(self.seq_len, np.int32),
+        "positions": np.zeros(self.seq_len, np.int32),
+    }
+    out["input_ids"][:n] = ids[:-1]
+    out["targets"][:n] = ids[1:]
+    out["loss_mask"][:n] = assistant[1:]
+    out["segment_ids"][:n] = 1
+    out["positions"][:n] = np.arange(n)
+    out.update(self._images(example, num_slots=int((out["input_ids"] == self.image_token_id).sum()) // self.num_image_tokens))
+    return out
+
+  def _expand_images(self, ids: list[int], assistant: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    out_ids, out_mask = [], []
+    for token, mask in zip(ids, assistant):
+      repeat = self.num_image_tokens if token == self.image_token_id else 1
+      out_ids += [token] * repeat
+      out_mask += [0 if token == self.image_token_id else mask] * repeat
+    return np.asarray(out_ids, np.int32), np.asarray(out_mask, np.float32)
+
+  def _drop_partial_image(self, ids: np.ndarray, assistant: np.ndarray):
+    """Truncation must not cut an image's tokens in half: the model places whole images."""
+    is_image = ids[:-1] == self.image_token_id  # the last id is only ever a target
+    partial = int(is_image.sum()) % self.num_image_tokens
+    if partial:
+      cut = int(np.nonzero(is_image)[0][-partial])
+      ids, assistant = ids[: cut + 1], assistant[: cut + 1]
+      ids[cut] = self.pad_id
+      assistant[cut] = 0
+    return ids, assistant
+
+  def _images(self, example: dict, num_slots: int) -> dict[str, np.ndarray]:
+    lowres = np.zeros((self.max_images, self.lowres_size, self.lowres_size, 3), np.float32)
+    highres = np.zeros((self.max_images, self.highres_size, self.highres_size, 3), np.float32)
+    images = list(example["images"])[: min(num_slots, self.max_images)]
+    for i, data in enumerate(images):
+      lowres[i] = preprocess_image(data, self.lowres_size, self.image_mean, self.image_std)
+      highres[i] = preprocess_image(data, self.highres_size, self.image_mean, self.image_std)
+    return {"images_lowres": lowres, "images_highres": highres}
+
+
+def make_encoder(tokenizer, data_cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict,
+                 num_image_tokens: int) -> ConversationEncoder:
+  return ConversationEncoder(
+      tokenizer, seq_len=data_cfg.seq_len, num_image_tokens=num_image_tokens, max_images=data_cfg.max_images,
+      lowres_size=model_cfg.vision_lowres.image_size, highres_size=model_cfg.vision_highres.image_size,
+      image_mean=data_cfg.image_mean, image_std=data_cfg.image_std)
+
+
+def _this_process(ds: grain.MapDataset) -> grain.MapDataset:
+  # Every process reads a disjoint, interleaved share of the records.
+  return ds[jax.process_index()::jax.process_count()]
+
+
+def train_iterator(source, encoder: ConversationEncoder, *, batch_size: int, seed: int,
+                   num_threads: int = 2, prefetch: int = 4) -> grain.DatasetIterator:
+  """An endless, seeded, per-epoch reshuffled stream of per-process batches.
+
+  The returned iterator's position (get_state/set_state) is saved with each checkpoint.
+  """
+  ds = _this_process(grain.MapDataset.source(source))
+  ds = ds.shuffle(seed=seed).repeat(None).map(encoder).batch(batch_size, drop_remainder=True)
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+  return iter(ds.to_iter_dataset(options))
+
+
+def eval_batches(source, encoder: ConversationEncoder, *, batch_size: int, num_threads: int = 2):
+  """Every record of a split once, in order; the last batch padded with loss-free rows.
+
+  Every process yields the same number of batches (the process-local batch count of the
+  largest share), so the jitted eval step runs in lockstep on all hosts.
+  """
+  ds = _this_process(grain.MapDataset.source(source)).map(encoder)
+  num_batches = -(-len(source) // (batch_size * jax.process_count()))
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)
+  examples = iter(ds.to_iter_dataset(options))
+  empty = None
+  for _ in range(num_batches):
+    rows = []
+    for example in examples:
+      rows.append(example)
+      if len(rows) == batch_size:
+        break
+    empty = empty or _empty_like(rows[0] if rows else empty)
+    rows += [empty] * (batch_size - len(rows))
+    yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _empty_like(example: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+  if example is None:
+    raise ValueError("cannot pad an eval batch: this process has no records of the split")
+  return {k: np.zeros_like(v) for k, v in example.items()}
+

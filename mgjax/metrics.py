@@ -1,0 +1,59 @@
+"""Where numbers go: WORKDIR/metrics.jsonl (one JSON object a line) and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+from etils import epath
+
+
+class MetricsWriter:
+  """Writes scalars from process 0; other processes hold an inert writer."""
+
+  def __init__(self, workdir: str, *, resume_step: int | None = None):
+    self._active = jax.process_index() == 0
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self._tb = None
+    if not self._active:
+      return
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    if resume_step is not None and self.path.exists():
+      # A killed run may have logged past its last checkpoint; those lines will be
+      # logged again by the resumed run, so drop them to keep one line per event.
+      kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
+      self.path.write_text("".join(l + "\n" for l in kept))
+    from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
+
+    self._tb = SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard"))
+
+  def write(self, step: int, split: str, **scalars: Any) -> None:
+    if not self._active:
+      return
+    record = {"step": int(step), "split": split, **{k: float(v) for k, v in scalars.items()}}
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    for name, value in scalars.items():
+      self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read(workdir: str) -> list[dict[str, Any]]:
+  """Reads back a workdir's metrics.jsonl."""
+  path = epath.Path(workdir) / "metrics.jsonl"
+  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def val_losses_at(workdir: str, step: int) -> dict[str, float]:
+  """The validation losses logged at `step` (e.g. step 0 of a resumed run)."""
+  return {r["split"]: r["loss"] for r in read(workdir) if r["step"] == step and r["split"] != "train"}
+
+
+def train_loss_at(workdir: str, step: int) -> float:
+  losses = [r["loss"] for r in read(workdir) if r["step"] == step and r["split"] == "train"]
+  return losses[-1] if losses else float("nan")

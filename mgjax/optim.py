@@ -1,0 +1,42 @@
+"""The optimizer: AdamW with warmup + cosine decay, global-norm clipping, regex freezing."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+from mgjax.checkpoint import path_str
+
+
+def schedule(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  warmup = min(optim_cfg.warmup_steps, max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=optim_cfg.lr * optim_cfg.end_lr_factor)
+
+
+def frozen_labels(params: Any, patterns: tuple[str, ...]) -> Any:
+  """'frozen' for every parameter whose path fully matches one of the regexes, else 'trainable'."""
+  compiled = [re.compile(p) for p in patterns]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "frozen" if any(c.fullmatch(path_str(path)) for c in compiled) else "trainable", params)
+
+
+def make(optim_cfg: ml_collections.ConfigDict, total_steps: int, params: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns the optimizer for `params` (a tree of arrays or shapes) and its LR schedule."""
+  lr = schedule(optim_cfg, total_steps)
+  trainable = optax.chain(
+      optax.clip_by_global_norm(optim_cfg.grad_clip),
+      optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, weight_decay=optim_cfg.weight_decay,
+                  # Decay matrices only; norms' scales and biases are left alone.
+                  mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
+  )
+  labels = frozen_labels(params, tuple(optim_cfg.freeze))
+  if "trainable" not in jax.tree.leaves(labels):
+    raise ValueError(f"optim.freeze={tuple(optim_cfg.freeze)} freezes every parameter: nothing would train")
+  tx = optax.multi_transform({"trainable": trainable, "frozen": optax.set_to_zero()}, labels)
+  return tx, lr

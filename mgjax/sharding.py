@@ -1,0 +1,91 @@
+"""The device mesh and how parameters and batches are laid out on it.
+
+Every weight carries logical axis names (set in mgjax.models with nnx.with_partitioning);
+the config's `mesh.rules` table maps them to mesh axes, so changing the parallelism of a
+run is a config change, not a model change (MaxText's approach).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# The batch dimension is split over every axis that holds replicas of the data.
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Resolves the config's axis sizes (one may be -1: the devices left over)."""
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  if -1 in sizes:
+    known = math.prod(s for s in sizes if s != -1)
+    if num_devices % known:
+      raise ValueError(f"mesh: {num_devices} devices do not divide by the fixed axes {dict(zip(MESH_AXES, sizes))}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(
+        f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but {num_devices} are present; "
+        "set --config.mesh.data=-1 to use whatever is there")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
+  devices = devices if devices is not None else jax.devices()
+  shape = mesh_shape(mesh_cfg, len(devices))
+  # Auto axes: the compiler propagates shardings from the ones we pin (params, batch).
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_rules(mesh_cfg: ml_collections.ConfigDict) -> tuple:
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in mesh_cfg.rules)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: tuple) -> Any:
+  """NamedShardings for an nnx.State whose variables carry logical axis names."""
+  with nnx.logical_axis_rules(rules):
+    pspecs = nnx.get_partition_spec(abstract_state)
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), pspecs)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_size_per_process(global_batch: int, mesh: Mesh) -> int:
+  """Each process feeds its share of the global batch; it must split evenly."""
+  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  if global_batch % shards or global_batch % jax.process_count():
+    raise ValueError(
+        f"data.batch_size={global_batch} must divide by the data-parallel shards ({shards}) "
+        f"and the process count ({jax.process_count()})")
+  return global_batch // jax.process_count()
+
+
+def to_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles the per-process numpy batches into one global array per key."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def abstract_outputs(jitted, *args) -> Any:
+  """Shapes and the concrete shardings XLA chose for a jitted function's outputs.
+
+  These are restore targets for orbax; `jax.eval_shape` alone would carry an abstract
+  mesh that orbax cannot restore into.
+  """
+  shapes = jax.eval_shape(jitted, *args)
+  out_shardings = jitted.lower(*args).compile().output_shardings
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, out_shardings)
