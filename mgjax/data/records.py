@@ -42,7 +42,13 @@ class Rejection:
   source: str
   file: str
   record: str  # where in the file: "line 12", "record 3 (id=abc)", ...
-  reason: str
+  reason: str  # what is wrong and, where it helps, how to fix it
+  # A short stable name for the reason ("invalid_json", "missing_image", ...): the data
+  # card counts rejections by it, since `reason` carries record-specific detail.
+  kind: str = "invalid"
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
 
   def __str__(self) -> str:
     return f"{self.file}: {self.record}: {self.reason} [source {self.source}]"

@@ -1,0 +1,63 @@
+"""Helpers every reader shares: opening files by path or URL, and turning a candidate
+record into either a `Record` or a `Rejection` the same way in every format."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator
+
+from etils import epath
+
+from mgjax.data import records
+from mgjax.data.records import Record, Rejection
+
+# Short, stable names for why a record was dropped: the data card counts by these, while
+# `Rejection.reason` keeps the detail (which turn, which path, what to fix).
+_CHECK_KINDS = (
+    ("empty conversation", "empty_conversation"),
+    ("unknown role", "bad_role"),
+    ("empty", "empty_turn"),
+    ("no assistant turn", "no_assistant_turn"),
+    ("placeholders but", "image_count_mismatch"),
+    ("unknown category", "bad_category"),
+)
+
+
+def check_kind(reason: str) -> str:
+  """Maps a `records.check` message onto its short kind."""
+  for needle, kind in _CHECK_KINDS:
+    if needle in reason:
+      return kind
+  return "invalid"
+
+
+def finish(record: Record, file: str, where: str, category: str | None = None) -> Record | Rejection:
+  """Sets the category (given or inferred) and validates; a failing record becomes a Rejection."""
+  record.category = category or records.infer_category(record.messages, len(record.images))
+  reason = records.check(record)
+  if reason is None:
+    return record
+  return Rejection(record.source, file, where, reason, kind=check_kind(reason))
+
+
+def iter_jsonl(path: str, source: str) -> Iterator[tuple[int, Any] | Rejection]:
+  """Yields (line number, parsed object), or a Rejection for a line that is not JSON.
+
+  Lines are numbered from 1 as editors show them; blank lines are skipped silently.
+  Undecodable bytes (not UTF-8) reject only their own line.
+  """
+  with epath.Path(path).open("rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        yield Rejection(source, str(path), f"line {lineno}",
+                        f"not UTF-8 ({e}); re-encode the file as UTF-8", kind="not_utf8")
+        continue
+      if not line.strip():
+        continue
+      try:
+        yield lineno, json.loads(line)
+      except json.JSONDecodeError as e:
+        yield Rejection(source, str(path), f"line {lineno}",
+                        f"invalid JSON: {e.msg} at column {e.colno}", kind="invalid_json")
