@@ -1,0 +1,293 @@
+"""The bundled sample data: made by code, deterministic by seed, nothing downloaded.
+
+Small enough to build in seconds and simple enough that a tiny model learns it in
+minutes, yet written as real files in the real source formats (LLaVA/Mini-Gemini JSON,
+LIMA jsonl, OpenAssistant trees), so it is read back through the same readers as real
+data and exercises their rules (ranked alternatives, a deleted message, a non-English
+tree, LIMA rows with an unanswered last turn).
+
+  understanding: 128x128 PNGs with 1-3 shapes; questions with short checkable answers.
+  generation:    "Draw two red circles ... <GEN>" -> "<h>text-to-image prompt</h>", the
+                 prompt a fixed function of what was requested, whatever the phrasing.
+  text:          arithmetic, spelling, counting and colour/shape facts, multi-turn.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from typing import Any
+
+from etils import epath
+from PIL import Image, ImageDraw
+
+SIZE = 128
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220),
+           "yellow": (235, 200, 20), "purple": (140, 50, 170), "orange": (245, 130, 20)}
+# A 3x3 grid of cells; a shape sits in the middle of its cell.
+POSITIONS = {"top left": (0, 0), "top": (1, 0), "top right": (2, 0),
+             "left": (0, 1), "center": (1, 1), "right": (2, 1),
+             "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2)}
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+Shape = tuple[str, str, str]  # (shape, colour, position)
+
+
+# ---------------------------------------------------------------------------------------
+# Images and understanding conversations
+# ---------------------------------------------------------------------------------------
+
+def draw(scene: list[Shape]) -> bytes:
+  """PNG bytes of the scene on a white background."""
+  img = Image.new("RGB", (SIZE, SIZE), "white")
+  d = ImageDraw.Draw(img)
+  cell, r = SIZE / 3, SIZE / 3 * 0.35
+  for shape, colour, pos in scene:
+    gx, gy = POSITIONS[pos]
+    cx, cy = (gx + 0.5) * cell, (gy + 0.5) * cell
+    fill = COLOURS[colour]
+    if shape == "circle":
+      d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+      d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+      d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+  buf = io.BytesIO()
+  img.save(buf, format="PNG", optimize=False)
+  return buf.getvalue()
+
+
+def _scene(rng: random.Random) -> list[Shape]:
+  n = rng.randint(1, 3)
+  positions = rng.sample(sorted(POSITIONS), n)
+  return [(rng.choice(SHAPES), rng.choice(sorted(COLOURS)), p) for p in positions]
+
+
+def _phrase(shape: Shape) -> str:
+  return f"a {shape[1]} {shape[0]}"
+
+
+def _describe(scene: list[Shape]) -> str:
+  parts = [f"{_phrase(s)} at the {s[2]}" if s[2] != "center" else f"{_phrase(s)} in the center"
+           for s in scene]
+  text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+  return text[0].upper() + text[1:] + "."
+
+
+def _questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str]]:
+  """All the (question, answer) pairs whose answer the scene decides unambiguously."""
+  qa = [("How many shapes are there?", f"{NUMBERS[len(scene)].capitalize()}."),
+        ("Describe the image.", _describe(scene))]
+  by_shape = {s[0]: [x for x in scene if x[0] == s[0]] for s in scene}
+  by_colour = {s[1]: [x for x in scene if x[1] == s[1]] for s in scene}
+  if len(scene) == 1:
+    shape, colour, pos = scene[0]
+    qa += [("What shape is in the image?", f"A {shape}."),
+           ("What colour is the shape?", f"{colour.capitalize()}."),
+           ("Where is the shape?", f"{pos.capitalize()}.")]
+  for shape, same in by_shape.items():
+    if len(same) == 1:
+      qa += [(f"What colour is the {shape}?", f"{same[0][1].capitalize()}."),
+             (f"Where is the {shape}?", f"{same[0][2].capitalize()}.")]
+    n = len(same)
+    qa.append((f"How many {shape}s are there?", f"{NUMBERS[n].capitalize()}."))
+  for colour, same in by_colour.items():
+    if len(same) == 1:
+      qa.append((f"What shape is {colour}?", f"The {colour} one is a {same[0][0]}."))
+  present = {(s[0], s[1]) for s in scene}
+  shape, colour = rng.choice(SHAPES), rng.choice(sorted(COLOURS))
+  qa.append((f"Is there a {colour} {shape}?", "Yes." if (shape, colour) in present else "No."))
+  return qa
+
+
+def _understanding(n: int, rng: random.Random, images_dir: epath.Path) -> list[dict[str, Any]]:
+  records = []
+  for i in range(n):
+    scene = _scene(rng)
+    name = f"shapes_{i:05d}.png"
+    (images_dir / name).write_bytes(draw(scene))
+    qa = _questions(scene, rng)
+    turns = rng.sample(qa, k=min(len(qa), rng.choice((1, 1, 2, 3))))
+    conv = []
+    for t, (q, a) in enumerate(turns):
+      conv.append({"from": "human", "value": f"<image>\n{q}" if t == 0 else q})
+      conv.append({"from": "gpt", "value": a})
+    records.append({"id": f"shapes_{i:05d}", "image": name, "conversations": conv})
+  return records
+
+
+# ---------------------------------------------------------------------------------------
+# Generation requests in the Mini-Gemini convention
+# ---------------------------------------------------------------------------------------
+
+_REQUESTS = ("Draw {what} on a white background.", "Create an image of {what}.",
+             "Generate a picture showing {what}.", "Please paint {what}.",
+             "Make a simple drawing with {what}.", "I would like to see {what}. Can you draw it?")
+
+
+def _plural(shape: str, n: int) -> str:
+  return shape if n == 1 else shape + "s"
+
+
+def _generation(n: int, rng: random.Random) -> list[dict[str, Any]]:
+  records = []
+  for i in range(n):
+    kind = rng.choice(("count", "count", "place", "pair"))
+    if kind == "count":
+      shape, colour, k = rng.choice(SHAPES), rng.choice(sorted(COLOURS)), rng.randint(1, 4)
+      what = f"{'a' if k == 1 else NUMBERS[k]} {colour} {_plural(shape, k)}"
+      layout = "centered" if k == 1 else "evenly spaced"
+      prompt = (f"{NUMBERS[k].capitalize()} flat {colour} {_plural(shape, k)} {layout} on a plain "
+                f"white background, simple vector illustration")
+    elif kind == "place":
+      shape, colour, pos = rng.choice(SHAPES), rng.choice(sorted(COLOURS)), rng.choice(sorted(POSITIONS))
+      where = "in the center" if pos == "center" else f"in the {pos} corner" if " " in pos else f"at the {pos}"
+      what = f"a {colour} {shape} {where}"
+      prompt = f"A single flat {colour} {shape} {where} of a plain white canvas, simple vector illustration"
+    else:
+      (s1, s2), (c1, c2) = rng.sample(SHAPES, 2), rng.sample(sorted(COLOURS), 2)
+      what = f"a {c1} {s1} next to a {c2} {s2}"
+      prompt = (f"A flat {c1} {s1} on the left and a flat {c2} {s2} on the right, plain white "
+                f"background, simple vector illustration")
+    request = rng.choice(_REQUESTS).format(what=what)
+    records.append({"id": f"gen_{i:05d}", "conversations": [
+        {"from": "human", "value": f"{request} <GEN>"},
+        {"from": "gpt", "value": f"<h>{prompt}.</h>"}]})
+  return records
+
+
+# ---------------------------------------------------------------------------------------
+# Text-only conversations
+# ---------------------------------------------------------------------------------------
+
+_WORDS = ("red", "green", "blue", "circle", "square", "triangle", "apple", "river", "window", "garden",
+          "pencil", "yellow", "orange", "purple", "music", "planet", "rabbit", "candle", "forest", "bridge")
+_SIDES = {"triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6, "octagon": 8}
+_MIXES = {("blue", "yellow"): "green", ("red", "yellow"): "orange", ("red", "blue"): "purple",
+          ("red", "white"): "pink", ("black", "white"): "grey"}
+
+
+def _text_dialogue(rng: random.Random) -> list[tuple[str, str]]:
+  """A 1-3 exchange dialogue; follow-ups refer back to the previous answer."""
+  topic = rng.choice(("arith", "arith", "spell", "count", "facts"))
+  if topic == "arith":
+    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    turns = [(f"What is {a} + {b}?", f"{a} + {b} = {a + b}.")]
+    total = a + b
+    for _ in range(rng.randint(0, 2)):
+      m = rng.randint(2, 3)
+      turns.append((f"And what is that times {m}?", f"{total} x {m} = {total * m}."))
+      total *= m
+  elif topic == "spell":
+    w = rng.choice(_WORDS)
+    turns = [(f"How do you spell '{w}'?", "-".join(w).upper() + ".")]
+    if rng.random() < 0.5:
+      turns.append(("And backwards?", f"{w[::-1]}."))
+    if rng.random() < 0.5:
+      turns.append(("How many letters is that?", f"{len(w)} letters."))
+  elif topic == "count":
+    a = rng.randint(1, 15)
+    b = a + rng.randint(2, 5)
+    turns = [(f"Count from {a} to {b}.", ", ".join(str(i) for i in range(a, b + 1)) + ".")]
+    if rng.random() < 0.5:
+      turns.append(("Now count back down.", ", ".join(str(i) for i in range(b, a - 1, -1)) + "."))
+  else:
+    turns = []
+    for _ in range(rng.randint(1, 3)):
+      if rng.random() < 0.5:
+        shape = rng.choice(sorted(_SIDES))
+        turns.append((f"How many sides does a {shape} have?", f"A {shape} has {_SIDES[shape]} sides."))
+      else:
+        (c1, c2), c = rng.choice(sorted(_MIXES.items()))
+        turns.append((f"What colour do you get by mixing {c1} and {c2}?", f"Mixing {c1} and {c2} gives {c}."))
+  return turns
+
+
+def _wrong(answer: str, rng: random.Random) -> str:
+  """A plausible worse answer for a ranked alternative reply."""
+  return rng.choice(("I am not sure.", "I don't know, sorry.", f"Maybe {answer.lower()} Or not."))
+
+
+def _lima(n: int, rng: random.Random) -> list[dict[str, Any]]:
+  rows = []
+  for i in range(n):
+    conv = [t for qa in _text_dialogue(rng) for t in qa]
+    if i % 25 == 7:
+      conv.append("Thanks! One more question?")  # unanswered: the reader must drop it
+    rows.append({"conversations": conv, "source": "sample"})
+  return rows
+
+
+def _message(rng: random.Random, tree: str, role: str, text: str, rank: int | None = None,
+             lang: str = "en", **extra) -> dict[str, Any]:
+  msg = {"message_id": f"{tree}-{rng.getrandbits(48):012x}", "text": text, "role": role,
+         "lang": lang, "review_count": 3, "review_result": True, "deleted": False,
+         "synthetic": False, "replies": []}
+  if rank is not None:
+    msg["rank"] = rank
+  msg.update(extra)
+  return msg
+
+
+def _oasst(n: int, rng: random.Random) -> list[dict[str, Any]]:
+  trees = []
+  for i in range(n):
+    tid = f"sample-tree-{i:05d}"
+    turns = _text_dialogue(rng)
+    lang = "de" if i % 50 == 13 else "en"  # filtered out by the default lang="en"
+    prompt = _message(rng, tid, "prompter", turns[0][0], lang=lang)
+    parent = prompt
+    for t, (q, a) in enumerate(turns):
+      if t:
+        follow = _message(rng, tid, "prompter", q, lang=lang, parent_id=parent["message_id"])
+        parent["replies"].append(follow)
+        parent = follow
+      best = _message(rng, tid, "assistant", a, rank=0, lang=lang, parent_id=parent["message_id"])
+      replies = [best]
+      if rng.random() < 0.4:  # ranked alternatives: the reader must follow rank 0
+        replies.append(_message(rng, tid, "assistant", _wrong(a, rng), rank=1, lang=lang,
+                                parent_id=parent["message_id"]))
+      if i % 40 == 5 and t == 0:  # deleted, would-be-best reply: must not be followed
+        replies.append(_message(rng, tid, "assistant", "[spam removed by moderators]", rank=0,
+                                lang=lang, parent_id=parent["message_id"], deleted=True))
+      if i % 40 == 25 and t == 0:  # failed review
+        replies.append(_message(rng, tid, "assistant", "Whatever.", lang=lang,
+                                parent_id=parent["message_id"], review_result=False))
+      rng.shuffle(replies)  # file order must not decide
+      parent["replies"].extend(replies)
+      parent = best
+    trees.append({"message_tree_id": tid, "tree_state": "ready_for_export", "prompt": prompt})
+  return trees
+
+
+# ---------------------------------------------------------------------------------------
+
+def write_sample_sources(out_dir: str, seed: int = 0, n_understanding: int = 1500,
+                         n_generation: int = 1000, n_text: int = 600) -> dict[str, str]:
+  """Writes the sample source files under out_dir; returns {name: path}.
+
+  The same seed and sizes always give byte-identical files. `n_text` is split evenly
+  between the LIMA and OpenAssistant files (before the readers' filters).
+  """
+  out = epath.Path(out_dir)
+  images = out / "images"
+  for d in (images, out / "mgm", out / "lima", out / "oasst"):
+    d.mkdir(parents=True, exist_ok=True)
+  # One generator per file, so changing one size leaves the other files unchanged.
+  rngs = {k: random.Random(f"{seed}/{k}") for k in ("understanding", "generation", "lima", "oasst")}
+  paths = {"images": str(images),
+           "understanding": str(out / "mgm/understanding.json"),
+           "generation": str(out / "mgm/generation.json"),
+           "lima": str(out / "lima/train.jsonl"),
+           "oasst": str(out / "oasst/trees.jsonl")}
+  dump = lambda obj: json.dumps(obj, ensure_ascii=False)
+  epath.Path(paths["understanding"]).write_text(
+      dump(_understanding(n_understanding, rngs["understanding"], images)))
+  epath.Path(paths["generation"]).write_text(dump(_generation(n_generation, rngs["generation"])))
+  n_lima = n_text // 2
+  epath.Path(paths["lima"]).write_text("".join(dump(r) + "\n" for r in _lima(n_lima, rngs["lima"])))
+  epath.Path(paths["oasst"]).write_text(
+      "".join(dump(t) + "\n" for t in _oasst(n_text - n_lima, rngs["oasst"])))
+  return paths
