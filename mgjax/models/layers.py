@@ -1,9 +1,13 @@
-"""Small pieces shared by the towers and the decoder: attention math and activations."""
+"""Small pieces shared by the towers and the decoder: attention math, activations, and
+Linear/LayerNorm constructors that always attach logical axis names."""
 
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from mgjax.models.axes import partitioned
 
 
 def dot_product_attention(
@@ -59,3 +63,21 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   if name not in ACTIVATIONS:
     raise ValueError(f'unknown activation {name!r}; known: {sorted(ACTIVATIONS)}')
   return ACTIVATIONS[name]
+
+
+def layer_norm(dim: int, *, eps: float, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """nnx.LayerNorm over the last axis with logical names on scale and bias."""
+  return nnx.LayerNorm(
+    dim, epsilon=eps, dtype=dtype, rngs=rngs,
+    scale_init=partitioned(nnx.initializers.ones, ('norm',)),
+    bias_init=partitioned(nnx.initializers.zeros, ('norm',)))
+
+
+def linear(n_in: int, n_out: int, names: tuple[str, str], *, use_bias: bool = True,
+           dtype: jnp.dtype, rngs: nnx.Rngs,
+           init: Callable[..., jax.Array] = nnx.initializers.lecun_normal()) -> nnx.Linear:
+  """nnx.Linear whose kernel carries `names` and whose bias carries the output name."""
+  return nnx.Linear(
+    n_in, n_out, use_bias=use_bias, dtype=dtype, rngs=rngs,
+    kernel_init=partitioned(init, names),
+    bias_init=partitioned(nnx.initializers.zeros, (names[1],)))

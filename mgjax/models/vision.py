@@ -1,0 +1,218 @@
+"""The two vision towers of Mini-Gemini, NHWC throughout.
+
+VisionTransformer: CLIP ViT (HF CLIPVisionModel's computation and names, minus the unused
+post-layernorm), returning the patch tokens of one hidden layer without the class token.
+ConvNeXt: timm/OpenCLIP ConvNeXt trunk returning its stage outputs, plus Mini-Gemini's high-res
+map (every stage upsampled to 1/4 of the input and concatenated on channels).
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mgjax.models.axes import partitioned
+from mgjax.models.layers import activation, dot_product_attention, layer_norm, linear
+
+_CONV_NAMES = ('conv_kernel', 'conv_kernel', 'conv_in', 'conv_out')
+
+
+def _conv(n_in: int, n_out: int, kernel: int, *, stride: int = 1, padding='VALID',
+          groups: int = 1, use_bias: bool = True, dtype: jnp.dtype,
+          rngs: nnx.Rngs) -> nnx.Conv:
+  return nnx.Conv(
+    n_in, n_out, (kernel, kernel), strides=stride, padding=padding,
+    feature_group_count=groups, use_bias=use_bias, dtype=dtype, rngs=rngs,
+    kernel_init=partitioned(nnx.initializers.lecun_normal(), _CONV_NAMES),
+    bias_init=partitioned(nnx.initializers.zeros, ('conv_out',)))
+
+
+class Mlp(nnx.Module):
+  """fc1 -> act -> fc2 (CLIP's and timm ConvNeXt's MLP)."""
+
+  def __init__(self, width: int, mlp: int, *, act: str, dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.act = act
+    self.fc1 = linear(width, mlp, ('vision_embed', 'vision_mlp'), dtype=dtype, rngs=rngs)
+    self.fc2 = linear(mlp, width, ('vision_mlp', 'vision_embed'), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(activation(self.act)(self.fc1(x)))
+
+
+class VisionAttention(nnx.Module):
+  """Bidirectional multi-head self-attention with biases (CLIP)."""
+
+  def __init__(self, width: int, heads: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    if width % heads:
+      raise ValueError(f'vision width {width} is not divisible by heads {heads}')
+    head_dim = width // heads
+
+    def proj():
+      return nnx.LinearGeneral(
+        width, (heads, head_dim), dtype=dtype, rngs=rngs,
+        kernel_init=partitioned(nnx.initializers.lecun_normal(),
+                                ('vision_embed', 'vision_heads', 'head_dim')),
+        bias_init=partitioned(nnx.initializers.zeros, ('vision_heads', 'head_dim')))
+
+    self.q_proj, self.k_proj, self.v_proj = proj(), proj(), proj()
+    self.out_proj = nnx.LinearGeneral(
+      (heads, head_dim), width, axis=(-2, -1), dtype=dtype, rngs=rngs,
+      kernel_init=partitioned(nnx.initializers.lecun_normal(),
+                              ('vision_heads', 'head_dim', 'vision_embed')),
+      bias_init=partitioned(nnx.initializers.zeros, ('vision_embed',)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.out_proj(dot_product_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x)))
+
+
+class VisionEncoderLayer(nnx.Module):
+  """Pre-LN transformer block."""
+
+  def __init__(self, width: int, heads: int, mlp: int, *, act: str, norm_eps: float,
+               dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.layer_norm1 = layer_norm(width, eps=norm_eps, dtype=dtype, rngs=rngs)
+    self.self_attn = VisionAttention(width, heads, dtype=dtype, rngs=rngs)
+    self.layer_norm2 = layer_norm(width, eps=norm_eps, dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(width, mlp, act=act, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + self.self_attn(self.layer_norm1(x))
+    return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionTransformer(nnx.Module):
+  """CLIP-style ViT returning [B, (image_size/patch_size)^2, width] patch tokens.
+
+  feature_layer indexes the hidden states as HF's output_hidden_states does (0 = embeddings
+  after the pre-layernorm, L = last layer): -2, the penultimate layer, is what LLaVA and
+  Mini-Gemini feed the LLM. Layers after it are kept (so released weights load unchanged)
+  but never run.
+  """
+
+  def __init__(self, *, image_size: int, patch_size: int, width: int, layers: int, heads: int,
+               mlp: int, feature_layer: int = -2, act: str = 'quick_gelu',
+               norm_eps: float = 1e-5, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    if image_size % patch_size:
+      raise ValueError(f'image_size {image_size} is not a multiple of patch_size {patch_size}')
+    activation(act)  # fail at construction on an unknown name
+    self.image_size = image_size
+    self.patch_size = patch_size
+    self.grid = image_size // patch_size
+    self.num_layers_run = feature_layer % (layers + 1) if feature_layer < 0 else feature_layer
+    if not -(layers + 1) <= feature_layer <= layers:
+      raise ValueError(f'feature_layer {feature_layer} out of range for {layers} layers')
+    self.patch_embedding = _conv(3, width, patch_size, stride=patch_size, use_bias=False,
+                                 dtype=dtype, rngs=rngs)
+    self.class_embedding = nnx.Param(partitioned(
+      nnx.initializers.normal(width ** -0.5), ('vision_embed',))(rngs.params(), (width,)))
+    self.position_embedding = nnx.Embed(
+      self.grid ** 2 + 1, width, dtype=dtype, rngs=rngs,
+      embedding_init=partitioned(nnx.initializers.normal(0.02), ('pos', 'vision_embed')))
+    self.pre_layernorm = layer_norm(width, eps=norm_eps, dtype=dtype, rngs=rngs)
+    self.layers = nnx.List([
+      VisionEncoderLayer(width, heads, mlp, act=act, norm_eps=norm_eps, dtype=dtype, rngs=rngs)
+      for _ in range(layers)])
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """images [B, S, S, 3] (already normalised) -> patch tokens [B, (S/P)^2, width]."""
+    b, h, w, _ = images.shape
+    if (h, w) != (self.image_size, self.image_size):
+      raise ValueError(f'low-res images are {h}x{w}, the tower expects {self.image_size}')
+    x = self.patch_embedding(images)  # [B, g, g, width]
+    x = x.reshape(b, self.grid * self.grid, x.shape[-1])
+    cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (b, 1, x.shape[-1]))
+    x = jnp.concatenate([cls, x], axis=1)
+    x = x + self.position_embedding.embedding[...].astype(x.dtype)[None]
+    x = self.pre_layernorm(x)
+    for layer in self.layers[:self.num_layers_run]:
+      x = layer(x)
+    return x[:, 1:]
+
+
+class ConvNeXtBlock(nnx.Module):
+  """x + gamma * mlp(norm(dwconv7x7(x)))  (timm ConvNeXt block, channels-last MLP)."""
+
+  def __init__(self, dim: int, *, ls_init: float, dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.conv_dw = _conv(dim, dim, 7, padding=((3, 3), (3, 3)), groups=dim, dtype=dtype,
+                         rngs=rngs)
+    self.norm = layer_norm(dim, eps=1e-6, dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(dim, 4 * dim, act='gelu', dtype=dtype, rngs=rngs)
+    self.gamma = nnx.Param(partitioned(nnx.initializers.constant(ls_init), ('norm',))(
+      rngs.params(), (dim,)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.mlp(self.norm(self.conv_dw(x)))
+    return x + y * self.gamma[...].astype(y.dtype)
+
+
+class ConvNeXtStage(nnx.Module):
+  """Optional downsample (LayerNorm, conv k=2 s=2) then blocks."""
+
+  def __init__(self, dim_in: int, dim: int, depth: int, *, downsample: bool, ls_init: float,
+               dtype: jnp.dtype, rngs: nnx.Rngs):
+    if downsample:
+      self.downsample_norm = layer_norm(dim_in, eps=1e-6, dtype=dtype, rngs=rngs)
+      self.downsample_conv = _conv(dim_in, dim, 2, stride=2, dtype=dtype, rngs=rngs)
+    else:
+      self.downsample_norm = self.downsample_conv = None
+    self.blocks = nnx.List([ConvNeXtBlock(dim, ls_init=ls_init, dtype=dtype, rngs=rngs)
+                            for _ in range(depth)])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.downsample_conv is not None:
+      x = self.downsample_conv(self.downsample_norm(x))
+    for block in self.blocks:
+      x = block(x)
+    return x
+
+
+class ConvNeXt(nnx.Module):
+  """ConvNeXt trunk (stem conv k=4 s=4 + LayerNorm, then stages), NHWC.
+
+  ls_init is timm's layer-scale init (1e-6); image_size, when given, is checked on input.
+  """
+
+  def __init__(self, *, dims: Sequence[int], depths: Sequence[int],
+               image_size: int | None = None, ls_init: float = 1e-6,
+               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    dims, depths = tuple(dims), tuple(depths)
+    if len(dims) != len(depths):
+      raise ValueError(f'ConvNeXt dims {dims} and depths {depths} differ in length')
+    self.dims = dims
+    self.image_size = image_size
+    self.stem_conv = _conv(3, dims[0], 4, stride=4, dtype=dtype, rngs=rngs)
+    self.stem_norm = layer_norm(dims[0], eps=1e-6, dtype=dtype, rngs=rngs)
+    self.stages = nnx.List([
+      ConvNeXtStage(dims[max(i - 1, 0)], dims[i], depths[i], downsample=i > 0,
+                    ls_init=ls_init, dtype=dtype, rngs=rngs)
+      for i in range(len(dims))])
+
+  @property
+  def feature_channels(self) -> int:
+    """Channels of `feature_map`: the sum of the stage widths."""
+    return sum(self.dims)
+
+  def __call__(self, images: jax.Array) -> list[jax.Array]:
+    """images [B, S, S, 3] -> stage outputs [B, S/4/2^i, S/4/2^i, dims[i]]."""
+    if self.image_size is not None and images.shape[1:3] != (self.image_size,) * 2:
+      raise ValueError(f'high-res images are {images.shape[1]}x{images.shape[2]}, '
+                       f'the tower expects {self.image_size}')
+    x = self.stem_norm(self.stem_conv(images))
+    outputs = []
+    for stage in self.stages:
+      x = stage(x)
+      outputs.append(x)
+    return outputs
+
+  def feature_map(self, images: jax.Array) -> jax.Array:
+    """Mini-Gemini's high-res map [B, S/4, S/4, sum(dims)].
+
+    Bilinear upsampling with half-pixel centres, as torch's interpolate(align_corners=False)
+    that the reference uses; when only upsampling, jax.image.resize's antialias is a no-op.
+    """
+    outputs = self(images)
+    b, h, w, _ = outputs[0].shape
+    resized = [outputs[0]] + [
+      jax.image.resize(o, (b, h, w, o.shape[-1]), method='bilinear') for o in outputs[1:]]
+    return jnp.concatenate(resized, axis=-1)
