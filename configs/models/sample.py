@@ -1,0 +1,20 @@
+"""The tiny Mini-Gemini used on the bundled sample data: every piece real, CPU-fast.
+
+Every sharded dimension is even so the (data=2, fsdp=2, tensor=2) test mesh divides it.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg  # one preset; the argument keeps the big_vision get_config(arg) signature
+  return ml_collections.ConfigDict(dict(
+    vocab_size=1024,
+    image_token_id=5,
+    dtype='float32',  # compute dtype; params stay float32, logits are always float32
+    llm=dict(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, mlp=384,
+             rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False),
+    vision_lowres=dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp=256,
+                       feature_layer=-2),
+    vision_highres=dict(image_size=64, dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)),
+  ))
