@@ -1,0 +1,143 @@
+"""A full build of the tiny sample config, with bad records injected, read back split by split."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import grain
+import pytest
+
+from mgjax import config as mgjax_config
+from mgjax.data import build
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _tiny_config():
+  cfg = mgjax_config.load_config_file(str(REPO / "configs/data/sample.py"), "tiny")
+  return cfg
+
+
+def _bad_sources(root: pathlib.Path) -> list[dict]:
+  """Writes files mixing good records with bad ones; returns their source specs."""
+  (root / "bad").mkdir(parents=True)
+  (root / "bad/lima.jsonl").write_text("\n".join([
+      json.dumps({"conversations": ["Good question?", "Good answer."]}),
+      '{"conversations": [',  # line 2
+      json.dumps({"conversations": []}),  # line 3
+  ]) + "\n")
+  (root / "bad/llava.json").write_text(json.dumps([
+      {"id": "ok", "image": "shapes_00000.png",
+       "conversations": [{"from": "human", "value": "<image>\nHow many?"}, {"from": "gpt", "value": "One."}]},
+      {"id": "gone", "image": "no_such.png",
+       "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]},
+  ]))
+  return [dict(name="bad_lima", format="lima", path="bad/lima.jsonl"),
+          dict(name="bad_llava", format="llava_json", path="bad/llava.json", image_root="images")]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("data")
+  cfg = _tiny_config()
+  # The bad files sit beside the generated sample files (relative paths resolve there);
+  # writing them first is fine since sample generation only writes its own files.
+  cfg.sources = list(cfg.sources) + _bad_sources(data_dir / cfg.sample.dir)
+  return cfg, build.ensure_built(cfg, str(data_dir))
+
+
+def _read_split(dataset, split):
+  source = build.open_split(dataset, split)
+  ds = grain.MapDataset.source(source)
+  return [ds[i] for i in range(len(ds))]
+
+
+def test_splits_read_back_with_the_documented_types(built):
+  cfg, dataset = built
+  splits = {s: _read_split(dataset, s) for s in build.builder.SPLITS}
+  assert {s: len(v) for s, v in splits.items()} == dataset.splits
+  assert dataset.splits["val_understanding"] == dataset.splits["val_generation"] == dataset.splits["val_text"] == 8
+  # tiny: 96 + 64 + 64 sample records (tree 13 of the 32 OASST trees is German), plus the
+  # 2 good injected records, minus 3 x 8 held out.
+  assert dataset.splits["train"] == (96 + 1) + 64 + (32 + 1 + 31) - 24
+  ex = splits["val_understanding"][0]
+  assert isinstance(ex["id"], bytes) and ex["category"] == b"understanding"
+  assert ex["messages"]["role"][0] == b"user" and ex["messages"]["content"][0].startswith(b"<image>\n")
+  assert len(ex["images"]) == 1 and ex["images"][0].startswith(b"\x89PNG")
+  for split, examples in splits.items():
+    if split.startswith("val_"):
+      assert {e["category"].decode() for e in examples} == {split[4:]}
+
+
+def test_train_generation_is_the_generation_part_of_train_and_val_is_held_out(built):
+  _, dataset = built
+  ids = {s: [e["id"] for e in _read_split(dataset, s)] for s in build.builder.SPLITS}
+  train = {e["id"]: e["category"] for e in _read_split(dataset, "train")}
+  assert set(ids["train_generation"]) == {i for i, c in train.items() if c == b"generation"}
+  held_out = set(ids["val_understanding"]) | set(ids["val_generation"]) | set(ids["val_text"])
+  assert not held_out & set(train)
+  assert all(len(v) == len(set(v)) for v in ids.values())
+
+
+def test_bad_records_are_reported_and_the_rest_is_built(built):
+  _, dataset = built
+  rejected = [json.loads(l) for l in pathlib.Path(dataset.rejected).read_text().splitlines()]
+  by_source = {}
+  for r in rejected:
+    by_source.setdefault(r["source"], []).append((r["record"], r["kind"]))
+  assert sorted(by_source["bad_lima"]) == [("line 2", "invalid_json"), ("line 3", "empty_conversation")]
+  assert by_source["bad_llava"] == [("record 1 (id=gone)", "missing_image")]
+  assert all(r["file"].endswith(("bad/lima.jsonl", "bad/llava.json", "oasst/trees.jsonl")) for r in rejected)
+  card = json.loads(pathlib.Path(dataset.data_card).read_text())
+  assert card["sources"]["bad_lima"] == {**card["sources"]["bad_lima"], "read": 3, "kept": 1,
+                                         "rejected": {"empty_conversation": 1, "invalid_json": 1}}
+  assert card["sources"]["bad_llava"]["rejected"] == {"missing_image": 1}
+  assert card["sources"]["oasst"]["rejected"] == {"language": 1}
+  for s in card["sources"].values():
+    assert s["read"] == s["kept"] + sum(s["rejected"].values())
+  assert card["splits"] == dataset.splits
+  all_ids = {e["id"] for s in ("train", "val_understanding", "val_text") for e in _read_split(dataset, s)}
+  assert b"bad_lima:1" in all_ids and b"bad_llava:ok" in all_ids
+
+
+def test_ensure_built_reuses_and_refuses_a_different_config(built):
+  cfg, dataset = built
+  info = pathlib.Path(dataset.dataset_dir) / "dataset_info.json"
+  before = info.stat().st_mtime_ns
+  again = build.ensure_built(cfg, dataset.data_dir)
+  assert again == dataset and info.stat().st_mtime_ns == before
+  changed = _tiny_config()
+  changed.sources = list(cfg.sources)
+  changed.seed = 1
+  with pytest.raises(ValueError, match="different data config.*seed"):
+    build.ensure_built(changed, dataset.data_dir)
+
+
+def test_tokenizer_is_trained_on_train_text_and_loads(built):
+  _, dataset = built
+  from mgjax.data import tokenizer
+  tok = tokenizer.load(dataset.tokenizer_dir)
+  assert tok.convert_tokens_to_ids("<image>") == 3
+  assert pathlib.Path(dataset.tokenizer_dir, "tokenizer.json").exists()
+
+
+def test_build_is_deterministic(built, tmp_path):
+  cfg, dataset = built
+  _bad_sources(tmp_path / cfg.sample.dir)
+  other = build.build(cfg, str(tmp_path))
+  assert other.splits == dataset.splits
+  for split in ("train", "val_text"):
+    assert sorted(e["id"] for e in _read_split(other, split)) == sorted(e["id"] for e in _read_split(dataset, split))
+
+
+def test_command_line(tmp_path):
+  env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+  proc = subprocess.run([sys.executable, "-m", "mgjax.data.build", f"--config={REPO}/configs/data/sample.py:tiny",
+                         f"--data_dir={tmp_path}", "--config.val_per_category=4"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "val_text': 4" in proc.stdout
+  assert (tmp_path / "mgjax_instructions/sample/1.0.0/data_card.json").exists()
+  assert (tmp_path / "tokenizers/sample/tokenizer.json").exists()
