@@ -16,7 +16,7 @@ import dataclasses
 import json
 import random
 import shutil
-from typing import Any
+from typing import Any, Sequence
 
 from absl import app, flags, logging
 from etils import epath
@@ -218,7 +218,7 @@ def ensure_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDat
   return load_built(data_cfg, data_dir) or build(data_cfg, data_dir)
 
 
-def open_split(dataset: BuiltDataset, split: str):
+def open_split(dataset: BuiltDataset, split: str) -> Sequence[dict[str, Any]]:
   """A random-access source (len, [i]) over one split, for `grain.MapDataset.source`.
 
   Reads the files directly (`tfds.builder_from_directory`), so it never looks anything
