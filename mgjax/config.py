@@ -42,12 +42,13 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
 
 
 def preset(kind: str, name: str) -> ml_collections.ConfigDict:
-  """Loads configs/<kind>/<name>.py, e.g. preset("models", "sample")."""
+  """Loads configs/<kind>/<name>.py, e.g. preset("models", "sample") or preset("data", "sample:tiny")."""
+  name, _, arg = name.partition(":")
   path = os.path.join(CONFIGS_DIR, kind, f"{name}.py")
   if not os.path.exists(path):
     available = sorted(f[:-3] for f in os.listdir(os.path.join(CONFIGS_DIR, kind)) if f.endswith(".py"))
     raise ValueError(f"no {kind} preset {name!r}: {path} does not exist; available: {available}")
-  return load_config_file(path)
+  return load_config_file(path, arg or None)
 
 
 def base_config(model: str = "sample", data: str = "sample") -> ml_collections.ConfigDict:
@@ -66,7 +67,7 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   c.data.data_dir = "data"
   c.data.train_split = "train"
   c.data.val_splits = ("val_understanding", "val_generation", "val_text")
-  c.data.seq_len = 256
+  c.data.seq_len = 128  # the sample's longest conversation is ~75 tokens
   c.data.batch_size = 16  # global, across all processes
   c.data.max_images = 1  # image slots per sample; extra images are dropped with a warning
   c.data.num_threads = 2

@@ -6,11 +6,12 @@ have is an error. Without --workdir the config's own `workdir` is used.
 
 from __future__ import annotations
 
-import logging
-import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from mgjax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/stage1.py[:model=sample].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard logs go (local or gs://).")
@@ -20,24 +21,10 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config"])
 
 
-def format_summary(summary) -> str:
-  lines = [
-      f"stage {summary.stage}: {summary.steps} steps in {summary.seconds:.0f}s, "
-      f"{summary.num_trainable:,} of {summary.num_params:,} params trained",
-      f"  final train loss {summary.train_loss:.4f}",
-  ]
-  for split, end in summary.val_loss_end.items():
-    lines.append(f"  {split:<18} loss {summary.val_loss_start.get(split, float('nan')):.4f} -> {end:.4f}")
-  if summary.init_from:
-    lines.append(f"  started from {summary.init_from}")
-  lines.append(f"  checkpoint {summary.checkpoint}")
-  lines.append(f"  metrics    {os.path.join(summary.workdir, 'metrics.jsonl')} (TensorBoard: {os.path.join(summary.workdir, 'tensorboard')})")
-  return "\n".join(lines)
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  runtime.setup()
   if _DISTRIBUTED.value:
     import jax
     jax.distributed.initialize()
@@ -48,13 +35,21 @@ def main(argv: list[str]) -> None:
   if not workdir:
     raise app.UsageError("no workdir: pass --workdir=DIR")
   summary = train.run(config, workdir)
-  print(format_summary(summary), flush=True)
+  print(summary.format(), flush=True)
 
 
-def run() -> None:
-  logging.getLogger("absl").setLevel(logging.INFO)
-  app.run(main)
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with a plain message for a --config.KEY the config does not have."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # what ml_collections raises for an unknown key
+    detail = " ".join(str(e.args[0] if e.args else e).replace("\\n", "\n").replace("\\'", "'").split())
+    detail = detail.strip("'\"")
+    sys.exit(f"error: unknown config key in the command line: {detail}\n"
+             "Every --config.KEY=VALUE must name a field the config file defines (README: Configs).")
+  except flags.Error as e:
+    sys.exit(f"error: {e}\nRun with --helpfull to list the flags.")
 
 
 if __name__ == "__main__":
-  run()
+  app.run(main, flags_parser=parse_flags)

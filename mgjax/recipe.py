@@ -13,7 +13,7 @@ import os
 
 from absl import app, flags
 
-from mgjax import config as mgjax_config
+from mgjax import config as mgjax_config, runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/sample", "Parent folder: stage 1 goes to WORKDIR/stage1, stage 2 to WORKDIR/stage2.")
 _STAGE1_STEPS = flags.DEFINE_integer("stage1_steps", None, "Override configs/stage1.py's train.steps.")
@@ -22,7 +22,8 @@ _STAGE2_STEPS = flags.DEFINE_integer("stage2_steps", None, "Override configs/sta
 
 def main(argv: list[str]) -> None:
   del argv
-  from mgjax import main as mgjax_main, train
+  runtime.setup()
+  from mgjax import train
 
   stage1_dir, stage2_dir = (os.path.join(_WORKDIR.value, s) for s in ("stage1", "stage2"))
   stage1 = mgjax_config.load_config_file(os.path.join(mgjax_config.CONFIGS_DIR, "stage1.py"), "")
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> None:
   stage2.init_from = stage1_dir
 
   summaries = [train.run(stage1, stage1_dir), train.run(stage2, stage2_dir)]
-  print("\n" + "\n\n".join(mgjax_main.format_summary(s) for s in summaries))
+  print("\n" + "\n\n".join(s.format() for s in summaries))
   print("\nvalidation loss   " + "".join(f"{n:>12}" for n in ("start", "stage 1", "stage 2")))
   for split in summaries[0].val_loss_end:
     print(f"  {split:<16}" + "".join(f"{v:>12.4f}" for v in (

@@ -80,12 +80,18 @@ def to_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str,
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
-def abstract_outputs(jitted, *args) -> Any:
+def abstract_outputs(jitted, mesh: Mesh, *args) -> Any:
   """Shapes and the concrete shardings XLA chose for a jitted function's outputs.
 
-  These are restore targets for orbax; `jax.eval_shape` alone would carry an abstract
-  mesh that orbax cannot restore into.
+  These are restore targets for orbax (`jax.eval_shape` alone would carry an abstract
+  mesh that orbax cannot restore into) and the out_shardings of the train step.
+  Replicated outputs are expressed on `mesh`, so an array keeps one sharding for its
+  whole life and the train step compiles once.
   """
   shapes = jax.eval_shape(jitted, *args)
   out_shardings = jitted.lower(*args).compile().output_shardings
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, out_shardings)
+
+  def on_mesh(sharding):
+    return NamedSharding(mesh, P()) if sharding.is_fully_replicated else sharding
+
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on_mesh(sh)), shapes, out_shardings)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any, Iterator
 
@@ -43,6 +44,20 @@ class Summary:
   num_trainable: int
   seconds: float
   init_from: str | None = None
+
+  def format(self) -> str:
+    lines = [
+        f"stage {self.stage}: {self.steps} steps in {self.seconds:.0f}s, "
+        f"{self.num_trainable:,} of {self.num_params:,} params trained",
+        f"  final train loss {self.train_loss:.4f}",
+    ]
+    for split, end in self.val_loss_end.items():
+      lines.append(f"  {split:<18} loss {self.val_loss_start.get(split, float('nan')):.4f} -> {end:.4f}")
+    if self.init_from:
+      lines.append(f"  started from {self.init_from}")
+    lines.append(f"  checkpoint {self.checkpoint}")
+    lines.append(f"  metrics    {os.path.join(self.workdir, 'metrics.jsonl')} (TensorBoard: {os.path.join(self.workdir, 'tensorboard')})")
+    return "\n".join(lines)
 
 
 def resolve_model_config(model_cfg: ml_collections.ConfigDict, tokenizer) -> ml_collections.ConfigDict:
@@ -104,9 +119,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   init_params = jax.jit(create_params, out_shardings=param_shardings)
   abstract_params = checkpoint.abstract_like(abstract_state.to_pure_dict(), param_shardings)
   tx, lr_schedule = optim.make(config.optim, config.train.steps, abstract_params)
-  init_opt_state = jax.jit(tx.init)
-  abstract_opt_state = sharding.abstract_outputs(init_opt_state, abstract_params)
+  abstract_opt_state = sharding.abstract_outputs(jax.jit(tx.init), mesh, abstract_params)
   opt_shardings = jax.tree.map(lambda x: x.sharding, abstract_opt_state)
+  init_opt_state = jax.jit(tx.init, out_shardings=opt_shardings)
 
   # ---------------------------------------------------------------- Init or restore
   ckpts = checkpoint.Checkpoints(workdir, max_to_keep=config.train.max_to_keep)
@@ -164,7 +179,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   # ---------------------------------------------------------------- Loop
   meta = {
       "stage": config.stage, "config": config.to_dict(), "init_from": init_from,
-      "dataset": {"name": dataset.name, "path": dataset.path, "version": dataset.version},
+      "dataset": {"name": dataset.name, "path": str(dataset.dataset_dir), "version": dataset.version},
   }
   val_start = evaluate(0, params) if start_step == 0 else metrics.val_losses_at(workdir, 0)
   # A run restarted after its last step has nothing left to do but report.

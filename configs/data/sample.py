@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.tokenizer = ml_collections.ConfigDict(dict(train=True, vocab_size=1024, path=""))
 
   if arg == "tiny":  # seconds to build: for tests and smoke runs
+    c.name = "sample_tiny"  # its own dataset folder: never mistaken for the full sample
     c.sample.update(n_understanding=96, n_generation=64, n_text=64)
     c.val_per_category = 8
   elif arg:
