@@ -18,8 +18,8 @@ def get_config(arg=None):
   c.data.train_split = "train_generation"
   c.optim.lr = 2e-4
   c.optim.warmup_steps = 10
-  c.train.steps = 150
-  c.train.eval_every = 50
+  c.train.steps = 100
+  c.train.eval_every = 25
   c.train.checkpoint_every = 50
   c.lock()
   return c

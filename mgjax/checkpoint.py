@@ -47,7 +47,15 @@ class Checkpoints:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, read_only=read_only, create=not read_only,
         enable_async_checkpointing=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    # Handlers named up front, so a manager that has not saved anything yet (a resumed
+    # run, stage 2 reading stage 1) can read the items' metadata.
+    handlers = {
+        "params": ocp.StandardCheckpointHandler(),
+        "opt_state": ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -88,8 +96,15 @@ class Checkpoints:
         step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
     return restored["params"], restored["meta"]
 
+  def param_metadata(self, step: int) -> Any:
+    """The saved params' tree of ArrayMetadata (shape, dtype, sharding), read without loading."""
+    return self._manager.item_metadata(step)["params"]
+
+  def meta(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
   def param_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
-    metadata = self._manager.item_metadata(step)["params"]
+    metadata = self.param_metadata(step)
     leaves = jax.tree_util.tree_leaves_with_path(metadata, is_leaf=lambda x: hasattr(x, "shape"))
     return {path_str(p): tuple(m.shape) for p, m in leaves}
 

@@ -90,9 +90,9 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   c.optim.freeze = ()
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 600
+  c.train.steps = 300
   c.train.eval_every = 100
-  c.train.checkpoint_every = 200
+  c.train.checkpoint_every = 100
   c.train.log_every = 10
   c.train.max_to_keep = 2
   c.train.eval_batch_size = 32
@@ -102,6 +102,8 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # How many of the devices to use (0: all of them).
+  c.mesh.num_devices = 0
   # Logical axis names (on every weight) -> mesh axes, MaxText style.
   c.mesh.rules = (
       ("batch", ("data", "fsdp")),

@@ -44,7 +44,6 @@ def parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:  # what ml_collections raises for an unknown key
     detail = " ".join(str(e.args[0] if e.args else e).replace("\\n", "\n").replace("\\'", "'").split())
-    detail = detail.strip("'\"")
     sys.exit(f"error: unknown config key in the command line: {detail}\n"
              "Every --config.KEY=VALUE must name a field the config file defines (README: Configs).")
   except flags.Error as e:

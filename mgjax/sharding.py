@@ -39,7 +39,8 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
-  devices = devices if devices is not None else jax.devices()
+  if devices is None:
+    devices = jax.devices()[: mesh_cfg.num_devices] if mesh_cfg.get("num_devices") else jax.devices()
   shape = mesh_shape(mesh_cfg, len(devices))
   # Auto axes: the compiler propagates shardings from the ones we pin (params, batch).
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)

@@ -1,0 +1,104 @@
+"""The grain pipeline over the built tiny sample: what the model is fed and trained on."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import transformers
+
+from mgjax import config as mgjax_config
+from mgjax.data import build, pipeline
+from mgjax.models import vlm
+from mgjax.train import resolve_model_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  config = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage1.py"), "data=sample:tiny")
+  dataset = build.ensure_built(config.data.recipe, str(tmp_path_factory.mktemp("data")))
+  tokenizer = transformers.AutoTokenizer.from_pretrained(dataset.tokenizer_dir)
+  model_cfg = resolve_model_config(config.model, tokenizer)
+  n = vlm.num_image_tokens(model_cfg)
+  encoder = pipeline.make_encoder(tokenizer, config.data, model_cfg, n)
+  return config, dataset, tokenizer, encoder, n
+
+
+def find(source, category: bytes, with_images: bool):
+  for i in range(len(source)):
+    if source[i]["category"] == category and bool(len(source[i]["images"])) == with_images:
+      return source[i]
+  raise AssertionError(f"no {category} example")
+
+
+def test_loss_only_on_assistant_tokens(setup):
+  _, dataset, tokenizer, encoder, _ = setup
+  example = find(build.open_split(dataset, "train"), b"text", with_images=False)
+  out = encoder(example)
+  answers = [c.decode() for r, c in zip(example["messages"]["role"], example["messages"]["content"]) if r == b"assistant"]
+  trained = tokenizer.decode(out["targets"][out["loss_mask"] > 0])
+  # Exactly the assistant turns, each followed by its end-of-turn token; no user text.
+  assert trained.replace(" ", "") == "".join(a + tokenizer.eos_token for a in answers).replace(" ", "")
+  users = [c.decode() for r, c in zip(example["messages"]["role"], example["messages"]["content"]) if r == b"user"]
+  assert all(u.replace(" ", "") not in trained.replace(" ", "") for u in users)
+  # Targets are the inputs shifted by one; padding carries no loss.
+  n = int(out["segment_ids"].sum())
+  np.testing.assert_array_equal(out["targets"][: n - 1], out["input_ids"][1:n])
+  assert not out["loss_mask"][n:].any()
+
+
+def test_image_slot_expanded_and_pixels_for_both_towers(setup):
+  config, dataset, tokenizer, encoder, n = setup
+  example = find(build.open_split(dataset, "train"), b"understanding", with_images=True)
+  out = encoder(example)
+  image_id = tokenizer.convert_tokens_to_ids("<image>")
+  positions = np.nonzero(out["input_ids"] == image_id)[0]
+  assert len(positions) == n and np.all(np.diff(positions) == 1)  # one contiguous block
+  assert not out["loss_mask"][positions].any()
+  lowres, highres = config.model.vision_lowres.image_size, config.model.vision_highres.image_size
+  assert out["images_lowres"].shape == (config.data.max_images, lowres, lowres, 3)
+  assert out["images_highres"].shape == (config.data.max_images, highres, highres, 3)
+  # Normalised pixels of a real drawing (white background, coloured shapes), not zeros.
+  white = (1.0 - np.asarray(config.data.image_mean)) / np.asarray(config.data.image_std)
+  np.testing.assert_allclose(np.median(out["images_highres"][0].reshape(-1, 3), axis=0), white, atol=1e-2)
+  assert out["images_highres"][0].std() > 0.1
+
+
+def test_text_only_example_has_empty_image_slots(setup):
+  _, dataset, _, encoder, _ = setup
+  out = encoder(find(build.open_split(dataset, "train"), b"generation", with_images=False))
+  assert not out["images_lowres"].any() and not out["images_highres"].any()
+
+
+def test_train_iterator_is_seeded_and_resumable(setup):
+  _, dataset, _, encoder, _ = setup
+  source = build.open_split(dataset, "train")
+
+  def batches(it, k):
+    return [next(it)["input_ids"] for _ in range(k)]
+
+  first = batches(pipeline.train_iterator(source, encoder, batch_size=4, seed=1), 6)
+  assert all(b.shape == (4, encoder.seq_len) for b in first)
+  np.testing.assert_array_equal(first, batches(pipeline.train_iterator(source, encoder, batch_size=4, seed=1), 6))
+  assert not np.array_equal(first, batches(pipeline.train_iterator(source, encoder, batch_size=4, seed=2), 6))
+
+  it = pipeline.train_iterator(source, encoder, batch_size=4, seed=1)
+  batches(it, 3)
+  state = it.get_state()
+  resumed = pipeline.train_iterator(source, encoder, batch_size=4, seed=1)
+  resumed.set_state(state)
+  np.testing.assert_array_equal(batches(resumed, 3), first[3:])
+
+
+def test_eval_batches_cover_the_split_once(setup):
+  _, dataset, _, encoder, _ = setup
+  source = build.open_split(dataset, "val_text")
+  batches = list(pipeline.eval_batches(source, encoder, batch_size=3))
+  assert len(batches) == -(-len(source) // 3)
+  rows = np.concatenate([b["segment_ids"].any(axis=1) for b in batches])
+  assert rows.sum() == len(source)  # every record once; the rest is loss-free padding
+  padding = np.concatenate([b["loss_mask"] for b in batches])[~rows]
+  assert not padding.any()

@@ -1,0 +1,177 @@
+"""The trainer end to end on the tiny sample: sharding, resume after SIGKILL, stage 2, errors.
+
+Runs are tiny (a 1.5M-parameter model, a few dozen steps); most of the time is XLA
+compiling, which the persistent compilation cache set in conftest.py shares across tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mgjax import checkpoint, config as mgjax_config, metrics, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(stage: int, data_dir: str, **train_overrides):
+  c = mgjax_config.load_config_file(os.path.join(REPO, "configs", f"stage{stage}.py"), "data=sample:tiny")
+  c.data.data_dir = data_dir
+  c.data.batch_size = 8
+  c.train.eval_batch_size = 8
+  c.train.log_every = 1
+  for key, value in train_overrides.items():
+    c.train[key] = value
+  return c
+
+
+def cli_args(workdir: str, data_dir: str, cache: str, steps: int, checkpoint_every: int) -> list[str]:
+  """The same run as tiny_config(1, ...) with those steps, as a user types it."""
+  return [
+      sys.executable, "-m", "mgjax.main", "--config=configs/stage1.py:data=sample:tiny", f"--workdir={workdir}",
+      f"--compilation_cache={cache}", f"--config.data.data_dir={data_dir}", "--config.data.batch_size=8",
+      "--config.train.eval_batch_size=8", "--config.train.log_every=1", f"--config.train.steps={steps}",
+      f"--config.train.checkpoint_every={checkpoint_every}", f"--config.train.eval_every={steps}",
+  ]
+
+
+def load_params(workdir: str, step: int):
+  """A checkpoint's params as numpy, whatever layout they were saved from, and their metadata."""
+  ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+  meta = ckpts.param_metadata(step)
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta,
+                        is_leaf=lambda x: hasattr(x, "shape"))
+  params, _ = ckpts.restore_params(step, target)
+  return jax.tree.map(np.asarray, params), meta
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def stage1(data_dir, tmp_path_factory):
+  """A real stage-1 run on the tiny sample, shared by the tests that need one."""
+  workdir = str(tmp_path_factory.mktemp("stage1"))
+  summary = train.run(tiny_config(1, data_dir, steps=60, eval_every=30, checkpoint_every=30), workdir)
+  return summary
+
+
+def test_stage1_learns_every_capability(stage1):
+  records = metrics.read(stage1.workdir)
+  start = {r["split"]: r["loss"] for r in records if r["step"] == 0}
+  end = {r["split"]: r["loss"] for r in records if r["step"] == 60 and r["split"] != "train"}
+  assert set(end) == {"val_understanding", "val_generation", "val_text"}
+  for split, loss in end.items():
+    assert loss < 0.6 * start[split], f"{split}: {start[split]:.3f} -> {loss:.3f}"
+  train_lines = [r for r in records if r["split"] == "train"]
+  assert [r["step"] for r in train_lines] == list(range(1, 61))
+  assert all(r["tokens_per_s"] > 0 and r["lr"] >= 0 for r in train_lines)
+  assert os.listdir(os.path.join(stage1.workdir, "tensorboard"))
+
+
+def test_stage2_starts_from_stage1_params(stage1, data_dir, tmp_path):
+  config = tiny_config(2, data_dir, steps=6, eval_every=6, checkpoint_every=6)
+  config.init_from = stage1.workdir
+  summary = train.run(config, str(tmp_path))
+  # The weights carried over: before any update, stage 2 scores what stage 1 ended with.
+  for split, loss in stage1.val_loss_end.items():
+    assert summary.val_loss_start[split] == pytest.approx(loss, rel=1e-5), split
+  meta = checkpoint.Checkpoints(str(tmp_path), read_only=True).meta(6)
+  assert meta["stage"] == 2
+  assert meta["init_from"]["step"] == 60
+  assert meta["init_from"]["checkpoint"].endswith(os.path.join("checkpoints", "60"))
+  assert meta["config"]["data"]["train_split"] == "train_generation"
+
+
+def test_sharded_step_equals_single_device(data_dir, tmp_path):
+  assert jax.device_count() == 8, "conftest.py sets 8 virtual CPU devices"
+  sharded = tiny_config(1, data_dir, steps=3, eval_every=3, checkpoint_every=3)
+  sharded.mesh.update(data=2, fsdp=2, tensor=2)
+  single = tiny_config(1, data_dir, steps=3, eval_every=3, checkpoint_every=3)
+  single.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
+  runs = {name: str(tmp_path / name) for name in ("sharded", "single")}
+  train.run(sharded, runs["sharded"])
+  train.run(single, runs["single"])
+
+  losses = {name: [r["loss"] for r in metrics.read(w)] for name, w in runs.items()}
+  np.testing.assert_allclose(losses["sharded"], losses["single"], rtol=2e-5)
+  params = {name: load_params(w, 3) for name, w in runs.items()}
+  flat_sharded = jax.tree_util.tree_leaves_with_path(params["sharded"][0])
+  for (path, a), b in zip(flat_sharded, jax.tree.leaves(params["single"][0])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=checkpoint.path_str(path))
+
+  # The weights really were split across the mesh, by the logical-axis rules.
+  specs = {checkpoint.path_str(p): tuple(m.sharding.partition_spec) for p, m in
+           jax.tree_util.tree_leaves_with_path(params["sharded"][1], is_leaf=lambda x: hasattr(x, "shape"))}
+  assert specs["llm/embed_tokens/embedding"] == ("tensor", "fsdp")
+  assert specs["llm/layers/0/mlp/gate_proj/kernel"] == ("fsdp", "tensor")
+  assert sum(any(axis is not None for axis in s) for s in specs.values()) > len(specs) // 2
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(stage1, data_dir, tmp_path):
+  cache = str(tmp_path / "xla")
+  reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
+  steps, every = 40, 10
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  subprocess.run(cli_args(reference, data_dir, cache, steps, every), cwd=REPO, env=env, check=True,
+                 capture_output=True)
+
+  proc = subprocess.Popen(cli_args(killed, data_dir, cache, steps, every), cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = os.path.join(killed, "checkpoints", str(every))
+  deadline = time.time() + 300
+  while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+  steps_at_kill = checkpoint.Checkpoints(killed, read_only=True).all_steps()
+  assert steps and steps_at_kill and max(steps_at_kill) < steps
+
+  # The same command again: resumes from the latest checkpoint and finishes.
+  subprocess.run(cli_args(killed, data_dir, cache, steps, every), cwd=REPO, env=env, check=True,
+                 capture_output=True)
+  ref_lines, resumed_lines = metrics.read(reference), metrics.read(killed)
+  assert [(r["step"], r["split"]) for r in resumed_lines] == [(r["step"], r["split"]) for r in ref_lines]
+  np.testing.assert_allclose([r["loss"] for r in resumed_lines], [r["loss"] for r in ref_lines], rtol=1e-6)
+  ref_params, _ = load_params(reference, steps)
+  resumed_params, _ = load_params(killed, steps)
+  for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(resumed_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_stage2_without_stage1_checkpoint_says_what_to_run(data_dir, tmp_path):
+  config = tiny_config(2, data_dir, steps=2)
+  config.init_from = str(tmp_path / "no_stage1_here")
+  with pytest.raises(checkpoint.CheckpointError, match=r"python -m mgjax\.main --config=configs/stage1\.py"):
+    train.run(config, str(tmp_path / "stage2"))
+
+
+def test_checkpoint_that_does_not_fit_lists_the_mismatched_paths(stage1, data_dir, tmp_path):
+  config = tiny_config(2, data_dir, steps=2)
+  config.init_from = stage1.workdir
+  config.model.llm.mlp = 256  # stage 1 trained mlp=384
+  with pytest.raises(checkpoint.CheckpointError) as error:
+    train.run(config, str(tmp_path / "stage2"))
+  message = str(error.value)
+  for layer in range(config.model.llm.layers):
+    assert f"llm/layers/{layer}/mlp/gate_proj/kernel: checkpoint (128, 384) vs model (128, 256)" in message
+  assert "llm/layers/0/self_attn/q_proj/kernel" not in message  # only what differs
+
+
+def test_unknown_config_key_is_an_error_naming_it():
+  result = subprocess.run(
+      [sys.executable, "-m", "mgjax.main", "--config=configs/stage1.py", "--config.train.stpes=3"],
+      cwd=REPO, capture_output=True, text=True)
+  assert result.returncode != 0
+  assert "stpes" in result.stderr and 'Did you mean "steps"' in result.stderr
