@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 from flax import nnx
+from flax.core import spmd as flax_spmd
 
 # (logical name, mesh axis or axes or None). Mesh axes: data, fsdp, tensor.
 DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
@@ -55,3 +56,26 @@ def logical_shardings(
     specs,
     is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
   )
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Pins an activation's sharding by logical names when a mesh is active, else a no-op.
+
+  Active means traced under `jax.set_mesh(mesh)` (all axes Auto); the rules are those of an
+  enclosing `nnx.logical_axis_rules(...)`, else DEFAULT_LOGICAL_AXIS_RULES. Why: besides
+  keeping the batch split the way the data arrives, pinning it works around an XLA SPMD
+  miscompile seen in jax 0.10.2 on CPU (a residual add after chained fsdp x tensor matmuls
+  returned wrong rows for the middle batch shards; tests/test_models.py guards it).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not mesh.are_all_axes_auto:
+    return x
+  rules = dict(flax_spmd.get_logical_axis_rules() or DEFAULT_LOGICAL_AXIS_RULES)
+  spec = []
+  for name in names:
+    axes = rules.get(name) if name is not None else None
+    axes_tuple = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    # Drop mesh axes this mesh lacks, so a model also runs under e.g. a data-only mesh.
+    kept = tuple(a for a in axes_tuple if a in mesh.axis_names)
+    spec.append(kept if len(kept) > 1 else (kept[0] if kept else None))
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))

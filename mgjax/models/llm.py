@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mgjax.models.axes import partitioned
+from mgjax.models.axes import constrain, partitioned
 from mgjax.models.layers import dot_product_attention
 
 # HF Llama initialises every matrix with N(0, 0.02); following it keeps from-scratch runs comparable.
 _INIT = nnx.initializers.normal(0.02)
+# Activations between blocks: split over the batch only (see axes.constrain).
+_RESIDUAL = ('batch', None, None)
 
 
 class RMSNorm(nnx.Module):
@@ -172,10 +174,13 @@ class DecoderLM(nnx.Module):
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
     mask = attention_mask(segment_ids)
+    x = constrain(x, _RESIDUAL)
     for layer in self.layers:
-      x = layer(x, positions, mask)
+      x = constrain(layer(x, positions, mask), _RESIDUAL)
     x = self.norm(x)
     if self.lm_head is None:
       table = self.embed_tokens.embedding[...].astype(self.dtype)
-      return jnp.einsum('btd,vd->btv', x, table, preferred_element_type=jnp.float32)
-    return self.lm_head(x).astype(jnp.float32)
+      logits = jnp.einsum('btd,vd->btv', x, table, preferred_element_type=jnp.float32)
+    else:
+      logits = self.lm_head(x).astype(jnp.float32)
+    return constrain(logits, ('batch', None, 'vocab'))

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mgjax.models.axes import constrain
 from mgjax.models.layers import exact_gelu, layer_norm, linear
 
 
@@ -61,7 +62,7 @@ class PatchInfoMining(nnx.Module):
     scores = jnp.einsum('bnw,bnkw->bnk', query, key, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(scores * key.shape[-1] ** -0.5, axis=-1).astype(value.dtype)
     mined = jnp.einsum('bnk,bnkw->bnw', probs, value)
-    return lowres + mined.astype(lowres.dtype)
+    return constrain(lowres + mined.astype(lowres.dtype), ('batch', None, None))
 
 
 class Projector(nnx.Module):
@@ -73,4 +74,4 @@ class Projector(nnx.Module):
     self.linear_2 = linear(hidden, hidden, ('mlp', 'embed'), dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.linear_2(exact_gelu(self.linear_1(x)))
+    return constrain(self.linear_2(exact_gelu(self.linear_1(x))), ('batch', None, None))

@@ -12,10 +12,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mgjax.models.axes import partitioned
+from mgjax.models.axes import constrain, partitioned
 from mgjax.models.layers import activation, dot_product_attention, layer_norm, linear
 
 _CONV_NAMES = ('conv_kernel', 'conv_kernel', 'conv_in', 'conv_out')
+# Activations between blocks: split over the batch only (see axes.constrain).
+_TOKENS = ('batch', None, None)
+_NHWC = ('batch', None, None, None)
 
 
 def _conv(n_in: int, n_out: int, kernel: int, *, stride: int = 1, padding='VALID',
@@ -124,9 +127,9 @@ class VisionTransformer(nnx.Module):
     cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (b, 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1)
     x = x + self.position_embedding.embedding[...].astype(x.dtype)[None]
-    x = self.pre_layernorm(x)
+    x = constrain(self.pre_layernorm(x), _TOKENS)
     for layer in self.layers[:self.num_layers_run]:
-      x = layer(x)
+      x = constrain(layer(x), _TOKENS)
     return x[:, 1:]
 
 
@@ -163,7 +166,7 @@ class ConvNeXtStage(nnx.Module):
     if self.downsample_conv is not None:
       x = self.downsample_conv(self.downsample_norm(x))
     for block in self.blocks:
-      x = block(x)
+      x = constrain(block(x), _NHWC)
     return x
 
 
@@ -198,7 +201,7 @@ class ConvNeXt(nnx.Module):
     if self.image_size is not None and images.shape[1:3] != (self.image_size,) * 2:
       raise ValueError(f'high-res images are {images.shape[1]}x{images.shape[2]}, '
                        f'the tower expects {self.image_size}')
-    x = self.stem_norm(self.stem_conv(images))
+    x = constrain(self.stem_norm(self.stem_conv(images)), _NHWC)
     outputs = []
     for stage in self.stages:
       x = stage(x)
@@ -215,4 +218,4 @@ class ConvNeXt(nnx.Module):
     b, h, w, _ = outputs[0].shape
     resized = [outputs[0]] + [
       jax.image.resize(o, (b, h, w, o.shape[-1]), method='bilinear') for o in outputs[1:]]
-    return jnp.concatenate(resized, axis=-1)
+    return constrain(jnp.concatenate(resized, axis=-1), _NHWC)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from mgjax.models.axes import constrain
 from mgjax.models.llm import DecoderLM
 from mgjax.models.mining import PatchInfoMining, Projector
 from mgjax.models.vision import ConvNeXt, VisionTransformer
@@ -71,5 +72,5 @@ class MiniGemini(nnx.Module):
       # Running count of image tokens = which visual feature each one takes.
       index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, feats.shape[1] - 1)
       placed = jnp.take_along_axis(feats, index[..., None], axis=1)
-      embeds = jnp.where(is_image[..., None], placed, embeds)
+      embeds = constrain(jnp.where(is_image[..., None], placed, embeds), ('batch', None, None))
     return self.llm(inputs_embeds=embeds, positions=positions, segment_ids=segment_ids)
