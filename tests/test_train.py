@@ -106,9 +106,16 @@ def test_sharded_step_equals_single_device(data_dir, tmp_path):
   losses = {name: [r["loss"] for r in metrics.read(w)] for name, w in runs.items()}
   np.testing.assert_allclose(losses["sharded"], losses["single"], rtol=2e-5)
   params = {name: load_params(w, 3) for name, w in runs.items()}
+  # Adam scales every update to about lr whatever the gradient's size, so where a gradient
+  # is ~0, float summation order alone can flip an update's sign: a weight may differ by up
+  # to the lr summed over the 3 steps (warmup: 1e-3 * (1+2+3)/50 = 1.2e-4), but on average
+  # the two runs must agree far more closely than that.
   flat_sharded = jax.tree_util.tree_leaves_with_path(params["sharded"][0])
+  diffs = []
   for (path, a), b in zip(flat_sharded, jax.tree.leaves(params["single"][0])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=checkpoint.path_str(path))
+    np.testing.assert_allclose(a, b, rtol=0, atol=1.3e-4, err_msg=checkpoint.path_str(path))
+    diffs.append(np.abs(a - b).ravel())
+  assert np.concatenate(diffs).mean() < 2e-6
 
   # The weights really were split across the mesh, by the logical-axis rules.
   specs = {checkpoint.path_str(p): tuple(m.sharding.partition_spec) for p, m in

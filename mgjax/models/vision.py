@@ -24,10 +24,15 @@ _NHWC = ('batch', None, None, None)
 def _conv(n_in: int, n_out: int, kernel: int, *, stride: int = 1, padding='VALID',
           groups: int = 1, use_bias: bool = True, dtype: jnp.dtype,
           rngs: nnx.Rngs) -> nnx.Conv:
+  kernel_names = _CONV_NAMES
+  if groups > 1:
+    # Grouped (depthwise) kernels stay replicated: they are tiny (k*k*C), and in jax 0.10.2
+    # the SPMD partitioner doubles their weight gradient when the channel axis is sharded.
+    kernel_names = ('conv_kernel', 'conv_kernel', 'conv_in', None)
   return nnx.Conv(
     n_in, n_out, (kernel, kernel), strides=stride, padding=padding,
     feature_group_count=groups, use_bias=use_bias, dtype=dtype, rngs=rngs,
-    kernel_init=partitioned(nnx.initializers.lecun_normal(), _CONV_NAMES),
+    kernel_init=partitioned(nnx.initializers.lecun_normal(), kernel_names),
     bias_init=partitioned(nnx.initializers.zeros, ('conv_out',)))
 
 
