@@ -150,7 +150,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   def eval_step(params, batch):
     _, (loss_sum, count) = loss_fn(params, batch)

@@ -139,5 +139,5 @@ def test_command_line(tmp_path):
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "val_text': 4" in proc.stdout
-  assert (tmp_path / "mgjax_instructions/sample/1.0.0/data_card.json").exists()
-  assert (tmp_path / "tokenizers/sample/tokenizer.json").exists()
+  assert (tmp_path / "mgjax_instructions/sample_tiny/1.0.0/data_card.json").exists()
+  assert (tmp_path / "tokenizers/sample_tiny/tokenizer.json").exists()
