@@ -22,17 +22,12 @@ _NHWC = ('batch', None, None, None)
 
 
 def _conv(n_in: int, n_out: int, kernel: int, *, stride: int = 1, padding='VALID',
-          groups: int = 1, use_bias: bool = True, dtype: jnp.dtype,
+          use_bias: bool = True, dtype: jnp.dtype,
           rngs: nnx.Rngs) -> nnx.Conv:
-  kernel_names = _CONV_NAMES
-  if groups > 1:
-    # Grouped (depthwise) kernels stay replicated: they are tiny (k*k*C), and in jax 0.10.2
-    # the SPMD partitioner doubles their weight gradient when the channel axis is sharded.
-    kernel_names = ('conv_kernel', 'conv_kernel', 'conv_in', None)
   return nnx.Conv(
     n_in, n_out, (kernel, kernel), strides=stride, padding=padding,
-    feature_group_count=groups, use_bias=use_bias, dtype=dtype, rngs=rngs,
-    kernel_init=partitioned(nnx.initializers.lecun_normal(), kernel_names),
+    use_bias=use_bias, dtype=dtype, rngs=rngs,
+    kernel_init=partitioned(nnx.initializers.lecun_normal(), _CONV_NAMES),
     bias_init=partitioned(nnx.initializers.zeros, ('conv_out',)))
 
 
@@ -138,12 +133,44 @@ class VisionTransformer(nnx.Module):
     return x[:, 1:]
 
 
+class DepthwiseConv(nnx.Module):
+  """k x k depthwise conv, 'SAME' padding, stride 1, with bias; nnx.Conv's parameter layout
+  (kernel [k, k, 1, C], bias [C]) so timm weights load the same way.
+
+  Written as a sum of k*k shifted products instead of a grouped convolution: in jax 0.10.2
+  the SPMD partitioner returns the weight gradient of a grouped conv multiplied by the number
+  of replicas of the batch split (2x on the (data, fsdp, tensor) test mesh). Same FLOPs.
+  """
+
+  def __init__(self, dim: int, kernel: int, *, dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    if kernel % 2 == 0:
+      raise ValueError(f'depthwise kernel size {kernel} must be odd for SAME padding')
+    self.dtype = dtype
+    self.kernel = nnx.Param(partitioned(nnx.initializers.lecun_normal(), _CONV_NAMES)(
+      rngs.params(), (kernel, kernel, 1, dim)))
+    self.bias = nnx.Param(partitioned(nnx.initializers.zeros, ('conv_out',))(
+      rngs.params(), (dim,)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel.shape[0]
+    h, w = x.shape[1:3]
+    pad = k // 2
+    xp = jnp.pad(x.astype(self.dtype), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    kernel = self.kernel[...].astype(self.dtype)
+    # f32 accumulation over the k*k taps, whatever the compute dtype.
+    out = self.bias[...].astype(jnp.float32)
+    for i in range(k):
+      for j in range(k):
+        out = out + (xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0]).astype(jnp.float32)
+    return out.astype(self.dtype)
+
+
 class ConvNeXtBlock(nnx.Module):
   """x + gamma * mlp(norm(dwconv7x7(x)))  (timm ConvNeXt block, channels-last MLP)."""
 
   def __init__(self, dim: int, *, ls_init: float, dtype: jnp.dtype, rngs: nnx.Rngs):
-    self.conv_dw = _conv(dim, dim, 7, padding=((3, 3), (3, 3)), groups=dim, dtype=dtype,
-                         rngs=rngs)
+    self.conv_dw = DepthwiseConv(dim, 7, dtype=dtype, rngs=rngs)
     self.norm = layer_norm(dim, eps=1e-6, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(dim, 4 * dim, act='gelu', dtype=dtype, rngs=rngs)
     self.gamma = nnx.Param(partitioned(nnx.initializers.constant(ls_init), ('norm',))(
