@@ -261,3 +261,48 @@ def test_sharded_forward_equals_single_device():
     # Relative per weight; the absolute floor covers gradients that are zero in exact math
     # (key biases cancel in the softmax) and hold only rounding noise.
     assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max() + 1e-7, '/'.join(map(str, path))
+
+
+# The two XLA SPMD bugs (jax 0.10.2, CPU) the model works around, in plain JAX. They are
+# expected to fail; when one passes, its workaround (axes.constrain pins, DepthwiseConv)
+# may be revisited.
+def _upstream_mesh():
+  return jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+@pytest.mark.xfail(reason='XLA SPMD miscompile without activation pins (jax 0.10.2)',
+                   strict=False)
+def test_upstream_chained_matmuls_then_residual_without_pins():
+  mesh = _upstream_mesh()
+  keys = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(keys[0], (4, 16, 64))
+  w1, w2, w3 = (jax.random.normal(k, s) * 0.1 for k, s in
+                zip(keys[1:], [(64, 256), (256, 64), (64, 64)]))
+
+  def f(x, w1, w2, w3):
+    y = (x @ w1) @ w2
+    return y + y @ w3
+
+  put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
+  out = jax.jit(f)(put(x, ('data', 'fsdp')), put(w1, 'fsdp', 'tensor'),
+                   put(w2, 'tensor', 'fsdp'), put(w3, 'fsdp', 'tensor'))
+  _close(out, jax.jit(f)(x, w1, w2, w3), atol=1e-4)
+
+
+@pytest.mark.xfail(reason='XLA SPMD scales grouped-conv weight gradients (jax 0.10.2)',
+                   strict=False)
+def test_upstream_grouped_conv_weight_gradient_under_batch_split():
+  mesh = _upstream_mesh()
+  x = jax.random.normal(jax.random.key(0), (8, 16, 16, 16))
+  w = jax.random.normal(jax.random.key(1), (7, 7, 1, 16))
+
+  def loss(w, x):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), ((3, 3), (3, 3)), feature_group_count=16,
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jnp.sum(jnp.sin(y))
+
+  grad = jax.jit(jax.grad(loss))
+  with jax.set_mesh(mesh):
+    sharded = grad(w, jax.device_put(x, NamedSharding(mesh, P(('data', 'fsdp')))))
+  _close(sharded, grad(w, x), atol=1e-3)
