@@ -16,9 +16,6 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-ITEMS = ("params", "opt_state", "data", "meta")
-
-
 class CheckpointError(ValueError):
   """A checkpoint that is missing or does not fit the model."""
 
@@ -32,11 +29,6 @@ def path_str(path: tuple) -> str:
         parts.append(str(getattr(key, attr)))
         break
   return "/".join(parts)
-
-
-def abstract_like(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs carrying concrete shardings, the restore target orbax needs."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 class Checkpoints:

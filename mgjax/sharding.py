@@ -81,6 +81,11 @@ def to_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str,
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree`'s shapes carrying concrete shardings (orbax restore targets)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 def abstract_outputs(jitted, mesh: Mesh, *args) -> Any:
   """Shapes and the concrete shardings XLA chose for a jitted function's outputs.
 
@@ -92,7 +97,5 @@ def abstract_outputs(jitted, mesh: Mesh, *args) -> Any:
   shapes = jax.eval_shape(jitted, *args)
   out_shardings = jitted.lower(*args).compile().output_shardings
 
-  def on_mesh(sharding):
-    return NamedSharding(mesh, P()) if sharding.is_fully_replicated else sharding
-
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on_mesh(sh)), shapes, out_shardings)
+  on_mesh = jax.tree.map(lambda s: NamedSharding(mesh, P()) if s.is_fully_replicated else s, out_shardings)
+  return abstract_like(shapes, on_mesh)

@@ -117,7 +117,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
       return nnx.split(vlm.MiniGemini(model_cfg, rngs=nnx.Rngs(config.seed)))[1].to_pure_dict()
 
   init_params = jax.jit(create_params, out_shardings=param_shardings)
-  abstract_params = checkpoint.abstract_like(abstract_state.to_pure_dict(), param_shardings)
+  abstract_params = sharding.abstract_like(abstract_state.to_pure_dict(), param_shardings)
   tx, lr_schedule = optim.make(config.optim, config.train.steps, abstract_params)
   abstract_opt_state = sharding.abstract_outputs(jax.jit(tx.init), mesh, abstract_params)
   opt_shardings = jax.tree.map(lambda x: x.sharding, abstract_opt_state)
@@ -220,10 +220,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   ckpts.close()
   writer.close()
 
-  final_step = config.train.steps
   return Summary(
-      stage=config.stage, workdir=workdir, steps=final_step, train_loss=train_loss,
+      stage=config.stage, workdir=workdir, steps=config.train.steps, train_loss=train_loss,
       val_loss_start=val_start, val_loss_end=val_end,
-      checkpoint=str(ckpts.directory / str(final_step)), num_params=int(num_params),
+      checkpoint=str(ckpts.directory / str(config.train.steps)), num_params=int(num_params),
       num_trainable=int(num_trainable), seconds=time.time() - started,
-      init_from=(init_from or {}).get("checkpoint") if isinstance(init_from, dict) else init_from)
+      init_from=init_from["checkpoint"] if init_from else None)
