@@ -158,7 +158,8 @@ def eval_batches(source, encoder: ConversationEncoder, *, batch_size: int, num_t
       rows.append(example)
       if len(rows) == batch_size:
         break
-    empty = empty or _empty_like(rows[0] if rows else empty)
+    if empty is None:  # the padding row, made once from the first example
+      empty = _empty_like(rows[0] if rows else None)
     rows += [empty] * (batch_size - len(rows))
     yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
