@@ -9,6 +9,7 @@ stage 2 (`restore_params`), as MaxText does.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import grain
@@ -35,7 +36,10 @@ class Checkpoints:
   """The checkpoints of one workdir."""
 
   def __init__(self, workdir: str, *, max_to_keep: int | None = None, read_only: bool = False):
-    self.directory = epath.Path(workdir) / "checkpoints"
+    # Orbax only takes absolute paths; a relative workdir (the README's `runs/sample`) is
+    # relative to where the command runs. Cloud paths (gs://...) are absolute already.
+    root = workdir if "://" in str(workdir) else os.path.abspath(workdir)
+    self.directory = epath.Path(root) / "checkpoints"
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, read_only=read_only, create=not read_only,
         enable_async_checkpointing=True)

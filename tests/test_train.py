@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -182,3 +183,19 @@ def test_unknown_config_key_is_an_error_naming_it():
       cwd=REPO, capture_output=True, text=True)
   assert result.returncode != 0
   assert "stpes" in result.stderr and 'Did you mean "steps"' in result.stderr
+
+
+def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+  # The README's quickstart passes a relative workdir (runs/sample); orbax wants absolute paths.
+  monkeypatch.chdir(tmp_path)
+  params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  ckpts = checkpoint.Checkpoints("runs/relative")
+  data_iter = iter(grain.MapDataset.range(4).to_iter_dataset())
+  ckpts.save(1, params=params, opt_state={"count": np.int32(1)}, data_iter=data_iter, meta={"step": 1})
+  ckpts.wait()
+  assert (tmp_path / "runs/relative/checkpoints/1").is_dir()
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = {"w": jax.ShapeDtypeStruct((2, 3), np.float32, sharding=one)}
+  restored, meta = checkpoint.Checkpoints("runs/relative", read_only=True).restore_params(1, target)
+  np.testing.assert_array_equal(restored["w"], params["w"])
+  assert meta == {"step": 1}
