@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tempfile
 import time
 from typing import Any, Iterator
 
@@ -22,6 +23,7 @@ import numpy as np
 import optax
 import tqdm
 import transformers
+from etils import epath
 from flax import nnx
 
 from mgjax import checkpoint, metrics, optim, sharding, stages
@@ -71,6 +73,16 @@ def resolve_model_config(model_cfg: ml_collections.ConfigDict, tokenizer) -> ml_
   return model_cfg
 
 
+def save_tokenizer(tokenizer, workdir: str) -> None:
+  """Copies the tokenizer into WORKDIR/tokenizer: a workdir is all predict and export need."""
+  target = epath.Path(workdir) / "tokenizer"
+  target.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory() as local:  # save_pretrained writes local files only
+    tokenizer.save_pretrained(local)
+    for f in epath.Path(local).iterdir():
+      (target / f.name).write_bytes(f.read_bytes())
+
+
 def make_loss_fn(graphdef: nnx.GraphDef):
   def loss_fn(params, batch):
     model = nnx.merge(graphdef, params)
@@ -95,6 +107,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   # ---------------------------------------------------------------- Data
   dataset = build.ensure_built(config.data.recipe, config.data.data_dir)
   tokenizer = transformers.AutoTokenizer.from_pretrained(dataset.tokenizer_dir)
+  if is_main:
+    save_tokenizer(tokenizer, workdir)
   model_cfg = resolve_model_config(config.model, tokenizer)
   encoder = pipeline.make_encoder(tokenizer, config.data, model_cfg, vlm.num_image_tokens(model_cfg))
   local_batch = sharding.batch_size_per_process(config.data.batch_size, mesh)
