@@ -1,14 +1,23 @@
-"""Checkpoints with orbax: WORKDIR/checkpoints/<step>/{params,opt_state,data,meta}.
+"""Checkpoints with orbax: WORKDIR/checkpoints/<step>/{params,opt_state,data,meta[,adapters]}.
 
 `params` and `opt_state` are array trees (saved asynchronously, sharded as they live),
 `data` is the grain iterator position (one file per process), `meta` a JSON dict
 (stage, step, config, dataset, and for stage 2 the checkpoint it started from).
+`params` are always plain model weights, whatever trained them; a LoRA run adds its
+`adapters` (and `opt_state` is theirs), so it can resume.
 Full resume (`Checkpoints.restore`) is kept apart from the params-only load that starts
 stage 2 (`restore_params`), as MaxText does.
+
+Retention: the latest `max_to_keep` checkpoints, plus the best evaluated one (the
+lowest `score` passed to `save`), which early stopping and the drift guard's rollback
+hand on as the run's result. The result is named in WORKDIR/report.json; `locate`
+returns it.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from typing import Any
 
@@ -40,9 +49,15 @@ class Checkpoints:
     # relative to where the command runs. Cloud paths (gs://...) are absolute already.
     root = workdir if "://" in str(workdir) else os.path.abspath(workdir)
     self.directory = epath.Path(root) / "checkpoints"
+    policies = ocp.checkpoint_managers
+    keep = policies.AnyPreservationPolicy([
+        policies.LatestN(n=max_to_keep),
+        # BestN keeps the highest values; a lower score (a validation loss) is better.
+        policies.BestN(get_metric_fn=lambda m: -m["score"], n=1, keep_checkpoints_without_metrics=False),
+    ])
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, read_only=read_only, create=not read_only,
-        enable_async_checkpointing=True)
+        read_only=read_only, create=not read_only, enable_async_checkpointing=True,
+        preservation_policy=keep)
     # Handlers named up front, so a manager that has not saved anything yet (a resumed
     # run, stage 2 reading stage 1) can read the items' metadata.
     handlers = {
@@ -50,6 +65,7 @@ class Checkpoints:
         "opt_state": ocp.StandardCheckpointHandler(),
         "data": grain.checkpoint.CheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler(),
+        "adapters": ocp.StandardCheckpointHandler(),
     }
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
@@ -59,32 +75,40 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, *, params: Any, opt_state: Any, data_iter: Any, meta: dict) -> None:
-    """Starts an asynchronous save; arrays are copied off first, so training goes on."""
-    self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(opt_state),
-            data=grain.checkpoint.CheckpointSave(data_iter),
-            meta=ocp.args.JsonSave(meta),
-        ),
-        force=True,
-    )
+  def save(self, step: int, *, params: Any, opt_state: Any, data_iter: Any, meta: dict,
+           adapters: Any = None, score: float | None = None) -> None:
+    """Starts an asynchronous save; arrays are copied off first, so training goes on.
 
-  def restore(self, step: int, *, abstract_params: Any, abstract_opt_state: Any, data_iter: Any):
-    """Full resume: params, optimizer state, data position (restored into data_iter), meta."""
-    check_params_fit(self, step, abstract_params)
-    restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params),
-            opt_state=ocp.args.StandardRestore(abstract_opt_state),
-            data=grain.checkpoint.CheckpointRestore(data_iter),
-            meta=ocp.args.JsonRestore(),
-        ),
+    `score` (lower is better; None for a step that was not evaluated or is out of the
+    drift guard's bounds) ranks the checkpoint for the keep-the-best retention.
+    """
+    items = dict(
+        params=ocp.args.StandardSave(params),
+        opt_state=ocp.args.StandardSave(opt_state),
+        data=grain.checkpoint.CheckpointSave(data_iter),
+        meta=ocp.args.JsonSave(meta),
     )
-    return restored["params"], restored["opt_state"], restored["meta"]
+    if adapters is not None:
+      items["adapters"] = ocp.args.StandardSave(adapters)
+    metrics = {"score": float(score)} if score is not None and math.isfinite(score) else None
+    self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+  def restore(self, step: int, *, abstract_params: Any, abstract_opt_state: Any, data_iter: Any,
+              abstract_adapters: Any = None):
+    """Full resume: params, optimizer state, data position (restored into data_iter), meta,
+    and the LoRA adapters when `abstract_adapters` is given (else None)."""
+    check_params_fit(self, step, abstract_params)
+    items = dict(
+        params=ocp.args.StandardRestore(abstract_params),
+        opt_state=ocp.args.StandardRestore(abstract_opt_state),
+        data=grain.checkpoint.CheckpointRestore(data_iter),
+        meta=ocp.args.JsonRestore(),
+    )
+    if abstract_adapters is not None:
+      items["adapters"] = ocp.args.StandardRestore(abstract_adapters)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return (restored["params"], restored["opt_state"], restored["meta"],
+            restored["adapters"] if abstract_adapters is not None else None)
 
   def restore_params(self, step: int, abstract_params: Any) -> tuple[Any, dict]:
     check_params_fit(self, step, abstract_params)
@@ -126,14 +150,33 @@ def check_params_fit(checkpoints: Checkpoints, step: int, abstract_params: Any) 
         "\nUse the model config the checkpoint was trained with (see its meta/ item), or start from a matching checkpoint.")
 
 
+def result_checkpoint(workdir: str) -> str | None:
+  """The run's result checkpoint folder, as its report.json names it (None: no report yet).
+
+  Usually WORKDIR/checkpoints/<step>; when a stage 2 never improved on its start, the
+  stage-1 checkpoint it started from.
+  """
+  report = epath.Path(workdir) / "report.json"
+  if not report.exists():
+    return None
+  return (json.loads(report.read_text()).get("result") or {}).get("checkpoint")
+
+
 def locate(path: str) -> tuple[str, int]:
-  """Finds (workdir, step) for a workdir, its checkpoints/ folder, or one checkpoints/<step> folder."""
+  """Finds (workdir, step) for a workdir, its checkpoints/ folder, or one checkpoints/<step> folder.
+
+  For a workdir: the run's result checkpoint (the best one when early stopping or a
+  rollback chose it, as report.json says), else its latest checkpoint.
+  """
   p = epath.Path(path)
   if p.name.isdigit() and p.parent.name == "checkpoints":
     if not p.exists():
       raise CheckpointError(f"checkpoint {p} does not exist")
     return str(p.parent.parent), int(p.name)
   workdir = p.parent if p.name == "checkpoints" else p
+  result = result_checkpoint(str(workdir))
+  if result and epath.Path(result).exists():
+    return locate(result)
   step = Checkpoints(str(workdir), read_only=True).latest_step() if (workdir / "checkpoints").exists() else None
   if step is None:
     raise CheckpointError(

@@ -74,6 +74,10 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   c.data.prefetch = 4
   c.data.image_mean = CLIP_MEAN
   c.data.image_std = CLIP_STD
+  # Stage 2: mix this fraction of `replay_split` (the stage-1 mix) into every batch's
+  # draw, so specialising on generation keeps rehearsing understanding and text.
+  c.data.replay_fraction = 0.0
+  c.data.replay_split = "train"
 
   c.model = preset("models", model)
 
@@ -96,6 +100,47 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   c.train.log_every = 10
   c.train.max_to_keep = 2
   c.train.eval_batch_size = 32
+  # A cap in epochs of train_split instead of steps (0: use train.steps).
+  c.train.epochs = 0.0
+  # Split each batch into this many micro-batches, summing their gradients: the same
+  # update as the whole batch at a fraction of the activation memory.
+  c.train.grad_accum_steps = 1
+
+  # Scores beyond loss, by decoding the validation sets with the KV cache (mgjax.evaluate):
+  # at the start and the end of each stage, into WORKDIR/report.json and report.md.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.decode = True
+  c.eval.max_new_tokens = 96
+  c.eval.batch_size = 32
+  # Splits whose answers are short and checkable by exact match (the sample's are).
+  c.eval.accuracy_splits = ("val_understanding",)
+  # Splits of generation requests (" <GEN>" -> "<h>prompt</h>"): format rate and prompt F1.
+  c.eval.generation_splits = ("val_generation",)
+
+  # Keeps the best checkpoint of `split` (lowest loss) as the run's result; with patience
+  # > 0 also stops after that many evaluations without an improvement of min_delta.
+  c.early_stop = ml_collections.ConfigDict()
+  c.early_stop.split = "val_generation"
+  c.early_stop.patience = 0
+  c.early_stop.min_delta = 0.0
+
+  c.guard = ml_collections.ConfigDict()
+  # A training loss below this is a collapse (memorisation, then NaN logits): stop.
+  c.guard.collapse_loss = 1e-4
+  # Stage 2: how far (relative loss increase) these splits may drift from where the
+  # run started (stage 1's final values) before `drift_action` fires:
+  # off | warn (log it) | stop (end the run here) | rollback (end it, keep the best
+  # checkpoint that was within bounds).
+  c.guard.drift_splits = ("val_understanding", "val_text")
+  c.guard.drift_threshold = 0.10
+  c.guard.drift_action = "warn"
+
+  # LoRA on the LLM: rank 0 trains the weights themselves; rank > 0 trains only low-rank
+  # adapters on the matching kernels, merged into plain weights in every checkpoint.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 16.0
+  c.lora.targets = (r"llm/layers/\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel",)
 
   c.mesh = ml_collections.ConfigDict()
   # Sizes of the mesh axes; -1 takes the devices left over.

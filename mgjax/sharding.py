@@ -65,9 +65,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways the batch axis is split (the data-parallel degree)."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
 def batch_size_per_process(global_batch: int, mesh: Mesh) -> int:
   """Each process feeds its share of the global batch; it must split evenly."""
-  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  shards = batch_shards(mesh)
   if global_batch % shards or global_batch % jax.process_count():
     raise ValueError(
         f"data.batch_size={global_batch} must divide by the data-parallel shards ({shards}) "

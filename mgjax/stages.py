@@ -1,19 +1,47 @@
-"""What makes stage 2 a stage 2.
+"""What makes stage 2 a stage 2, and the guards that keep it in check.
 
 Stage 2 starts from stage 1's *params only* (a fresh optimizer with its own, gentler
 schedule) and records which checkpoint it started from, so every stage-2 result can be
 traced back to the stage-1 run under it.
+
+Specialising on the small, one-note generation subset fails in known ways: the loss
+falls to 0 with NaN logits within a few steps (Mini-Gemini's own users reported it), or
+the model forgets how to answer about images. So the trainer asks, after every step and
+every evaluation:
+
+  TrainingGuard   is the loss finite, and not collapsed to ~0?      -> stop, keep last good checkpoint
+  DriftGuard      have val_understanding / val_text drifted from    -> warn, stop, or roll back
+                  where stage 2 started (stage 1's final values)?
+  EarlyStopping   has val_generation stopped improving?             -> stop, keep the best checkpoint
+
+The classes hold plain numbers and make decisions; the trainer acts on them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
+
+import ml_collections
 
 from mgjax import checkpoint
 
+DRIFT_ACTIONS = ("off", "warn", "stop", "rollback")
+
+
+class GuardTripped(RuntimeError):
+  """The run stopped because training went wrong; the message says what and what to change."""
+
+  def __init__(self, message: str, *, reason: str, step: int, checkpoint: str | None):
+    super().__init__(message)
+    self.reason = reason
+    self.step = step
+    self.checkpoint = checkpoint
+
 
 def load_init_params(init_from: str, abstract_params: Any) -> tuple[Any, dict]:
-  """Restores the params of the latest checkpoint under `init_from` into the model's layout.
+  """Restores the params of `init_from`'s result checkpoint into the model's layout.
 
   `init_from` is a workdir, its checkpoints/ folder, or one checkpoints/<step> folder.
   Raises checkpoint.CheckpointError naming what to run when there is no checkpoint, and
@@ -29,3 +57,108 @@ def load_init_params(init_from: str, abstract_params: Any) -> tuple[Any, dict]:
       "checkpoint": str(source.directory / str(step)),
       "stage": meta.get("stage"),
   }
+
+
+# ---------------------------------------------------------------------------------------
+# After every step: a finite, non-collapsed loss
+# ---------------------------------------------------------------------------------------
+
+class TrainingGuard:
+  """Stops on a NaN/Inf loss or gradient, on a loss collapsed below `collapse_loss`, and on
+  batches with nothing to learn from (an empty loss mask also reads as loss 0)."""
+
+  def __init__(self, guard_cfg: ml_collections.ConfigDict, optim_cfg: ml_collections.ConfigDict):
+    self.collapse_loss = float(guard_cfg.collapse_loss)
+    self.lr = optim_cfg.lr
+    self.last_good: tuple[int, float] | None = None
+
+  def check(self, step: int, loss: float, grad_norm: float, supervised_tokens: float) -> str | None:
+    """Returns what went wrong at `step` (a message for the user), or None if all is well."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+      last = (f"the last finite loss was {self.last_good[1]:.4f} at step {self.last_good[0]}"
+              if self.last_good else "no step had a finite loss")
+      return (f"non-finite training loss at step {step} (loss {loss}, grad norm {grad_norm}); {last}. "
+              f"Usual causes: a learning rate too high for this stage (optim.lr={self.lr:g}; try 10x "
+              "lower), no gradient clipping (optim.grad_clip), or bf16 overflow (model.dtype=float32 "
+              "rules it out).")
+    if supervised_tokens == 0:
+      return (f"step {step} had no supervised tokens: the loss mask is empty, so the loss reads 0 "
+              "and nothing is learned. Assistant turns are being cut off: raise data.seq_len, or "
+              "check that the chat template marks assistant turns ({% generation %} blocks).")
+    if loss < self.collapse_loss:
+      return (f"training loss collapsed to {loss:.2e} at step {step} (guard.collapse_loss="
+              f"{self.collapse_loss:g}): the model has memorised its training set, which on the "
+              "small generation subset comes just before NaN logits. Lower optim.lr (now "
+              f"{self.lr:g}), cap train.steps or train.epochs, replay some of the stage-1 mix "
+              "(data.replay_fraction), or turn on early stopping (early_stop.patience).")
+    self.last_good = (step, loss)
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# After every evaluation: drift and early stopping
+# ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class DriftCheck:
+  within_bounds: bool
+  # split -> relative change of its loss from the reference (+0.1: 10% worse)
+  changes: dict[str, float]
+
+  def describe(self) -> str:
+    return ", ".join(f"{s} {c:+.1%}" for s, c in self.changes.items())
+
+
+class DriftGuard:
+  """Compares the understanding/text validation losses with stage 1's final ones.
+
+  The reference is the evaluation at the start of the run, i.e. stage 1's final params
+  on the same validation sets; a split whose loss rose by more than `threshold`
+  (relative) is out of bounds.
+  """
+
+  def __init__(self, guard_cfg: ml_collections.ConfigDict, reference: dict[str, float] | None):
+    if guard_cfg.drift_action not in DRIFT_ACTIONS:
+      raise ValueError(f"guard.drift_action={guard_cfg.drift_action!r}: expected one of {DRIFT_ACTIONS}")
+    self.action = guard_cfg.drift_action if reference else "off"
+    self.threshold = float(guard_cfg.drift_threshold)
+    self.splits = tuple(s for s in guard_cfg.drift_splits if reference and s in reference)
+    self.reference = reference or {}
+
+  def check(self, losses: dict[str, float]) -> DriftCheck:
+    changes = {s: losses[s] / self.reference[s] - 1.0 for s in self.splits if s in losses}
+    within = self.action == "off" or all(c <= self.threshold for c in changes.values())
+    return DriftCheck(within_bounds=within, changes=changes)
+
+
+class EarlyStopping:
+  """Tracks the best evaluation of `split` (lower loss is better) among in-bounds ones.
+
+  patience 0 keeps tracking the best (so the best checkpoint is kept and reported) but
+  never stops the run.
+  """
+
+  def __init__(self, early_stop_cfg: ml_collections.ConfigDict, state: dict | None = None):
+    self.split = early_stop_cfg.split
+    self.patience = int(early_stop_cfg.patience)
+    self.min_delta = float(early_stop_cfg.min_delta)
+    state = state or {}
+    self.best_step: int | None = state.get("best_step")
+    best_value = state.get("best_value")
+    self.best_value: float = math.inf if best_value is None else float(best_value)
+    self.evals_without_improvement: int = state.get("evals_without_improvement", 0)
+
+  def update(self, step: int, losses: dict[str, float], within_bounds: bool) -> bool:
+    """Records an evaluation; True when the run should stop."""
+    value = losses[self.split]
+    if within_bounds and (self.best_step is None or value < self.best_value - self.min_delta):
+      self.best_step, self.best_value = step, value
+      self.evals_without_improvement = 0
+    else:
+      self.evals_without_improvement += 1
+    return self.patience > 0 and self.evals_without_improvement >= self.patience
+
+  def state(self) -> dict:
+    return {"best_step": self.best_step,
+            "best_value": None if self.best_step is None else self.best_value,
+            "evals_without_improvement": self.evals_without_improvement}
