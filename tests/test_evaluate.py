@@ -1,0 +1,61 @@
+"""Scores beyond loss: token F1, answer normalisation, the chance baseline, the report files."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mgjax import evaluate, report
+
+
+def example(category, *turns, images=()):
+  roles = ["user", "assistant"] * (len(turns) // 2)
+  return {"category": category.encode(), "images": list(images),
+          "messages": {"role": [r.encode() for r in roles], "content": [t.encode() for t in turns]}}
+
+
+def test_token_f1_is_squad_style():
+  assert evaluate.token_f1("A red circle.", "a red circle") == 1.0
+  # 2 of 3 predicted words are right, 2 of 4 reference words are found: P 2/3, R 1/2.
+  assert evaluate.token_f1("red blue circle", "a red circle here") == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+  assert evaluate.token_f1("square", "circle") == 0.0
+  assert evaluate.token_f1("", "") == 1.0
+
+
+def test_normalize_answer_ignores_case_punctuation_and_spacing():
+  assert evaluate.normalize_answer("  Two.  ") == "two"
+  assert evaluate.normalize_answer("The red one is a  Circle!") == "the red one is a circle"
+
+
+def test_assistant_turns_give_each_answer_its_history_and_images():
+  source = [example("understanding", "<image>\nHow many?", "Two.", "What colour?", "Red.", images=[b"png"])]
+  items = list(evaluate.assistant_turns(source))
+  assert [ref for _, _, ref in items] == ["Two.", "Red."]
+  assert [len(prefix) for prefix, _, _ in items] == [1, 3]
+  assert all(images == [b"png"] for _, images, _ in items)
+
+
+def test_chance_is_the_most_common_training_answer_per_question():
+  train = [example("understanding", "<image>\nHow many shapes are there?", a) for a in ("Two.", "Two.", "One.")]
+  train.append(example("text", "How many shapes are there?", "Ten."))  # not understanding: ignored
+  majority = evaluate.majority_answers(train)
+  assert majority == {"how many shapes are there": "two"}
+
+
+def test_report_writes_json_markdown_and_a_png(tmp_path):
+  scores = lambda acc, fmt: {"val_understanding": {"loss": 0.5, "accuracy": acc, "chance": 0.3},
+                             "val_generation": {"loss": 0.2, "format_rate": fmt, "prompt_f1": 0.8},
+                             "val_text": {"loss": 1.1}}
+  data = {"stage": 2, "stage1": scores(0.9, 0.5), "stage2": scores(0.89, 1.0), "complete": True,
+          "result": {"step": 50, "checkpoint": "/w/checkpoints/50", "why": "last step"}, "stopped": None,
+          "drift": [{"step": 50, "changes": {"val_understanding": 0.02}, "within_bounds": True}]}
+  report.write(str(tmp_path), data)
+  assert json.loads((tmp_path / "report.json").read_text()) == data
+  md = (tmp_path / "report.md").read_text()
+  assert "| val_generation | format_rate | 0.500 | 1.000 |" in md
+  assert "| val_understanding | accuracy | 0.900 | 0.890 |" in md
+  assert "val_understanding +2.0%" in md and "![scores per capability](report.png)" in md
+  with Image.open(tmp_path / "report.png") as png:
+    assert png.format == "PNG" and png.width > 600
+    assert np.asarray(png.convert("L")).std() > 10  # something was drawn
