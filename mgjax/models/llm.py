@@ -3,7 +3,12 @@
 Parameter names follow Hugging Face's LlamaForCausalLM (embed_tokens, layers/N/self_attn/q_proj,
 mlp/gate_proj, input_layernorm, ...) so weight import is a rename plus reshape: attention kernels
 are kept per head ([embed, heads, head_dim]) so heads can be sharded over the tensor axis.
+
+Decoding uses an explicit KV cache, a pytree passed in and returned (`DecoderLM.init_cache`,
+`DecoderLM.extend`), so prefill and per-token steps are plain jittable functions.
 """
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +21,8 @@ from mgjax.models.layers import dot_product_attention
 _INIT = nnx.initializers.normal(0.02)
 # Activations between blocks: split over the batch only (see axes.constrain).
 _RESIDUAL = ('batch', None, None)
+# Cached keys and values [B, S, kv_heads, head_dim]: split like the activations and k_proj.
+_CACHE_KV = ('batch', None, 'kv_heads', None)
 
 
 class RMSNorm(nnx.Module):
@@ -73,11 +80,37 @@ class Attention(nnx.Module):
       (heads, head_dim), hidden, axis=(-2, -1), use_bias=False, dtype=dtype, rngs=rngs,
       kernel_init=partitioned(_INIT, ('heads', 'head_dim', 'embed')))
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+  def _project(self, x: jax.Array, positions: jax.Array):
     q = apply_rope(self.q_proj(x), positions, self.rope_theta)
     k = apply_rope(self.k_proj(x), positions, self.rope_theta)
-    v = self.v_proj(x)
+    return q, k, self.v_proj(x)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    q, k, v = self._project(x, positions)
     return self.o_proj(dot_product_attention(q, k, v, mask))
+
+  def extend(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+             kv: dict[str, jax.Array], index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Writes the new tokens' keys/values into cache slots index.. and attends over the cache.
+
+    Args:
+      x: [B, T, hidden] the new tokens.
+      positions: [B, T] their RoPE positions.
+      mask: bool [B, T, S] over the cache's S slots (see `cache_attention_mask`).
+      kv: this layer's cache, {"k": [B, S, K, D], "v": [B, S, K, D]}.
+      index: int32 scalar, the slot of the first new token.
+
+    Returns:
+      The attention output [B, T, hidden] and the updated {"k", "v"}.
+    """
+    q, k, v = self._project(x, positions)
+
+    def write(cached, new):
+      updated = jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), index, axis=1)
+      return constrain(updated, _CACHE_KV)
+
+    kv = {'k': write(kv['k'], k), 'v': write(kv['v'], v)}
+    return self.o_proj(dot_product_attention(q, kv['k'], kv['v'], mask)), kv
 
 
 class SwiGLU(nnx.Module):
@@ -111,6 +144,13 @@ class DecoderLayer(nnx.Module):
     x = x + self.self_attn(self.input_layernorm(x), positions, mask)
     return x + self.mlp(self.post_attention_layernorm(x))
 
+  def extend(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+             kv: dict[str, jax.Array], index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """__call__ for new tokens against a KV cache (see Attention.extend)."""
+    attended, kv = self.self_attn.extend(self.input_layernorm(x), positions, mask, kv, index)
+    x = x + attended
+    return x + self.mlp(self.post_attention_layernorm(x)), kv
+
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
   """Causal AND same-segment mask [B, T, T] for packed rows.
@@ -125,6 +165,22 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
   return causal[None] & (same | jnp.eye(t, dtype=bool)[None])
 
 
+def cache_attention_mask(valid: jax.Array, index: jax.Array, num_new: int) -> jax.Array:
+  """Mask [B, T, S] for T new tokens written into cache slots index..index+T-1.
+
+  valid [B, S] marks the slots that hold real tokens (the new ones included). As in
+  `attention_mask`, a real token sees the real tokens up to its own slot and a padding token
+  sees only itself; slots not written yet are never valid, so they stay unseen.
+  """
+  slots = jnp.arange(valid.shape[1])
+  query_slots = index + jnp.arange(num_new)
+  causal = slots[None, :] <= query_slots[:, None]
+  own = slots[None, :] == query_slots[:, None]
+  query_valid = jnp.take_along_axis(
+    valid, jnp.broadcast_to(query_slots, (valid.shape[0], num_new)), axis=1)
+  return (causal[None] & valid[:, None, :] & query_valid[:, :, None]) | own[None]
+
+
 class DecoderLM(nnx.Module):
   """Llama-family causal LM returning float32 logits [B, T, vocab]."""
 
@@ -134,6 +190,8 @@ class DecoderLM(nnx.Module):
     self.dtype = jnp.dtype(dtype)
     self.vocab_size = vocab_size
     self.hidden = hidden
+    self.kv_heads = kv_heads
+    self.head_dim = head_dim
     self.tie_embeddings = tie_embeddings
     self.embed_tokens = nnx.Embed(
       vocab_size, hidden, dtype=self.dtype, rngs=rngs,
@@ -177,6 +235,9 @@ class DecoderLM(nnx.Module):
     x = constrain(x, _RESIDUAL)
     for layer in self.layers:
       x = constrain(layer(x, positions, mask), _RESIDUAL)
+    return self._logits(x)
+
+  def _logits(self, x: jax.Array) -> jax.Array:
     x = self.norm(x)
     if self.lm_head is None:
       table = self.embed_tokens.embedding[...].astype(self.dtype)
@@ -184,3 +245,65 @@ class DecoderLM(nnx.Module):
     else:
       logits = self.lm_head(x).astype(jnp.float32)
     return constrain(logits, ('batch', None, 'vocab'))
+
+  def init_cache(self, batch_size: int, size: int) -> dict[str, Any]:
+    """An empty KV cache of `size` slots per row, for `extend`.
+
+    {"layers": [{"k", "v"} per layer, each [B, size, kv_heads, head_dim]],
+     "valid": bool [B, size], slots that hold a real token,
+     "index": int32 scalar, the next slot to write (the same for every row),
+     "length": int32 [B], real tokens so far per row = the next token's RoPE position}
+    """
+    shape = (batch_size, size, self.kv_heads, self.head_dim)
+
+    def zeros():
+      return constrain(jnp.zeros(shape, self.dtype), _CACHE_KV)
+
+    return {
+      'layers': [{'k': zeros(), 'v': zeros()} for _ in self.layers],
+      'valid': constrain(jnp.zeros((batch_size, size), bool), ('batch', None)),
+      'index': jnp.zeros((), jnp.int32),
+      'length': constrain(jnp.zeros((batch_size,), jnp.int32), ('batch',)),
+    }
+
+  def extend(self, input_ids: jax.Array | None = None, *,
+             inputs_embeds: jax.Array | None = None,
+             token_mask: jax.Array | None = None,
+             cache: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
+    """Runs T new tokens per row on top of `cache`: a prefill (the prompt) or a decode step.
+
+    Args:
+      input_ids: [B, T] token ids, or
+      inputs_embeds: [B, T, hidden] ready embeddings (exactly one of the two).
+      token_mask: bool [B, T], False on left padding (default all True). Padding takes a
+        cache slot but is never attended to and does not advance a row's positions, so a
+        row's real tokens get RoPE positions 0, 1, ... as if it had not been padded.
+      cache: from `init_cache` or a previous `extend`; it must have T free slots.
+
+    Returns:
+      Logits float32 [B, T, vocab] and the cache holding the new tokens too.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError('pass exactly one of input_ids and inputs_embeds')
+    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+    b, t = x.shape[:2]
+    token_mask = jnp.ones((b, t), bool) if token_mask is None else token_mask.astype(bool)
+    index = cache['index']
+    # Padding before a row's first real token would get -1: clamp, it is never attended to.
+    positions = jnp.maximum(
+      cache['length'][:, None] + jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1, 0)
+    valid = jax.lax.dynamic_update_slice_in_dim(cache['valid'], token_mask, index, axis=1)
+    mask = cache_attention_mask(valid, index, t)
+    x = constrain(x, _RESIDUAL)
+    layers_kv = []
+    for layer, kv in zip(self.layers, cache['layers']):
+      x, kv = layer.extend(x, positions, mask, kv, index)
+      x = constrain(x, _RESIDUAL)
+      layers_kv.append(kv)
+    cache = {
+      'layers': layers_kv,
+      'valid': constrain(valid, ('batch', None)),
+      'index': index + t,
+      'length': cache['length'] + jnp.sum(token_mask, axis=1, dtype=jnp.int32),
+    }
+    return self._logits(x), cache

@@ -51,10 +51,9 @@ class MiniGemini(nnx.Module):
     highres = self.vision_highres.feature_map(images_highres)
     return self.projector(self.mining(lowres, highres))
 
-  def __call__(self, input_ids: jax.Array, images_lowres: jax.Array,
-               images_highres: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
-    """Logits float32 [B, T, vocab].
+  def embed_inputs(self, input_ids: jax.Array, images_lowres: jax.Array,
+                   images_highres: jax.Array) -> jax.Array:
+    """Input embeddings [B, T, hidden]: token embeddings with the visual tokens in place.
 
     input_ids [B, T] hold num_image_tokens copies of image_token_id per image, images in order
     of appearance; images_* [B, M, H, W, 3] are normalised pixels, M may be 0. The k-th image
@@ -73,4 +72,12 @@ class MiniGemini(nnx.Module):
       index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, feats.shape[1] - 1)
       placed = jnp.take_along_axis(feats, index[..., None], axis=1)
       embeds = constrain(jnp.where(is_image[..., None], placed, embeds), ('batch', None, None))
+    return embeds
+
+  def __call__(self, input_ids: jax.Array, images_lowres: jax.Array,
+               images_highres: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """Logits float32 [B, T, vocab]; inputs as in `embed_inputs`, positions and segment_ids
+    as in DecoderLM.__call__."""
+    embeds = self.embed_inputs(input_ids, images_lowres, images_highres)
     return self.llm(inputs_embeds=embeds, positions=positions, segment_ids=segment_ids)
