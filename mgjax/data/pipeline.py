@@ -87,6 +87,31 @@ class ConversationEncoder:
     out.update(self._images(example, num_slots=int((out["input_ids"] == self.image_token_id).sum()) // self.num_image_tokens))
     return out
 
+  def encode_prompt(self, messages: list[dict[str, str]], images: list[bytes] = ()) -> dict[str, np.ndarray]:
+    """A conversation up to the assistant's next turn, as the model input for generation.
+
+    The same template, <image> expansion and image preprocessing as training, with the
+    template's generation prompt (the assistant marker) appended; not padded or truncated.
+
+    Args:
+      messages: [{"role": ..., "content": ...}], the last one usually the user's.
+      images: encoded image files (PNG, JPEG, ...), one per <image> in the messages, in order.
+
+    Returns:
+      input_ids [P] int32, images_lowres [max_images, l, l, 3] and images_highres
+      [max_images, h, h, 3] float32 (zeros in unused slots).
+    """
+    encoded = self.tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=True)
+    token_ids = list(encoded["input_ids"])
+    ids, _ = self._expand_images(token_ids, [0] * len(token_ids))
+    num_placeholders = int((ids == self.image_token_id).sum()) // self.num_image_tokens
+    if num_placeholders != len(images):
+      raise ValueError(f"the messages hold {num_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s) were given")
+    if len(images) > self.max_images:
+      raise ValueError(f"{len(images)} images but the model was trained with data.max_images={self.max_images}")
+    return {"input_ids": ids, **self._images({"images": images}, num_slots=len(images))}
+
   def _expand_images(self, ids: list[int], assistant: list[int]) -> tuple[np.ndarray, np.ndarray]:
     out_ids, out_mask = [], []
     for token, mask in zip(ids, assistant):
