@@ -62,7 +62,7 @@ readonly REMOTE_PYTHON=python3.11         # setup.cfg: python_requires >= 3.11
 
 command=""
 name="" zone="" project="" accelerator_type="" version="" spot=0
-git_url="" git_ref="" config="" workdir="" worker=0 interval=120
+git_url="" git_ref="" config="" workdir="" worker=0 interval=120 jax_version=""
 main_args=()
 
 set_option() {  # OPTION VALUE
@@ -136,6 +136,7 @@ validate() {
     fi
   fi
   if [[ $command == setup || $command == watch ]]; then
+    jax_version=$(pinned_jax_version)
     if [[ -z $git_url ]]; then
       git_ref=${git_ref:-HEAD}
       warn_if_dirty "$git_ref" "setup copies commit $git_ref to the workers"
@@ -180,17 +181,17 @@ delete() {
 }
 
 setup() {
-  local jax_version fetch archive
-  jax_version=$(pinned_jax_version)
+  # Each step returns on failure by itself: watch calls setup where bash's set -e is off.
+  local fetch archive
   if [[ -n $git_url ]]; then
     fetch="rm -rf ~/mgjax && git clone --quiet $(shell_quote "$git_url") ~/mgjax"
     [[ -z $git_ref ]] || fetch+=" && git -C ~/mgjax checkout --quiet $(shell_quote "$git_ref")"
   else
     # The commit, not the work tree: what runs is a commit you can name.
     archive="${TMPDIR:-/tmp}/mgjax-$name.tar.gz"
-    execute git -C "$REPO_ROOT" archive --format=tar.gz --output="$archive" "$git_ref"
+    execute git -C "$REPO_ROOT" archive --format=tar.gz --output="$archive" "$git_ref" || return
     execute gcloud compute tpus tpu-vm scp "$archive" "$name:$REMOTE_TARBALL" --zone="$zone" --worker=all \
-      ${project:+"--project=$project"}
+      ${project:+"--project=$project"} || return
     fetch="rm -rf ~/mgjax && mkdir -p ~/mgjax && tar -xzf ~/$REMOTE_TARBALL -C ~/mgjax && rm ~/$REMOTE_TARBALL"
   fi
   # One line: it travels as ssh's --command. TPU VM images ship an older python3, so

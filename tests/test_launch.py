@@ -348,6 +348,8 @@ FAKE_GCLOUD = textwrap.dedent('''\
       state["tpu"] = "NOT_FOUND"
     elif verb == "ssh" and any(a.endswith("else echo stopped; fi") for a in args):
       out = state["training"].pop(0) + "\\n"
+    elif verb == "ssh" and state["fail_setup"] and any("pip install" in a for a in args):
+      err, rc = "ERROR: pip failed on worker 0", 1
     with open(state_file, "w") as f:
       json.dump(state, f)
     sys.stdout.write(out)
@@ -363,10 +365,11 @@ def fake_gcloud(tmp_path, bare_path):
   (fake_dir / "gcloud").write_text(FAKE_GCLOUD.format(python=sys.executable))
   (fake_dir / "gcloud").chmod(0o755)
 
-  def play(script: Path, *args: str, tpu: str = "READY", describe=(), training=()):
+  def play(script: Path, *args: str, tpu: str = "READY", describe=(), training=(), fail_setup=False, check=True):
     (fake_dir / "state.json").write_text(json.dumps(
-        {"tpu": tpu, "describe": list(describe), "training": list(training), "calls": []}))
-    result = launch(script, *args, path=f"{fake_dir}:{bare_path}",
+        {"tpu": tpu, "describe": list(describe), "training": list(training), "fail_setup": fail_setup,
+         "calls": []}))
+    result = launch(script, *args, path=f"{fake_dir}:{bare_path}", check=check,
                     env={"FAKE_GCLOUD_DIR": str(fake_dir), "TMPDIR": str(tmp_path)})
     return [["gcloud", *c] for c in json.loads((fake_dir / "state.json").read_text())["calls"]], result
 
@@ -402,6 +405,16 @@ def test_watch_recreates_a_preempted_tpu_and_reruns_the_same_command(fake_gcloud
                         path=bare_path, tmp_path=tmp_path)
   assert run == run_alone
   assert "the run on mgjax-test has ended" in result.stderr
+
+
+def test_watch_stops_when_setup_fails_on_a_ready_tpu(fake_gcloud):
+  """A broken setup is not a preemption: watch says so instead of recreating forever."""
+  args = ["watch", *TPU_ARGS, "--accelerator-type=v4-8", "--git-url=https://example.com/me/mgjax.git",
+          *RUN_ARGS, "--interval=0"]
+  calls, result = fake_gcloud(TPU, *args, tpu="NOT_FOUND", fail_setup=True, check=False)
+  verbs = [c[4] for c in calls]
+  assert verbs == ["describe", "create", "describe", "ssh", "describe"]
+  assert result.returncode == 2 and "setup failed on TPU mgjax-test, which is READY" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------
