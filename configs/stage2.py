@@ -21,5 +21,11 @@ def get_config(arg=None):
   c.train.steps = 100
   c.train.eval_every = 25
   c.train.checkpoint_every = 50
+  # Keep the best val_generation checkpoint (stage 1's own result is a candidate too) and
+  # stop after two evaluations without improvement.
+  c.early_stop.patience = 2
+  # Understanding and text may not get >10% worse than stage 1 left them: stop and hand on
+  # the best checkpoint that stayed within bounds.
+  c.guard.drift_action = "rollback"
   c.lock()
   return c

@@ -128,6 +128,9 @@ class Checkpoints:
     leaves = jax.tree_util.tree_leaves_with_path(metadata, is_leaf=lambda x: hasattr(x, "shape"))
     return {path_str(p): tuple(m.shape) for p, m in leaves}
 
+  def delete(self, step: int) -> None:
+    self._manager.delete(step)
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

@@ -34,7 +34,12 @@ def main(argv: list[str]) -> None:
   workdir = _WORKDIR.value or config.workdir
   if not workdir:
     raise app.UsageError("no workdir: pass --workdir=DIR")
-  summary = train.run(config, workdir)
+  from mgjax import stages
+  try:
+    summary = train.run(config, workdir)
+  except stages.GuardTripped as e:
+    # Not a crash: the run stopped on purpose; say why and what to change, exit non-zero.
+    sys.exit(f"error: {e}")
   print(summary.format(), flush=True)
 
 

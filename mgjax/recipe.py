@@ -20,6 +20,18 @@ _STAGE1_STEPS = flags.DEFINE_integer("stage1_steps", None, "Override configs/sta
 _STAGE2_STEPS = flags.DEFINE_integer("stage2_steps", None, "Override configs/stage2.py's train.steps.")
 
 
+def scores_table(report: dict) -> str:
+  """Stage 1 and stage 2 side by side, per capability (from stage 2's report.json)."""
+  rows = [f"{'split':<18}{'score':<22}{'stage 1':>10}{'stage 2':>10}"]
+  for split, scores in report["stage2"].items():
+    for name in sorted(scores, key=lambda n: (n != "loss", n)):
+      if name.startswith("num_"):
+        continue
+      before = report["stage1"].get(split, {}).get(name, float("nan"))
+      rows.append(f"{split:<18}{name:<22}{before:>10.3f}{scores[name]:>10.3f}")
+  return "\n".join(rows)
+
+
 def main(argv: list[str]) -> None:
   del argv
   runtime.setup()
@@ -36,10 +48,8 @@ def main(argv: list[str]) -> None:
 
   summaries = [train.run(stage1, stage1_dir), train.run(stage2, stage2_dir)]
   print("\n" + "\n\n".join(s.format() for s in summaries))
-  print("\nvalidation loss   " + "".join(f"{n:>12}" for n in ("start", "stage 1", "stage 2")))
-  for split in summaries[0].val_loss_end:
-    print(f"  {split:<16}" + "".join(f"{v:>12.4f}" for v in (
-        summaries[0].val_loss_start[split], summaries[0].val_loss_end[split], summaries[1].val_loss_end[split])))
+  print("\n" + scores_table(summaries[1].report))
+  print(f"\nreport: {os.path.join(stage2_dir, 'report.md')}")
   print(f"\nstage 1: python -m mgjax.main --config=configs/stage1.py --workdir={stage1_dir}"
         f"\nstage 2: python -m mgjax.main --config=configs/stage2.py --workdir={stage2_dir} --config.init_from={stage1_dir}")
 

@@ -1,20 +1,22 @@
 """The trainer. Reads top to bottom:
 
   mesh -> data -> model and optimizer -> init or restore -> compiled steps -> loop
-  (evaluate, log, checkpoint) -> summary
+  (guards, evaluate, early stop / drift, checkpoint) -> result and report
 
 Both stages run through `run`; what makes stage 2 a stage 2 (params-only start from
-stage 1, its own schedule and split) is config plus mgjax.stages.
+stage 1, its own schedule and split, the drift guard's reference) is config plus
+mgjax.stages.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +28,8 @@ import transformers
 from etils import epath
 from flax import nnx
 
-from mgjax import checkpoint, metrics, optim, sharding, stages
+from mgjax import checkpoint, decode, evaluate as evaluation, lora, metrics, optim, report as reports
+from mgjax import sharding, stages
 from mgjax.data import build, pipeline
 from mgjax.models import vlm
 
@@ -37,15 +40,16 @@ class Summary:
 
   stage: int
   workdir: str
-  steps: int
+  steps: int  # steps trained (fewer than configured when a guard or early stopping ended the run)
   train_loss: float
   val_loss_start: dict[str, float]
-  val_loss_end: dict[str, float]
-  checkpoint: str
+  val_loss_end: dict[str, float]  # at the result checkpoint
+  checkpoint: str  # the result: what stage 2, predict and export use
   num_params: int
   num_trainable: int
   seconds: float
   init_from: str | None = None
+  report: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def format(self) -> str:
     lines = [
@@ -55,9 +59,13 @@ class Summary:
     ]
     for split, end in self.val_loss_end.items():
       lines.append(f"  {split:<18} loss {self.val_loss_start.get(split, float('nan')):.4f} -> {end:.4f}")
+    stopped = self.report.get("stopped")
+    if stopped:
+      lines.append(f"  stopped at step {stopped['step']}: {stopped['message']}")
     if self.init_from:
       lines.append(f"  started from {self.init_from}")
-    lines.append(f"  checkpoint {self.checkpoint}")
+    lines.append(f"  result     {self.checkpoint}")
+    lines.append(f"  report     {os.path.join(self.workdir, 'report.md')}")
     lines.append(f"  metrics    {os.path.join(self.workdir, 'metrics.jsonl')} (TensorBoard: {os.path.join(self.workdir, 'tensorboard')})")
     return "\n".join(lines)
 
@@ -84,20 +92,36 @@ def save_tokenizer(tokenizer, workdir: str) -> None:
 
 
 def make_loss_fn(graphdef: nnx.GraphDef):
+  """(params, batch) -> (sum of token losses, number of supervised tokens).
+
+  Sums, not a mean, so micro-batches add up to exactly the whole batch's gradient.
+  """
   def loss_fn(params, batch):
     model = nnx.merge(graphdef, params)
     logits = model(batch["input_ids"], batch["images_lowres"], batch["images_highres"],
                    positions=batch["positions"], segment_ids=batch["segment_ids"])
     token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    loss_sum = jnp.sum(token_loss * batch["loss_mask"])
-    count = jnp.sum(batch["loss_mask"])
-    return loss_sum / jnp.maximum(count, 1.0), (loss_sum, count)
+    return jnp.sum(token_loss * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
   return loss_fn
+
+
+def total_steps(config: ml_collections.ConfigDict, train_records: int) -> int:
+  """train.steps, or train.epochs of the train split when set (the cap stage 2 is sized by)."""
+  if config.train.epochs:
+    return max(1, math.ceil(config.train.epochs * train_records / config.data.batch_size))
+  return config.train.steps
+
+
+def split_micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+  """[B, ...] -> [k, B/k, ...]; micro-batch j takes rows j, j+k, ..., so every device keeps
+  its own rows (the batch axis is split over devices in contiguous blocks)."""
+  return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), batch)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   started = time.time()
   is_main = jax.process_index() == 0
+  use_lora = config.lora.rank > 0
 
   # ---------------------------------------------------------------- Mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -113,11 +137,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   encoder = pipeline.make_encoder(tokenizer, config.data, model_cfg, vlm.num_image_tokens(model_cfg))
   local_batch = sharding.batch_size_per_process(config.data.batch_size, mesh)
   train_source = build.open_split(dataset, config.data.train_split)
+  replay_source = (build.open_split(dataset, config.data.replay_split)
+                   if config.data.replay_fraction > 0 else None)
   train_iter = pipeline.train_iterator(
       train_source, encoder, batch_size=local_batch, seed=config.seed,
-      num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+      num_threads=config.data.num_threads, prefetch=config.data.prefetch,
+      replay_source=replay_source, replay_fraction=config.data.replay_fraction)
   val_sources = {split: build.open_split(dataset, split) for split in config.data.val_splits}
   eval_local_batch = sharding.batch_size_per_process(config.train.eval_batch_size, mesh)
+  steps = total_steps(config, len(train_source))
+  accum = config.train.grad_accum_steps
+  if local_batch % accum or (config.data.batch_size // accum) % sharding.batch_shards(mesh):
+    raise ValueError(
+        f"train.grad_accum_steps={accum} must split data.batch_size={config.data.batch_size} into "
+        f"micro-batches that still divide over the {sharding.batch_shards(mesh)} batch shards of the mesh")
 
   # ---------------------------------------------------------------- Model and optimizer
   # Shapes first (nothing allocated), then every weight is created directly in its shard.
@@ -125,95 +158,193 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     abstract_model = nnx.eval_shape(lambda: vlm.MiniGemini(model_cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract_model)
   param_shardings = sharding.state_shardings(abstract_state, mesh, rules).to_pure_dict()
+  abstract_params = sharding.abstract_like(abstract_state.to_pure_dict(), param_shardings)
 
   def create_params():
     with nnx.use_eager_sharding(False):
       return nnx.split(vlm.MiniGemini(model_cfg, rngs=nnx.Rngs(config.seed)))[1].to_pure_dict()
 
   init_params = jax.jit(create_params, out_shardings=param_shardings)
-  abstract_params = sharding.abstract_like(abstract_state.to_pure_dict(), param_shardings)
-  tx, lr_schedule = optim.make(config.optim, config.train.steps, abstract_params)
-  abstract_opt_state = sharding.abstract_outputs(jax.jit(tx.init), mesh, abstract_params)
+
+  # What the optimizer trains: the weights themselves, or (LoRA) adapters on frozen weights.
+  if use_lora:
+    abstract_adapters = jax.eval_shape(lambda: lora.init(abstract_params, config.lora, jax.random.key(0)))
+    adapter_shardings = lora.shardings(abstract_adapters, param_shardings)
+    abstract_trainable = sharding.abstract_like(abstract_adapters, adapter_shardings)
+    init_adapters = jax.jit(lambda: lora.init(abstract_params, config.lora, jax.random.key(config.seed)),
+                            out_shardings=adapter_shardings)
+  else:
+    abstract_adapters, abstract_trainable = None, abstract_params
+
+  def model_params(trainable, frozen):
+    """Plain weights for the forward pass: merged adapters under LoRA, else the weights trained."""
+    return lora.merge(frozen, trainable, config.lora) if use_lora else trainable
+
+  plain_params = jax.jit(model_params, out_shardings=param_shardings)
+  tx, lr_schedule = optim.make(config.optim, steps, abstract_trainable)
+  abstract_opt_state = sharding.abstract_outputs(jax.jit(tx.init), mesh, abstract_trainable)
   opt_shardings = jax.tree.map(lambda x: x.sharding, abstract_opt_state)
   init_opt_state = jax.jit(tx.init, out_shardings=opt_shardings)
 
   # ---------------------------------------------------------------- Init or restore
   ckpts = checkpoint.Checkpoints(workdir, max_to_keep=config.train.max_to_keep)
+  finished = reports.read(workdir)
+  if finished and finished.get("complete"):
+    # A completed run asked again: nothing to train, report what it made.
+    ckpts.close()
+    return _summary_from_report(config, workdir, finished, started)
   start_step = ckpts.latest_step() or 0
+  meta_state: dict[str, Any] = {}
   init_from = None
   if start_step:
     # A killed run restarted with the same command: continue exactly where it stopped.
-    params, opt_state, meta = ckpts.restore(
-        start_step, abstract_params=abstract_params, abstract_opt_state=abstract_opt_state, data_iter=train_iter)
-    init_from = meta.get("init_from")
+    params, opt_state, meta_state, adapters = ckpts.restore(
+        start_step, abstract_params=abstract_params, abstract_opt_state=abstract_opt_state,
+        data_iter=train_iter, abstract_adapters=abstract_adapters)
+    init_from = meta_state.get("init_from")
+    if use_lora:
+      # The checkpoint's params are merged; LoRA trains on the exact weights it started from.
+      params = (stages.load_init_params(init_from["checkpoint"], abstract_params)[0] if init_from
+                else init_params())
+    trainable = adapters if use_lora else params
     logging.info("resumed from %s at step %d", ckpts.directory / str(start_step), start_step)
-  elif config.init_from:
-    params, init_from = stages.load_init_params(config.init_from, abstract_params)
-    opt_state = init_opt_state(params)
   else:
-    params = init_params()
-    opt_state = init_opt_state(params)
+    if config.init_from:
+      params, init_from = stages.load_init_params(config.init_from, abstract_params)
+    else:
+      params = init_params()
+    trainable = init_adapters() if use_lora else params
+    opt_state = init_opt_state(trainable)
+  frozen = params if use_lora else None  # LoRA's base weights; never updated
   num_params = sum(x.size for x in jax.tree.leaves(params))
-  labels = optim.frozen_labels(params, tuple(config.optim.freeze))
-  num_trainable = sum(x.size for x, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels)) if l == "trainable")
+  if use_lora:
+    num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
+  else:
+    labels = optim.frozen_labels(params, tuple(config.optim.freeze))
+    num_trainable = sum(x.size for x, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels)) if l == "trainable")
 
   # ---------------------------------------------------------------- Compiled steps
   loss_fn = make_loss_fn(graphdef)
 
-  def train_step(params, opt_state, batch):
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  def summed_loss(trainable, frozen, batch):
+    return loss_fn(model_params(trainable, frozen), batch)
 
-  def eval_step(params, batch):
-    _, (loss_sum, count) = loss_fn(params, batch)
-    return loss_sum, count
+  def train_step(trainable, opt_state, frozen, batch):
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+    if accum == 1:
+      (loss_sum, count), grads = grad_fn(trainable, frozen, batch)
+    else:
+      def add_micro_batch(carry, micro):
+        (loss_sum, count), grads = grad_fn(trainable, frozen, micro)
+        return jax.tree.map(jnp.add, carry, (loss_sum, count, grads)), None
+      zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, trainable))
+      (loss_sum, count, grads), _ = jax.lax.scan(add_micro_batch, zeros, split_micro_batches(batch, accum))
+    # Mean over the whole batch's supervised tokens, however it was split.
+    grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return trainable, opt_state, {"loss": loss_sum / jnp.maximum(count, 1.0), "count": count,
+                                  "grad_norm": optax.tree.norm(grads)}
 
   replicated = sharding.replicated(mesh)
   train_step = jax.jit(
       train_step, donate_argnums=(0, 1),
-      out_shardings=(param_shardings, opt_shardings, replicated))
-  eval_step = jax.jit(eval_step, out_shardings=replicated)
+      out_shardings=(jax.tree.map(lambda x: x.sharding, abstract_trainable), opt_shardings, replicated))
+  eval_step = jax.jit(summed_loss, out_shardings=replicated)
 
   writer = metrics.MetricsWriter(workdir, resume_step=start_step if start_step else None)
 
-  def evaluate(step: int, params) -> dict[str, float]:
+  def evaluate_losses(step: int) -> dict[str, float]:
     losses = {}
     for split, source in val_sources.items():
       total, count = 0.0, 0.0
       for batch in pipeline.eval_batches(source, encoder, batch_size=eval_local_batch,
                                          num_threads=config.data.num_threads):
-        loss_sum, n = eval_step(params, sharding.to_global_batch(batch, mesh))
+        loss_sum, n = eval_step(trainable, frozen, sharding.to_global_batch(batch, mesh))
         total, count = total + float(loss_sum), count + float(n)
       losses[split] = total / max(count, 1.0)
       writer.write(step, split, loss=losses[split])
     return losses
+
+  # The chance baseline of understanding accuracy: the training mix's most common answers.
+  mix_source = build.open_split(dataset, "train") if dataset.splits.get("train") else None
+
+  def evaluate_scores(step: int, params: Any, losses: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Losses plus decoded scores (format rate, prompt F1, accuracy) of `params`."""
+    generator = decode.Generator(graphdef, params, tokenizer, encoder, max_batch_size=config.eval.batch_size)
+    scores = evaluation.evaluate(generator, val_sources, losses, config.eval, train_source=mix_source)
+    for split, values in scores.items():
+      extra = {k: v for k, v in values.items() if k != "loss" and not k.startswith("num_")}
+      if extra:
+        writer.write(step, split, **extra)
+    return scores
 
   # ---------------------------------------------------------------- Loop
   meta = {
       "stage": config.stage, "config": config.to_dict(), "init_from": init_from,
       "dataset": {"name": dataset.name, "path": str(dataset.dataset_dir), "version": dataset.version},
   }
+  guard = stages.TrainingGuard(config.guard, config.optim)
+  stopped: dict[str, Any] | None = None
   # Traced under the mesh and the rules, the model pins activation shardings by logical
   # name (mgjax.models.axes.constrain): the batch stays split the way the data arrives, and
   # it avoids an XLA SPMD miscompile seen on CPU without the pins.
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    val_start = evaluate(0, params) if start_step == 0 else metrics.val_losses_at(workdir, 0)
-    # A run restarted after its last step has nothing left to do but report.
+    if start_step == 0:
+      val_start = evaluate_losses(0)
+      # Stage 2's starting point is stage 1's result: score it in full, as the "before".
+      start_scores = (evaluate_scores(0, params, val_start) if init_from
+                      else {split: {"loss": loss} for split, loss in val_start.items()})
+    else:
+      val_start = metrics.val_losses_at(workdir, 0)
+      start_scores = meta_state["start_scores"]
+    # Every evaluation's losses by step (the result's are reported at the end).
+    val_history = {0: val_start, **({start_step: metrics.val_losses_at(workdir, start_step)} if start_step else {})}
+    drift = stages.DriftGuard(config.guard, val_start if init_from else None)
+    early_stop = stages.EarlyStopping(config.early_stop, meta_state.get("early_stop"))
+    drift_log = list(meta_state.get("drift", []))
+    if start_step == 0 and init_from:
+      early_stop.update(0, val_start, within_bounds=True)  # the starting point is a candidate result
     val_end = metrics.val_losses_at(workdir, start_step) if start_step else dict(val_start)
     window_losses, window_tokens, window_start = [], 0.0, time.time()
     train_loss = metrics.train_loss_at(workdir, start_step) if start_step else float("nan")
-    progress = tqdm.tqdm(total=config.train.steps, initial=start_step, disable=not is_main,
+    progress = tqdm.tqdm(total=steps, initial=start_step, disable=not is_main,
                          desc=f"stage {config.stage}", dynamic_ncols=True)
-    for step in range(start_step + 1, config.train.steps + 1):
+    step = start_step
+    pending = None  # the previous step's metrics, checked once the next step is dispatched
+
+    def check(step_and_metrics) -> None:
+      nonlocal stopped
+      at, m = step_and_metrics
+      problem = guard.check(at, float(m["loss"]), float(m["grad_norm"]), float(m["count"]))
+      if problem:
+        # A checkpoint of the step before holds the very weights that gave this loss.
+        ckpts.wait()
+        if at - 1 in ckpts.all_steps():
+          ckpts.delete(at - 1)
+        last = ckpts.latest_step()
+        stopped = {"reason": "guard", "step": at, "message": problem,
+                   "last_good_checkpoint": str(ckpts.directory / str(last)) if last else None}
+
+    while step < steps and not stopped:
+      step += 1
       local = next(train_iter)
       window_tokens += float(local["segment_ids"].astype(bool).sum()) * jax.process_count()
-      params, opt_state, step_metrics = train_step(params, opt_state, sharding.to_global_batch(local, mesh))
+      trainable, opt_state, step_metrics = train_step(
+          trainable, opt_state, frozen, sharding.to_global_batch(local, mesh))
       window_losses.append(step_metrics["loss"])
       progress.update(1)
+      if pending:
+        check(pending)  # the previous step, while this one runs
+      pending = (step, step_metrics)
+      is_eval = step % config.train.eval_every == 0 or step == steps
+      if is_eval or step % config.train.checkpoint_every == 0 or step % config.train.log_every == 0:
+        check(pending)  # nothing bad may be logged as good, or saved
+        pending = None
+      if stopped:
+        break
 
-      if step % config.train.log_every == 0 or step == config.train.steps:
+      if step % config.train.log_every == 0 or step == steps:
         losses = [float(l) for l in window_losses]  # waits for the device: timing is honest
         train_loss = losses[-1]
         elapsed = time.time() - window_start
@@ -223,20 +354,89 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
         progress.set_postfix(loss=f"{np.mean(losses):.3f}")
         window_losses, window_tokens, window_start = [], 0.0, time.time()
 
-      if step % config.train.eval_every == 0 or step == config.train.steps:
-        val_end = evaluate(step, params)
+      score = None
+      if is_eval:
+        val_end = val_history[step] = evaluate_losses(step)
+        checked = drift.check(val_end)
+        if checked.changes:
+          drift_log.append({"step": step, "changes": checked.changes, "within_bounds": checked.within_bounds})
+        if early_stop.update(step, val_end, checked.within_bounds):
+          stopped = {"reason": "early_stop", "step": step, "message":
+                     f"{early_stop.split} did not improve for {early_stop.patience} evaluation(s); "
+                     f"best {early_stop.best_value:.4f} at step {early_stop.best_step}"}
+        if not checked.within_bounds:
+          message = (f"understanding drifted past guard.drift_threshold={drift.threshold:.0%} from where "
+                     f"this stage started ({checked.describe()}); lower optim.lr, cap train.steps, raise "
+                     "data.replay_fraction or use LoRA (lora.rank)")
+          if drift.action == "warn":
+            logging.warning("step %d: %s", step, message)
+            progress.write(f"warning: step {step}: {message}")
+          else:
+            stopped = {"reason": f"drift_{drift.action}", "step": step, "message": message}
+        score = val_end[early_stop.split] if checked.within_bounds else None
         progress.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in val_end.items()))
 
-      if step % config.train.checkpoint_every == 0 or step == config.train.steps:
-        ckpts.save(step, params=params, opt_state=opt_state, data_iter=train_iter, meta={**meta, "step": step})
-  progress.close()
-  ckpts.wait()
+      if is_eval or step % config.train.checkpoint_every == 0 or stopped:
+        ckpts.save(step, params=plain_params(trainable, frozen), opt_state=opt_state, data_iter=train_iter,
+                   adapters=trainable if use_lora else None, score=score,
+                   meta={**meta, "step": step, "start_scores": start_scores,
+                         "early_stop": early_stop.state(), "drift": drift_log})
+    progress.close()
+    ckpts.wait()
+
+    # ---------------------------------------------------------------- Result and report
+    if stopped and stopped["reason"] == "guard":
+      writer.close()
+      ckpts.close()
+      last = stopped["last_good_checkpoint"]
+      raise stages.GuardTripped(
+          f"stage {config.stage} stopped at step {stopped['step']}: {stopped['message']}\n"
+          + (f"Last good checkpoint: {last} (nothing after it was saved)." if last else
+             "No checkpoint was saved before it."),
+          reason="guard", step=stopped["step"], checkpoint=last)
+
+    # The result: the best in-bounds evaluation under early stopping or after a rollback
+    # (stage 2's own start is a candidate: stage 2 must not make things worse), else the
+    # last step.
+    result_step, why = step, "last step"
+    keep_best = config.early_stop.patience > 0 or (stopped and stopped["reason"] == "drift_rollback")
+    if keep_best and early_stop.best_step is not None:
+      result_step, why = early_stop.best_step, f"best {early_stop.split} loss within the drift bounds"
+    if result_step == 0:
+      result_checkpoint, why = init_from["checkpoint"], "no step improved on the checkpoint this stage started from"
+    else:
+      result_checkpoint = str(ckpts.directory / str(result_step))
+    if result_step == step:
+      result_params = plain_params(trainable, frozen)
+    else:
+      result_params = stages.load_init_params(result_checkpoint, abstract_params)[0]
+    val_result = val_history.get(result_step) or metrics.val_losses_at(workdir, result_step)
+    end_scores = evaluate_scores(result_step, result_params, val_result)
+
+  stage_key = f"stage{config.stage}"
+  report = {"stage": config.stage, stage_key: end_scores, "complete": True,
+            "result": {"step": result_step, "checkpoint": result_checkpoint, "why": why},
+            "stopped": stopped, "drift": drift_log, "steps_trained": step}
+  report["stage1" if init_from else "start"] = start_scores
+  if is_main:
+    reports.write(workdir, report)
   ckpts.close()
   writer.close()
 
   return Summary(
-      stage=config.stage, workdir=workdir, steps=config.train.steps, train_loss=train_loss,
-      val_loss_start=val_start, val_loss_end=val_end,
-      checkpoint=str(ckpts.directory / str(config.train.steps)), num_params=int(num_params),
-      num_trainable=int(num_trainable), seconds=time.time() - started,
-      init_from=init_from["checkpoint"] if init_from else None)
+      stage=config.stage, workdir=workdir, steps=step, train_loss=train_loss,
+      val_loss_start=val_start, val_loss_end=val_result, checkpoint=result_checkpoint,
+      num_params=int(num_params), num_trainable=int(num_trainable), seconds=time.time() - started,
+      init_from=init_from["checkpoint"] if init_from else None, report=report)
+
+
+def _summary_from_report(config, workdir: str, report: dict, started: float) -> Summary:
+  result = report["result"]
+  stage_scores = report[f"stage{config.stage}"]
+  start_scores = report.get("stage1" if config.stage > 1 else "start", {})
+  return Summary(
+      stage=config.stage, workdir=workdir, steps=report["steps_trained"],
+      train_loss=metrics.train_loss_at(workdir, report["steps_trained"]),
+      val_loss_start={s: v["loss"] for s, v in start_scores.items()},
+      val_loss_end={s: v["loss"] for s, v in stage_scores.items()}, checkpoint=result["checkpoint"],
+      num_params=0, num_trainable=0, seconds=time.time() - started, init_from=None, report=report)

@@ -155,13 +155,22 @@ def _this_process(ds: grain.MapDataset) -> grain.MapDataset:
 
 
 def train_iterator(source, encoder: ConversationEncoder, *, batch_size: int, seed: int,
-                   num_threads: int = 2, prefetch: int = 4) -> grain.DatasetIterator:
+                   num_threads: int = 2, prefetch: int = 4, replay_source=None,
+                   replay_fraction: float = 0.0) -> grain.DatasetIterator:
   """An endless, seeded, per-epoch reshuffled stream of per-process batches.
 
-  The returned iterator's position (get_state/set_state) is saved with each checkpoint.
+  With a `replay_source` (stage 2: the stage-1 mix), that fraction of the examples is
+  drawn from it instead, interleaved deterministically, so specialising on one split
+  keeps rehearsing the rest. The returned iterator's position (get_state/set_state) is
+  saved with each checkpoint.
   """
-  ds = _this_process(grain.MapDataset.source(source))
-  ds = ds.shuffle(seed=seed).repeat(None).map(encoder).batch(batch_size, drop_remainder=True)
+  ds = _this_process(grain.MapDataset.source(source)).shuffle(seed=seed).repeat(None)
+  if replay_source is not None and replay_fraction > 0:
+    if not 0 < replay_fraction < 1:
+      raise ValueError(f"data.replay_fraction={replay_fraction} must be between 0 and 1")
+    replay = _this_process(grain.MapDataset.source(replay_source)).shuffle(seed=seed + 1).repeat(None)
+    ds = grain.MapDataset.mix([ds, replay], weights=[1 - replay_fraction, replay_fraction])
+  ds = ds.map(encoder).batch(batch_size, drop_remainder=True)
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
   return iter(ds.to_iter_dataset(options))
 
