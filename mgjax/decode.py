@@ -1,0 +1,367 @@
+"""Text generation with a MiniGemini: KV-cache decoding, sampling, and a text-level Generator.
+
+Two levels:
+  `generate`   left-padded token batch -> new token ids. Greedy or sampled (temperature,
+               top-k, top-p); with a KV cache (one prefill, then one jitted step per token)
+               or, as the reference the cache is tested against, without one.
+  `Generator`  conversations and image files -> answer strings: the chat template, <image>
+               expansion and image preprocessing of training (ConversationEncoder.encode_prompt),
+               batching, detokenising and stop strings.
+
+`load_workdir` builds a Generator from a trained workdir (the CLI, mgjax.predict, and
+evaluation use it). `extract_image_prompt` reads the text-to-image prompt of Mini-Gemini's
+generation convention (a request ending in " <GEN>" is answered with "<h>prompt</h>").
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import transformers
+from etils import epath
+from flax import nnx
+
+from mgjax import checkpoint
+from mgjax.data import pipeline
+from mgjax.data.records import PROMPT_CLOSE, PROMPT_OPEN
+from mgjax.models import vlm
+
+
+# ------------------------------------------------------------------------------ Token level
+
+def _allowed(model, logits: jax.Array, num_tokens: int | None) -> jax.Array:
+  """Logits [B, vocab] with the tokens decoding must never produce made impossible."""
+  # Visual tokens come from images only; a generated <image> token would have no image.
+  logits = logits.at[:, model.image_token_id].set(-jnp.inf)
+  if num_tokens is not None:  # the model's vocabulary may be padded beyond the tokenizer's
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < num_tokens, logits, -jnp.inf)
+  return logits
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_size", "num_tokens"))
+def _prefill(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array], cache_size: int,
+             num_tokens: int | None = None):
+  """The prompt into a fresh cache: next-token logits [B, vocab] and the cache."""
+  model = nnx.merge(graphdef, params)
+  cache = model.llm.init_cache(batch["input_ids"].shape[0], cache_size)
+  embeds = model.embed_inputs(batch["input_ids"], batch["images_lowres"], batch["images_highres"])
+  logits, cache = model.llm.extend(inputs_embeds=embeds, token_mask=batch["prompt_mask"], cache=cache)
+  # Left padding puts every row's last prompt token in the last column.
+  return _allowed(model, logits[:, -1], num_tokens), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens"), donate_argnames=("cache",))
+def _decode_step(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, cache: dict[str, Any],
+                 num_tokens: int | None = None):
+  """One new token per row [B] on top of the cache: next-token logits [B, vocab] and the cache."""
+  model = nnx.merge(graphdef, params)
+  logits, cache = model.llm.extend(tokens[:, None], cache=cache)
+  return _allowed(model, logits[:, 0], num_tokens), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens"))
+def _full_forward(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array],
+                  input_ids: jax.Array, token_mask: jax.Array, last: jax.Array,
+                  num_tokens: int | None = None) -> jax.Array:
+  """No cache: the training forward over the whole sequence, logits [B, vocab] at column `last`.
+
+  The sequence has a fixed length (prompt + every new token) so this compiles once; columns
+  not generated yet are masked out like padding and, being later, cannot be seen anyway.
+  """
+  model = nnx.merge(graphdef, params)
+  positions = jnp.maximum(jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1, 0)
+  logits = model(input_ids, batch["images_lowres"], batch["images_highres"],
+                 positions=positions, segment_ids=token_mask.astype(jnp.int32))
+  return _allowed(model, jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False), num_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
+def sample_tokens(logits: jax.Array, rng: jax.Array | None, *, temperature: float = 0.0,
+                  top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Next tokens [B] from logits [B, vocab]: argmax when temperature == 0, else a sample.
+
+  Sampling draws from softmax(logits / temperature) restricted to the top_k most likely
+  tokens (0: no limit) and to the smallest set whose probability reaches top_p (1.0: no limit).
+  """
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k:
+    kth_largest = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token while the tokens more likely than it hold less than top_p: the most
+    # likely token is always kept.
+    keep = jnp.cumsum(probs, axis=-1) - probs < top_p
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, Any], *,
+             max_new_tokens: int, eos_id: int, pad_id: int = 0, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, rng: jax.Array | None = None,
+             num_tokens: int | None = None, use_cache: bool = True) -> np.ndarray:
+  """Continues each row of a left-padded prompt batch until eos or max_new_tokens.
+
+  Runs on whatever devices params live on; under `jax.set_mesh(mesh)` and
+  `nnx.logical_axis_rules(...)` the activations and the cache are split over the batch.
+
+  Args:
+    graphdef: the MiniGemini's graph (nnx.split).
+    params: its parameters (nnx.State or the pure dict of one).
+    batch: input_ids [B, P] int (left-padded), prompt_mask [B, P] bool (False on padding),
+      images_lowres [B, M, l, l, 3], images_highres [B, M, h, h, 3]; see `left_pad`.
+    max_new_tokens: the most tokens generated per row.
+    eos_id: a row is finished once it has emitted this token.
+    pad_id: fills a row's output after its eos.
+    temperature: 0 for greedy decoding, else the sampling temperature.
+    top_k: sample only among the k most likely tokens (0: all).
+    top_p: sample only among the most likely tokens holding this much probability (1: all).
+    rng: the sampling key (default jax.random.key(0)); the same key gives the same tokens.
+    num_tokens: ids from this one on are never generated (a vocabulary padded beyond the
+      tokenizer's); the image token never is either.
+    use_cache: False recomputes the whole sequence every step (slow; the reference).
+
+  Returns:
+    int32 [B, max_new_tokens]: each row's new tokens, its eos, then pad_id.
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  rng = jax.random.key(0) if rng is None else rng
+  batch = {k: batch[k] for k in ("input_ids", "prompt_mask", "images_lowres", "images_highres")}
+  batch_size, prompt_len = batch["input_ids"].shape
+  if use_cache:
+    logits, cache = _prefill(graphdef, params, batch, cache_size=prompt_len + max_new_tokens, num_tokens=num_tokens)
+  else:
+    input_ids = np.concatenate(
+        [np.asarray(batch["input_ids"], np.int32), np.full((batch_size, max_new_tokens), pad_id, np.int32)], axis=1)
+    token_mask = np.concatenate(
+        [np.asarray(batch["prompt_mask"], bool), np.zeros((batch_size, max_new_tokens), bool)], axis=1)
+    logits = _full_forward(graphdef, params, batch, input_ids, token_mask, prompt_len - 1, num_tokens=num_tokens)
+
+  tokens = np.full((batch_size, max_new_tokens), pad_id, np.int32)
+  finished = np.zeros(batch_size, bool)
+  for i in range(max_new_tokens):
+    new = np.asarray(sample_tokens(logits, jax.random.fold_in(rng, i), temperature=float(temperature),
+                                   top_k=int(top_k), top_p=float(top_p)))
+    tokens[:, i] = np.where(finished, pad_id, new)
+    finished |= new == eos_id
+    if finished.all() or i == max_new_tokens - 1:
+      break
+    # Finished rows keep decoding (their output is no longer read) so the batch keeps its shape.
+    if use_cache:
+      logits, cache = _decode_step(graphdef, params, new, cache, num_tokens=num_tokens)
+    else:
+      input_ids[:, prompt_len + i] = new
+      token_mask[:, prompt_len + i] = True
+      logits = _full_forward(graphdef, params, batch, input_ids, token_mask, prompt_len + i,
+                             num_tokens=num_tokens)
+  return tokens
+
+
+def left_pad(prompts: Sequence[Mapping[str, np.ndarray]], *, pad_id: int, length: int | None = None,
+             batch_size: int | None = None) -> dict[str, np.ndarray]:
+  """Stacks encoded prompts (ConversationEncoder.encode_prompt) into a left-padded batch.
+
+  Args:
+    prompts: dicts of input_ids [P_i], images_lowres [M, l, l, 3], images_highres [M, h, h, 3].
+    pad_id: the token id in padding columns.
+    length: the padded length (default the longest prompt); fixed lengths avoid recompiles.
+    batch_size: rows in the batch (default len(prompts)); extra rows repeat the first prompt
+      and are there only to keep the shape.
+
+  Returns:
+    input_ids [B, length] int32, prompt_mask [B, length] bool, images_lowres, images_highres.
+  """
+  if not prompts:
+    raise ValueError("no prompts to batch")
+  longest = max(len(p["input_ids"]) for p in prompts)
+  length = longest if length is None else length
+  batch_size = len(prompts) if batch_size is None else batch_size
+  if length < longest or batch_size < len(prompts):
+    raise ValueError(f"{len(prompts)} prompt(s) of up to {longest} tokens do not fit [{batch_size}, {length}]")
+  rows = list(prompts) + [prompts[0]] * (batch_size - len(prompts))
+  input_ids = np.full((batch_size, length), pad_id, np.int32)
+  prompt_mask = np.zeros((batch_size, length), bool)
+  for row, prompt in enumerate(rows):
+    n = len(prompt["input_ids"])
+    input_ids[row, length - n:] = prompt["input_ids"]
+    prompt_mask[row, length - n:] = True
+  return {
+      "input_ids": input_ids,
+      "prompt_mask": prompt_mask,
+      "images_lowres": np.stack([p["images_lowres"] for p in rows]),
+      "images_highres": np.stack([p["images_highres"] for p in rows]),
+  }
+
+
+# ------------------------------------------------------------------------------ Text level
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+  """`text` up to the earliest occurrence of any stop string (all of it if none occurs)."""
+  cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+  return text[:min(cuts)] if cuts else text
+
+
+def extract_image_prompt(answer: str) -> str | None:
+  """The text-to-image prompt between the first <h> and the next </h>, stripped.
+
+  None when the answer holds no such pair, the prompt is empty, or another <h> opens
+  inside it.
+  """
+  start = answer.find(PROMPT_OPEN)
+  if start < 0:
+    return None
+  start += len(PROMPT_OPEN)
+  end = answer.find(PROMPT_CLOSE, start)
+  if end < 0:
+    return None
+  prompt = answer[start:end]
+  if PROMPT_OPEN in prompt or not prompt.strip():
+    return None
+  return prompt.strip()
+
+
+def _batch_bucket(n: int, max_batch_size: int) -> int:
+  """The smallest power of two >= n, at most max_batch_size: few distinct compiled shapes."""
+  return min(1 << (n - 1).bit_length(), max_batch_size)
+
+
+class Generator:
+  """Answers conversations with a MiniGemini, as the model saw conversations in training."""
+
+  def __init__(self, graphdef: nnx.GraphDef, params: Any, tokenizer, encoder, *,
+               max_batch_size: int = 8, length_multiple: int = 64):
+    """Args:
+      graphdef, params: the model (nnx.split of a MiniGemini).
+      tokenizer: the tokenizer it was trained with (chat template, eos, decoding).
+      encoder: the training ConversationEncoder (pipeline.make_encoder) for templates and images.
+      max_batch_size: prompts decoded together; more are decoded in several batches.
+      length_multiple: prompts are left-padded to a multiple of this, so that prompts of
+        similar length share one compiled program.
+    """
+    self.graphdef = graphdef
+    self.params = params
+    self.tokenizer = tokenizer
+    self.encoder = encoder
+    self.max_batch_size = max_batch_size
+    self.length_multiple = length_multiple
+    self.eos_id = tokenizer.eos_token_id
+    if self.eos_id is None:
+      raise ValueError(f"tokenizer {tokenizer.name_or_path} has no eos token: generation could never stop")
+
+  def generate(self, conversations: Sequence[Sequence[Mapping[str, str]]],
+               images: Sequence[Sequence[bytes]] | None = None, *, max_new_tokens: int = 64,
+               stop: Sequence[str] = (), temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0) -> list[str]:
+    """The assistant's next turn for each conversation.
+
+    Args:
+      conversations: each a list of {"role": "system" | "user" | "assistant", "content": str};
+        an image's place in the text is marked with <image>.
+      images: per conversation, its image files' bytes in <image> order (default none).
+      max_new_tokens: the most tokens per answer.
+      stop: each answer is cut at the first occurrence of any of these strings.
+      temperature, top_k, top_p: sampling settings (temperature 0: greedy), see `generate`.
+      seed: the sampling seed.
+
+    Returns:
+      One answer per conversation, special tokens removed.
+    """
+    if images is None:
+      images = [[] for _ in conversations]
+    if len(images) != len(conversations):
+      raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
+    prompts = [self.encoder.encode_prompt([dict(m) for m in conversation], list(files))
+               for conversation, files in zip(conversations, images)]
+    rng = jax.random.key(seed)
+    answers = []
+    for start in range(0, len(prompts), self.max_batch_size):
+      chunk = prompts[start:start + self.max_batch_size]
+      longest = max(len(p["input_ids"]) for p in chunk)
+      batch = left_pad(chunk, pad_id=self.encoder.pad_id,
+                       length=-(-longest // self.length_multiple) * self.length_multiple,
+                       batch_size=_batch_bucket(len(chunk), self.max_batch_size))
+      tokens = generate(self.graphdef, self.params, batch, max_new_tokens=max_new_tokens,
+                        eos_id=self.eos_id, pad_id=self.encoder.pad_id, temperature=temperature,
+                        top_k=top_k, top_p=top_p, rng=jax.random.fold_in(rng, start),
+                        num_tokens=len(self.tokenizer))
+      answers += [self._detokenize(row, stop) for row in tokens[:len(chunk)]]
+    return answers
+
+  def _detokenize(self, tokens: np.ndarray, stop: Sequence[str]) -> str:
+    ids = tokens.tolist()
+    if self.eos_id in ids:
+      ids = ids[:ids.index(self.eos_id)]
+    return truncate_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stop)
+
+
+# ------------------------------------------------------------------------------ From a workdir
+
+def _untrained_message(workdir: str) -> str:
+  return (f"no trained checkpoint in {workdir}: train one first with "
+          f"`python -m mgjax.main --config=configs/stage1.py --workdir={workdir}` (stage 1), then optionally "
+          f"`python -m mgjax.main --config=configs/stage2.py --config.init_from={workdir} --workdir=WORKDIR2` (stage 2)")
+
+
+def _load_tokenizer(directory: epath.Path):
+  if not (directory / "tokenizer_config.json").exists():
+    raise FileNotFoundError(
+        f"{directory} holds no tokenizer: `python -m mgjax.main` saves one in every workdir; "
+        "for an older workdir, save the dataset's tokenizer there with save_pretrained")
+  if "://" not in str(directory):
+    return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+  with tempfile.TemporaryDirectory() as local:  # from_pretrained reads local files only
+    for f in directory.iterdir():
+      (epath.Path(local) / f.name).write_bytes(f.read_bytes())
+    return transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
+
+
+def load_workdir(workdir: str, **generator_kwargs: Any) -> tuple[Generator, ml_collections.ConfigDict]:
+  """A Generator for a workdir's result checkpoint, its params on one device, and the run's config.
+
+  Args:
+    workdir: a trained workdir, its checkpoints/ folder, or one checkpoints/<step> folder.
+    **generator_kwargs: passed to Generator (max_batch_size, length_multiple).
+
+  Returns:
+    (Generator, the run's config).
+
+  Raises:
+    checkpoint.CheckpointError: nothing trained there (the message says what to run).
+    FileNotFoundError: the workdir has no saved tokenizer.
+  """
+  from mgjax import train  # not at the top: train imports this module
+
+  try:
+    run_dir, step = checkpoint.locate(workdir)
+  except checkpoint.CheckpointError as e:
+    raise checkpoint.CheckpointError(_untrained_message(workdir)) from e
+  ckpts = checkpoint.Checkpoints(run_dir, read_only=True)
+  config = ml_collections.ConfigDict(ckpts.meta(step)["config"])
+  tokenizer = _load_tokenizer(epath.Path(run_dir) / "tokenizer")
+  model_cfg = train.resolve_model_config(config.model, tokenizer)
+
+  with nnx.use_eager_sharding(False):
+    abstract_model = nnx.eval_shape(lambda: vlm.MiniGemini(model_cfg, rngs=nnx.Rngs(0)))
+  graphdef, abstract_state = nnx.split(abstract_model)
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device),
+                        nnx.to_pure_dict(abstract_state))
+  params, _ = ckpts.restore_params(step, target)
+  ckpts.close()
+
+  encoder = pipeline.make_encoder(tokenizer, config.data, model_cfg, vlm.num_image_tokens(model_cfg))
+  return Generator(graphdef, params, tokenizer, encoder, **generator_kwargs), config
