@@ -103,6 +103,24 @@ def test_llm_tied_embeddings_and_bf16_compute():
   _close(tied(inputs_embeds=tied.embed(ids)), logits, atol=0)
 
 
+@pytest.mark.parametrize('policy', ['full', 'dots'])
+def test_remat_gives_the_same_loss_and_gradients(policy):
+  ids = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
+
+  def loss_and_grads(remat):
+    model = DecoderLM(**LLM_KW, remat=remat, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(ids) ** 2)
+    # The layers really are wrapped in jax.checkpoint (its primitive is remat2 in the jaxpr).
+    assert ('remat2' in str(jax.make_jaxpr(jax.grad(loss))(params))) == (remat != 'none')
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (plain_loss, plain_grads), (remat_loss, remat_grads) = loss_and_grads('none'), loss_and_grads(policy)
+  _close(remat_loss, plain_loss, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain_grads)):
+    _close(a, b, atol=1e-6)
+
+
 def test_vit_returns_patch_tokens_of_the_chosen_layer():
   kw = dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp=256)
   images = jax.random.normal(jax.random.key(6), (2, 32, 32, 3))

@@ -13,7 +13,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     image_token_id=5,
     dtype='float32',  # compute dtype; params stay float32, logits are always float32
     llm=dict(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, mlp=384,
-             rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False),
+             rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False,
+             remat='none'),  # none | full | dots: trade compute for activation memory
     vision_lowres=dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp=256,
                        feature_layer=-2),
     vision_highres=dict(image_size=64, dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)),

@@ -181,12 +181,26 @@ def cache_attention_mask(valid: jax.Array, index: jax.Array, num_new: int) -> ja
   return (causal[None] & valid[:, None, :] & query_valid[:, :, None]) | own[None]
 
 
+# model.llm.remat: what a decoder layer keeps for the backward pass. 'full' keeps only its
+# input (least memory, one extra forward); 'dots' keeps the matmul outputs and recomputes
+# the cheap elementwise work in between (norms, activations, softmax).
+REMAT_POLICIES = {
+  'none': None,
+  'full': jax.checkpoint_policies.nothing_saveable,
+  'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class DecoderLM(nnx.Module):
   """Llama-family causal LM returning float32 logits [B, T, vocab]."""
 
   def __init__(self, *, vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int,
                head_dim: int, mlp: int, rope_theta: float = 10000.0, norm_eps: float = 1e-5,
-               tie_embeddings: bool = False, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+               tie_embeddings: bool = False, remat: str = 'none', dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f'model.llm.remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}')
+    self.remat = remat
     self.dtype = jnp.dtype(dtype)
     self.vocab_size = vocab_size
     self.hidden = hidden
@@ -234,7 +248,12 @@ class DecoderLM(nnx.Module):
     mask = attention_mask(segment_ids)
     x = constrain(x, _RESIDUAL)
     for layer in self.layers:
-      x = constrain(layer(x, positions, mask), _RESIDUAL)
+      if self.remat == 'none':
+        x = layer(x, positions, mask)
+      else:
+        # Recompute the layer in the backward pass instead of keeping its activations.
+        x = nnx.remat(DecoderLayer.__call__, policy=REMAT_POLICIES[self.remat])(layer, x, positions, mask)
+      x = constrain(x, _RESIDUAL)
     return self._logits(x)
 
   def _logits(self, x: jax.Array) -> jax.Array:
