@@ -34,12 +34,17 @@ def main(argv: list[str]) -> None:
   workdir = _WORKDIR.value or config.workdir
   if not workdir:
     raise app.UsageError("no workdir: pass --workdir=DIR")
-  from mgjax import stages
+  from mgjax import preemption, stages
   try:
     summary = train.run(config, workdir)
   except stages.GuardTripped as e:
     # Not a crash: the run stopped on purpose; say why and what to change, exit non-zero.
     sys.exit(f"error: {e}")
+  except preemption.Preempted as e:
+    # Checkpointed and stopped on SIGTERM: 143 is the shell's "terminated by SIGTERM", so
+    # `stage1 && stage2` does not go on with a half-trained stage 1.
+    print(str(e), file=sys.stderr, flush=True)
+    sys.exit(143)
   print(summary.format(), flush=True)
 
 

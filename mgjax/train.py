@@ -29,7 +29,7 @@ from etils import epath
 from flax import nnx
 
 from mgjax import checkpoint, decode, evaluate as evaluation, lora, metrics, optim, report as reports
-from mgjax import sharding, stages
+from mgjax import preemption, sharding, stages
 from mgjax.data import build, pipeline
 from mgjax.models import vlm
 
@@ -289,7 +289,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   # Traced under the mesh and the rules, the model pins activation shardings by logical
   # name (mgjax.models.axes.constrain): the batch stays split the way the data arrives, and
   # it avoids an XLA SPMD miscompile seen on CPU without the pins.
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), preemption.PreemptionWatch() as sigterm:
     if start_step == 0:
       val_start = evaluate_losses(0)
       # Stage 2's starting point is stage 1's result: score it in full, as the "before".
@@ -341,10 +341,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
       if is_eval or step % config.train.checkpoint_every == 0 or step % config.train.log_every == 0:
         check(pending)  # nothing bad may be logged as good, or saved
         pending = None
+      # SIGTERM (spot VM preemption, a stopped job): the step in flight is done; log and save it.
+      preempted = sigterm.requested(step)
+      if preempted and pending:
+        check(pending)  # never save weights that gave a bad loss
+        pending = None
       if stopped:
         break
+      if preempted:
+        stopped = {"reason": "preempted", "step": step, "message": "SIGTERM received"}
 
-      if step % config.train.log_every == 0 or step == steps:
+      if step % config.train.log_every == 0 or step == steps or preempted:
         losses = [float(l) for l in window_losses]  # waits for the device: timing is honest
         train_loss = losses[-1]
         elapsed = time.time() - window_start
@@ -385,6 +392,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     ckpts.wait()
 
     # ---------------------------------------------------------------- Result and report
+    if stopped and stopped["reason"] == "preempted":
+      writer.close()
+      ckpts.close()
+      saved = str(ckpts.directory / str(step))
+      raise preemption.Preempted(
+          f"stage {config.stage} stopped by SIGTERM after step {step} of {steps}; checkpoint {saved} "
+          "holds everything needed: run the same command again to resume.", step=step, checkpoint=saved)
     if stopped and stopped["reason"] == "guard":
       writer.close()
       ckpts.close()

@@ -102,3 +102,26 @@ def test_eval_batches_cover_the_split_once(setup):
   assert rows.sum() == len(source)  # every record once; the rest is loss-free padding
   padding = np.concatenate([b["loss_mask"] for b in batches])[~rows]
   assert not padding.any()
+
+
+def test_replay_draws_its_fraction_from_the_stage1_mix(setup):
+  _, dataset, _, encoder, n = setup
+  generation, mix = build.open_split(dataset, "train_generation"), build.open_split(dataset, "train")
+  stream = pipeline.train_iterator(generation, encoder, batch_size=8, seed=0, replay_source=mix,
+                                   replay_fraction=0.25)
+  batches = [next(stream) for _ in range(16)]
+  # Generation requests have no images; the replayed mix brings understanding examples that do.
+  with_images = np.concatenate([(b["input_ids"] == encoder.image_token_id).any(1) for b in batches])
+  share = float(with_images.mean())
+  mix_share = sum(len(mix[i]["images"]) > 0 for i in range(len(mix))) / len(mix)
+  assert 0.25 * mix_share * 0.5 < share < 0.25 * mix_share * 1.6, (share, mix_share)
+  # Without replay, none.
+  plain = pipeline.train_iterator(generation, encoder, batch_size=8, seed=0)
+  assert not any((next(plain)["input_ids"] == encoder.image_token_id).any() for _ in range(8))
+  # The position is part of the state a checkpoint saves: a restored stream continues identically.
+  state = stream.get_state()
+  expected = next(stream)
+  again = pipeline.train_iterator(generation, encoder, batch_size=8, seed=0, replay_source=mix,
+                                  replay_fraction=0.25)
+  again.set_state(state)
+  np.testing.assert_array_equal(next(again)["input_ids"], expected["input_ids"])

@@ -28,6 +28,7 @@ def tiny_config(stage: int, data_dir: str, **train_overrides):
   c.data.batch_size = 8
   c.train.eval_batch_size = 8
   c.train.log_every = 1
+  c.eval.decode = False  # decoding and its scores are tested in test_stage2.py and test_decode.py
   for key, value in train_overrides.items():
     c.train[key] = value
   return c
@@ -40,6 +41,7 @@ def cli_args(workdir: str, data_dir: str, cache: str, steps: int, checkpoint_eve
       f"--compilation_cache={cache}", f"--config.data.data_dir={data_dir}", "--config.data.batch_size=8",
       "--config.train.eval_batch_size=8", "--config.train.log_every=1", f"--config.train.steps={steps}",
       f"--config.train.checkpoint_every={checkpoint_every}", f"--config.train.eval_every={steps}",
+      "--config.eval.decode=False",
   ]
 
 
@@ -126,36 +128,80 @@ def test_sharded_step_equals_single_device(data_dir, tmp_path):
   assert sum(any(axis is not None for axis in s) for s in specs.values()) > len(specs) // 2
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(stage1, data_dir, tmp_path):
-  cache = str(tmp_path / "xla")
-  reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
-  steps, every = 40, 10
-  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-  subprocess.run(cli_args(reference, data_dir, cache, steps, every), cwd=REPO, env=env, check=True,
-                 capture_output=True)
+RESUME_STEPS, RESUME_EVERY = 40, 10
 
-  proc = subprocess.Popen(cli_args(killed, data_dir, cache, steps, every), cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  first = os.path.join(killed, "checkpoints", str(every))
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory):
+  """An uninterrupted CLI run, to compare interrupted-and-resumed runs with."""
+  root = tmp_path_factory.mktemp("reference")
+  cache, workdir = str(root / "xla"), str(root / "run")
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  subprocess.run(cli_args(workdir, data_dir, cache, RESUME_STEPS, RESUME_EVERY), cwd=REPO, env=env, check=True,
+                 capture_output=True)
+  return workdir, cache
+
+
+def assert_same_run(resumed: str, reference: str) -> None:
+  ref_lines, resumed_lines = metrics.read(reference), metrics.read(resumed)
+  assert [(r["step"], r["split"]) for r in resumed_lines] == [(r["step"], r["split"]) for r in ref_lines]
+  np.testing.assert_allclose([r["loss"] for r in resumed_lines if "loss" in r],
+                             [r["loss"] for r in ref_lines if "loss" in r], rtol=1e-6)
+  ref_params, _ = load_params(reference, RESUME_STEPS)
+  resumed_params, _ = load_params(resumed, RESUME_STEPS)
+  for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(resumed_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def start_and_wait_for(workdir: str, data_dir: str, cache: str, ready) -> subprocess.Popen:
+  """Starts the CLI run and returns once `ready()` holds (or the run ended)."""
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  proc = subprocess.Popen(cli_args(workdir, data_dir, cache, RESUME_STEPS, RESUME_EVERY), cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
-  while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
+  while not ready() and proc.poll() is None and time.time() < deadline:
     time.sleep(0.05)
+  return proc
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(reference_run, data_dir, tmp_path):
+  reference, cache = reference_run
+  killed = str(tmp_path / "killed")
+  first = os.path.join(killed, "checkpoints", str(RESUME_EVERY))
+  proc = start_and_wait_for(killed, data_dir, cache, lambda: os.path.isdir(first))
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
   steps_at_kill = checkpoint.Checkpoints(killed, read_only=True).all_steps()
-  assert steps and steps_at_kill and max(steps_at_kill) < steps
+  assert steps_at_kill and max(steps_at_kill) < RESUME_STEPS
 
   # The same command again: resumes from the latest checkpoint and finishes.
-  subprocess.run(cli_args(killed, data_dir, cache, steps, every), cwd=REPO, env=env, check=True,
-                 capture_output=True)
-  ref_lines, resumed_lines = metrics.read(reference), metrics.read(killed)
-  assert [(r["step"], r["split"]) for r in resumed_lines] == [(r["step"], r["split"]) for r in ref_lines]
-  np.testing.assert_allclose([r["loss"] for r in resumed_lines], [r["loss"] for r in ref_lines], rtol=1e-6)
-  ref_params, _ = load_params(reference, steps)
-  resumed_params, _ = load_params(killed, steps)
-  for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(resumed_params)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  subprocess.run(cli_args(killed, data_dir, cache, RESUME_STEPS, RESUME_EVERY), cwd=REPO,
+                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=True, capture_output=True)
+  assert_same_run(killed, reference)
+
+
+def test_sigterm_checkpoints_exits_and_resumes(reference_run, data_dir, tmp_path):
+  reference, cache = reference_run
+  stopped = str(tmp_path / "stopped")
+  # Mid-interval (no regular checkpoint due), once training is under way.
+  started = lambda: any(r["split"] == "train" and r["step"] >= 13 for r in metrics.read(stopped))
+  proc = start_and_wait_for(stopped, data_dir, cache, started)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 143, stderr[-2000:]
+  assert "stopped by SIGTERM after step" in stderr and "run the same command again to resume" in stderr
+  # The step in flight was finished, logged and saved: the checkpoint is the last logged step.
+  last_logged = max(r["step"] for r in metrics.read(stopped) if r["split"] == "train")
+  saved = checkpoint.Checkpoints(stopped, read_only=True).all_steps()
+  assert max(saved) == last_logged and RESUME_EVERY < last_logged < RESUME_STEPS
+  assert last_logged % RESUME_EVERY, "expected a SIGTERM checkpoint between the regular ones"
+  assert not os.path.exists(os.path.join(stopped, "report.json"))
+
+  result = subprocess.run(cli_args(stopped, data_dir, cache, RESUME_STEPS, RESUME_EVERY), cwd=REPO,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert_same_run(stopped, reference)
 
 
 def test_stage2_without_stage1_checkpoint_says_what_to_run(data_dir, tmp_path):
