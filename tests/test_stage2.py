@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -103,9 +104,13 @@ def test_collapse_guard_stops_a_memorising_run(data_dir, tmp_path):
   c.guard.collapse_loss = 0.05
   with pytest.raises(stages.GuardTripped, match="collapsed to") as tripped:
     train.run(c, str(tmp_path))
-  assert tripped.value.step < 300
-  losses = [r["loss"] for r in metrics.read(str(tmp_path)) if r["split"] == "train"]
-  assert min(losses) < 0.05 < losses[0]
+  step = tripped.value.step
+  assert step < 300
+  collapsed_to = float(re.search(r"collapsed to (\S+) at step", str(tripped.value)).group(1))
+  assert collapsed_to < 0.05
+  # It fired at the first step below the threshold: every step logged before was above it.
+  logged = {r["step"]: r["loss"] for r in metrics.read(str(tmp_path)) if r["split"] == "train"}
+  assert max(logged) == step - 1 and min(logged.values()) >= 0.05
 
 
 @pytest.mark.parametrize("action", ["warn", "stop", "rollback"])
