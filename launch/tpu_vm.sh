@@ -203,7 +203,7 @@ sudo DEBIAN_FRONTEND=noninteractive apt-get -qq -o DPkg::Lock::Timeout=600 insta
 $fetch; \
 $REMOTE_PYTHON -m venv ~/mgjax-venv; \
 ~/mgjax-venv/bin/pip install -q --upgrade pip; \
-~/mgjax-venv/bin/pip install -q -e ~/mgjax \"jax[tpu]==$jax_version\" -r ~/mgjax/launch/requirements-cloud.txt; \
+~/mgjax-venv/bin/pip install -q -e \"\$HOME/mgjax[gcs]\" \"jax[tpu]==$jax_version\"; \
 ~/mgjax-venv/bin/python -c \"import mgjax, jax, gcsfs\"; \
 echo \"\$(hostname): mgjax installed in ~/mgjax, python in ~/mgjax-venv\""
 }

@@ -121,7 +121,7 @@ def test_tpu_setup_copies_this_checkout_to_all_workers(bare_path, tmp_path):
   script = remote_script(ssh)
   assert "tar -xzf ~/mgjax-src.tar.gz -C ~/mgjax" in script
   assert f'"jax[tpu]=={pinned("jax")}"' in script
-  assert "-r ~/mgjax/launch/requirements-cloud.txt" in script
+  assert '-e "$HOME/mgjax[gcs]"' in script  # the gs:// extra: gcsfs and google-cloud-storage
   subprocess.run(["bash", "-n", "-c", script], check=True)  # the line the workers run parses
 
 
