@@ -83,14 +83,15 @@ def chart(report: dict[str, Any], columns: list[str]) -> bytes:
   """A PNG: one panel per capability, the columns' scores as grouped bars."""
   import io
 
-  import matplotlib
-  matplotlib.use("Agg")  # no display on TPU VMs and CI
-  from matplotlib import pyplot as plt
+  # A bare Figure, not pyplot: no display needed (TPU VMs, CI) and no global backend
+  # switched under a notebook that is showing its own plots.
+  from matplotlib.figure import Figure
 
   panels = [(split, [s for s in scores if any(report[c].get(split, {}).get(s) is not None for c in columns)])
             for split, scores in _SHOWN.items()]
   panels = [(split, scores) for split, scores in panels if scores]
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+  fig = Figure(figsize=(4.2 * len(panels), 3.6))
+  axes = fig.subplots(1, len(panels), squeeze=False)
   width = 0.8 / max(len(columns), 1)
   for ax, (split, scores) in zip(axes[0], panels):
     for i, column in enumerate(columns):
@@ -107,5 +108,4 @@ def chart(report: dict[str, Any], columns: list[str]) -> bytes:
   fig.tight_layout()
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=100)
-  plt.close(fig)
   return buffer.getvalue()
