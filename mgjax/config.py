@@ -69,7 +69,10 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   c.data.val_splits = ("val_understanding", "val_generation", "val_text")
   c.data.seq_len = 128  # the sample's longest conversation is ~75 tokens
   c.data.batch_size = 16  # global, across all processes
-  c.data.max_images = 1  # image slots per sample; extra images are dropped with a warning
+  # Several conversations per row (first-fit packing, attention masked per conversation):
+  # short conversations stop wasting most of seq_len on padding.
+  c.data.packing = False
+  c.data.max_images = 1  # image slots per row (per packed row with packing); a conversation is cut before an image that has none
   c.data.num_threads = 2
   c.data.prefetch = 4
   c.data.image_mean = CLIP_MEAN

@@ -142,7 +142,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   train_iter = pipeline.train_iterator(
       train_source, encoder, batch_size=local_batch, seed=config.seed,
       num_threads=config.data.num_threads, prefetch=config.data.prefetch,
-      replay_source=replay_source, replay_fraction=config.data.replay_fraction)
+      replay_source=replay_source, replay_fraction=config.data.replay_fraction, packing=config.data.packing)
   val_sources = {split: build.open_split(dataset, split) for split in config.data.val_splits}
   eval_local_batch = sharding.batch_size_per_process(config.train.eval_batch_size, mesh)
   steps = total_steps(config, len(train_source))
@@ -306,7 +306,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     if start_step == 0 and init_from:
       early_stop.update(0, val_start, within_bounds=True)  # the starting point is a candidate result
     val_end = metrics.val_losses_at(workdir, start_step) if start_step else dict(val_start)
-    window_losses, window_tokens, window_start = [], 0.0, time.time()
+    window_losses, window_tokens, window_slots, window_start = [], 0.0, 0, time.time()
     train_loss = metrics.train_loss_at(workdir, start_step) if start_step else float("nan")
     progress = tqdm.tqdm(total=steps, initial=start_step, disable=not is_main,
                          desc=f"stage {config.stage}", dynamic_ncols=True)
@@ -330,6 +330,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
       step += 1
       local = next(train_iter)
       window_tokens += float(local["segment_ids"].astype(bool).sum()) * jax.process_count()
+      window_slots += local["segment_ids"].size * jax.process_count()
       trainable, opt_state, step_metrics = train_step(
           trainable, opt_state, frozen, sharding.to_global_batch(local, mesh))
       window_losses.append(step_metrics["loss"])
@@ -357,9 +358,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
         elapsed = time.time() - window_start
         writer.write(step, "train", loss=float(np.mean(losses)), lr=float(lr_schedule(step - 1)),
                      grad_norm=float(step_metrics["grad_norm"]), tokens_per_s=window_tokens / elapsed,
-                     steps_per_s=len(losses) / elapsed)
+                     steps_per_s=len(losses) / elapsed,
+                     # the share of token slots holding real tokens (not padding)
+                     token_efficiency=window_tokens / max(window_slots, 1))
         progress.set_postfix(loss=f"{np.mean(losses):.3f}")
-        window_losses, window_tokens, window_start = [], 0.0, time.time()
+        window_losses, window_tokens, window_slots, window_start = [], 0.0, 0, time.time()
 
       score = None
       if is_eval:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 
+import grain
+import jax
+import ml_collections
 import numpy as np
 import pytest
 import transformers
+from flax import nnx
 
 from mgjax import config as mgjax_config
 from mgjax.data import build, pipeline
 from mgjax.models import vlm
-from mgjax.train import resolve_model_config
+from mgjax.train import make_loss_fn, resolve_model_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,3 +129,31 @@ def test_replay_draws_its_fraction_from_the_stage1_mix(setup):
                                   replay_fraction=0.25)
   again.set_state(state)
   np.testing.assert_array_equal(next(again)["input_ids"], expected["input_ids"])
+
+
+def test_packed_rows_give_the_same_per_token_loss(setup):
+  config, dataset, tokenizer, _, n = setup
+  data_cfg = config.data.to_dict()
+  data_cfg.update(max_images=4)
+  model_cfg = resolve_model_config(config.model, tokenizer)
+  encoder = pipeline.make_encoder(tokenizer, ml_collections.ConfigDict(data_cfg), model_cfg, n)
+  source = build.open_split(dataset, "train")
+  examples = [source[i] for i in range(24)]
+  rows = list(pipeline.pack(grain.MapDataset.source(examples).map(encoder.unpadded).to_iter_dataset(),
+                            encoder, num_bins=4))
+  packed = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  unpacked = {k: np.stack([encoder(e)[k] for e in examples]) for k in packed}
+  # Every conversation is in exactly one row, several to a row, images included.
+  assert sum(len(set(r["segment_ids"][r["segment_ids"] > 0])) for r in rows) == len(examples) > len(rows)
+  assert (packed["input_ids"] == encoder.image_token_id).sum() == (unpacked["input_ids"] == encoder.image_token_id).sum()
+  assert max((r["input_ids"] == encoder.image_token_id).sum() // n for r in rows) >= 2
+  efficiency = lambda b: float((b["segment_ids"] > 0).mean())
+  assert efficiency(packed) > 2 * efficiency(unpacked)
+
+  graphdef, params = nnx.split(vlm.MiniGemini(model_cfg, rngs=nnx.Rngs(0)))
+  loss_fn = jax.jit(make_loss_fn(graphdef))
+  packed_sum, packed_count = loss_fn(params, packed)
+  unpacked_sum, unpacked_count = loss_fn(params, unpacked)
+  assert float(packed_count) == float(unpacked_count) > 0
+  np.testing.assert_allclose(float(packed_sum) / float(packed_count), float(unpacked_sum) / float(unpacked_count),
+                             rtol=1e-5)

@@ -65,27 +65,39 @@ class ConversationEncoder:
     return [{"role": _text(r), "content": _text(c)} for r, c in zip(m["role"], m["content"])]
 
   def __call__(self, example: dict) -> dict[str, np.ndarray]:
+    """One example as one fixed-shape row (padded to seq_len and max_images)."""
+    out = self.unpadded(example)
+    n, k = len(out["input_ids"]), len(out["images_lowres"])
+    row = {
+        "input_ids": np.full(self.seq_len, self.pad_id, np.int32),
+        "targets": np.full(self.seq_len, self.pad_id, np.int32),
+        "loss_mask": np.zeros(self.seq_len, np.float32),
+        "segment_ids": np.zeros(self.seq_len, np.int32),
+        "positions": np.zeros(self.seq_len, np.int32),
+        "images_lowres": np.zeros((self.max_images, *out["images_lowres"].shape[1:]), np.float32),
+        "images_highres": np.zeros((self.max_images, *out["images_highres"].shape[1:]), np.float32),
+    }
+    for key in ("input_ids", "targets", "loss_mask"):
+      row[key][:n] = out[key]
+    row["segment_ids"][:n] = 1
+    row["positions"][:n] = np.arange(n)
+    row["images_lowres"][:k] = out["images_lowres"]
+    row["images_highres"][:k] = out["images_highres"]
+    return row
+
+  def unpadded(self, example: dict) -> dict[str, np.ndarray]:
+    """One example at its own length (what the packer packs): input_ids, targets, loss_mask
+    [n <= seq_len] and images_lowres/highres [k <= max_images, ...] for its k whole images."""
     encoded = self.tokenizer.apply_chat_template(
         self.messages(example), tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids, assistant = self._expand_images(encoded["input_ids"], encoded["assistant_masks"])
     # Predict token t+1 from tokens <= t; train only where t+1 is an assistant token.
     ids, assistant = ids[: self.seq_len + 1], assistant[: self.seq_len + 1]
     ids, assistant = self._drop_partial_image(ids, assistant)
-    n = len(ids) - 1
-    out = {
-        "input_ids": np.full(self.seq_len, self.pad_id, np.int32),
-        "targets": np.full(self.seq_len, self.pad_id, np.int32),
-        "loss_mask": np.zeros(self.seq_len, np.float32),
-        "segment_ids": np.zeros(self.seq_len, np.int32),
-        "positions": np.zeros(self.seq_len, np.int32),
-    }
-    out["input_ids"][:n] = ids[:-1]
-    out["targets"][:n] = ids[1:]
-    out["loss_mask"][:n] = assistant[1:]
-    out["segment_ids"][:n] = 1
-    out["positions"][:n] = np.arange(n)
-    out.update(self._images(example, num_slots=int((out["input_ids"] == self.image_token_id).sum()) // self.num_image_tokens))
-    return out
+    ids, assistant = self._drop_images_beyond(self.max_images, ids, assistant)
+    num_images = int((ids[:-1] == self.image_token_id).sum()) // self.num_image_tokens
+    return {"input_ids": ids[:-1], "targets": ids[1:], "loss_mask": assistant[1:],
+            **self._images(example, num_slots=num_images, pad=False)}
 
   def encode_prompt(self, messages: list[dict[str, str]], images: list[bytes] = ()) -> dict[str, np.ndarray]:
     """A conversation up to the assistant's next turn, as the model input for generation.
@@ -131,10 +143,23 @@ class ConversationEncoder:
       assistant[cut] = 0
     return ids, assistant
 
-  def _images(self, example: dict, num_slots: int) -> dict[str, np.ndarray]:
-    lowres = np.zeros((self.max_images, self.lowres_size, self.lowres_size, 3), np.float32)
-    highres = np.zeros((self.max_images, self.highres_size, self.highres_size, 3), np.float32)
+  def _drop_images_beyond(self, max_images: int, ids: np.ndarray, assistant: np.ndarray):
+    """Cuts the conversation before an image that has no slot: its tokens would otherwise
+    take another image's features (in a packed row, another conversation's)."""
+    is_image = ids[:-1] == self.image_token_id  # the last id is only ever a target
+    starts = np.nonzero(is_image & ((np.cumsum(is_image) - 1) % self.num_image_tokens == 0))[0]
+    if len(starts) > max_images:
+      cut = int(starts[max_images])
+      ids, assistant = ids[: cut + 1].copy(), assistant[: cut + 1].copy()
+      ids[cut] = self.pad_id
+      assistant[cut] = 0
+    return ids, assistant
+
+  def _images(self, example: dict, num_slots: int, pad: bool = True) -> dict[str, np.ndarray]:
     images = list(example["images"])[: min(num_slots, self.max_images)]
+    slots = self.max_images if pad else len(images)
+    lowres = np.zeros((slots, self.lowres_size, self.lowres_size, 3), np.float32)
+    highres = np.zeros((slots, self.highres_size, self.highres_size, 3), np.float32)
     for i, data in enumerate(images):
       lowres[i] = preprocess_image(data, self.lowres_size, self.image_mean, self.image_std)
       highres[i] = preprocess_image(data, self.highres_size, self.image_mean, self.image_std)
@@ -156,13 +181,16 @@ def _this_process(ds: grain.MapDataset) -> grain.MapDataset:
 
 def train_iterator(source, encoder: ConversationEncoder, *, batch_size: int, seed: int,
                    num_threads: int = 2, prefetch: int = 4, replay_source=None,
-                   replay_fraction: float = 0.0) -> grain.DatasetIterator:
+                   replay_fraction: float = 0.0, packing: bool = False) -> grain.DatasetIterator:
   """An endless, seeded, per-epoch reshuffled stream of per-process batches.
 
   With a `replay_source` (stage 2: the stage-1 mix), that fraction of the examples is
   drawn from it instead, interleaved deterministically, so specialising on one split
-  keeps rehearsing the rest. The returned iterator's position (get_state/set_state) is
-  saved with each checkpoint.
+  keeps rehearsing the rest. With `packing`, each row holds as many whole conversations
+  as fit in seq_len tokens and max_images image slots (first fit), told apart by
+  segment_ids (1, 2, ... per row; 0 is padding) with positions restarting at each one;
+  the model masks attention per segment, so nothing else changes. The returned
+  iterator's position (get_state/set_state) is saved with each checkpoint.
   """
   ds = _this_process(grain.MapDataset.source(source)).shuffle(seed=seed).repeat(None)
   if replay_source is not None and replay_fraction > 0:
@@ -170,9 +198,30 @@ def train_iterator(source, encoder: ConversationEncoder, *, batch_size: int, see
       raise ValueError(f"data.replay_fraction={replay_fraction} must be between 0 and 1")
     replay = _this_process(grain.MapDataset.source(replay_source)).shuffle(seed=seed + 1).repeat(None)
     ds = grain.MapDataset.mix([ds, replay], weights=[1 - replay_fraction, replay_fraction])
-  ds = ds.map(encoder).batch(batch_size, drop_remainder=True)
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-  return iter(ds.to_iter_dataset(options))
+  if not packing:
+    return iter(ds.map(encoder).batch(batch_size, drop_remainder=True).to_iter_dataset(options))
+  # A batch's worth of bins fills rows well and keeps examples close to their epoch.
+  rows = pack(ds.map(encoder.unpadded).to_iter_dataset(options), encoder, num_bins=batch_size)
+  return iter(rows.batch(batch_size, drop_remainder=True))
+
+
+def pack(examples: grain.IterDataset, encoder: ConversationEncoder, *, num_bins: int) -> grain.IterDataset:
+  """Unpadded examples (ConversationEncoder.unpadded) -> packed rows in the batch layout."""
+  tokens, images = encoder.seq_len, encoder.max_images
+  packed = grain.experimental.FirstFitPackIterDataset(
+      examples,
+      length_struct={"input_ids": tokens, "targets": tokens, "loss_mask": tokens,
+                     "images_lowres": images, "images_highres": images},
+      num_packing_bins=num_bins, shuffle_bins=False)
+
+  def to_batch_layout(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {k: row[k] for k in ("input_ids", "targets", "loss_mask", "images_lowres", "images_highres")}
+    out["segment_ids"] = row["input_ids_segment_ids"].astype(np.int32)
+    out["positions"] = row["input_ids_positions"].astype(np.int32)
+    return out
+
+  return packed.map(to_batch_layout)
 
 
 def eval_batches(source, encoder: ConversationEncoder, *, batch_size: int, num_threads: int = 2):
