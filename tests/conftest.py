@@ -12,3 +12,45 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 # dominates a tiny run on CPU); subprocess runs get the same folder by flag.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'mgjax-test-xla-cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
+
+import pytest  # noqa: E402  (after the environment above, which must come first)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(stage: int, data_dir: str, *, decode: bool = False, **train_overrides):
+  """configs/stage{1,2}.py on the tiny sample, sized for a test run of a few steps.
+
+  eval_every and checkpoint_every default to the number of steps (once, at the end).
+  Decoding the validation sets (the report's scores) is off unless a test is about it.
+  """
+  from mgjax import config as mgjax_config
+
+  c = mgjax_config.load_config_file(os.path.join(REPO, "configs", f"stage{stage}.py"), "data=sample:tiny")
+  c.data.data_dir = data_dir
+  c.data.batch_size = 8
+  c.train.eval_batch_size = 8
+  c.train.log_every = 1
+  c.eval.decode = decode
+  for key, value in train_overrides.items():
+    c.train[key] = value
+  for key in ("eval_every", "checkpoint_every"):
+    if key not in train_overrides and "steps" in train_overrides:
+      c.train[key] = train_overrides["steps"]
+  return c
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """One data folder for the whole session: the tiny sample is built once."""
+  return str(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def stage1(data_dir, tmp_path_factory):
+  """A real stage-1 run on the tiny sample (60 steps, scored at the end), shared by the
+  tests that start a stage 2 from it or inspect what it wrote."""
+  from mgjax import train
+
+  workdir = str(tmp_path_factory.mktemp("stage1"))
+  return train.run(tiny_config(1, data_dir, steps=60, eval_every=30, decode=True), workdir)

@@ -15,34 +15,16 @@ import sys
 
 import pytest
 
-from mgjax import config as mgjax_config
+from conftest import REPO, tiny_config
 from mgjax import decode, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NEW_TOKENS = 12
-
-
-def tiny_config(data_dir: str, **train_overrides):
-  c = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage1.py"), "data=sample:tiny")
-  c.data.data_dir = data_dir
-  c.data.batch_size = 8
-  c.train.eval_batch_size = 8
-  c.train.log_every = 1
-  c.eval.decode = False  # the trainer's decoded scores are not what this file tests
-  for key, value in train_overrides.items():
-    c.train[key] = value
-  return c
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
 def workdir(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("stage1"))
-  train.run(tiny_config(data_dir, steps=3, eval_every=3, checkpoint_every=3), workdir)
+  train.run(tiny_config(1, data_dir, steps=3), workdir)
   return workdir
 
 

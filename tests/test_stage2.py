@@ -16,23 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from mgjax import checkpoint, config as mgjax_config, metrics, stages, train
+from conftest import tiny_config
+from mgjax import checkpoint, metrics, stages, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(stage: int, data_dir: str, *, steps: int, eval_every: int | None = None,
-                checkpoint_every: int | None = None, decode: bool = False):
-  c = mgjax_config.load_config_file(os.path.join(REPO, "configs", f"stage{stage}.py"), "data=sample:tiny")
-  c.data.data_dir = data_dir
-  c.data.batch_size = 8
-  c.train.eval_batch_size = 8
-  c.train.log_every = 1
-  c.train.steps = steps
-  c.train.eval_every = eval_every or steps
-  c.train.checkpoint_every = checkpoint_every or steps
-  c.eval.decode = decode  # decoding is tested where it matters; it costs compiles elsewhere
-  return c
 
 
 def load_params(path: str):
@@ -48,17 +34,6 @@ def load_params(path: str):
 
 def flat(params) -> dict[str, np.ndarray]:
   return {checkpoint.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def stage1(data_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("stage1"))
-  return train.run(tiny_config(1, data_dir, steps=60, eval_every=30, decode=True), workdir)
 
 
 def stage2_config(stage1, data_dir, **kw):
