@@ -135,9 +135,10 @@ def test_build_is_deterministic(built, tmp_path):
 def test_command_line(tmp_path):
   env = {**os.environ, "HF_HUB_OFFLINE": "1"}
   proc = subprocess.run([sys.executable, "-m", "mgjax.data.build", f"--config={REPO}/configs/data/sample.py:tiny",
-                         f"--data_dir={tmp_path}", "--config.val_per_category=4"],
+                         f"--data_dir={tmp_path}", "--config.val_per_category.text=4"],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "val_text': 4" in proc.stdout
-  assert (tmp_path / "mgjax_instructions/sample_tiny/1.0.0/data_card.json").exists()
+  version = mgjax_config.preset("data", "sample:tiny").version
+  assert (tmp_path / f"mgjax_instructions/sample_tiny/{version}/data_card.json").exists()
   assert (tmp_path / "tokenizers/sample_tiny/tokenizer.json").exists()

@@ -115,11 +115,14 @@ def _read_all(data_cfg, root: epath.Path) -> tuple[list[Record], list[Rejection]
   return kept, rejected, card
 
 
-def split_records(records: list[Record], val_per_category: int, seed: int) -> dict[str, list[Record]]:
+def split_records(records: list[Record], val_per_category, seed: int) -> dict[str, list[Record]]:
   """Holds out validation records per category, then mixes the rest into train.
 
-  Deterministic in (records, seed). A category with fewer than 2 * val_per_category
-  records gives half of them to validation so training still sees it.
+  `val_per_category` is one count for every category or a {category: count} mapping
+  (a score measured on a few dozen answers moves by several points when a handful of
+  answers flip, so a capability may need a larger set). Deterministic in (records,
+  seed). A category with fewer than 2 * its count gives half of them to validation so
+  training still sees it.
   """
   rng = random.Random(seed)
   by_cat = collections.defaultdict(list)
@@ -130,10 +133,11 @@ def split_records(records: list[Record], val_per_category: int, seed: int) -> di
   for cat in CATEGORIES:
     recs = sorted(by_cat.get(cat, []), key=lambda r: r.id)
     rng.shuffle(recs)
-    n_val = min(val_per_category, len(recs) // 2)
-    if n_val < val_per_category and recs:
+    wanted = val_per_category[cat] if hasattr(val_per_category, "keys") else val_per_category
+    n_val = min(wanted, len(recs) // 2)
+    if n_val < wanted and recs:
       logging.warning("category %s has %d records: holding out %d for validation, not %d",
-                      cat, len(recs), n_val, val_per_category)
+                      cat, len(recs), n_val, wanted)
     splits[f"val_{cat}"] = recs[:n_val]
     train += recs[n_val:]
   rng.shuffle(train)
