@@ -14,5 +14,8 @@ def get_config(arg=None):
   c.workdir = "runs/stage1"
   c.data.train_split = "train"
   c.optim.lr = 1e-3
+  c.data.packing = True
+  c.data.max_images = 4
+  c.train.steps = 500
   c.lock()
   return c
