@@ -23,6 +23,7 @@ def tiny_config(stage: int, data_dir: str, *, decode: bool = False, **train_over
 
   eval_every and checkpoint_every default to the number of steps (once, at the end).
   Decoding the validation sets (the report's scores) is off unless a test is about it.
+  One device, unless a test sets config.mesh itself.
   """
   from mgjax import config as mgjax_config
 
@@ -32,6 +33,10 @@ def tiny_config(stage: int, data_dir: str, *, decode: bool = False, **train_over
   c.train.eval_batch_size = 8
   c.train.log_every = 1
   c.eval.decode = decode
+  # One device: these runs test training behaviour, not sharding, and an 8-way SPMD
+  # program compiles and runs several times slower on 2 cores. The sharding tests ask
+  # for the 8-device mesh themselves.
+  c.mesh.num_devices = 1
   for key, value in train_overrides.items():
     c.train[key] = value
   for key in ("eval_every", "checkpoint_every"):

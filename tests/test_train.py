@@ -74,7 +74,7 @@ def test_stage2_starts_from_stage1_params(stage1, data_dir, tmp_path):
 def test_sharded_step_equals_single_device(data_dir, tmp_path):
   assert jax.device_count() == 8, "conftest.py sets 8 virtual CPU devices"
   sharded = tiny_config(1, data_dir, steps=3, eval_every=3, checkpoint_every=3)
-  sharded.mesh.update(data=2, fsdp=2, tensor=2)
+  sharded.mesh.update(data=2, fsdp=2, tensor=2, num_devices=0)
   single = tiny_config(1, data_dir, steps=3, eval_every=3, checkpoint_every=3)
   single.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
   runs = {name: str(tmp_path / name) for name in ("sharded", "single")}
