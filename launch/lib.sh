@@ -96,3 +96,33 @@ warn_if_dirty() {  # REF WHAT: what goes remote is a commit; say so when the wor
   dirty=$(git -C "$REPO_ROOT" status --porcelain --untracked-files=no 2>/dev/null) || return 0
   [[ -z $dirty ]] || note "note: $2; uncommitted changes are not in it"
 }
+
+# The command line both scripts take: COMMAND [--dry-run] [--spot] [--option=VALUE ...]
+# [-- MAIN_ARGS...]. Each script defines `usage` and `set_option OPTION VALUE`; this sets
+# the globals `command`, `spot`, `DRY_RUN` and the array `main_args`.
+# shellcheck disable=SC2034  # spot and main_args are read by the scripts, not here
+parse_args() {
+  while (($#)); do
+    case $1 in
+      -h | --help) usage; exit 0 ;;
+      --dry-run) DRY_RUN=1 ;;
+      --spot) spot=1 ;;
+      --)
+        shift
+        main_args=("$@")
+        for arg in "$@"; do  # after --, it would reach mgjax.main and the commands would run
+          [[ $arg != --dry-run ]] || die "--dry-run goes before --; what follows -- is for mgjax.main"
+        done
+        return ;;
+      --*=*) set_option "${1%%=*}" "${1#*=}" ;;
+      --*)
+        (($# >= 2)) && [[ $2 != --* ]] || die "$1 needs a value (as $1=VALUE or $1 VALUE)"
+        set_option "$1" "$2"
+        shift ;;
+      *)
+        [[ -z $command ]] || die "unexpected argument '$1' (flags for mgjax.main go after --)"
+        command=$1 ;;
+    esac
+    shift
+  done
+}

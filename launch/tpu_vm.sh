@@ -82,32 +82,6 @@ set_option() {  # OPTION VALUE
   esac
 }
 
-parse_args() {
-  while (($#)); do
-    case $1 in
-      -h | --help) usage; exit 0 ;;
-      --dry-run) DRY_RUN=1 ;;
-      --spot) spot=1 ;;
-      --)
-        shift
-        main_args=("$@")
-        for arg in "$@"; do  # after --, it would reach mgjax.main and the commands would run
-          [[ $arg != --dry-run ]] || die "--dry-run goes before --; what follows -- is for mgjax.main"
-        done
-        return ;;
-      --*=*) set_option "${1%%=*}" "${1#*=}" ;;
-      --*)
-        (($# >= 2)) && [[ $2 != --* ]] || die "$1 needs a value (as $1=VALUE or $1 VALUE)"
-        set_option "$1" "$2"
-        shift ;;
-      *)
-        [[ -z $command ]] || die "unexpected argument '$1' (flags for mgjax.main go after --)"
-        command=$1 ;;
-    esac
-    shift
-  done
-}
-
 default_runtime_version() {  # ACCELERATOR_TYPE -> the TPU software version Google lists for it
   case $1 in
     v2-* | v3-* | v4-*) echo tpu-ubuntu2204-base ;;
