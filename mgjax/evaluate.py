@@ -66,7 +66,7 @@ def assistant_turns(source) -> Iterable[tuple[list[dict], list[bytes], str]]:
         yield messages[:t], images[:n_images], message["content"]
 
 
-def _first_user_text(messages: list[dict]) -> str:
+def _question(messages: list[dict]) -> str:
   return normalize_answer(messages[-1]["content"].replace(IMAGE_PLACEHOLDER, ""))
 
 
@@ -80,14 +80,20 @@ def majority_answers(train_source, max_records: int = 20000) -> dict[str, str]:
     messages, _ = conversation(example)
     for t in range(1, len(messages)):
       if messages[t]["role"] == "assistant" and messages[t - 1]["role"] == "user":
-        counts[_first_user_text(messages[:t])][normalize_answer(messages[t]["content"])] += 1
+        counts[_question(messages[:t])][normalize_answer(messages[t]["content"])] += 1
   return {q: c.most_common(1)[0][0] for q, c in counts.items()}
 
 
-def score_generation(generator: decode.Generator, source, *, max_new_tokens: int) -> dict[str, float]:
+def _answer_every_turn(generator: decode.Generator, source, max_new_tokens: int):
+  """Every assistant turn of `source` with the model's own answer in its place."""
   items = list(assistant_turns(source))
   answers = generator.generate([p for p, _, _ in items], [im for _, im, _ in items],
                                max_new_tokens=max_new_tokens)
+  return items, answers
+
+
+def score_generation(generator: decode.Generator, source, *, max_new_tokens: int) -> dict[str, float]:
+  items, answers = _answer_every_turn(generator, source, max_new_tokens)
   prompts = [decode.extract_image_prompt(a) for a in answers]
   references = [decode.extract_image_prompt(ref) or ref for _, _, ref in items]
   return {
@@ -100,9 +106,7 @@ def score_generation(generator: decode.Generator, source, *, max_new_tokens: int
 
 def score_accuracy(generator: decode.Generator, source, *, max_new_tokens: int,
                    majority: dict[str, str] | None = None) -> dict[str, float]:
-  items = list(assistant_turns(source))
-  answers = generator.generate([p for p, _, _ in items], [im for _, im, _ in items],
-                               max_new_tokens=max_new_tokens)
+  items, answers = _answer_every_turn(generator, source, max_new_tokens)
   correct = [normalize_answer(a) == normalize_answer(ref) for a, (_, _, ref) in zip(answers, items)]
   scores = {
       "accuracy": float(np.mean(correct)),
@@ -111,14 +115,17 @@ def score_accuracy(generator: decode.Generator, source, *, max_new_tokens: int,
   }
   if majority is not None:
     scores["chance"] = float(np.mean([
-        majority.get(_first_user_text(prefix)) == normalize_answer(ref) for prefix, _, ref in items]))
+        majority.get(_question(prefix)) == normalize_answer(ref) for prefix, _, ref in items]))
   return scores
 
 
 def evaluate(generator: decode.Generator, val_sources: dict[str, Any], losses: dict[str, float],
-             eval_cfg, train_source=None) -> dict[str, dict[str, float]]:
-  """{split: {"loss": ..., and the split's scores}} for every validation split."""
-  majority = majority_answers(train_source) if train_source is not None else None
+             eval_cfg, majority: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
+  """{split: {"loss": ..., and the split's scores}} for every validation split.
+
+  `majority` (from `majority_answers` over the training mix) adds the chance level to
+  the accuracy splits; it depends on the data only, so a run computes it once.
+  """
   results = {}
   for split, source in val_sources.items():
     results[split] = {"loss": losses[split]}

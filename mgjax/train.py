@@ -266,13 +266,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
       writer.write(step, split, loss=losses[split])
     return losses
 
-  # The chance baseline of understanding accuracy: the training mix's most common answers.
-  mix_source = build.open_split(dataset, "train") if dataset.splits.get("train") else None
+  # The chance level of understanding accuracy: the training mix's most common answers.
+  # It reads the whole mix, so it is read once, on the first scoring that needs it.
+  chance_answers: dict[str, str] | None = None
 
   def evaluate_scores(step: int, params: Any, losses: dict[str, float]) -> dict[str, dict[str, float]]:
     """Losses plus decoded scores (format rate, prompt F1, accuracy) of `params`."""
+    nonlocal chance_answers
+    if chance_answers is None and dataset.splits.get("train") and config.eval.decode and config.eval.accuracy_splits:
+      chance_answers = evaluation.majority_answers(build.open_split(dataset, "train"))
     generator = decode.Generator(graphdef, params, tokenizer, encoder, max_batch_size=config.eval.batch_size)
-    scores = evaluation.evaluate(generator, val_sources, losses, config.eval, train_source=mix_source)
+    scores = evaluation.evaluate(generator, val_sources, losses, config.eval, majority=chance_answers)
     for split, values in scores.items():
       extra = {k: v for k, v in values.items() if k != "loss" and not k.startswith("num_")}
       if extra:
@@ -299,13 +303,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
       val_start = metrics.val_losses_at(workdir, 0)
       start_scores = meta_state["start_scores"]
     # Every evaluation's losses by step (the result's are reported at the end).
-    val_history = {0: val_start, **({start_step: metrics.val_losses_at(workdir, start_step)} if start_step else {})}
+    val_history = {0: val_start}
+    if start_step:
+      val_history[start_step] = metrics.val_losses_at(workdir, start_step)
     drift = stages.DriftGuard(config.guard, val_start if init_from else None)
     early_stop = stages.EarlyStopping(config.early_stop, meta_state.get("early_stop"))
     drift_log = list(meta_state.get("drift", []))
     if start_step == 0 and init_from:
       early_stop.update(0, val_start, within_bounds=True)  # the starting point is a candidate result
-    val_end = metrics.val_losses_at(workdir, start_step) if start_step else dict(val_start)
+    val_end = dict(val_history[start_step])
     window_losses, window_tokens, window_slots, window_start = [], 0.0, 0, time.time()
     train_loss = metrics.train_loss_at(workdir, start_step) if start_step else float("nan")
     progress = tqdm.tqdm(total=steps, initial=start_step, disable=not is_main,
@@ -339,13 +345,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
         check(pending)  # the previous step, while this one runs
       pending = (step, step_metrics)
       is_eval = step % config.train.eval_every == 0 or step == steps
-      if is_eval or step % config.train.checkpoint_every == 0 or step % config.train.log_every == 0:
-        check(pending)  # nothing bad may be logged as good, or saved
-        pending = None
       # SIGTERM (spot VM preemption, a stopped job): the step in flight is done; log and save it.
       preempted = sigterm.requested(step)
-      if preempted and pending:
-        check(pending)  # never save weights that gave a bad loss
+      if (is_eval or preempted or step % config.train.checkpoint_every == 0
+          or step % config.train.log_every == 0):
+        check(pending)  # nothing bad may be logged as good, or saved
         pending = None
       if stopped:
         break
