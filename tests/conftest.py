@@ -45,6 +45,23 @@ def tiny_config(stage: int, data_dir: str, *, decode: bool = False, **train_over
   return c
 
 
+def load_params(workdir: str, step: int):
+  """A checkpoint's params as numpy on one device, whatever layout they were saved from,
+  and their saved metadata (shapes, dtypes, shardings)."""
+  import jax
+  import numpy as np
+
+  from mgjax import checkpoint
+
+  ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+  meta = ckpts.param_metadata(step)
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta,
+                        is_leaf=lambda x: hasattr(x, "shape"))
+  params, _ = ckpts.restore_params(step, target)
+  return jax.tree.map(np.asarray, params), meta
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   """One data folder for the whole session: the tiny sample is built once."""

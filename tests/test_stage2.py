@@ -16,20 +16,14 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import load_params, tiny_config
 from mgjax import checkpoint, metrics, stages, train
 
 
 
-def load_params(path: str):
+def checkpoint_params(path: str):
   """The params of a checkpoint folder (WORKDIR/checkpoints/<step>) as numpy."""
-  workdir, step = checkpoint.locate(path)
-  ckpts = checkpoint.Checkpoints(workdir, read_only=True)
-  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                        ckpts.param_metadata(step), is_leaf=lambda x: hasattr(x, "shape"))
-  params, _ = ckpts.restore_params(step, target)
-  return jax.tree.map(np.asarray, params)
+  return load_params(*checkpoint.locate(path))[0]
 
 
 def flat(params) -> dict[str, np.ndarray]:
@@ -57,7 +51,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
   # The checkpoint of step 2 holds the weights that gave the NaN: it is gone; step 1 is kept.
   assert error.checkpoint == str(tmp_path / "checkpoints" / "1")
   assert checkpoint.Checkpoints(str(tmp_path), read_only=True).all_steps() == [1]
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(load_params(error.checkpoint)))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(checkpoint_params(error.checkpoint)))
   assert not (tmp_path / "report.json").exists()
 
 
@@ -158,7 +152,7 @@ def test_lora_trains_only_low_rank_adapters(stage1, data_dir, tmp_path):
   c.optim.lr = 3e-3
   c.early_stop.patience = 0  # the result is the last step, whatever its loss
   summary = train.run(c, str(tmp_path))
-  before, after = flat(load_params(stage1.checkpoint)), flat(load_params(str(tmp_path / "checkpoints" / "6")))
+  before, after = flat(checkpoint_params(stage1.checkpoint)), flat(checkpoint_params(str(tmp_path / "checkpoints" / "6")))
   changed = [p for p in before if not np.array_equal(before[p], after[p])]
   assert changed and all(p.startswith("llm/layers/") and p.endswith("kernel") for p in changed)
   assert any("self_attn/o_proj" in p for p in changed) and any("mlp/down_proj" in p for p in changed)
@@ -179,7 +173,7 @@ def test_grad_accumulation_gives_the_same_updates(data_dir, tmp_path):
     runs[accum] = str(tmp_path / str(accum))
   losses = {a: [r["loss"] for r in metrics.read(w) if r["split"] == "train"] for a, w in runs.items()}
   np.testing.assert_allclose(losses[2], losses[1], rtol=1e-5)
-  p1, p2 = (flat(load_params(os.path.join(w, "checkpoints", "3"))) for w in runs.values())
+  p1, p2 = (flat(checkpoint_params(os.path.join(w, "checkpoints", "3"))) for w in runs.values())
   for path in p1:
     np.testing.assert_allclose(p2[path], p1[path], rtol=0, atol=5e-5, err_msg=path)
 
@@ -188,7 +182,7 @@ def test_bf16_compute_keeps_float32_master_weights(data_dir, tmp_path):
   c = tiny_config(1, data_dir, steps=4)
   c.model.dtype = "bfloat16"
   summary = train.run(c, str(tmp_path))
-  params = load_params(str(tmp_path / "checkpoints" / "4"))
+  params = checkpoint_params(str(tmp_path / "checkpoints" / "4"))
   assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
   start = summary.val_loss_start
   assert all(np.isfinite(v) for v in summary.val_loss_end.values())

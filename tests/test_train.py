@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO, load_params, tiny_config
 from mgjax import checkpoint, metrics, train
 
 
@@ -31,17 +31,6 @@ def cli_args(workdir: str, data_dir: str, cache: str, steps: int, checkpoint_eve
       f"--config.train.checkpoint_every={checkpoint_every}", f"--config.train.eval_every={steps}",
       "--config.eval.decode=False",
   ]
-
-
-def load_params(workdir: str, step: int):
-  """A checkpoint's params as numpy, whatever layout they were saved from, and their metadata."""
-  ckpts = checkpoint.Checkpoints(workdir, read_only=True)
-  meta = ckpts.param_metadata(step)
-  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta,
-                        is_leaf=lambda x: hasattr(x, "shape"))
-  params, _ = ckpts.restore_params(step, target)
-  return jax.tree.map(np.asarray, params), meta
 
 
 def test_stage1_learns_every_capability(stage1):
