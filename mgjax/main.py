@@ -18,6 +18,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False,
     "Call jax.distributed.initialize() first: needed when the run spans several hosts (TPU pod slices, GPU clusters).")
+# On TPU VMs, GKE and SLURM, JAX finds these itself; elsewhere (several processes on one
+# machine, a hand-made cluster) name them. Every process gets the same command but its own id.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "With --distributed: HOST:PORT of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed: how many processes the run has.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's index, 0..num_processes-1.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -27,7 +32,8 @@ def main(argv: list[str]) -> None:
   runtime.setup()
   if _DISTRIBUTED.value:
     import jax
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
   from mgjax import train  # after distributed init: it touches jax devices
 
   config = _CONFIG.value

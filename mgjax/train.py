@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -129,7 +130,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), mesh.size, jax.process_count())
 
   # ---------------------------------------------------------------- Data
-  dataset = build.ensure_built(config.data.recipe, config.data.data_dir)
+  if jax.process_count() == 1:
+    dataset = build.ensure_built(config.data.recipe, config.data.data_dir)
+  else:
+    # One process builds (data_dir is shared storage on a pod); the others wait, then open it.
+    if is_main:
+      build.ensure_built(config.data.recipe, config.data.data_dir)
+    multihost_utils.sync_global_devices("mgjax: dataset built")
+    dataset = build.load_built(config.data.recipe, config.data.data_dir)
   tokenizer = transformers.AutoTokenizer.from_pretrained(dataset.tokenizer_dir)
   if is_main:
     save_tokenizer(tokenizer, workdir)

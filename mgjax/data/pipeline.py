@@ -192,17 +192,27 @@ def train_iterator(source, encoder: ConversationEncoder, *, batch_size: int, see
   the model masks attention per segment, so nothing else changes. The returned
   iterator's position (get_state/set_state) is saved with each checkpoint.
   """
-  ds = _this_process(grain.MapDataset.source(source)).shuffle(seed=seed).repeat(None)
+  # Every process shuffles the whole split the same way (same seed): the global order of
+  # examples does not depend on how many processes read it.
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
   if replay_source is not None and replay_fraction > 0:
     if not 0 < replay_fraction < 1:
       raise ValueError(f"data.replay_fraction={replay_fraction} must be between 0 and 1")
-    replay = _this_process(grain.MapDataset.source(replay_source)).shuffle(seed=seed + 1).repeat(None)
+    replay = grain.MapDataset.source(replay_source).shuffle(seed=seed + 1).repeat(None)
     ds = grain.MapDataset.mix([ds, replay], weights=[1 - replay_fraction, replay_fraction])
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
   if not packing:
-    return iter(ds.map(encoder).batch(batch_size, drop_remainder=True).to_iter_dataset(options))
+    # Global batch g is local batches g*P .. g*P+P-1, process p reading the p-th: the global
+    # batch (rows of process 0, then 1, ...) is the same for any process count P, so a
+    # 2-host run computes what a 1-host run does. Batching is lazy: a process only reads
+    # and decodes its own rows.
+    local = ds.map(encoder).batch(batch_size, drop_remainder=True)
+    return iter(_this_process(local).to_iter_dataset(options))
+  # Packing fills each process's rows from its own share of the examples (packing the
+  # global stream would have every process read all of it), so packed global batches
+  # depend on the process count; the examples and their order within a share do not.
   # A batch's worth of bins fills rows well and keeps examples close to their epoch.
-  rows = pack(ds.map(encoder.unpadded).to_iter_dataset(options), encoder, num_bins=batch_size)
+  rows = pack(_this_process(ds).map(encoder.unpadded).to_iter_dataset(options), encoder, num_bins=batch_size)
   return iter(rows.batch(batch_size, drop_remainder=True))
 
 
