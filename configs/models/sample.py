@@ -12,8 +12,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     vocab_size=1024,
     image_token_id=5,
     dtype='float32',  # compute dtype; params stay float32, logits are always float32
-    llm=dict(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, mlp=384,
-             rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False,
+    # The decoder; mgjax/models/llm.py's docstring describes every key.
+    llm=dict(family='llama',  # llama | gemma | qwen2
+             hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, mlp=384,
+             rope_theta=10000.0, rope_scaling=None, norm_eps=1e-5, tie_embeddings=False,
+             qkv_bias=False,
              remat='none'),  # none | full | dots: trade compute for activation memory
     vision_lowres=dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp=256,
                        feature_layer=-2),

@@ -1,21 +1,57 @@
-"""Llama-style decoder LM: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+"""Decoder LMs of the Llama, Gemma and Qwen2 families: RMSNorm, RoPE, grouped-query attention,
+gated MLP.
 
 Parameter names follow Hugging Face's LlamaForCausalLM (embed_tokens, layers/N/self_attn/q_proj,
 mlp/gate_proj, input_layernorm, ...) so weight import is a rename plus reshape: attention kernels
-are kept per head ([embed, heads, head_dim]) so heads can be sharded over the tensor axis.
+are kept per head ([embed, heads, head_dim]) so heads can be sharded over the tensor axis. Every
+family has the same parameter paths; Qwen2 adds q/k/v biases (self_attn/q_proj/bias).
+
+The config section `model.llm` (with `model.vocab_size` beside it):
+
+  family          'llama' (default; Llama 1-3, Vicuna, Yi) | 'gemma' | 'qwen2'
+  hidden, layers, heads, kv_heads, head_dim, mlp   sizes (head_dim need not be hidden/heads)
+  rope_theta      RoPE base
+  rope_scaling    None, or HF's dict: {'rope_type': 'llama3', 'factor', 'low_freq_factor',
+                  'high_freq_factor', 'original_max_position_embeddings'} or
+                  {'rope_type': 'linear', 'factor'}
+  norm_eps        RMSNorm epsilon
+  tie_embeddings  logits from the embedding table (Gemma: True) instead of lm_head
+  qkv_bias        biases on q/k/v (Qwen2: True); None takes the family's default
+  remat           'none' | 'full' | 'dots'
+
+How the families differ (as Hugging Face computes them):
+  llama   RMSNorm scale w, cast to the compute dtype before scaling; SwiGLU (silu gate).
+  gemma   token embeddings times sqrt(hidden) in the compute dtype; RMSNorm scale (1 + w),
+          applied in float32; GeGLU (tanh-approximated gelu gate); tied embeddings.
+  qwen2   llama with q/k/v biases.
+Gemma's sqrt(hidden) scaling is applied to the decoder's input embeddings, image features
+included, as the transformers version Mini-Gemini trained MGM-2B with did (GemmaModel scaled
+inputs_embeds); for text alone it equals scaling the embedding lookup, as transformers 5 does.
 
 Decoding uses an explicit KV cache, a pytree passed in and returned (`DecoderLM.init_cache`,
 `DecoderLM.extend`), so prefill and per-token steps are plain jittable functions.
 """
 
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mgjax.models.axes import constrain, partitioned
-from mgjax.models.layers import dot_product_attention
+from mgjax.models.layers import activation, dot_product_attention
+
+FAMILIES = ('llama', 'gemma', 'qwen2')
+# Per family: the gate activation of the MLP, whether RMSNorm scales by (1 + w), whether token
+# embeddings are multiplied by sqrt(hidden), and the default for q/k/v biases.
+_FAMILY_TRAITS = {
+  'llama': dict(mlp_activation='silu', norm_plus_one=False, scale_embeddings=False, qkv_bias=False),
+  'gemma': dict(mlp_activation='gelu_tanh', norm_plus_one=True, scale_embeddings=True, qkv_bias=False),
+  'qwen2': dict(mlp_activation='silu', norm_plus_one=False, scale_embeddings=False, qkv_bias=True),
+}
 
 # HF Llama initialises every matrix with N(0, 0.02); following it keeps from-scratch runs comparable.
 _INIT = nnx.initializers.normal(0.02)
@@ -26,29 +62,70 @@ _CACHE_KV = ('batch', None, 'kv_heads', None)
 
 
 class RMSNorm(nnx.Module):
-  """Root-mean-square norm computed in float32 (as HF Llama does), scaled by a learned `scale`."""
+  """Root-mean-square norm computed in float32 (as HF Llama does), scaled by a learned `scale`.
+
+  plus_one (Gemma): the weight is stored as an offset, the norm scales by (1 + scale) in float32
+  before casting back, and it starts at 0 (Llama's multiplies in the compute dtype, from 1).
+  """
 
   def __init__(self, dim: int, *, eps: float = 1e-5, dtype: jnp.dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               plus_one: bool = False, rngs: nnx.Rngs):
     self.eps = eps
     self.dtype = dtype
-    self.scale = nnx.Param(partitioned(nnx.initializers.ones, ('norm',))(rngs.params(), (dim,)))
+    self.plus_one = plus_one
+    init = nnx.initializers.zeros if plus_one else nnx.initializers.ones
+    self.scale = nnx.Param(partitioned(init, ('norm',))(rngs.params(), (dim,)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.plus_one:
+      return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
     return y.astype(self.dtype) * self.scale[...].astype(self.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float,
+                     scaling: Mapping[str, Any] | None = None) -> tuple[float, ...]:
+  """RoPE inverse frequencies (head_dim / 2 of them), in float32 as HF computes them.
+
+  scaling: None, or HF's rope_scaling dict: 'llama3' (Llama 3.1+: long wavelengths slowed by
+  `factor`, short ones kept, a smooth blend between) or 'linear' (all divided by `factor`).
+  Returned as plain floats: a static, hashable module attribute, not a traced array.
+  """
+  exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  inv_freq = (1.0 / np.power(np.float32(theta), exponents)).astype(np.float32)
+  kind = (scaling or {}).get('rope_type', (scaling or {}).get('type', 'default'))
+  if kind == 'default':
+    pass
+  elif kind == 'linear':
+    inv_freq = inv_freq / np.float32(scaling['factor'])
+  elif kind == 'llama3':
+    factor = np.float32(scaling['factor'])
+    low, high = float(scaling['low_freq_factor']), float(scaling['high_freq_factor'])
+    context = float(scaling['original_max_position_embeddings'])
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = ((context / wavelen - low) / (high - low)).astype(np.float32)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    inv_freq = np.where(medium, blended, scaled).astype(np.float32)
+  else:
+    raise ValueError(f'model.llm.rope_scaling: rope_type {kind!r} is not supported (supported: '
+                     "None, 'linear', 'llama3')")
+  return tuple(float(f) for f in inv_freq.astype(np.float32))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0, *,
+               inv_freq: Sequence[float] | None = None) -> jax.Array:
   """Rotary position embedding, HF's rotate-half layout (first half/second half pairs).
 
-  x: [B, T, N, D]; positions: [B, T] int.
+  x: [B, T, N, D]; positions: [B, T] int. inv_freq (from `rope_frequencies`) overrides theta.
   """
   d = x.shape[-1]
   half = d // 2
-  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / d))
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
+  if inv_freq is None:
+    inv_freq = rope_frequencies(d, theta)
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, half]
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]
   x32 = x.astype(jnp.float32)
@@ -61,11 +138,11 @@ class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE (kv_heads <= heads)."""
 
   def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, *,
-               rope_theta: float, qkv_bias: bool = False, dtype: jnp.dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               rope_theta: float, rope_scaling: Mapping[str, Any] | None = None,
+               qkv_bias: bool = False, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if heads % kv_heads:
       raise ValueError(f'heads={heads} must be a multiple of kv_heads={kv_heads}')
-    self.rope_theta = rope_theta
+    self.rope_inv_freq = rope_frequencies(head_dim, rope_theta, rope_scaling)
 
     def proj(n_heads, head_axis):
       return nnx.LinearGeneral(
@@ -81,8 +158,8 @@ class Attention(nnx.Module):
       kernel_init=partitioned(_INIT, ('heads', 'head_dim', 'embed')))
 
   def _project(self, x: jax.Array, positions: jax.Array):
-    q = apply_rope(self.q_proj(x), positions, self.rope_theta)
-    k = apply_rope(self.k_proj(x), positions, self.rope_theta)
+    q = apply_rope(self.q_proj(x), positions, inv_freq=self.rope_inv_freq)
+    k = apply_rope(self.k_proj(x), positions, inv_freq=self.rope_inv_freq)
     return q, k, self.v_proj(x)
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
@@ -113,10 +190,14 @@ class Attention(nnx.Module):
     return self.o_proj(dot_product_attention(q, kv['k'], kv['v'], mask)), kv
 
 
-class SwiGLU(nnx.Module):
-  """down(silu(gate(x)) * up(x))."""
+class GatedMLP(nnx.Module):
+  """down(act(gate(x)) * up(x)): SwiGLU with silu (Llama, Qwen2), GeGLU with tanh-gelu (Gemma)."""
 
-  def __init__(self, hidden: int, mlp: int, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, hidden: int, mlp: int, *, activation_name: str = 'silu',
+               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    self.activation_name = activation_name
+    activation(activation_name)  # an unknown name fails here, not at the first call
+
     def linear(n_in, n_out, names):
       return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, rngs=rngs,
                         kernel_init=partitioned(_INIT, names))
@@ -126,19 +207,25 @@ class SwiGLU(nnx.Module):
     self.down_proj = linear(mlp, hidden, ('mlp', 'embed'))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    gate = activation(self.activation_name)(self.gate_proj(x))
+    return self.down_proj(gate * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
   """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x))."""
 
   def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, mlp: int, *,
-               rope_theta: float, norm_eps: float, dtype: jnp.dtype, rngs: nnx.Rngs):
-    self.input_layernorm = RMSNorm(hidden, eps=norm_eps, dtype=dtype, rngs=rngs)
+               rope_theta: float, norm_eps: float, dtype: jnp.dtype, rngs: nnx.Rngs,
+               rope_scaling: Mapping[str, Any] | None = None, qkv_bias: bool = False,
+               norm_plus_one: bool = False, mlp_activation: str = 'silu'):
+    def norm():
+      return RMSNorm(hidden, eps=norm_eps, dtype=dtype, plus_one=norm_plus_one, rngs=rngs)
+
+    self.input_layernorm = norm()
     self.self_attn = Attention(hidden, heads, kv_heads, head_dim, rope_theta=rope_theta,
-                               dtype=dtype, rngs=rngs)
-    self.post_attention_layernorm = RMSNorm(hidden, eps=norm_eps, dtype=dtype, rngs=rngs)
-    self.mlp = SwiGLU(hidden, mlp, dtype=dtype, rngs=rngs)
+                               rope_scaling=rope_scaling, qkv_bias=qkv_bias, dtype=dtype, rngs=rngs)
+    self.post_attention_layernorm = norm()
+    self.mlp = GatedMLP(hidden, mlp, activation_name=mlp_activation, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
     x = x + self.self_attn(self.input_layernorm(x), positions, mask)
@@ -192,14 +279,20 @@ REMAT_POLICIES = {
 
 
 class DecoderLM(nnx.Module):
-  """Llama-family causal LM returning float32 logits [B, T, vocab]."""
+  """Causal LM of one of FAMILIES returning float32 logits [B, T, vocab]."""
 
   def __init__(self, *, vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int,
                head_dim: int, mlp: int, rope_theta: float = 10000.0, norm_eps: float = 1e-5,
-               tie_embeddings: bool = False, remat: str = 'none', dtype: jnp.dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               tie_embeddings: bool = False, remat: str = 'none', family: str = 'llama',
+               rope_scaling: Mapping[str, Any] | None = None, qkv_bias: bool | None = None,
+               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if remat not in REMAT_POLICIES:
       raise ValueError(f'model.llm.remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}')
+    if family not in FAMILIES:
+      raise ValueError(f'model.llm.family={family!r}: expected one of {FAMILIES}')
+    traits = _FAMILY_TRAITS[family]
+    self.family = family
+    self.scale_embeddings = traits['scale_embeddings']
     self.remat = remat
     self.dtype = jnp.dtype(dtype)
     self.vocab_size = vocab_size
@@ -210,11 +303,16 @@ class DecoderLM(nnx.Module):
     self.embed_tokens = nnx.Embed(
       vocab_size, hidden, dtype=self.dtype, rngs=rngs,
       embedding_init=partitioned(_INIT, ('vocab', 'embed')))
+    # A ConfigDict section or None; a plain dict keeps the module's static data simple.
+    rope_scaling = dict(rope_scaling) if rope_scaling else None
     self.layers = nnx.List([
       DecoderLayer(hidden, heads, kv_heads, head_dim, mlp, rope_theta=rope_theta,
-                   norm_eps=norm_eps, dtype=self.dtype, rngs=rngs)
+                   norm_eps=norm_eps, dtype=self.dtype, rngs=rngs, rope_scaling=rope_scaling,
+                   qkv_bias=traits['qkv_bias'] if qkv_bias is None else bool(qkv_bias),
+                   norm_plus_one=traits['norm_plus_one'], mlp_activation=traits['mlp_activation'])
       for _ in range(layers)])
-    self.norm = RMSNorm(hidden, eps=norm_eps, dtype=self.dtype, rngs=rngs)
+    self.norm = RMSNorm(hidden, eps=norm_eps, dtype=self.dtype,
+                        plus_one=traits['norm_plus_one'], rngs=rngs)
     if tie_embeddings:
       self.lm_head = None
     else:
@@ -225,8 +323,19 @@ class DecoderLM(nnx.Module):
         kernel_init=partitioned(_INIT, ('embed', 'vocab')))
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
-    """Token embeddings [B, T, hidden] in the compute dtype."""
+    """Token embeddings [B, T, hidden] in the compute dtype, as looked up (no family scaling:
+    the VLM mixes image features into them before the decoder's input scaling)."""
     return self.embed_tokens(input_ids).astype(self.dtype)
+
+  def _inputs(self, input_ids: jax.Array | None, inputs_embeds: jax.Array | None) -> jax.Array:
+    """The decoder's input [B, T, hidden] from exactly one of ids and ready embeddings."""
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError('pass exactly one of input_ids and inputs_embeds')
+    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+    if self.scale_embeddings:
+      # Gemma: the factor rounded to the compute dtype first, as HF does (bf16 sqrt(2048) = 45.25).
+      x = x * jnp.asarray(math.sqrt(self.hidden), self.dtype)
+    return x
 
   def __call__(self, input_ids: jax.Array | None = None, *,
                inputs_embeds: jax.Array | None = None,
@@ -237,9 +346,7 @@ class DecoderLM(nnx.Module):
     positions default to 0..T-1 per row; a packer passes per-segment positions.
     segment_ids default to all ones (one sequence per row); 0 marks padding.
     """
-    if (input_ids is None) == (inputs_embeds is None):
-      raise ValueError('pass exactly one of input_ids and inputs_embeds')
-    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+    x = self._inputs(input_ids, inputs_embeds)
     b, t = x.shape[:2]
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -302,9 +409,7 @@ class DecoderLM(nnx.Module):
     Returns:
       Logits float32 [B, T, vocab] and the cache holding the new tokens too.
     """
-    if (input_ids is None) == (inputs_embeds is None):
-      raise ValueError('pass exactly one of input_ids and inputs_embeds')
-    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+    x = self._inputs(input_ids, inputs_embeds)
     b, t = x.shape[:2]
     token_mask = jnp.ones((b, t), bool) if token_mask is None else token_mask.astype(bool)
     index = cache['index']
