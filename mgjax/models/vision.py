@@ -1,7 +1,8 @@
 """The two vision towers of Mini-Gemini, NHWC throughout.
 
-VisionTransformer: CLIP ViT (HF CLIPVisionModel's computation and names, minus the unused
-post-layernorm), returning the patch tokens of one hidden layer without the class token.
+VisionTransformer: CLIP ViT or SigLIP ViT (HF CLIPVisionModel's / SiglipVisionModel's
+computation and names, minus the post-layernorm and pooling head no feature layer reads),
+returning the patch tokens of one hidden layer without the class token.
 ConvNeXt: timm/OpenCLIP ConvNeXt trunk returning its stage outputs, plus Mini-Gemini's high-res
 map (every stage upsampled to 1/4 of the input and concatenated on channels).
 """
@@ -84,35 +85,61 @@ class VisionEncoderLayer(nnx.Module):
     return x + self.mlp(self.layer_norm2(x))
 
 
-class VisionTransformer(nnx.Module):
-  """CLIP-style ViT returning [B, (image_size/patch_size)^2, width] patch tokens.
+# What sets CLIP's and SigLIP's ViTs apart, per `kind` (everything else is shared).
+VIT_KINDS: dict[str, dict] = {
+  # OpenAI CLIP (HF CLIPVisionModel): a class token, a bias-free patch conv, a layernorm
+  # before the encoder ("pre_layrnorm" in HF), quick_gelu, LayerNorm eps 1e-5.
+  'clip': dict(class_token=True, patch_bias=False, pre_norm=True, act='quick_gelu',
+               norm_eps=1e-5),
+  # SigLIP (HF SiglipVisionModel): patch tokens only, a patch conv with bias, no
+  # pre-encoder norm, tanh-approximated GELU, LayerNorm eps 1e-6.
+  'siglip': dict(class_token=False, patch_bias=True, pre_norm=False, act='gelu_tanh',
+                 norm_eps=1e-6),
+}
 
-  feature_layer indexes the hidden states as HF's output_hidden_states does (0 = embeddings
-  after the pre-layernorm, L = last layer): -2, the penultimate layer, is what LLaVA and
-  Mini-Gemini feed the LLM. Layers after it are kept (so released weights load unchanged)
-  but never run.
+
+class VisionTransformer(nnx.Module):
+  """CLIP or SigLIP ViT returning [B, (image_size/patch_size)^2, width] patch tokens.
+
+  feature_layer indexes the hidden states as HF's output_hidden_states does (0 = the
+  embeddings, after CLIP's pre-layernorm; L = the last layer's output, before any
+  post-layernorm): -2, the penultimate layer, is what LLaVA and Mini-Gemini feed the LLM.
+  CLIP's class token is dropped from the output (MGM's select_feature='patch'). Layers
+  after feature_layer are kept (so released weights load unchanged) but never run; the
+  post-layernorm and SigLIP's pooling head are not built since no feature layer reads them.
   """
 
   def __init__(self, *, image_size: int, patch_size: int, width: int, layers: int, heads: int,
-               mlp: int, feature_layer: int = -2, act: str = 'quick_gelu',
-               norm_eps: float = 1e-5, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+               mlp: int, feature_layer: int = -2, kind: str = 'clip', act: str | None = None,
+               norm_eps: float | None = None, dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    if kind not in VIT_KINDS:
+      raise ValueError(f'model.vision_lowres.kind={kind!r}: expected one of {sorted(VIT_KINDS)}')
+    spec = VIT_KINDS[kind]
+    act = act or spec['act']
+    norm_eps = spec['norm_eps'] if norm_eps is None else norm_eps
     if image_size % patch_size:
       raise ValueError(f'image_size {image_size} is not a multiple of patch_size {patch_size}')
     activation(act)  # fail at construction on an unknown name
+    if not -(layers + 1) <= feature_layer <= layers:
+      raise ValueError(f'feature_layer {feature_layer} out of range for {layers} layers')
+    self.kind = kind
     self.image_size = image_size
     self.patch_size = patch_size
     self.grid = image_size // patch_size
     self.num_layers_run = feature_layer % (layers + 1) if feature_layer < 0 else feature_layer
-    if not -(layers + 1) <= feature_layer <= layers:
-      raise ValueError(f'feature_layer {feature_layer} out of range for {layers} layers')
-    self.patch_embedding = _conv(3, width, patch_size, stride=patch_size, use_bias=False,
-                                 dtype=dtype, rngs=rngs)
-    self.class_embedding = nnx.Param(partitioned(
-      nnx.initializers.normal(width ** -0.5), ('vision_embed',))(rngs.params(), (width,)))
+    self.patch_embedding = _conv(3, width, patch_size, stride=patch_size,
+                                 use_bias=spec['patch_bias'], dtype=dtype, rngs=rngs)
+    if spec['class_token']:
+      self.class_embedding = nnx.Param(partitioned(
+        nnx.initializers.normal(width ** -0.5), ('vision_embed',))(rngs.params(), (width,)))
+    else:
+      self.class_embedding = None
     self.position_embedding = nnx.Embed(
-      self.grid ** 2 + 1, width, dtype=dtype, rngs=rngs,
+      self.grid ** 2 + int(spec['class_token']), width, dtype=dtype, rngs=rngs,
       embedding_init=partitioned(nnx.initializers.normal(0.02), ('pos', 'vision_embed')))
-    self.pre_layernorm = layer_norm(width, eps=norm_eps, dtype=dtype, rngs=rngs)
+    self.pre_layernorm = (layer_norm(width, eps=norm_eps, dtype=dtype, rngs=rngs)
+                          if spec['pre_norm'] else None)
     self.layers = nnx.List([
       VisionEncoderLayer(width, heads, mlp, act=act, norm_eps=norm_eps, dtype=dtype, rngs=rngs)
       for _ in range(layers)])
@@ -124,13 +151,16 @@ class VisionTransformer(nnx.Module):
       raise ValueError(f'low-res images are {h}x{w}, the tower expects {self.image_size}')
     x = self.patch_embedding(images)  # [B, g, g, width]
     x = x.reshape(b, self.grid * self.grid, x.shape[-1])
-    cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (b, 1, x.shape[-1]))
-    x = jnp.concatenate([cls, x], axis=1)
+    if self.class_embedding is not None:
+      cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (b, 1, x.shape[-1]))
+      x = jnp.concatenate([cls, x], axis=1)
     x = x + self.position_embedding.embedding[...].astype(x.dtype)[None]
-    x = constrain(self.pre_layernorm(x), _TOKENS)
+    if self.pre_layernorm is not None:
+      x = self.pre_layernorm(x)
+    x = constrain(x, _TOKENS)
     for layer in self.layers[:self.num_layers_run]:
       x = constrain(layer(x), _TOKENS)
-    return x[:, 1:]
+    return x[:, 1:] if self.class_embedding is not None else x
 
 
 class DepthwiseConv(nnx.Module):
@@ -205,12 +235,16 @@ class ConvNeXtStage(nnx.Module):
 class ConvNeXt(nnx.Module):
   """ConvNeXt trunk (stem conv k=4 s=4 + LayerNorm, then stages), NHWC.
 
-  ls_init is timm's layer-scale init (1e-6); image_size, when given, is checked on input.
+  timm's ConvNeXt (what OpenCLIP's convnext_* models wrap as visual.trunk) without its
+  norm_pre and head, which Mini-Gemini removes too. ls_init is timm's layer-scale init
+  (1e-6); image_size, when given, is checked on input.
   """
 
   def __init__(self, *, dims: Sequence[int], depths: Sequence[int],
-               image_size: int | None = None, ls_init: float = 1e-6,
+               image_size: int | None = None, ls_init: float = 1e-6, kind: str = 'convnext',
                dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    if kind != 'convnext':
+      raise ValueError(f"model.vision_highres.kind={kind!r}: only 'convnext' is built")
     dims, depths = tuple(dims), tuple(depths)
     if len(dims) != len(depths):
       raise ValueError(f'ConvNeXt dims {dims} and depths {depths} differ in length')

@@ -4,6 +4,11 @@ Attribute names (vision_lowres, vision_highres, mining, projector, llm) are the 
 parameter paths the trainer freezes by regex, e.g. 'vision_.*' or 'llm/layers/0/self_attn/.*'.
 """
 
+import contextlib
+import inspect
+import logging
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,6 +27,33 @@ def num_image_tokens(cfg: ml_collections.ConfigDict) -> int:
     raise ValueError(f'model.vision_lowres.image_size {vis.image_size} is not a multiple of '
                      f'patch_size {vis.patch_size}')
   return (vis.image_size // vis.patch_size) ** 2
+
+
+# LLM config keys whose value here means "plain Llama": a DecoderLM that does not take
+# them yet builds the same shapes without them (see build_llm).
+_LLAMA_DEFAULTS = {'family': 'llama', 'rope_scaling': None, 'qkv_bias': False}
+
+
+def build_llm(cfg: ml_collections.ConfigDict, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> DecoderLM:
+  """The decoder LM from `model.llm` and `model.vocab_size`.
+
+  A key DecoderLM does not take is dropped only where it cannot change the shapes
+  (the Llama defaults above, or `family` alone: Gemma's and Qwen2's weights have Llama's
+  shapes apart from qkv_bias), with a warning, so presets build abstractly while the
+  LLM families are being added; any other unknown key is an error.
+  """
+  kwargs = dict(cfg.llm)
+  accepted = inspect.signature(DecoderLM.__init__).parameters
+  dropped = []
+  for key in [k for k in kwargs if k not in accepted]:
+    if key == 'family' or (key in _LLAMA_DEFAULTS and kwargs[key] == _LLAMA_DEFAULTS[key]):
+      dropped.append(f'{key}={kwargs.pop(key)!r}')
+    else:
+      raise ValueError(f'model.llm.{key}={kwargs[key]!r} is not supported by this DecoderLM')
+  if dropped:
+    logging.warning('DecoderLM does not take %s yet: built as a Llama of the same shapes',
+                    ', '.join(dropped))
+  return DecoderLM(vocab_size=cfg.vocab_size, **kwargs, dtype=dtype, rngs=rngs)
 
 
 class MiniGemini(nnx.Module):
@@ -43,7 +75,7 @@ class MiniGemini(nnx.Module):
     self.mining = PatchInfoMining(lowres['width'], self.vision_highres.feature_channels,
                                   dtype=dtype, rngs=rngs)
     self.projector = Projector(lowres['width'], cfg.llm.hidden, dtype=dtype, rngs=rngs)
-    self.llm = DecoderLM(vocab_size=cfg.vocab_size, **dict(cfg.llm), dtype=dtype, rngs=rngs)
+    self.llm = build_llm(cfg, dtype=dtype, rngs=rngs)
 
   def encode_images(self, images_lowres: jax.Array, images_highres: jax.Array) -> jax.Array:
     """[N, Hl, Wl, 3], [N, Hh, Wh, 3] -> visual tokens [N, num_image_tokens, hidden]."""
@@ -81,3 +113,30 @@ class MiniGemini(nnx.Module):
     as in DecoderLM.__call__."""
     embeds = self.embed_inputs(input_ids, images_lowres, images_highres)
     return self.llm(inputs_embeds=embeds, positions=positions, segment_ids=segment_ids)
+
+
+@contextlib.contextmanager
+def _cheap_tracer_errors():
+  """Skips the origin message jax builds for a tracer's missing `.sharding`.
+
+  Building a model under tracing, flax 0.12.8 asks every RNG counter update for
+  `getattr(count, 'sharding', None)`; jax 0.10.2's tracer raises an AttributeError whose
+  message walks the whole trace so far, so an abstract build is quadratic in the number of
+  parameters (MGM-7B: 50 s instead of 2 s). The message is discarded by getattr anyway.
+  """
+  try:
+    from jax._src.interpreters import partial_eval  # pylint: disable=g-import-not-at-top
+    tracer = partial_eval.DynamicJaxprTracer
+    tracer._origin_msg  # pylint: disable=pointless-statement
+  except (ImportError, AttributeError):  # another jax: build the slow way
+    yield
+    return
+  with mock.patch.object(tracer, '_origin_msg', lambda self: ''):
+    yield
+
+
+def abstract_model(cfg: ml_collections.ConfigDict) -> MiniGemini:
+  """MiniGemini with jax.ShapeDtypeStruct leaves (nothing allocated) from the `model`
+  config: for parameter counts, sharding plans and ahead-of-time compilation."""
+  with _cheap_tracer_errors():
+    return nnx.eval_shape(lambda: MiniGemini(cfg, rngs=nnx.Rngs(0)))
