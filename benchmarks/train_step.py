@@ -1,0 +1,370 @@
+"""Train-step benchmark (issue 6): mgjax's Llama DecoderLM vs the CPU's matmul peak and vs PyTorch.
+
+One run measures, interleaved round by round so that a change in the machine's load hits every
+side alike:
+  * the float32 matmul peak in JAX and in torch (square matmuls, before and after every round),
+  * a full jitted, donated JAX training step (forward, backward, AdamW) of mgjax's DecoderLM,
+    one entry per --variants name (attention formulation x loss formulation),
+  * Hugging Face transformers' LlamaForCausalLM PyTorch step (AdamW) of the same config.
+Medians over the rounds are reported, as step time, tokens/s, GFLOP/s (one analytic FLOP count
+for both sides, see `analytic_flops`), the ratio to the matmul peak and the JAX/torch speed ratio.
+
+  python benchmarks/train_step.py                       # defaults: batch 1, seq 1024, 5 rounds
+  python benchmarks/train_step.py --variants=einsum,bhtd --rounds=3 --json=/tmp/r.json
+  python benchmarks/train_step.py --xla_flags='--xla_cpu_use_thunk_runtime=false'
+  python benchmarks/train_step.py --profile=/tmp/trace   # per-op trace of one step per variant
+
+XLA flags are read once when JAX starts, so variants of them are separate invocations
+(--xla_flags); everything else runs side by side in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+
+def parse_args() -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--batch', type=int, default=1)
+  p.add_argument('--seq', type=int, default=1024)
+  p.add_argument('--hidden', type=int, default=768)
+  p.add_argument('--layers', type=int, default=12)
+  p.add_argument('--heads', type=int, default=12)
+  p.add_argument('--kv_heads', type=int, default=12)
+  p.add_argument('--head_dim', type=int, default=64)
+  p.add_argument('--mlp', type=int, default=2048)
+  p.add_argument('--vocab', type=int, default=32000)
+  p.add_argument('--rounds', type=int, default=5, help='interleaved measurement rounds (medians over them)')
+  p.add_argument('--variants', default='trainer',
+                 help='comma list of JAX variants, see VARIANTS (attention/loss formulations)')
+  p.add_argument('--xla_flags', default='', help='appended to XLA_FLAGS before JAX starts')
+  p.add_argument('--matmul_size', type=int, default=2048)
+  p.add_argument('--no_torch', action='store_true', help='skip the PyTorch side')
+  p.add_argument('--profile', default='', help='write a perfetto trace of one step per variant here')
+  p.add_argument('--json', default='', help='also write the results here')
+  return p.parse_args()
+
+
+ARGS = parse_args()
+if ARGS.xla_flags:
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + ARGS.xla_flags).strip()
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+import jax  # noqa: E402  (after XLA_FLAGS is set)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from mgjax import train  # noqa: E402
+from mgjax.models import layers as mg_layers  # noqa: E402
+from mgjax.models import llm as mg_llm  # noqa: E402
+
+LR = 1e-4
+WEIGHT_DECAY = 0.01
+
+
+# ------------------------------------------------------------------ FLOPs
+
+def param_counts(a: argparse.Namespace) -> dict[str, int]:
+  attn = a.hidden * a.head_dim * (a.heads + 2 * a.kv_heads) + a.heads * a.head_dim * a.hidden
+  mlp = 3 * a.hidden * a.mlp
+  blocks = a.layers * (attn + mlp + 2 * a.hidden)
+  return {'blocks': blocks, 'lm_head': a.hidden * a.vocab, 'embed': a.vocab * a.hidden,
+          'final_norm': a.hidden}
+
+
+def analytic_flops(a: argparse.Namespace) -> float:
+  """6 * N * tokens + 12 * layers * T^2 * heads*head_dim * batch.
+
+  N: every parameter that takes part in a matmul (the blocks and lm_head; not the embedding
+  lookup). The attention term counts the full T x T score and value matmuls forward (4 T^2 d)
+  and backward (8 T^2 d): both implementations compute the full square, causal or not.
+  """
+  c = param_counts(a)
+  n = c['blocks'] + c['lm_head']
+  tokens = a.batch * a.seq
+  return 6.0 * n * tokens + 12.0 * a.layers * a.seq ** 2 * a.heads * a.head_dim * a.batch
+
+
+# ------------------------------------------------------------------ matmul peak
+
+def jax_matmul_peak(n: int, reps: int = 5) -> float:
+  """Median GFLOP/s of an n x n float32 matmul in JAX."""
+  f = jax.jit(lambda x, y: x @ y)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+  f(x, x).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(x, x).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def torch_matmul_peak(n: int, reps: int = 5) -> float:
+  import torch
+  x = torch.randn(n, n)
+  torch.mm(x, x)
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    torch.mm(x, x)
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+# ------------------------------------------------------------------ JAX variants
+
+def attention_einsum_5d(q, k, v, mask=None):
+  """The trainer's formulation before issue 6 (kept here as the baseline): grouped 5-D einsums,
+  scores laid out [B, K, G, T, S]."""
+  b, t, h, d = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+  scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
+  scores = scores * (d ** -0.5)
+  if mask is not None:
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
+  return out.reshape(b, t, h, d)
+
+
+def attention_jax_nn(q, k, v, mask=None):
+  """jax.nn.dot_product_attention's XLA path with the same boolean mask."""
+  return jax.nn.dot_product_attention(
+    q, k, v, mask=None if mask is None else mask[:, None], implementation='xla')
+
+
+def attention_bhtd(q, k, v, mask=None):
+  """Heads moved next to the batch first ([B, H, T, D]): both score matmuls then have their
+  batch dims leading and contract the minor dim, the layout XLA:CPU's dot runs without copies."""
+  b, t, h, d = q.shape
+  kv_heads = k.shape[2]
+  g = h // kv_heads
+  qh = jnp.transpose(q.reshape(b, t, kv_heads, g, d), (0, 2, 3, 1, 4)).reshape(b, kv_heads, g * t, d)
+  kh = jnp.transpose(k, (0, 2, 1, 3))  # [B, K, S, D]
+  vh = jnp.transpose(v, (0, 2, 1, 3))
+  scores = jnp.einsum('bkqd,bksd->bkqs', qh * jnp.asarray(d ** -0.5, q.dtype), kh,
+                      preferred_element_type=jnp.float32)
+  if mask is not None:
+    m = jnp.broadcast_to(mask[:, None, None], (b, kv_heads, g, t, mask.shape[-1]))
+    scores = jnp.where(m.reshape(b, kv_heads, g * t, -1), scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum('bkqs,bksd->bkqd', probs, vh).reshape(b, kv_heads, g, t, d)
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
+
+
+ATTENTION = {
+  'trainer': None,  # whatever mgjax.models.layers.dot_product_attention is now
+  'einsum5d': attention_einsum_5d,
+  'jax_nn': attention_jax_nn,
+  'bhtd': attention_bhtd,
+}
+# A variant is attention[+loss]; the loss part picks the trainer's make_loss_fn ('trainer').
+VARIANTS_HELP = f'attention one of {sorted(ATTENTION)}'
+
+
+class TextOnly(nnx.Module):
+  """MiniGemini's call signature around the bare DecoderLM, so train.make_loss_fn runs as is."""
+
+  def __init__(self, llm: mg_llm.DecoderLM):
+    self.llm = llm
+
+  def __call__(self, input_ids, images_lowres, images_highres, *, positions=None, segment_ids=None):
+    del images_lowres, images_highres  # text only: no image tokens
+    return self.llm(input_ids, positions=positions, segment_ids=segment_ids)
+
+
+def make_batch(a: argparse.Namespace) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, a.vocab, (a.batch, a.seq + 1), dtype=np.int32)
+  return {
+    'input_ids': ids[:, :-1], 'targets': ids[:, 1:],
+    'loss_mask': np.ones((a.batch, a.seq), np.float32),
+    'positions': np.broadcast_to(np.arange(a.seq, dtype=np.int32), (a.batch, a.seq)).copy(),
+    'segment_ids': np.ones((a.batch, a.seq), np.int32),
+    'images_lowres': np.zeros((a.batch, 0, 1, 1, 3), np.float32),
+    'images_highres': np.zeros((a.batch, 0, 1, 1, 3), np.float32),
+  }
+
+
+class JaxStep:
+  """One variant's compiled step plus the state it updates in place (donated)."""
+
+  def __init__(self, a: argparse.Namespace, variant: str, batch: dict[str, np.ndarray]):
+    self.name = variant
+    attention = ATTENTION[variant.split('+')[0]]
+    original = mg_llm.dot_product_attention
+    if attention is not None:
+      mg_llm.dot_product_attention = attention  # llm.py calls the name it imported
+    try:
+      model = TextOnly(mg_llm.DecoderLM(
+        vocab_size=a.vocab, hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
+        head_dim=a.head_dim, mlp=a.mlp, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+      graphdef, params = nnx.split(model, nnx.Param)
+      loss_fn = train.make_loss_fn(graphdef)
+      tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
+
+      def step(params, opt_state, batch):
+        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss / count
+
+      self.batch = jax.tree.map(jnp.asarray, batch)
+      self.params = params
+      self.opt_state = tx.init(params)
+      jitted = jax.jit(step, donate_argnums=(0, 1))
+      t = time.perf_counter()
+      lowered = jitted.lower(self.params, self.opt_state, self.batch)
+      self.compiled = lowered.compile()
+      self.compile_s = time.perf_counter() - t
+      cost = self.compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      self.cost_flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
+      self.hlo_text = self.compiled.as_text()
+    finally:
+      mg_llm.dot_product_attention = original
+    self.loss = None
+
+  def run(self) -> float:
+    t = time.perf_counter()
+    self.params, self.opt_state, loss = self.compiled(self.params, self.opt_state, self.batch)
+    self.loss = float(loss)  # blocks until the step is done
+    return time.perf_counter() - t
+
+
+# ------------------------------------------------------------------ torch side
+
+class TorchStep:
+  def __init__(self, a: argparse.Namespace, batch: dict[str, np.ndarray]):
+    import torch
+    import transformers
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+      vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.mlp,
+      num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
+      head_dim=a.head_dim, max_position_embeddings=a.seq, tie_word_embeddings=False,
+      torch_dtype=torch.float32)
+    self.model = transformers.LlamaForCausalLM(cfg).float().train()
+    self.attn_impl = self.model.config._attn_implementation
+    self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    # HF shifts labels itself: labels = input ids.
+    ids = np.concatenate([batch['input_ids'], batch['targets'][:, -1:]], axis=1)
+    self.ids = torch.from_numpy(ids[:, :-1].astype(np.int64))
+    self.labels = torch.from_numpy(ids[:, :-1].astype(np.int64))
+    self.loss = None
+
+  def run(self) -> float:
+    t = time.perf_counter()
+    loss = self.model(input_ids=self.ids, labels=self.labels).loss
+    loss.backward()
+    self.opt.step()
+    self.opt.zero_grad(set_to_none=True)
+    self.loss = loss.item()
+    return time.perf_counter() - t
+
+
+# ------------------------------------------------------------------ main
+
+def main() -> None:
+  a = ARGS
+  variants = [v for v in a.variants.split(',') if v]
+  for v in variants:
+    if v.split('+')[0] not in ATTENTION:
+      sys.exit(f'unknown variant {v!r}: {VARIANTS_HELP}')
+  flops = analytic_flops(a)
+  tokens = a.batch * a.seq
+  counts = param_counts(a)
+  cpu = next((l.split(':', 1)[1].strip() for l in subprocess.run(
+    ['lscpu'], capture_output=True, text=True).stdout.splitlines() if l.startswith('Model name')), '?')
+  print(f'# {time.strftime("%Y-%m-%d %H:%M")}  cpu {cpu} x{os.cpu_count()}  jax {jax.__version__}  '
+        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+  print(f'# non-embedding params {(counts["blocks"] + counts["lm_head"]) / 1e6:.1f}M '
+        f'(blocks {counts["blocks"] / 1e6:.1f}M + lm_head {counts["lm_head"] / 1e6:.1f}M), '
+        f'batch {a.batch} x seq {a.seq}; analytic {flops / 1e9:.1f} GFLOP/step')
+  batch = make_batch(a)
+
+  steps = {}
+  for v in variants:
+    steps[v] = JaxStep(a, v, batch)
+    print(f'# jax {v}: compiled in {steps[v].compile_s:.1f}s, cost_analysis '
+          f'{steps[v].cost_flops / 1e9:.1f} GFLOP', flush=True)
+  torch_step = None
+  if not a.no_torch:
+    import torch
+    torch_step = TorchStep(a, batch)
+    print(f'# torch {torch.__version__} threads {torch.get_num_threads()}, attention '
+          f'{torch_step.attn_impl}', flush=True)
+
+  # Warm-up: first calls allocate and (torch) pick kernels.
+  for s in steps.values():
+    s.run()
+  if torch_step:
+    torch_step.run()
+
+  if a.profile:
+    for v, s in steps.items():
+      out = os.path.join(a.profile, v.replace('+', '_'))
+      with jax.profiler.trace(out, create_perfetto_trace=True):
+        s.run()
+      with open(os.path.join(out, 'hlo.txt'), 'w') as f:
+        f.write(s.hlo_text)
+      print(f'# profile of {v} in {out}')
+
+  times = {v: [] for v in steps}
+  times['torch'] = []
+  peaks = {'jax': [], 'torch': []}
+  for r in range(a.rounds):
+    peaks['jax'].append(jax_matmul_peak(a.matmul_size))
+    if torch_step:
+      peaks['torch'].append(torch_matmul_peak(a.matmul_size))
+      times['torch'].append(torch_step.run())
+    for v, s in steps.items():
+      times[v].append(s.run())
+    print(f'# round {r}: peak jax {peaks["jax"][-1]:.0f} GFLOP/s, '
+          + ', '.join(f'{k} {t[-1]:.2f}s' for k, t in times.items() if t), flush=True)
+  peaks['jax'].append(jax_matmul_peak(a.matmul_size))
+  if torch_step:
+    peaks['torch'].append(torch_matmul_peak(a.matmul_size))
+
+  peak = statistics.median(peaks['jax'])
+  torch_t = statistics.median(times['torch']) if times['torch'] else float('nan')
+  print(f'\nmatmul peak {a.matmul_size}^3 f32: jax median {peak:.0f} GFLOP/s '
+        f'(min {min(peaks["jax"]):.0f}, max {max(peaks["jax"]):.0f})'
+        + (f', torch median {statistics.median(peaks["torch"]):.0f} GFLOP/s' if peaks['torch'] else ''))
+  rows = []
+  print(f'{"side":<22}{"step s":>8}{"tok/s":>9}{"GFLOP/s":>9}{"/peak":>7}{"/torch":>8}{"loss":>8}')
+  for k, t in times.items():
+    if not t:
+      continue
+    med = statistics.median(t)
+    row = {'side': k if k == 'torch' else f'jax {k}', 'step_s': med, 'spread_s': [min(t), max(t)],
+           'tokens_s': tokens / med, 'gflops': flops / med / 1e9, 'ratio_peak': flops / med / 1e9 / peak,
+           'ratio_torch': torch_t / med, 'loss': (torch_step.loss if k == 'torch' else steps[k].loss)}
+    if k != 'torch':
+      row['cost_analysis_gflop'] = steps[k].cost_flops / 1e9
+      row['compile_s'] = steps[k].compile_s
+    rows.append(row)
+    print(f'{row["side"]:<22}{med:>8.2f}{row["tokens_s"]:>9.0f}{row["gflops"]:>9.0f}'
+          f'{row["ratio_peak"]:>7.2f}{row["ratio_torch"]:>8.2f}{row["loss"]:>8.3f}')
+  if a.json:
+    with open(a.json, 'w') as f:
+      json.dump({'args': vars(a), 'cpu': cpu, 'cores': os.cpu_count(), 'jax': jax.__version__,
+                 'xla_flags': os.environ.get('XLA_FLAGS', ''), 'analytic_gflop': flops / 1e9,
+                 'peaks': peaks, 'times': times, 'rows': rows, 'python': platform.python_version(),
+                 'date': time.strftime('%Y-%m-%d %H:%M')}, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()
