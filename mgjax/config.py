@@ -108,6 +108,9 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   # Split each batch into this many micro-batches, summing their gradients: the same
   # update as the whole batch at a fraction of the activation memory.
   c.train.grad_accum_steps = 1
+  # MFU in the log is measured against this per-device peak in TFLOP/s; 0: the vendor's
+  # bf16 peak for known TPUs/GPUs, the measured matmul rate on CPU (mgjax.throughput).
+  c.train.peak_tflops = 0.0
 
   # Scores beyond loss, by decoding the validation sets with the KV cache (mgjax.evaluate):
   # at the start and the end of each stage, into WORKDIR/report.json and report.md.

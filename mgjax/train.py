@@ -30,7 +30,7 @@ from etils import epath
 from flax import nnx
 
 from mgjax import checkpoint, decode, evaluate as evaluation, lora, metrics, optim, report as reports
-from mgjax import preemption, sharding, stages
+from mgjax import preemption, sharding, stages, throughput
 from mgjax.data import build, pipeline
 from mgjax.models import vlm
 
@@ -261,6 +261,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   eval_step = jax.jit(summed_loss, out_shardings=replicated)
 
   writer = metrics.MetricsWriter(workdir, resume_step=start_step if start_step else None)
+  peak_tflops = throughput.peak_tflops_per_device(override=config.train.peak_tflops)
+
+  def compile_train_step(batch: dict[str, jax.Array]) -> tuple[Any, float | None]:
+    """The train step compiled for this batch's shapes, and its FLOPs per device."""
+    compiled = train_step.lower(trainable, opt_state, frozen, batch).compile()
+    flops = throughput.step_flops(compiled)
+    if accum > 1:
+      # XLA counts the micro-batch scan's body once; count the other trips from the
+      # un-partitioned HLO of one micro-batch (global FLOPs, so split over the devices).
+      micro = jax.eval_shape(lambda b: jax.tree.map(lambda x: x[0], split_micro_batches(b, accum)), batch)
+      micro_flops = throughput.lowered_flops(
+          jax.jit(jax.value_and_grad(summed_loss, has_aux=True)).lower(trainable, frozen, micro))
+      flops = throughput.accumulated_flops(flops, micro_flops and micro_flops / mesh.size, accum)
+    return compiled, flops
 
   def evaluate_losses(step: int) -> dict[str, float]:
     losses = {}
@@ -326,6 +340,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
                          desc=f"stage {config.stage}", dynamic_ncols=True)
     step = start_step
     pending = None  # the previous step's metrics, checked once the next step is dispatched
+    compiled_step, flops_per_device = None, None  # compiled at the first batch
 
     def check(step_and_metrics) -> None:
       nonlocal stopped
@@ -345,8 +360,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
       local = next(train_iter)
       window_tokens += float(local["segment_ids"].astype(bool).sum()) * jax.process_count()
       window_slots += local["segment_ids"].size * jax.process_count()
-      trainable, opt_state, step_metrics = train_step(
-          trainable, opt_state, frozen, sharding.to_global_batch(local, mesh))
+      batch = sharding.to_global_batch(local, mesh)
+      if compiled_step is None:
+        compiled_step, flops_per_device = compile_train_step(batch)
+        window_start = time.time()  # rates measure training, not compiling
+      trainable, opt_state, step_metrics = compiled_step(trainable, opt_state, frozen, batch)
       window_losses.append(step_metrics["loss"])
       progress.update(1)
       if pending:
@@ -368,16 +386,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
         losses = [float(l) for l in window_losses]  # waits for the device: timing is honest
         train_loss = losses[-1]
         elapsed = time.time() - window_start
+        speed = throughput.rates(steps=len(losses), seconds=elapsed, tokens=window_tokens,
+                                 flops_per_device=flops_per_device, peak_tflops=peak_tflops,
+                                 num_devices=mesh.size)
         writer.write(step, "train", loss=float(np.mean(losses)), lr=float(lr_schedule(step - 1)),
                      grad_norm=float(step_metrics["grad_norm"]), tokens_per_s=window_tokens / elapsed,
                      steps_per_s=len(losses) / elapsed,
                      # the share of token slots holding real tokens (not padding)
-                     token_efficiency=window_tokens / max(window_slots, 1))
-        progress.set_postfix(loss=f"{np.mean(losses):.3f}")
+                     token_efficiency=window_tokens / max(window_slots, 1), **speed)
+        progress.set_postfix(loss=f"{np.mean(losses):.3f}",
+                             **{k: f"{speed[k]:.3g}" for k in ("tflops_per_device", "mfu") if k in speed})
         window_losses, window_tokens, window_slots, window_start = [], 0.0, 0, time.time()
 
       score = None
       if is_eval:
+        eval_started = time.time()
         val_end = val_history[step] = evaluate_losses(step)
         checked = drift.check(val_end)
         if checked.changes:
@@ -397,6 +420,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
             stopped = {"reason": f"drift_{drift.action}", "step": step, "message": message}
         score = val_end[early_stop.split] if checked.within_bounds else None
         progress.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in val_end.items()))
+        window_start += time.time() - eval_started  # the next log's rates exclude evaluating
 
       if is_eval or step % config.train.checkpoint_every == 0 or stopped:
         ckpts.save(step, params=plain_params(trainable, frozen), opt_state=opt_state, data_iter=train_iter,

@@ -1,0 +1,102 @@
+"""How close a run is to the hardware's limit: tokens/s, TFLOP/s and MFU per device.
+
+FLOPs come from XLA's cost analysis of the compiled train step. Under SPMD that program is
+the per-device one, so its FLOPs are already per device. They are the FLOPs the hardware
+executes: recomputation under `model.llm.remat` and padded positions count, so with remat
+the utilisation reported is closer to HFU than to model-FLOPs MFU.
+
+The peak is the dense bf16 matmul peak of one device (the convention of PaLM and MaxText),
+from the vendor table below; on CPU it is the float32 matmul rate measured on this machine,
+shared among the virtual devices (`--xla_force_host_platform_device_count`).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 TFLOP/s of one JAX device, matched against `device.device_kind` (first match).
+# A TPU v4/v5p chip is one device (megacore); v5e/v6e ("lite") chips have one TensorCore.
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("TPU v6 lite", 918.0),  # v6e (Trillium)
+    ("TPU v6e", 918.0),
+    ("TPU v5 lite", 197.0),  # v5e
+    ("TPU v5e", 197.0),
+    ("TPU v5p", 459.0),
+    ("TPU v5", 459.0),  # v5p reports itself as "TPU v5"
+    ("TPU v4", 275.0),
+    ("H200", 989.0),  # SXM, dense (no sparsity)
+    ("H100", 989.0),
+)
+
+
+def step_flops(compiled: jax.stages.Compiled) -> float | None:
+  """FLOPs of one call of a compiled program on one device, or None if XLA gives none.
+
+  XLA counts a while loop's body once, whatever its trip count: callers with a scan over
+  micro-batches add the other trips themselves (see `accumulated_flops`).
+  """
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+def lowered_flops(lowered: jax.stages.Lowered) -> float | None:
+  """FLOPs from the unoptimised HLO (no compile): cheap, and close to the compiled count."""
+  analysis = lowered.cost_analysis()
+  flops = (analysis or {}).get("flops") if isinstance(analysis, dict) else None
+  return float(flops) if flops and flops > 0 else None
+
+
+def accumulated_flops(step: float | None, micro_batch: float | None, accum: int) -> float | None:
+  """A gradient-accumulation step's FLOPs: its scan body (one micro-batch) was counted once."""
+  if step is None or micro_batch is None or accum <= 1:
+    return step
+  return step + (accum - 1) * micro_batch
+
+
+@functools.cache
+def measured_matmul_tflops(size: int = 1024, repeats: int = 5) -> float:
+  """This machine's float32 matmul rate (all cores, one JAX CPU device), best of `repeats`."""
+  device = jax.local_devices(backend="cpu")[0]
+  a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best / 1e12
+
+
+def peak_tflops_per_device(device: Any = None, override: float = 0.0) -> float | None:
+  """The peak one device is measured against; None when the device is unknown (no MFU)."""
+  if override > 0:
+    return override
+  device = device or jax.local_devices()[0]
+  if device.platform == "cpu":
+    return measured_matmul_tflops() / jax.local_device_count()
+  for kind, peak in PEAK_TFLOPS:
+    if kind.lower() in device.device_kind.lower():
+      return peak
+  return None
+
+
+def rates(*, steps: int, seconds: float, tokens: float, flops_per_device: float | None,
+          peak_tflops: float | None, num_devices: int) -> dict[str, float]:
+  """The per-device rates of a window of `steps` steps that took `seconds` and fed `tokens`
+  real (non-padding) tokens in all; FLOP-based ones only when the FLOPs are known."""
+  out = {"tokens_per_s_per_device": tokens / seconds / num_devices}
+  if flops_per_device:
+    tflops = flops_per_device * steps / seconds / 1e12
+    out["tflops_per_device"] = tflops
+    if peak_tflops:
+      out["mfu"] = tflops / peak_tflops
+  return out
