@@ -50,5 +50,5 @@ def load_hf_lm(path: str, *, dtype: Any = jnp.float32, allow_pickle: bool = Fals
   with nnx.use_eager_sharding(False):
     abstract = nnx.eval_shape(lambda: DecoderLM(vocab_size=vocab_size, **llm, dtype=dtype, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
-  state.replace_by_pure_dict(jax.tree.map(jnp.asarray, params))
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
   return nnx.merge(graphdef, state)
