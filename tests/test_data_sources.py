@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from mgjax.data import sources
+from mgjax.data import sample, sources
 from mgjax.data.records import Record, Rejection
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared/data"
@@ -19,7 +19,7 @@ def _read(path, fmt, **kw):
 
 
 def test_registry_names_every_format():
-  assert set(sources.READERS) == {"lima", "oasst_trees", "llava_json"}
+  assert set(sources.READERS) == {"lima", "oasst_trees", "oasst_messages", "llava_json", "messages_jsonl"}
   with pytest.raises(ValueError, match="unknown source format"):
     sources.read("x", format="nope", source="s")
 
@@ -66,7 +66,8 @@ def _conv(*turns):
 def test_llava_json_images_categories_and_bad_records(tmp_path):
   root = tmp_path / "images"
   (root / "sub").mkdir(parents=True)
-  (root / "sub/a.png").write_bytes(b"PNGDATA")
+  png = sample.draw([("circle", "red", "center")])
+  (root / "sub/a.png").write_bytes(png)
   (tmp_path / "secret.png").write_bytes(b"SECRET")
   os.symlink(tmp_path / "secret.png", root / "link.png")
   data = [
@@ -87,7 +88,7 @@ def test_llava_json_images_categories_and_bad_records(tmp_path):
   recs, rejs = _read(path, "llava_json", image_root=str(root))
   by_id = {r.id: r for r in recs}
   assert list(by_id) == ["src:u1", "src:g1", "src:t1", "src:noplace"]
-  assert by_id["src:u1"].images == [b"PNGDATA"] and by_id["src:u1"].category == "understanding"
+  assert by_id["src:u1"].images == [png] and by_id["src:u1"].category == "understanding"
   assert by_id["src:g1"].category == "generation" and by_id["src:t1"].category == "text"
   # A single image without a placeholder goes first in the first human turn (LLaVA's convention).
   assert by_id["src:noplace"].messages[0]["content"] == "<image>\nDescribe."

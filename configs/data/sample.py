@@ -12,7 +12,7 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "sample"  # the TFDS builder config: DIR/mgjax_instructions/sample/<version>
-  c.version = "1.1.0"  # bump when the content changes, so old builds are not reused
+  c.version = "1.2.0"  # bump when the content changes, so old builds are not reused
   c.seed = 0  # sample content, validation hold-out and train order
   # Held out per category before mixing. Understanding gets the most: its accuracy is
   # compared across stages, and on 64 conversations (~110 answers) a few flipped answers

@@ -14,23 +14,28 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import random
+import multiprocessing
+import os
 import shutil
+import sys
 from typing import Any, Sequence
 
 from absl import app, flags, logging
 from etils import epath
 import ml_collections
 import tensorflow_datasets as tfds
+import tqdm
 
-from mgjax.data import builder, sample, sources, tokenizer
-from mgjax.data.records import CATEGORIES, Record, Rejection
+from mgjax.data import builder, card, dedup, filters, mixture, sample, sources, tokenizer
+from mgjax.data.records import Record, Rejection
 
-_SOURCE_KEYS = {"name", "format", "path", "image_root", "category", "options"}
+_SOURCE_KEYS = {"name", "format", "path", "image_root", "category", "options", "filters"}
 # The config fields that decide the built content; a stage config may embed the data
 # config beside pipeline keys (sequence length, batch size) that must not force rebuilds.
-_CONTENT_KEYS = ("name", "version", "seed", "val_per_category", "sample", "sources", "tokenizer")
+_CONTENT_KEYS = ("name", "version", "seed", "val_per_category", "sample", "sources", "tokenizer",
+                 "filters", "dedup", "mixture")
 _LOGGED_REJECTIONS = 20  # per source; the rest are counted and in rejected.jsonl
+_BATCH = 256  # records per task sent to a worker process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,74 +80,152 @@ def _resolve(path: str | None, root: epath.Path) -> str | None:
   return str(root / path)
 
 
-def _read_all(data_cfg, root: epath.Path) -> tuple[list[Record], list[Rejection], dict[str, Any]]:
-  """Reads every source; returns kept records, rejections and per-source counts."""
-  kept, rejected, card = [], [], {}
-  seen_ids: set[str] = set()
+def _check_specs(data_cfg, root: epath.Path) -> list[dict[str, Any]]:
+  """Every source spec, checked before any is read: a typo should fail in a second, not
+  after an hour of reading the sources before it."""
+  specs, names = [], set()
   for spec in data_cfg.sources:
     spec = dict(spec)
     unknown = set(spec) - _SOURCE_KEYS
     if unknown or not {"name", "format", "path"} <= set(spec):
       raise ValueError(f"data config source {spec}: needs name, format, path; unknown keys {sorted(unknown)} "
                        f"(allowed: {sorted(_SOURCE_KEYS)})")
-    name, path = spec["name"], _resolve(spec["path"], root)
-    counts = {"format": spec["format"], "path": path, "read": 0, "kept": 0,
-              "rejected": collections.Counter()}
-    if not epath.Path(path).exists():
-      raise FileNotFoundError(f"source {name!r}: {path} does not exist; fix 'path' in the data config "
-                              f"(relative paths resolve under {root})")
-    for item in sources.read(path, format=spec["format"], source=name,
-                             image_root=_resolve(spec.get("image_root"), root),
-                             category=spec.get("category"), **dict(spec.get("options") or {})):
-      counts["read"] += 1
-      if isinstance(item, Record) and item.id in seen_ids:
-        item = Rejection(name, path, f"id={item.id}", "duplicate id; ids must be unique across sources",
-                         kind="duplicate_id")
-      if isinstance(item, Rejection):
-        if counts["rejected"].total() < _LOGGED_REJECTIONS:
-          logging.warning("rejected: %s", item)
-        counts["rejected"][item.kind] += 1
-        rejected.append(item)
-        continue
-      seen_ids.add(item.id)
-      counts["kept"] += 1
-      kept.append(item)
-    n_rej = counts["rejected"].total()
-    logging.info("source %s: read %d, kept %d, rejected %d %s", name, counts["read"], counts["kept"],
-                 n_rej, dict(counts["rejected"]))
-    counts["rejected"] = dict(sorted(counts["rejected"].items()))
-    card[name] = counts
-  return kept, rejected, card
+    if spec["name"] in names:
+      raise ValueError(f"data config: two sources are named {spec['name']!r}; names must be unique")
+    names.add(spec["name"])
+    if spec["format"] not in sources.READERS:
+      raise ValueError(f"source {spec['name']!r}: unknown format {spec['format']!r}; known: {sorted(sources.READERS)}")
+    spec["path"] = _resolve(spec["path"], root)
+    spec["image_root"] = _resolve(spec.get("image_root"), root)
+    if not epath.Path(spec["path"]).exists():
+      raise FileNotFoundError(f"source {spec['name']!r}: {spec['path']} does not exist; fix 'path' in the data "
+                              f"config (relative paths resolve under {root})")
+    spec["quality"] = filters.QualityConfig.from_dict({**dict(data_cfg.get("filters") or {}),
+                                                       **dict(spec.get("filters") or {})})
+    specs.append(spec)
+  return specs
 
 
-def split_records(records: list[Record], val_per_category, seed: int) -> dict[str, list[Record]]:
-  """Holds out validation records per category, then mixes the rest into train.
+# Worker-process state: set once per process by _init_worker, so each task ships only records.
+_worker: dict[str, Any] = {}
 
-  `val_per_category` is one count for every category or a {category: count} mapping
-  (a score measured on a few dozen answers moves by several points when a handful of
-  answers flip, so a capability may need a larger set). Deterministic in (records,
-  seed). A category with fewer than 2 * its count gives half of them to validation so
-  training still sees it.
+
+def _init_worker(tokenizer_dir: str | None, dedup_cfg: dedup.DedupConfig) -> None:
+  _worker["count_tokens"] = (filters.tokenizer_counter(tokenizer_dir) if tokenizer_dir
+                             else filters.pretoken_counter())
+  _worker["dedup"] = dedup_cfg
+
+
+def _prepare(batch: list[tuple[Record | Rejection, filters.QualityConfig]]
+             ) -> list[tuple[Record | Rejection, dedup.Signature | None]]:
+  """Normalises and filters records and computes their dedup signatures (in a worker)."""
+  out = []
+  for item, quality_cfg in batch:
+    if isinstance(item, Record):
+      file, where = item.origin.split("\t", 1)
+      item = filters.Quality(quality_cfg, _worker["count_tokens"])(item, file, where)
+    out.append((item, dedup.signature(item, _worker["dedup"]) if isinstance(item, Record) else None))
+  return out
+
+
+def _batches(specs: list[dict[str, Any]], counts: dict[str, dict[str, Any]]):
+  """Reader output of every source in order, in batches for the workers."""
+  batch = []
+  for spec in specs:
+    for item in sources.read(spec["path"], format=spec["format"], source=spec["name"],
+                             image_root=spec["image_root"], category=spec.get("category"),
+                             **dict(spec.get("options") or {})):
+      counts[spec["name"]]["read"] += 1
+      batch.append((item, spec["quality"]))
+      if len(batch) == _BATCH:
+        yield batch
+        batch = []
+  if batch:
+    yield batch
+
+
+def _ordered_map(pool, fn, items, window: int):
+  """pool.imap with at most `window` tasks in flight: imap reads its input ahead without
+  limit, which would hold a whole corpus (images included) in memory."""
+  pending = collections.deque()
+  for x in items:
+    pending.append(pool.apply_async(fn, (x,)))
+    if len(pending) >= window:
+      yield pending.popleft().get()
+  while pending:
+    yield pending.popleft().get()
+
+
+def _clean(data_cfg, root: epath.Path, tokenizer_dir: str | None
+           ) -> tuple[list[Record], list[Rejection], dict[str, Any]]:
+  """Reads, normalises, filters and de-duplicates every source.
+
+  Returns the kept records, every dropped one as a Rejection (duplicates included, with
+  the id they duplicate), and per-source counts where read = kept + rejected + duplicates.
   """
-  rng = random.Random(seed)
-  by_cat = collections.defaultdict(list)
-  for r in records:
-    by_cat[r.category].append(r)
-  splits: dict[str, list[Record]] = {s: [] for s in builder.SPLITS}
-  train = []
-  for cat in CATEGORIES:
-    recs = sorted(by_cat.get(cat, []), key=lambda r: r.id)
-    rng.shuffle(recs)
-    wanted = val_per_category[cat] if hasattr(val_per_category, "keys") else val_per_category
-    n_val = min(wanted, len(recs) // 2)
-    if n_val < wanted and recs:
-      logging.warning("category %s has %d records: holding out %d for validation, not %d",
-                      cat, len(recs), n_val, wanted)
-    splits[f"val_{cat}"] = recs[:n_val]
-    train += recs[n_val:]
-  rng.shuffle(train)
-  splits["train"] = train
-  splits["train_generation"] = [r for r in train if r.category == "generation"]
+  specs = _check_specs(data_cfg, root)
+  dedup_cfg = dedup.DedupConfig.from_dict(data_cfg.get("dedup"))
+  index = dedup.Index(dedup_cfg)
+  counts = {s["name"]: {"format": s["format"], "path": s["path"], "read": 0, "kept": 0,
+                        "rejected": collections.Counter(), "duplicates": 0,
+                        "duplicate_kinds": collections.Counter()} for s in specs}
+  kept, dropped, seen_ids = [], [], set()
+  workers = data_cfg.get("num_workers") or os.cpu_count() or 1
+  pool = None
+  if workers > 1:
+    # Forking a process in which jax already started its threads can deadlock (the trainer
+    # builds after starting jax): spawn then. Otherwise fork, which starts in milliseconds
+    # and does not re-import the caller's main script.
+    context = multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
+    pool = context.Pool(workers, _init_worker, (tokenizer_dir, dedup_cfg))
+    results = _ordered_map(pool, _prepare, _batches(specs, counts), window=2 * workers)
+  else:
+    _init_worker(tokenizer_dir, dedup_cfg)
+    results = map(_prepare, _batches(specs, counts))
+  try:
+    with tqdm.tqdm(desc="cleaning", unit=" records", mininterval=2, disable=None) as progress:
+      for batch in results:
+        progress.update(len(batch))
+        for item, sig in batch:
+          c = counts[item.source]
+          if isinstance(item, Record) and item.id in seen_ids:
+            file, where = item.origin.split("\t", 1)
+            item = Rejection(item.source, file, where, "duplicate id; ids must be unique across sources",
+                             kind="duplicate_id")
+          if isinstance(item, Rejection):
+            if c["rejected"].total() < _LOGGED_REJECTIONS:
+              logging.warning("rejected: %s", item)
+            c["rejected"][item.kind] += 1
+            dropped.append(item)
+            continue
+          seen_ids.add(item.id)
+          dup = index.add(item.id, sig)
+          if dup is not None:
+            kind, first, similarity = dup
+            file, where = item.origin.split("\t", 1)
+            dropped.append(Rejection(item.source, file, where,
+                                     f"{kind.replace('_', ' ')} of {first} (similarity {similarity:.2f})",
+                                     kind=kind, duplicate_of=first))
+            c["duplicates"] += 1
+            c["duplicate_kinds"][kind] += 1
+            continue
+          c["kept"] += 1
+          kept.append(item)
+  finally:
+    if pool is not None:
+      pool.terminate()
+  for name, c in counts.items():
+    logging.info("source %s: read %d, kept %d, rejected %d %s, duplicates %d", name, c["read"], c["kept"],
+                 c["rejected"].total(), dict(c["rejected"]), c["duplicates"])
+    c["rejected"] = dict(sorted(c["rejected"].items()))
+    c["duplicate_kinds"] = dict(sorted(c["duplicate_kinds"].items()))
+  return kept, dropped, counts
+
+
+def split_records(records: list[Record], val_per_category, seed: int,
+                  mixture_cfg=None) -> dict[str, list[Record]]:
+  """Holds out validation records per category (stratified by source), then mixes train."""
+  splits, _ = mixture.split(records, val_per_category, seed, mixture.MixConfig.from_dict(mixture_cfg))
   return splits
 
 
@@ -155,13 +238,17 @@ def build(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDataset:
     sample.write_sample_sources(str(_sources_root(data_cfg, data_dir)), seed=data_cfg.seed,
                                 n_understanding=s.n_understanding, n_generation=s.n_generation,
                                 n_text=s.n_text)
-  records, rejected, source_card = _read_all(data_cfg, _sources_root(data_cfg, data_dir))
+  tok_cfg = data_cfg.tokenizer
+  # Lengths are counted in the configured tokenizer's tokens; one the build trains does not
+  # exist yet while filtering, so its lengths are counted in pre-tokens (see filters).
+  length_tokenizer = None if tok_cfg.get("train") else (tok_cfg.get("path") or None)
+  records, rejected, source_card = _clean(data_cfg, _sources_root(data_cfg, data_dir), length_tokenizer)
   if not records:
     raise ValueError(f"no record survived reading; see the warnings above for why (sources: "
                      f"{[s['name'] for s in data_cfg.sources]})")
-  splits = split_records(records, data_cfg.val_per_category, data_cfg.seed)
+  splits, mix_report = mixture.split(records, data_cfg.val_per_category, data_cfg.seed,
+                                     mixture.MixConfig.from_dict(data_cfg.get("mixture")))
 
-  tok_cfg = data_cfg.tokenizer
   if tok_cfg.get("train"):
     tokenizer_dir = str(epath.Path(data_dir) / "tokenizers" / data_cfg.name)
     # Train text only: validation must not shape the vocabulary it is scored with.
@@ -183,13 +270,13 @@ def build(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDataset:
     for rej in rejected:
       f.write(json.dumps(rej.to_json(), ensure_ascii=False) + "\n")
   (out / "build_config.json").write_text(json.dumps(_content(data_cfg), indent=1, sort_keys=True))
-  card = {"name": f"{builder.BUILDER_NAME}/{data_cfg.name}", "version": data_cfg.version,
-          "sources": source_card, "splits": sizes,
-          "categories": dict(collections.Counter(r.category for r in records)),
-          "tokenizer": tokenizer_dir}
-  # Written last: its presence marks a complete build (see ensure_built).
-  (out / "data_card.json").write_text(json.dumps(card, indent=1))
-  logging.info("built %s: splits %s; %d rejected (see %s)", out, sizes, len(rejected), out / "rejected.jsonl")
+  # Written last: the presence of data_card.json marks a complete build (see ensure_built).
+  card.write(out, name=f"{builder.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version,
+             sources=source_card, splits=splits, mixing=mix_report,
+             mix_by=mixture.MixConfig.from_dict(data_cfg.get("mixture")).by,
+             kept=records, tokenizer_dir=tokenizer_dir)
+  logging.info("built %s: splits %s; %d rejected or duplicate (see %s)", out, sizes, len(rejected),
+               out / "rejected.jsonl")
   return BuiltDataset(name=f"{builder.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version,
                       data_dir=data_dir, dataset_dir=str(out), tokenizer_dir=tokenizer_dir, splits=sizes)
 

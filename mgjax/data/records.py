@@ -25,6 +25,8 @@ class Record:
   category: str  # one of CATEGORIES
   messages: list[dict[str, str]]  # [{"role": ..., "content": ...}, ...]
   images: list[bytes] = dataclasses.field(default_factory=list)  # encoded JPEG/PNG
+  # Where the record came from ("path: line 12"), so a later stage that drops it can say so.
+  origin: str = dataclasses.field(default="", compare=False)
 
   def to_example(self) -> dict:
     """The dict a TFDS builder yields for this record."""
@@ -46,6 +48,7 @@ class Rejection:
   # A short stable name for the reason ("invalid_json", "missing_image", ...): the data
   # card counts rejections by it, since `reason` carries record-specific detail.
   kind: str = "invalid"
+  duplicate_of: str | None = None  # for duplicates: the id of the record that was kept
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -72,6 +75,16 @@ def check(record: Record) -> str | None:
       return f"turn {i}: empty {m.get('role')} turn"
   if not any(m["role"] == "assistant" for m in record.messages):
     return "no assistant turn: nothing to learn from"
+  # Templates and loss masks assume [system] user assistant user assistant ...: a
+  # conversation out of that order would be trained on a prompt it was never given.
+  turns = record.messages[1:] if record.messages[0]["role"] == "system" else record.messages
+  for i, m in enumerate(turns):
+    expected = "user" if i % 2 == 0 else "assistant"
+    if m["role"] != expected:
+      return (f"broken alternation: turn {i + len(record.messages) - len(turns)} is {m['role']}, expected "
+              f"{expected} (turns must go [system] user assistant user ...)")
+  if turns[-1]["role"] != "assistant":
+    return "broken alternation: the last turn is an unanswered user turn"
   slots = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in record.messages)
   if slots != len(record.images):
     return f"{slots} {IMAGE_PLACEHOLDER} placeholders but {len(record.images)} images"

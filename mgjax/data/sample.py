@@ -33,6 +33,7 @@ POSITIONS = {"top left": (0, 0), "top": (1, 0), "top right": (2, 0),
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 Shape = tuple[str, str, str]  # (shape, colour, position)
+_MAX_DRAWS = 1000  # redraws for a record unlike every earlier one
 
 
 # ---------------------------------------------------------------------------------------
@@ -103,13 +104,21 @@ def _questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str]]:
 
 
 def _understanding(n: int, rng: random.Random, images_dir: epath.Path) -> list[dict[str, Any]]:
-  records = []
+  records, seen = [], set()
   for i in range(n):
-    scene = _scene(rng)
+    # Redrawn until new: the same picture asked the same first question is a duplicate
+    # the builder would drop (and one could land in validation with its twin in train).
+    for _ in range(_MAX_DRAWS):
+      scene = _scene(rng)
+      qa = _questions(scene, rng)
+      turns = rng.sample(qa, k=min(len(qa), rng.choice((1, 1, 2, 3))))
+      if (tuple(sorted(scene)), turns[0][0]) not in seen:
+        break
+    else:
+      raise ValueError(f"sample: no new understanding conversation in {_MAX_DRAWS} draws; ask for fewer")
+    seen.add((tuple(sorted(scene)), turns[0][0]))
     name = f"shapes_{i:05d}.png"
     (images_dir / name).write_bytes(draw(scene))
-    qa = _questions(scene, rng)
-    turns = rng.sample(qa, k=min(len(qa), rng.choice((1, 1, 2, 3))))
     conv = []
     for t, (q, a) in enumerate(turns):
       conv.append({"from": "human", "value": f"<image>\n{q}" if t == 0 else q})
@@ -132,30 +141,41 @@ def _plural(shape: str, n: int) -> str:
 
 
 def _generation(n: int, rng: random.Random) -> list[dict[str, Any]]:
-  records = []
+  records, seen = [], set()
   for i in range(n):
-    kind = rng.choice(("count", "count", "place", "pair"))
-    if kind == "count":
-      shape, colour, k = rng.choice(SHAPES), rng.choice(sorted(COLOURS)), rng.randint(1, 4)
-      what = f"{'a' if k == 1 else NUMBERS[k]} {colour} {_plural(shape, k)}"
-      layout = "centered" if k == 1 else "evenly spaced"
-      prompt = (f"{NUMBERS[k].capitalize()} flat {colour} {_plural(shape, k)} {layout} on a plain "
-                f"white background, simple vector illustration")
-    elif kind == "place":
-      shape, colour, pos = rng.choice(SHAPES), rng.choice(sorted(COLOURS)), rng.choice(sorted(POSITIONS))
-      where = "in the center" if pos == "center" else f"in the {pos} corner" if " " in pos else f"at the {pos}"
-      what = f"a {colour} {shape} {where}"
-      prompt = f"A single flat {colour} {shape} {where} of a plain white canvas, simple vector illustration"
+    for _ in range(_MAX_DRAWS):
+      request, prompt = _generation_request(rng)
+      if request not in seen:
+        break
     else:
-      (s1, s2), (c1, c2) = rng.sample(SHAPES, 2), rng.sample(sorted(COLOURS), 2)
-      what = f"a {c1} {s1} next to a {c2} {s2}"
-      prompt = (f"A flat {c1} {s1} on the left and a flat {c2} {s2} on the right, plain white "
-                f"background, simple vector illustration")
-    request = rng.choice(_REQUESTS).format(what=what)
+      raise ValueError(f"sample: no new generation request in {_MAX_DRAWS} draws; ask for fewer")
+    seen.add(request)
     records.append({"id": f"gen_{i:05d}", "conversations": [
         {"from": "human", "value": f"{request} <GEN>"},
         {"from": "gpt", "value": f"<h>{prompt}.</h>"}]})
   return records
+
+
+def _generation_request(rng: random.Random) -> tuple[str, str]:
+  """A request in one of several phrasings and the prompt it should produce."""
+  kind = rng.choice(("count", "count", "place", "pair"))
+  if kind == "count":
+    shape, colour, k = rng.choice(SHAPES), rng.choice(sorted(COLOURS)), rng.randint(1, 4)
+    what = f"{'a' if k == 1 else NUMBERS[k]} {colour} {_plural(shape, k)}"
+    layout = "centered" if k == 1 else "evenly spaced"
+    prompt = (f"{NUMBERS[k].capitalize()} flat {colour} {_plural(shape, k)} {layout} on a plain "
+              f"white background, simple vector illustration")
+  elif kind == "place":
+    shape, colour, pos = rng.choice(SHAPES), rng.choice(sorted(COLOURS)), rng.choice(sorted(POSITIONS))
+    where = "in the center" if pos == "center" else f"in the {pos} corner" if " " in pos else f"at the {pos}"
+    what = f"a {colour} {shape} {where}"
+    prompt = f"A single flat {colour} {shape} {where} of a plain white canvas, simple vector illustration"
+  else:
+    (s1, s2), (c1, c2) = rng.sample(SHAPES, 2), rng.sample(sorted(COLOURS), 2)
+    what = f"a {c1} {s1} next to a {c2} {s2}"
+    prompt = (f"A flat {c1} {s1} on the left and a flat {c2} {s2} on the right, plain white "
+              f"background, simple vector illustration")
+  return rng.choice(_REQUESTS).format(what=what), prompt
 
 
 # ---------------------------------------------------------------------------------------
@@ -195,13 +215,16 @@ def _text_dialogue(rng: random.Random) -> list[tuple[str, str]]:
       turns.append(("Now count back down.", ", ".join(str(i) for i in range(b, a - 1, -1)) + "."))
   else:
     turns = []
+    # Distinct questions: asking the same thing twice in one dialogue teaches nothing more.
     for _ in range(rng.randint(1, 3)):
       if rng.random() < 0.5:
         shape = rng.choice(sorted(_SIDES))
-        turns.append((f"How many sides does a {shape} have?", f"A {shape} has {_SIDES[shape]} sides."))
+        qa = (f"How many sides does a {shape} have?", f"A {shape} has {_SIDES[shape]} sides.")
       else:
         (c1, c2), c = rng.choice(sorted(_MIXES.items()))
-        turns.append((f"What colour do you get by mixing {c1} and {c2}?", f"Mixing {c1} and {c2} gives {c}."))
+        qa = (f"What colour do you get by mixing {c1} and {c2}?", f"Mixing {c1} and {c2} gives {c}.")
+      if qa not in turns:
+        turns.append(qa)
   return turns
 
 
@@ -210,10 +233,22 @@ def _wrong(answer: str, rng: random.Random) -> str:
   return rng.choice(("I am not sure.", "I don't know, sorry.", f"Maybe {answer.lower()} Or not."))
 
 
-def _lima(n: int, rng: random.Random) -> list[dict[str, Any]]:
+def _new_dialogue(rng: random.Random, seen: set) -> list[tuple[str, str]]:
+  """A dialogue no earlier LIMA row or OASST tree has (the builder drops duplicates
+  across sources, and one could land in validation with its twin in train)."""
+  for _ in range(_MAX_DRAWS):
+    turns = _text_dialogue(rng)
+    # The same questions in another order are near-duplicates too.
+    if frozenset(turns) not in seen:
+      seen.add(frozenset(turns))
+      return turns
+  raise ValueError(f"sample: no new text dialogue in {_MAX_DRAWS} draws; ask for fewer")
+
+
+def _lima(n: int, rng: random.Random, seen: set) -> list[dict[str, Any]]:
   rows = []
   for i in range(n):
-    conv = [t for qa in _text_dialogue(rng) for t in qa]
+    conv = [t for qa in _new_dialogue(rng, seen) for t in qa]
     if i % 25 == 7:
       conv.append("Thanks! One more question?")  # unanswered: the reader must drop it
     rows.append({"conversations": conv, "source": "sample"})
@@ -231,11 +266,11 @@ def _message(rng: random.Random, tree: str, role: str, text: str, rank: int | No
   return msg
 
 
-def _oasst(n: int, rng: random.Random) -> list[dict[str, Any]]:
+def _oasst(n: int, rng: random.Random, seen: set) -> list[dict[str, Any]]:
   trees = []
   for i in range(n):
     tid = f"sample-tree-{i:05d}"
-    turns = _text_dialogue(rng)
+    turns = _new_dialogue(rng, seen)
     lang = "de" if i % 50 == 13 else "en"  # filtered out by the default lang="en"
     prompt = _message(rng, tid, "prompter", turns[0][0], lang=lang)
     parent = prompt
@@ -287,7 +322,9 @@ def write_sample_sources(out_dir: str, seed: int = 0, n_understanding: int = 150
       dump(_understanding(n_understanding, rngs["understanding"], images)))
   epath.Path(paths["generation"]).write_text(dump(_generation(n_generation, rngs["generation"])))
   n_lima = n_text // 2
-  epath.Path(paths["lima"]).write_text("".join(dump(r) + "\n" for r in _lima(n_lima, rngs["lima"])))
+  dialogues = set()  # shared: no dialogue appears in both files
+  epath.Path(paths["lima"]).write_text(
+      "".join(dump(r) + "\n" for r in _lima(n_lima, rngs["lima"], dialogues)))
   epath.Path(paths["oasst"]).write_text(
-      "".join(dump(t) + "\n" for t in _oasst(n_text - n_lima, rngs["oasst"])))
+      "".join(dump(t) + "\n" for t in _oasst(n_text - n_lima, rngs["oasst"], dialogues)))
   return paths

@@ -12,14 +12,16 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from mgjax.data.records import Record, Rejection
-from mgjax.data.sources import lima, llava_json, oasst
+from mgjax.data.sources import lima, llava_json, messages_jsonl, oasst
 
 Reader = Callable[..., Iterator[Record | Rejection]]
 
 READERS: dict[str, Reader] = {
     "lima": lima.read,
     "oasst_trees": oasst.read,
+    "oasst_messages": oasst.read_messages,
     "llava_json": llava_json.read,
+    "messages_jsonl": messages_jsonl.read,
 }
 
 

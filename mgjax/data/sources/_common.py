@@ -3,8 +3,10 @@ record into either a `Record` or a `Rejection` the same way in every format."""
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import json
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 from etils import epath
 
@@ -18,6 +20,7 @@ _CHECK_KINDS = (
     ("unknown role", "bad_role"),
     ("empty", "empty_turn"),
     ("no assistant turn", "no_assistant_turn"),
+    ("broken alternation", "bad_alternation"),
     ("placeholders but", "image_count_mismatch"),
     ("unknown category", "bad_category"),
 )
@@ -34,10 +37,23 @@ def check_kind(reason: str) -> str:
 def finish(record: Record, file: str, where: str, category: str | None = None) -> Record | Rejection:
   """Sets the category (given or inferred) and validates; a failing record becomes a Rejection."""
   record.category = category or records.infer_category(record.messages, len(record.images))
+  record.origin = f"{file}\t{where}"
   reason = records.check(record)
   if reason is None:
     return record
   return Rejection(record.source, file, where, reason, kind=check_kind(reason))
+
+
+@contextlib.contextmanager
+def open_binary(path: str) -> Iterator[IO[bytes]]:
+  """Opens a local or remote file for reading bytes; `.gz` files are decompressed, since
+  publishers ship large exports that way (oasst2's `*.jsonl.gz`)."""
+  with epath.Path(path).open("rb") as raw:
+    if str(path).endswith(".gz"):
+      with gzip.open(raw, "rb") as f:
+        yield f
+    else:
+      yield raw
 
 
 def iter_jsonl(path: str, source: str) -> Iterator[tuple[int, Any] | Rejection]:
@@ -46,7 +62,7 @@ def iter_jsonl(path: str, source: str) -> Iterator[tuple[int, Any] | Rejection]:
   Lines are numbered from 1 as editors show them; blank lines are skipped silently.
   Undecodable bytes (not UTF-8) reject only their own line.
   """
-  with epath.Path(path).open("rb") as f:
+  with open_binary(path) as f:
     for lineno, raw in enumerate(f, start=1):
       try:
         line = raw.decode("utf-8")

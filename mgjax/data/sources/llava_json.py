@@ -8,12 +8,14 @@ crafted dataset cannot read arbitrary files from the machine that builds it.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import posixpath
 from typing import Any, Iterator
 
 from etils import epath
+from PIL import Image
 
 from mgjax.data.records import IMAGE_PLACEHOLDER, Record, Rejection
 from mgjax.data.sources import _common
@@ -39,10 +41,10 @@ def _resolve_image(image_root: str, rel: str) -> epath.Path | str:
   return path
 
 
-def _record(obj: Any, index: int, path: str, source: str, image_root: str | None,
-            category: str | None) -> Record | Rejection:
+def to_record(obj: Any, where: str, path: str, source: str, image_root: str | None,
+              category: str | None) -> Record | Rejection:
+  """One LLaVA-shaped record, checked; `where` names its place in the file for rejections."""
   rid = obj.get("id") if isinstance(obj, dict) else None
-  where = f"record {index} (id={rid})"
   reject = lambda reason, kind: Rejection(source, path, where, reason, kind=kind)
   if not isinstance(obj, dict) or not isinstance(obj.get("conversations"), list):
     return reject('expected {"id", "conversations": [{"from", "value"}, ...]}', "bad_schema")
@@ -73,13 +75,21 @@ def _record(obj: Any, index: int, path: str, source: str, image_root: str | None
       return reject(f"image file not found: {resolved} (check image_root and the 'image' path)", "missing_image")
     except OSError as e:
       return reject(f"cannot read image {resolved}: {e}", "missing_image")
+    # Decoded in full, not just header-checked: a truncated download passes verify() and
+    # would only fail in the middle of training.
+    try:
+      with Image.open(io.BytesIO(images[-1])) as img:
+        img.load()
+    except Exception as e:  # PIL raises many types for bad files  # pylint: disable=broad-except
+      return reject(f"image {resolved} cannot be decoded ({type(e).__name__}: {e}); re-download or remove it",
+                    "corrupt_image")
   # LLaVA data with one image sometimes omits the placeholder; its convention is that the
   # image comes first in the first human turn.
   if images and not any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
     first_user = next((m for m in messages if m["role"] == "user"), None)
     if first_user is not None and len(images) == 1:
       first_user["content"] = f"{IMAGE_PLACEHOLDER}\n{first_user['content']}"
-  record = Record(id=f"{source}:{rid if rid is not None else index}", source=source, category="",
+  record = Record(id=f"{source}:{rid}", source=source, category="",
                   messages=messages, images=images)
   return _common.finish(record, path, where, category)
 
@@ -93,7 +103,7 @@ def read(path: str, *, source: str, image_root: str | None = None, category: str
   if options:
     raise ValueError(f"llava_json reader: unknown options {sorted(options)}")
   try:
-    with epath.Path(path).open("rb") as f:
+    with _common.open_binary(path) as f:
       data = json.loads(f.read().decode("utf-8"))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     yield Rejection(source, str(path), "whole file", f"invalid JSON: {e}", kind="invalid_json")
@@ -103,4 +113,7 @@ def read(path: str, *, source: str, image_root: str | None = None, category: str
                     f"expected a JSON array of records, got {type(data).__name__}", kind="bad_schema")
     return
   for index, obj in enumerate(data):
-    yield _record(obj, index, str(path), source, image_root, category)
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    if rid is None and isinstance(obj, dict):
+      obj = dict(obj, id=index)  # the position names a record that has no id
+    yield to_record(obj, f"record {index} (id={rid})", str(path), source, image_root, category)

@@ -1,0 +1,171 @@
+"""The data card: what a build read, dropped, kept and mixed, as JSON, Markdown and plots.
+
+  data_card.json   {"sources": {name: {"read", "kept", "rejected": {kind: n}, "duplicates", ...}},
+                    "splits": {split: n}, "mixing": ..., "composition": ..., "tokens": ..., "turns": ...}
+                   with read = kept + sum(rejected) + duplicates for every source
+  data_card.md     the same as tables, with the plots
+  records_by_source.png, token_lengths.png, turns_per_conversation.png
+
+Plots are drawn on bare matplotlib Figures (no pyplot), so building never touches a
+notebook's backend.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from typing import Any
+
+from etils import epath
+from matplotlib.figure import Figure
+import numpy as np
+
+from mgjax.data import filters
+from mgjax.data.records import CATEGORIES, Record
+
+PLOTS = ("records_by_source.png", "token_lengths.png", "turns_per_conversation.png")
+
+
+def _token_counter(tokenizer_dir: str | None) -> tuple[filters.TokenCounter, str]:
+  if tokenizer_dir:
+    return filters.tokenizer_counter(tokenizer_dir), f"tokens of {tokenizer_dir}"
+  return filters.pretoken_counter(), "byte-level pre-tokens (no tokenizer configured)"
+
+
+def _stats(values: list[int]) -> dict[str, float]:
+  if not values:
+    return {"n": 0}
+  a = np.asarray(values)
+  return {"n": int(a.size), "mean": round(float(a.mean()), 1), "p50": int(np.percentile(a, 50)),
+          "p95": int(np.percentile(a, 95)), "max": int(a.max())}
+
+
+def summarize(splits: dict[str, list[Record]], tokenizer_dir: str | None) -> dict[str, Any]:
+  """Composition, token lengths and turn counts of the splits."""
+  count, unit = _token_counter(tokenizer_dir)
+  composition = {s: {} for s in splits}
+  tokens: dict[str, dict[str, list[int]]] = {s: collections.defaultdict(list) for s in splits}
+  turns: dict[str, dict[str, list[int]]] = {s: collections.defaultdict(list) for s in splits}
+  for split, recs in splits.items():
+    for r in recs:
+      composition[split].setdefault(r.category, collections.Counter())[r.source] += 1
+      turns[split][r.category].append(len(r.messages))
+    lengths = count(["\n".join(m["content"] for m in r.messages) for r in recs]) if recs else []
+    for r, n in zip(recs, lengths):
+      tokens[split][r.category].append(n)
+  return {
+      "composition": {s: {c: dict(sorted(v.items())) for c, v in sorted(cats.items())}
+                      for s, cats in composition.items()},
+      "token_unit": unit,
+      "tokens": {s: {c: _stats(v) for c, v in sorted(cats.items())} for s, cats in tokens.items()},
+      "turns": {s: {c: dict(sorted(collections.Counter(v).items())) for c, v in sorted(cats.items())}
+                for s, cats in turns.items()},
+      "_raw_tokens": tokens,
+  }
+
+
+def _plot_records(out: epath.Path, composition: dict[str, dict[str, dict[str, int]]]) -> None:
+  sources = sorted({s for cats in composition.values() for by in cats.values() for s in by})
+  fig = Figure(figsize=(8, 0.5 + 0.45 * max(len(sources), 1)))
+  ax = fig.add_subplot()
+  left = np.zeros(len(sources))
+  for cat in CATEGORIES:
+    n = np.array([sum(composition[s].get(cat, {}).get(src, 0) for s in composition if s != "train_generation")
+                  for src in sources])
+    ax.barh(sources, n, left=left, label=cat)
+    left += n
+  ax.set_xlabel("records (train, with mixing, + validation)")
+  ax.set_title("Records by source and category")
+  ax.legend(loc="lower right")
+  fig.tight_layout()
+  fig.savefig(str(out / "records_by_source.png"), dpi=100)
+
+
+def _plot_tokens(out: epath.Path, tokens: dict[str, dict[str, list[int]]], unit: str) -> None:
+  fig = Figure(figsize=(8, 4))
+  ax = fig.add_subplot()
+  for cat in CATEGORIES:
+    values = [n for s, cats in tokens.items() if s != "train_generation" for n in cats.get(cat, [])]
+    if values:
+      ax.hist(values, bins=40, alpha=0.6, label=f"{cat} (n={len(values)})")
+  ax.set_xlabel(f"conversation length ({unit})")
+  ax.set_ylabel("records")
+  ax.set_title("Token lengths by category")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(str(out / "token_lengths.png"), dpi=100)
+
+
+def _plot_turns(out: epath.Path, turns: dict[str, dict[str, dict[int, int]]]) -> None:
+  fig = Figure(figsize=(8, 4))
+  ax = fig.add_subplot()
+  width = 0.8 / len(CATEGORIES)
+  for i, cat in enumerate(CATEGORIES):
+    hist = collections.Counter()
+    for s, cats in turns.items():
+      if s != "train_generation":
+        hist.update(cats.get(cat, {}))
+    if hist:
+      xs = sorted(hist)
+      ax.bar(np.array(xs) + (i - 1) * width, [hist[x] for x in xs], width=width, label=cat)
+  ax.set_xlabel("turns per conversation")
+  ax.set_ylabel("records")
+  ax.set_title("Turns per conversation")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(str(out / "turns_per_conversation.png"), dpi=100)
+
+
+def _markdown(card: dict[str, Any]) -> str:
+  lines = [f"# Data card: {card['name']} {card['version']}", "",
+           "## Sources", "", "Every record read is kept, rejected (with its reason in `rejected.jsonl`) or a "
+           "duplicate of an earlier one (also in `rejected.jsonl`, with the id it duplicates).", "",
+           "| source | format | read | kept | rejected | duplicates |", "| --- | --- | ---: | ---: | --- | ---: |"]
+  for name, s in card["sources"].items():
+    rejected = ", ".join(f"{k}: {v}" for k, v in s["rejected"].items()) or "0"
+    dups = ", ".join(f"{k}: {v}" for k, v in s["duplicate_kinds"].items())
+    lines.append(f"| {name} | {s['format']} | {s['read']} | {s['kept']} | {rejected} | "
+                 f"{s['duplicates']}{f' ({dups})' if dups else ''} |")
+  lines += ["", f"## Mixing (by {card['mixing']['by']})", "",
+            "Validation sets were held out per category (stratified by source) before mixing. A factor above 1 "
+            "repeats records (upsampling), below 1 samples them (downsampling).", "",
+            "| group | available for training | target | taken | factor |", "| --- | ---: | ---: | ---: | ---: |"]
+  for g, m in card["mixing"]["groups"].items():
+    lines.append(f"| {g} | {m['available']} | {m['target']} | {m['taken']} | {m['factor']} |")
+  lines += ["", "## Splits", "", "| split | records | by category and source |", "| --- | ---: | --- |"]
+  for split, n in card["splits"].items():
+    comp = "; ".join(f"{c}: " + ", ".join(f"{s} {k}" for s, k in by.items())
+                     for c, by in card["composition"][split].items())
+    lines.append(f"| {split} | {n} | {comp} |")
+  lines += ["", f"## Lengths ({card['token_unit']}, whole conversation)", "",
+            "| split | category | n | mean | p50 | p95 | max |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+  for split, cats in card["tokens"].items():
+    for c, st in cats.items():
+      lines.append(f"| {split} | {c} | {st['n']} | {st.get('mean', '')} | {st.get('p50', '')} | "
+                   f"{st.get('p95', '')} | {st.get('max', '')} |")
+  lines += ["", "![records by source](records_by_source.png)", "", "![token lengths](token_lengths.png)", "",
+            "![turns per conversation](turns_per_conversation.png)", ""]
+  return "\n".join(lines)
+
+
+def write(out: epath.Path, *, name: str, version: str, sources: dict[str, Any], splits: dict[str, list[Record]],
+          mixing: dict[str, Any], mix_by: str, kept: list[Record], tokenizer_dir: str | None) -> dict[str, Any]:
+  """Writes the plots, data_card.md and, last, data_card.json (which marks a finished build)."""
+  out = epath.Path(out)
+  summary = summarize(splits, tokenizer_dir)
+  raw_tokens = summary.pop("_raw_tokens")
+  card = {"name": name, "version": version, "sources": sources,
+          "splits": {s: len(v) for s, v in splits.items()},
+          "categories": dict(collections.Counter(r.category for r in kept)),
+          "mixing": {"by": mix_by, "groups": mixing},
+          **summary, "tokenizer": tokenizer_dir, "plots": list(PLOTS)}
+  for s in sources.values():
+    # The promise a reader of the card relies on; a failure here is a bug in the builder.
+    if s["read"] != s["kept"] + sum(s["rejected"].values()) + s["duplicates"]:
+      raise RuntimeError(f"builder bug: a source's counts do not add up (read != kept + rejected + duplicates): {s}")
+  _plot_records(out, summary["composition"])
+  _plot_tokens(out, raw_tokens, summary["token_unit"])
+  _plot_turns(out, summary["turns"])
+  (out / "data_card.md").write_text(_markdown(card))
+  (out / "data_card.json").write_text(json.dumps(card, indent=1))
+  return card
