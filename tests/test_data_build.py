@@ -96,10 +96,30 @@ def test_bad_records_are_reported_and_the_rest_is_built(built):
   assert card["sources"]["bad_llava"]["rejected"] == {"missing_image": 1}
   assert card["sources"]["oasst"]["rejected"] == {"language": 1}
   for s in card["sources"].values():
-    assert s["read"] == s["kept"] + sum(s["rejected"].values())
+    assert s["read"] == s["kept"] + sum(s["rejected"].values()) + s["duplicates"]
+    assert s["duplicates"] == 0  # the sample generator writes no duplicates
   assert card["splits"] == dataset.splits
   all_ids = {e["id"] for s in ("train", "val_understanding", "val_text") for e in _read_split(dataset, s)}
   assert b"bad_lima:1" in all_ids and b"bad_llava:ok" in all_ids
+
+
+def test_no_validation_record_is_a_near_duplicate_of_a_training_record(built):
+  # Checked by exact Jaccard over every (val, train) pair, not by the LSH index the build used.
+  from mgjax.data import dedup
+  from mgjax.data.records import Record
+  _, dataset = built
+
+  def shingle_set(e):
+    rec = Record(id="", source="", category="", images=list(e["images"]),
+                 messages=[{"role": r.decode(), "content": c.decode()}
+                           for r, c in zip(e["messages"]["role"], e["messages"]["content"])])
+    return dedup.shingles(dedup.words(rec), 5, dedup.image_digest(rec))
+
+  train = [shingle_set(e) for e in _read_split(dataset, "train")]
+  for split in ("val_understanding", "val_generation", "val_text"):
+    for e in _read_split(dataset, split):
+      s = shingle_set(e)
+      assert max(dedup.jaccard(s, t) for t in train) < 0.8, e["id"]
 
 
 def test_ensure_built_reuses_and_refuses_a_different_config(built):

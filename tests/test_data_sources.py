@@ -1,5 +1,6 @@
 """Readers: good records come through, every bad one becomes a Rejection saying where and why."""
 
+import gzip
 import json
 import os
 import pathlib
@@ -187,3 +188,61 @@ def test_oasst_real_tree_export():
   recs, rejs = _read(OASST_REAL, "oasst_trees", drop_synthetic=True)
   assert len(recs) == 95 and sum(len(r.messages) for r in recs) == 274
   assert len(rejs) == 5 and {r.kind for r in rejs} == {"dropped_message"}
+
+
+@pytest.mark.skipif(not OASST_REAL.exists(), reason=f"real OpenAssistant trees not found at {OASST_REAL} "
+                    "(../shared/data sits beside the repo on dev machines and CI, not in a fresh clone)")
+def test_oasst_real_top_k_and_all_threads():
+  # Counted independently with a throwaway script over the raw JSON: flatten every
+  # message with its parent, keep at each message the k best children (rank order,
+  # unranked last, ties in file order; all children for "all"), take every root-to-leaf
+  # path of kept messages, trim a trailing prompter turn, drop paths that became equal.
+  # top-2: 284 threads, 904 turns; all: 564 threads, 1844 turns.
+  recs, rejs = _read(OASST_REAL, "oasst_trees", threads="top_k", top_k=2)
+  assert (len(recs), sum(len(r.messages) for r in recs), len(rejs)) == (284, 904, 0)
+  assert len({r.id for r in recs}) == 284 and recs[0].id.endswith("/0")
+  recs, rejs = _read(OASST_REAL, "oasst_trees", threads="all")
+  assert (len(recs), sum(len(r.messages) for r in recs), len(rejs)) == (564, 1844, 0)
+  with pytest.raises(ValueError, match="threads="):
+    _read(OASST_REAL, "oasst_trees", threads="longest")
+
+
+@pytest.mark.skipif(not OASST_REAL.exists(), reason=f"real OpenAssistant trees not found at {OASST_REAL}")
+def test_oasst_flat_message_export_gives_the_same_threads(tmp_path):
+  # The flat export of the same trees (messages in tree order, linked by parent_id), plus a
+  # message whose parent is not in the file and a broken line.
+  rows = []
+  for line in OASST_REAL.read_text().splitlines():
+    tree = json.loads(line)
+    queue = [tree["prompt"]]
+    while queue:
+      msg = queue.pop(0)
+      queue += msg.get("replies", [])
+      rows.append(json.dumps({**{k: v for k, v in msg.items() if k != "replies"},
+                              "message_tree_id": tree["message_tree_id"]}))
+  rows += [json.dumps({"message_id": "orphan", "parent_id": "nowhere", "role": "assistant", "text": "x"}), "{"]
+  path = tmp_path / "messages.jsonl.gz"
+  path.write_bytes(gzip.compress(("\n".join(rows) + "\n").encode()))
+  recs, rejs = _read(path, "oasst_messages")
+  trees, _ = _read(OASST_REAL, "oasst_trees")
+  assert [r.messages for r in recs] == [r.messages for r in trees]
+  assert {(r.record, r.kind) for r in rejs} == {(f"line {len(rows) - 1} (message orphan)", "orphan_message"),
+                                                (f"line {len(rows)}", "invalid_json")}
+  recs, _ = _read(path, "oasst_messages", threads="all")
+  assert len(recs) == 564
+
+
+def test_messages_jsonl_reads_roles_images_and_ids(tmp_path):
+  (tmp_path / "img").mkdir()
+  png = sample.draw([("triangle", "green", "left")])
+  (tmp_path / "img/a.png").write_bytes(png)
+  rows = [{"id": "x", "messages": [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": "<image>\nShape?"},
+                                   {"role": "assistant", "content": "A triangle."}], "images": ["a.png"]},
+          {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
+  path = tmp_path / "chat.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  recs, rejs = _read(path, "messages_jsonl", image_root=str(tmp_path / "img"))
+  assert not rejs and [r.id for r in recs] == ["src:x", "src:2"]
+  assert recs[0].images == [png] and recs[0].category == "understanding" and recs[0].messages[0]["role"] == "system"
+  assert recs[1].category == "text"

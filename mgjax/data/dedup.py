@@ -113,7 +113,9 @@ class Index:
   def __init__(self, config: DedupConfig):
     self.config = config
     self._exact: dict[bytes, str] = {}
-    self._lsh = datasketch.MinHashLSH(threshold=config.threshold, num_perm=config.num_perm)
+    # The bands are tuned a little below the threshold: LSH misses some pairs just above
+    # its tuning point, and the extra candidates it lets through cost one comparison each.
+    self._lsh = datasketch.MinHashLSH(threshold=max(0.5, config.threshold - 0.1), num_perm=config.num_perm)
     self._minhashes: dict[str, np.ndarray] = {}
 
   def add(self, record_id: str, sig: Signature) -> tuple[str, str, float] | None:
