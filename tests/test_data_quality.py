@@ -248,3 +248,19 @@ def test_config_mistakes_fail_before_reading(tmp_path):
   ]:
     with pytest.raises((ValueError, FileNotFoundError), match=message):
       build.build(ml_collections.ConfigDict(dict(base, sources=sources)), str(tmp_path / "data"))
+
+
+OASST_REAL = pathlib.Path(__file__).resolve().parents[2] / "shared/data/oasst/en_100_tree.jsonl"
+
+
+@pytest.mark.skipif(not OASST_REAL.exists(), reason=f"real OpenAssistant trees not found at {OASST_REAL} "
+                    "(../shared/data sits beside the repo on dev machines and CI, not in a fresh clone)")
+def test_default_filters_keep_every_real_openassistant_thread():
+  # Human-written answers with code, lists and song choruses: the default rules must not
+  # mistake them for loops, wrong language or broken structure.
+  from mgjax.data import sources
+  q = _quality()
+  threads = [r for r in sources.read(str(OASST_REAL), format="oasst_trees", source="oasst", threads="all")
+             if isinstance(r, Record)]
+  assert len(threads) == 564
+  assert [(r.id, q.problem(filters.normalize(r))) for r in threads if q.problem(filters.normalize(r))[0]] == []
