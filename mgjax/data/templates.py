@@ -27,3 +27,112 @@ SAMPLE_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+
+
+# ---------------------------------------------------------------------------------------
+# The real LLMs' conversation formats, as Mini-Gemini (mgm/conversation.py, after LLaVA)
+# lays them out. Supervised: each answer and the tokens that end its turn, as MGM's
+# preprocess_* functions label them. `<image>` stays where the record put it (LLaVA data
+# writes "<image>\n" before the first question); it must be one token (see tokenizer.py).
+# ---------------------------------------------------------------------------------------
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+LLAMA_3_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the "
+                  "visual content that the user provides, and assist the user with a variety of "
+                  "tasks using natural language.")
+CHATML_SYSTEM = "Answer the questions."
+
+
+def _chat_template(*, start: str, system: str | None, system_turn: str, user_turn: str,
+                   assistant_prefix: str, assistant_turn: str) -> str:
+  """A Jinja chat template from its pieces. No whitespace control anywhere: the template has no
+  layout whitespace to strip, and every space and newline in it is part of the format.
+
+  system: the default system prompt (a leading system message replaces it); None for a
+  format without one, where a system message is put before the first question.
+  system_turn / user_turn: Jinja for those turns, with `content` in scope.
+  assistant_prefix: the text before an answer, also the generation prompt.
+  assistant_turn: the supervised part, with `content` in scope; it goes inside
+  {% generation %} so the assistant mask covers it exactly.
+  """
+  head = (
+      "{% if messages and messages[0]['role'] == 'system' %}"
+      "{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
+      "{% else %}"
+      f"{{% set system = {system!r} %}}{{% set turns = messages %}}"
+      "{% endif %}")
+  if system is None:
+    head = head.replace("{% set system = None %}", "{% set system = '' %}")
+    opening = start
+    first_user = "{% if loop.first and system %}{% set content = system + '\\n\\n' + content %}{% endif %}"
+  else:
+    opening = start + "{% set content = system %}" + system_turn
+    first_user = ""
+  return (
+      head + opening +
+      "{% for message in turns %}"
+      "{% set content = message['content'] %}"
+      "{% if message['role'] == 'user' %}" + first_user + user_turn +
+      "{% elif message['role'] == 'assistant' %}"
+      + assistant_prefix + "{% generation %}" + assistant_turn + "{% endgeneration %}"
+      "{% else %}"
+      "{{ raise_exception('role ' + message['role'] + ' where user or assistant was expected') }}"
+      "{% endif %}"
+      "{% endfor %}"
+      "{% if add_generation_prompt %}" + assistant_prefix + "{% endif %}")
+
+
+# vicuna_v1 (MGM-7B/13B): "<s>SYSTEM USER: q ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>".
+# The space after "ASSISTANT:" is inside the supervised part, so the generation prompt
+# "ASSISTANT:" is exactly what precedes an answer in training (sentencepiece glues the space
+# to the answer's first token either way).
+VICUNA_V1 = _chat_template(
+    start="{{ bos_token }}", system=VICUNA_SYSTEM, system_turn="{{ content }} ",
+    user_turn="USER: {{ content }} ", assistant_prefix="ASSISTANT:",
+    assistant_turn=" {{ content }}{{ eos_token }}")
+
+# gemma (MGM-2B): "<bos><start_of_turn>user\nq<end_of_turn>\n<start_of_turn>model\na<end_of_turn>\n<eos>".
+# MGM ends every model turn with <eos> too (conv_gemma's sep2), so the tokenizer's eos stops
+# generation. Gemma has no system turn: a system message goes before the first question.
+GEMMA = _chat_template(
+    start="{{ bos_token }}", system=None, system_turn="",
+    user_turn="<start_of_turn>user\n{{ content }}<end_of_turn>\n",
+    assistant_prefix="<start_of_turn>model\n",
+    assistant_turn="{{ content }}<end_of_turn>\n{{ eos_token }}")
+
+
+def _llama_3(assistant_header: str) -> str:
+  return _chat_template(
+      start="{{ bos_token }}", system=LLAMA_3_SYSTEM,
+      system_turn="<|start_header_id|>system<|end_header_id|>\n\n{{ content }}<|eot_id|>",
+      user_turn="<|start_header_id|>user<|end_header_id|>\n\n{{ content }}<|eot_id|>",
+      assistant_prefix=f"<|start_header_id|>{assistant_header}<|end_header_id|>\n\n",
+      assistant_turn="{{ content }}<|eot_id|>")
+
+
+# llama_3 (MGM-8B): Mini-Gemini's conv_llama_3 heads its answers "system", not "assistant"
+# (roles=(user, system) in mgm/conversation.py), and MGM-8B was trained and is prompted that
+# way, so this template keeps it. llama_3_instruct is Meta's own layout, for a Llama-3-Instruct
+# that was not trained by Mini-Gemini.
+LLAMA_3 = _llama_3("system")
+LLAMA_3_INSTRUCT = _llama_3("assistant")
+
+# chatml (MGM-34B on Nous-Hermes-2-Yi-34B): LLaVA's chatml_direct, turns joined with no newline:
+# "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\nq<|im_end|><|im_start|>assistant\na<|im_end|>".
+CHATML = _chat_template(
+    start="", system=CHATML_SYSTEM, system_turn="<|im_start|>system\n{{ content }}<|im_end|>",
+    user_turn="<|im_start|>user\n{{ content }}<|im_end|>",
+    assistant_prefix="<|im_start|>assistant\n", assistant_turn="{{ content }}<|im_end|>")
+
+
+# name (model.template) -> (chat template, its special tokens, the token that ends an answer
+# (None: the tokenizer's eos already does)).
+TEMPLATES: dict[str, tuple[str, tuple[str, ...], str | None]] = {
+    "sample": (SAMPLE_CHAT_TEMPLATE, tuple(ROLE_MARKERS.values()), None),
+    "vicuna_v1": (VICUNA_V1, (), None),
+    "gemma": (GEMMA, ("<start_of_turn>", "<end_of_turn>"), None),
+    "llama_3": (LLAMA_3, ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), "<|eot_id|>"),
+    "llama_3_instruct": (LLAMA_3_INSTRUCT, ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), "<|eot_id|>"),
+    "chatml": (CHATML, ("<|im_start|>", "<|im_end|>"), "<|im_end|>"),
+}

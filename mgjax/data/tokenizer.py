@@ -50,3 +50,44 @@ def train_sample_tokenizer(texts: Iterable[str], out_dir: str,
 def load(tokenizer_dir: str) -> transformers.PreTrainedTokenizerBase:
   """Loads a saved tokenizer from a local directory, never touching the network."""
   return transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+
+
+def apply_template(tokenizer: transformers.PreTrainedTokenizerBase,
+                   name: str = "") -> transformers.PreTrainedTokenizerBase:
+  """Readies a tokenizer (an LLM's own, usually) for the pipeline, in place, and returns it.
+
+  - name (model.template, a key of templates.TEMPLATES) sets its chat template; "" keeps the
+    tokenizer's own (the sample tokenizer carries the sample template).
+  - Special tokens the template spells (e.g. <start_of_turn>) become single tokens: added
+    as special tokens where the vocabulary lacks them, so no text can spell them either.
+  - The template's end-of-answer token becomes eos where it is not eos already (Llama 3's
+    <|eot_id|>, ChatML's <|im_end|>): generation stops where training taught answers to end.
+  - `<image>` is added as a special token when missing: the pipeline expands it into the
+    image's visual tokens.
+  Added tokens grow len(tokenizer): model.vocab_size must cover it (`python -m mgjax.convert
+  import-llm --vocab_size` pads an imported embedding).
+
+  Raises:
+    ValueError: an unknown template name, or a tokenizer without a fast backend (assistant
+      masks need its character offsets).
+  """
+  if name and name not in templates.TEMPLATES:
+    raise ValueError(f"model.template={name!r}: unknown; known: {sorted(templates.TEMPLATES)} "
+                     "(or '' for the tokenizer's own)")
+  if not tokenizer.is_fast:
+    raise ValueError(f"tokenizer {tokenizer.name_or_path} is not a fast tokenizer: the assistant "
+                     "loss mask needs character offsets; load it with use_fast=True")
+  chat_template, specials, end_of_answer = templates.TEMPLATES[name] if name else (None, (), None)
+  vocab = tokenizer.get_vocab()
+  # Present means text spelling it comes out as that one token; a vocabulary entry the
+  # pre-tokenizer never produces (it splits at "<") does not count.
+  missing = [t for t in (*specials, templates.IMAGE)
+             if tokenizer.encode(t, add_special_tokens=False) != [vocab.get(t)]]
+  if missing:
+    tokenizer.add_special_tokens({"additional_special_tokens": missing},
+                                 replace_extra_special_tokens=False)
+  if chat_template is not None:
+    tokenizer.chat_template = chat_template
+  if end_of_answer and tokenizer.eos_token != end_of_answer:
+    tokenizer.eos_token = end_of_answer
+  return tokenizer
