@@ -32,6 +32,7 @@ from flax import nnx
 from mgjax import checkpoint, decode, evaluate as evaluation, lora, metrics, optim, report as reports
 from mgjax import preemption, sharding, stages, throughput
 from mgjax.data import build, pipeline
+from mgjax.data import tokenizer as tokenizers
 from mgjax.models import vlm
 
 
@@ -138,7 +139,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
       build.ensure_built(config.data.recipe, config.data.data_dir)
     multihost_utils.sync_global_devices("mgjax: dataset built")
     dataset = build.load_built(config.data.recipe, config.data.data_dir)
-  tokenizer = transformers.AutoTokenizer.from_pretrained(dataset.tokenizer_dir)
+  # The LLM's conversation format (model.template; '' keeps the tokenizer's own) and the
+  # special tokens the pipeline needs; saved below, so predict uses the same.
+  tokenizer = tokenizers.apply_template(transformers.AutoTokenizer.from_pretrained(dataset.tokenizer_dir),
+                                        config.model.get("template", ""))
   if is_main:
     save_tokenizer(tokenizer, workdir)
   model_cfg = resolve_model_config(config.model, tokenizer)

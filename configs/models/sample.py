@@ -12,6 +12,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     vocab_size=1024,
     image_token_id=5,
     dtype='float32',  # compute dtype; params stay float32, logits are always float32
+    # The conversation template (mgjax.data.templates.TEMPLATES: vicuna_v1, gemma, llama_3,
+    # chatml, ...); '' keeps the tokenizer's own (the sample tokenizer carries the sample one).
+    template='',
     # The decoder; mgjax/models/llm.py's docstring describes every key.
     llm=dict(family='llama',  # llama | gemma | qwen2
              hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, mlp=384,
