@@ -10,6 +10,7 @@ not fit, so a checkpoint imported for one preset cannot silently start another.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -30,8 +31,11 @@ def fresh_params(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> dict[st
     with nnx.use_eager_sharding(False):
       return nnx.to_pure_dict(nnx.split(vlm.MiniGemini(model_cfg, rngs=nnx.Rngs(seed)))[1])
 
-  # On the host: an accelerator may not hold a whole model in float32, the host usually can.
-  with jax.default_device(jax.devices('cpu')[0]):
+  # One jitted program (XLA's persistent cache keeps it across runs) rather than one compile
+  # per initializer, run on the host: an accelerator may not hold the whole model in float32.
+  # vlm's tracer patch keeps tracing a large model linear in its size (see vlm.abstract_model).
+  cheap_tracing = getattr(vlm, '_cheap_tracer_errors', contextlib.nullcontext)
+  with jax.default_device(jax.devices('cpu')[0]), cheap_tracing():
     return jax.tree.map(np.asarray, jax.jit(create)())
 
 
