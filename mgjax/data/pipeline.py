@@ -16,15 +16,14 @@ A batch (per process) is a dict of numpy arrays:
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import grain
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image
 
+from mgjax.data import images as image_processing
 from mgjax.data.records import IMAGE_PLACEHOLDER
 
 
@@ -33,15 +32,8 @@ def _text(value: Any) -> str:
 
 
 def preprocess_image(data: bytes, size: int, mean: tuple, std: tuple) -> np.ndarray:
-  """Decodes, resizes the shorter side to `size` (bicubic), centre-crops, normalises."""
-  image = Image.open(io.BytesIO(data)).convert("RGB")
-  w, h = image.size
-  scale = size / min(w, h)
-  image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
-  left, top = (image.width - size) // 2, (image.height - size) // 2
-  image = image.crop((left, top, left + size, top + size))
-  pixels = np.asarray(image, dtype=np.float32) / 255.0
-  return (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  """Decodes and preprocesses as transformers' CLIPImageProcessor at `size` (see data.images)."""
+  return image_processing.clip_preprocess(image_processing.decode(data), size, mean, std)
 
 
 class ConversationEncoder:
@@ -161,8 +153,10 @@ class ConversationEncoder:
     lowres = np.zeros((slots, self.lowres_size, self.lowres_size, 3), np.float32)
     highres = np.zeros((slots, self.highres_size, self.highres_size, 3), np.float32)
     for i, data in enumerate(images):
-      lowres[i] = preprocess_image(data, self.lowres_size, self.image_mean, self.image_std)
-      highres[i] = preprocess_image(data, self.highres_size, self.image_mean, self.image_std)
+      # As Mini-Gemini: the high-res input through the CLIP processor, the low-res one
+      # resized down from it (data.images.mgm_pair).
+      lowres[i], highres[i] = image_processing.mgm_pair(
+          image_processing.decode(data), self.lowres_size, self.highres_size, self.image_mean, self.image_std)
     return {"images_lowres": lowres, "images_highres": highres}
 
 

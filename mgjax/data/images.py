@@ -1,0 +1,111 @@
+"""Image preprocessing for Mini-Gemini's two towers, matching the references pixel for pixel.
+
+- `clip_preprocess`: transformers' CLIPImageProcessor (its PIL backend, the one CLIP, LLaVA
+  and Mini-Gemini were trained with): RGB, shortest side to `size` with PIL bicubic (the
+  long side truncated as transformers does), centre crop, x 1/255, (x - mean) / std.
+- `mgm_pair`: how Mini-Gemini builds both inputs from one image (MGM's train.py and
+  process_images): the high-res (ConvNeXt) input is the same CLIP processor at the high-res
+  size (OpenCLIP's convnext_large_d_320 uses OpenAI CLIP's mean/std, which MGM asserts),
+  and the low-res (CLIP) input is that normalised image resized down by torch's
+  interpolate(mode='bilinear', align_corners=False), without antialiasing.
+  Optionally MGM's image_aspect_ratio='pad' first pastes the image centred on a square
+  of the mean colour.
+
+Arrays are HWC float32 (the models take NHWC).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+# OpenAI CLIP's normalisation, used by both towers of every Mini-Gemini release.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def decode(data: bytes) -> Image.Image:
+  """Encoded image bytes (JPEG, PNG, ...) -> an RGB PIL image."""
+  return Image.open(io.BytesIO(data)).convert('RGB')
+
+
+def resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
+  """Bicubic resize so the shorter side is `size`; the longer is int(size * long / short),
+  truncated, as transformers' get_resize_output_image_size computes it."""
+  w, h = image.size
+  short, long = (w, h) if w <= h else (h, w)
+  new_long = int(size * long / short)
+  new_size = (size, new_long) if w <= h else (new_long, size)
+  return image.resize(new_size, Image.Resampling.BICUBIC)
+
+
+def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
+  """The centre size x size of an HWC array (top/left offsets rounded down)."""
+  h, w = pixels.shape[:2]
+  if h < size or w < size:
+    raise ValueError(f'cannot centre-crop {size}x{size} from a {h}x{w} image')
+  top, left = (h - size) // 2, (w - size) // 2
+  return pixels[top:top + size, left:left + size]
+
+
+def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """uint8 HWC -> float32 (x / 255 - mean) / std."""
+  scaled = (pixels.astype(np.float64) / 255.0).astype(np.float32)
+  return (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def clip_preprocess(image: Image.Image, size: int, mean: Sequence[float] = CLIP_MEAN,
+                    std: Sequence[float] = CLIP_STD) -> np.ndarray:
+  """CLIPImageProcessor(size={'shortest_edge': size}, crop_size=size) -> [size, size, 3]."""
+  resized = np.asarray(resize_shortest_side(image.convert('RGB'), size))
+  return normalize(center_crop(resized, size), mean, std)
+
+
+def expand_to_square(image: Image.Image, mean: Sequence[float] = CLIP_MEAN) -> Image.Image:
+  """MGM's expand2square: the image centred on a square of the mean colour (int(m * 255))."""
+  w, h = image.size
+  if w == h:
+    return image
+  side = max(w, h)
+  square = Image.new(image.mode, (side, side), tuple(int(m * 255) for m in mean))
+  square.paste(image, ((side - w) // 2, (side - h) // 2))
+  return square
+
+
+def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] weights of torch's 1-D bilinear interpolation, align_corners=False."""
+  # Source positions in float32, as torch computes them for float32 images: the rounding
+  # of the scale moves far pixels by ~1e-4 of a pixel, which float64 would not reproduce.
+  scale = np.float32(n_in) / np.float32(n_out)
+  src = scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+  src = np.maximum(src, np.float32(0.0)).astype(np.float64)  # torch clamps at 0
+  lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  hi = np.minimum(lo + 1, n_in - 1)
+  frac = src - lo
+  weights = np.zeros((n_out, n_in), np.float64)
+  np.add.at(weights, (np.arange(n_out), lo), 1.0 - frac)
+  np.add.at(weights, (np.arange(n_out), hi), frac)
+  return weights
+
+
+def bilinear_resize(pixels: np.ndarray, size: int) -> np.ndarray:
+  """HWC float -> [size, size, C] as torch's interpolate(bilinear, align_corners=False)."""
+  rows = _bilinear_matrix(pixels.shape[0], size)
+  cols = _bilinear_matrix(pixels.shape[1], size)
+  # Two separable matmuls (rows, then columns); a single 3-operand einsum runs naively.
+  out = np.tensordot(rows, pixels.astype(np.float64), axes=(1, 0))  # [size, W, C]
+  out = np.tensordot(cols, out, axes=(1, 1))  # [size(cols), size(rows), C]
+  return out.transpose(1, 0, 2).astype(np.float32)
+
+
+def mgm_pair(image: Image.Image, lowres_size: int, highres_size: int,
+             mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD, *,
+             pad_to_square: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """Mini-Gemini's (low-res, high-res) inputs of one image: [l, l, 3], [h, h, 3]."""
+  if pad_to_square:
+    image = expand_to_square(image.convert('RGB'), mean)
+  highres = clip_preprocess(image, highres_size, mean, std)
+  return bilinear_resize(highres, lowres_size), highres
