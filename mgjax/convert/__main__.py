@@ -26,9 +26,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
                  'a Hugging Face causal-LM folder -> a checkpoint for --config.init_from'),
   'export-llm': ('mgjax.convert.__main__', 'export_llm',
                  "a workdir's LLM -> a folder transformers loads (AutoModelForCausalLM)"),
-  # Vision towers and whole Mini-Gemini checkpoints (mgjax/convert/vision.py) register here:
-  # 'import-vision': ('mgjax.convert.vision', 'import_vision', '...'),
-  # 'import-mgm': ('mgjax.convert.vision', 'import_mgm', '...'),
+  'import-mgm': ('mgjax.convert.mgm', 'import_mgm',
+                 'a Mini-Gemini (or its LLM + CLIP + ConvNeXt) -> a checkpoint for --config.init_from'),
 }
 
 # What a Hugging Face folder's tokenizer consists of; copied next to imported/exported weights.

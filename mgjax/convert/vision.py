@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mgjax.convert.llm import ConversionError
 from mgjax.models.mining import PatchInfoMining, Projector
 from mgjax.models.vision import ConvNeXt, VisionTransformer
 
@@ -55,7 +56,7 @@ def _conv(x, target):  # torch Conv2d [O, I, kh, kw] -> [kh, kw, I, O]
   return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(ConversionError):
   """Weights that do not fit the model config: names every tensor that does not fit."""
 
 
