@@ -5,8 +5,6 @@ parameter paths the trainer freezes by regex, e.g. 'vision_.*' or 'llm/layers/0/
 """
 
 import contextlib
-import inspect
-import logging
 from unittest import mock
 
 import jax
@@ -29,33 +27,6 @@ def num_image_tokens(cfg: ml_collections.ConfigDict) -> int:
   return (vis.image_size // vis.patch_size) ** 2
 
 
-# LLM config keys whose value here means "plain Llama": a DecoderLM that does not take
-# them yet builds the same shapes without them (see build_llm).
-_LLAMA_DEFAULTS = {'family': 'llama', 'rope_scaling': None, 'qkv_bias': False}
-
-
-def build_llm(cfg: ml_collections.ConfigDict, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> DecoderLM:
-  """The decoder LM from `model.llm` and `model.vocab_size`.
-
-  A key DecoderLM does not take is dropped only where it cannot change the shapes
-  (the Llama defaults above, or `family` alone: Gemma's and Qwen2's weights have Llama's
-  shapes apart from qkv_bias), with a warning, so presets build abstractly while the
-  LLM families are being added; any other unknown key is an error.
-  """
-  kwargs = dict(cfg.llm)
-  accepted = inspect.signature(DecoderLM.__init__).parameters
-  dropped = []
-  for key in [k for k in kwargs if k not in accepted]:
-    if key == 'family' or (key in _LLAMA_DEFAULTS and kwargs[key] == _LLAMA_DEFAULTS[key]):
-      dropped.append(f'{key}={kwargs.pop(key)!r}')
-    else:
-      raise ValueError(f'model.llm.{key}={kwargs[key]!r} is not supported by this DecoderLM')
-  if dropped:
-    logging.warning('DecoderLM does not take %s yet: built as a Llama of the same shapes',
-                    ', '.join(dropped))
-  return DecoderLM(vocab_size=cfg.vocab_size, **kwargs, dtype=dtype, rngs=rngs)
-
-
 class MiniGemini(nnx.Module):
   """The Mini-Gemini VLM, built from the `model` config section."""
 
@@ -75,7 +46,7 @@ class MiniGemini(nnx.Module):
     self.mining = PatchInfoMining(lowres['width'], self.vision_highres.feature_channels,
                                   dtype=dtype, rngs=rngs)
     self.projector = Projector(lowres['width'], cfg.llm.hidden, dtype=dtype, rngs=rngs)
-    self.llm = build_llm(cfg, dtype=dtype, rngs=rngs)
+    self.llm = DecoderLM(vocab_size=cfg.vocab_size, **dict(cfg.llm), dtype=dtype, rngs=rngs)
 
   def encode_images(self, images_lowres: jax.Array, images_highres: jax.Array) -> jax.Array:
     """[N, Hl, Wl, 3], [N, Hh, Wh, 3] -> visual tokens [N, num_image_tokens, hidden]."""
