@@ -83,6 +83,10 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   c.data.replay_split = "train"
 
   c.model = preset("models", model)
+  # A preset may name the sequence length its model is fine-tuned at (Mini-Gemini's
+  # model_max_length, 2048); --config.data.seq_len still overrides it.
+  if "seq_len" in c.model:
+    c.data.seq_len = c.model.seq_len
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3

@@ -54,17 +54,5 @@ def main(argv: list[str]) -> None:
   print(summary.format(), flush=True)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, with a plain message for a --config.KEY the config does not have."""
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:  # what ml_collections raises for an unknown key
-    detail = " ".join(str(e.args[0] if e.args else e).replace("\\n", "\n").replace("\\'", "'").split())
-    sys.exit(f"error: unknown config key in the command line: {detail}\n"
-             "Every --config.KEY=VALUE must name a field the config file defines (README: Configs).")
-  except flags.Error as e:
-    sys.exit(f"error: {e}\nRun with --helpfull to list the flags.")
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=runtime.parse_flags)

@@ -16,7 +16,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from jax.experimental import multihost_utils
@@ -118,6 +118,40 @@ def split_micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Ar
   """[B, ...] -> [k, B/k, ...]; micro-batch j takes rows j, j+k, ..., so every device keeps
   its own rows (the batch axis is split over devices in contiguous blocks)."""
   return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), batch)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    model_params: Callable[[Any, Any], Any], accum: int) -> tuple[Callable, Callable]:
+  """The train step (trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics),
+  and the summed loss (trainable, frozen, batch) -> (loss sum, token count) it differentiates.
+
+  `model_params(trainable, frozen)` gives the model's weights (merged adapters under LoRA);
+  `accum` > 1 sums the gradients of that many micro-batches. Shared by training and by
+  `mgjax.plan`, which compiles it for a topology it does not have.
+  """
+  loss_fn = make_loss_fn(graphdef)
+
+  def summed_loss(trainable, frozen, batch):
+    return loss_fn(model_params(trainable, frozen), batch)
+
+  def train_step(trainable, opt_state, frozen, batch):
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+    if accum == 1:
+      (loss_sum, count), grads = grad_fn(trainable, frozen, batch)
+    else:
+      def add_micro_batch(carry, micro):
+        (loss_sum, count), grads = grad_fn(trainable, frozen, micro)
+        return jax.tree.map(jnp.add, carry, (loss_sum, count, grads)), None
+      zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, trainable))
+      (loss_sum, count, grads), _ = jax.lax.scan(add_micro_batch, zeros, split_micro_batches(batch, accum))
+    # Mean over the whole batch's supervised tokens, however it was split.
+    grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return trainable, opt_state, {"loss": loss_sum / jnp.maximum(count, 1.0), "count": count,
+                                  "grad_norm": optax.tree.norm(grads)}
+
+  return train_step, summed_loss
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
@@ -236,27 +270,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     num_trainable = sum(x.size for x, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels)) if l == "trainable")
 
   # ---------------------------------------------------------------- Compiled steps
-  loss_fn = make_loss_fn(graphdef)
-
-  def summed_loss(trainable, frozen, batch):
-    return loss_fn(model_params(trainable, frozen), batch)
-
-  def train_step(trainable, opt_state, frozen, batch):
-    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
-    if accum == 1:
-      (loss_sum, count), grads = grad_fn(trainable, frozen, batch)
-    else:
-      def add_micro_batch(carry, micro):
-        (loss_sum, count), grads = grad_fn(trainable, frozen, micro)
-        return jax.tree.map(jnp.add, carry, (loss_sum, count, grads)), None
-      zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, trainable))
-      (loss_sum, count, grads), _ = jax.lax.scan(add_micro_batch, zeros, split_micro_batches(batch, accum))
-    # Mean over the whole batch's supervised tokens, however it was split.
-    grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    return trainable, opt_state, {"loss": loss_sum / jnp.maximum(count, 1.0), "count": count,
-                                  "grad_norm": optax.tree.norm(grads)}
+  train_step, summed_loss = make_train_step(graphdef, tx, model_params, accum)
 
   replicated = sharding.replicated(mesh)
   train_step = jax.jit(

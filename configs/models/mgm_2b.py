@@ -12,6 +12,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
     vocab_size=256000,
     image_token_id=0,  # replaced by the tokenizer's <image> id when training starts
+    seq_len=2048,  # data.seq_len: Mini-Gemini's fine-tuning model_max_length
     dtype='bfloat16',  # compute dtype; params stay float32, logits are always float32
     template='gemma',  # the conversation template MGM-2B was trained with
     llm=dict(family='gemma', hidden=2048, layers=18, heads=8, kv_heads=1, head_dim=256,

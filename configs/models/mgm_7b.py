@@ -13,6 +13,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
     vocab_size=32000,
     image_token_id=0,  # replaced by the tokenizer's <image> id when training starts
+    seq_len=2048,  # data.seq_len: Mini-Gemini's fine-tuning model_max_length
     dtype='bfloat16',  # compute dtype; params stay float32, logits are always float32
     template='vicuna_v1',  # the conversation template MGM-7B was trained with
     llm=dict(family='llama', hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128,

@@ -13,6 +13,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
     vocab_size=128256,
     image_token_id=0,  # replaced by the tokenizer's <image> id when training starts
+    seq_len=2048,  # data.seq_len: Mini-Gemini's fine-tuning model_max_length
     dtype='bfloat16',  # compute dtype; params stay float32, logits are always float32
     template='llama_3',  # the conversation template MGM-8B was trained with
     # Llama-3-8B-Instruct's config.json has rope_theta 500000 and rope_scaling null: the
