@@ -49,6 +49,10 @@ def parse_args() -> argparse.Namespace:
   p.add_argument('--no_torch', action='store_true', help='skip the PyTorch side')
   p.add_argument('--profile', default='', help='write a perfetto trace of one step per variant here')
   p.add_argument('--json', default='', help='also write the results here')
+  p.add_argument('--micro', type=int, default=0,
+                 help='instead of steps: time one layer\'s attention forward+backward per variant, '
+                 'this many interleaved repetitions (short calls resolve small differences on a '
+                 'loaded machine better than 10 s steps)')
   return p.parse_args()
 
 
@@ -163,11 +167,39 @@ def attention_bhtd(q, k, v, mask=None):
   return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
 
 
+def causal_blocks(base, blocks: int):
+  """`base` run per block of queries against only the keys up to the block's end.
+
+  Valid for masks that are causal (a query never sees a later key), as the trainer's packed
+  masks are: the skipped keys are masked anyway. It computes (blocks + 1) / (2 blocks) of the
+  T x T scores and softmax instead of all of them.
+  """
+  def attention(q, k, v, mask=None):
+    t = q.shape[1]
+    if t != k.shape[1] or t % blocks:
+      return base(q, k, v, mask)
+    c = t // blocks
+    outs = []
+    for i in range(blocks):
+      end = (i + 1) * c
+      m = None if mask is None else mask[:, i * c:end, :end]
+      outs.append(base(q[:, i * c:end], k[:, :end], v[:, :end], m))
+    return jnp.concatenate(outs, axis=1)
+  return attention
+
+
 ATTENTION = {
   'trainer': None,  # whatever mgjax.models.layers.dot_product_attention is now
   'einsum5d': attention_einsum_5d,
   'jax_nn': attention_jax_nn,
   'bhtd': attention_bhtd,
+  'einsum5d_causal4': causal_blocks(attention_einsum_5d, 4),
+  'einsum5d_causal8': causal_blocks(attention_einsum_5d, 8),
+  'bhtd_causal4': causal_blocks(attention_bhtd, 4),
+  'bhtd_causal8': causal_blocks(attention_bhtd, 8),
+  'bhtd_causal16': causal_blocks(attention_bhtd, 16),
+  'einsum5d_causal16': causal_blocks(attention_einsum_5d, 16),
+  'jax_nn_causal4': causal_blocks(attention_jax_nn, 4),
 }
 # A variant is attention[+loss]; the loss part picks the trainer's make_loss_fn ('trainer').
 VARIANTS_HELP = f'attention one of {sorted(ATTENTION)}'
@@ -275,6 +307,35 @@ class TorchStep:
     return time.perf_counter() - t
 
 
+# ------------------------------------------------------------------ attention micro-benchmark
+
+def micro(a: argparse.Namespace, variants: list[str]) -> None:
+  """Forward + backward of one layer's attention (scores, mask, softmax, values) per variant."""
+  from mgjax.models.llm import attention_mask
+  rng = np.random.default_rng(0)
+  shape_q = (a.batch, a.seq, a.heads, a.head_dim)
+  shape_kv = (a.batch, a.seq, a.kv_heads, a.head_dim)
+  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (shape_q, shape_kv, shape_kv))
+  mask = attention_mask(jnp.ones((a.batch, a.seq), jnp.int32))
+  fns = {}
+  for name in variants:
+    f = ATTENTION[name.split('+')[0]] or mg_layers.dot_product_attention
+    loss = lambda q, k, v, f=f: jnp.sum(f(q, k, v, mask) ** 2)
+    fns[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    jax.block_until_ready(fns[name](q, k, v))
+  times = {n: [] for n in fns}
+  for _ in range(a.micro):
+    for n, f in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(f(q, k, v))
+      times[n].append(time.perf_counter() - t)
+  base = statistics.median(times[variants[0]])
+  print(f'attention fwd+bwd, one layer, [{a.batch}, {a.seq}, {a.heads}x{a.head_dim}], '
+        f'{a.micro} interleaved calls; median ms (ratio to {variants[0]})')
+  for n, t in times.items():
+    print(f'  {n:<22}{statistics.median(t) * 1e3:8.1f} ms  {statistics.median(t) / base:5.2f}')
+
+
 # ------------------------------------------------------------------ main
 
 def main() -> None:
@@ -283,6 +344,9 @@ def main() -> None:
   for v in variants:
     if v.split('+')[0] not in ATTENTION:
       sys.exit(f'unknown variant {v!r}: {VARIANTS_HELP}')
+  if a.micro:
+    micro(a, variants)
+    return
   flops = analytic_flops(a)
   tokens = a.batch * a.seq
   counts = param_counts(a)

@@ -164,7 +164,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
     q, k, v = self._project(x, positions)
-    return self.o_proj(dot_product_attention(q, k, v, mask))
+    # The mask comes from attention_mask: causal, so blocks of keys past each query are skipped.
+    return self.o_proj(dot_product_attention(q, k, v, mask, causal=True))
 
   def extend(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
              kv: dict[str, jax.Array], index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
