@@ -42,7 +42,12 @@ ACCELERATORS: tuple[tuple[str, float, float], ...] = (
 def _use_virtual_devices(n: int) -> None:
   """XLA reads the device count once, when jax initialises its CPU backend: before that."""
   kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-  os.environ["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={n}"])
+  # The program is compiled, never run: skip LLVM's optimisation of the CPU code. Memory
+  # figures come from XLA's buffer assignment, before LLVM, and do not change (checked on
+  # the sample: same bytes, a third less compile time).
+  fast = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+  fast = [f for f in fast if f.split("=")[0] not in " ".join(kept)]
+  os.environ["XLA_FLAGS"] = " ".join(kept + fast + [f"--xla_force_host_platform_device_count={n}"])
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 
