@@ -11,7 +11,10 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg  # one preset; the argument keeps the big_vision get_config(arg) signature
   return ml_collections.ConfigDict(dict(
-    vocab_size=128256,
+    # The released 128256-token vocabulary plus 128 rows for <image> (which the trainer adds to
+    # the tokenizer) and other added tokens; a multiple of 128 shards evenly. The importers
+    # (python -m mgjax.convert) pad the embedding to it.
+    vocab_size=128384,
     image_token_id=0,  # replaced by the tokenizer's <image> id when training starts
     seq_len=2048,  # data.seq_len: Mini-Gemini's fine-tuning model_max_length
     dtype='bfloat16',  # compute dtype; params stay float32, logits are always float32
