@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, load_params
+from conftest import REPO, cli_args, load_params
 from mgjax import metrics
 
 STEPS, CHECKPOINT_EVERY = 6, 3
@@ -28,16 +28,9 @@ def free_port() -> int:
 
 
 def command(workdir: str, data_dir: str, cache: str) -> list[str]:
-  return [
-      sys.executable, "-m", "mgjax.main", "--config=configs/stage1.py:data=sample:tiny", f"--workdir={workdir}",
-      f"--compilation_cache={cache}", f"--config.data.data_dir={data_dir}", "--config.data.batch_size=8",
-      "--config.train.eval_batch_size=8", "--config.train.log_every=1", f"--config.train.steps={STEPS}",
-      f"--config.train.checkpoint_every={CHECKPOINT_EVERY}", f"--config.train.eval_every={STEPS}",
-      "--config.eval.decode=False",
-      # Packed rows are filled from each process's own share of the examples, so packed
-      # global batches depend on the process count (see pipeline.train_iterator).
-      "--config.data.packing=False",
-  ]
+  # Packed rows are filled from each process's own share of the examples, so packed
+  # global batches depend on the process count (see pipeline.train_iterator).
+  return cli_args(workdir, data_dir, cache, STEPS, CHECKPOINT_EVERY) + ["--config.data.packing=False"]
 
 
 def run_processes(workdir: str, data_dir: str, cache: str, num_processes: int, devices_each: int) -> None:

@@ -17,20 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, load_params, tiny_config
+from conftest import REPO, cli_args, load_params, tiny_config
 from mgjax import checkpoint, metrics, train
 
-
-
-def cli_args(workdir: str, data_dir: str, cache: str, steps: int, checkpoint_every: int) -> list[str]:
-  """The same run as tiny_config(1, ...) with those steps, as a user types it."""
-  return [
-      sys.executable, "-m", "mgjax.main", "--config=configs/stage1.py:data=sample:tiny", f"--workdir={workdir}",
-      f"--compilation_cache={cache}", f"--config.data.data_dir={data_dir}", "--config.data.batch_size=8",
-      "--config.train.eval_batch_size=8", "--config.train.log_every=1", f"--config.train.steps={steps}",
-      f"--config.train.checkpoint_every={checkpoint_every}", f"--config.train.eval_every={steps}",
-      "--config.eval.decode=False",
-  ]
 
 
 def test_stage1_learns_every_capability(stage1):
