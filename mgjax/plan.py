@@ -74,7 +74,7 @@ def plan(config, num_devices: int) -> dict:
   param_shardings = sharding.state_shardings(abstract_state, mesh, rules).to_pure_dict()
   params = sharding.abstract_like(abstract_state.to_pure_dict(), param_shardings)
   tx, _ = optim.make(config.optim, config.train.steps, params)
-  opt_state = sharding.abstract_outputs(jax.jit(tx.init), mesh, params)
+  opt_state = sharding.abstract_optimizer_state(tx, params, mesh)
   opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
 
   b, t, m = config.data.batch_size, config.data.seq_len, config.data.max_images

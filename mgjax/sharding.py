@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -104,3 +105,19 @@ def abstract_outputs(jitted, mesh: Mesh, *args) -> Any:
 
   on_mesh = jax.tree.map(lambda s: NamedSharding(mesh, P()) if s.is_fully_replicated else s, out_shardings)
   return abstract_like(shapes, on_mesh)
+
+
+def abstract_optimizer_state(tx: optax.GradientTransformation, abstract_trainable: Any, mesh: Mesh) -> Any:
+  """The optimizer state's shapes with shardings: each moment laid out like its weight.
+
+  Left to XLA, Adam's moments would come out replicated: `zeros_like` does not read its
+  input, so no sharding propagates from the weights, and every device would hold the
+  whole optimizer state (3x the weights under FSDP). Counters and other scalars are
+  replicated.
+  """
+  shapes = jax.eval_shape(tx.init, abstract_trainable)
+  shardings = optax.tree_map_params(
+      tx, lambda _, weight: weight.sharding, shapes, abstract_trainable,
+      transform_non_params=lambda _: NamedSharding(mesh, P()))
+  return abstract_like(shapes, shardings)
+

@@ -228,7 +228,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
 
   plain_params = jax.jit(model_params, out_shardings=param_shardings)
   tx, lr_schedule = optim.make(config.optim, steps, abstract_trainable)
-  abstract_opt_state = sharding.abstract_outputs(jax.jit(tx.init), mesh, abstract_trainable)
+  abstract_opt_state = sharding.abstract_optimizer_state(tx, abstract_trainable, mesh)
   opt_shardings = jax.tree.map(lambda x: x.sharding, abstract_opt_state)
   init_opt_state = jax.jit(tx.init, out_shardings=opt_shardings)
 
