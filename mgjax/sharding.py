@@ -112,12 +112,25 @@ def abstract_optimizer_state(tx: optax.GradientTransformation, abstract_trainabl
 
   Left to XLA, Adam's moments would come out replicated: `zeros_like` does not read its
   input, so no sharding propagates from the weights, and every device would hold the
-  whole optimizer state (3x the weights under FSDP). Counters and other scalars are
-  replicated.
+  whole optimizer state (3x the weights under FSDP). A state leaf belongs to the weight
+  whose path ends its own path with the same shape (optax nests a copy of the weight tree
+  per moment, under masks for frozen weights, which optax.tree_map_params cannot follow);
+  counters and other leaves are replicated.
   """
-  shapes = jax.eval_shape(tx.init, abstract_trainable)
-  shardings = optax.tree_map_params(
-      tx, lambda _, weight: weight.sharding, shapes, abstract_trainable,
-      transform_non_params=lambda _: NamedSharding(mesh, P()))
-  return abstract_like(shapes, shardings)
+  def key(entry) -> str:
+    return str(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))))
 
+  weights = {tuple(key(k) for k in path): leaf
+             for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_trainable)[0]}
+  depths = sorted({len(p) for p in weights}, reverse=True)
+
+  def layout(path, leaf) -> NamedSharding:
+    keys = tuple(key(k) for k in path)
+    for depth in depths:
+      weight = weights.get(keys[-depth:])
+      if weight is not None and weight.shape == leaf.shape:
+        return weight.sharding
+    return NamedSharding(mesh, P())
+
+  shapes = jax.eval_shape(tx.init, abstract_trainable)
+  return abstract_like(shapes, jax.tree_util.tree_map_with_path(layout, shapes))

@@ -1,5 +1,6 @@
 """mgjax.plan: the train step compiled ahead of time for a topology, on abstract values."""
 
+import math
 import os
 import subprocess
 import sys
@@ -9,7 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from mgjax import config as mgjax_config, plan
+from flax import nnx
+
+from mgjax import config as mgjax_config, optim, plan, sharding
+from mgjax.models import abstract_model
 
 
 def sample_config(**mesh):
@@ -55,3 +59,25 @@ def test_an_image_that_cannot_fit_the_sequence_is_named():
   c.data.seq_len = 8
   with pytest.raises(ValueError, match=r"data.seq_len=8 cannot hold one image"):
     plan.plan(c, len(jax.devices()))
+
+
+def test_optimizer_moments_are_laid_out_like_their_weights_also_when_some_are_frozen():
+  c = sample_config(data=1, fsdp=-1)
+  c.optim.freeze = ("vision_.*",)
+  mesh = sharding.make_mesh(c.mesh)
+  _, state = nnx.split(abstract_model(c.model))
+  shardings = sharding.state_shardings(state, mesh, sharding.logical_rules(c.mesh)).to_pure_dict()
+  params = sharding.abstract_like(state.to_pure_dict(), shardings)
+  tx, _ = optim.make(c.optim, 10, params)
+  opt_state = sharding.abstract_optimizer_state(tx, params, mesh)
+  moments = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+             if x.ndim]
+  trainable = sum(x.size for name, x in jax.tree_util.tree_flatten_with_path(params)[0]
+                  if not jax.tree_util.keystr(name).startswith("['vision_"))
+  # Two moments (Adam) per trainable weight, none for the frozen towers...
+  assert sum(x.size for _, x in moments) == 2 * trainable
+  # ...each split over the 8 fsdp devices like its weight (a few small ones stay whole).
+  per_device = sum(math.prod(x.sharding.shard_shape(x.shape)) for _, x in moments)
+  assert per_device < 1.05 * 2 * trainable / 8
+  embedding = [x for name, x in moments if "embed_tokens" in name]
+  assert embedding and all(x.sharding == params["llm"]["embed_tokens"]["embedding"].sharding for x in embedding)
