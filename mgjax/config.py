@@ -98,7 +98,8 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   c.optim.grad_clip = 1.0
   # Regexes over parameter paths like "vision_lowres/encoder/layers/0/mlp/fc1/kernel";
   # matching parameters are not updated (and get no optimizer state).
-  c.optim.freeze = ()
+  # A model preset may name what its recipe freezes (Mini-Gemini: both vision towers).
+  c.optim.freeze = tuple(c.model.get("freeze", ()))
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 300

@@ -96,7 +96,8 @@ def plan(config, num_devices: int) -> dict:
       "images_highres": spec((b, m, highres, highres, 3), jnp.float32),
   }
   accum = config.train.grad_accum_steps
-  train_step, summed_loss = train.make_train_step(graphdef, tx, lambda trainable, frozen: trainable, accum)
+  train_step, summed_loss = train.make_train_step(graphdef, tx, lambda trainable, frozen: trainable, accum,
+                                                  tuple(config.optim.freeze))
   step = jax.jit(train_step, donate_argnums=(0, 1),
                  out_shardings=(param_shardings, opt_shardings, sharding.replicated(mesh)))
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):

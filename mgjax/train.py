@@ -121,13 +121,16 @@ def split_micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Ar
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    model_params: Callable[[Any, Any], Any], accum: int) -> tuple[Callable, Callable]:
+                    model_params: Callable[[Any, Any], Any], accum: int,
+                    freeze: tuple[str, ...] = ()) -> tuple[Callable, Callable]:
   """The train step (trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics),
   and the summed loss (trainable, frozen, batch) -> (loss sum, token count) it differentiates.
 
   `model_params(trainable, frozen)` gives the model's weights (merged adapters under LoRA);
-  `accum` > 1 sums the gradients of that many micro-batches. Shared by training and by
-  `mgjax.plan`, which compiles it for a topology it does not have.
+  `accum` > 1 sums the gradients of that many micro-batches; `freeze` (optim.freeze) names
+  the weights whose gradients are dropped at once, so XLA never computes them (the frozen
+  towers' backward pass) and the logged grad_norm covers what trains. Shared by training and
+  by `mgjax.plan`, which compiles it for a topology it does not have.
   """
   loss_fn = make_loss_fn(graphdef)
 
@@ -146,6 +149,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       (loss_sum, count, grads), _ = jax.lax.scan(add_micro_batch, zeros, split_micro_batches(batch, accum))
     # Mean over the whole batch's supervised tokens, however it was split.
     grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+    if freeze:
+      # Zeros that read nothing: the frozen weights' gradients become dead code.
+      labels = optim.frozen_labels(grads, freeze)
+      grads = jax.tree.map(lambda g, label: jnp.zeros_like(g) if label == "frozen" else g, grads, labels)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     return trainable, opt_state, {"loss": loss_sum / jnp.maximum(count, 1.0), "count": count,
@@ -270,7 +277,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     num_trainable = sum(x.size for x, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels)) if l == "trainable")
 
   # ---------------------------------------------------------------- Compiled steps
-  train_step, summed_loss = make_train_step(graphdef, tx, model_params, accum)
+  # LoRA trains adapters only (optim.freeze applies to plain weights).
+  train_step, summed_loss = make_train_step(graphdef, tx, model_params, accum,
+                                            () if use_lora else tuple(config.optim.freeze))
 
   replicated = sharding.replicated(mesh)
   train_step = jax.jit(

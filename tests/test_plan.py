@@ -35,6 +35,12 @@ def test_fsdp_splits_weights_and_optimizer_state_over_the_devices():
   assert split["peak_bytes"] < replicated["peak_bytes"]
   # The same work either way: the per-device FLOPs of the two layouts add up alike.
   np.testing.assert_allclose(split["flops_per_device"], replicated["flops_per_device"], rtol=0.15)
+  # Frozen towers: their gradients are never computed (not merely discarded).
+  towers_frozen = sample_config(data=1, fsdp=-1)
+  towers_frozen.optim.freeze = ("vision_lowres/.*", "vision_highres/.*")
+  frozen = plan.plan(towers_frozen, 8)
+  assert frozen["flops_per_device"] < 0.985 * split["flops_per_device"]  # the towers are small here
+  assert frozen["opt_state_bytes"] < split["opt_state_bytes"]
   # A train step's FLOPs are at least 6 per parameter per token slot of the LLM part.
   tokens = split["batch"]["tokens"]
   assert split["flops_per_device"] * 8 > 2 * tokens * replicated["num_params"]

@@ -15,6 +15,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (python -m mgjax.convert) pad the embedding to it.
     vocab_size=256128,
     image_token_id=0,  # replaced by the tokenizer's <image> id when training starts
+    # optim.freeze: Mini-Gemini trains the LLM, mining and projector; both towers stay frozen.
+    freeze=('vision_lowres/.*', 'vision_highres/.*'),
     seq_len=2048,  # data.seq_len: Mini-Gemini's fine-tuning model_max_length
     dtype='bfloat16',  # compute dtype; params stay float32, logits are always float32
     template='gemma',  # the conversation template MGM-2B was trained with
