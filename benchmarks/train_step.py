@@ -21,6 +21,7 @@ XLA flags are read once when JAX starts, so variants of them are separate invoca
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -237,7 +238,8 @@ class JaxStep:
     attention = ATTENTION[variant.split('+')[0]]
     original = mg_llm.dot_product_attention
     if attention is not None:
-      mg_llm.dot_product_attention = attention  # llm.py calls the name it imported
+      # llm.py calls the name it imported; the variants decide about block skipping themselves.
+      mg_llm.dot_product_attention = lambda q, k, v, mask=None, causal=False: attention(q, k, v, mask)
     try:
       model = TextOnly(mg_llm.DecoderLM(
         vocab_size=a.vocab, hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
@@ -319,7 +321,8 @@ def micro(a: argparse.Namespace, variants: list[str]) -> None:
   mask = attention_mask(jnp.ones((a.batch, a.seq), jnp.int32))
   fns = {}
   for name in variants:
-    f = ATTENTION[name.split('+')[0]] or mg_layers.dot_product_attention
+    # The trainer's function as Attention.__call__ calls it (its mask is causal).
+    f = ATTENTION[name.split('+')[0]] or functools.partial(mg_layers.dot_product_attention, causal=True)
     loss = lambda q, k, v, f=f: jnp.sum(f(q, k, v, mask) ** 2)
     fns[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     jax.block_until_ready(fns[name](q, k, v))
