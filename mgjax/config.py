@@ -77,6 +77,9 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   c.data.prefetch = 4
   c.data.image_mean = CLIP_MEAN
   c.data.image_std = CLIP_STD
+  # Pad images to a square with the mean colour before the centre crop, as Mini-Gemini's
+  # fine-tuning does (image_aspect_ratio "pad"), so nothing at the edges is cut away.
+  c.data.pad_to_square = False
   # Stage 2: mix this fraction of `replay_split` (the stage-1 mix) into every batch's
   # draw, so specialising on generation keeps rehearsing understanding and text.
   c.data.replay_fraction = 0.0

@@ -157,3 +157,32 @@ def test_packed_rows_give_the_same_per_token_loss(setup):
   assert float(packed_count) == float(unpacked_count) > 0
   np.testing.assert_allclose(float(packed_sum) / float(packed_count), float(unpacked_sum) / float(unpacked_count),
                              rtol=1e-5)
+
+
+def test_pad_to_square_keeps_what_the_centre_crop_would_cut(setup):
+  """data.pad_to_square: a wide image is padded with the mean colour, not cropped, as
+  Mini-Gemini's fine-tuning (image_aspect_ratio "pad") feeds it."""
+  import io
+
+  from PIL import Image
+
+  from mgjax.data import images
+
+  config, dataset, tokenizer, _, n = setup
+  pixels = np.zeros((40, 120, 3), np.uint8)
+  pixels[:, :20] = (255, 0, 0)  # a red band at the left edge: a centre crop cuts it away
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format="PNG")
+  example = dict(find(build.open_split(dataset, "train"), b"understanding", with_images=True))
+  example["images"] = [buffer.getvalue()]
+  model_cfg = resolve_model_config(config.model, tokenizer)
+  padded_cfg = ml_collections.ConfigDict({**config.data.to_dict(), "pad_to_square": True})
+  cropped = pipeline.make_encoder(tokenizer, config.data, model_cfg, n)._images(example, 1)
+  padded = pipeline.make_encoder(tokenizer, padded_cfg, model_cfg, n)._images(example, 1)
+  expected_low, expected_high = images.mgm_pair(Image.open(io.BytesIO(buffer.getvalue())),
+                                                config.model.vision_lowres.image_size,
+                                                config.model.vision_highres.image_size, pad_to_square=True)
+  np.testing.assert_array_equal(padded["images_highres"][0], expected_high)
+  np.testing.assert_array_equal(padded["images_lowres"][0], expected_low)
+  red = lambda x: (x[..., 0] > 1.0) & (x[..., 1] < 0)  # normalised: red high, green low
+  assert red(padded["images_highres"][0]).any() and not red(cropped["images_highres"][0]).any()

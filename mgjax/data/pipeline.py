@@ -40,8 +40,10 @@ class ConversationEncoder:
   """One TFDS example -> one fixed-shape training example (a grain map transform)."""
 
   def __init__(self, tokenizer, *, seq_len: int, num_image_tokens: int, max_images: int,
-               lowres_size: int, highres_size: int, image_mean: tuple, image_std: tuple):
+               lowres_size: int, highres_size: int, image_mean: tuple, image_std: tuple,
+               pad_to_square: bool = False):
     self.tokenizer = tokenizer
+    self.pad_to_square = pad_to_square
     self.seq_len = seq_len
     self.num_image_tokens = num_image_tokens
     self.max_images = max_images
@@ -156,7 +158,8 @@ class ConversationEncoder:
       # As Mini-Gemini: the high-res input through the CLIP processor, the low-res one
       # resized down from it (data.images.mgm_pair).
       lowres[i], highres[i] = image_processing.mgm_pair(
-          image_processing.decode(data), self.lowres_size, self.highres_size, self.image_mean, self.image_std)
+          image_processing.decode(data), self.lowres_size, self.highres_size, self.image_mean, self.image_std,
+          pad_to_square=self.pad_to_square)
     return {"images_lowres": lowres, "images_highres": highres}
 
 
@@ -165,7 +168,8 @@ def make_encoder(tokenizer, data_cfg: ml_collections.ConfigDict, model_cfg: ml_c
   return ConversationEncoder(
       tokenizer, seq_len=data_cfg.seq_len, num_image_tokens=num_image_tokens, max_images=data_cfg.max_images,
       lowres_size=model_cfg.vision_lowres.image_size, highres_size=model_cfg.vision_highres.image_size,
-      image_mean=data_cfg.image_mean, image_std=data_cfg.image_std)
+      image_mean=data_cfg.image_mean, image_std=data_cfg.image_std,
+      pad_to_square=bool(data_cfg.get("pad_to_square", False)))
 
 
 def _this_process(ds: grain.MapDataset) -> grain.MapDataset:
