@@ -12,7 +12,19 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "Persistent XLA compilation cache: a restarted run or the next stage reuses compiled steps. Empty disables it.")
 
 
+# XLA:CPU runs matmul fusions through YNNPACK with this flag: the 110M train step of
+# benchmarks/train_step.py took 5.46 s instead of 6.08 s on the 2-core dev machine (1.11x,
+# 0.63 -> 0.69 of the matmul peak; see benchmarks/RESULTS.md). CPU-only: other backends
+# ignore it. A user's own XLA_FLAGS setting of it wins.
+_CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
+
+
 def setup() -> None:
+  # Before anything starts an XLA backend: XLA reads XLA_FLAGS once.
+  current = os.environ.get("XLA_FLAGS", "")
+  extra = [f for f in _CPU_XLA_FLAGS if f.split("=")[0] not in current]
+  if extra:
+    os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
   import jax
   from absl import logging as absl_logging
 
