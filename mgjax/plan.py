@@ -27,15 +27,15 @@ _DEVICES = flags.DEFINE_integer("devices", 8, "How many devices the planned topo
 flags.mark_flags_as_required(["config"])
 
 GiB = 1024**3
-# Memory of one JAX device (GiB), next to the peaks in mgjax.throughput.PEAK_TFLOPS.
-ACCELERATORS: tuple[tuple[str, float, float], ...] = (
-    # name, HBM GiB per device, dense bf16 TFLOP/s per device
-    ("TPU v4", 32.0, 275.0),
-    ("TPU v5e", 16.0, 197.0),
-    ("TPU v5p", 95.0, 459.0),
-    ("TPU v6e", 32.0, 918.0),
-    ("H100 80GB", 80.0, 989.0),
-    ("H200", 141.0, 989.0),
+# The devices a plan is checked against: (label, device kind for mgjax.throughput's peak
+# table, memory of one JAX device in GiB).
+ACCELERATORS: tuple[tuple[str, str, float], ...] = (
+    ("TPU v4", "TPU v4", 32.0),
+    ("TPU v5e", "TPU v5e", 16.0),
+    ("TPU v5p", "TPU v5p", 95.0),
+    ("TPU v6e", "TPU v6e", 32.0),
+    ("H100 80GB", "H100", 80.0),
+    ("H200", "H200", 141.0),
 )
 
 
@@ -61,7 +61,7 @@ def plan(config, num_devices: int) -> dict:
   import jax.numpy as jnp
   from flax import nnx
 
-  from mgjax import optim, sharding, throughput, train
+  from mgjax import optim, sharding, train
   from mgjax.models import vlm
 
   if config.lora.rank:
@@ -106,12 +106,7 @@ def plan(config, num_devices: int) -> dict:
                  out_shardings=(param_shardings, opt_shardings, sharding.replicated(mesh)))
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     compiled = step.lower(params, opt_state, None, batch).compile()
-    flops = throughput.step_flops(compiled)
-    if accum > 1:  # the scan over micro-batches is counted once (see throughput.step_flops)
-      micro = jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] // accum, *x.shape[1:]), x.dtype), batch)
-      micro_flops = throughput.lowered_flops(jax.jit(jax.value_and_grad(summed_loss, has_aux=True))
-                                             .lower(params, None, micro))
-      flops = throughput.accumulated_flops(flops, micro_flops and micro_flops / mesh.size, accum)
+    flops = train.step_flops_per_device(compiled, summed_loss, params, None, batch, accum, mesh.size)
 
   def bytes_per_device(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
@@ -148,6 +143,8 @@ def _count(n: float, unit: str = "") -> str:
 
 def format_plan(p: dict, config) -> str:
   """The plan as a short report: memory per device, FLOPs, and where it fits."""
+  from mgjax import throughput  # imports jax: not at module level, see _use_virtual_devices
+
   batch = p["batch"]
   lines = [
       f"parameters {_count(p['num_params'])} (weights float32, compute {config.model.dtype})",
@@ -165,7 +162,8 @@ def format_plan(p: dict, config) -> str:
     lines.append(f"  FLOPs per step    {_count(flops, 'FLOP')} ({_count(total, 'FLOP')} on all devices, "
                  f"{_count(total / batch['tokens'], 'FLOP')} per token slot)")
   lines.append("on devices of (fits: peak within 90% of memory; step time at 100% and 40% MFU):")
-  for name, hbm, peak in ACCELERATORS:
+  for name, kind, hbm in ACCELERATORS:
+    peak = throughput.vendor_peak_tflops(kind)
     fits = "fits" if p["peak_bytes"] <= 0.9 * hbm * GiB else "does NOT fit"
     timing = f"  {flops / (peak * 1e12):.3g} s, {flops / (0.4 * peak * 1e12):.3g} s" if flops else ""
     lines.append(f"  {name:<10} {hbm:>4.0f} GiB  {fits:<13}{timing}")

@@ -83,8 +83,13 @@ def peak_tflops_per_device(device: Any = None, override: float = 0.0) -> float |
   device = device or jax.local_devices()[0]
   if device.platform == "cpu":
     return measured_matmul_tflops() / jax.local_device_count()
+  return vendor_peak_tflops(device.device_kind)
+
+
+def vendor_peak_tflops(device_kind: str) -> float | None:
+  """The PEAK_TFLOPS entry matching a device kind, or None."""
   for kind, peak in PEAK_TFLOPS:
-    if kind.lower() in device.device_kind.lower():
+    if kind.lower() in device_kind.lower():
       return peak
   return None
 

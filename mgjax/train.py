@@ -161,6 +161,23 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   return train_step, summed_loss
 
 
+def step_flops_per_device(compiled: jax.stages.Compiled, summed_loss: Callable, trainable: Any, frozen: Any,
+                          batch: dict[str, Any], accum: int, num_devices: int) -> float | None:
+  """FLOPs of one call of the compiled train step on one device (make_train_step's step).
+
+  XLA counts the micro-batch scan's body once; the other trips are counted from the
+  un-partitioned HLO of one micro-batch (global FLOPs, so split over the devices).
+  `batch` may hold arrays or ShapeDtypeStructs.
+  """
+  flops = throughput.step_flops(compiled)
+  if accum > 1:
+    micro = jax.eval_shape(lambda b: jax.tree.map(lambda x: x[0], split_micro_batches(b, accum)), batch)
+    micro_flops = throughput.lowered_flops(
+        jax.jit(jax.value_and_grad(summed_loss, has_aux=True)).lower(trainable, frozen, micro))
+    flops = throughput.accumulated_flops(flops, micro_flops and micro_flops / num_devices, accum)
+  return flops
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   started = time.time()
   is_main = jax.process_index() == 0
@@ -293,15 +310,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   def compile_train_step(batch: dict[str, jax.Array]) -> tuple[Any, float | None]:
     """The train step compiled for this batch's shapes, and its FLOPs per device."""
     compiled = train_step.lower(trainable, opt_state, frozen, batch).compile()
-    flops = throughput.step_flops(compiled)
-    if accum > 1:
-      # XLA counts the micro-batch scan's body once; count the other trips from the
-      # un-partitioned HLO of one micro-batch (global FLOPs, so split over the devices).
-      micro = jax.eval_shape(lambda b: jax.tree.map(lambda x: x[0], split_micro_batches(b, accum)), batch)
-      micro_flops = throughput.lowered_flops(
-          jax.jit(jax.value_and_grad(summed_loss, has_aux=True)).lower(trainable, frozen, micro))
-      flops = throughput.accumulated_flops(flops, micro_flops and micro_flops / mesh.size, accum)
-    return compiled, flops
+    return compiled, step_flops_per_device(compiled, summed_loss, trainable, frozen, batch, accum, mesh.size)
 
   def evaluate_losses(step: int) -> dict[str, float]:
     losses = {}
