@@ -92,21 +92,6 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def abstract_outputs(jitted, mesh: Mesh, *args) -> Any:
-  """Shapes and the concrete shardings XLA chose for a jitted function's outputs.
-
-  These are restore targets for orbax (`jax.eval_shape` alone would carry an abstract
-  mesh that orbax cannot restore into) and the out_shardings of the train step.
-  Replicated outputs are expressed on `mesh`, so an array keeps one sharding for its
-  whole life and the train step compiles once.
-  """
-  shapes = jax.eval_shape(jitted, *args)
-  out_shardings = jitted.lower(*args).compile().output_shardings
-
-  on_mesh = jax.tree.map(lambda s: NamedSharding(mesh, P()) if s.is_fully_replicated else s, out_shardings)
-  return abstract_like(shapes, on_mesh)
-
-
 def abstract_optimizer_state(tx: optax.GradientTransformation, abstract_trainable: Any, mesh: Mesh) -> Any:
   """The optimizer state's shapes with shardings: each moment laid out like its weight.
 
