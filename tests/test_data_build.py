@@ -162,3 +162,31 @@ def test_command_line(tmp_path):
   version = mgjax_config.preset("data", "sample:tiny").version
   assert (tmp_path / f"mgjax_instructions/sample_tiny/{version}/data_card.json").exists()
   assert (tmp_path / "tokenizers/sample_tiny/tokenizer.json").exists()
+
+
+def test_spill_is_removed_after_the_build(built):
+  cfg, dataset = built
+  assert not build.spill_dir(cfg, dataset.data_dir).exists()
+
+
+def test_beam_direct_runner_builds_the_same_dataset(built, tmp_path):
+  """TFDS's Apache Beam path (here the DirectRunner; Dataflow at scale) gives the same
+  splits, examples, rejections and card as the local process pool."""
+  pytest.importorskip("apache_beam")
+  cfg, local = built
+  _bad_sources(tmp_path / cfg.sample.dir)
+  beam = build.build(cfg, str(tmp_path), beam_runner="DirectRunner", beam_options=["--direct_num_workers=1"])
+  assert beam.splits == local.splits
+  for split, n in local.splits.items():
+    if n:
+      by_id = lambda d: sorted(_read_split(d, split), key=lambda e: e["id"])
+      assert by_id(beam) == by_id(local), split
+  read_rejected = lambda d: pathlib.Path(d.rejected).read_text().replace(d.data_dir, "DIR")
+  assert read_rejected(beam) == read_rejected(local)
+  beam_card, local_card = (json.loads(pathlib.Path(d.data_card).read_text()) for d in (beam, local))
+  for c in (beam_card, local_card):
+    for s in c["sources"].values():
+      s.pop("path")
+    c.pop("tokenizer"), c.pop("token_unit")  # paths under each data_dir
+  assert beam_card == local_card
+  assert not build.spill_dir(cfg, str(tmp_path)).exists()

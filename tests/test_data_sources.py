@@ -113,11 +113,39 @@ def test_llava_json_category_override_and_no_image_root(tmp_path):
   assert rejs[0].kind == "missing_image" and "image_root" in rejs[0].reason
 
 
-def test_llava_json_malformed_file_is_one_rejection(tmp_path):
+def test_llava_json_malformed_file_keeps_the_records_before_the_break(tmp_path):
   path = tmp_path / "data.json"
   path.write_text('[{"id": "a", ')
   recs, rejs = _read(path, "llava_json")
-  assert not recs and len(rejs) == 1 and rejs[0].kind == "invalid_json"
+  assert not recs and len(rejs) == 1 and rejs[0].kind == "invalid_json" and rejs[0].record == "whole file"
+  # Streamed: a file that breaks off (an interrupted download) keeps what came before.
+  good = json.dumps([{"id": i, "conversations": _conv(f"Q{i}", "A")} for i in range(3)])
+  path.write_text(good[:good.rindex("{")] + '{"id": 3, "conv')
+  recs, rejs = _read(path, "llava_json")
+  assert [r.id for r in recs] == ["src:0", "src:1"]
+  assert [(r.kind, r.record) for r in rejs] == [("invalid_json", "after record 1")]
+  assert "rest of the file" in rejs[0].reason
+  path.write_text(json.dumps({"id": 1, "conversations": _conv("Q", "A")}))
+  recs, rejs = _read(path, "llava_json")
+  assert not recs and rejs[0].kind == "bad_schema" and "got a JSON map" in rejs[0].reason
+
+
+def test_lazy_images_are_checked_paths_until_loaded(tmp_path):
+  root = tmp_path / "images"
+  root.mkdir()
+  png = sample.draw([("circle", "red", "center")])
+  (root / "a.png").write_bytes(png)
+  (root / "cut.png").write_bytes(png[:len(png) // 2])
+  path = tmp_path / "data.json"
+  path.write_text(json.dumps([{"id": "a", "image": "a.png", "conversations": _conv("<image>\nQ", "A")},
+                              {"id": "cut", "image": "cut.png", "conversations": _conv("<image>\nQ", "A")},
+                              {"id": "out", "image": "../x.png", "conversations": _conv("<image>\nQ", "A")}]))
+  recs, rejs = _read(path, "llava_json", image_root=str(root), lazy_images=True)
+  assert [str(i) for r in recs for i in r.images] == [str(root / "a.png"), str(root / "cut.png")]
+  assert [r.kind for r in rejs] == ["image_path_escapes_root"]  # checked without reading
+  loaded = [sources.load_images(r) for r in recs]
+  assert loaded[0].images == [png]
+  assert isinstance(loaded[1], Rejection) and loaded[1].kind == "corrupt_image" and loaded[1].record == "record 1 (id=cut)"
 
 
 # ------------------------------------------------------------------------------ OpenAssistant trees

@@ -2,9 +2,15 @@
 
   python -m mgjax.data.build --config=configs/data/sample.py --data_dir=DIR
 
-read sources (one reader per format) -> check -> hold out val per category -> mix train
--> tokenizer (sample: trained on the train text) -> TFDS array_record dataset, with
-`rejected.jsonl` (every dropped record and why) and `data_card.json` beside it.
+read sources (one reader per format) -> prepare each record (read its images, normalise,
+filter; kept records go to spill shards on disk) -> de-duplicate in config order -> hold
+out val per category -> mix train -> tokenizer (sample: trained on the train text) ->
+TFDS array_record dataset, with `rejected.jsonl` (every dropped record and why) and
+`data_card.json` beside it.
+
+Memory holds one small entry per kept record, never the records' text or images. The
+per-record work runs on every core (a process pool), or with --beam_runner as Apache
+Beam pipelines (DirectRunner here, DataflowRunner for inputs beyond one machine).
 
 The trainer calls `ensure_built(cfg.data, data_dir)` and opens splits with `open_split`.
 """
@@ -16,9 +22,8 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import shutil
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from absl import app, flags, logging
 from etils import epath
@@ -26,7 +31,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 import tqdm
 
-from mgjax.data import builder, card, dedup, filters, mixture, sample, sources, tokenizer
+from mgjax.data import builder, card, dedup, filters, mixture, sample, sources, spill, tokenizer
 from mgjax.data.records import Record, Rejection
 
 _SOURCE_KEYS = {"name", "format", "path", "image_root", "category", "options", "filters"}
@@ -106,37 +111,61 @@ def _check_specs(data_cfg, root: epath.Path) -> list[dict[str, Any]]:
   return specs
 
 
-# Worker-process state: set once per process by _init_worker, so each task ships only records.
-_worker: dict[str, Any] = {}
+class Preparer:
+  """The per-record work of cleaning: read the images, normalise, filter, store the record
+  if it passes (in this process's spill shard) and sign it for de-duplication. One per
+  worker process (pool or Beam); returns the kept record's Entry or the Rejection."""
 
+  def __init__(self, tokenizer_dir: str | None, dedup_cfg: dedup.DedupConfig,
+               qualities: dict[str, filters.QualityConfig], spill_dir: str):
+    count_tokens = filters.tokenizer_counter(tokenizer_dir) if tokenizer_dir else filters.pretoken_counter()
+    self._quality = {name: filters.Quality(q, count_tokens) for name, q in qualities.items()}
+    self._dedup = dedup_cfg
+    self.spill_dir = spill_dir
+    self.writer = spill.Writer(spill_dir)
 
-def _init_worker(tokenizer_dir: str | None, dedup_cfg: dedup.DedupConfig) -> None:
-  _worker["count_tokens"] = (filters.tokenizer_counter(tokenizer_dir) if tokenizer_dir
-                             else filters.pretoken_counter())
-  _worker["dedup"] = dedup_cfg
-
-
-def _prepare(batch: list[tuple[Record | Rejection, filters.QualityConfig]]
-             ) -> list[tuple[Record | Rejection, dedup.Signature | None]]:
-  """Normalises and filters records and computes their dedup signatures (in a worker)."""
-  out = []
-  for item, quality_cfg in batch:
+  def __call__(self, item: Record | Rejection) -> tuple[spill.Entry | Rejection, dedup.Signature | None]:
+    if isinstance(item, Record):
+      item = sources.load_images(item)
     if isinstance(item, Record):
       file, where = item.origin.split("\t", 1)
-      item = filters.Quality(quality_cfg, _worker["count_tokens"])(item, file, where)
-    out.append((item, dedup.signature(item, _worker["dedup"]) if isinstance(item, Record) else None))
+      item = self._quality[item.source](item, file, where)
+    if isinstance(item, Rejection):
+      return item, None
+    return self.writer.add(item), dedup.signature(item, self._dedup)
+
+
+def read_source(indexed_spec: tuple[int, dict[str, Any]]) -> Iterator[tuple[tuple[int, int], Record | Rejection]]:
+  """Every item of one source with its position (source index, item index): the order in
+  which de-duplication must see them, whichever process prepared them."""
+  i, spec = indexed_spec
+  items = sources.read(spec["path"], format=spec["format"], source=spec["name"], image_root=spec["image_root"],
+                       category=spec.get("category"), lazy_images=True, **dict(spec.get("options") or {}))
+  for k, item in enumerate(items):
+    yield (i, k), item
+
+
+# A pool worker's Preparer, made once per process by _init_worker so tasks ship only records.
+_worker: Preparer | None = None
+
+
+def _init_worker(*args) -> None:
+  global _worker
+  _worker = Preparer(*args)
+
+
+def _prepare_batch(batch: list[Record | Rejection]) -> list[tuple[spill.Entry | Rejection, dedup.Signature | None]]:
+  out = [_worker(item) for item in batch]
+  _worker.writer.flush()  # the main process may hand these entries to the writer next
   return out
 
 
-def _batches(specs: list[dict[str, Any]], counts: dict[str, dict[str, Any]]):
+def _batches(specs: list[dict[str, Any]]):
   """Reader output of every source in order, in batches for the workers."""
   batch = []
-  for spec in specs:
-    for item in sources.read(spec["path"], format=spec["format"], source=spec["name"],
-                             image_root=spec["image_root"], category=spec.get("category"),
-                             **dict(spec.get("options") or {})):
-      counts[spec["name"]]["read"] += 1
-      batch.append((item, spec["quality"]))
+  for indexed in enumerate(specs):
+    for _, item in read_source(indexed):
+      batch.append(item)
       if len(batch) == _BATCH:
         yield batch
         batch = []
@@ -156,64 +185,78 @@ def _ordered_map(pool, fn, items, window: int):
     yield pending.popleft().get()
 
 
-def _clean(data_cfg, root: epath.Path, tokenizer_dir: str | None
-           ) -> tuple[list[Record], list[Rejection], dict[str, Any]]:
+def _prepare_locally(specs, preparer_args, workers: int):
+  """Prepared items in source order, from a pool of `workers` processes (or this one)."""
+  if workers <= 1:
+    _init_worker(*preparer_args)
+    for batch in _batches(specs):
+      yield from _prepare_batch(batch)
+    _worker.writer.close()
+    return
+  # Forking a process in which jax already started its threads can deadlock (the trainer
+  # builds after starting jax): spawn then. Otherwise fork, which starts in milliseconds
+  # and does not re-import the caller's main script.
+  context = multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
+  pool = context.Pool(workers, _init_worker, preparer_args)
+  try:
+    with tqdm.tqdm(desc="cleaning", unit=" records", mininterval=2, disable=None) as progress:
+      for batch in _ordered_map(pool, _prepare_batch, _batches(specs), window=2 * workers):
+        progress.update(len(batch))
+        yield from batch
+  finally:
+    pool.terminate()  # every batch was flushed to its shard before it came back
+
+
+def _clean(data_cfg, root: epath.Path, tokenizer_dir: str | None, spill_dir: str, beam_runner: str | None,
+           beam_options: Sequence[str]) -> tuple[list[spill.Entry], list[Rejection], dict[str, Any]]:
   """Reads, normalises, filters and de-duplicates every source.
 
-  Returns the kept records, every dropped one as a Rejection (duplicates included, with
-  the id they duplicate), and per-source counts where read = kept + rejected + duplicates.
+  Returns the kept records' entries (the records are in the spill shards), every dropped
+  record as a Rejection (duplicates included, with the id they duplicate), and
+  per-source counts where read = kept + rejected + duplicates.
   """
   specs = _check_specs(data_cfg, root)
   dedup_cfg = dedup.DedupConfig.from_dict(data_cfg.get("dedup"))
+  preparer_args = (tokenizer_dir, dedup_cfg, {s["name"]: s["quality"] for s in specs}, spill_dir)
+  if beam_runner:
+    from mgjax.data import beam_build  # pylint: disable=g-import-not-at-top  (apache-beam is optional)
+    prepared = beam_build.prepare(specs, preparer_args, spill_dir, beam_runner, beam_options)
+  else:
+    prepared = _prepare_locally(specs, preparer_args, data_cfg.get("num_workers") or os.cpu_count() or 1)
+
+  # De-duplication sees records in config order (the first of a group is kept), one at a
+  # time: it alone needs every kept record's signature, and holds nothing else.
   index = dedup.Index(dedup_cfg)
   counts = {s["name"]: {"format": s["format"], "path": s["path"], "read": 0, "kept": 0,
                         "rejected": collections.Counter(), "duplicates": 0,
                         "duplicate_kinds": collections.Counter()} for s in specs}
   kept, dropped, seen_ids = [], [], set()
-  workers = data_cfg.get("num_workers") or os.cpu_count() or 1
-  pool = None
-  if workers > 1:
-    # Forking a process in which jax already started its threads can deadlock (the trainer
-    # builds after starting jax): spawn then. Otherwise fork, which starts in milliseconds
-    # and does not re-import the caller's main script.
-    context = multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
-    pool = context.Pool(workers, _init_worker, (tokenizer_dir, dedup_cfg))
-    results = _ordered_map(pool, _prepare, _batches(specs, counts), window=2 * workers)
-  else:
-    _init_worker(tokenizer_dir, dedup_cfg)
-    results = map(_prepare, _batches(specs, counts))
-  try:
-    with tqdm.tqdm(desc="cleaning", unit=" records", mininterval=2, disable=None) as progress:
-      for batch in results:
-        progress.update(len(batch))
-        for item, sig in batch:
-          c = counts[item.source]
-          if isinstance(item, Record) and item.id in seen_ids:
-            file, where = item.origin.split("\t", 1)
-            item = Rejection(item.source, file, where, "duplicate id; ids must be unique across sources",
-                             kind="duplicate_id")
-          if isinstance(item, Rejection):
-            if c["rejected"].total() < _LOGGED_REJECTIONS:
-              logging.warning("rejected: %s", item)
-            c["rejected"][item.kind] += 1
-            dropped.append(item)
-            continue
-          seen_ids.add(item.id)
-          dup = index.add(item.id, sig)
-          if dup is not None:
-            kind, first, similarity = dup
-            file, where = item.origin.split("\t", 1)
-            dropped.append(Rejection(item.source, file, where,
-                                     f"{kind.replace('_', ' ')} of {first} (similarity {similarity:.2f})",
-                                     kind=kind, duplicate_of=first))
-            c["duplicates"] += 1
-            c["duplicate_kinds"][kind] += 1
-            continue
-          c["kept"] += 1
-          kept.append(item)
-  finally:
-    if pool is not None:
-      pool.terminate()
+  for item, sig in prepared:
+    c = counts[item.source]
+    c["read"] += 1
+    if isinstance(item, spill.Entry) and item.id in seen_ids:
+      file, where = item.origin.split("\t", 1)
+      item = Rejection(item.source, file, where, "duplicate id; ids must be unique across sources",
+                       kind="duplicate_id")
+    if isinstance(item, Rejection):
+      if c["rejected"].total() < _LOGGED_REJECTIONS:
+        logging.warning("rejected: %s", item)
+      c["rejected"][item.kind] += 1
+      dropped.append(item)
+      continue
+    seen_ids.add(item.id)
+    dup = index.add(item.id, sig)
+    if dup is not None:
+      kind, first, similarity = dup
+      file, where = item.origin.split("\t", 1)
+      dropped.append(Rejection(item.source, file, where,
+                               f"{kind.replace('_', ' ')} of {first} (similarity {similarity:.2f})",
+                               kind=kind, duplicate_of=first))
+      c["duplicates"] += 1
+      c["duplicate_kinds"][kind] += 1
+      continue
+    c["kept"] += 1
+    kept.append(item)
   for name, c in counts.items():
     logging.info("source %s: read %d, kept %d, rejected %d %s, duplicates %d", name, c["read"], c["kept"],
                  c["rejected"].total(), dict(c["rejected"]), c["duplicates"])
@@ -222,15 +265,20 @@ def _clean(data_cfg, root: epath.Path, tokenizer_dir: str | None
   return kept, dropped, counts
 
 
-def split_records(records: list[Record], val_per_category, seed: int,
-                  mixture_cfg=None) -> dict[str, list[Record]]:
-  """Holds out validation records per category (stratified by source), then mixes train."""
-  splits, _ = mixture.split(records, val_per_category, seed, mixture.MixConfig.from_dict(mixture_cfg))
-  return splits
+def spill_dir(data_cfg: ml_collections.ConfigDict, data_dir: str) -> epath.Path:
+  """Where a build keeps the kept records between cleaning and writing (deleted after)."""
+  return epath.Path(data_dir) / ".mgjax_spill" / data_cfg.name / data_cfg.version
 
 
-def build(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDataset:
-  """Builds (or rebuilds, replacing any previous build of this name/version) the dataset."""
+def build(data_cfg: ml_collections.ConfigDict, data_dir: str, *, beam_runner: str | None = None,
+          beam_options: Sequence[str] = ()) -> BuiltDataset:
+  """Builds (or rebuilds, replacing any previous build of this name/version) the dataset.
+
+  With `beam_runner` ("DirectRunner", "DataflowRunner", ...) the per-record work and the
+  writing run as Apache Beam pipelines with `beam_options` (command-line style flags,
+  e.g. ["--project=P", "--region=R", "--temp_location=gs://B/tmp"]); de-duplication and
+  mixing stay here. Both ways build the same dataset.
+  """
   data_dir = str(data_dir)
   out = dataset_dir(data_cfg, data_dir)
   if data_cfg.get("sample") and data_cfg.sample.get("generate"):
@@ -238,32 +286,52 @@ def build(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDataset:
     sample.write_sample_sources(str(_sources_root(data_cfg, data_dir)), seed=data_cfg.seed,
                                 n_understanding=s.n_understanding, n_generation=s.n_generation,
                                 n_text=s.n_text)
+  spill_root = spill_dir(data_cfg, data_dir)
+  if spill_root.exists():
+    spill_root.rmtree()  # left by a build that was killed
+  spill_root.mkdir(parents=True)
+  try:
+    return _build(data_cfg, data_dir, out, spill_root, beam_runner, beam_options)
+  finally:
+    spill_root.rmtree()
+
+
+def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, beam_runner: str | None,
+           beam_options: Sequence[str]) -> BuiltDataset:
   tok_cfg = data_cfg.tokenizer
   # Lengths are counted in the configured tokenizer's tokens; one the build trains does not
   # exist yet while filtering, so its lengths are counted in pre-tokens (see filters).
   length_tokenizer = None if tok_cfg.get("train") else (tok_cfg.get("path") or None)
-  records, rejected, source_card = _clean(data_cfg, _sources_root(data_cfg, data_dir), length_tokenizer)
-  if not records:
+  entries, rejected, source_card = _clean(data_cfg, _sources_root(data_cfg, data_dir), length_tokenizer,
+                                          str(spill_root), beam_runner, beam_options)
+  if not entries:
     raise ValueError(f"no record survived reading; see the warnings above for why (sources: "
                      f"{[s['name'] for s in data_cfg.sources]})")
-  splits, mix_report = mixture.split(records, data_cfg.val_per_category, data_cfg.seed,
+  splits, mix_report = mixture.split(entries, data_cfg.val_per_category, data_cfg.seed,
                                      mixture.MixConfig.from_dict(data_cfg.get("mixture")))
 
+  reader = spill.Reader()
   if tok_cfg.get("train"):
     tokenizer_dir = str(epath.Path(data_dir) / "tokenizers" / data_cfg.name)
     # Train text only: validation must not shape the vocabulary it is scored with.
-    texts = (m["content"] for r in splits["train"] for m in r.messages)
+    texts = (m["content"] for e in splits["train"] for m in reader.record(e, images=False).messages)
     tokenizer.train_sample_tokenizer(texts, tokenizer_dir, vocab_size=tok_cfg.vocab_size)
   else:
     tokenizer_dir = tok_cfg.get("path") or None
 
   if out.exists():
-    shutil.rmtree(out)
+    out.rmtree()
   # TFDS cannot write an empty split; the trainer learns of one through open_split.
   nonempty = {k: v for k, v in splits.items() if v}
   b = builder.make_builder(data_cfg.name, data_cfg.version, data_dir, splits=nonempty,
-                           description=f"mgjax instruction mix from data config {data_cfg.name!r}")
-  b.download_and_prepare()
+                           description=f"mgjax instruction mix from data config {data_cfg.name!r}",
+                           beam_chunks_dir=str(spill_root) if beam_runner else None)
+  download_config = None
+  if beam_runner:
+    from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+    download_config = tfds.download.DownloadConfig(beam_runner=beam_runner,
+                                                   beam_options=PipelineOptions(list(beam_options)))
+  b.download_and_prepare(download_config=download_config)
 
   sizes = {k: len(v) for k, v in splits.items()}
   with (out / "rejected.jsonl").open("w") as f:
@@ -274,7 +342,9 @@ def build(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDataset:
   card.write(out, name=f"{builder.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version,
              sources=source_card, splits=splits, mixing=mix_report,
              mix_by=mixture.MixConfig.from_dict(data_cfg.get("mixture")).by,
-             kept=records, tokenizer_dir=tokenizer_dir)
+             kept=entries, tokenizer_dir=tokenizer_dir,
+             messages=lambda e: reader.record(e, images=False).messages)
+  reader.close()
   logging.info("built %s: splits %s; %d rejected or duplicate (see %s)", out, sizes, len(rejected),
                out / "rejected.jsonl")
   return BuiltDataset(name=f"{builder.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version,
@@ -341,11 +411,18 @@ if __name__ == "__main__":
 
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Data config file, e.g. configs/data/sample.py.")
   _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the TFDS dataset and tokenizer are written.")
+  _BEAM_RUNNER = flags.DEFINE_string(
+      "beam_runner", None, "Build with Apache Beam on this runner (DirectRunner, DataflowRunner); "
+      "needs pip install -e '.[beam]'. Unset: a process pool on this machine's cores.")
+  _BEAM_OPTIONS = flags.DEFINE_list(
+      "beam_options", [], "Beam pipeline flags without the leading dashes, comma-separated, e.g. "
+      "project=P,region=R,temp_location=gs://B/tmp,requirements_file=req.txt.")
   flags.mark_flags_as_required(["config", "data_dir"])
 
   def main(argv):
     del argv
-    built = build(_CONFIG.value, _DATA_DIR.value)
+    built = build(_CONFIG.value, _DATA_DIR.value, beam_runner=_BEAM_RUNNER.value,
+                  beam_options=[f"--{o}" for o in _BEAM_OPTIONS.value])
     print(f"dataset   {built.name}:{built.version} at {built.dataset_dir}")
     print(f"splits    {built.splits}")
     print(f"tokenizer {built.tokenizer_dir}")

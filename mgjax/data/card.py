@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import collections
 import json
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from etils import epath
 from matplotlib.figure import Figure
 import numpy as np
 
 from mgjax.data import filters
-from mgjax.data.records import CATEGORIES, Record
+from mgjax.data.records import CATEGORIES
 
 PLOTS = ("records_by_source.png", "token_lengths.png", "turns_per_conversation.png")
+_CHUNK = 1024  # records whose text is counted at once
 
 
 def _token_counter(tokenizer_dir: str | None) -> tuple[filters.TokenCounter, str]:
@@ -40,19 +41,26 @@ def _stats(values: list[int]) -> dict[str, float]:
           "p95": int(np.percentile(a, 95)), "max": int(a.max())}
 
 
-def summarize(splits: dict[str, list[Record]], tokenizer_dir: str | None) -> dict[str, Any]:
-  """Composition, token lengths and turn counts of the splits."""
+def summarize(splits: dict[str, Sequence[Any]], tokenizer_dir: str | None,
+              messages: Callable[[Any], list[dict[str, str]]]) -> dict[str, Any]:
+  """Composition, token lengths and turn counts of the splits.
+
+  Split items need `category` and `source`; `messages(item)` gives an item's turns (read
+  from disk in a build, a chunk at a time, so no split's text is held whole).
+  """
   count, unit = _token_counter(tokenizer_dir)
   composition = {s: {} for s in splits}
   tokens: dict[str, dict[str, list[int]]] = {s: collections.defaultdict(list) for s in splits}
   turns: dict[str, dict[str, list[int]]] = {s: collections.defaultdict(list) for s in splits}
-  for split, recs in splits.items():
-    for r in recs:
-      composition[split].setdefault(r.category, collections.Counter())[r.source] += 1
-      turns[split][r.category].append(len(r.messages))
-    lengths = count(["\n".join(m["content"] for m in r.messages) for r in recs]) if recs else []
-    for r, n in zip(recs, lengths):
-      tokens[split][r.category].append(n)
+  for split, items in splits.items():
+    for start in range(0, len(items), _CHUNK):
+      chunk = items[start:start + _CHUNK]
+      turns_of = [messages(r) for r in chunk]
+      lengths = count(["\n".join(m["content"] for m in ms) for ms in turns_of])
+      for r, ms, n in zip(chunk, turns_of, lengths):
+        composition[split].setdefault(r.category, collections.Counter())[r.source] += 1
+        turns[split][r.category].append(len(ms))
+        tokens[split][r.category].append(n)
   return {
       "composition": {s: {c: dict(sorted(v.items())) for c, v in sorted(cats.items())}
                       for s, cats in composition.items()},
@@ -148,11 +156,14 @@ def _markdown(card: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def write(out: epath.Path, *, name: str, version: str, sources: dict[str, Any], splits: dict[str, list[Record]],
-          mixing: dict[str, Any], mix_by: str, kept: list[Record], tokenizer_dir: str | None) -> dict[str, Any]:
-  """Writes the plots, data_card.md and, last, data_card.json (which marks a finished build)."""
+def write(out: epath.Path, *, name: str, version: str, sources: dict[str, Any], splits: dict[str, Sequence[Any]],
+          mixing: dict[str, Any], mix_by: str, kept: Sequence[Any], tokenizer_dir: str | None,
+          messages: Callable[[Any], list[dict[str, str]]]) -> dict[str, Any]:
+  """Writes the plots, data_card.md and, last, data_card.json (which marks a finished build).
+
+  `splits` and `kept` hold records or spill entries; `messages` gives one's turns."""
   out = epath.Path(out)
-  summary = summarize(splits, tokenizer_dir)
+  summary = summarize(splits, tokenizer_dir, messages)
   raw_tokens = summary.pop("_raw_tokens")
   card = {"name": name, "version": version, "sources": sources,
           "splits": {s: len(v) for s, v in splits.items()},

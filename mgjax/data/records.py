@@ -24,7 +24,9 @@ class Record:
   source: str
   category: str  # one of CATEGORIES
   messages: list[dict[str, str]]  # [{"role": ..., "content": ...}, ...]
-  images: list[bytes] = dataclasses.field(default_factory=list)  # encoded JPEG/PNG
+  # Encoded JPEG/PNG bytes; a reader asked for `lazy_images` leaves checked paths here
+  # until `sources.load_images` reads them.
+  images: list[bytes] = dataclasses.field(default_factory=list)
   # Where the record came from ("path: line 12"), so a later stage that drops it can say so.
   origin: str = dataclasses.field(default="", compare=False)
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import json
 from typing import IO, Any, Iterator
 
 from etils import epath
+from PIL import Image
 
 from mgjax.data import records
 from mgjax.data.records import Record, Rejection
@@ -42,6 +44,34 @@ def finish(record: Record, file: str, where: str, category: str | None = None) -
   if reason is None:
     return record
   return Rejection(record.source, file, where, reason, kind=check_kind(reason))
+
+
+def load_images(record: Record, file: str, where: str) -> Record | Rejection:
+  """Replaces the record's image paths by the files' bytes, each decoded once in full to
+  prove it is an image; a missing or undecodable file rejects the record."""
+  images = []
+  for image in record.images:
+    if isinstance(image, bytes):
+      images.append(image)
+      continue
+    try:
+      data = epath.Path(image).read_bytes()
+    except FileNotFoundError:
+      return Rejection(record.source, file, where, f"image file not found: {image} (check image_root and the "
+                       "'image' path)", kind="missing_image")
+    except OSError as e:
+      return Rejection(record.source, file, where, f"cannot read image {image}: {e}", kind="missing_image")
+    # Decoded in full, not just header-checked: a truncated download passes verify() and
+    # would only fail in the middle of training.
+    try:
+      with Image.open(io.BytesIO(data)) as img:
+        img.load()
+    except Exception as e:  # PIL raises many types for bad files  # pylint: disable=broad-except
+      return Rejection(record.source, file, where, f"image {image} cannot be decoded ({type(e).__name__}: {e}); "
+                       "re-download or remove it", kind="corrupt_image")
+    images.append(data)
+  record.images = images
+  return record
 
 
 @contextlib.contextmanager

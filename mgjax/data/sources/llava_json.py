@@ -1,21 +1,25 @@
 """Mini-Gemini / LLaVA instruction JSON: one JSON array of
 `{"id", "image": str | [str, ...] (absent for text only), "conversations": [{"from", "value"}]}`.
 
+The array is parsed as a stream (ijson), one element at a time: Mini-Gemini's
+instruction file is 1.8 GB, which `json.load` would hold whole, several times over.
+
 Images are read as encoded bytes (decoding happens in the training pipeline) from paths
 resolved under `image_root`; a path that would leave `image_root` is rejected, so a
-crafted dataset cannot read arbitrary files from the machine that builds it.
+crafted dataset cannot read arbitrary files from the machine that builds it. With
+`lazy_images` the record carries the checked paths and `_common.load_images` reads them
+later, in whichever worker process prepares the record.
 """
 
 from __future__ import annotations
 
-import io
-import json
+import itertools
 import os
 import posixpath
 from typing import Any, Iterator
 
 from etils import epath
-from PIL import Image
+import ijson
 
 from mgjax.data.records import IMAGE_PLACEHOLDER, Record, Rejection
 from mgjax.data.sources import _common
@@ -42,8 +46,11 @@ def _resolve_image(image_root: str, rel: str) -> epath.Path | str:
 
 
 def to_record(obj: Any, where: str, path: str, source: str, image_root: str | None,
-              category: str | None) -> Record | Rejection:
-  """One LLaVA-shaped record, checked; `where` names its place in the file for rejections."""
+              category: str | None, lazy_images: bool = False) -> Record | Rejection:
+  """One LLaVA-shaped record, checked; `where` names its place in the file for rejections.
+
+  Its images are read and decoded here, or with `lazy_images` left as checked paths for
+  `_common.load_images`."""
   rid = obj.get("id") if isinstance(obj, dict) else None
   reject = lambda reason, kind: Rejection(source, path, where, reason, kind=kind)
   if not isinstance(obj, dict) or not isinstance(obj.get("conversations"), list):
@@ -69,20 +76,7 @@ def to_record(obj: Any, where: str, path: str, source: str, image_root: str | No
     resolved = _resolve_image(image_root, rel)
     if isinstance(resolved, str):
       return reject(resolved, "image_path_escapes_root")
-    try:
-      images.append(resolved.read_bytes())
-    except FileNotFoundError:
-      return reject(f"image file not found: {resolved} (check image_root and the 'image' path)", "missing_image")
-    except OSError as e:
-      return reject(f"cannot read image {resolved}: {e}", "missing_image")
-    # Decoded in full, not just header-checked: a truncated download passes verify() and
-    # would only fail in the middle of training.
-    try:
-      with Image.open(io.BytesIO(images[-1])) as img:
-        img.load()
-    except Exception as e:  # PIL raises many types for bad files  # pylint: disable=broad-except
-      return reject(f"image {resolved} cannot be decoded ({type(e).__name__}: {e}); re-download or remove it",
-                    "corrupt_image")
+    images.append(resolved)
   # LLaVA data with one image sometimes omits the placeholder; its convention is that the
   # image comes first in the first human turn.
   if images and not any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
@@ -91,29 +85,40 @@ def to_record(obj: Any, where: str, path: str, source: str, image_root: str | No
       first_user["content"] = f"{IMAGE_PLACEHOLDER}\n{first_user['content']}"
   record = Record(id=f"{source}:{rid}", source=source, category="",
                   messages=messages, images=images)
+  if not lazy_images:
+    record = _common.load_images(record, path, where)
+    if isinstance(record, Rejection):
+      return record
   return _common.finish(record, path, where, category)
 
 
 def read(path: str, *, source: str, image_root: str | None = None, category: str | None = None,
-         **options) -> Iterator[Record | Rejection]:
+         lazy_images: bool = False, **options) -> Iterator[Record | Rejection]:
   """Yields one Record per array element, or a Rejection saying why not.
 
-  A file that is not a JSON array cannot be read at all: it becomes one Rejection.
+  A file that is not a JSON array becomes one Rejection; one that breaks off or turns
+  invalid part-way yields its records up to there, then one Rejection for the rest.
   """
   if options:
     raise ValueError(f"llava_json reader: unknown options {sorted(options)}")
-  try:
-    with _common.open_binary(path) as f:
-      data = json.loads(f.read().decode("utf-8"))
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    yield Rejection(source, str(path), "whole file", f"invalid JSON: {e}", kind="invalid_json")
-    return
-  if not isinstance(data, list):
-    yield Rejection(source, str(path), "whole file",
-                    f"expected a JSON array of records, got {type(data).__name__}", kind="bad_schema")
-    return
-  for index, obj in enumerate(data):
-    rid = obj.get("id") if isinstance(obj, dict) else None
-    if rid is None and isinstance(obj, dict):
-      obj = dict(obj, id=index)  # the position names a record that has no id
-    yield to_record(obj, f"record {index} (id={rid})", str(path), source, image_root, category)
+  with _common.open_binary(path) as f:
+    events = ijson.parse(f, use_float=True)
+    index = -1
+    try:
+      first = next(events, None)
+      if first is None or first[1] != "start_array":
+        got = "an empty file" if first is None else f"a JSON {first[1].replace('start_', '')}"
+        yield Rejection(source, str(path), "whole file", f"expected a JSON array of records, got {got}",
+                        kind="bad_schema")
+        return
+      for index, obj in enumerate(ijson.items(itertools.chain([first], events), "item")):
+        rid = obj.get("id") if isinstance(obj, dict) else None
+        if rid is None and isinstance(obj, dict):
+          obj = dict(obj, id=index)  # the position names a record that has no id
+        yield to_record(obj, f"record {index} (id={rid})", str(path), source, image_root, category, lazy_images)
+    except ijson.JSONError as e:
+      detail = e.args[0].decode("utf-8", "replace") if isinstance(e.args[0], bytes) else str(e)
+      where = "whole file" if index < 0 else f"after record {index}"
+      yield Rejection(source, str(path), where,
+                      f"invalid JSON, the rest of the file is unreadable: {' '.join(detail.split())}",
+                      kind="invalid_json")

@@ -13,7 +13,7 @@ from mgjax.data.sources import _common, llava_json
 
 
 def read(path: str, *, source: str, image_root: str | None = None, category: str | None = None,
-         **options) -> Iterator[Record | Rejection]:
+         lazy_images: bool = False, **options) -> Iterator[Record | Rejection]:
   """Yields one Record per line, or a Rejection saying why not."""
   if options:
     raise ValueError(f"messages_jsonl reader: unknown options {sorted(options)}")
@@ -38,4 +38,4 @@ def read(path: str, *, source: str, image_root: str | None = None, category: str
     conversations = [{"from": m["role"], "value": m.get("content")} for m in messages]
     images = row.get("images") or None
     obj = {"id": rid if rid is not None else lineno, "conversations": conversations, "image": images}
-    yield llava_json.to_record(obj, where, str(path), source, image_root, category)
+    yield llava_json.to_record(obj, where, str(path), source, image_root, category, lazy_images)
