@@ -1,10 +1,15 @@
-"""A synthetic instruction corpus for the data benchmarks: messages_jsonl text records
-(with generation requests among them) and planted exact and near duplicates."""
+"""A synthetic instruction corpus for the data benchmarks: messages_jsonl records (with
+generation requests among them, optionally images) and planted exact and near duplicates."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import random
+
+import numpy as np
+from PIL import Image
 
 _VOCAB = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "pu", "ro", "sa", "ti", "vu", "ze")
           for b in ("bar", "cen", "dul", "fin", "gor", "han", "jis", "kel", "lum", "mor",
@@ -45,7 +50,24 @@ def records(n: int, seed: int = 0, exact_share: float = 0.05, near_share: float 
     yield {"id": f"r{i}", "messages": messages}
 
 
-def write(path: str, n: int, seed: int = 0) -> None:
+def write(path: str, n: int, seed: int = 0, image_every: int = 0, image_side: int = 96) -> int:
+  """Writes the corpus as messages_jsonl; with `image_every`, every such record that is not
+  a generation request gets its own random-noise PNG (beside the corpus, in images/),
+  which does not compress. Returns the bytes of images written."""
+  image_dir = os.path.join(os.path.dirname(path), "images")
+  os.makedirs(image_dir, exist_ok=True)
+  noise = np.random.default_rng(seed)
+  image_bytes = 0
   with open(path, "w") as f:
-    for row in records(n, seed):
+    for i, row in enumerate(records(n, seed)):
+      if image_every and i % image_every == 0 and "<GEN>" not in row["messages"][0]["content"]:
+        buf = io.BytesIO()
+        Image.fromarray(noise.integers(0, 256, (image_side, image_side, 3), dtype=np.uint8)).save(buf, "PNG")
+        with open(os.path.join(image_dir, f"{i}.png"), "wb") as img:
+          img.write(buf.getvalue())
+        image_bytes += buf.tell()
+        row["images"] = [f"{i}.png"]
+        row["messages"] = [dict(m) for m in row["messages"]]  # later copies of it stay text only
+        row["messages"][0]["content"] = "<image>\n" + row["messages"][0]["content"]
       f.write(json.dumps(row) + "\n")
+  return image_bytes

@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import sys
+import tempfile
 from typing import Any, Iterator, Sequence
 
 from absl import app, flags, logging
@@ -265,9 +266,18 @@ def _clean(data_cfg, root: epath.Path, tokenizer_dir: str | None, spill_dir: str
   return kept, dropped, counts
 
 
-def spill_dir(data_cfg: ml_collections.ConfigDict, data_dir: str) -> epath.Path:
-  """Where a build keeps the kept records between cleaning and writing (deleted after)."""
-  return epath.Path(data_dir) / ".mgjax_spill" / data_cfg.name / data_cfg.version
+def spill_dir(data_cfg: ml_collections.ConfigDict, data_dir: str, beam: bool = False) -> epath.Path:
+  """Where a build keeps the kept records between cleaning and writing (deleted after).
+
+  Under the data_dir, so a big build spills to the disk meant for data; but a local build
+  into a gs:// data_dir spills to local disk ($TMPDIR): its worker processes would have to
+  close their GCS uploads before anything in them could be read back. Beam workers
+  (Dataflow) need it where they all can reach it: the data_dir itself.
+  """
+  root = epath.Path(data_dir)
+  if "://" in str(data_dir) and not beam:
+    root = epath.Path(tempfile.gettempdir())
+  return root / ".mgjax_spill" / data_cfg.name / data_cfg.version
 
 
 def build(data_cfg: ml_collections.ConfigDict, data_dir: str, *, beam_runner: str | None = None,
@@ -286,7 +296,7 @@ def build(data_cfg: ml_collections.ConfigDict, data_dir: str, *, beam_runner: st
     sample.write_sample_sources(str(_sources_root(data_cfg, data_dir)), seed=data_cfg.seed,
                                 n_understanding=s.n_understanding, n_generation=s.n_generation,
                                 n_text=s.n_text)
-  spill_root = spill_dir(data_cfg, data_dir)
+  spill_root = spill_dir(data_cfg, data_dir, beam=bool(beam_runner))
   if spill_root.exists():
     spill_root.rmtree()  # left by a build that was killed
   spill_root.mkdir(parents=True)
