@@ -73,7 +73,7 @@ def main() -> None:
     # A process each: peak RSS is a per-process high-water mark.
     out = subprocess.run([sys.executable, __file__, f"--records={args.records}", f"--workers={args.workers}",
                           f"--image_every={args.image_every}", f"--one={variant}"],
-                         check=True, capture_output=True, text=True).stdout
+                         check=True, stdout=subprocess.PIPE, text=True).stdout  # stderr: progress, errors
     results[variant] = json.loads(out.strip().splitlines()[-1])
     print(variant, json.dumps(results[variant]), flush=True)
   print(json.dumps(results, indent=1))

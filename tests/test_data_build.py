@@ -190,3 +190,16 @@ def test_beam_direct_runner_builds_the_same_dataset(built, tmp_path):
     c.pop("tokenizer"), c.pop("token_unit")  # paths under each data_dir
   assert beam_card == local_card
   assert not build.spill_dir(cfg, str(tmp_path)).exists()
+
+
+def test_big_splits_are_written_in_several_shards(built, tmp_path, monkeypatch):
+  """Shards are cut by size (here tiny), and a sharded split reads back whole, in order."""
+  from mgjax.data import builder
+  cfg, one_shard = built
+  monkeypatch.setattr(builder, "_SHARD_BYTES", 50_000)
+  _bad_sources(tmp_path / cfg.sample.dir)
+  sharded = build.build(cfg, str(tmp_path))
+  info = json.loads((pathlib.Path(sharded.dataset_dir) / "dataset_info.json").read_text())
+  train = next(s for s in info["splits"] if s["name"] == "train")
+  assert len(train["shardLengths"]) > 1 and sum(map(int, train["shardLengths"])) == sharded.splits["train"]
+  assert [e["id"] for e in _read_split(sharded, "train")] == [e["id"] for e in _read_split(one_shard, "train")]

@@ -333,15 +333,12 @@ def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, bea
     out.rmtree()
   # TFDS cannot write an empty split; the trainer learns of one through open_split.
   nonempty = {k: v for k, v in splits.items() if v}
-  b = builder.make_builder(data_cfg.name, data_cfg.version, data_dir, splits=nonempty,
-                           description=f"mgjax instruction mix from data config {data_cfg.name!r}",
-                           beam_chunks_dir=str(spill_root) if beam_runner else None)
-  download_config = None
+  description = f"mgjax instruction mix from data config {data_cfg.name!r}"
   if beam_runner:
-    from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
-    download_config = tfds.download.DownloadConfig(beam_runner=beam_runner,
-                                                   beam_options=PipelineOptions(list(beam_options)))
-  b.download_and_prepare(download_config=download_config)
+    builder.write_beam(data_dir, data_cfg.name, data_cfg.version, nonempty, description, str(spill_root),
+                       beam_runner, list(beam_options))
+  else:
+    builder.write_local(out, data_cfg.version, nonempty, description)
 
   sizes = {k: len(v) for k, v in splits.items()}
   with (out / "rejected.jsonl").open("w") as f:

@@ -1,18 +1,27 @@
-"""The TFDS builder that writes built records as an array_record dataset.
+"""Writes the finished splits as a TFDS array_record dataset, on this machine or with Beam.
 
-The builder only writes: reading sources, checking, holding out validation sets and
-mixing happen before it (in `build.py`), and it receives the finished split lists as
-spill entries, reading each record back from disk as it writes it. This
-keeps TFDS's machinery (versioning, sharding, dataset_info.json, random-access reading
-with `tfds.data_source`) without tying the cleaning logic to TFDS's generator protocol.
+Writing is all that happens here: reading sources, checking, holding out validation
+sets and mixing happen before (in `build.py`), and the splits arrive as spill entries,
+each record read back from disk as it is written. Either way the result is a TFDS
+dataset (dataset_info.json, features.json, array_record shards) that
+`tfds.builder_from_directory` opens and `as_data_source` reads at random.
 
-No TensorFlow is needed: `file_format="array_record"` prepares and reads without it.
+  write_local   streams each split, in its mixed order, into shards of at most
+                _SHARD_BYTES, then has TFDS write the metadata. Not TFDS's generator
+                writer: past 1 GB its shuffler spills through tf.io.gfile, which
+                needs TensorFlow, and it holds that 1 GB in memory.
+  MgjaxInstructions  TFDS's Apache Beam path (download_and_prepare with a runner).
+
+No TensorFlow is needed for either, nor to read.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import file_adapters
 
 from mgjax.data import spill
 
@@ -30,18 +39,51 @@ FEATURES = tfds.features.FeaturesDict({
 })
 
 
+_SHARD_BYTES = 512 << 20  # a shard's records, as stored in the spill (about what it takes on disk)
+
+
+def _template(out) -> tfds.core.ShardedFileTemplate:
+  return tfds.core.ShardedFileTemplate(data_dir=out, dataset_name=BUILDER_NAME, filetype_suffix="array_record")
+
+
+def write_local(out, version: str, splits: dict[str, list[spill.Entry]], description: str) -> None:
+  """Writes each (non-empty) split under `out` (DIR/mgjax_instructions/<name>/<version>)."""
+  out = tfds.core.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  template = _template(out)
+  adapter = file_adapters.ADAPTER_FOR_FORMAT[file_adapters.FileFormat.ARRAY_RECORD]
+  reader = spill.Reader()
+  split_infos = []
+  try:
+    for name, entries in splits.items():
+      num_shards = max(1, math.ceil(sum(e.text_nbytes + e.image_nbytes for e in entries) / _SHARD_BYTES))
+      bounds = [len(entries) * k // num_shards for k in range(num_shards + 1)]
+      num_bytes, split_template = 0, template.replace(split=name)
+      for k in range(num_shards):
+        path = split_template.sharded_filepath(shard_index=k, num_shards=num_shards)
+        shard = entries[bounds[k]:bounds[k + 1]]
+        adapter.write_examples(path, ((i, FEATURES.serialize_example(reader.record(e).to_example()))
+                                      for i, e in enumerate(shard)))
+        num_bytes += path.stat().length
+      split_infos.append(tfds.core.SplitInfo(name=name, shard_lengths=[b - a for a, b in zip(bounds, bounds[1:])],
+                                             num_bytes=num_bytes, filename_template=split_template))
+  finally:
+    reader.close()
+  tfds.folder_dataset.write_metadata(data_dir=out, features=FEATURES, split_infos=split_infos, version=version,
+                                     filename_template=template, check_data=False, description=description)
+
+
 class MgjaxInstructions(tfds.core.GeneratorBasedBuilder):
-  """One conversation per example; one BuilderConfig per data config (e.g. "sample")."""
+  """The Beam path's builder: one conversation per example; one BuilderConfig per data
+  config (e.g. "sample")."""
 
   VERSION = tfds.core.Version("1.0.0")  # overridden by the BuilderConfig's version
 
-  def __init__(self, *, config: tfds.core.BuilderConfig, splits: dict[str, list[spill.Entry]] | None = None,
-               description: str = "", beam_chunks_dir: str | None = None, **kwargs):
-    # `splits` is only needed to prepare; reading a built dataset goes through
-    # `tfds.builder_from_directory` and never constructs this class.
+  def __init__(self, *, config: tfds.core.BuilderConfig, splits: dict[str, list[spill.Entry]],
+               chunks_dir: str, description: str = "", **kwargs):
     self._split_entries = splits
     self._description = description
-    self._beam_chunks_dir = beam_chunks_dir  # set: write with Beam, listing entries there
+    self._chunks_dir = chunks_dir  # where the Beam source lists each split's entries
     super().__init__(config=config, file_format="array_record", **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -51,30 +93,19 @@ class MgjaxInstructions(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing is downloaded
-    if self._split_entries is None:
-      raise ValueError(f"{BUILDER_NAME}: prepare needs the split entries; build with mgjax.data.build")
     return {name: self._generate_examples(name, entries) for name, entries in self._split_entries.items()}
 
   def _generate_examples(self, split: str, entries: list[spill.Entry]):
-    if self._beam_chunks_dir is not None:
-      from mgjax.data import beam_build  # pylint: disable=g-import-not-at-top  (apache-beam is optional)
-      return beam_build.examples(split, entries, self._beam_chunks_dir)
-    return _examples(entries)
+    from mgjax.data import beam_build  # pylint: disable=g-import-not-at-top  (apache-beam is optional)
+    return beam_build.examples(split, entries, self._chunks_dir)
 
 
-def _examples(entries: list[spill.Entry]):
-  reader = spill.Reader()
-  try:
-    for e in entries:
-      yield e.id, reader.record(e).to_example()
-  finally:
-    reader.close()
-
-
-def make_builder(name: str, version: str, data_dir: str, splits: dict[str, list[spill.Entry]] | None = None,
-                 description: str = "", beam_chunks_dir: str | None = None) -> MgjaxInstructions:
-  """A builder for data config `name` at `version`, writing under data_dir; with
-  `beam_chunks_dir`, through the Beam runner `download_and_prepare` is given."""
+def write_beam(data_dir: str, name: str, version: str, splits: dict[str, list[spill.Entry]], description: str,
+               chunks_dir: str, runner: str, options: list[str]) -> None:
+  """Writes the splits with TFDS's Beam path on `runner` with pipeline `options`."""
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
   config = tfds.core.BuilderConfig(name=name, version=version, description=description)
-  return MgjaxInstructions(config=config, data_dir=data_dir, splits=splits, description=description,
-                           beam_chunks_dir=beam_chunks_dir)
+  builder = MgjaxInstructions(config=config, data_dir=data_dir, splits=splits, chunks_dir=chunks_dir,
+                              description=description)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      beam_runner=runner, beam_options=PipelineOptions(options)))
