@@ -202,8 +202,23 @@ ATTENTION = {
   'einsum5d_causal16': causal_blocks(attention_einsum_5d, 16),
   'jax_nn_causal4': causal_blocks(attention_jax_nn, 4),
 }
-# A variant is attention[+loss]; the loss part picks the trainer's make_loss_fn ('trainer').
-VARIANTS_HELP = f'attention one of {sorted(ATTENTION)}'
+def apply_rope_concat(x, positions, theta=10000.0, *, inv_freq=None):
+  """The trainer's RoPE before the flip formulation (kept as the baseline): the halves sliced
+  and concatenated back, which XLA:CPU runs as pad/concatenate fusions forward and backward."""
+  half = x.shape[-1] // 2
+  if inv_freq is None:
+    inv_freq = mg_llm.rope_frequencies(x.shape[-1], theta)
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., :half], x32[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+# Parts of the model a variant can swap in after a '+', e.g. 'trainer+rope_concat'.
+ROPE = {'rope_concat': apply_rope_concat}
+# A variant is attention[+rope]: an attention formulation, optionally an older RoPE.
+VARIANTS_HELP = f'attention one of {sorted(ATTENTION)}, optionally followed by +{"|+".join(sorted(ROPE))}'
 
 
 class TextOnly(nnx.Module):
@@ -235,11 +250,14 @@ class JaxStep:
 
   def __init__(self, a: argparse.Namespace, variant: str, batch: dict[str, np.ndarray]):
     self.name = variant
-    attention = ATTENTION[variant.split('+')[0]]
-    original = mg_llm.dot_product_attention
+    attention, *swaps = variant.split('+')
+    attention = ATTENTION[attention]
+    original, original_rope = mg_llm.dot_product_attention, mg_llm.apply_rope
     if attention is not None:
-      # llm.py calls the name it imported; the variants decide about block skipping themselves.
+      # llm.py calls the names it imported; the variants decide about block skipping themselves.
       mg_llm.dot_product_attention = lambda q, k, v, mask=None, causal=False: attention(q, k, v, mask)
+    for swap in swaps:
+      mg_llm.apply_rope = ROPE[swap]
     try:
       model = TextOnly(mg_llm.DecoderLM(
         vocab_size=a.vocab, hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
@@ -267,7 +285,7 @@ class JaxStep:
       self.cost_flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
       self.hlo_text = self.compiled.as_text()
     finally:
-      mg_llm.dot_product_attention = original
+      mg_llm.dot_product_attention, mg_llm.apply_rope = original, original_rope
     self.loss = None
 
   def run(self) -> float:
@@ -345,7 +363,7 @@ def main() -> None:
   a = ARGS
   variants = [v for v in a.variants.split(',') if v]
   for v in variants:
-    if v.split('+')[0] not in ATTENTION:
+    if v.split('+')[0] not in ATTENTION or any(p not in ROPE for p in v.split('+')[1:]):
       sys.exit(f'unknown variant {v!r}: {VARIANTS_HELP}')
   if a.micro:
     micro(a, variants)

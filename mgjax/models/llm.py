@@ -126,12 +126,16 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0, *,
   if inv_freq is None:
     inv_freq = rope_frequencies(d, theta)
   angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, half]
-  sin = jnp.sin(angles)[:, :, None, :]
-  cos = jnp.cos(angles)[:, :, None, :]
-  x32 = x.astype(jnp.float32)
-  x1, x2 = x32[..., :half], x32[..., half:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+  sin = jnp.sin(angles)[:, :, None, None, :]
+  cos = jnp.cos(angles)[:, :, None, None, :]
+  # The halves as an axis of 2: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) is x cos plus
+  # the halves swapped (a flip) times (-sin, sin). Slicing and concatenating the halves
+  # instead costs XLA:CPU pad/concatenate fusions, forward and backward, 5x the time of
+  # this one elementwise pass (benchmarks/RESULTS.md, train step).
+  halves = x.astype(jnp.float32).reshape(*x.shape[:-1], 2, half)
+  signed_sin = jnp.asarray([-1.0, 1.0], jnp.float32)[:, None] * sin
+  out = halves * cos + jnp.flip(halves, axis=-2) * signed_sin
+  return out.reshape(x.shape).astype(x.dtype)
 
 
 class Attention(nnx.Module):
