@@ -166,7 +166,7 @@ def test_command_line(tmp_path):
 
 def test_spill_is_removed_after_the_build(built):
   cfg, dataset = built
-  assert not build.spill_dir(cfg, dataset.data_dir).exists()
+  assert not (pathlib.Path(dataset.data_dir) / ".mgjax_spill").exists()
 
 
 def test_beam_direct_runner_builds_the_same_dataset(built, tmp_path):

@@ -304,6 +304,9 @@ def build(data_cfg: ml_collections.ConfigDict, data_dir: str, *, beam_runner: st
     return _build(data_cfg, data_dir, out, spill_root, beam_runner, beam_options)
   finally:
     spill_root.rmtree()
+    for parent in (spill_root.parent, spill_root.parent.parent):  # .mgjax_spill/<name>, if now empty
+      if parent.exists() and not any(parent.iterdir()):
+        parent.rmdir()
 
 
 def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, beam_runner: str | None,
