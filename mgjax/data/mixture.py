@@ -71,6 +71,9 @@ def hold_out(records: list[Record], val_per_category, seed: int) -> tuple[list[R
       rng.shuffle(recs)
       val[f"val_{cat}"] += recs[:shares[source]]
       pool += recs[shares[source]:]
+    # Sources interleaved: the splits are written in this order, and a head of one (a quick
+    # look, a capped evaluation) should not be one source.
+    rng.shuffle(val[f"val_{cat}"])
   return pool, val
 
 
