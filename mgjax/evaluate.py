@@ -6,7 +6,8 @@
   understanding  on short checkable answers (the sample's), exact-match accuracy of
                  every assistant turn given the reference conversation before it; beside
                  it `chance`: what answering every question with its most common training
-                 answer would score, i.e. a model that never looks at the image.
+                 answer would score (a random one of them when tied), i.e. a model that
+                 never looks at the image.
                  `spurious_prompt_rate`: answers that wrongly hold a <h> prompt.
 
 Losses come from the trainer's own evaluation; this module only decodes and scores.
@@ -70,8 +71,10 @@ def _question(messages: list[dict]) -> str:
   return normalize_answer(messages[-1]["content"].replace(IMAGE_PLACEHOLDER, ""))
 
 
-def majority_answers(train_source, max_records: int = 20000) -> dict[str, str]:
-  """Question -> its most common answer in the training split (for the chance baseline)."""
+def majority_answers(train_source, max_records: int = 20000) -> dict[str, tuple[str, ...]]:
+  """Question -> its most common answers in the training split (several when tied), for
+  the chance baseline. Ties are kept rather than broken by whichever came first, so the
+  baseline does not depend on the order the split was written in."""
   counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
   for i in range(min(len(train_source), max_records)):
     example = train_source[i]
@@ -81,7 +84,21 @@ def majority_answers(train_source, max_records: int = 20000) -> dict[str, str]:
     for t in range(1, len(messages)):
       if messages[t]["role"] == "assistant" and messages[t - 1]["role"] == "user":
         counts[_question(messages[:t])][normalize_answer(messages[t]["content"])] += 1
-  return {q: c.most_common(1)[0][0] for q, c in counts.items()}
+  majority = {}
+  for q, c in counts.items():
+    top = max(c.values())
+    majority[q] = tuple(sorted(a for a, n in c.items() if n == top))
+  return majority
+
+
+def chance(turns: list[tuple[list[dict], str]], majority: dict[str, tuple[str, ...]]) -> float:
+  """Expected accuracy on (conversation before the answer, reference) turns of a blind
+  guesser that answers with a most common training answer, picked at random when k are
+  tied: a reference among them is right with probability 1/k."""
+  def expected(prefix, ref):
+    tied = majority.get(_question(prefix), ())
+    return 1 / len(tied) if normalize_answer(ref) in tied else 0.0
+  return float(np.mean([expected(prefix, ref) for prefix, ref in turns]))
 
 
 def _answer_every_turn(generator: decode.Generator, source, max_new_tokens: int):
@@ -105,7 +122,7 @@ def score_generation(generator: decode.Generator, source, *, max_new_tokens: int
 
 
 def score_accuracy(generator: decode.Generator, source, *, max_new_tokens: int,
-                   majority: dict[str, str] | None = None) -> dict[str, float]:
+                   majority: dict[str, tuple[str, ...]] | None = None) -> dict[str, float]:
   items, answers = _answer_every_turn(generator, source, max_new_tokens)
   correct = [normalize_answer(a) == normalize_answer(ref) for a, (_, _, ref) in zip(answers, items)]
   scores = {
@@ -114,13 +131,12 @@ def score_accuracy(generator: decode.Generator, source, *, max_new_tokens: int,
       "num_answers": len(items),
   }
   if majority is not None:
-    scores["chance"] = float(np.mean([
-        majority.get(_question(prefix)) == normalize_answer(ref) for prefix, _, ref in items]))
+    scores["chance"] = chance([(prefix, ref) for prefix, _, ref in items], majority)
   return scores
 
 
 def evaluate(generator: decode.Generator, val_sources: dict[str, Any], losses: dict[str, float],
-             eval_cfg, majority: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
+             eval_cfg, majority: dict[str, tuple[str, ...]] | None = None) -> dict[str, dict[str, float]]:
   """{split: {"loss": ..., and the split's scores}} for every validation split.
 
   `majority` (from `majority_answers` over the training mix) adds the chance level to

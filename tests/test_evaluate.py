@@ -40,7 +40,18 @@ def test_chance_is_the_most_common_training_answer_per_question():
   train = [example("understanding", "<image>\nHow many shapes are there?", a) for a in ("Two.", "Two.", "One.")]
   train.append(example("text", "How many shapes are there?", "Ten."))  # not understanding: ignored
   majority = evaluate.majority_answers(train)
-  assert majority == {"how many shapes are there": "two"}
+  assert majority == {"how many shapes are there": ("two",)}
+
+
+def test_chance_shares_credit_between_tied_answers_whatever_their_order():
+  answers = ("Two.", "One.", "One.", "Two.", "Three.")
+  for order in (answers, answers[::-1]):
+    train = [example("understanding", "<image>\nHow many shapes are there?", a) for a in order]
+    assert evaluate.majority_answers(train) == {"how many shapes are there": ("one", "two")}
+  majority = evaluate.majority_answers(train)
+  question = [{"role": "user", "content": "<image>\nHow many shapes are there?"}]
+  # "one" is one of two tied answers (half a point), "three" is not a majority answer.
+  assert evaluate.chance([(question, "One."), (question, "Three.")], majority) == 0.25
 
 
 def test_report_writes_json_markdown_and_a_png(tmp_path):
