@@ -200,10 +200,8 @@ def _prepare_locally(specs, preparer_args, workers: int):
   context = multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
   pool = context.Pool(workers, _init_worker, preparer_args)
   try:
-    with tqdm.tqdm(desc="cleaning", unit=" records", mininterval=2, disable=None) as progress:
-      for batch in _ordered_map(pool, _prepare_batch, _batches(specs), window=2 * workers):
-        progress.update(len(batch))
-        yield from batch
+    for batch in _ordered_map(pool, _prepare_batch, _batches(specs), window=2 * workers):
+      yield from batch
   finally:
     pool.terminate()  # every batch was flushed to its shard before it came back
 
@@ -232,7 +230,7 @@ def _clean(data_cfg, root: epath.Path, tokenizer_dir: str | None, spill_dir: str
                         "rejected": collections.Counter(), "duplicates": 0,
                         "duplicate_kinds": collections.Counter()} for s in specs}
   kept, dropped, seen_ids = [], [], set()
-  for item, sig in prepared:
+  for item, sig in tqdm.tqdm(prepared, desc="cleaning", unit=" records", mininterval=2, disable=None):
     c = counts[item.source]
     c["read"] += 1
     if isinstance(item, spill.Entry) and item.id in seen_ids:

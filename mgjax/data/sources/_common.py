@@ -51,9 +51,6 @@ def load_images(record: Record, file: str, where: str) -> Record | Rejection:
   prove it is an image; a missing or undecodable file rejects the record."""
   images = []
   for image in record.images:
-    if isinstance(image, bytes):
-      images.append(image)
-      continue
     try:
       data = epath.Path(image).read_bytes()
     except FileNotFoundError:
