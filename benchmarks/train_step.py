@@ -14,8 +14,10 @@ for both sides, see `analytic_flops`), the ratio to the matmul peak and the JAX/
   python benchmarks/train_step.py --xla_flags='--xla_cpu_use_thunk_runtime=false'
   python benchmarks/train_step.py --profile=/tmp/trace   # per-op trace of one step per variant
 
-XLA flags are read once when JAX starts, so variants of them are separate invocations
-(--xla_flags); everything else runs side by side in one process.
+Both sides run with the process settings of `python -m mgjax.main` (mgjax/runtime.py): its XLA:CPU
+flags and its glibc malloc tunable. XLA flags and malloc tunables are read once when the process
+starts, so variants of them are separate invocations (--xla_flags, --malloc=glibc_default);
+everything else runs side by side in one process.
 """
 
 from __future__ import annotations
@@ -45,7 +47,16 @@ def parse_args() -> argparse.Namespace:
   p.add_argument('--rounds', type=int, default=5, help='interleaved measurement rounds (medians over them)')
   p.add_argument('--variants', default='trainer',
                  help='comma list of JAX variants, see VARIANTS (attention/loss formulations)')
-  p.add_argument('--xla_flags', default='', help='appended to XLA_FLAGS before JAX starts')
+  p.add_argument('--xla_flags', default='',
+                 help="appended to XLA_FLAGS before JAX starts; a flag named here overrides the trainer's "
+                      '(mgjax/runtime.py), e.g. --xla_flags=--xla_cpu_experimental_ynn_fusion_type= turns YNNPACK off')
+  p.add_argument('--malloc', choices=['trainer', 'glibc_default'], default='trainer',
+                 help="trainer: restart with the glibc malloc tunable `python -m mgjax.main` sets "
+                      '(mgjax/runtime.py: malloc_tunables); glibc_default: the environment as it is')
+  p.add_argument('--steps_per_round', type=int, default=2,
+                 help='consecutive steps of each side per round, the last one timed: a training run '
+                      'repeats one step, and the first step after the other side pays for memory that '
+                      'side just gave back')
   p.add_argument('--matmul_size', type=int, default=2048)
   p.add_argument('--no_torch', action='store_true', help='skip the PyTorch side')
   p.add_argument('--profile', default='', help='write a perfetto trace of one step per variant here')
@@ -58,8 +69,14 @@ def parse_args() -> argparse.Namespace:
 
 
 ARGS = parse_args()
+from mgjax import runtime  # noqa: E402  (light: absl flags only, no JAX)
+
+if ARGS.malloc == 'trainer':
+  # The process settings `python -m mgjax.main` runs with; both sides share them.
+  runtime.restart_with_malloc_tunables(any_program=True)
 if ARGS.xla_flags:
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + ARGS.xla_flags).strip()
+runtime.set_xla_flags()  # the trainer's XLA:CPU flags, where --xla_flags did not set them
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
 import jax  # noqa: E402  (after XLA_FLAGS is set)
@@ -295,6 +312,13 @@ class JaxStep:
     return time.perf_counter() - t
 
 
+def steady(run, n: int) -> float:
+  """The last of n consecutive steps: the time of a step in a run of them."""
+  for _ in range(n - 1):
+    run()
+  return run()
+
+
 # ------------------------------------------------------------------ torch side
 
 class TorchStep:
@@ -374,7 +398,7 @@ def main() -> None:
   cpu = next((l.split(':', 1)[1].strip() for l in subprocess.run(
     ['lscpu'], capture_output=True, text=True).stdout.splitlines() if l.startswith('Model name')), '?')
   print(f'# {time.strftime("%Y-%m-%d %H:%M")}  cpu {cpu} x{os.cpu_count()}  jax {jax.__version__}  '
-        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}  GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")!r}')
   print(f'# non-embedding params {(counts["blocks"] + counts["lm_head"]) / 1e6:.1f}M '
         f'(blocks {counts["blocks"] / 1e6:.1f}M + lm_head {counts["lm_head"] / 1e6:.1f}M), '
         f'batch {a.batch} x seq {a.seq}; analytic {flops / 1e9:.1f} GFLOP/step')
@@ -414,9 +438,9 @@ def main() -> None:
     peaks['jax'].append(jax_matmul_peak(a.matmul_size))
     if torch_step:
       peaks['torch'].append(torch_matmul_peak(a.matmul_size))
-      times['torch'].append(torch_step.run())
+      times['torch'].append(steady(torch_step.run, a.steps_per_round))
     for v, s in steps.items():
-      times[v].append(s.run())
+      times[v].append(steady(s.run, a.steps_per_round))
     print(f'# round {r}: peak jax {peaks["jax"][-1]:.0f} GFLOP/s, '
           + ', '.join(f'{k} {t[-1]:.2f}s' for k, t in times.items() if t), flush=True)
   peaks['jax'].append(jax_matmul_peak(a.matmul_size))
@@ -446,7 +470,7 @@ def main() -> None:
   if a.json:
     with open(a.json, 'w') as f:
       json.dump({'args': vars(a), 'cpu': cpu, 'cores': os.cpu_count(), 'jax': jax.__version__,
-                 'xla_flags': os.environ.get('XLA_FLAGS', ''), 'analytic_gflop': flops / 1e9,
+                 'xla_flags': os.environ.get('XLA_FLAGS', ''), 'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''), 'analytic_gflop': flops / 1e9,
                  'peaks': peaks, 'times': times, 'rows': rows, 'python': platform.python_version(),
                  'date': time.strftime('%Y-%m-%d %H:%M')}, f, indent=1)
 

@@ -29,6 +29,7 @@ flags.mark_flags_as_required(["config"])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  runtime.restart_with_malloc_tunables()
   runtime.setup()
   if _DISTRIBUTED.value:
     import jax

@@ -34,6 +34,7 @@ def scores_table(report: dict) -> str:
 
 def main(argv: list[str]) -> None:
   del argv
+  runtime.restart_with_malloc_tunables()
   runtime.setup()
   from mgjax import train
 
