@@ -27,6 +27,7 @@ import functools
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -312,11 +313,18 @@ class JaxStep:
     return time.perf_counter() - t
 
 
-def steady(run, n: int) -> float:
-  """The last of n consecutive steps: the time of a step in a run of them."""
+def steady(run, n: int) -> tuple[float, int, float]:
+  """The last of n consecutive steps, as a run of them sees it: seconds, page faults, kernel seconds.
+
+  The faults and the kernel (system) CPU time are the whole process's during that step: on CPU,
+  memory a step maps afresh costs one fault per page, paid inside whichever op first writes it.
+  """
   for _ in range(n - 1):
     run()
-  return run()
+  before = resource.getrusage(resource.RUSAGE_SELF)
+  seconds = run()
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  return seconds, after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime
 
 
 # ------------------------------------------------------------------ torch side
@@ -433,14 +441,21 @@ def main() -> None:
 
   times = {v: [] for v in steps}
   times['torch'] = []
+  faults = {k: [] for k in times}
+  kernel_s = {k: [] for k in times}
   peaks = {'jax': [], 'torch': []}
+
+  def record(side: str, measured: tuple[float, int, float]) -> None:
+    for table, value in zip((times, faults, kernel_s), measured):
+      table[side].append(value)
+
   for r in range(a.rounds):
     peaks['jax'].append(jax_matmul_peak(a.matmul_size))
     if torch_step:
       peaks['torch'].append(torch_matmul_peak(a.matmul_size))
-      times['torch'].append(steady(torch_step.run, a.steps_per_round))
+      record('torch', steady(torch_step.run, a.steps_per_round))
     for v, s in steps.items():
-      times[v].append(steady(s.run, a.steps_per_round))
+      record(v, steady(s.run, a.steps_per_round))
     print(f'# round {r}: peak jax {peaks["jax"][-1]:.0f} GFLOP/s, '
           + ', '.join(f'{k} {t[-1]:.2f}s' for k, t in times.items() if t), flush=True)
   peaks['jax'].append(jax_matmul_peak(a.matmul_size))
@@ -453,26 +468,30 @@ def main() -> None:
         f'(min {min(peaks["jax"]):.0f}, max {max(peaks["jax"]):.0f})'
         + (f', torch median {statistics.median(peaks["torch"]):.0f} GFLOP/s' if peaks['torch'] else ''))
   rows = []
-  print(f'{"side":<22}{"step s":>8}{"tok/s":>9}{"GFLOP/s":>9}{"/peak":>7}{"/torch":>8}{"loss":>8}')
+  print(f'{"side":<22}{"step s":>8}{"tok/s":>9}{"GFLOP/s":>9}{"/peak":>7}{"/torch":>8}{"loss":>8}'
+        f'{"faults":>9}{"sys s":>7}')
   for k, t in times.items():
     if not t:
       continue
     med = statistics.median(t)
     row = {'side': k if k == 'torch' else f'jax {k}', 'step_s': med, 'spread_s': [min(t), max(t)],
            'tokens_s': tokens / med, 'gflops': flops / med / 1e9, 'ratio_peak': flops / med / 1e9 / peak,
-           'ratio_torch': torch_t / med, 'loss': (torch_step.loss if k == 'torch' else steps[k].loss)}
+           'ratio_torch': torch_t / med, 'loss': (torch_step.loss if k == 'torch' else steps[k].loss),
+           'page_faults': statistics.median(faults[k]), 'kernel_s': statistics.median(kernel_s[k])}
     if k != 'torch':
       row['cost_analysis_gflop'] = steps[k].cost_flops / 1e9
       row['compile_s'] = steps[k].compile_s
     rows.append(row)
     print(f'{row["side"]:<22}{med:>8.2f}{row["tokens_s"]:>9.0f}{row["gflops"]:>9.0f}'
-          f'{row["ratio_peak"]:>7.2f}{row["ratio_torch"]:>8.2f}{row["loss"]:>8.3f}')
+          f'{row["ratio_peak"]:>7.2f}{row["ratio_torch"]:>8.2f}{row["loss"]:>8.3f}'
+          f'{row["page_faults"]:>9.0f}{row["kernel_s"]:>7.2f}')
   if a.json:
     with open(a.json, 'w') as f:
       json.dump({'args': vars(a), 'cpu': cpu, 'cores': os.cpu_count(), 'jax': jax.__version__,
-                 'xla_flags': os.environ.get('XLA_FLAGS', ''), 'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''), 'analytic_gflop': flops / 1e9,
-                 'peaks': peaks, 'times': times, 'rows': rows, 'python': platform.python_version(),
-                 'date': time.strftime('%Y-%m-%d %H:%M')}, f, indent=1)
+                 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+                 'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''), 'analytic_gflop': flops / 1e9,
+                 'peaks': peaks, 'times': times, 'page_faults': faults, 'kernel_s': kernel_s, 'rows': rows,
+                 'python': platform.python_version(), 'date': time.strftime('%Y-%m-%d %H:%M')}, f, indent=1)
 
 
 if __name__ == '__main__':
