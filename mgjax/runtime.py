@@ -22,10 +22,11 @@ _CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
 
 # XLA:CPU allocates each step's temporaries afresh (2.3 GB for the 110M step of
 # benchmarks/train_step.py) and glibc maps and unmaps them in 4 KB pages: 620K page faults and
-# about 1.6 s of kernel time in every 6 s step on the 2-core dev machine. With glibc's hugetlb
-# tunable, malloc asks for transparent huge pages on the memory it maps: 3K faults, and the step
-# runs 1.15-1.2x faster (benchmarks/RESULTS.md). TPU and GPU steps keep their temporaries on the
-# device, where this changes nothing.
+# about 1.6 s of kernel time in every 6 s step on the 2-core dev machine (a VM, where memory
+# given back costs more to get again). With glibc's hugetlb tunable, malloc asks for transparent
+# huge pages on the memory it maps: 3K faults, and the step runs 1.1-1.2x faster
+# (benchmarks/RESULTS.md). TPU and GPU steps keep their temporaries on the device, where this
+# changes nothing.
 _MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
@@ -38,7 +39,10 @@ def malloc_tunables(environ: dict[str, str], thp_mode: str, libc: tuple[str, str
   `glibc.malloc.hugetlb=0` turns this off).
   """
   name, version = libc
-  if name != "glibc" or tuple(int(p) for p in version.split(".")[:2]) < (2, 35):
+  try:
+    if name != "glibc" or tuple(int(p) for p in version.split(".")[:2]) < (2, 35):
+      return None
+  except ValueError:  # a version string platform.libc_ver() could not read
     return None
   if "[madvise]" not in thp_mode:
     return None

@@ -27,6 +27,7 @@ def test_hugetlb_is_added_to_whatever_tunables_the_user_set():
     ({}, "always madvise [never]\n", GLIBC),  # none can
     ({}, MADVISE, ("glibc", "2.34")),  # before the tunable existed
     ({}, MADVISE, ("", "")),  # musl and others
+    ({}, MADVISE, ("glibc", "")),  # a version that could not be read
 ])
 def test_no_restart_where_the_tunable_cannot_help_or_the_user_chose(environ, thp_mode, libc):
   assert runtime.malloc_tunables(environ, thp_mode, libc) is None
