@@ -74,7 +74,7 @@ from mgjax import runtime  # noqa: E402  (light: absl flags only, no JAX)
 
 if ARGS.malloc == 'trainer':
   # The process settings `python -m mgjax.main` runs with; both sides share them.
-  runtime.restart_with_malloc_tunables(any_program=True)
+  runtime.restart_with_malloc_tunables()
 if ARGS.xla_flags:
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + ARGS.xla_flags).strip()
 runtime.set_xla_flags()  # the trainer's XLA:CPU flags, where --xla_flags did not set them

@@ -29,7 +29,6 @@ flags.mark_flags_as_required(["config"])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  runtime.restart_with_malloc_tunables()
   runtime.setup()
   if _DISTRIBUTED.value:
     import jax
@@ -56,4 +55,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  runtime.restart_with_malloc_tunables()  # first: glibc reads its tunables at process start
   app.run(main, flags_parser=runtime.parse_flags)

@@ -34,7 +34,6 @@ def scores_table(report: dict) -> str:
 
 def main(argv: list[str]) -> None:
   del argv
-  runtime.restart_with_malloc_tunables()
   runtime.setup()
   from mgjax import train
 
@@ -56,4 +55,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  runtime.restart_with_malloc_tunables()  # first: glibc reads its tunables at process start
   app.run(main)

@@ -52,23 +52,25 @@ def malloc_tunables(environ: dict[str, str], thp_mode: str, libc: tuple[str, str
   return ":".join(t for t in (current, _MALLOC_TUNABLE) if t)
 
 
-def restart_with_malloc_tunables(any_program: bool = False) -> None:
-  """Re-executes this `python -m mgjax...` process once with `malloc_tunables`' setting.
-
-  glibc reads GLIBC_TUNABLES only when a process starts, so a training entry point calls this
-  first, before JAX starts. The process keeps its PID, arguments and open files. Other programs
-  (pytest, a notebook kernel) are left alone unless `any_program` (the train-step benchmark).
-  """
-  main_module = getattr(sys.modules.get("__main__"), "__spec__", None)
-  entry_point = main_module is not None and main_module.name.startswith("mgjax.")
-  if sys.platform != "linux" or not (entry_point or any_program):
-    return
+def thp_mode() -> str:
+  """The kernel's transparent huge page modes, the chosen one bracketed ("always [madvise] never");
+  "" where the kernel has none or does not say."""
   try:
     with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-      thp_mode = f.read()
+      return f.read()
   except OSError:
-    return
-  tunables = malloc_tunables(dict(os.environ), thp_mode, platform.libc_ver())
+    return ""
+
+
+def restart_with_malloc_tunables() -> None:
+  """Re-executes this process once with `malloc_tunables`' setting, where it has one.
+
+  glibc reads GLIBC_TUNABLES only when a process starts, so a training program calls this first
+  in its `__main__` block, before flags are parsed and JAX starts; never from library code, which
+  would restart its host (pytest, a notebook kernel). The process keeps its PID, arguments and
+  open files.
+  """
+  tunables = malloc_tunables(dict(os.environ), thp_mode(), platform.libc_ver())
   if tunables is None:
     return
   sys.stdout.flush()
