@@ -86,6 +86,9 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   c.data.replay_split = "train"
 
   c.model = preset("models", model)
+  # The attention kernel (mgjax.models.attention): auto | xla | splash | cudnn. auto takes
+  # splash on TPU, cuDNN on GPU when rows are not packed, XLA otherwise.
+  c.model.attention = c.model.get("attention", "auto")
   # A preset may name the sequence length its model is fine-tuned at (Mini-Gemini's
   # model_max_length, 2048); --config.data.seq_len still overrides it.
   if "seq_len" in c.model:
@@ -116,6 +119,10 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   # Split each batch into this many micro-batches, summing their gradients: the same
   # update as the whole batch at a fraction of the activation memory.
   c.train.grad_accum_steps = 1
+  # The output projection and loss run over this many tokens of the sequence at a time
+  # (recomputed in the backward pass), so the [batch, seq_len, vocab] float32 logits never
+  # exist at once; 0: the whole sequence at once.
+  c.train.loss_chunk = 512
   # MFU in the log is measured against this per-device peak in TFLOP/s; 0: the vendor's
   # bf16 peak for known TPUs/GPUs, the measured matmul rate on CPU (mgjax.throughput).
   c.train.peak_tflops = 0.0
@@ -180,5 +187,6 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
       ("conv_out", "fsdp"),
       ("conv_kernel", None),
       ("pos", None),
+      ("layers", None),  # the stacked layer axis of model.llm.scan_layers
   )
   return c

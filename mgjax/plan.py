@@ -1,33 +1,53 @@
 """Will this config fit that topology? Compile the real train step ahead of time and see.
 
-  python -m mgjax.plan --config=configs/stage2.py:model=mgm_8b --devices=8 --config.mesh.fsdp=-1 \
-      --config.mesh.data=1
+  python -m mgjax.plan --config=configs/stage2.py:model=mgm_8b --target=v5p-8 \
+      --config.mesh.fsdp=-1 --config.mesh.data=1 --config.data.batch_size=8 [--json=plan.json]
+  python -m mgjax.plan --config=configs/stage2.py:model=mgm_8b --devices=8 ...   (no TPU compiler)
 
 The train step `mgjax.train` runs (same model, loss, optimizer, freezing, gradient
-accumulation, shardings from the config's mesh and rules) is compiled for `--devices`
-virtual CPU devices on abstract values: no weight is allocated, nothing is trained. It
-prints what one device holds (weights, optimizer state, activations and other temporaries)
-and the FLOPs of one step, against the memory and peak of the accelerators people rent.
+accumulation, shardings from the config's mesh and rules) is compiled on abstract values: no
+weight is allocated, nothing is trained.
 
-The memory figures come from XLA's CPU compiler. TPU and GPU compilers fuse and lay out
-differently, so read them as an estimate (weights and optimizer state are exact; temporaries
-are the part that moves), and leave headroom.
+--target: a TPU slice as gcloud names its accelerator type (v4-8, v5p-8, v5p-16, v5litepod-8
+or v5e-8, v6e-8, ...). The TPU compiler itself (libtpu, which compiles on a CPU-only host:
+pip install -e '.[tpu]') builds the program for that topology, so the memory figures are the
+ones the TPU would have, and a config that does not fit is refused by the compiler as it
+would be on the TPU. Its cost model gives the step time it predicts (a sum of per-op
+roofline times: good for comparing configurations, not a wall-clock promise) and the
+modelled FLOP utilisation against the chip's bf16 peak.
+
+--devices: XLA:CPU compiles for that many virtual devices; its buffer assignment stands in
+for a GPU's (TPU and GPU compilers fuse and lay out differently: weights and optimizer state
+are exact, temporaries are an estimate).
+
+A scanned layer stack (model.llm.scan_layers) is one loop whose body XLA's cost analysis
+counts once. FLOPs and the modelled step time are therefore taken from two unscanned twins of
+the model with one and two layers: cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1)), exact
+for costs that add up op by op, as both of these do.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
+import re
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config, e.g. configs/stage2.py:model=mgm_8b.")
-_DEVICES = flags.DEFINE_integer("devices", 8, "How many devices the planned topology has (the mesh is built on them).")
+_DEVICES = flags.DEFINE_integer("devices", 8, "Without --target: how many virtual CPU devices the planned "
+                                "topology has (the mesh is built on them).")
+_TARGET = flags.DEFINE_string("target", None, "A TPU accelerator type as gcloud spells it (v5p-8, v5litepod-8 "
+                              "or v5e-8, v6e-8, v4-8, v5p-16, ...): compile with the TPU compiler for it.")
+_JSON = flags.DEFINE_string("json", None, "Also write the figures as JSON to this path.")
 flags.mark_flags_as_required(["config"])
 
 GiB = 1024**3
-# The devices a plan is checked against: (label, device kind for mgjax.throughput's peak
+# The devices a CPU plan is checked against: (label, device kind for mgjax.throughput's peak
 # table, memory of one JAX device in GiB).
 ACCELERATORS: tuple[tuple[str, str, float], ...] = (
     ("TPU v4", "TPU v4", 32.0),
@@ -37,6 +57,58 @@ ACCELERATORS: tuple[tuple[str, str, float], ...] = (
     ("H100 80GB", "H100", 80.0),
     ("H200", "H200", 141.0),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+  topology: str  # the generation's name in a topology string ("v5p:2x2x1")
+  cores_per_chip_in_name: int  # v4-8 and v5p-8 count TensorCores (2 a chip); v5e-8, v6e-8 chips
+  dims: int  # the torus: 3-D (v4, v5p) or 2-D (v5e, v6e)
+  peak_tflops: float  # dense bf16 per chip
+  hbm_gib: float  # per chip
+
+
+TPU_GENERATIONS = {
+    "v4": TpuGeneration("v4", 2, 3, 275.0, 32.0),
+    "v5p": TpuGeneration("v5p", 2, 3, 459.0, 95.0),
+    "v5e": TpuGeneration("v5e", 1, 2, 197.0, 16.0),
+    "v5litepod": TpuGeneration("v5e", 1, 2, 197.0, 16.0),
+    "v6e": TpuGeneration("v6e", 1, 2, 918.0, 32.0),
+}
+
+
+def tpu_topology(accelerator_type: str) -> tuple[TpuGeneration, str, int]:
+  """'v5p-8' -> (generation, 'v5p:2x2x1', 4 chips): gcloud's name to a topology string.
+
+  Slices grow as Cloud TPU's do: v4/v5p from 2x2x1 by doubling z, y, x in turn (2x2x2,
+  2x2x4, 2x4x4, 4x4x4, ...); v5e/v6e from 1x1 over 2x2, then y and x in turn (2x4, 4x4, ...).
+  """
+  match = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", accelerator_type.strip().lower())
+  if not match:
+    raise ValueError(f"--target={accelerator_type!r}: expected a TPU accelerator type such as v5p-8, "
+                     f"v5litepod-8 (or v5e-8), v6e-8, v4-8; known generations: {sorted(TPU_GENERATIONS)}")
+  gen = TPU_GENERATIONS[match.group(1)]
+  count = int(match.group(2))
+  chips = count // gen.cores_per_chip_in_name
+  if chips < 1 or count % gen.cores_per_chip_in_name or chips & (chips - 1):
+    raise ValueError(f"--target={accelerator_type!r}: {match.group(1)} slices come in powers of two"
+                     f"{' of TensorCores, two a chip' if gen.cores_per_chip_in_name == 2 else ' of chips'}")
+  if gen.dims == 3:
+    if chips < 4:
+      raise ValueError(f"--target={accelerator_type!r}: the smallest {match.group(1)} slice is "
+                       f"{match.group(1)}-8 (4 chips)")
+    shape = [2, 2, 1]
+    order = [2, 1, 0]
+  else:
+    shape = [1, 1] if chips == 1 else [2, 2]
+    order = [1, 0]
+    if chips == 2:
+      shape = [1, 2]
+  turn = 0
+  while math.prod(shape) < chips:
+    shape[order[turn % len(order)]] *= 2
+    turn += 1
+  return gen, f"{gen.topology}:{'x'.join(map(str, shape))}", chips
 
 
 def _use_virtual_devices(n: int) -> None:
@@ -55,24 +127,46 @@ def _use_virtual_devices(n: int) -> None:
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 
-def plan(config, num_devices: int) -> dict:
-  """Compiles config's train step for `num_devices` devices; returns per-device figures."""
+def tpu_devices(accelerator_type: str) -> list:
+  """The devices of a TPU slice, for compiling only (jax.experimental.topologies + libtpu)."""
+  from jax.experimental import topologies
+
+  _, topology, _ = tpu_topology(accelerator_type)
+  try:
+    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+  except Exception as e:  # libtpu missing or too old: say how to get it
+    raise RuntimeError(f"compiling for {accelerator_type} needs the TPU compiler (libtpu): "
+                       f"pip install -e '.[tpu]' ({type(e).__name__}: {e})") from e
+
+
+@dataclasses.dataclass
+class CompiledStep:
+  compiled: object
+  params: object
+  opt_state: object
+  batch: dict
+  summed_loss: object
+  mesh: object
+  rules: tuple
+  seconds: float  # lower + compile
+
+
+def compile_train_step(config, devices: list) -> CompiledStep:
+  """config's train step compiled for `devices` on abstract values (what train.run jits)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
   from mgjax import optim, sharding, train
-  from mgjax.models import vlm
+  from mgjax.models import attention, vlm
 
   if config.lora.rank:
     raise ValueError("mgjax.plan covers full fine-tuning (and optim.freeze); set --config.lora.rank=0")
-  devices = jax.devices()[:num_devices]
-  if len(devices) < num_devices:
-    raise RuntimeError(f"{num_devices} devices asked for, jax has {len(devices)}: run mgjax.plan as its own "
-                       "process (it sets --xla_force_host_platform_device_count before jax starts)")
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.logical_rules(config.mesh)
-  model_cfg = config.model
+  model_cfg = config.model.copy_and_resolve_references()
+  model_cfg.attention = attention.resolve(model_cfg.get("attention", "auto"), devices[0].platform,
+                                          packed=config.data.packing)
   abstract_model = vlm.abstract_model(model_cfg)
   graphdef, abstract_state = nnx.split(abstract_model)
   param_shardings = sharding.state_shardings(abstract_state, mesh, rules).to_pure_dict()
@@ -99,35 +193,117 @@ def plan(config, num_devices: int) -> dict:
       "images_lowres": spec((b, m, lowres, lowres, 3), jnp.float32),
       "images_highres": spec((b, m, highres, highres, 3), jnp.float32),
   }
-  accum = config.train.grad_accum_steps
-  train_step, summed_loss = train.make_train_step(graphdef, tx, lambda trainable, frozen: trainable, accum,
-                                                  tuple(config.optim.freeze))
+  train_step, summed_loss = train.make_train_step(
+      graphdef, tx, lambda trainable, frozen: trainable, config.train.grad_accum_steps,
+      tuple(config.optim.freeze), config.train.loss_chunk)
   step = jax.jit(train_step, donate_argnums=(0, 1),
                  out_shardings=(param_shardings, opt_shardings, sharding.replicated(mesh)))
+  started = time.perf_counter()
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     compiled = step.lower(params, opt_state, None, batch).compile()
-    flops = train.step_flops_per_device(compiled, summed_loss, params, None, batch, accum, mesh.size)
+  return CompiledStep(compiled, params, opt_state, batch, summed_loss, mesh, rules, time.perf_counter() - started)
+
+
+def step_costs(step: CompiledStep, config, num_devices: int) -> dict[str, float | None]:
+  """Per-device FLOPs and (TPU) the cost model's step time of one compiled step."""
+  import jax
+  from flax import nnx
+
+  from mgjax import train
+
+  with jax.set_mesh(step.mesh), nnx.logical_axis_rules(step.rules):
+    flops = train.step_flops_per_device(step.compiled, step.summed_loss, step.params, None, step.batch,
+                                        config.train.grad_accum_steps, num_devices)
+  analysis = step.compiled.cost_analysis() or {}
+  seconds = analysis.get("optimal_seconds")
+  if seconds is not None:
+    # The v5e/v6e cost model scores each ConcatBitcast custom call at -1 s; they cost nothing.
+    seconds += step.compiled.as_text().count('custom_call_target="ConcatBitcast"')
+  return {"flops_per_device": flops, "modelled_step_seconds": seconds}
+
+
+def unscanned_twin(config, layers: int):
+  """config with model.llm as `layers` unscanned layers (for cost figures, see the docstring)."""
+  twin = config.copy_and_resolve_references()
+  twin.model.llm.layers = layers
+  twin.model.llm.scan_layers = False
+  return twin
+
+
+def plan(config, num_devices: int | None = None, *, target: str | None = None) -> dict:
+  """Compiles config's train step for `num_devices` virtual CPU devices or a TPU `target`;
+  returns per-device figures."""
+  import jax
+
+  if target:
+    gen, topology, chips = tpu_topology(target)
+    devices = tpu_devices(target)
+  else:
+    devices = jax.devices()[:num_devices]
+    if len(devices) < num_devices:
+      raise RuntimeError(f"{num_devices} devices asked for, jax has {len(devices)}: run mgjax.plan as its own "
+                         "process (it sets --xla_force_host_platform_device_count before jax starts)")
+  try:
+    step = compile_train_step(config, devices)
+  except Exception as e:  # pylint: disable=broad-except
+    # The TPU compiler refuses a program that does not fit the chip's memory.
+    if target and "hbm" in str(e).lower() and ("RESOURCE_EXHAUSTED" in str(e) or "exceed" in str(e).lower()):
+      return {"target": target, "topology": topology, "fits": False, "refused": _first_line_with(str(e), "hbm")}
+    raise
+  costs = step_costs(step, config, len(devices))
+  if config.model.llm.get("scan_layers", False):
+    layers = int(config.model.llm.layers)
+    one, two = (step_costs(compile_train_step(unscanned_twin(config, n), devices), unscanned_twin(config, n),
+                           len(devices)) for n in (1, 2))
+    costs = {k: (one[k] + (layers - 1) * (two[k] - one[k]) if one[k] is not None and two[k] is not None else None)
+             for k in costs}
 
   def bytes_per_device(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
-  memory = compiled.memory_analysis()
-  num_params = sum(x.size for x in jax.tree.leaves(params))
-  return {
-      "mesh": dict(mesh.shape),
+  memory = step.compiled.memory_analysis()
+  num_params = sum(x.size for x in jax.tree.leaves(step.params))
+  b, t = config.data.batch_size, config.data.seq_len
+  out = {
+      "mesh": dict(step.mesh.shape),
       "num_params": num_params,
-      "batch": {"global": b, "seq_len": t, "image_slots": m, "tokens": b * t, "grad_accum_steps": accum},
-      "params_bytes": bytes_per_device(params),
-      "opt_state_bytes": bytes_per_device(opt_state),
+      "batch": {"global": b, "seq_len": t, "image_slots": config.data.max_images, "tokens": b * t,
+                "grad_accum_steps": config.train.grad_accum_steps},
+      "attention": _attention_used(config, devices),
+      "scan_layers": bool(config.model.llm.get("scan_layers", False)),
+      "remat": config.model.llm.get("remat", "none"),
+      "params_bytes": bytes_per_device(step.params),
+      "opt_state_bytes": bytes_per_device(step.opt_state),
       "argument_bytes": memory.argument_size_in_bytes,
       "output_bytes": memory.output_size_in_bytes,
       "alias_bytes": memory.alias_size_in_bytes,
       "temp_bytes": memory.temp_size_in_bytes,
+      "host_temp_bytes": memory.host_temp_size_in_bytes,
       # Donated inputs alias outputs: they are only counted once.
       "peak_bytes": memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                     + memory.temp_size_in_bytes,
-      "flops_per_device": flops,
+      "compile_seconds": step.seconds,
+      **costs,
   }
+  if target:
+    devices_per_chip = len(devices) / chips
+    peak = gen.peak_tflops / devices_per_chip
+    out.update({"target": target, "topology": topology, "chips": chips, "device_kind": devices[0].device_kind,
+                "device_hbm_gib": gen.hbm_gib / devices_per_chip, "device_peak_tflops": peak, "fits": True})
+    if out["flops_per_device"] and out["modelled_step_seconds"]:
+      out["modelled_flop_utilisation"] = out["flops_per_device"] / (out["modelled_step_seconds"] * peak * 1e12)
+  return out
+
+
+def _attention_used(config, devices) -> str:
+  from mgjax.models import attention
+
+  return attention.resolve(config.model.get("attention", "auto"), devices[0].platform, packed=config.data.packing)
+
+
+def _first_line_with(text: str, word: str) -> str:
+  lines = [line.strip() for line in text.splitlines() if word in line.lower()]
+  return lines[0] if lines else text.strip().splitlines()[0]
 
 
 def _bytes(n: float) -> str:
@@ -145,22 +321,38 @@ def format_plan(p: dict, config) -> str:
   """The plan as a short report: memory per device, FLOPs, and where it fits."""
   from mgjax import throughput  # imports jax: not at module level, see _use_virtual_devices
 
+  if p.get("fits") is False:
+    return (f"{p['target']} ({p['topology']}): does NOT fit; the TPU compiler refused the program:\n"
+            f"  {p['refused']}")
   batch = p["batch"]
   lines = [
       f"parameters {_count(p['num_params'])} (weights float32, compute {config.model.dtype})",
       f"mesh {p['mesh']} = {_num_devices(p)} devices; global batch {batch['global']} x {batch['seq_len']} "
       f"tokens, {batch['image_slots']} image slot(s) per row, grad_accum_steps {batch['grad_accum_steps']}",
-      "per device:",
+      f"attention {p['attention']}, remat {p['remat']}, scan_layers {p['scan_layers']}; "
+      f"compiled in {p['compile_seconds']:.0f} s",
+      "per device" + (f" (TPU compiler, {p['target']} = {p['topology']}, {p['device_kind']}):" if "target" in p
+                      else " (XLA:CPU's buffer assignment: an estimate of a GPU's):"),
       f"  weights           {_bytes(p['params_bytes'])}",
       f"  optimizer state   {_bytes(p['opt_state_bytes'])}",
-      f"  temporaries       {_bytes(p['temp_bytes'])}  (activations, gradients, XLA buffers)",
+      f"  temporaries       {_bytes(p['temp_bytes'])}  (activations, gradients, compiler buffers)",
       f"  peak              {_bytes(p['peak_bytes'])}",
   ]
+  if p.get("host_temp_bytes"):
+    lines.append(f"  host memory       {_bytes(p['host_temp_bytes'])}  (offloaded activations)")
   flops = p["flops_per_device"]
   if flops:
     total = flops * _num_devices(p)
     lines.append(f"  FLOPs per step    {_count(flops, 'FLOP')} ({_count(total, 'FLOP')} on all devices, "
                  f"{_count(total / batch['tokens'], 'FLOP')} per token slot)")
+  if "target" in p:
+    hbm = p["device_hbm_gib"]
+    lines.append(f"  fits: peak {p['peak_bytes'] / GiB:.1f} of {hbm:.0f} GiB ({p['peak_bytes'] / GiB / hbm:.0%}); "
+                 "the compiler accepted it")
+    if p.get("modelled_step_seconds"):
+      lines.append(f"  modelled step     {p['modelled_step_seconds']:.3f} s (the TPU cost model's), FLOP utilisation "
+                   f"{p.get('modelled_flop_utilisation', 0):.2f} of {p['device_peak_tflops']:.0f} TFLOP/s")
+    return "\n".join(lines)
   lines.append("on devices of (fits: peak within 90% of memory; step time at 100% and 40% MFU):")
   for name, kind, hbm in ACCELERATORS:
     peak = throughput.vendor_peak_tflops(kind)
@@ -177,9 +369,20 @@ def _num_devices(p: dict) -> int:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  _use_virtual_devices(_DEVICES.value)
+  if _TARGET.value:
+    tpu_topology(_TARGET.value)  # a misspelt target fails before anything is compiled
+    # The TPU compiler runs on this host's CPU: jax must not look for a TPU to run on.
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  else:
+    _use_virtual_devices(_DEVICES.value)
   config = _CONFIG.value
-  print(format_plan(plan(config, _DEVICES.value), config), flush=True)
+  result = plan(config, _DEVICES.value, target=_TARGET.value)
+  print(format_plan(result, config), flush=True)
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(result, f, indent=1)
+  if not result.get("fits", True):
+    raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from flax import nnx
 from mgjax import checkpoint, decode, evaluate as evaluation, lora, metrics, optim, report as reports
 from mgjax import preemption, sharding, stages, throughput
 from mgjax.data import build, pipeline
+from mgjax.loss import summed_cross_entropy
 from mgjax.data import tokenizer as tokenizers
 from mgjax.models import vlm
 
@@ -93,17 +94,20 @@ def save_tokenizer(tokenizer, workdir: str) -> None:
       (target / f.name).write_bytes(f.read_bytes())
 
 
-def make_loss_fn(graphdef: nnx.GraphDef):
+def make_loss_fn(graphdef: nnx.GraphDef, loss_chunk: int = 0):
   """(params, batch) -> (sum of token losses, number of supervised tokens).
 
   Sums, not a mean, so micro-batches add up to exactly the whole batch's gradient.
+  loss_chunk (train.loss_chunk): tokens per chunk of the output projection and loss
+  (mgjax.loss), so the whole [B, T, vocab] logits never exist at once.
   """
   def loss_fn(params, batch):
     model = nnx.merge(graphdef, params)
-    logits = model(batch["input_ids"], batch["images_lowres"], batch["images_highres"],
-                   positions=batch["positions"], segment_ids=batch["segment_ids"])
-    token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    return jnp.sum(token_loss * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
+    hidden = model.hidden_states(batch["input_ids"], batch["images_lowres"], batch["images_highres"],
+                                 positions=batch["positions"], segment_ids=batch["segment_ids"])
+    total = summed_cross_entropy(hidden, model.llm.output_embedding(), batch["targets"],
+                                 batch["loss_mask"], loss_chunk)
+    return total, jnp.sum(batch["loss_mask"])
   return loss_fn
 
 
@@ -122,7 +126,7 @@ def split_micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Ar
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     model_params: Callable[[Any, Any], Any], accum: int,
-                    freeze: tuple[str, ...] = ()) -> tuple[Callable, Callable]:
+                    freeze: tuple[str, ...] = (), loss_chunk: int = 0) -> tuple[Callable, Callable]:
   """The train step (trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics),
   and the summed loss (trainable, frozen, batch) -> (loss sum, token count) it differentiates.
 
@@ -132,7 +136,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   towers' backward pass) and the logged grad_norm covers what trains. Shared by training and
   by `mgjax.plan`, which compiles it for a topology it does not have.
   """
-  loss_fn = make_loss_fn(graphdef)
+  loss_fn = make_loss_fn(graphdef, loss_chunk)
 
   def summed_loss(trainable, frozen, batch):
     return loss_fn(model_params(trainable, frozen), batch)
@@ -296,7 +300,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   # ---------------------------------------------------------------- Compiled steps
   # LoRA trains adapters only (optim.freeze applies to plain weights).
   train_step, summed_loss = make_train_step(graphdef, tx, model_params, accum,
-                                            () if use_lora else tuple(config.optim.freeze))
+                                            () if use_lora else tuple(config.optim.freeze),
+                                            config.train.loss_chunk)
 
   replicated = sharding.replicated(mesh)
   train_step = jax.jit(

@@ -12,7 +12,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs.models.sample import get_config
 from mgjax.models import DEFAULT_LOGICAL_AXIS_RULES, MiniGemini, logical_shardings, num_image_tokens
 from mgjax.models.layers import dot_product_attention
-from mgjax.models import llm as llm_module
 from mgjax.models.llm import DecoderLM, apply_rope
 from mgjax.models.mining import PatchInfoMining
 from mgjax.models.vision import ConvNeXt, DepthwiseConv, VisionTransformer
@@ -72,19 +71,6 @@ def test_gqa_shapes_and_equivalence_to_repeated_heads(llm):
   scores = jnp.where(mask[:, None], scores, -1e30)
   ref = jnp.einsum('bhts,bshd->bthd', jax.nn.softmax(scores, -1), v_rep)
   _close(dot_product_attention(q, k, v, mask), ref)
-
-
-def test_causal_block_skipping_matches_full_attention():
-  # Past CAUSAL_BLOCK queries, causal=True skips keys after each query block: with a packed
-  # mask (two segments, trailing padding) and a length that is not a multiple of the block.
-  t = 300
-  kq, kk, kv = jax.random.split(jax.random.key(5), 3)
-  q = jax.random.normal(kq, (2, t, 4, 8))
-  k = jax.random.normal(kk, (2, t, 2, 8))
-  v = jax.random.normal(kv, (2, t, 2, 8))
-  segments = jnp.asarray(np.repeat([[1, 2, 0]], [150, 140, 10], axis=1).repeat(2, axis=0))
-  mask = llm_module.attention_mask(segments)
-  _close(dot_product_attention(q, k, v, mask, causal=True), dot_product_attention(q, k, v, mask))
 
 
 def test_rope_depends_only_on_relative_position(llm):

@@ -30,6 +30,7 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
   ('conv_out', 'fsdp'),
   ('conv_kernel', None),
   ('pos', None),
+  ('layers', None),
 )
 
 

@@ -17,7 +17,12 @@ The config section `model.llm` (with `model.vocab_size` beside it):
   norm_eps        RMSNorm epsilon
   tie_embeddings  logits from the embedding table (Gemma: True) instead of lm_head
   qkv_bias        biases on q/k/v (Qwen2: True); None takes the family's default
-  remat           'none' | 'full' | 'dots'
+  remat           what a layer keeps for the backward pass (REMAT_POLICIES): 'none' | 'full' |
+                  'dots' | 'qkv' | 'qkv_out' | 'qkv_offloaded' | 'dots_offloaded'
+  scan_layers     the layers as one stacked layer run by jax.lax.scan (MaxText's scan_layers):
+                  one layer's program compiled once, not L copies; weights carry a leading
+                  'layers' axis (llm/layers/self_attn/q_proj/kernel is [L, embed, heads, head_dim])
+  attention       (from model.attention) 'auto' | 'xla' | 'splash' | 'cudnn': see models.attention
 
 How the families differ (as Hugging Face computes them):
   llama   RMSNorm scale w, cast to the compute dtype before scaling; SwiGLU (silu gate).
@@ -40,7 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from mgjax.models import attention as attention_lib
 from mgjax.models.axes import constrain, partitioned
 from mgjax.models.layers import activation, dot_product_attention
 
@@ -143,10 +150,12 @@ class Attention(nnx.Module):
 
   def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, *,
                rope_theta: float, rope_scaling: Mapping[str, Any] | None = None,
-               qkv_bias: bool = False, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+               qkv_bias: bool = False, attention: str = 'auto', dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs):
     if heads % kv_heads:
       raise ValueError(f'heads={heads} must be a multiple of kv_heads={kv_heads}')
     self.rope_inv_freq = rope_frequencies(head_dim, rope_theta, rope_scaling)
+    self.attention = attention_lib.check(attention)
 
     def proj(n_heads, head_axis):
       return nnx.LinearGeneral(
@@ -162,14 +171,15 @@ class Attention(nnx.Module):
       kernel_init=partitioned(_INIT, ('heads', 'head_dim', 'embed')))
 
   def _project(self, x: jax.Array, positions: jax.Array):
-    q = apply_rope(self.q_proj(x), positions, inv_freq=self.rope_inv_freq)
-    k = apply_rope(self.k_proj(x), positions, inv_freq=self.rope_inv_freq)
-    return q, k, self.v_proj(x)
+    # Named for the remat policies that keep them (REMAT_POLICIES).
+    q = checkpoint_name(apply_rope(self.q_proj(x), positions, inv_freq=self.rope_inv_freq), 'query_proj')
+    k = checkpoint_name(apply_rope(self.k_proj(x), positions, inv_freq=self.rope_inv_freq), 'key_proj')
+    return q, k, checkpoint_name(self.v_proj(x), 'value_proj')
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     q, k, v = self._project(x, positions)
-    # The mask comes from attention_mask: causal, so blocks of keys past each query are skipped.
-    return self.o_proj(dot_product_attention(q, k, v, mask, causal=True))
+    out = attention_lib.causal_attention(q, k, v, segment_ids, implementation=self.attention)
+    return checkpoint_name(self.o_proj(out), 'out_proj')
 
   def extend(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
              kv: dict[str, jax.Array], index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -212,8 +222,8 @@ class GatedMLP(nnx.Module):
     self.down_proj = linear(mlp, hidden, ('mlp', 'embed'))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    gate = activation(self.activation_name)(self.gate_proj(x))
-    return self.down_proj(gate * self.up_proj(x))
+    gate = activation(self.activation_name)(checkpoint_name(self.gate_proj(x), 'mlp_gate'))
+    return checkpoint_name(self.down_proj(gate * checkpoint_name(self.up_proj(x), 'mlp_up')), 'mlp_out')
 
 
 class DecoderLayer(nnx.Module):
@@ -222,18 +232,19 @@ class DecoderLayer(nnx.Module):
   def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, mlp: int, *,
                rope_theta: float, norm_eps: float, dtype: jnp.dtype, rngs: nnx.Rngs,
                rope_scaling: Mapping[str, Any] | None = None, qkv_bias: bool = False,
-               norm_plus_one: bool = False, mlp_activation: str = 'silu'):
+               norm_plus_one: bool = False, mlp_activation: str = 'silu', attention: str = 'auto'):
     def norm():
       return RMSNorm(hidden, eps=norm_eps, dtype=dtype, plus_one=norm_plus_one, rngs=rngs)
 
     self.input_layernorm = norm()
     self.self_attn = Attention(hidden, heads, kv_heads, head_dim, rope_theta=rope_theta,
-                               rope_scaling=rope_scaling, qkv_bias=qkv_bias, dtype=dtype, rngs=rngs)
+                               rope_scaling=rope_scaling, qkv_bias=qkv_bias, attention=attention,
+                               dtype=dtype, rngs=rngs)
     self.post_attention_layernorm = norm()
     self.mlp = GatedMLP(hidden, mlp, activation_name=mlp_activation, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-    x = x + self.self_attn(self.input_layernorm(x), positions, mask)
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids)
     return x + self.mlp(self.post_attention_layernorm(x))
 
   def extend(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
@@ -242,19 +253,6 @@ class DecoderLayer(nnx.Module):
     attended, kv = self.self_attn.extend(self.input_layernorm(x), positions, mask, kv, index)
     x = x + attended
     return x + self.mlp(self.post_attention_layernorm(x)), kv
-
-
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-  """Causal AND same-segment mask [B, T, T] for packed rows.
-
-  Segment id 0 marks padding: a padding token attends only to itself, so its softmax row is
-  well defined (no NaN) and it never mixes with real tokens in either direction.
-  """
-  t = segment_ids.shape[1]
-  idx = jnp.arange(t)
-  causal = idx[:, None] >= idx[None, :]
-  same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] != 0)
-  return causal[None] & (same | jnp.eye(t, dtype=bool)[None])
 
 
 def cache_attention_mask(valid: jax.Array, index: jax.Array, num_new: int) -> jax.Array:
@@ -273,14 +271,50 @@ def cache_attention_mask(valid: jax.Array, index: jax.Array, num_new: int) -> ja
   return (causal[None] & valid[:, None, :] & query_valid[:, :, None]) | own[None]
 
 
-# model.llm.remat: what a decoder layer keeps for the backward pass. 'full' keeps only its
-# input (least memory, one extra forward); 'dots' keeps the matmul outputs and recomputes
-# the cheap elementwise work in between (norms, activations, softmax).
+# model.llm.remat: what a decoder layer keeps for the backward pass; the rest is recomputed.
+#   none            everything (no recomputation; most memory)
+#   full            only the layer's input (least memory, one extra forward of the layer)
+#   dots            every matmul output without batch dims (MaxText's 'minimal'); recomputes
+#                   the cheap elementwise work (norms, activations, softmax)
+#   qkv             the q/k/v projections (after RoPE)
+#   qkv_out         q/k/v and the attention output projection
+#   qkv_offloaded   q/k/v moved to host memory (pinned_host) and fetched back for the backward
+#                   pass: device memory of 'full', less recomputation (TPU; XLA:CPU has no host
+#                   memory space, so there it only compiles for a TPU target)
+#   dots_offloaded  as 'dots', with the matmul outputs kept in host memory
+_OFFLOAD = dict(offload_src='device', offload_dst='pinned_host')
 REMAT_POLICIES = {
   'none': None,
   'full': jax.checkpoint_policies.nothing_saveable,
   'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  'qkv': jax.checkpoint_policies.save_only_these_names('query_proj', 'key_proj', 'value_proj'),
+  'qkv_out': jax.checkpoint_policies.save_only_these_names('query_proj', 'key_proj', 'value_proj',
+                                                           'out_proj'),
+  'qkv_offloaded': jax.checkpoint_policies.save_and_offload_only_these_names(
+    names_which_can_be_saved=[], names_which_can_be_offloaded=['query_proj', 'key_proj', 'value_proj'],
+    **_OFFLOAD),
+  'dots_offloaded': jax.checkpoint_policies.offload_dot_with_no_batch_dims(**_OFFLOAD),
 }
+
+
+def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+  """DecoderLM params with per-layer subtrees ({'layers': {0: tree, 1: tree, ...}}) -> the
+  scan_layers layout ({'layers': tree of [L, ...] arrays}); other entries unchanged."""
+  layers = params['layers']
+  ordered = [layers[i] for i in sorted(layers, key=int)]
+  return {**params, 'layers': jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *ordered)}
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+  """The inverse of `stack_layers`: per-layer subtrees keyed 0..L-1."""
+  stacked = params['layers']
+  num = len(jax.tree.leaves(stacked)[0])
+  return {**params, 'layers': {i: jax.tree.map(lambda x, i=i: np.asarray(x[i]), stacked) for i in range(num)}}
+
+
+def is_stacked(params: Mapping[str, Any]) -> bool:
+  """Whether DecoderLM params are in the scan_layers layout."""
+  return not any(isinstance(k, int) or str(k).isdigit() for k in params['layers'])
 
 
 class DecoderLM(nnx.Module):
@@ -290,6 +324,7 @@ class DecoderLM(nnx.Module):
                head_dim: int, mlp: int, rope_theta: float = 10000.0, norm_eps: float = 1e-5,
                tie_embeddings: bool = False, remat: str = 'none', family: str = 'llama',
                rope_scaling: Mapping[str, Any] | None = None, qkv_bias: bool | None = None,
+               scan_layers: bool = False, attention: str = 'auto',
                dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if remat not in REMAT_POLICIES:
       raise ValueError(f'model.llm.remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}')
@@ -299,6 +334,8 @@ class DecoderLM(nnx.Module):
     self.family = family
     self.scale_embeddings = traits['scale_embeddings']
     self.remat = remat
+    self.scan_layers = bool(scan_layers)
+    self.num_layers = layers
     self.dtype = jnp.dtype(dtype)
     self.vocab_size = vocab_size
     self.hidden = hidden
@@ -310,12 +347,24 @@ class DecoderLM(nnx.Module):
       embedding_init=partitioned(_INIT, ('vocab', 'embed')))
     # A ConfigDict section or None; a plain dict keeps the module's static data simple.
     rope_scaling = dict(rope_scaling) if rope_scaling else None
-    self.layers = nnx.List([
-      DecoderLayer(hidden, heads, kv_heads, head_dim, mlp, rope_theta=rope_theta,
-                   norm_eps=norm_eps, dtype=self.dtype, rngs=rngs, rope_scaling=rope_scaling,
-                   qkv_bias=traits['qkv_bias'] if qkv_bias is None else bool(qkv_bias),
-                   norm_plus_one=traits['norm_plus_one'], mlp_activation=traits['mlp_activation'])
-      for _ in range(layers)])
+
+    def make_layer(rngs: nnx.Rngs) -> DecoderLayer:
+      return DecoderLayer(hidden, heads, kv_heads, head_dim, mlp, rope_theta=rope_theta,
+                          norm_eps=norm_eps, dtype=self.dtype, rngs=rngs, rope_scaling=rope_scaling,
+                          qkv_bias=traits['qkv_bias'] if qkv_bias is None else bool(qkv_bias),
+                          norm_plus_one=traits['norm_plus_one'], mlp_activation=traits['mlp_activation'],
+                          attention=attention)
+
+    if self.scan_layers:
+      # One DecoderLayer whose weights have a leading [layers] axis, logical name 'layers'.
+      @nnx.split_rngs(splits=layers)
+      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+      def stacked(rngs: nnx.Rngs) -> DecoderLayer:
+        return make_layer(rngs)
+
+      self.layers = stacked(rngs)
+    else:
+      self.layers = nnx.List([make_layer(rngs) for _ in range(layers)])
     self.norm = RMSNorm(hidden, eps=norm_eps, dtype=self.dtype,
                         plus_one=traits['norm_plus_one'], rngs=rngs)
     if tie_embeddings:
@@ -351,36 +400,58 @@ class DecoderLM(nnx.Module):
     positions default to 0..T-1 per row; a packer passes per-segment positions.
     segment_ids default to all ones (one sequence per row); 0 marks padding.
     """
+    return self.logits(self.hidden_states(input_ids, inputs_embeds=inputs_embeds,
+                                          positions=positions, segment_ids=segment_ids))
+
+  def hidden_states(self, input_ids: jax.Array | None = None, *,
+                    inputs_embeds: jax.Array | None = None,
+                    positions: jax.Array | None = None,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
+    """The final norm's output [B, T, hidden]: what `logits` (or a chunked loss) projects."""
     x = self._inputs(input_ids, inputs_embeds)
     b, t = x.shape[:2]
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
-    mask = attention_mask(segment_ids)
     x = constrain(x, _RESIDUAL)
-    for layer in self.layers:
-      if self.remat == 'none':
-        x = layer(x, positions, mask)
-      else:
-        # Recompute the layer in the backward pass instead of keeping its activations.
-        x = nnx.remat(DecoderLayer.__call__, policy=REMAT_POLICIES[self.remat])(layer, x, positions, mask)
-      x = constrain(x, _RESIDUAL)
-    return self._logits(x)
+    policy = REMAT_POLICIES[self.remat]
 
-  def _logits(self, x: jax.Array) -> jax.Array:
-    x = self.norm(x)
-    if self.lm_head is None:
-      table = self.embed_tokens.embedding[...].astype(self.dtype)
-      logits = jnp.einsum('btd,vd->btv', x, table, preferred_element_type=jnp.float32)
+    def run_layer(layer: DecoderLayer, x: jax.Array) -> jax.Array:
+      return constrain(layer(x, positions, segment_ids), _RESIDUAL)
+
+    if self.remat != 'none':
+      # Recompute the layer in the backward pass, keeping what the policy names.
+      run_layer = nnx.remat(run_layer, policy=policy, prevent_cse=not self.scan_layers)
+    if self.scan_layers:
+      graphdef, stacked = nnx.split(self.layers)
+
+      def body(x, layer_state):
+        return run_layer(nnx.merge(graphdef, layer_state), x), None
+
+      x, _ = jax.lax.scan(body, x, stacked)
     else:
-      logits = self.lm_head(x).astype(jnp.float32)
+      for layer in self.layers:
+        x = run_layer(layer, x)
+    return self.norm(x)
+
+  def output_embedding(self) -> jax.Array:
+    """The [hidden, vocab] matrix the logits are computed with, in the compute dtype."""
+    if self.lm_head is None:
+      return self.embed_tokens.embedding[...].astype(self.dtype).T
+    return self.lm_head.kernel[...].astype(self.dtype)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """float32 logits [B, T, vocab] from `hidden_states`."""
+    logits = jnp.einsum('btd,dv->btv', hidden.astype(self.dtype), self.output_embedding(),
+                        preferred_element_type=jnp.float32)
     return constrain(logits, ('batch', None, 'vocab'))
 
   def init_cache(self, batch_size: int, size: int) -> dict[str, Any]:
     """An empty KV cache of `size` slots per row, for `extend`.
 
-    {"layers": [{"k", "v"} per layer, each [B, size, kv_heads, head_dim]],
+    {"layers": the layers' {"k", "v"}, each [B, size, kv_heads, head_dim]: a list of one per
+               layer, or (scan_layers) one {"k", "v"} with a leading [layers] axis,
      "valid": bool [B, size], slots that hold a real token,
      "index": int32 scalar, the next slot to write (the same for every row),
      "length": int32 [B], real tokens so far per row = the next token's RoPE position}
@@ -390,8 +461,13 @@ class DecoderLM(nnx.Module):
     def zeros():
       return constrain(jnp.zeros(shape, self.dtype), _CACHE_KV)
 
+    if self.scan_layers:
+      stacked = jnp.zeros((self.num_layers, *shape), self.dtype)
+      layers = {'k': stacked, 'v': stacked}
+    else:
+      layers = [{'k': zeros(), 'v': zeros()} for _ in self.layers]
     return {
-      'layers': [{'k': zeros(), 'v': zeros()} for _ in self.layers],
+      'layers': layers,
       'valid': constrain(jnp.zeros((batch_size, size), bool), ('batch', None)),
       'index': jnp.zeros((), jnp.int32),
       'length': constrain(jnp.zeros((batch_size,), jnp.int32), ('batch',)),
@@ -424,15 +500,25 @@ class DecoderLM(nnx.Module):
     valid = jax.lax.dynamic_update_slice_in_dim(cache['valid'], token_mask, index, axis=1)
     mask = cache_attention_mask(valid, index, t)
     x = constrain(x, _RESIDUAL)
-    layers_kv = []
-    for layer, kv in zip(self.layers, cache['layers']):
-      x, kv = layer.extend(x, positions, mask, kv, index)
-      x = constrain(x, _RESIDUAL)
-      layers_kv.append(kv)
+    if self.scan_layers:
+      graphdef, stacked = nnx.split(self.layers)
+
+      def body(x, layer_and_kv):
+        layer_state, kv = layer_and_kv
+        x, kv = nnx.merge(graphdef, layer_state).extend(x, positions, mask, kv, index)
+        return constrain(x, _RESIDUAL), kv
+
+      x, layers_kv = jax.lax.scan(body, x, (stacked, cache['layers']))
+    else:
+      layers_kv = []
+      for layer, kv in zip(self.layers, cache['layers']):
+        x, kv = layer.extend(x, positions, mask, kv, index)
+        x = constrain(x, _RESIDUAL)
+        layers_kv.append(kv)
     cache = {
       'layers': layers_kv,
       'valid': constrain(valid, ('batch', None)),
       'index': index + t,
       'length': cache['length'] + jnp.sum(token_mask, axis=1, dtype=jnp.int32),
     }
-    return self._logits(x), cache
+    return self.logits(self.norm(x)), cache

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mgjax.models.axes import constrain, partitioned
-from mgjax.models.layers import activation, dot_product_attention, layer_norm, linear
+from mgjax.models import attention as attention_lib
+from mgjax.models.layers import activation, layer_norm, linear
 
 _CONV_NAMES = ('conv_kernel', 'conv_kernel', 'conv_in', 'conv_out')
 # Activations between blocks: split over the batch only (see axes.constrain).
@@ -47,10 +48,12 @@ class Mlp(nnx.Module):
 class VisionAttention(nnx.Module):
   """Bidirectional multi-head self-attention with biases (CLIP)."""
 
-  def __init__(self, width: int, heads: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(self, width: int, heads: int, *, dtype: jnp.dtype, rngs: nnx.Rngs,
+               attention: str = 'auto'):
     if width % heads:
       raise ValueError(f'vision width {width} is not divisible by heads {heads}')
     head_dim = width // heads
+    self.attention = attention_lib.check(attention)
 
     def proj():
       return nnx.LinearGeneral(
@@ -67,16 +70,17 @@ class VisionAttention(nnx.Module):
       bias_init=partitioned(nnx.initializers.zeros, ('vision_embed',)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.out_proj(dot_product_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x)))
+    return self.out_proj(attention_lib.bidirectional_attention(
+      self.q_proj(x), self.k_proj(x), self.v_proj(x), implementation=self.attention))
 
 
 class VisionEncoderLayer(nnx.Module):
   """Pre-LN transformer block."""
 
   def __init__(self, width: int, heads: int, mlp: int, *, act: str, norm_eps: float,
-               dtype: jnp.dtype, rngs: nnx.Rngs):
+               dtype: jnp.dtype, rngs: nnx.Rngs, attention: str = 'auto'):
     self.layer_norm1 = layer_norm(width, eps=norm_eps, dtype=dtype, rngs=rngs)
-    self.self_attn = VisionAttention(width, heads, dtype=dtype, rngs=rngs)
+    self.self_attn = VisionAttention(width, heads, dtype=dtype, rngs=rngs, attention=attention)
     self.layer_norm2 = layer_norm(width, eps=norm_eps, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(width, mlp, act=act, dtype=dtype, rngs=rngs)
 
@@ -112,7 +116,7 @@ class VisionTransformer(nnx.Module):
   def __init__(self, *, image_size: int, patch_size: int, width: int, layers: int, heads: int,
                mlp: int, feature_layer: int = -2, kind: str = 'clip', act: str | None = None,
                norm_eps: float | None = None, dtype: jnp.dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               attention: str = 'auto', rngs: nnx.Rngs):
     if kind not in VIT_KINDS:
       raise ValueError(f'model.vision_lowres.kind={kind!r}: expected one of {sorted(VIT_KINDS)}')
     spec = VIT_KINDS[kind]
@@ -141,7 +145,8 @@ class VisionTransformer(nnx.Module):
     self.pre_layernorm = (layer_norm(width, eps=norm_eps, dtype=dtype, rngs=rngs)
                           if spec['pre_norm'] else None)
     self.layers = nnx.List([
-      VisionEncoderLayer(width, heads, mlp, act=act, norm_eps=norm_eps, dtype=dtype, rngs=rngs)
+      VisionEncoderLayer(width, heads, mlp, act=act, norm_eps=norm_eps, dtype=dtype, rngs=rngs,
+                         attention=attention)
       for _ in range(layers)])
 
   def __call__(self, images: jax.Array) -> jax.Array:

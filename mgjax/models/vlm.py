@@ -41,12 +41,15 @@ class MiniGemini(nnx.Module):
       raise ValueError(
         f"model.vision_highres.image_size {highres['image_size']}: its 1/4 map must split into "
         f'the {grid}x{grid} low-res grid (e.g. {4 * grid * 2})')
-    self.vision_lowres = VisionTransformer(**lowres, dtype=dtype, rngs=rngs)
+    # model.attention: the kernel for the decoder and the ViT (mgjax.models.attention).
+    attention = cfg.get('attention', 'auto')
+    self.vision_lowres = VisionTransformer(**lowres, dtype=dtype, attention=attention, rngs=rngs)
     self.vision_highres = ConvNeXt(**highres, dtype=dtype, rngs=rngs)
     self.mining = PatchInfoMining(lowres['width'], self.vision_highres.feature_channels,
                                   dtype=dtype, rngs=rngs)
     self.projector = Projector(lowres['width'], cfg.llm.hidden, dtype=dtype, rngs=rngs)
-    self.llm = DecoderLM(vocab_size=cfg.vocab_size, **dict(cfg.llm), dtype=dtype, rngs=rngs)
+    self.llm = DecoderLM(vocab_size=cfg.vocab_size, **dict(cfg.llm), attention=attention, dtype=dtype,
+                         rngs=rngs)
 
   def encode_images(self, images_lowres: jax.Array, images_highres: jax.Array) -> jax.Array:
     """[N, Hl, Wl, 3], [N, Hh, Wh, 3] -> visual tokens [N, num_image_tokens, hidden]."""
@@ -82,8 +85,15 @@ class MiniGemini(nnx.Module):
                segment_ids: jax.Array | None = None) -> jax.Array:
     """Logits float32 [B, T, vocab]; inputs as in `embed_inputs`, positions and segment_ids
     as in DecoderLM.__call__."""
+    return self.llm.logits(self.hidden_states(input_ids, images_lowres, images_highres,
+                                              positions=positions, segment_ids=segment_ids))
+
+  def hidden_states(self, input_ids: jax.Array, images_lowres: jax.Array,
+                    images_highres: jax.Array, *, positions: jax.Array | None = None,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
+    """The decoder's final hidden states [B, T, hidden] (before the output projection)."""
     embeds = self.embed_inputs(input_ids, images_lowres, images_highres)
-    return self.llm(inputs_embeds=embeds, positions=positions, segment_ids=segment_ids)
+    return self.llm.hidden_states(inputs_embeds=embeds, positions=positions, segment_ids=segment_ids)
 
 
 @contextlib.contextmanager
