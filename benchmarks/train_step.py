@@ -23,7 +23,6 @@ everything else runs side by side in one process.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -87,7 +86,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mgjax import train  # noqa: E402
-from mgjax.models import layers as mg_layers  # noqa: E402
+from mgjax.models import attention as mg_attention  # noqa: E402
 from mgjax.models import llm as mg_llm  # noqa: E402
 
 LR = 1e-4
@@ -208,7 +207,7 @@ def causal_blocks(base, blocks: int):
 
 
 ATTENTION = {
-  'trainer': None,  # whatever mgjax.models.layers.dot_product_attention is now
+  'trainer': None,  # whatever mgjax.models.attention.causal_attention is now (XLA on CPU)
   'einsum5d': attention_einsum_5d,
   'jax_nn': attention_jax_nn,
   'bhtd': attention_bhtd,
@@ -245,9 +244,9 @@ class TextOnly(nnx.Module):
   def __init__(self, llm: mg_llm.DecoderLM):
     self.llm = llm
 
-  def __call__(self, input_ids, images_lowres, images_highres, *, positions=None, segment_ids=None):
+  def hidden_states(self, input_ids, images_lowres, images_highres, *, positions=None, segment_ids=None):
     del images_lowres, images_highres  # text only: no image tokens
-    return self.llm(input_ids, positions=positions, segment_ids=segment_ids)
+    return self.llm.hidden_states(input_ids, positions=positions, segment_ids=segment_ids)
 
 
 def make_batch(a: argparse.Namespace) -> dict[str, np.ndarray]:
@@ -270,10 +269,11 @@ class JaxStep:
     self.name = variant
     attention, *swaps = variant.split('+')
     attention = ATTENTION[attention]
-    original, original_rope = mg_llm.dot_product_attention, mg_llm.apply_rope
+    original, original_rope = mg_attention.causal_attention, mg_llm.apply_rope
     if attention is not None:
-      # llm.py calls the names it imported; the variants decide about block skipping themselves.
-      mg_llm.dot_product_attention = lambda q, k, v, mask=None, causal=False: attention(q, k, v, mask)
+      # The variants take the whole mask and decide about block skipping themselves.
+      mg_attention.causal_attention = lambda q, k, v, segment_ids, implementation='auto': attention(
+        q, k, v, mg_attention.segment_mask(segment_ids, segment_ids))
     for swap in swaps:
       mg_llm.apply_rope = ROPE[swap]
     try:
@@ -303,7 +303,7 @@ class JaxStep:
       self.cost_flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
       self.hlo_text = self.compiled.as_text()
     finally:
-      mg_llm.dot_product_attention, mg_llm.apply_rope = original, original_rope
+      mg_attention.causal_attention, mg_llm.apply_rope = original, original_rope
     self.loss = None
 
   def run(self) -> float:
@@ -363,16 +363,16 @@ class TorchStep:
 
 def micro(a: argparse.Namespace, variants: list[str]) -> None:
   """Forward + backward of one layer's attention (scores, mask, softmax, values) per variant."""
-  from mgjax.models.llm import attention_mask
   rng = np.random.default_rng(0)
   shape_q = (a.batch, a.seq, a.heads, a.head_dim)
   shape_kv = (a.batch, a.seq, a.kv_heads, a.head_dim)
   q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (shape_q, shape_kv, shape_kv))
-  mask = attention_mask(jnp.ones((a.batch, a.seq), jnp.int32))
+  segments = jnp.ones((a.batch, a.seq), jnp.int32)
+  mask = mg_attention.segment_mask(segments, segments)
   fns = {}
   for name in variants:
-    # The trainer's function as Attention.__call__ calls it (its mask is causal).
-    f = ATTENTION[name.split('+')[0]] or functools.partial(mg_layers.dot_product_attention, causal=True)
+    # The trainer's function as Attention.__call__ calls it (segment ids, no mask).
+    f = ATTENTION[name.split('+')[0]] or (lambda q, k, v, mask: mg_attention.xla_attention(q, k, v, segments))
     loss = lambda q, k, v, f=f: jnp.sum(f(q, k, v, mask) ** 2)
     fns[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     jax.block_until_ready(fns[name](q, k, v))

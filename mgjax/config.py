@@ -161,7 +161,8 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 0
   c.lora.alpha = 16.0
-  c.lora.targets = (r"llm/layers/\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel",)
+  # (\d+/)? also matches a scanned decoder's stacked kernels (model.llm.scan_layers).
+  c.lora.targets = (r"llm/layers/(\d+/)?(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel",)
 
   c.mesh = ml_collections.ConfigDict()
   # Sizes of the mesh axes; -1 takes the devices left over.

@@ -9,6 +9,9 @@ and carry optimizer state; the base weights stay as they were.
 A kernel's axes split into inputs and outputs: [embed, heads, head_dim] for q/k/v (one
 input axis), [heads, head_dim, embed] for o_proj (two), [in, out] for plain linears.
 A is [*inputs, rank] (random), B is [rank, *outputs] (zeros): the delta starts at 0.
+A scanned decoder's kernels (model.llm.scan_layers: llm/layers/self_attn/q_proj/kernel, no
+layer index in the path) lead with a [layers] axis: each layer gets its own A and B,
+[layers, *inputs, rank] and [layers, rank, *outputs].
 """
 
 from __future__ import annotations
@@ -25,8 +28,13 @@ from mgjax.checkpoint import path_str
 
 
 def num_input_axes(path: str) -> int:
-  """How many leading axes of the kernel at `path` are its inputs."""
+  """How many axes of the kernel at `path` (after any layer axis) are its inputs."""
   return 2 if path.endswith("o_proj/kernel") else 1
+
+
+def num_layer_axes(path: str) -> int:
+  """1 for a scanned decoder's stacked kernel (a leading [layers] axis), else 0."""
+  return 1 if re.match(r"llm/layers/[^0-9/]", path) else 0
 
 
 def target_paths(params: Any, lora_cfg: ml_collections.ConfigDict) -> list[str]:
@@ -68,18 +76,20 @@ def init(params: Any, lora_cfg: ml_collections.ConfigDict, key: jax.Array) -> di
   rank = int(lora_cfg.rank)
   flat = {}
   for i, path in enumerate(target_paths(params, lora_cfg)):
-    n_in = num_input_axes(path)
-    inputs, outputs = shapes[path][:n_in], shapes[path][n_in:]
-    a = jax.random.normal(jax.random.fold_in(key, i), (*inputs, rank), jnp.float32)
-    flat[path] = {"a": a / math.sqrt(math.prod(inputs)), "b": jnp.zeros((rank, *outputs), jnp.float32)}
+    lead, n_in = num_layer_axes(path), num_input_axes(path)
+    layers, shape = shapes[path][:lead], shapes[path][lead:]
+    inputs, outputs = shape[:n_in], shape[n_in:]
+    a = jax.random.normal(jax.random.fold_in(key, i), (*layers, *inputs, rank), jnp.float32)
+    flat[path] = {"a": a / math.sqrt(math.prod(inputs)), "b": jnp.zeros((*layers, rank, *outputs), jnp.float32)}
   return _nest(flat, params)
 
 
-def delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-  """scale * A @ B in the kernel's shape [*inputs, *outputs]."""
+def delta(a: jax.Array, b: jax.Array, scale: float, layer_axes: int = 0) -> jax.Array:
+  """scale * A @ B in the kernel's shape [*layers, *inputs, *outputs]."""
   rank = a.shape[-1]
-  product = a.reshape(-1, rank) @ b.reshape(rank, -1)
-  return scale * product.reshape(*a.shape[:-1], *b.shape[1:])
+  layers = a.shape[:layer_axes]
+  product = a.reshape(*layers, -1, rank) @ b.reshape(*layers, rank, -1)
+  return scale * product.reshape(*a.shape[:-1], *b.shape[layer_axes + 1:])
 
 
 def merge(params: Any, adapters: Any, lora_cfg: ml_collections.ConfigDict) -> Any:
@@ -88,8 +98,9 @@ def merge(params: Any, adapters: Any, lora_cfg: ml_collections.ConfigDict) -> An
   flat = _flat_adapters(adapters)
 
   def merged(path, w):
-    ab = flat.get(path_str(path))
-    return w if ab is None else (w + delta(ab["a"], ab["b"], scale)).astype(w.dtype)
+    name = path_str(path)
+    ab = flat.get(name)
+    return w if ab is None else (w + delta(ab["a"], ab["b"], scale, num_layer_axes(name))).astype(w.dtype)
 
   return jax.tree_util.tree_map_with_path(merged, params)
 
@@ -101,9 +112,12 @@ def shardings(adapters: Any, param_shardings: Any) -> Any:
   def sharding(path, leaf):
     kernel, _, which = path_str(path).rpartition("/")
     s = kernel_shardings[kernel]
-    n_in = num_input_axes(kernel)
+    lead, n_in = num_layer_axes(kernel), num_input_axes(kernel)
     spec = tuple(s.spec) + (None,) * 8  # a spec may leave trailing axes out
-    new = spec[:n_in] + (None,) if which == "a" else (None,) + spec[n_in:n_in + leaf.ndim - 1]
+    if which == "a":
+      new = spec[:lead + n_in] + (None,)
+    else:
+      new = spec[:lead] + (None,) + spec[lead + n_in:lead + n_in + leaf.ndim - lead - 1]
     return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*new))
 
   return jax.tree_util.tree_map_with_path(sharding, adapters)

@@ -20,10 +20,13 @@ modelled FLOP utilisation against the chip's bf16 peak.
 for a GPU's (TPU and GPU compilers fuse and lay out differently: weights and optimizer state
 are exact, temporaries are an estimate).
 
-A scanned layer stack (model.llm.scan_layers) is one loop whose body XLA's cost analysis
-counts once. FLOPs and the modelled step time are therefore taken from two unscanned twins of
-the model with one and two layers: cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1)), exact
-for costs that add up op by op, as both of these do.
+A scanned layer stack (model.llm.scan_layers) and the chunked loss (train.loss_chunk) are
+loops whose body XLA's cost analysis counts once. FLOPs and the modelled step time are
+therefore taken from two twins of the model without loops (unscanned, loss unchunked) with
+one and two layers: cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1)), exact for costs that
+add up op by op, as both of these do. The twins compute the loss's logits once, so these
+figures leave out the chunked loss's recomputation of them in the backward pass (one more
+[tokens, hidden] x [hidden, vocab] matmul: about 2% of an mgm_8b step).
 """
 
 from __future__ import annotations
@@ -80,8 +83,8 @@ TPU_GENERATIONS = {
 def tpu_topology(accelerator_type: str) -> tuple[TpuGeneration, str, int]:
   """'v5p-8' -> (generation, 'v5p:2x2x1', 4 chips): gcloud's name to a topology string.
 
-  Slices grow as Cloud TPU's do: v4/v5p from 2x2x1 by doubling z, y, x in turn (2x2x2,
-  2x2x4, 2x4x4, 4x4x4, ...); v5e/v6e from 1x1 over 2x2, then y and x in turn (2x4, 4x4, ...).
+  Slices grow as Cloud TPU's do, the shortest side doubling (the last of equals): v4/v5p
+  2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, ...; v5e/v6e 1x1, 1x2, 2x2, 2x4, 4x4, 4x8, ...
   """
   match = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", accelerator_type.strip().lower())
   if not match:
@@ -93,21 +96,14 @@ def tpu_topology(accelerator_type: str) -> tuple[TpuGeneration, str, int]:
   if chips < 1 or count % gen.cores_per_chip_in_name or chips & (chips - 1):
     raise ValueError(f"--target={accelerator_type!r}: {match.group(1)} slices come in powers of two"
                      f"{' of TensorCores, two a chip' if gen.cores_per_chip_in_name == 2 else ' of chips'}")
-  if gen.dims == 3:
-    if chips < 4:
-      raise ValueError(f"--target={accelerator_type!r}: the smallest {match.group(1)} slice is "
-                       f"{match.group(1)}-8 (4 chips)")
-    shape = [2, 2, 1]
-    order = [2, 1, 0]
-  else:
-    shape = [1, 1] if chips == 1 else [2, 2]
-    order = [1, 0]
-    if chips == 2:
-      shape = [1, 2]
-  turn = 0
+  if gen.dims == 3 and chips < 4:
+    raise ValueError(f"--target={accelerator_type!r}: the smallest {match.group(1)} slice is "
+                     f"{match.group(1)}-8 (4 chips)")
+  shape = {1: [1, 1], 2: [1, 2]}.get(chips, [2, 2] + [1] * (gen.dims - 2))
   while math.prod(shape) < chips:
-    shape[order[turn % len(order)]] *= 2
-    turn += 1
+    # Double the shortest side, the last of equals: 2x2x1 -> 2x2x2 -> 2x2x4 -> 2x4x4 -> 4x4x4.
+    shortest = min(shape)
+    shape[max(i for i, n in enumerate(shape) if n == shortest)] *= 2
   return gen, f"{gen.topology}:{'x'.join(map(str, shape))}", chips
 
 
@@ -223,10 +219,12 @@ def step_costs(step: CompiledStep, config, num_devices: int) -> dict[str, float 
 
 
 def unscanned_twin(config, layers: int):
-  """config with model.llm as `layers` unscanned layers (for cost figures, see the docstring)."""
+  """config with model.llm as `layers` unscanned layers and the loss unchunked: the same
+  program without loops, for cost figures (see the module docstring)."""
   twin = config.copy_and_resolve_references()
   twin.model.llm.layers = layers
   twin.model.llm.scan_layers = False
+  twin.train.loss_chunk = 0
   return twin
 
 
@@ -251,7 +249,7 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None) -
       return {"target": target, "topology": topology, "fits": False, "refused": _first_line_with(str(e), "hbm")}
     raise
   costs = step_costs(step, config, len(devices))
-  if config.model.llm.get("scan_layers", False):
+  if config.model.llm.get("scan_layers", False) or 0 < config.train.loss_chunk < config.data.seq_len:
     layers = int(config.model.llm.layers)
     one, two = (step_costs(compile_train_step(unscanned_twin(config, n), devices), unscanned_twin(config, n),
                            len(devices)) for n in (1, 2))
@@ -283,6 +281,8 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None) -
       "peak_bytes": memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                     + memory.temp_size_in_bytes,
       "compile_seconds": step.seconds,
+      # Pallas kernels in the program (splash attention on TPU).
+      "pallas_kernels": step.compiled.as_text().count('custom_call_target="tpu_custom_call"'),
       **costs,
   }
   if target:

@@ -32,9 +32,9 @@ from flax import nnx
 from mgjax import checkpoint, decode, evaluate as evaluation, lora, metrics, optim, report as reports
 from mgjax import preemption, sharding, stages, throughput
 from mgjax.data import build, pipeline
-from mgjax.loss import summed_cross_entropy
+from mgjax.loss import chunked_flops, summed_cross_entropy
 from mgjax.data import tokenizer as tokenizers
-from mgjax.models import vlm
+from mgjax.models import attention, vlm
 
 
 @dataclasses.dataclass
@@ -166,18 +166,37 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 
 def step_flops_per_device(compiled: jax.stages.Compiled, summed_loss: Callable, trainable: Any, frozen: Any,
-                          batch: dict[str, Any], accum: int, num_devices: int) -> float | None:
+                          batch: dict[str, Any], accum: int, num_devices: int,
+                          model_cfg: ml_collections.ConfigDict | None = None, loss_chunk: int = 0) -> float | None:
   """FLOPs of one call of the compiled train step on one device (make_train_step's step).
 
-  XLA counts the micro-batch scan's body once; the other trips are counted from the
-  un-partitioned HLO of one micro-batch (global FLOPs, so split over the devices).
-  `batch` may hold arrays or ShapeDtypeStructs.
+  XLA counts a loop's body once. The micro-batch scan's other trips are counted from the
+  un-partitioned HLO of one micro-batch; the other trips of a scanned decoder
+  (model.llm.scan_layers, given model_cfg) and of the chunked loss (loss_chunk) from one
+  layer's and one chunk's forward and backward. All of these are global FLOPs, split over
+  the devices. `batch` may hold arrays or ShapeDtypeStructs.
   """
+  b, t = batch["input_ids"].shape
+
+  def uncounted_trips(rows: int) -> float:
+    """Global FLOPs of the layer and loss-chunk loops' trips after the first, for `rows` rows."""
+    if model_cfg is None:
+      return 0.0
+    flops = 0.0
+    llm = vlm.abstract_model(model_cfg).llm
+    if llm.scan_layers:
+      flops += (llm.num_layers - 1) * (llm.scanned_layer_flops(rows, t) or 0.0)
+    return flops + chunked_flops(rows, t, llm.hidden, llm.vocab_size, loss_chunk, llm.dtype)
+
   flops = throughput.step_flops(compiled)
+  if flops:
+    flops += uncounted_trips(b // accum) / num_devices
   if accum > 1:
     micro = jax.eval_shape(lambda b: jax.tree.map(lambda x: x[0], split_micro_batches(b, accum)), batch)
     micro_flops = throughput.lowered_flops(
         jax.jit(jax.value_and_grad(summed_loss, has_aux=True)).lower(trainable, frozen, micro))
+    if micro_flops:
+      micro_flops += uncounted_trips(b // accum)
     flops = throughput.accumulated_flops(flops, micro_flops and micro_flops / num_devices, accum)
   return flops
 
@@ -208,6 +227,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   if is_main:
     save_tokenizer(tokenizer, workdir)
   model_cfg = resolve_model_config(config.model, tokenizer)
+  # The attention kernel for this platform and row layout (cuDNN's takes unpacked rows only).
+  model_cfg.attention = attention.resolve(model_cfg.get("attention", "auto"), mesh.devices.flat[0].platform,
+                                          packed=config.data.packing)
   encoder = pipeline.make_encoder(tokenizer, config.data, model_cfg, vlm.num_image_tokens(model_cfg))
   local_batch = sharding.batch_size_per_process(config.data.batch_size, mesh)
   train_source = build.open_split(dataset, config.data.train_split)
@@ -315,7 +337,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   def compile_train_step(batch: dict[str, jax.Array]) -> tuple[Any, float | None]:
     """The train step compiled for this batch's shapes, and its FLOPs per device."""
     compiled = train_step.lower(trainable, opt_state, frozen, batch).compile()
-    return compiled, step_flops_per_device(compiled, summed_loss, trainable, frozen, batch, accum, mesh.size)
+    return compiled, step_flops_per_device(compiled, summed_loss, trainable, frozen, batch, accum, mesh.size,
+                                           model_cfg, config.train.loss_chunk)
 
   def evaluate_losses(step: int) -> dict[str, float]:
     losses = {}

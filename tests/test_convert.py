@@ -22,6 +22,7 @@ from mgjax.convert import ConversionError, WeightsError, files, import_hf_llm, l
 from mgjax.convert import llm as convert_llm  # noqa: E402
 from mgjax.convert.__main__ import main as cli  # noqa: E402
 from mgjax.models import vlm  # noqa: E402
+from mgjax.models.llm import DecoderLM  # noqa: E402
 from test_llm_parity import TOLERANCE, VOCAB, hf_logits, random_ids, tiny_hf_model  # noqa: E402
 
 
@@ -189,6 +190,23 @@ def test_export_reloads_in_transformers(tmp_path, name):
   ids = random_ids()
   assert np.abs(hf_logits(reloaded, ids) - hf_logits(hf, ids)).max() < TOLERANCE
   _assert_same_logits(load_hf_lm(str(tmp_path / 'out')), hf)
+
+
+def test_scanned_layout_imports_and_exports_the_same_model(tmp_path, llama):
+  # model.llm.scan_layers: the import stacks the layers along a leading axis, the scanned
+  # decoder gives transformers' logits, and the export unstacks them for transformers again.
+  hf, folder = llama
+  found, _ = convert_llm.llm_config_from_hf(files.read_config(folder))
+  params, llm_cfg, vocab, _ = import_hf_llm(folder, llm={**found, 'scan_layers': True})
+  assert llm_cfg['scan_layers'] and params['layers']['self_attn']['q_proj']['kernel'].shape[0] == found['layers']
+  model = DecoderLM(vocab_size=vocab, **llm_cfg, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  nnx.replace_by_pure_dict(state, params)
+  _assert_same_logits(nnx.merge(graphdef, state), hf)
+  convert_llm.export_hf_llm(params, llm_cfg, str(tmp_path / 'out'))
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'out'), dtype=torch.float32).eval()
+  ids = random_ids()
+  assert np.abs(hf_logits(reloaded, ids) - hf_logits(hf, ids)).max() < TOLERANCE
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -8,7 +8,7 @@ import pytest
 
 from mgjax import lora
 
-TARGETS = (r"llm/layers/\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel",)
+TARGETS = (r"llm/layers/(\d+/)?(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel",)
 
 
 def lora_cfg(rank=4, alpha=8.0, targets=TARGETS):
@@ -54,6 +54,32 @@ def test_merged_delta_is_low_rank_and_scaled():
   expected = 3.0 * np.asarray(ab["a"]).reshape(32, 2) @ np.asarray(ab["b"])
   np.testing.assert_allclose(d, expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(merged["projector"]["kernel"], p["projector"]["kernel"])
+
+
+def test_a_scanned_stack_gets_one_adapter_per_layer_with_the_same_merge():
+  # The per-layer tree and its scan_layers stacking ([layers, ...] kernels) merge to the same
+  # weights when each layer's adapters are stacked the same way.
+  from mgjax.models.llm import stack_layers
+  p = params()
+  stacked = {**p, "llm": stack_layers(p["llm"])}
+  cfg = lora_cfg(rank=2)
+  adapters = lora.init(p, cfg, jax.random.key(1))
+  adapters = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape), adapters)
+  stacked_adapters = {"llm": stack_layers(adapters["llm"])}
+  fresh = lora.init(stacked, cfg, jax.random.key(1))["llm"]["layers"]["self_attn"]["o_proj"]["kernel"]
+  assert fresh["a"].shape == (2, 4, 8, 2) and fresh["b"].shape == (2, 2, 16)
+  assert jax.tree.structure(fresh) == jax.tree.structure(stacked_adapters["llm"]["layers"]["self_attn"]["o_proj"]["kernel"])
+  merged = lora.merge(stacked, stacked_adapters, cfg)
+  expected = stack_layers(lora.merge(p, adapters, cfg)["llm"])
+  for a, b in zip(jax.tree.leaves(merged["llm"]), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  spec = jax.sharding.PartitionSpec
+  shardings = jax.tree.map(lambda x: jax.sharding.NamedSharding(mesh, spec()), stacked)
+  shardings["llm"]["layers"]["self_attn"]["o_proj"]["kernel"] = jax.sharding.NamedSharding(
+      mesh, spec(None, "tensor", None, "fsdp"))
+  out = lora.shardings(stacked_adapters, shardings)["llm"]["layers"]["self_attn"]["o_proj"]["kernel"]
+  assert out["a"].spec == spec(None, "tensor", None, None) and out["b"].spec == spec(None, None, "fsdp")
 
 
 def test_adapters_shard_along_their_kernels_axes():

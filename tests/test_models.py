@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs.models.sample import get_config
 from mgjax.models import DEFAULT_LOGICAL_AXIS_RULES, MiniGemini, logical_shardings, num_image_tokens
 from mgjax.models.layers import dot_product_attention
+from mgjax.models import llm as llm_module
 from mgjax.models.llm import DecoderLM, apply_rope
 from mgjax.models.mining import PatchInfoMining
 from mgjax.models.vision import ConvNeXt, DepthwiseConv, VisionTransformer
@@ -103,7 +104,7 @@ def test_llm_tied_embeddings_and_bf16_compute():
   _close(tied(inputs_embeds=tied.embed(ids)), logits, atol=0)
 
 
-@pytest.mark.parametrize('policy', ['full', 'dots'])
+@pytest.mark.parametrize('policy', ['full', 'dots', 'qkv', 'qkv_out'])
 def test_remat_gives_the_same_loss_and_gradients(policy):
   ids = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
 
@@ -324,3 +325,41 @@ def test_upstream_grouped_conv_weight_gradient_under_batch_split():
   with jax.set_mesh(mesh):
     sharded = grad(w, jax.device_put(x, NamedSharding(mesh, P(('data', 'fsdp')))))
   _close(sharded, grad(w, x), atol=1e-3)
+
+
+@pytest.mark.parametrize('remat', ['none', 'full'])
+def test_scanned_layers_equal_the_unrolled_stack(remat):
+  # The same weights, stacked: the scanned decoder gives the same logits, gradients (stacked
+  # the same way) and KV-cache decoding as the unrolled one.
+  plain = DecoderLM(**LLM_KW, rngs=nnx.Rngs(0))
+  scanned = DecoderLM(**LLM_KW, scan_layers=True, remat=remat, rngs=nnx.Rngs(1))
+  plain_graph, plain_params = nnx.split(plain)
+  scan_graph, scan_state = nnx.split(scanned)
+  stacked = llm_module.stack_layers(plain_params.to_pure_dict())
+  assert llm_module.is_stacked(stacked) and not llm_module.is_stacked(plain_params.to_pure_dict())
+  nnx.replace_by_pure_dict(scan_state, stacked)
+  q_kernel = scan_state['layers']['self_attn']['q_proj']['kernel']
+  assert q_kernel.shape == (2, 32, 4, 8)
+  assert q_kernel.get_metadata()['out_sharding'] == ('layers', 'embed', 'heads', 'head_dim')
+  ids = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
+
+  def loss(graph):
+    return jax.jit(jax.value_and_grad(lambda p: jnp.mean(nnx.merge(graph, p)(ids) ** 2)))
+
+  plain_loss, plain_grads = loss(plain_graph)(plain_params)
+  scan_loss, scan_grads = loss(scan_graph)(scan_state)
+  _close(scan_loss, plain_loss, atol=1e-6)
+  expected = llm_module.stack_layers(jax.tree.map(np.asarray, plain_grads.to_pure_dict()))
+  for a, b in zip(jax.tree.leaves(scan_grads.to_pure_dict()), jax.tree.leaves(expected)):
+    _close(a, b, atol=1e-6)
+  # Unstacking gives the per-layer weights back.
+  for a, b in zip(jax.tree.leaves(llm_module.unstack_layers(stacked)), jax.tree.leaves(plain_params.to_pure_dict())):
+    _close(a, b, atol=0)
+  # Prefill and one decode step through the stacked cache.
+  model = nnx.merge(scan_graph, scan_state)
+  cache = model.init_cache(2, 16)
+  assert cache['layers']['k'].shape == (2, 2, 16, 2, 8)
+  logits, cache = model.extend(ids, cache=cache)
+  _close(logits, plain(ids), atol=1e-5)
+  step, _ = model.extend(ids[:, :1], cache=cache)
+  _close(step[:, 0], plain(jnp.concatenate([ids, ids[:, :1]], axis=1))[:, -1], atol=1e-5)

@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     template='gemma',  # the conversation template MGM-2B was trained with
     llm=dict(family='gemma', hidden=2048, layers=18, heads=8, kv_heads=1, head_dim=256,
              mlp=16384, rope_theta=10000.0, norm_eps=1e-6, tie_embeddings=True,
-             remat='full', rope_scaling=None, qkv_bias=False),
+             remat='full', scan_layers=True, rope_scaling=None, qkv_bias=False),
     # openai/clip-vit-large-patch14-336, penultimate layer, no class token: 576 x 1024.
     vision_lowres=dict(kind='clip', image_size=336, patch_size=14, width=1024, layers=24,
                        heads=16, mlp=4096, feature_layer=-2),

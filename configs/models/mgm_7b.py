@@ -23,7 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     template='vicuna_v1',  # the conversation template MGM-7B was trained with
     llm=dict(family='llama', hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128,
              mlp=11008, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False,
-             remat='full', rope_scaling=None, qkv_bias=False),
+             remat='full', scan_layers=True, rope_scaling=None, qkv_bias=False),
     # openai/clip-vit-large-patch14-336, penultimate layer, no class token: 576 x 1024.
     vision_lowres=dict(kind='clip', image_size=336, patch_size=14, width=1024, layers=24,
                        heads=16, mlp=4096, feature_layer=-2),

@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # high_freq_factor=4.0, original_max_position_embeddings=8192).
     llm=dict(family='llama', hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128,
              mlp=14336, rope_theta=500000.0, norm_eps=1e-5, tie_embeddings=False,
-             remat='full', rope_scaling=None, qkv_bias=False),
+             remat='full', scan_layers=True, rope_scaling=None, qkv_bias=False),
     # openai/clip-vit-large-patch14-336, penultimate layer, no class token: 576 x 1024.
     vision_lowres=dict(kind='clip', image_size=336, patch_size=14, width=1024, layers=24,
                        heads=16, mlp=4096, feature_layer=-2),

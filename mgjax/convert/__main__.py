@@ -57,7 +57,7 @@ def _bytes(text: str) -> int:
 
 def _overrides(prefix: str, wanted: dict, found: dict) -> list[str]:
   return [f'--config.{prefix}.{k}={found[k]!r}' for k in sorted(found)
-          if k != 'remat' and wanted.get(k) != found[k]]
+          if k not in ('remat', 'scan_layers') and wanted.get(k) != found[k]]
 
 
 def import_llm(argv: Sequence[str]) -> int:
@@ -90,6 +90,7 @@ def import_llm(argv: Sequence[str]) -> int:
   model = config.model.to_dict()
   found, hf_vocab = llm.llm_config_from_hf(files.read_config(args.hf_dir))
   found['remat'] = model['llm'].get('remat', 'none')
+  found['scan_layers'] = model['llm'].get('scan_layers', False)
   overrides = []
   if args.llm_from_checkpoint:
     overrides = _overrides('model.llm', model['llm'], found)

@@ -340,6 +340,9 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], llm: Mapping[str, Any], vo
     raise ConversionError(f'model.vocab_size {pad_vocab_to} is smaller than {source}\'s vocabulary '
                           f'({vocab_size} tokens)')
   unused = sorted(n for n in names if n not in in_decoder and not _RECOMPUTED.fullmatch(n[len(prefix):]))
+  if llm.get('scan_layers', False):
+    from mgjax.models import llm as decoder  # pylint: disable=import-outside-toplevel
+    params = decoder.stack_layers(params)
   return params, unused
 
 
@@ -359,6 +362,9 @@ def hf_from_params(params: Mapping[str, Any], llm: Mapping[str, Any], *,
   params_from_hf), arrays cast to `dtype`."""
   e, h, d = (int(llm[x]) for x in ('hidden', 'heads', 'head_dim'))
   vocab_size = np.shape(params['embed_tokens']['embedding'])[0]
+  from mgjax.models import llm as decoder  # pylint: disable=import-outside-toplevel
+  if decoder.is_stacked(params):
+    params = decoder.unstack_layers(params)
   out = {}
   for key, (_, path) in _layout(llm, vocab_size).items():
     node = params
@@ -401,7 +407,7 @@ def import_hf_llm(path: str, *, allow_pickle: bool = False, llm: Mapping[str, An
   found, vocab_size = llm_config_from_hf(files.read_config(path))
   if llm is not None:
     check_config_matches(llm, found, what=f'{path}/config.json')
-    found = {**found, 'remat': llm.get('remat', 'none')}
+    found = {**found, 'remat': llm.get('remat', 'none'), 'scan_layers': llm.get('scan_layers', False)}
   tensors = files.load_tensors(path, allow_pickle=allow_pickle)
   params, unused = params_from_hf(tensors, found, vocab_size, pad_vocab_to=pad_vocab_to, source=path)
   return params, found, max(vocab_size, pad_vocab_to or 0), unused

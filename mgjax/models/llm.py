@@ -435,6 +435,28 @@ class DecoderLM(nnx.Module):
         x = run_layer(layer, x)
     return self.norm(x)
 
+  def scanned_layer_flops(self, batch: int, seq_len: int) -> float | None:
+    """FLOPs of one layer's forward and backward (its remat recomputation included) on
+    [batch, seq_len] tokens, from the unpartitioned HLO: what the scanned stack's loops run
+    `layers` times and XLA's cost analysis counts once."""
+    graphdef, stacked = nnx.split(self.layers)
+    one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), stacked)
+    tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+    x = jax.ShapeDtypeStruct((batch, seq_len, self.hidden), self.dtype)
+
+    def output_sum(state, x, positions, segment_ids):
+      def run_layer(layer, x):
+        return layer(x, positions, segment_ids)
+
+      if self.remat != 'none':
+        run_layer = nnx.remat(run_layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+      return jnp.sum(run_layer(nnx.merge(graphdef, state), x).astype(jnp.float32))
+
+    lowered = jax.jit(jax.grad(output_sum, argnums=(0, 1))).lower(one, x, tokens, tokens)
+    analysis = lowered.cost_analysis()
+    flops = analysis.get('flops') if isinstance(analysis, dict) else None
+    return float(flops) if flops and flops > 0 else None
+
   def output_embedding(self) -> jax.Array:
     """The [hidden, vocab] matrix the logits are computed with, in the compute dtype."""
     if self.lm_head is None:

@@ -1,0 +1,96 @@
+"""Real sizes on real TPU slices, compiled by the TPU compiler on this CPU (no TPU needed).
+
+  python benchmarks/tpu_compile.py [--cases=llama2_7b_v5p8,mgm_8b_v5p8,...] [--out=DIR]
+
+Each case runs `python -m mgjax.plan --target=...` in its own process (the figures are the TPU
+compiler's: per-device memory, FLOPs and its cost model's step time; a scanned decoder's cost
+figures come from unscanned twins, see mgjax/plan.py) and writes DIR/<case>.json; the table
+at the end is what benchmarks/RESULTS.md records. Per-device batch 2 x 2048 tokens throughout,
+as MaxText's train_compile figures it is compared with (MaxText 0.2.5, its defaults: splash
+attention, remat full, scanned layers, bf16 activations, float32 weights and AdamW moments,
+FSDP over all devices).
+
+llama2_7b_*: mgjax's decoder alone at the Llama-2-7B configuration (vocab 32000, hidden 4096,
+32 layers, 32 heads, MLP 11008): the mgm_7b preset (Vicuna-7B is Llama-2-7B's shape) with
+no image slot and the sample's tiny vision towers, so the decoder is what is compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB = 1024**3
+
+_DECODER_ALONE = [
+    "--config.model.vocab_size=32000", "--config.data.max_images=0",
+    # The sample's towers (a few MB): present in the model, never run without image slots.
+    "--config.model.vision_lowres.kind=clip", "--config.model.vision_lowres.image_size=32",
+    "--config.model.vision_lowres.patch_size=8", "--config.model.vision_lowres.width=64",
+    "--config.model.vision_lowres.layers=2", "--config.model.vision_lowres.heads=4",
+    "--config.model.vision_lowres.mlp=256", "--config.model.vision_highres.image_size=64",
+    "--config.model.vision_highres.dims=(16,32,64,128)", "--config.model.vision_highres.depths=(1,1,1,1)",
+]
+_FSDP = ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.data.seq_len=2048"]
+
+# name: (config, target, global batch, extra overrides)
+CASES = {
+    "llama2_7b_v5p8": ("configs/stage2.py:model=mgm_7b", "v5p-8", 8, _DECODER_ALONE),
+    "llama2_7b_v5e8": ("configs/stage2.py:model=mgm_7b", "v5e-8", 16, _DECODER_ALONE),
+    "mgm_8b_v5p8": ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, []),
+    "mgm_8b_v6e8": ("configs/stage2.py:model=mgm_8b", "v6e-8", 16, []),
+}
+
+
+def run_case(name: str, out_dir: str) -> dict:
+  config, target, batch, extra = CASES[name]
+  path = os.path.join(out_dir, f"{name}.json")
+  command = [sys.executable, "-m", "mgjax.plan", f"--config={config}", f"--target={target}",
+             f"--config.data.batch_size={batch}", f"--json={path}", *_FSDP, *extra]
+  started = time.perf_counter()
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  wall = time.perf_counter() - started
+  print(result.stdout, flush=True)
+  if not os.path.exists(path):
+    raise SystemExit(f"{name} failed:\n{result.stderr[-4000:]}")
+  with open(path) as f:
+    figures = json.load(f)
+  figures["wall_seconds"] = wall
+  figures["command"] = " ".join(command[1:])
+  with open(path, "w") as f:
+    json.dump(figures, f, indent=1)
+  return figures
+
+
+def row(name: str, p: dict) -> str:
+  if not p.get("fits", True):
+    return f"| {name} | {p['target']} | refused by the compiler: {p['refused']} | | | | | | |"
+  per_device_batch = p["batch"]["global"] // (p["mesh"]["data"] * p["mesh"]["fsdp"])
+  util = p.get("modelled_flop_utilisation")
+  return (f"| {name} | {p['target']} | {per_device_batch} x {p['batch']['seq_len']} | "
+          f"{(p['params_bytes'] + p['opt_state_bytes']) / GiB:.1f} GiB | {p['temp_bytes'] / GiB:.2f} GiB | "
+          f"{p['peak_bytes'] / GiB:.2f} GiB | {p['flops_per_device'] / 1e12:.1f} T | "
+          f"{p['modelled_step_seconds']:.3f} s | {util:.2f} | {p['compile_seconds']:.0f} s / {p['wall_seconds']:.0f} s |")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {sorted(CASES)}")
+  parser.add_argument("--out", default="/tmp/mgjax-tpu-compile", help="folder for the per-case JSON")
+  args = parser.parse_args()
+  os.makedirs(args.out, exist_ok=True)
+  results = {name: run_case(name, args.out) for name in args.cases.split(",")}
+  print("| case | target | per-device batch | weights + optimizer | temporaries | peak | FLOPs/device | "
+        "modelled step | modelled FLOP utilisation | compile (main program / whole plan) |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for name, figures in results.items():
+    print(row(name, figures))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,64 @@
+"""The train step compiled by the TPU compiler (libtpu, a test dependency) for TPU slices on
+this CPU: a change that breaks the TPU path fails here before any user meets it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from mgjax import config as mgjax_config, plan
+
+
+@pytest.mark.parametrize('name, topology, chips', [
+  ('v5p-8', 'v5p:2x2x1', 4), ('v5p-16', 'v5p:2x2x2', 8), ('v5p-32', 'v5p:2x2x4', 16),
+  ('v5p-128', 'v5p:4x4x4', 64), ('v4-8', 'v4:2x2x1', 4), ('v5litepod-8', 'v5e:2x4', 8),
+  ('v5e-4', 'v5e:2x2', 4), ('v5e-1', 'v5e:1x1', 1), ('v6e-16', 'v6e:4x4', 16), ('v6e-256', 'v6e:16x16', 256),
+])
+def test_gcloud_accelerator_types_map_to_their_topologies(name, topology, chips):
+  _, got, n = plan.tpu_topology(name)
+  assert (got, n) == (topology, chips)
+
+
+@pytest.mark.parametrize('name, message', [
+  ('v5p-6', 'powers of two'), ('v5p-4', 'smallest v5p slice is v5p-8'), ('v7-8', 'expected a TPU accelerator type'),
+])
+def test_a_target_that_is_no_tpu_slice_is_named(name, message):
+  with pytest.raises(ValueError, match=message):
+    plan.tpu_topology(name)
+
+
+def test_sample_compiles_for_v5e_with_splash_attention(tmp_path):
+  # The CLI as a user runs it: the sample model with FSDP over a v5e-4 slice.
+  out = tmp_path / 'plan.json'
+  result = subprocess.run(
+    [sys.executable, '-m', 'mgjax.plan', '--config=configs/stage2.py:data=sample:tiny', '--target=v5e-4',
+     f'--json={out}', '--config.mesh.data=1', '--config.mesh.fsdp=-1'],
+    cwd=REPO, env={**os.environ, 'XLA_FLAGS': ''}, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'TPU compiler, v5e-4 = v5e:2x2' in result.stdout and 'modelled step' in result.stdout
+  figures = json.loads(out.read_text())
+  assert figures['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1} and figures['device_kind'] == 'TPU v5 lite'
+  # Splash's forward, dq and dkv kernels in each of the 4 decoder layers.
+  assert figures['attention'] == 'splash' and figures['pallas_kernels'] == 3 * 4
+  assert figures['params_bytes'] + figures['opt_state_bytes'] < figures['peak_bytes'] < 0.01 * 16 * 2**30
+  assert figures['flops_per_device'] > 0 and 0 < figures['modelled_flop_utilisation'] < 1
+
+
+def test_scanned_decoder_and_chunked_loss_cost_the_same_as_the_unrolled_program():
+  # A scanned decoder with remat and a chunked loss: loops whose bodies the TPU compiler's cost
+  # analysis counts once. plan's figures (from loop-free twins) must equal those of the same
+  # model compiled without loops. Text only (no image slot) keeps the compiles short.
+  config = mgjax_config.load_config_file(os.path.join(REPO, 'configs', 'stage2.py'), 'data=sample:tiny')
+  config.mesh.data, config.mesh.fsdp, config.data.max_images = 1, -1, 0
+  config.model.llm.remat = 'full'
+  config.train.loss_chunk = 0
+  unrolled = plan.plan(config, target='v5e-4')
+  config.model.llm.scan_layers, config.train.loss_chunk = True, 32
+  looped = plan.plan(config, target='v5e-4')
+  # Forward, recomputed forward, dq and dkv: 4 splash kernels per layer, once per loop body.
+  assert (looped['pallas_kernels'], unrolled['pallas_kernels']) == (4, 4 * config.model.llm.layers)
+  for key in ('flops_per_device', 'modelled_step_seconds'):
+    assert looped[key] == pytest.approx(unrolled[key], rel=0.02), key
