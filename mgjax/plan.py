@@ -161,7 +161,7 @@ def compile_train_step(config, devices: list) -> CompiledStep:
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.logical_rules(config.mesh)
   model_cfg = config.model.copy_and_resolve_references()
-  model_cfg.attention = attention.resolve(model_cfg.get("attention", "auto"), devices[0].platform,
+  model_cfg.attention = attention.for_run(model_cfg.get("attention", "auto"), devices[0].platform,
                                           packed=config.data.packing)
   abstract_model = vlm.abstract_model(model_cfg)
   graphdef, abstract_state = nnx.split(abstract_model)
@@ -298,7 +298,8 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None) -
 def _attention_used(config, devices) -> str:
   from mgjax.models import attention
 
-  return attention.resolve(config.model.get("attention", "auto"), devices[0].platform, packed=config.data.packing)
+  return attention.chosen(config.model.get("attention", "auto"), devices[0].platform, config.data.seq_len,
+                          packed=config.data.packing)
 
 
 def _first_line_with(text: str, word: str) -> str:
@@ -376,6 +377,11 @@ def main(argv: list[str]) -> None:
   else:
     _use_virtual_devices(_DEVICES.value)
   config = _CONFIG.value
+  if _TARGET.value:
+    import jax
+
+    # A TPU executable compiled here cannot be loaded back here: don't write it to a cache.
+    jax.config.update("jax_enable_compilation_cache", False)
   result = plan(config, _DEVICES.value, target=_TARGET.value)
   print(format_plan(result, config), flush=True)
   if _JSON.value:

@@ -228,7 +228,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     save_tokenizer(tokenizer, workdir)
   model_cfg = resolve_model_config(config.model, tokenizer)
   # The attention kernel for this platform and row layout (cuDNN's takes unpacked rows only).
-  model_cfg.attention = attention.resolve(model_cfg.get("attention", "auto"), mesh.devices.flat[0].platform,
+  model_cfg.attention = attention.for_run(model_cfg.get("attention", "auto"), mesh.devices.flat[0].platform,
                                           packed=config.data.packing)
   encoder = pipeline.make_encoder(tokenizer, config.data, model_cfg, vlm.num_image_tokens(model_cfg))
   local_batch = sharding.batch_size_per_process(config.data.batch_size, mesh)

@@ -106,5 +106,11 @@ def test_auto_picks_by_platform_and_refuses_what_cannot_serve_the_rows():
     attention.resolve('cudnn', 'gpu', packed=True)
   with pytest.raises(ValueError, match='splash is a TPU kernel; this run is on cpu'):
     attention.resolve('splash', 'cpu', packed=False)
+  # A run keeps 'auto' unless the choice needs the row layout; a TPU run's decoder uses splash
+  # where the sequence tiles into its blocks.
+  assert attention.for_run('auto', 'gpu', packed=False) == 'cudnn'
+  assert attention.for_run('auto', 'tpu', packed=False) == 'auto'
+  assert attention.chosen('auto', 'tpu', 2048, packed=True) == 'splash'
+  assert attention.chosen('auto', 'tpu', 2000, packed=True) == 'xla'
   with pytest.raises(ValueError, match=r"model.attention='flash'"):
     attention.resolve('flash', 'tpu', packed=False)

@@ -11,7 +11,8 @@
           takes sequence lengths, not segment ids, so it serves rows that hold one sequence
           with padding at the end (data.packing off); the trainer chooses xla for packed rows.
   auto    splash on TPU, xla elsewhere (cudnn needs the unpacked-rows promise, so the trainer
-          resolves 'auto' to cudnn on GPU when packing is off: `resolve`).
+          resolves 'auto' to cudnn on GPU when packing is off: `for_run`); splash where the
+          sequence tiles into its blocks of 128 (xla otherwise).
 
 Every implementation takes segment ids [B, T] (0 marks padding) instead of a [B, T, S] mask,
 so no dense mask is built for training. On the tokens a loss reads (segment id > 0) all three
@@ -63,6 +64,22 @@ def resolve(name: str, platform: str, *, packed: bool) -> str:
   if name == 'splash' and platform != 'tpu':
     raise ValueError(f'model.attention=splash is a TPU kernel; this run is on {platform}: use auto')
   return name
+
+
+def for_run(name: str, platform: str, *, packed: bool) -> str:
+  """What a training run builds its model with: `resolve`'s checks, the choice made now only
+  where it needs the row layout (cuDNN for unpacked rows on GPU); otherwise 'auto' stays, so
+  each sequence length decides at trace time (splash where it tiles into blocks, else XLA)."""
+  chosen = resolve(name, platform, packed=packed)
+  return chosen if name != 'auto' or chosen == 'cudnn' else 'auto'
+
+
+def chosen(name: str, platform: str, seq_len: int, *, packed: bool) -> str:
+  """The implementation a run with these settings uses for its decoder."""
+  name = for_run(name, platform, packed=packed)
+  if name != 'auto':
+    return name
+  return 'splash' if platform == 'tpu' and splash_fits(seq_len) else 'xla'
 
 
 def _platform() -> str:
