@@ -27,7 +27,7 @@ def _chunk_loss(hidden: jax.Array, output_embedding: jax.Array, targets: jax.Arr
 
 
 def summed_cross_entropy(hidden: jax.Array, output_embedding: jax.Array, targets: jax.Array,
-                         weights: jax.Array, chunk: int = 0) -> jax.Array:
+                         weights: jax.Array, chunk: int = 0, *, unroll: bool = False) -> jax.Array:
   """sum over tokens of weights * cross-entropy(hidden @ output_embedding, targets).
 
   Args:
@@ -35,6 +35,8 @@ def summed_cross_entropy(hidden: jax.Array, output_embedding: jax.Array, targets
     output_embedding: [D, V] in the compute dtype (DecoderLM.output_embedding).
     targets: int [B, T]; weights: float [B, T] (the loss mask).
     chunk: tokens of the sequence per chunk; 0 or >= T computes the whole sequence at once.
+    unroll: trace the chunk loop as straight-line code (same values), so that XLA's cost
+      analysis counts every chunk (mgjax.plan's cost figures); training keeps the loop.
 
   The chunks run in a jax.lax.scan, one after the other: the output projection's gradient
   is then one accumulator for all of them (a Python loop let XLA keep one partial gradient
@@ -59,7 +61,8 @@ def summed_cross_entropy(hidden: jax.Array, output_embedding: jax.Array, targets
     h, tg, w = chunk_inputs
     return total + chunk_loss(h, output_embedding, tg, w), None
 
-  total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), (chunks(hidden), chunks(targets), chunks(weights)))
+  total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), (chunks(hidden), chunks(targets), chunks(weights)),
+                          unroll=n if unroll else 1)
   return total
 
 

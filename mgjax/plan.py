@@ -22,11 +22,11 @@ are exact, temporaries are an estimate).
 
 A scanned layer stack (model.llm.scan_layers) and the chunked loss (train.loss_chunk) are
 loops whose body XLA's cost analysis counts once. FLOPs and the modelled step time are
-therefore taken from two twins of the model without loops (unscanned, loss unchunked) with
-one and two layers: cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1)), exact for costs that
-add up op by op, as both of these do. The twins compute the loss's logits once, so these
-figures leave out the chunked loss's recomputation of them in the backward pass (one more
-[tokens, hidden] x [hidden, vocab] matmul: about 2% of an mgm_8b step).
+therefore taken from two twins of the model without loops (layers unscanned, the loss's
+chunk loop unrolled) with one and two layers: cost(L) = cost(1) + (L - 1) * (cost(2) -
+cost(1)), exact for costs that add up op by op, as both of these do. On v5e and v6e the
+compiler also runs FSDP's collective matmuls as windowed-einsum loops; the cost figures there
+come from compiles with those off (the memory figures from the program as it would run).
 """
 
 from __future__ import annotations
@@ -78,6 +78,13 @@ TPU_GENERATIONS = {
     "v5litepod": TpuGeneration("v5e", 1, 2, 197.0, 16.0),
     "v6e": TpuGeneration("v6e", 1, 2, 918.0, 32.0),
 }
+
+
+# TPU generations whose compiler runs FSDP's collective matmuls as windowed-einsum loops by
+# default, and the options that turn them off for compiles that only give cost figures.
+WINDOWED_EINSUM_GENERATIONS = ("v5e", "v6e")
+COST_COMPILER_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                         "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
 
 
 def tpu_topology(accelerator_type: str) -> tuple[TpuGeneration, str, int]:
@@ -147,8 +154,10 @@ class CompiledStep:
   seconds: float  # lower + compile
 
 
-def compile_train_step(config, devices: list) -> CompiledStep:
-  """config's train step compiled for `devices` on abstract values (what train.run jits)."""
+def compile_train_step(config, devices: list, *, unroll_loss: bool = False,
+                       compiler_options: dict | None = None) -> CompiledStep:
+  """config's train step compiled for `devices` on abstract values (what train.run jits);
+  unroll_loss traces the chunked loss's loop as straight-line code (the cost twins)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -191,12 +200,12 @@ def compile_train_step(config, devices: list) -> CompiledStep:
   }
   train_step, summed_loss = train.make_train_step(
       graphdef, tx, lambda trainable, frozen: trainable, config.train.grad_accum_steps,
-      tuple(config.optim.freeze), config.train.loss_chunk)
+      tuple(config.optim.freeze), config.train.loss_chunk, unroll_loss)
   step = jax.jit(train_step, donate_argnums=(0, 1),
                  out_shardings=(param_shardings, opt_shardings, sharding.replicated(mesh)))
   started = time.perf_counter()
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    compiled = step.lower(params, opt_state, None, batch).compile()
+    compiled = step.lower(params, opt_state, None, batch).compile(compiler_options=compiler_options)
   return CompiledStep(compiled, params, opt_state, batch, summed_loss, mesh, rules, time.perf_counter() - started)
 
 
@@ -219,12 +228,11 @@ def step_costs(step: CompiledStep, config, num_devices: int) -> dict[str, float 
 
 
 def unscanned_twin(config, layers: int):
-  """config with model.llm as `layers` unscanned layers and the loss unchunked: the same
-  program without loops, for cost figures (see the module docstring)."""
+  """config with model.llm as `layers` unscanned layers (compiled with the loss's chunk loop
+  unrolled): the same program without loops, for cost figures (see the module docstring)."""
   twin = config.copy_and_resolve_references()
   twin.model.llm.layers = layers
   twin.model.llm.scan_layers = False
-  twin.train.loss_chunk = 0
   return twin
 
 
@@ -249,12 +257,18 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None) -
       return {"target": target, "topology": topology, "fits": False, "refused": _first_line_with(str(e), "hbm")}
     raise
   costs = step_costs(step, config, len(devices))
+  # On v5e/v6e the compiler splits FSDP's all-gather/reduce-scatter matmuls into windowed-einsum
+  # loops, counted once too: the cost figures come from a compile without them.
+  options = COST_COMPILER_OPTIONS if target and gen.topology in WINDOWED_EINSUM_GENERATIONS else None
   if config.model.llm.get("scan_layers", False) or 0 < config.train.loss_chunk < config.data.seq_len:
     layers = int(config.model.llm.layers)
-    one, two = (step_costs(compile_train_step(unscanned_twin(config, n), devices), unscanned_twin(config, n),
-                           len(devices)) for n in (1, 2))
+    one, two = (step_costs(compile_train_step(unscanned_twin(config, n), devices, unroll_loss=True,
+                                              compiler_options=options), unscanned_twin(config, n), len(devices))
+                for n in (1, 2))
     costs = {k: (one[k] + (layers - 1) * (two[k] - one[k]) if one[k] is not None and two[k] is not None else None)
              for k in costs}
+  elif options:
+    costs = step_costs(compile_train_step(config, devices, compiler_options=options), config, len(devices))
 
   def bytes_per_device(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))

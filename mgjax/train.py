@@ -94,19 +94,20 @@ def save_tokenizer(tokenizer, workdir: str) -> None:
       (target / f.name).write_bytes(f.read_bytes())
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, loss_chunk: int = 0):
+def make_loss_fn(graphdef: nnx.GraphDef, loss_chunk: int = 0, unroll_loss: bool = False):
   """(params, batch) -> (sum of token losses, number of supervised tokens).
 
   Sums, not a mean, so micro-batches add up to exactly the whole batch's gradient.
   loss_chunk (train.loss_chunk): tokens per chunk of the output projection and loss
-  (mgjax.loss), so the whole [B, T, vocab] logits never exist at once.
+  (mgjax.loss), so the whole [B, T, vocab] logits never exist at once; unroll_loss traces
+  its chunk loop as straight-line code (for cost figures, see mgjax.plan).
   """
   def loss_fn(params, batch):
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch["input_ids"], batch["images_lowres"], batch["images_highres"],
                                  positions=batch["positions"], segment_ids=batch["segment_ids"])
     total = summed_cross_entropy(hidden, model.llm.output_embedding(), batch["targets"],
-                                 batch["loss_mask"], loss_chunk)
+                                 batch["loss_mask"], loss_chunk, unroll=unroll_loss)
     return total, jnp.sum(batch["loss_mask"])
   return loss_fn
 
@@ -126,7 +127,8 @@ def split_micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Ar
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     model_params: Callable[[Any, Any], Any], accum: int,
-                    freeze: tuple[str, ...] = (), loss_chunk: int = 0) -> tuple[Callable, Callable]:
+                    freeze: tuple[str, ...] = (), loss_chunk: int = 0,
+                    unroll_loss: bool = False) -> tuple[Callable, Callable]:
   """The train step (trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics),
   and the summed loss (trainable, frozen, batch) -> (loss sum, token count) it differentiates.
 
@@ -136,7 +138,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   towers' backward pass) and the logged grad_norm covers what trains. Shared by training and
   by `mgjax.plan`, which compiles it for a topology it does not have.
   """
-  loss_fn = make_loss_fn(graphdef, loss_chunk)
+  loss_fn = make_loss_fn(graphdef, loss_chunk, unroll_loss)
 
   def summed_loss(trainable, frozen, batch):
     return loss_fn(model_params(trainable, frozen), batch)
