@@ -135,6 +135,9 @@ def tpu_devices(accelerator_type: str) -> list:
   from jax.experimental import topologies
 
   _, topology, _ = tpu_topology(accelerator_type)
+  # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) meant for processes that drive a
+  # real TPU; compiling drives none, so several plans (and tests) may compile at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
   except Exception as e:  # libtpu missing or too old: say how to get it
