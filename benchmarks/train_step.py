@@ -1,4 +1,4 @@
-"""Train-step benchmark (issue 6): mgjax's Llama DecoderLM vs the CPU's matmul peak and vs PyTorch.
+"""Train-step benchmark: mgjax's Llama DecoderLM vs the CPU's matmul peak and vs PyTorch.
 
 One run measures, interleaved round by round so that a change in the machine's load hits every
 side alike:
@@ -146,7 +146,7 @@ def torch_matmul_peak(n: int, reps: int = 5) -> float:
 # ------------------------------------------------------------------ JAX variants
 
 def attention_einsum_5d(q, k, v, mask=None):
-  """The trainer's formulation before issue 6 (kept here as the baseline): grouped 5-D einsums,
+  """The trainer's first formulation (kept here as the baseline): grouped 5-D einsums,
   scores laid out [B, K, G, T, S]."""
   b, t, h, d = q.shape
   kv_heads = k.shape[2]

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mgjax import throughput
 from mgjax.models.axes import constrain
 
 
@@ -76,6 +77,4 @@ def chunked_flops(batch: int, seq_len: int, hidden: int, vocab: int, chunk: int,
   lowered = jax.jit(jax.grad(one, argnums=(0, 1))).lower(
     jax.ShapeDtypeStruct((batch, chunk, hidden), dtype), jax.ShapeDtypeStruct((hidden, vocab), dtype),
     jax.ShapeDtypeStruct((batch, chunk), jnp.int32), jax.ShapeDtypeStruct((batch, chunk), jnp.float32))
-  analysis = lowered.cost_analysis()
-  flops = analysis.get('flops') if isinstance(analysis, dict) else None
-  return (n - 1) * float(flops or 0.0)
+  return (n - 1) * (throughput.lowered_flops(lowered) or 0.0)

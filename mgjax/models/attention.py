@@ -25,9 +25,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax.core import spmd as flax_spmd
 
-from mgjax.models.axes import DEFAULT_LOGICAL_AXIS_RULES
+from mgjax.models.axes import mesh_axes
 
 IMPLEMENTATIONS = ('auto', 'xla', 'splash', 'cudnn')
 
@@ -210,15 +209,6 @@ def _splash_kernel(heads: int, seq_len: int, interpret: bool):
                                 interpret=interpret), kernel.SegmentIds
 
 
-def _mesh_axes(name: str, mesh) -> tuple[str, ...] | None:
-  """The mesh axes the logical `name` maps to under the active rules, those this mesh has."""
-  rules = dict(flax_spmd.get_logical_axis_rules() or DEFAULT_LOGICAL_AXIS_RULES)
-  axes = rules.get(name)
-  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  kept = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
-  return kept or None
-
-
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
                      interpret: bool = False) -> jax.Array:
   """Splash attention; `interpret` runs the kernel in Pallas' interpreter (CPU tests)."""
@@ -241,7 +231,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     out = local(qh, kh, vh, segment_ids)
   else:
     P = jax.sharding.PartitionSpec
-    batch, heads, kv_heads = (_mesh_axes(n, mesh) for n in ('batch', 'heads', 'kv_heads'))
+    batch, heads, kv_heads = (mesh_axes(n, mesh) or None for n in ('batch', 'heads', 'kv_heads'))
     out = jax.shard_map(
       local, mesh=mesh,
       in_specs=(P(batch, heads), P(batch, kv_heads), P(batch, kv_heads), P(batch)),

@@ -71,12 +71,18 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not mesh.are_all_axes_auto:
     return x
-  rules = dict(flax_spmd.get_logical_axis_rules() or DEFAULT_LOGICAL_AXIS_RULES)
   spec = []
   for name in names:
-    axes = rules.get(name) if name is not None else None
-    axes_tuple = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    # Drop mesh axes this mesh lacks, so a model also runs under e.g. a data-only mesh.
-    kept = tuple(a for a in axes_tuple if a in mesh.axis_names)
+    kept = mesh_axes(name, mesh)
     spec.append(kept if len(kept) > 1 else (kept[0] if kept else None))
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
+def mesh_axes(name: str | None, mesh) -> tuple[str, ...]:
+  """The mesh axes the logical `name` maps to under the active rules (those of an enclosing
+  `nnx.logical_axis_rules(...)`, else DEFAULT_LOGICAL_AXIS_RULES). Axes this mesh lacks are
+  dropped, so a model also runs under e.g. a data-only mesh."""
+  if name is None:
+    return ()
+  axes = dict(flax_spmd.get_logical_axis_rules() or DEFAULT_LOGICAL_AXIS_RULES).get(name)
+  return tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if a in mesh.axis_names)

@@ -47,6 +47,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from mgjax import throughput
 from mgjax.models import attention as attention_lib
 from mgjax.models.axes import constrain, partitioned
 from mgjax.models.layers import activation, dot_product_attention
@@ -452,10 +453,7 @@ class DecoderLM(nnx.Module):
         run_layer = nnx.remat(run_layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
       return jnp.sum(run_layer(nnx.merge(graphdef, state), x).astype(jnp.float32))
 
-    lowered = jax.jit(jax.grad(output_sum, argnums=(0, 1))).lower(one, x, tokens, tokens)
-    analysis = lowered.cost_analysis()
-    flops = analysis.get('flops') if isinstance(analysis, dict) else None
-    return float(flops) if flops and flops > 0 else None
+    return throughput.lowered_flops(jax.jit(jax.grad(output_sum, argnums=(0, 1))).lower(one, x, tokens, tokens))
 
   def output_embedding(self) -> jax.Array:
     """The [hidden, vocab] matrix the logits are computed with, in the compute dtype."""
