@@ -46,6 +46,9 @@ EXPECTED = {
         f"<|im_start|>assistant\n{ANSWER}<|im_end|><|im_start|>user\n{QUESTION2}<|im_end|>"
         f"<|im_start|>assistant\n{ANSWER2}<|im_end|>",
         [f"{ANSWER}<|im_end|>", f"{ANSWER2}<|im_end|>"]),
+    "mistral_instruct": (
+        f"<s>[INST] {QUESTION} [/INST] {ANSWER} </s><s>[INST] {QUESTION2} [/INST] {ANSWER2} </s>",
+        [f" {ANSWER} </s>", f" {ANSWER2} </s>"]),
 }
 END_OF_ANSWER = {"llama_3": "<|eot_id|>", "llama_3_instruct": "<|eot_id|>", "chatml": "<|im_end|>"}
 
@@ -140,3 +143,64 @@ def test_pipeline_trains_on_exactly_the_answers(base_dir, name):
   runs = _runs(out["targets"].tolist(), out["loss_mask"].tolist())
   assert [tok.decode(r) for r in runs] == EXPECTED[name][1]
   assert out["images_lowres"].shape == (1, 32, 32, 3)
+
+
+# A LLaVA record whose image comes after the question (about half of LLaVA's do), and what
+# Mini-Gemini trains on for it: preprocess_multimodal moves "<image>\n" to the front of the
+# turn and strips the rest, then conversation.py lays the turns out.
+IMAGE_LAST = [{"role": "user", "content": "What is in the picture?\n<image>"},
+              {"role": "assistant", "content": ANSWER},
+              {"role": "user", "content": "  Look again:\n<image>\nWhat colour?"},
+              {"role": "assistant", "content": ANSWER2}]
+IMAGE_LAST_EXPECTED = {
+    "vicuna_v1": (
+        "<s>" + templates.VICUNA_SYSTEM + " USER: <image>\nWhat is in the picture? ASSISTANT: A red circle.</s>"
+        "USER: <image>\nLook again:\n\nWhat colour? ASSISTANT: Red, mostly.</s>",
+        [" A red circle.</s>", " Red, mostly.</s>"]),
+    "gemma": (
+        "<s><start_of_turn>user\n<image>\nWhat is in the picture?<end_of_turn>\n<start_of_turn>model\n"
+        "A red circle.<end_of_turn>\n</s><start_of_turn>user\n<image>\nLook again:\n\nWhat colour?<end_of_turn>\n"
+        "<start_of_turn>model\nRed, mostly.<end_of_turn>\n</s>",
+        ["A red circle.<end_of_turn>\n</s>", "Red, mostly.<end_of_turn>\n</s>"]),
+    "llama_3": (
+        "<s><|start_header_id|>system<|end_header_id|>\n\n" + templates.LLAMA_3_SYSTEM + "<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is in the picture?<|eot_id|>"
+        "<|start_header_id|>system<|end_header_id|>\n\nA red circle.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n<image>\nLook again:\n\nWhat colour?<|eot_id|>"
+        "<|start_header_id|>system<|end_header_id|>\n\nRed, mostly.<|eot_id|>",
+        ["A red circle.<|eot_id|>", "Red, mostly.<|eot_id|>"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_LAST_EXPECTED))
+def test_images_go_first_as_mini_gemini_puts_them(base_dir, name):
+  """Training text, supervised spans and the inference prompt all have the image first."""
+  tok = _prepared(base_dir, name)
+  text, runs = IMAGE_LAST_EXPECTED[name]
+  assert tok.apply_chat_template(IMAGE_LAST, tokenize=False) == text
+  encoded = tok.apply_chat_template(IMAGE_LAST, tokenize=True, return_dict=True,
+                                    return_assistant_tokens_mask=True)
+  assert [tok.decode(r) for r in _runs(encoded["input_ids"], encoded["assistant_masks"])] == runs
+  prompt = tok.apply_chat_template(IMAGE_LAST[:1], tokenize=False, add_generation_prompt=True)
+  assert text.startswith(prompt) and "<image>\nWhat is in the picture?" in prompt
+
+
+def test_sample_template_puts_images_first_too(base_dir):
+  text = _prepared(base_dir, "").apply_chat_template(IMAGE_LAST[:2], tokenize=False)
+  assert text == "<s><|user|><image>\nWhat is in the picture?</s><|assistant|>A red circle.</s>"
+
+
+def test_plain_template_is_image_then_caption(base_dir):
+  """Pretraining's layout (MGM's preprocess_plain): the question is dropped, the caption and
+  its newline are the only supervised tokens."""
+  tok = _prepared(base_dir, "plain")
+  record = [{"role": "user", "content": "Describe the image briefly.\n<image>"},
+            {"role": "assistant", "content": ANSWER}]
+  assert tok.apply_chat_template(record, tokenize=False) == f"<s><image>{ANSWER}\n"
+  encoded = tok.apply_chat_template(record, tokenize=True, return_dict=True,
+                                    return_assistant_tokens_mask=True)
+  assert [tok.decode(r) for r in _runs(encoded["input_ids"], encoded["assistant_masks"])] == [f"{ANSWER}\n"]
+  assert tok.apply_chat_template(record[:1], tokenize=False, add_generation_prompt=True) == "<s><image>"
+  with pytest.raises(Exception, match="needs an <image>"):
+    tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+                            tokenize=False)

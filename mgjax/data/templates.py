@@ -9,18 +9,33 @@ Layout of one conversation (no newlines between turns; role markers are single t
 
   <s><|user|>What is 2 + 3?</s><|assistant|>2 + 3 = 5.</s>
                                             ^^^^^^^^^^^^^^ loss mask
+
+Every template puts a turn's images first, as Mini-Gemini's `preprocess_multimodal`
+(mgm/train/train.py) does before any template: the `<image>` placeholders are taken out,
+the rest stripped, and `<image>\n` put in front ("What is this?\n<image>" and
+"<image>\nWhat is this?" give the same prompt). Training and inference prompts both come
+from the template, so they agree. Mini-Gemini keeps one image per conversation and so one
+placeholder; a turn with k images here gets k placeholders, each on its own line.
 """
 
 BOS, EOS, PAD, IMAGE = "<s>", "</s>", "<pad>", "<image>"
 ROLE_MARKERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 
+# Jinja: `content` with its images moved to the front (see the module docstring). Python's
+# str.strip on both sides, as MGM's code: ("<image>\n" * k + rest.strip()).strip().
+IMAGES_FIRST = (
+    "{% if '<image>' in content %}"
+    "{% set content = ('<image>\\n' * content.count('<image>') + content.replace('<image>', '').strip()).strip() %}"
+    "{% endif %}")
+
 SAMPLE_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
+    "{% set content = message['content'] %}" + IMAGES_FIRST +
     "{% if message['role'] == 'assistant' %}"
-    "<|assistant|>{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
+    "<|assistant|>{% generation %}{{ content }}{{ eos_token }}{% endgeneration %}"
     "{% elif message['role'] in ['system', 'user'] %}"
-    "<|{{ message['role'] }}|>{{ message['content'] }}{{ eos_token }}"
+    "<|{{ message['role'] }}|>{{ content }}{{ eos_token }}"
     "{% else %}"
     "{{ raise_exception('unknown role ' + message['role'] + ': expected system, user or assistant') }}"
     "{% endif %}"
@@ -32,8 +47,8 @@ SAMPLE_CHAT_TEMPLATE = (
 # ---------------------------------------------------------------------------------------
 # The real LLMs' conversation formats, as Mini-Gemini (mgm/conversation.py, after LLaVA)
 # lays them out. Supervised: each answer and the tokens that end its turn, as MGM's
-# preprocess_* functions label them. `<image>` stays where the record put it (LLaVA data
-# writes "<image>\n" before the first question); it must be one token (see tokenizer.py).
+# preprocess_* functions label them. `<image>` goes first in its turn (IMAGES_FIRST); it must
+# be one token (see tokenizer.py).
 # ---------------------------------------------------------------------------------------
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -45,12 +60,14 @@ CHATML_SYSTEM = "Answer the questions."
 
 
 def _chat_template(*, start: str, system: str | None, system_turn: str, user_turn: str,
-                   assistant_prefix: str, assistant_turn: str) -> str:
+                   assistant_prefix: str, assistant_turn: str,
+                   system_in_first_user: str = "system + '\\n\\n' + content") -> str:
   """A Jinja chat template from its pieces. No whitespace control anywhere: the template has no
   layout whitespace to strip, and every space and newline in it is part of the format.
 
   system: the default system prompt (a leading system message replaces it); None for a
-  format without one, where a system message is put before the first question.
+  format without one, where a system message goes into the first question as the Jinja
+  expression `system_in_first_user` (of `system` and `content`) puts it.
   system_turn / user_turn: Jinja for those turns, with `content` in scope.
   assistant_prefix: the text before an answer, also the generation prompt.
   assistant_turn: the supervised part, with `content` in scope; it goes inside
@@ -65,14 +82,14 @@ def _chat_template(*, start: str, system: str | None, system_turn: str, user_tur
   if system is None:
     head = head.replace("{% set system = None %}", "{% set system = '' %}")
     opening = start
-    first_user = "{% if loop.first and system %}{% set content = system + '\\n\\n' + content %}{% endif %}"
+    first_user = f"{{% if loop.first and system %}}{{% set content = {system_in_first_user} %}}{{% endif %}}"
   else:
     opening = start + "{% set content = system %}" + system_turn
     first_user = ""
   return (
       head + opening +
       "{% for message in turns %}"
-      "{% set content = message['content'] %}"
+      "{% set content = message['content'] %}" + IMAGES_FIRST +
       "{% if message['role'] == 'user' %}" + first_user + user_turn +
       "{% elif message['role'] == 'assistant' %}"
       + assistant_prefix + "{% generation %}" + assistant_turn + "{% endgeneration %}"
@@ -126,6 +143,37 @@ CHATML = _chat_template(
     assistant_prefix="<|im_start|>assistant\n", assistant_turn="{{ content }}<|im_end|>")
 
 
+# mistral_instruct (MGM-8x7B on Mixtral-8x7B-Instruct): LLaVA's llama_2 separator style with no
+# system prompt, each question opened by <s>: "<s>[INST] q [/INST] a </s><s>[INST] q2 [/INST] a2 </s>".
+# Supervised as MGM's preprocess_llama_2 labels it: " a </s>" (the space after [/INST] goes with
+# the answer, so the generation prompt ends at "[/INST]"). A system message is wrapped as
+# Llama 2 wraps it, "<<SYS>>\nsystem\n<</SYS>>\n\n", before the first question.
+MISTRAL_INSTRUCT = _chat_template(
+    start="", system=None, system_turn="",
+    user_turn="{{ bos_token }}[INST] {{ content }} [/INST]", assistant_prefix="",
+    assistant_turn=" {{ content }} {{ eos_token }}",
+    system_in_first_user="'<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + content")
+
+# plain (the pretraining phase, LLaVA's conv_llava_plain as MGM's preprocess_plain uses it): a
+# user turn is reduced to its images, the answer (a caption) follows with "\n" after it, and
+# only the answer and that newline are supervised: "<s><image>A red circle.\n". System turns
+# are dropped; a user turn without an image is an error (there is nothing to caption).
+PLAIN = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if '<image>' not in message['content'] %}"
+    "{{ raise_exception('the plain (pretraining) template needs an <image> in every user turn') }}"
+    "{% endif %}"
+    "{{ '<image>' * message['content'].count('<image>') }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] }}\n{% endgeneration %}"
+    "{% elif message['role'] != 'system' %}"
+    "{{ raise_exception('role ' + message['role'] + ' where user or assistant was expected') }}"
+    "{% endif %}"
+    "{% endfor %}")
+
+
 # name (model.template) -> (chat template, its special tokens, the token that ends an answer
 # (None: the tokenizer's eos already does)).
 TEMPLATES: dict[str, tuple[str, tuple[str, ...], str | None]] = {
@@ -135,4 +183,9 @@ TEMPLATES: dict[str, tuple[str, tuple[str, ...], str | None]] = {
     "llama_3": (LLAMA_3, ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), "<|eot_id|>"),
     "llama_3_instruct": (LLAMA_3_INSTRUCT, ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), "<|eot_id|>"),
     "chatml": (CHATML, ("<|im_start|>", "<|im_end|>"), "<|im_end|>"),
+    # MGM's --version name for the same layout.
+    "chatml_direct": (CHATML, ("<|im_start|>", "<|im_end|>"), "<|im_end|>"),
+    # [INST] and [/INST] are plain text to Mixtral's tokenizer, as in MGM's training.
+    "mistral_instruct": (MISTRAL_INSTRUCT, (), None),
+    "plain": (PLAIN, (), None),
 }
