@@ -14,8 +14,7 @@ import os
 import ml_collections
 
 # CLIP's normalisation constants; both towers of Mini-Gemini use them.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from mgjax.data.images import CLIP_MEAN, CLIP_STD  # noqa: E402,F401  (re-exported)
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -49,6 +48,55 @@ def preset(kind: str, name: str) -> ml_collections.ConfigDict:
     available = sorted(f[:-3] for f in os.listdir(os.path.join(CONFIGS_DIR, kind)) if f.endswith(".py"))
     raise ValueError(f"no {kind} preset {name!r}: {path} does not exist; available: {available}")
   return load_config_file(path, arg or None)
+
+
+def mini_gemini(*, llm: dict, vocab_size: int, template: str, pretrain_template: str = "plain",
+                lr_multipliers: tuple = ()) -> ml_collections.ConfigDict:
+  """A released Mini-Gemini's `model` section (configs/models/mgm_*.py): its LLM, and what
+  every Mini-Gemini shares, as its training scripts (scripts/*/train/*.sh) set it up.
+
+  llm: the decoder (models/llm.py's keys; remat and scan_layers are added here).
+  vocab_size: the LLM's vocabulary plus 128 rows for <image> and other added tokens (a
+    multiple of 128 shards evenly; the importers pad the embedding to it).
+  template: the fine-tuning conversation template (MGM's --version); pretrain_template the
+    one its pretraining phase used (`plain` except where the script names the chat template).
+  lr_multipliers: optim.lr_multipliers of its fine-tuning (MGM's --lr_multi).
+  """
+  return ml_collections.ConfigDict(dict(
+      vocab_size=vocab_size,
+      image_token_id=0,  # replaced by the tokenizer's <image> id when training starts
+      # Mini-Gemini trains the LLM, mining and projector; both towers stay frozen.
+      freeze=("vision_lowres/.*", "vision_highres/.*"),
+      seq_len=2048,  # data.seq_len: Mini-Gemini's fine-tuning model_max_length
+      # data.pad_to_square: every fine-tuning script passes --image_aspect_ratio pad.
+      pad_to_square=True,
+      dtype="bfloat16",  # compute dtype; params stay float32, logits are always float32
+      template=template,
+      pretrain_template=pretrain_template,
+      lr_multipliers=lr_multipliers,
+      llm=dict(llm, remat="full", scan_layers=True),
+      # openai/clip-vit-large-patch14-336, penultimate layer, no class token: 576 x 1024 per view.
+      vision_lowres=dict(kind="clip", image_size=336, patch_size=14, width=1024, layers=24,
+                         heads=16, mlp=4096, feature_layer=-2),
+      # OpenCLIP convnext_large_d_320 (laion2B-s29B-b131K-ft-soup) trunk, at --image_size_aux.
+      vision_highres=dict(kind="convnext", image_size=768, dims=(192, 384, 768, 1536),
+                          depths=(3, 3, 27, 3)),
+      image_grid=1,
+      image_global=False,
+  ))
+
+
+def hd_variant(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The HD variant (MGM-*-HD, scripts/*/train/stage_2_full_*_672_hr_1536.sh) of a preset:
+  the low-res image as a 2x2 grid of 336 px crops plus the global view (image_grid=2,
+  image_global=True: 5 x 576 visual tokens), the high-res tower at 1536 px, and
+  model_max_length 4096 for the longer sequences."""
+  model = ml_collections.ConfigDict(model.to_dict())
+  model.seq_len = 4096
+  model.vision_highres.image_size = 1536
+  model.image_grid = 2
+  model.image_global = True
+  return model
 
 
 def base_config(model: str = "sample", data: str = "sample") -> ml_collections.ConfigDict:
@@ -93,10 +141,14 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   # model_max_length, 2048); --config.data.seq_len still overrides it.
   if "seq_len" in c.model:
     c.data.seq_len = c.model.seq_len
+  if "pad_to_square" in c.model:
+    c.data.pad_to_square = c.model.pad_to_square
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 50
+  # > 0: warm up for this fraction of the steps instead (Mini-Gemini's --warmup_ratio 0.03).
+  c.optim.warmup_ratio = 0.0
   c.optim.end_lr_factor = 0.1  # cosine decays to lr * end_lr_factor
   c.optim.weight_decay = 0.01
   c.optim.b1 = 0.9
@@ -106,6 +158,9 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   # matching parameters are not updated (and get no optimizer state).
   # A model preset may name what its recipe freezes (Mini-Gemini: both vision towers).
   c.optim.freeze = tuple(c.model.get("freeze", ()))
+  # ((regex, factor), ...): parameters whose path matches train at factor * the learning rate
+  # (first match wins). A preset may name them (MGM-8x7B and MGM-34B: mining and projector x2).
+  c.optim.lr_multipliers = tuple(tuple(m) for m in c.model.get("lr_multipliers", ()))
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 300
@@ -189,5 +244,6 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
       ("conv_kernel", None),
       ("pos", None),
       ("layers", None),  # the stacked layer axis of model.llm.scan_layers
+      ("expert", None),  # mixtral's experts; e.g. "tensor" (with mlp: None) splits them over devices
   )
   return c

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -13,7 +14,14 @@ from mgjax.checkpoint import path_str
 
 
 def schedule(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  warmup = min(optim_cfg.warmup_steps, max(total_steps - 1, 0))
+  """Linear warmup, then cosine decay to lr * end_lr_factor at total_steps.
+
+  The warmup is optim.warmup_steps, or with optim.warmup_ratio > 0 that fraction of the run,
+  rounded up as Hugging Face's Trainer rounds its --warmup_ratio.
+  """
+  ratio = optim_cfg.get("warmup_ratio", 0.0)
+  warmup = math.ceil(ratio * total_steps) if ratio > 0 else optim_cfg.warmup_steps
+  warmup = min(warmup, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1), end_value=optim_cfg.lr * optim_cfg.end_lr_factor)
@@ -39,4 +47,20 @@ def make(optim_cfg: ml_collections.ConfigDict, total_steps: int, params: Any) ->
   if "trainable" not in jax.tree.leaves(labels):
     raise ValueError(f"optim.freeze={tuple(optim_cfg.freeze)} freezes every parameter: nothing would train")
   tx = optax.multi_transform({"trainable": trainable, "frozen": optax.set_to_zero()}, labels)
+  multipliers = tuple(optim_cfg.get("lr_multipliers", ()))
+  if multipliers:
+    factors = lr_factors(params, multipliers)
+    tx = optax.chain(tx, optax.stateless(lambda updates, _: jax.tree.map(lambda u, f: u * f, updates, factors)))
   return tx, lr
+
+
+def lr_factors(params: Any, multipliers: tuple[tuple[str, float], ...]) -> Any:
+  """Per parameter, the factor of the first (regex, factor) in optim.lr_multipliers whose
+  regex fully matches its path, else 1.
+
+  Scaling an AdamW update by f is training that parameter at f times the learning rate, weight
+  decay included: what Mini-Gemini's --lr_multi does with a torch parameter group of its own.
+  """
+  compiled = [(re.compile(pattern), float(factor)) for pattern, factor in multipliers]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: next((f for c, f in compiled if c.fullmatch(path_str(path))), 1.0), params)

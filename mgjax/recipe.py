@@ -1,10 +1,13 @@
-"""The whole two-stage recipe in one command (the README's quickstart):
+"""The whole recipe in one command (the README's quickstart):
 
-  python -m mgjax.recipe [--workdir=runs/sample] [--stage1_steps=N] [--stage2_steps=N]
+  python -m mgjax.recipe [--workdir=runs/sample] [--pretrain_steps=N] [--stage1_steps=N]
+                         [--stage2_steps=N] [--data=sample] [--data_dir=DIR]
 
-Stage 1 trains on the whole mix, stage 2 starts from stage 1's params on the generation
-subset; both use the default configs (configs/stage1.py, configs/stage2.py), so this is
-exactly the two `python -m mgjax.main` commands in the README, run back to back.
+Three phases, each from the one before: pretraining (configs/pretrain.py: image-caption
+pairs align the projector and patch info mining to the frozen LLM), stage 1
+(configs/stage1.py: the whole instruction mix) and stage 2 (configs/stage2.py: the
+generation subset, kept in check). This is exactly the three `python -m mgjax.main`
+commands it prints at the end, run back to back.
 """
 
 from __future__ import annotations
@@ -12,12 +15,48 @@ from __future__ import annotations
 import os
 
 from absl import app, flags
+import ml_collections
 
 from mgjax import config as mgjax_config, runtime
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/sample", "Parent folder: stage 1 goes to WORKDIR/stage1, stage 2 to WORKDIR/stage2.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/sample", "Parent folder: the phases go to WORKDIR/pretrain, WORKDIR/stage1 and WORKDIR/stage2.")
+_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", None, "Override configs/pretrain.py's train.steps.")
 _STAGE1_STEPS = flags.DEFINE_integer("stage1_steps", None, "Override configs/stage1.py's train.steps.")
 _STAGE2_STEPS = flags.DEFINE_integer("stage2_steps", None, "Override configs/stage2.py's train.steps.")
+_DATA = flags.DEFINE_string("data", "sample", "The data preset (configs/data/NAME.py[:ARG]) of all three phases.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Override data.data_dir (where the dataset is built) of all three phases.")
+
+PHASES = ("pretrain", "stage1", "stage2")
+
+
+def phase_configs(data: str = "sample", data_dir: str | None = None,
+                  steps: dict[str, int | None] | None = None) -> dict[str, ml_collections.ConfigDict]:
+  """The three phases' configs (configs/pretrain.py, stage1.py, stage2.py) on one dataset."""
+  configs = {}
+  for phase in PHASES:
+    c = mgjax_config.load_config_file(os.path.join(mgjax_config.CONFIGS_DIR, f"{phase}.py"), f"data={data}")
+    if data_dir:
+      c.data.data_dir = data_dir
+    if (steps or {}).get(phase):
+      c.train.steps = steps[phase]
+    configs[phase] = c
+  return configs
+
+
+def run(configs: dict[str, ml_collections.ConfigDict], workdir: str) -> list:
+  """Trains the phases in order, each starting from the one before's result; returns their
+  train.Summary objects."""
+  from mgjax import train
+
+  summaries = []
+  previous = None
+  for phase in PHASES:
+    config = configs[phase]
+    if previous is not None:
+      config.init_from = previous
+    previous = os.path.join(workdir, phase)
+    summaries.append(train.run(config, previous))
+  return summaries
 
 
 def scores_table(report: dict) -> str:
@@ -35,23 +74,20 @@ def scores_table(report: dict) -> str:
 def main(argv: list[str]) -> None:
   del argv
   runtime.setup()
-  from mgjax import train
-
-  stage1_dir, stage2_dir = (os.path.join(_WORKDIR.value, s) for s in ("stage1", "stage2"))
-  stage1 = mgjax_config.load_config_file(os.path.join(mgjax_config.CONFIGS_DIR, "stage1.py"), "")
-  stage2 = mgjax_config.load_config_file(os.path.join(mgjax_config.CONFIGS_DIR, "stage2.py"), "")
-  if _STAGE1_STEPS.value:
-    stage1.train.steps = _STAGE1_STEPS.value
-  if _STAGE2_STEPS.value:
-    stage2.train.steps = _STAGE2_STEPS.value
-  stage2.init_from = stage1_dir
-
-  summaries = [train.run(stage1, stage1_dir), train.run(stage2, stage2_dir)]
+  workdir = _WORKDIR.value
+  configs = phase_configs(_DATA.value, _DATA_DIR.value, {
+      "pretrain": _PRETRAIN_STEPS.value, "stage1": _STAGE1_STEPS.value, "stage2": _STAGE2_STEPS.value})
+  summaries = run(configs, workdir)
   print("\n" + "\n\n".join(s.format() for s in summaries))
-  print("\n" + scores_table(summaries[1].report))
-  print(f"\nreport: {os.path.join(stage2_dir, 'report.md')}")
-  print(f"\nstage 1: python -m mgjax.main --config=configs/stage1.py --workdir={stage1_dir}"
-        f"\nstage 2: python -m mgjax.main --config=configs/stage2.py --workdir={stage2_dir} --config.init_from={stage1_dir}")
+  print("\n" + scores_table(summaries[-1].report))
+  print(f"\nreport: {os.path.join(workdir, 'stage2', 'report.md')}")
+  data = "" if _DATA.value == "sample" else f":data={_DATA.value}"
+  data_dir = f" --config.data.data_dir={_DATA_DIR.value}" if _DATA_DIR.value else ""
+  print("\nthe same, phase by phase:")
+  for phase in PHASES:
+    init = configs[phase].init_from
+    print(f"  python -m mgjax.main --config=configs/{phase}.py{data} --workdir={os.path.join(workdir, phase)}"
+          + data_dir + (f" --config.init_from={init}" if init else ""))
 
 
 if __name__ == "__main__":

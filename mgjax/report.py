@@ -27,6 +27,7 @@ _SHOWN = {
     "val_understanding": ("accuracy", "chance", "spurious_prompt_rate", "loss"),
     "val_generation": ("format_rate", "prompt_f1", "loss"),
     "val_text": ("loss",),
+    "val_caption": ("loss",),  # the pretraining phase's
 }
 
 

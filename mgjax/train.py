@@ -37,6 +37,11 @@ from mgjax.data import tokenizer as tokenizers
 from mgjax.models import attention, vlm
 
 
+def stage_name(stage: int) -> str:
+  """'pretraining' for stage 0 (configs/pretrain.py), else 'stage N'."""
+  return "pretraining" if stage == 0 else f"stage {stage}"
+
+
 @dataclasses.dataclass
 class Summary:
   """What a run trained and where it went (printed by main, read by the recipe)."""
@@ -56,7 +61,7 @@ class Summary:
 
   def format(self) -> str:
     lines = [
-        f"stage {self.stage}: {self.steps} steps in {self.seconds:.0f}s, "
+        f"{stage_name(self.stage)}: {self.steps} steps in {self.seconds:.0f}s, "
         f"{self.num_trainable:,} of {self.num_params:,} params trained",
         f"  final train loss {self.train_loss:.4f}",
     ]
@@ -403,7 +408,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     window_losses, window_tokens, window_slots, window_start = [], 0.0, 0, time.time()
     train_loss = metrics.train_loss_at(workdir, start_step) if start_step else float("nan")
     progress = tqdm.tqdm(total=steps, initial=start_step, disable=not is_main,
-                         desc=f"stage {config.stage}", dynamic_ncols=True)
+                         desc=stage_name(config.stage), dynamic_ncols=True)
     step = start_step
     pending = None  # the previous step's metrics, checked once the next step is dispatched
     compiled_step, flops_per_device = None, None  # compiled at the first batch

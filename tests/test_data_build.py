@@ -62,6 +62,8 @@ def test_splits_read_back_with_the_documented_types(built):
   # tiny: 96 + 64 + 64 sample records (tree 13 of the 32 OASST trees is German), plus the
   # 2 good injected records, minus 3 x 8 held out.
   assert dataset.splits["train"] == (96 + 1) + 64 + (32 + 1 + 31) - 24
+  # The 48 captions (pretraining's) are split apart, never mixed into train.
+  assert dataset.splits["train_caption"] == 48 - 8 and dataset.splits["val_caption"] == 8
   ex = splits["val_understanding"][0]
   assert isinstance(ex["id"], bytes) and ex["category"] == b"understanding"
   assert ex["messages"]["role"][0] == b"user" and ex["messages"]["content"][0].startswith(b"<image>\n")
@@ -78,6 +80,8 @@ def test_train_generation_is_the_generation_part_of_train_and_val_is_held_out(bu
   assert set(ids["train_generation"]) == {i for i, c in train.items() if c == b"generation"}
   held_out = set(ids["val_understanding"]) | set(ids["val_generation"]) | set(ids["val_text"])
   assert not held_out & set(train)
+  captions = {e["id"]: e["category"] for e in _read_split(dataset, "train_caption")}
+  assert set(captions.values()) == {b"caption"} and not set(captions) & (set(train) | held_out)
   assert all(len(v) == len(set(v)) for v in ids.values())
 
 

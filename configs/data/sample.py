@@ -12,16 +12,18 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "sample"  # the TFDS builder config: DIR/mgjax_instructions/sample/<version>
-  c.version = "1.2.0"  # bump when the content changes, so old builds are not reused
+  c.version = "1.3.0"  # bump when the content changes, so old builds are not reused
   c.seed = 0  # sample content, validation hold-out and train order
   # Held out per category before mixing. Understanding gets the most: its accuracy is
   # compared across stages, and on 64 conversations (~110 answers) a few flipped answers
   # already move it by 0.04.
-  c.val_per_category = ml_collections.ConfigDict(dict(understanding=256, generation=64, text=64))
+  c.val_per_category = ml_collections.ConfigDict(dict(understanding=256, generation=64, text=64,
+                                                      caption=64))
 
   # Generate the sample source files under DIR/<dir> before reading them.
   c.sample = ml_collections.ConfigDict(dict(
-      generate=True, dir="sample_sources", n_understanding=2000, n_generation=400, n_text=600))
+      generate=True, dir="sample_sources", n_understanding=2000, n_generation=400, n_text=600,
+      n_caption=800))
 
   # One dict per source: name, format (a key of mgjax.data.sources.READERS), path,
   # optional image_root and category (else inferred), and reader options.
@@ -32,6 +34,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dict(name="lima", format="lima", path="lima/train.jsonl"),
       dict(name="oasst", format="oasst_trees", path="oasst/trees.jsonl",
            options=dict(lang="en", drop_synthetic=False)),
+      # The pretraining phase's image-caption pairs: splits train_caption and val_caption,
+      # outside the instruction mix. Last, so that where a caption repeats an understanding
+      # conversation (same picture, "Describe the image.") the copy dropped is the caption.
+      dict(name="mgm_captions", format="llava_json", path="mgm/captions.json",
+           image_root="images", category="caption"),
   ]
 
   # train=True trains a small byte-level BPE on the train split's text (the sample has
@@ -40,8 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg == "tiny":  # seconds to build: for tests and smoke runs
     c.name = "sample_tiny"  # its own dataset folder: never mistaken for the full sample
-    c.sample.update(n_understanding=96, n_generation=64, n_text=64)
-    c.val_per_category = dict(understanding=8, generation=8, text=8)
+    c.sample.update(n_understanding=96, n_generation=64, n_text=64, n_caption=48)
+    c.val_per_category = dict(understanding=8, generation=8, text=8, caption=8)
   elif arg:
     raise ValueError(f"configs/data/sample.py: unknown preset {arg!r} (known: tiny)")
   return c

@@ -1,33 +1,16 @@
 """Mini-Gemini 7B (MGM-7B): Vicuna-7B v1.5 + CLIP ViT-L/14-336 + ConvNeXt-L at 768 px.
 
-The sizes of the released model (YanweiLi/MGM-7B, from lmsys/vicuna-7b-v1.5, a Llama-2-7B);
-weights come from `python -m mgjax.convert`. Select with
---config=configs/stage1.py:model=mgm_7b.
+YanweiLi/MGM-7B, from lmsys/vicuna-7b-v1.5 (a Llama-2-7B).
+Weights come from `python -m mgjax.convert import-mgm`. Select with
+--config=configs/stage1.py:model=mgm_7b; its HD variant is mgm_7b_hd.
 """
 
-import ml_collections
+from mgjax import config as mgjax_config
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None):
   del arg  # one preset; the argument keeps the big_vision get_config(arg) signature
-  return ml_collections.ConfigDict(dict(
-    # The released 32000-token vocabulary plus 128 rows for <image> (which the trainer adds to
-    # the tokenizer) and other added tokens; a multiple of 128 shards evenly. The importers
-    # (python -m mgjax.convert) pad the embedding to it.
-    vocab_size=32128,
-    image_token_id=0,  # replaced by the tokenizer's <image> id when training starts
-    # optim.freeze: Mini-Gemini trains the LLM, mining and projector; both towers stay frozen.
-    freeze=('vision_lowres/.*', 'vision_highres/.*'),
-    seq_len=2048,  # data.seq_len: Mini-Gemini's fine-tuning model_max_length
-    dtype='bfloat16',  # compute dtype; params stay float32, logits are always float32
-    template='vicuna_v1',  # the conversation template MGM-7B was trained with
-    llm=dict(family='llama', hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128,
-             mlp=11008, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False,
-             remat='full', scan_layers=True, rope_scaling=None, qkv_bias=False),
-    # openai/clip-vit-large-patch14-336, penultimate layer, no class token: 576 x 1024.
-    vision_lowres=dict(kind='clip', image_size=336, patch_size=14, width=1024, layers=24,
-                       heads=16, mlp=4096, feature_layer=-2),
-    # OpenCLIP convnext_large_d_320 (laion2B-s29B-b131K-ft-soup) trunk at 768 px.
-    vision_highres=dict(kind='convnext', image_size=768, dims=(192, 384, 768, 1536),
-                        depths=(3, 3, 27, 3)),
-  ))
+  return mgjax_config.mini_gemini(
+      vocab_size=32128, template='vicuna_v1',
+      llm=dict(family='llama', hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128, mlp=11008,
+               rope_theta=10000.0, rope_scaling=None, norm_eps=1e-5, tie_embeddings=False, qkv_bias=False))

@@ -293,7 +293,7 @@ def build(data_cfg: ml_collections.ConfigDict, data_dir: str, *, beam_runner: st
     s = data_cfg.sample
     sample.write_sample_sources(str(_sources_root(data_cfg, data_dir)), seed=data_cfg.seed,
                                 n_understanding=s.n_understanding, n_generation=s.n_generation,
-                                n_text=s.n_text)
+                                n_text=s.n_text, n_caption=s.get("n_caption", 0))
   spill_root = spill_dir(data_cfg, data_dir, beam=bool(beam_runner))
   if spill_root.exists():
     spill_root.rmtree()  # left by a build that was killed

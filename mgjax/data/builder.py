@@ -23,10 +23,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import file_adapters
 
-from mgjax.data import spill
+from mgjax.data import mixture, spill
 
 BUILDER_NAME = "mgjax_instructions"
-SPLITS = ("train", "train_generation", "val_understanding", "val_generation", "val_text")
+SPLITS = mixture.SPLITS
 
 FEATURES = tfds.features.FeaturesDict({
     "id": tfds.features.Text(),

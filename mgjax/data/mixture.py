@@ -29,7 +29,8 @@ from absl import logging
 
 from mgjax.data.records import CATEGORIES, Record
 
-SPLITS = ("train", "train_generation", "val_understanding", "val_generation", "val_text")
+SPLITS = ("train", "train_generation", "val_understanding", "val_generation", "val_text",
+          "train_caption", "val_caption")
 
 
 def _largest_remainder(total: int, sizes: dict[str, int]) -> dict[str, int]:
@@ -60,7 +61,8 @@ def hold_out(records: list[Record], val_per_category, seed: int) -> tuple[list[R
   for cat in CATEGORIES:
     by_source = by_cat_source.get(cat, {})
     n_cat = sum(len(v) for v in by_source.values())
-    wanted = val_per_category[cat] if hasattr(val_per_category, "keys") else val_per_category
+    # A mapping that does not name a category holds none of it out.
+    wanted = val_per_category.get(cat, 0) if hasattr(val_per_category, "keys") else val_per_category
     n_val = min(wanted, n_cat // 2)
     if n_val < wanted and n_cat:
       logging.warning("category %s has %d records: holding out %d for validation, not %d", cat, n_cat, n_val, wanted)
@@ -135,8 +137,15 @@ def mix(pool: list[Record], config: MixConfig, seed: int) -> tuple[list[Record],
 
 def split(records: list[Record], val_per_category, seed: int,
           mixture: MixConfig | None = None) -> tuple[dict[str, list[Record]], dict[str, dict[str, Any]]]:
-  """All splits (see SPLITS) and the mixing report."""
+  """All splits (see SPLITS) and the mixing report.
+
+  Captions (the pretraining phase's data) are not mixed: they go to train_caption whole, in
+  a seeded order, and the instruction mix is made of the rest.
+  """
   pool, val = hold_out(records, val_per_category, seed)
-  train, report = mix(pool, mixture or MixConfig(), seed)
-  splits = {"train": train, "train_generation": [r for r in train if r.category == "generation"], **val}
+  captions = sorted((r for r in pool if r.category == "caption"), key=lambda r: r.id)
+  random.Random(f"{seed}/captions").shuffle(captions)
+  train, report = mix([r for r in pool if r.category != "caption"], mixture or MixConfig(), seed)
+  splits = {"train": train, "train_generation": [r for r in train if r.category == "generation"],
+            "train_caption": captions, **val}
   return {s: splits[s] for s in SPLITS}, report

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
-CATEGORIES = ("text", "understanding", "generation")
+# caption: image-caption pairs for the pretraining (alignment) phase. Never inferred: a
+# source names it (category="caption" in the data config); such records get their own
+# splits, train_caption and val_caption, and stay out of the instruction mix.
+CATEGORIES = ("text", "understanding", "generation", "caption")
 ROLES = ("system", "user", "assistant")
 IMAGE_PLACEHOLDER = "<image>"
 # Mini-Gemini's generation convention: the user turn ends with " <GEN>" and the answer

@@ -10,6 +10,9 @@ tree, LIMA rows with an unanswered last turn).
   generation:    "Draw two red circles ... <GEN>" -> "<h>text-to-image prompt</h>", the
                  prompt a fixed function of what was requested, whatever the phrasing.
   text:          arithmetic, spelling, counting and colour/shape facts, multi-turn.
+  caption:       128x128 PNGs with a one-sentence description, asked for in one of
+                 LLaVA's pretraining phrasings (the image before or after the request):
+                 the pretraining phase's image-caption pairs.
 """
 
 from __future__ import annotations
@@ -124,6 +127,34 @@ def _understanding(n: int, rng: random.Random, images_dir: epath.Path) -> list[d
       conv.append({"from": "human", "value": f"<image>\n{q}" if t == 0 else q})
       conv.append({"from": "gpt", "value": a})
     records.append({"id": f"shapes_{i:05d}", "image": name, "conversations": conv})
+  return records
+
+
+# Caption requests in the wording of LLaVA's pretraining data (blip_laion_cc_sbu_558k).
+_CAPTION_REQUESTS = ("Describe the image concisely.", "Provide a brief description of the given image.",
+                     "Give a short and clear explanation of the subsequent image.",
+                     "Summarize the visual content of the image.",
+                     "Share a concise interpretation of the image provided.",
+                     "Render a clear and concise summary of the photo.")
+
+
+def _captions(n: int, rng: random.Random, images_dir: epath.Path) -> list[dict[str, Any]]:
+  """Image-caption pairs; about half put the image after the request, as LLaVA's data does."""
+  records, seen = [], set()
+  for i in range(n):
+    for _ in range(_MAX_DRAWS):
+      scene = _scene(rng)
+      if tuple(sorted(scene)) not in seen:
+        break
+    else:
+      raise ValueError(f"sample: no new caption scene in {_MAX_DRAWS} draws; ask for fewer")
+    seen.add(tuple(sorted(scene)))
+    name = f"caption_{i:05d}.png"
+    (images_dir / name).write_bytes(draw(scene))
+    request = rng.choice(_CAPTION_REQUESTS)
+    question = f"<image>\n{request}" if rng.random() < 0.5 else f"{request}\n<image>"
+    records.append({"id": f"caption_{i:05d}", "image": name, "conversations": [
+        {"from": "human", "value": question}, {"from": "gpt", "value": _describe(scene)}]})
   return records
 
 
@@ -300,7 +331,7 @@ def _oasst(n: int, rng: random.Random, seen: set) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------
 
 def write_sample_sources(out_dir: str, seed: int = 0, n_understanding: int = 1500,
-                         n_generation: int = 1000, n_text: int = 600) -> dict[str, str]:
+                         n_generation: int = 1000, n_text: int = 600, n_caption: int = 0) -> dict[str, str]:
   """Writes the sample source files under out_dir; returns {name: path}.
 
   The same seed and sizes always give byte-identical files. `n_text` is split evenly
@@ -311,12 +342,13 @@ def write_sample_sources(out_dir: str, seed: int = 0, n_understanding: int = 150
   for d in (images, out / "mgm", out / "lima", out / "oasst"):
     d.mkdir(parents=True, exist_ok=True)
   # One generator per file, so changing one size leaves the other files unchanged.
-  rngs = {k: random.Random(f"{seed}/{k}") for k in ("understanding", "generation", "lima", "oasst")}
+  rngs = {k: random.Random(f"{seed}/{k}") for k in ("understanding", "generation", "lima", "oasst", "caption")}
   paths = {"images": str(images),
            "understanding": str(out / "mgm/understanding.json"),
            "generation": str(out / "mgm/generation.json"),
            "lima": str(out / "lima/train.jsonl"),
-           "oasst": str(out / "oasst/trees.jsonl")}
+           "oasst": str(out / "oasst/trees.jsonl"),
+           "caption": str(out / "mgm/captions.json")}
   dump = lambda obj: json.dumps(obj, ensure_ascii=False)
   epath.Path(paths["understanding"]).write_text(
       dump(_understanding(n_understanding, rngs["understanding"], images)))
@@ -327,4 +359,5 @@ def write_sample_sources(out_dir: str, seed: int = 0, n_understanding: int = 150
       "".join(dump(r) + "\n" for r in _lima(n_lima, rngs["lima"], dialogues)))
   epath.Path(paths["oasst"]).write_text(
       "".join(dump(t) + "\n" for t in _oasst(n_text - n_lima, rngs["oasst"], dialogues)))
+  epath.Path(paths["caption"]).write_text(dump(_captions(n_caption, rngs["caption"], images)))
   return paths

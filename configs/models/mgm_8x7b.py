@@ -1,0 +1,19 @@
+"""Mini-Gemini 8x7B (MGM-8x7B): Mixtral-8x7B-Instruct + CLIP ViT-L/14-336 + ConvNeXt-L at 768 px.
+
+YanweiLi/MGM-8x7B, from mistralai/Mixtral-8x7B-Instruct-v0.1: 8 experts per layer, 2 per token.
+Weights come from `python -m mgjax.convert import-mgm`. Select with
+--config=configs/stage1.py:model=mgm_8x7b; its HD variant is mgm_8x7b_hd.
+"""
+
+from mgjax import config as mgjax_config
+
+
+def get_config(arg: str | None = None):
+  del arg  # one preset; the argument keeps the big_vision get_config(arg) signature
+  return mgjax_config.mini_gemini(
+      # --lr_multi "model.mm_projector:2,model.vlm_uni:2" in its fine-tuning scripts.
+      lr_multipliers=(('(mining|projector)/.*', 2.0),),
+      vocab_size=32128, template='mistral_instruct',
+      llm=dict(family='mixtral', hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, mlp=14336,
+               rope_theta=1000000.0, rope_scaling=None, norm_eps=1e-5, tie_embeddings=False, qkv_bias=False,
+               num_experts=8, experts_per_token=2, router_aux_loss_coef=0.02))
