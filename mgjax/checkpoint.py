@@ -12,6 +12,13 @@ Retention: the latest `max_to_keep` checkpoints, plus the best evaluated one (th
 lowest `score` passed to `save`), which early stopping and the drift guard's rollback
 hand on as the run's result. The result is named in WORKDIR/report.json; `locate`
 returns it.
+
+Integrity: orbax stores no checksums, so `save` puts a fingerprint of every array item in
+`meta` (per item, the wrapping uint32 sum of the arrays' bit patterns: any one flipped bit
+changes it) and `restore` recomputes and compares it. `restore_latest_intact` resumes from
+the newest checkpoint that restores and matches, and moves each one that does not (a
+truncated or missing file, a flipped bit, an empty meta, a missing item or data-iterator
+state) to WORKDIR/corrupt_checkpoints/<step>, kept for a post-mortem, never deleted.
 """
 
 from __future__ import annotations
@@ -21,13 +28,47 @@ import math
 import os
 from typing import Any
 
+from absl import logging
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+# Array items saved with a fingerprint (see the module docstring).
+_FINGERPRINTED = ("params", "opt_state", "adapters")
+
+
 class CheckpointError(ValueError):
   """A checkpoint that is missing or does not fit the model."""
+
+
+class CheckpointCorrupt(CheckpointError):
+  """A checkpoint whose files cannot be read back as they were written."""
+
+
+@jax.jit
+def _fingerprint(tree: Any) -> jax.Array:
+  """The wrapping uint32 sum of every element's bit pattern (integer sums are exact in any
+  order, so the result does not depend on how the arrays are sharded)."""
+  total = jnp.uint32(0)
+  for leaf in jax.tree.leaves(tree):
+    if not hasattr(leaf, "dtype"):
+      continue
+    bits = leaf.dtype.itemsize * 8
+    if leaf.dtype == jnp.bool_:
+      words = leaf.astype(jnp.uint32)
+    elif bits in (8, 16, 32):
+      words = jax.lax.bitcast_convert_type(leaf, getattr(jnp, f"uint{bits}")).astype(jnp.uint32)
+    else:  # 64-bit: both halves
+      words = jax.lax.bitcast_convert_type(leaf, jnp.uint32)
+    total = total + jnp.sum(words, dtype=jnp.uint32)
+  return total
+
+
+def fingerprint(tree: Any) -> int:
+  return int(np.asarray(_fingerprint(tree)))
 
 
 def path_str(path: tuple) -> str:
@@ -82,6 +123,8 @@ class Checkpoints:
     `score` (lower is better; None for a step that was not evaluated or is out of the
     drift guard's bounds) ranks the checkpoint for the keep-the-best retention.
     """
+    arrays = {"params": params, "opt_state": opt_state, "adapters": adapters}
+    meta = dict(meta, fingerprints={k: fingerprint(v) for k, v in arrays.items() if v is not None})
     items = dict(
         params=ocp.args.StandardSave(params),
         opt_state=ocp.args.StandardSave(opt_state),
@@ -106,9 +149,46 @@ class Checkpoints:
     )
     if abstract_adapters is not None:
       items["adapters"] = ocp.args.StandardRestore(abstract_adapters)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    return (restored["params"], restored["opt_state"], restored["meta"],
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # whatever orbax, tensorstore or grain raise for unreadable files
+      raise CheckpointCorrupt(f"checkpoint {self.directory / str(step)} cannot be read: "
+                              f"{type(e).__name__}: {_first_line(e)}") from e
+    meta = restored["meta"]
+    if not isinstance(meta, dict) or "step" not in meta:
+      raise CheckpointCorrupt(f"checkpoint {self.directory / str(step)}: its meta item is empty or not a dict")
+    _check_fingerprints(self.directory / str(step), meta, restored)
+    return (restored["params"], restored["opt_state"], meta,
             restored["adapters"] if abstract_adapters is not None else None)
+
+  def restore_latest_intact(self, **restore_args):
+    """`restore` of the newest checkpoint that reads back intact, as (step, params, opt_state,
+    meta, adapters); (None, ...) when there is none. Each corrupt one on the way is moved to
+    WORKDIR/corrupt_checkpoints/<step> and a warning says so. A checkpoint that does not fit
+    the model (a config change, not damage) still stops the run."""
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return (step, *self.restore(step, **restore_args))
+      except CheckpointCorrupt as e:
+        moved = self.set_aside(step)
+        logging.warning("%s; moved it to %s and resuming from the checkpoint before it", e, moved)
+        print(f"warning: {e}\n  moved to {moved}; resuming from the checkpoint before it", flush=True)
+    return (None, None, None, None, None)
+
+  def set_aside(self, step: int) -> epath.Path:
+    """Moves checkpoints/<step> to corrupt_checkpoints/<step> (a numbered suffix when taken)."""
+    target_dir = self.directory.parent / "corrupt_checkpoints"
+    if jax.process_index() == 0:
+      target_dir.mkdir(parents=True, exist_ok=True)
+      target = target_dir / str(step)
+      n = 1
+      while target.exists():
+        target, n = target_dir / f"{step}.{n}", n + 1
+      (self.directory / str(step)).rename(target)
+    else:
+      target = target_dir / str(step)
+    self._manager.reload()
+    return target
 
   def restore_params(self, step: int, abstract_params: Any) -> tuple[Any, dict]:
     check_params_fit(self, step, abstract_params)
@@ -136,6 +216,21 @@ class Checkpoints:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _check_fingerprints(where: epath.Path, meta: dict, restored: Any) -> None:
+  """Raises CheckpointCorrupt when a restored item's fingerprint differs from the saved one
+  (checkpoints written before fingerprints existed are not checked)."""
+  for item, saved in (meta.get("fingerprints") or {}).items():
+    if item in _FINGERPRINTED and restored.get(item) is not None:
+      found = fingerprint(restored[item])
+      if found != saved:
+        raise CheckpointCorrupt(f"checkpoint {where}: {item} reads back changed (fingerprint "
+                                f"{found}, saved {saved}): a file was damaged after it was written")
 
 
 def check_params_fit(checkpoints: Checkpoints, step: int, abstract_params: Any) -> None:

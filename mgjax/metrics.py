@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any
 
+from absl import logging
 import jax
 from etils import epath
 
@@ -22,9 +23,10 @@ class MetricsWriter:
     self.path.parent.mkdir(parents=True, exist_ok=True)
     if resume_step is not None and self.path.exists():
       # A killed run may have logged past its last checkpoint; those lines will be
-      # logged again by the resumed run, so drop them to keep one line per event.
-      kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
-      self.path.write_text("".join(l + "\n" for l in kept))
+      # logged again by the resumed run, so drop them to keep one line per event. A line
+      # torn by the kill (or a full disk) goes too.
+      kept = [r for r in read(workdir) if r["step"] <= resume_step]
+      self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
 
     self._tb = SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard"))
@@ -44,9 +46,25 @@ class MetricsWriter:
 
 
 def read(workdir: str) -> list[dict[str, Any]]:
-  """Reads back a workdir's metrics.jsonl."""
+  """Reads back a workdir's metrics.jsonl, skipping (with a warning naming the file and line)
+  lines that are not whole records: what a kill or a full disk leaves at the end."""
   path = epath.Path(workdir) / "metrics.jsonl"
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+  if not path.exists():
+    return []
+  records = []
+  for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      record = None
+    if not (isinstance(record, dict) and isinstance(record.get("step"), int) and "split" in record):
+      logging.warning("%s: line %d is not a whole metrics record (torn by a kill or a full disk?); "
+                      "skipped: %.80r", path, number, line)
+      continue
+    records.append(record)
+  return records
 
 
 def val_losses_at(workdir: str, step: int) -> dict[str, float]:
