@@ -98,7 +98,10 @@ class Checkpoints:
     ])
     options = ocp.CheckpointManagerOptions(
         read_only=read_only, create=not read_only, enable_async_checkpointing=True,
-        preservation_policy=keep)
+        preservation_policy=keep,
+        # A save cut short (a kill, a second Ctrl-C, a full disk) leaves a tmp folder; the
+        # next run's manager removes it.
+        cleanup_tmp_directories=not read_only)
     # Handlers named up front, so a manager that has not saved anything yet (a resumed
     # run, stage 2 reading stage 1) can read the items' metadata.
     handlers = {

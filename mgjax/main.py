@@ -6,6 +6,8 @@ have is an error. Without --workdir the config's own `workdir` is used.
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 
 from absl import app, flags
@@ -40,18 +42,49 @@ def main(argv: list[str]) -> None:
   workdir = _WORKDIR.value or config.workdir
   if not workdir:
     raise app.UsageError("no workdir: pass --workdir=DIR")
-  from mgjax import preemption, stages
+  from mgjax import locks, preemption, stages
   try:
     summary = train.run(config, workdir)
-  except stages.GuardTripped as e:
+  except (stages.GuardTripped, locks.LockHeld) as e:
     # Not a crash: the run stopped on purpose; say why and what to change, exit non-zero.
     sys.exit(f"error: {e}")
   except preemption.Preempted as e:
-    # Checkpointed and stopped on SIGTERM: 143 is the shell's "terminated by SIGTERM", so
-    # `stage1 && stage2` does not go on with a half-trained stage 1.
+    # Checkpointed and stopped on SIGTERM (143) or Ctrl-C (130), the shell's statuses for
+    # those signals, so `stage1 && stage2` does not go on with a half-trained stage 1.
     print(str(e), file=sys.stderr, flush=True)
-    sys.exit(143)
+    sys.exit(e.exit_status)
+  except KeyboardInterrupt:
+    # A second Ctrl-C: stop now, without the traceback of every thread it interrupted.
+    _exit_now(130, f"stopped at once by Ctrl-C; the last complete checkpoint under {workdir}/checkpoints "
+                   "resumes: run the same command again")
+  except Exception as e:  # pylint: disable=broad-except  (only a full disk is handled; the rest re-raised)
+    full = _disk_full(e)
+    if not full:
+      raise
+    where = "the workdir or data_dir" if full == "?" else full
+    _exit_now(1, f"error: no space left on the disk holding {where}. Free space there (or point "
+                 f"--workdir / data.data_dir elsewhere) and run the same command again: it resumes from the "
+                 f"last complete checkpoint under {workdir}/checkpoints")
   print(summary.format(), flush=True)
+
+
+def _disk_full(e: BaseException) -> str | None:
+  """The file whose write found the disk full (or '?'), looking through chained causes."""
+  while e is not None:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      return e.filename or "?"
+    if "No space left on device" in str(e):
+      return "?"
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _exit_now(status: int, message: str) -> None:
+  """Prints one line and ends the process without running exit handlers, whose background
+  checkpoint threads would each print a traceback of their own after an interrupt."""
+  print(message, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(status)
 
 
 if __name__ == "__main__":
