@@ -40,6 +40,15 @@ from etils import epath
 _FINGERPRINTED = ("params", "opt_state", "adapters")
 
 
+def _not_read_only_notice(record) -> bool:
+  """Orbax warns on every read-only open (stage 2 reading stage 1, predict, export): reading a
+  finished run's checkpoints is what read-only is for, not something to warn about."""
+  return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.get_absl_logger().addFilter(_not_read_only_notice)
+
+
 class CheckpointError(ValueError):
   """A checkpoint that is missing or does not fit the model."""
 
@@ -98,7 +107,7 @@ class Checkpoints:
     ])
     options = ocp.CheckpointManagerOptions(
         read_only=read_only, create=not read_only, enable_async_checkpointing=True,
-        preservation_policy=keep,
+        preservation_policy=keep, save_interval_steps=0 if read_only else 1,
         # A save cut short (a kill, a second Ctrl-C, a full disk) leaves a tmp folder; the
         # next run's manager removes it.
         cleanup_tmp_directories=not read_only)

@@ -41,8 +41,16 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
 
 
 def preset(kind: str, name: str) -> ml_collections.ConfigDict:
-  """Loads configs/<kind>/<name>.py, e.g. preset("models", "sample") or preset("data", "sample:tiny")."""
+  """Loads configs/<kind>/<name>.py, e.g. preset("models", "sample") or preset("data", "sample:tiny").
+
+  A name ending in .py is a config file of your own, anywhere on disk (relative to the
+  working directory), e.g. `--config=configs/stage1.py:data=/path/my_mix.py`.
+  """
   name, _, arg = name.partition(":")
+  if name.endswith(".py"):
+    if not os.path.exists(name):
+      raise ValueError(f"{kind} config file {os.path.abspath(name)} does not exist")
+    return load_config_file(name, arg or None)
   path = os.path.join(CONFIGS_DIR, kind, f"{name}.py")
   if not os.path.exists(path):
     available = sorted(f[:-3] for f in os.listdir(os.path.join(CONFIGS_DIR, kind)) if f.endswith(".py"))

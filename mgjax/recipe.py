@@ -92,4 +92,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   runtime.restart_with_malloc_tunables()  # first: glibc reads its tunables at process start
-  app.run(main)
+  app.run(main, flags_parser=runtime.parse_flags)

@@ -103,10 +103,37 @@ def setup() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
+def resolve_config_paths(argv: list[str]) -> list[str]:
+  """`--config=configs/...` from any working directory: a config path that does not exist
+  where the command runs, but does under the repository mgjax runs from, is taken from
+  there (a path that exists where the command runs always wins)."""
+  from mgjax import config as mgjax_config  # pylint: disable=g-import-not-at-top
+
+  repo = os.path.dirname(mgjax_config.CONFIGS_DIR)
+  out = []
+  for a in argv:
+    flag, sep, value = a.partition("=")
+    if sep and flag in ("--config", "-config"):
+      path, colon, arg = value.partition(":")
+      if not os.path.exists(path) and os.path.exists(os.path.join(repo, path)):
+        a = f"{flag}={os.path.join(repo, path)}{colon}{arg}"
+    out.append(a)
+  return out
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, with a plain message for a --config.KEY the config does not have."""
+  """absl's parser, with a plain message for a --config.KEY the config does not have, and
+  status 0 after printing help (absl exits 1 there, which reads as a failure to scripts)."""
+  argv = resolve_config_paths(argv)
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:
+    if e.code == 1 and any(a in HELP_FLAGS for a in argv[1:]):
+      sys.exit(0)
+    raise
   except (AttributeError, KeyError) as e:  # what ml_collections raises for an unknown key
     detail = " ".join(str(e.args[0] if e.args else e).replace("\\n", "\n").replace("\\'", "'").split())
     sys.exit(f"error: unknown config key in the command line: {detail}\n"

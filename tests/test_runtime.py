@@ -60,3 +60,47 @@ def test_train_entry_point_restarts_once_with_the_tunable(tmp_path, user_setting
     assert starts == [user_setting or "-"]
   else:
     assert starts == ["glibc.malloc.hugetlb=1"]
+
+
+CLIS = ("mgjax.main", "mgjax.recipe", "mgjax.plan", "mgjax.predict", "mgjax.data.build", "mgjax.convert")
+
+
+def test_every_cli_help_exits_zero(tmp_path):
+  """--help is a success, not an error, for scripts that check it (and from any directory)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = {m: subprocess.Popen([sys.executable, "-m", m, "--help"], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for m in CLIS}
+  for module, proc in procs.items():
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, f"{module} --help exited {proc.returncode}:\n{out[-2000:]}"
+    assert "usage" in out.lower() or "flags" in out.lower(), out[-500:]
+
+
+def test_config_paths_resolve_from_any_directory(tmp_path, monkeypatch):
+  from mgjax import config as mgjax_config
+
+  repo = os.path.dirname(mgjax_config.CONFIGS_DIR)
+  monkeypatch.chdir(tmp_path)
+  argv = ["prog", "--config=configs/stage2.py:model=sample", "--config.train.steps=3", "--workdir=w"]
+  resolved = runtime.resolve_config_paths(argv)
+  assert resolved[1] == f"--config={os.path.join(repo, 'configs', 'stage2.py')}:model=sample"
+  assert resolved[2:] == argv[2:]
+  # A file where the command runs wins over the repository's.
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "stage2.py").write_text("")
+  assert runtime.resolve_config_paths(argv) == argv
+
+
+def test_a_data_config_of_your_own_from_anywhere_on_disk(tmp_path):
+  from mgjax import config as mgjax_config
+
+  mine = tmp_path / "elsewhere" / "my_mix.py"
+  mine.parent.mkdir()
+  text = open(os.path.join(mgjax_config.CONFIGS_DIR, "data", "sample.py")).read()
+  mine.write_text(text.replace('c.name = "sample"', 'c.name = "my_mix"'))
+  c = mgjax_config.load_config_file(os.path.join(mgjax_config.CONFIGS_DIR, "stage1.py"), f"data={mine}:tiny")
+  assert c.data.recipe.name == "sample_tiny"  # its own :tiny preset applied
+  c = mgjax_config.load_config_file(os.path.join(mgjax_config.CONFIGS_DIR, "stage1.py"), f"data={mine}")
+  assert c.data.recipe.name == "my_mix"
+  with pytest.raises(ValueError, match="my_other_mix.py does not exist"):
+    mgjax_config.load_config_file(os.path.join(mgjax_config.CONFIGS_DIR, "stage1.py"), "data=my_other_mix.py")
