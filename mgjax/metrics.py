@@ -52,7 +52,7 @@ def read(workdir: str) -> list[dict[str, Any]]:
   if not path.exists():
     return []
   records = []
-  for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+  for number, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
     if not line.strip():
       continue
     try:

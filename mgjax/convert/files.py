@@ -7,8 +7,11 @@ single weights file, which every function here also takes in place of a folder.
 
 Safetensors are read and written here directly (an 8-byte header length, a JSON header
 of dtype/shape/offsets, then raw little-endian bytes), through np.memmap: tensors are not
-copied into memory until used, and bfloat16 works (the safetensors package's numpy reader
-has no bfloat16).
+copied into memory until used (the safetensors package's readers copy every tensor, 90 GB
+for Mixtral-8x7B in bfloat16), and bfloat16 works. The header is checked as the
+safetensors package checks it before any byte is mapped: every entry's dtype, shape and
+offsets must agree and lie inside the file, so a damaged or crafted file fails with the
+file and tensor named.
 
 Pickle checkpoints (.bin, .pt, .pth) can run arbitrary code when loaded, so they are
 refused unless the caller passes allow_pickle=True; even then they are read with
@@ -18,7 +21,10 @@ torch.load(weights_only=True), and only where torch is installed.
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
+import re
 import struct
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -70,9 +76,39 @@ def read_config(path: str) -> dict[str, Any]:
                        'model folder needs it to say which architecture and sizes the weights are')
   try:
     with open(file) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
+      config = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
     raise WeightsError(f'{file} is not valid JSON: {e}') from e
+  _check_config(file, config)
+  return config
+
+
+# The decoder sizes every config.json mgjax imports must give, as positive integers.
+_REQUIRED_INTS = ('num_hidden_layers', 'num_attention_heads', 'vocab_size', 'hidden_size',
+                  'intermediate_size')
+# Optional sizes: when present (and not null) they must be positive integers too.
+_OPTIONAL_INTS = ('num_key_value_heads', 'head_dim', 'num_local_experts', 'num_experts_per_tok',
+                  'max_position_embeddings')
+
+
+def _check_config(file: str, config: Any) -> None:
+  """Raises WeightsError naming the key when config.json lacks a decoder size or gives one
+  that is not a positive integer (a string "32", a float, a list)."""
+  if not isinstance(config, dict):
+    raise WeightsError(f'{file} holds a JSON {type(config).__name__}, expected an object '
+                       '({"model_type": ..., "num_hidden_layers": ..., ...}); is it the right file?')
+  nested = config.get('text_config')
+  text, where = (nested, 'text_config.') if isinstance(nested, dict) else (config, '')
+  for key in _REQUIRED_INTS + _OPTIONAL_INTS:
+    if key not in text or (text[key] is None and key in _OPTIONAL_INTS):
+      if key in _REQUIRED_INTS:
+        raise WeightsError(f'{file}: {where}{key} is missing; a decoder config.json gives it (compare with '
+                           "the model's published config.json)")
+      continue
+    value = text[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise WeightsError(f'{file}: {where}{key} is {value!r} ({type(value).__name__}), expected a positive '
+                         'integer; fix it in config.json')
 
 
 def weight_files(path: str, *, allow_pickle: bool = False) -> list[str]:
@@ -147,7 +183,14 @@ def _check_pickle_allowed(files: list[str], allow_pickle: bool) -> None:
 
 
 def read_safetensors_header(file: str) -> tuple[dict[str, dict[str, Any]], int]:
-  """({tensor name: {"dtype", "shape", "data_offsets"}}, where the data starts) of one file."""
+  """({tensor name: {"dtype", "shape", "data_offsets"}}, where the data starts) of one file.
+
+  Raises:
+    WeightsError: the file is not a safetensors file, or its header is damaged: an entry
+      without dtype/shape/data_offsets, an unknown dtype, offsets that disagree with the
+      shape, overlap, or run past the end of the file (a truncated download). The message
+      names the file and the tensor.
+  """
   with open(file, 'rb') as f:
     raw = f.read(8)
     if len(raw) != 8:
@@ -155,21 +198,66 @@ def read_safetensors_header(file: str) -> tuple[dict[str, dict[str, Any]], int]:
     (size,) = struct.unpack('<Q', raw)
     if size > 100_000_000:
       raise WeightsError(f'{file}: header of {size} bytes; not a safetensors file')
+    text = f.read(size)
+    if len(text) != size:
+      raise WeightsError(f'{file}: the header should be {size} bytes but the file ends after {len(text)}; '
+                         'the file is truncated: download it again')
     try:
-      header = json.loads(f.read(size))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      header = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
       raise WeightsError(f'{file}: unreadable safetensors header ({e})') from e
+    data_bytes = os.fstat(f.fileno()).st_size - 8 - size
+  if not isinstance(header, dict):
+    raise WeightsError(f'{file}: the safetensors header is a JSON {type(header).__name__}, expected an object '
+                       'of tensor name -> {"dtype", "shape", "data_offsets"}; not a safetensors file')
   header.pop('__metadata__', None)
+  _check_entries(file, header, data_bytes)
   return header, 8 + size
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_entries(file: str, header: dict[str, Any], data_bytes: int) -> None:
+  """Raises WeightsError for the first header entry the data cannot back as described."""
+  spans = []
+  for name, info in header.items():
+    bad = lambda why, name=name: WeightsError(f'{file}: tensor {name}: {why}')
+    if not isinstance(info, dict) or not {'dtype', 'shape', 'data_offsets'} <= set(info):
+      missing = sorted({'dtype', 'shape', 'data_offsets'} - set(info)) if isinstance(info, dict) else None
+      raise bad(f'header entry lacks {missing}' if missing else
+                f'header entry is a JSON {type(info).__name__}, expected {{"dtype", "shape", "data_offsets"}}')
+    dtype, shape, offsets = info['dtype'], info['shape'], info['data_offsets']
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+      raise bad(f'dtype {dtype!r} is not one mgjax reads ({", ".join(_DTYPES)})')
+    if (not isinstance(shape, list) or len(shape) > 32 or
+        not all(_is_int(d) and 0 <= d < 2**62 for d in shape)):
+      raise bad(f'shape {shape!r} is not a list of at most 32 sizes, each a non-negative integer below 2**62')
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]):
+      raise bad(f'data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end')
+    begin, end = offsets
+    nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+    if end - begin != nbytes:
+      raise bad(f'shape {shape} of {dtype} needs {nbytes} bytes but data_offsets {offsets} hold {end - begin}; '
+                'the header is damaged')
+    if end > data_bytes:
+      raise bad(f'data_offsets {offsets} end past the file\'s {data_bytes} bytes of data; the file is '
+                'truncated: download it again')
+    spans.append((begin, end, name))
+  spans.sort()
+  for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+    if begin < end:
+      raise WeightsError(f'{file}: tensors {first} and {second} overlap in the data (their data_offsets); '
+                         'the header is damaged')
 
 
 def _iter_safetensors(file: str) -> Iterator[tuple[str, np.ndarray]]:
   header, start = read_safetensors_header(file)
-  data = np.memmap(file, dtype=np.uint8, mode='r')
+  data = np.memmap(file, dtype=np.uint8, mode='r') if start < os.path.getsize(file) else np.zeros(0, np.uint8)
   for name in sorted(header):
     info = header[name]
-    if info['dtype'] not in _DTYPES:
-      raise WeightsError(f'{file}: tensor {name} has dtype {info["dtype"]}, which mgjax does not read')
     begin, end = info['data_offsets']
     flat = data[start + begin:start + end].view(_DTYPES[info['dtype']])
     yield name, flat.reshape(info['shape'])
@@ -181,7 +269,22 @@ def _iter_pickle(file: str) -> Iterator[tuple[str, np.ndarray]]:
   except ImportError as e:
     raise WeightsError(f'{file} is a pickle checkpoint and reading one needs torch '
                        '(pip install torch==2.13.0, a CPU wheel); or use a safetensors copy') from e
-  state = torch.load(file, map_location='cpu', weights_only=True)
+  try:
+    state = torch.load(file, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    # torch's message suggests loading without weights_only, which would run the code.
+    found = re.search(r'unsupported GLOBAL \S+|Unsupported global: \S+|Unsupported operand \d+', str(e),
+                      re.IGNORECASE)
+    detail = f' ({found.group(0)})' if found else ''
+    raise WeightsError(
+      f'refusing {file}: it holds more than tensors{detail}, and building those objects would run code '
+      'from the file. Use a safetensors copy of the weights, or convert the file to safetensors on a '
+      'machine where running it does no harm') from None
+  except Exception as e:  # pylint: disable=broad-except  (torch raises many types for damaged files)
+    raise WeightsError(f'{file}: not a readable torch checkpoint ({type(e).__name__}: '
+                       f'{str(e).splitlines()[0] if str(e) else ""}); download it again') from None
+  if not isinstance(state, dict):
+    raise WeightsError(f'{file}: holds a {type(state).__name__}, expected a dict of tensor name -> tensor')
   # timm/OpenCLIP sometimes wrap the weights: {"state_dict": {...}} or {"model": {...}}.
   for wrapper in ('state_dict', 'model'):
     if isinstance(state, dict) and isinstance(state.get(wrapper), dict):

@@ -18,6 +18,7 @@ The trainer calls `ensure_built(cfg.data, data_dir)` and opens splits with `open
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -32,8 +33,10 @@ import ml_collections
 import tensorflow_datasets as tfds
 import tqdm
 
+from mgjax import locks
 from mgjax.data import builder, card, dedup, filters, mixture, sample, sources, spill, tokenizer
 from mgjax.data.records import Record, Rejection
+from mgjax.data.sources import _common
 
 _SOURCE_KEYS = {"name", "format", "path", "image_root", "category", "options", "filters"}
 # The config fields that decide the built content; a stage config may embed the data
@@ -106,6 +109,10 @@ def _check_specs(data_cfg, root: epath.Path) -> list[dict[str, Any]]:
     if not epath.Path(spec["path"]).exists():
       raise FileNotFoundError(f"source {spec['name']!r}: {spec['path']} does not exist; fix 'path' in the data "
                               f"config (relative paths resolve under {root})")
+    # Checked without opening: opening a FIFO would block the build until something wrote to it.
+    problem = _common.not_regular_file(spec["path"])
+    if problem is not None:
+      raise ValueError(f"source {spec['name']!r}: {problem}; 'path' must name the source's data file")
     spec["quality"] = filters.QualityConfig.from_dict({**dict(data_cfg.get("filters") or {}),
                                                        **dict(spec.get("filters") or {})})
     specs.append(spec)
@@ -148,14 +155,24 @@ def read_source(indexed_spec: tuple[int, dict[str, Any]]) -> Iterator[tuple[tupl
 
 # A pool worker's Preparer, made once per process by _init_worker so tasks ship only records.
 _worker: Preparer | None = None
+_worker_error: str | None = None  # why _init_worker could not make it
 
 
 def _init_worker(*args) -> None:
-  global _worker
-  _worker = Preparer(*args)
+  """Makes this process's Preparer. A failure is kept for the first task to raise: raised
+  here, it would make the pool start another worker that fails the same way, forever."""
+  global _worker, _worker_error
+  try:
+    _worker = Preparer(*args)
+  except Exception as e:  # pylint: disable=broad-except  (re-raised by _prepare_batch)
+    _worker_error = f"{type(e).__name__}: {e}"
+    if multiprocessing.parent_process() is None:  # this process: raise as is
+      raise
 
 
 def _prepare_batch(batch: list[Record | Rejection]) -> list[tuple[spill.Entry | Rejection, dedup.Signature | None]]:
+  if _worker is None:
+    raise RuntimeError(f"a build worker process could not start: {_worker_error}")
   out = [_worker(item) for item in batch]
   _worker.writer.flush()  # the main process may hand these entries to the writer next
   return out
@@ -215,6 +232,8 @@ def _clean(data_cfg, root: epath.Path, tokenizer_dir: str | None, spill_dir: str
   per-source counts where read = kept + rejected + duplicates.
   """
   specs = _check_specs(data_cfg, root)
+  if tokenizer_dir:
+    tokenizer.check_local(tokenizer_dir)  # here, once, before workers try to load it
   dedup_cfg = dedup.DedupConfig.from_dict(data_cfg.get("dedup"))
   preparer_args = (tokenizer_dir, dedup_cfg, {s["name"]: s["quality"] for s in specs}, spill_dir)
   if beam_runner:
@@ -264,6 +283,31 @@ def _clean(data_cfg, root: epath.Path, tokenizer_dir: str | None, spill_dir: str
   return kept, dropped, counts
 
 
+def _why_none(counts: dict[str, dict[str, Any]], rejected: list[Rejection]) -> str:
+  """Each source's counts and first rejections, for the error of a build that kept nothing."""
+  parts = []
+  for name, c in counts.items():
+    if not c["read"]:
+      parts.append(f"source {name!r} ({c['path']}): no records at all (an empty file, or only blank lines)")
+    else:
+      parts.append(f"source {name!r} ({c['path']}): read {c['read']}, rejected {c['rejected']}, duplicates "
+                   f"{c['duplicates']}")
+  examples = [f"  {r}" for r in rejected[:5]]
+  return "; ".join(parts) + (". First rejections:\n" + "\n".join(examples) if examples else "")
+
+
+def _rejection_line(rejection: Rejection) -> str:
+  """One line of rejected.jsonl. Text UTF-8 cannot encode (a lone surrogate a record's id
+  spelled) is written as JSON escapes rather than failing the build."""
+  line = json.dumps(rejection.to_json(), ensure_ascii=False)
+  return line if _common.unencodable(line) is None else json.dumps(rejection.to_json())
+
+
+def lock_name(data_cfg: ml_collections.ConfigDict) -> str:
+  """The lock (mgjax.locks) a build of data_cfg holds in its data_dir while it runs."""
+  return f".mgjax_build-{data_cfg.name}-{data_cfg.version}"
+
+
 def spill_dir(data_cfg: ml_collections.ConfigDict, data_dir: str, beam: bool = False) -> epath.Path:
   """Where a build keeps the kept records between cleaning and writing (deleted after).
 
@@ -289,22 +333,29 @@ def build(data_cfg: ml_collections.ConfigDict, data_dir: str, *, beam_runner: st
   """
   data_dir = str(data_dir)
   out = dataset_dir(data_cfg, data_dir)
-  if data_cfg.get("sample") and data_cfg.sample.get("generate"):
-    s = data_cfg.sample
-    sample.write_sample_sources(str(_sources_root(data_cfg, data_dir)), seed=data_cfg.seed,
-                                n_understanding=s.n_understanding, n_generation=s.n_generation,
-                                n_text=s.n_text, n_caption=s.get("n_caption", 0))
   spill_root = spill_dir(data_cfg, data_dir, beam=bool(beam_runner))
-  if spill_root.exists():
-    spill_root.rmtree()  # left by a build that was killed
-  spill_root.mkdir(parents=True)
+  # One build of a name/version into a data_dir at a time: each starts by deleting the
+  # spill folder, which would be the other's records.
   try:
-    return _build(data_cfg, data_dir, out, spill_root, beam_runner, beam_options)
+    with locks.exclusive(data_dir, lock_name(data_cfg),
+                         f"data_dir {data_dir} (a build of {data_cfg.name} {data_cfg.version})"):
+      if data_cfg.get("sample") and data_cfg.sample.get("generate"):
+        s = data_cfg.sample
+        sample.write_sample_sources(str(_sources_root(data_cfg, data_dir)), seed=data_cfg.seed,
+                                    n_understanding=s.n_understanding, n_generation=s.n_generation,
+                                    n_text=s.n_text, n_caption=s.get("n_caption", 0))
+      if spill_root.exists():
+        spill_root.rmtree()  # left by a build that was killed
+      spill_root.mkdir(parents=True)
+      try:
+        return _build(data_cfg, data_dir, out, spill_root, beam_runner, beam_options)
+      finally:
+        spill_root.rmtree()
   finally:
-    spill_root.rmtree()
     for parent in (spill_root.parent, spill_root.parent.parent):  # .mgjax_spill/<name>, if now empty
-      if parent.exists() and not any(parent.iterdir()):
-        parent.rmdir()
+      with contextlib.suppress(OSError):  # another build may have just started there
+        if parent.exists() and not any(parent.iterdir()):
+          parent.rmdir()
 
 
 def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, beam_runner: str | None,
@@ -316,8 +367,7 @@ def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, bea
   entries, rejected, source_card = _clean(data_cfg, _sources_root(data_cfg, data_dir), length_tokenizer,
                                           str(spill_root), beam_runner, beam_options)
   if not entries:
-    raise ValueError(f"no record survived reading; see the warnings above for why (sources: "
-                     f"{[s['name'] for s in data_cfg.sources]})")
+    raise ValueError(f"no record survived reading: {_why_none(source_card, rejected)}")
   splits, mix_report = mixture.split(entries, data_cfg.val_per_category, data_cfg.seed,
                                      mixture.MixConfig.from_dict(data_cfg.get("mixture")))
 
@@ -344,7 +394,7 @@ def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, bea
   sizes = {k: len(v) for k, v in splits.items()}
   with (out / "rejected.jsonl").open("w") as f:
     for rej in rejected:
-      f.write(json.dumps(rej.to_json(), ensure_ascii=False) + "\n")
+      f.write(_rejection_line(rej) + "\n")
   (out / "build_config.json").write_text(json.dumps(_content(data_cfg), indent=1, sort_keys=True))
   # Written last: the presence of data_card.json marks a complete build (see ensure_built).
   card.write(out, name=f"{builder.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version,
@@ -381,8 +431,9 @@ def load_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDatas
 def ensure_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDataset:
   """The dataset for data_cfg under data_dir, building it first if it is missing.
 
-  Not safe to call from several processes at once: on multi-host runs call it on
-  process 0, then wait at a barrier before the others call `load_built`.
+  A build refuses to start while another of the same config into the same data_dir
+  runs (mgjax.locks.LockHeld): on multi-host runs call it on process 0, then wait at a
+  barrier before the others call `load_built`.
   """
   return load_built(data_cfg, data_dir) or build(data_cfg, data_dir)
 
@@ -436,4 +487,6 @@ if __name__ == "__main__":
     print(f"tokenizer {built.tokenizer_dir}")
     print(f"card      {built.data_card}\nrejected  {built.rejected}")
 
-  app.run(main)
+  from mgjax import runtime  # pylint: disable=g-import-not-at-top
+
+  app.run(main, flags_parser=runtime.parse_flags)

@@ -10,6 +10,7 @@ no user text can spell them.
 
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 import tokenizers
@@ -47,8 +48,43 @@ def train_sample_tokenizer(texts: Iterable[str], out_dir: str,
   return fast
 
 
+# A folder holds a tokenizer when it has one of these (fast, slow, or SentencePiece form).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                    "vocab.txt")
+
+
+def check_local(tokenizer_dir: str) -> None:
+  """Raises unless tokenizer_dir is a local folder holding a tokenizer.
+
+  Tokenizers are read from disk only: a Hugging Face Hub id (or a typo) must fail at
+  once, saying what to download and where, never start a network lookup.
+
+  Raises:
+    FileNotFoundError: not a folder, or one without tokenizer files.
+  """
+  path = str(tokenizer_dir)
+  if not os.path.isdir(path):
+    looks_like_hub_id = "://" not in path and not path.startswith((".", "/", "~")) and path.count("/") <= 1
+    hub_id = path if looks_like_hub_id else "<hub id of the model>"
+    local = f"tokenizers/{path.rsplit('/', 1)[-1]}" if looks_like_hub_id else path
+    raise FileNotFoundError(
+        f"tokenizer {path!r} is not a local folder (tokenizers are loaded from disk only, never from the "
+        f"network). Download it first, e.g. `huggingface-cli download {hub_id} tokenizer.json "
+        f"tokenizer_config.json special_tokens_map.json --local-dir {local}`, and set the tokenizer path "
+        f"(data config tokenizer.path) to that folder")
+  if not any(os.path.exists(os.path.join(path, name)) for name in _TOKENIZER_FILES):
+    raise FileNotFoundError(
+        f"tokenizer folder {path} holds no tokenizer (none of {list(_TOKENIZER_FILES)}; it holds "
+        f"{sorted(os.listdir(path))[:20]}); download the model's tokenizer files into it")
+
+
 def load(tokenizer_dir: str) -> transformers.PreTrainedTokenizerBase:
-  """Loads a saved tokenizer from a local directory, never touching the network."""
+  """Loads a saved tokenizer from a local directory, never touching the network.
+
+  Raises:
+    FileNotFoundError: as `check_local`.
+  """
+  check_local(tokenizer_dir)
   return transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
 
 

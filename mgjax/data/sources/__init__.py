@@ -4,7 +4,8 @@
 
 A reader never raises on a bad record: it yields a `Rejection` naming the file, the
 record and the reason, and goes on with the rest. It raises only for a mistake in the
-config itself (an unknown option), which would otherwise reject every record.
+config itself (an unknown option, a path that is a directory or a FIFO), which would otherwise
+reject every record.
 """
 
 from __future__ import annotations

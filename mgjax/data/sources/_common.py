@@ -7,6 +7,9 @@ import contextlib
 import gzip
 import io
 import json
+import os
+import stat
+import zlib
 from typing import IO, Any, Iterator
 
 from etils import epath
@@ -36,8 +39,37 @@ def check_kind(reason: str) -> str:
   return "invalid"
 
 
+# Errors a damaged compressed file raises while it is read: not gzip at all (BadGzipFile,
+# an OSError), cut short (EOFError), or corrupt inside (zlib.error).
+READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def unencodable(text: str) -> int | None:
+  """The index of the first character UTF-8 cannot encode (a lone surrogate such as
+  "\\ud800", which JSON escapes can spell), or None when the text is fine. Such text
+  breaks the tokenizer, the TFDS writer and the spill files."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    return e.start
+  return None
+
+
+def _text_problem(record: Record) -> str | None:
+  """Why the record's strings cannot be stored as UTF-8, or None."""
+  for name, text in (("id", record.id), *((f"turn {i}", m.get("content")) for i, m in enumerate(record.messages))):
+    at = unencodable(text) if isinstance(text, str) else None
+    if at is not None:
+      return (f"{name}: character {at} is {text[at]!r}, a lone surrogate that UTF-8 cannot encode; fix the "
+              "escape (\\ud800-\\udfff must come in high-low pairs) or drop the record")
+  return None
+
+
 def finish(record: Record, file: str, where: str, category: str | None = None) -> Record | Rejection:
   """Sets the category (given or inferred) and validates; a failing record becomes a Rejection."""
+  problem = _text_problem(record)
+  if problem is not None:
+    return Rejection(record.source, file, where, problem, kind="not_utf8")
   record.category = category or records.infer_category(record.messages, len(record.images))
   record.origin = f"{file}\t{where}"
   reason = records.check(record)
@@ -51,6 +83,10 @@ def load_images(record: Record, file: str, where: str) -> Record | Rejection:
   prove it is an image; a missing or undecodable file rejects the record."""
   images = []
   for image in record.images:
+    problem = not_regular_file(str(image))
+    if problem is not None:
+      return Rejection(record.source, file, where, f"image {problem}; image paths must name image files",
+                       kind="missing_image")
     try:
       data = epath.Path(image).read_bytes()
     except FileNotFoundError:
@@ -71,10 +107,38 @@ def load_images(record: Record, file: str, where: str) -> Record | Rejection:
   return record
 
 
+def not_regular_file(path: str) -> str | None:
+  """Why a local path cannot be read as a file (missing, a directory, a FIFO, a device,
+  a socket), or None when it is a regular file or remote. Checked without opening it:
+  opening a FIFO blocks until something writes to it, which would stall a build forever."""
+  if "://" in path:
+    return None  # object stores hold only plain objects
+  try:
+    mode = os.stat(path).st_mode
+  except FileNotFoundError:
+    return None  # the open that follows says so, as for a remote path
+  except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+    return f"{path!r} cannot be examined ({e})"
+  if stat.S_ISREG(mode):
+    return None
+  what = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+          else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+          else "not a regular file")
+  return f"{path} is {what}, not a regular file"
+
+
 @contextlib.contextmanager
 def open_binary(path: str) -> Iterator[IO[bytes]]:
   """Opens a local or remote file for reading bytes; `.gz` files are decompressed, since
-  publishers ship large exports that way (oasst2's `*.jsonl.gz`)."""
+  publishers ship large exports that way (oasst2's `*.jsonl.gz`).
+
+  Raises:
+    ValueError: the path is not a regular file (a directory, a FIFO, ...): a mistake in
+      the data config's `path`, so no record of it could be read.
+  """
+  problem = not_regular_file(str(path))
+  if problem is not None:
+    raise ValueError(f"source file {problem}; set the source's 'path' to a data file")
   with epath.Path(path).open("rb") as raw:
     if str(path).endswith(".gz"):
       with gzip.open(raw, "rb") as f:
@@ -87,10 +151,22 @@ def iter_jsonl(path: str, source: str) -> Iterator[tuple[int, Any] | Rejection]:
   """Yields (line number, parsed object), or a Rejection for a line that is not JSON.
 
   Lines are numbered from 1 as editors show them; blank lines are skipped silently.
-  Undecodable bytes (not UTF-8) reject only their own line.
+  Undecodable bytes (not UTF-8) and JSON nested too deeply to parse reject only their own
+  line; a compressed file that is damaged or cut short yields its lines up to the damage,
+  then one Rejection for the rest.
   """
   with open_binary(path) as f:
-    for lineno, raw in enumerate(f, start=1):
+    lineno = 0
+    lines = iter(f)
+    while True:
+      try:
+        raw = next(lines, None)
+      except READ_ERRORS as e:
+        yield unreadable(source, path, f"after line {lineno}" if lineno else "whole file", e)
+        return
+      if raw is None:
+        return
+      lineno += 1
       try:
         line = raw.decode("utf-8")
       except UnicodeDecodeError as e:
@@ -104,3 +180,17 @@ def iter_jsonl(path: str, source: str) -> Iterator[tuple[int, Any] | Rejection]:
       except json.JSONDecodeError as e:
         yield Rejection(source, str(path), f"line {lineno}",
                         f"invalid JSON: {e.msg} at column {e.colno}", kind="invalid_json")
+      except RecursionError:
+        yield Rejection(source, str(path), f"line {lineno}",
+                        "JSON nested too deeply to parse (about 1000 levels or more); no real record "
+                        "is shaped so", kind="invalid_json")
+
+
+def unreadable(source: str, path: str, where: str, error: BaseException) -> Rejection:
+  """The Rejection for the rest of a file that cannot be read on from `where` it broke
+  (a damaged or truncated .gz)."""
+  kind = "cut short" if isinstance(error, EOFError) else "damaged or not in its format"
+  check = " (`gzip -t` tests a .gz)" if str(path).endswith(".gz") else ""
+  return Rejection(source, str(path), where,
+                   f"the file cannot be read on, it is {kind} ({type(error).__name__}: {error}); the rest of "
+                   f"it is lost: download it again{check}", kind="unreadable_file")

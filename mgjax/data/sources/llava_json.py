@@ -3,6 +3,12 @@
 
 The array is parsed as a stream (ijson), one element at a time: Mini-Gemini's
 instruction file is 1.8 GB, which `json.load` would hold whole, several times over.
+Elements are built here from ijson's plain events, nested at most _MAX_DEPTH deep: a
+deeper element is skipped and rejected (ijson's own builders spend time and memory
+quadratic in the depth, so 100k nested brackets would exhaust the machine). Escapes of
+lone surrogates ("\\ud800" without its pair), which ijson's C parser turns into errors or
+silently into "?", reach it as "\\uffff" (a noncharacter, meant for such internal use):
+a record holding one is rejected.
 
 Images are read as encoded bytes (decoding happens in the training pipeline) from paths
 resolved under `image_root`; a path that would leave `image_root` is rejected, so a
@@ -13,9 +19,10 @@ later, in whichever worker process prepares the record.
 
 from __future__ import annotations
 
-import itertools
 import os
 import posixpath
+import re
+import reprlib
 from typing import Any, Iterator
 
 from etils import epath
@@ -26,12 +33,110 @@ from mgjax.data.sources import _common
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
           "system": "system"}
+# A record is 4 levels deep ([{"conversations": [{"from"...}]}]); anything near this is not one.
+_MAX_DEPTH = 64
+# Values quoted in rejection reasons are abbreviated: a bad field may hold megabytes.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlevel = 3
+
+
+def _short(value: Any) -> str:
+  return _SHORT.repr(value)
+
+
+# An escaped backslash (to keep escapes' parity), a surrogate pair, or a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}(?:\\u[dD][c-fC-F][0-9a-fA-F]{2})?|"
+                               rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+# Every byte an escape or a run of backslashes is made of: a chunk is cut after a byte
+# outside them, so no escape is split between two chunks.
+_ESCAPE_BYTES = frozenset(b"\\uU0123456789abcdefABCDEF")
+_LONE_SURROGATE = "\uffff"
+
+
+def _mark_lone(match: re.Match) -> bytes:
+  text = match.group(0)
+  return text if text == b"\\\\" or len(text) == 12 else b"\\uffff"
+
+
+class _MarkLoneSurrogates:
+  """A binary file's JSON text with each lone-surrogate escape replaced by \\uffff."""
+
+  def __init__(self, f):
+    self._f = f
+    self._held = b""  # the tail of the last chunk, which may be the start of an escape
+
+  def read(self, n: int = -1) -> bytes:
+    if n == 0:
+      return b""
+    while True:
+      chunk = self._f.read(n if n and n > 0 else 1 << 16)
+      data = self._held + chunk
+      cut = len(data)
+      if chunk:
+        while cut and data[cut - 1] in _ESCAPE_BYTES:
+          cut -= 1
+      self._held = data[cut:]
+      out = _SURROGATE_ESCAPE.sub(_mark_lone, data[:cut])
+      if out or not chunk:
+        return out
+
+
+class _TooDeep:
+  """Stands for an element nested deeper than _MAX_DEPTH, which is skipped unbuilt."""
+
+
+def _elements(events: Iterator[tuple[str, Any]]) -> Iterator[Any]:
+  """The elements of a JSON array, built from ijson.basic_parse events that follow its
+  start_array; a _TooDeep in place of an element nested deeper than _MAX_DEPTH. Reads on
+  past the array's end, so trailing garbage raises as ijson reports it."""
+  stack: list[Any] = []  # the containers being built, outermost first
+  keys: list[Any] = []  # the pending key of each map in `stack`
+  skipping = 0  # containers still open inside a too-deep element
+
+  def attach(value: Any) -> None:
+    parent = stack[-1]
+    if isinstance(parent, dict):
+      parent[keys[-1]] = value
+    else:
+      parent.append(value)
+
+  for event, value in events:
+    if skipping:
+      skipping += event in ("start_map", "start_array")
+      skipping -= event in ("end_map", "end_array")
+      if not skipping:
+        yield _TooDeep()
+    elif event in ("start_map", "start_array"):
+      if len(stack) >= _MAX_DEPTH:
+        skipping, stack, keys = len(stack) + 1, [], []
+        continue
+      new = {} if event == "start_map" else []
+      if stack:
+        attach(new)
+      stack.append(new)
+      keys.append(None)
+    elif event == "map_key":
+      keys[-1] = value
+    elif event in ("end_map", "end_array"):
+      if not stack:  # the end of the top-level array
+        for _ in events:
+          pass
+        return
+      done = stack.pop()
+      keys.pop()
+      if not stack:
+        yield done
+    elif stack:
+      attach(value)
+    else:
+      yield value
 
 
 def _resolve_image(image_root: str, rel: str) -> epath.Path | str:
   """Returns the image path under image_root, or a message saying why it is not allowed."""
   if not isinstance(rel, str) or not rel:
-    return f"image path must be a non-empty string, got {rel!r}"
+    return f"image path must be a non-empty string, got {_short(rel)}"
   norm = posixpath.normpath(rel.replace("\\", "/"))
   if rel.startswith("/") or "://" in rel or norm == ".." or norm.startswith("../"):
     return f"image path {rel!r} escapes image_root {image_root!r}; paths must be relative and stay inside it"
@@ -45,6 +150,22 @@ def _resolve_image(image_root: str, rel: str) -> epath.Path | str:
   return path
 
 
+def _has_lone_surrogate(obj: Any) -> bool:
+  """Whether a string in the record (nested at most _MAX_DEPTH deep) is marked as holding one."""
+  todo = [obj]
+  while todo:
+    value = todo.pop()
+    if isinstance(value, str):
+      if _LONE_SURROGATE in value:
+        return True
+    elif isinstance(value, dict):
+      todo += value.values()
+      todo += value.keys()
+    elif isinstance(value, list):
+      todo += value
+  return False
+
+
 def to_record(obj: Any, where: str, path: str, source: str, image_root: str | None,
               category: str | None, lazy_images: bool = False) -> Record | Rejection:
   """One LLaVA-shaped record, checked; `where` names its place in the file for rejections.
@@ -55,12 +176,16 @@ def to_record(obj: Any, where: str, path: str, source: str, image_root: str | No
   reject = lambda reason, kind: Rejection(source, path, where, reason, kind=kind)
   if not isinstance(obj, dict) or not isinstance(obj.get("conversations"), list):
     return reject('expected {"id", "conversations": [{"from", "value"}, ...]}', "bad_schema")
+  if _has_lone_surrogate(obj):
+    return reject("holds a lone surrogate escape (\\ud800-\\udfff without its pair; read as U+FFFF), which "
+                  "UTF-8 cannot encode; fix the escape or drop the record", "not_utf8")
   messages = []
   for t, turn in enumerate(obj["conversations"]):
-    role = _ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+    speaker = turn.get("from") if isinstance(turn, dict) else None
+    role = _ROLES.get(speaker) if isinstance(speaker, str) else None
     if role is None:
-      got = turn.get("from") if isinstance(turn, dict) else turn
-      return reject(f"turn {t}: 'from' is {got!r}, expected human or gpt", "bad_role")
+      got = speaker if isinstance(turn, dict) else turn
+      return reject(f"turn {t}: 'from' is {_short(got)}, expected human or gpt", "bad_role")
     if not isinstance(turn.get("value"), str):
       return reject(f"turn {t}: 'value' must be a string", "bad_schema")
     messages.append({"role": role, "content": turn["value"]})
@@ -73,6 +198,9 @@ def to_record(obj: Any, where: str, path: str, source: str, image_root: str | No
     return reject("record has images but the source has no image_root; set image_root in the data config",
                   "missing_image")
   for rel in image_paths:
+    if isinstance(rel, str) and ("\x00" in rel or _common.unencodable(rel) is not None):
+      return reject(f"image path {_short(rel)} holds a NUL byte or a lone surrogate, which no file name can",
+                    "bad_image_path")
     resolved = _resolve_image(image_root, rel)
     if isinstance(resolved, str):
       return reject(resolved, "image_path_escapes_root")
@@ -102,20 +230,32 @@ def read(path: str, *, source: str, image_root: str | None = None, category: str
   if options:
     raise ValueError(f"llava_json reader: unknown options {sorted(options)}")
   with _common.open_binary(path) as f:
-    events = ijson.parse(f, use_float=True)
+    events = ijson.basic_parse(_MarkLoneSurrogates(f), use_float=True)
     index = -1
     try:
       first = next(events, None)
-      if first is None or first[1] != "start_array":
-        got = "an empty file" if first is None else f"a JSON {first[1].replace('start_', '')}"
+      if first is None or first[0] != "start_array":
+        got = "an empty file" if first is None else f"a JSON {first[0].replace('start_', '')}"
         yield Rejection(source, str(path), "whole file", f"expected a JSON array of records, got {got}",
                         kind="bad_schema")
         return
-      for index, obj in enumerate(ijson.items(itertools.chain([first], events), "item")):
+      for index, obj in enumerate(_elements(events)):
+        if isinstance(obj, _TooDeep):
+          yield Rejection(source, str(path), f"record {index}", f"nested more than {_MAX_DEPTH} levels deep; "
+                          "a record is a flat object (id, image, conversations)", kind="bad_schema")
+          continue
         rid = obj.get("id") if isinstance(obj, dict) else None
         if rid is None and isinstance(obj, dict):
           obj = dict(obj, id=index)  # the position names a record that has no id
-        yield to_record(obj, f"record {index} (id={rid})", str(path), source, image_root, category, lazy_images)
+        shown = rid if isinstance(rid, (str, int, float)) or rid is None else _short(rid)
+        yield to_record(obj, f"record {index} (id={shown})", str(path), source, image_root, category,
+                        lazy_images)
+    except _common.READ_ERRORS as e:
+      yield _common.unreadable(source, path, "whole file" if index < 0 else f"after record {index}", e)
+    except UnicodeDecodeError as e:
+      yield Rejection(source, str(path), "whole file" if index < 0 else f"after record {index}",
+                      f"not UTF-8 ({e}), the rest of the file is unreadable; re-encode the file as UTF-8",
+                      kind="not_utf8")
     except ijson.JSONError as e:
       detail = e.args[0].decode("utf-8", "replace") if isinstance(e.args[0], bytes) else str(e)
       where = "whole file" if index < 0 else f"after record {index}"

@@ -15,6 +15,7 @@ rank-0 reply hands its place to the next best.
 from __future__ import annotations
 
 import collections
+import reprlib
 from typing import Any, Iterator
 
 from mgjax.data.records import Record, Rejection
@@ -22,6 +23,10 @@ from mgjax.data.sources import _common
 
 _ROLES = {"prompter": "user", "assistant": "assistant"}
 _THREADS = ("best", "top_k", "all")
+# Values quoted in rejection reasons are abbreviated: a bad field may hold anything.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlevel = 2
 
 
 def _usable(msg: dict[str, Any], drop_synthetic: bool) -> bool:
@@ -30,22 +35,64 @@ def _usable(msg: dict[str, Any], drop_synthetic: bool) -> bool:
   return not (drop_synthetic and msg.get("synthetic"))
 
 
+class _BadTree(ValueError):
+  """A message whose fields have the wrong types; the whole tree is rejected."""
+
+
+def _show(value: Any) -> str:
+  return _SHORT.repr(value)
+
+
+def _name(value: Any) -> str:
+  """An id as a rejection's `record` shows it: as is when a short string."""
+  return value if isinstance(value, str) and len(value) <= 100 else _show(value)
+
+
+def _rank(msg: dict[str, Any]) -> float | None:
+  rank = msg.get("rank")
+  if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, float))):
+    raise _BadTree(f"message {_show(msg.get('message_id'))}: rank is {_show(rank)}, expected an integer "
+                   "or null")
+  return rank
+
+
 def _ranked(replies: list[dict[str, Any]]) -> list[dict[str, Any]]:
   # rank 0 is best; a reply nobody ranked (rank None, e.g. an only child) counts as
   # worse than any ranked one; ties keep file order.
-  order = lambda im: (im[1].get("rank") is None, im[1].get("rank") or 0, im[0])
-  return [m for _, m in sorted(enumerate(replies), key=order)]
+  ranks = [_rank(m) for m in replies]
+  order = sorted(range(len(replies)), key=lambda i: (ranks[i] is None, ranks[i] or 0, i))
+  return [replies[i] for i in order]
 
 
-def _paths(msg: dict[str, Any], keep: int | None, drop_synthetic: bool) -> Iterator[list[dict[str, Any]]]:
-  """Root-to-leaf message paths under msg, following the `keep` best usable replies (all if None)."""
-  replies = [r for r in msg.get("replies") or [] if isinstance(r, dict) and _usable(r, drop_synthetic)]
-  if not replies:
-    yield [msg]
-    return
-  for reply in _ranked(replies)[:keep]:
-    for rest in _paths(reply, keep, drop_synthetic):
-      yield [msg, *rest]
+def _paths(root: dict[str, Any], keep: int | None, drop_synthetic: bool) -> Iterator[list[dict[str, Any]]]:
+  """Root-to-leaf message paths under root, following the `keep` best usable replies (all
+  if None), depth first in rank order. Iterative: a thread may be thousands of turns long.
+
+  Raises:
+    _BadTree: a message on the way has replies that are not a list or a rank that is not a number.
+  """
+  stack = [(root, None)]  # (message, the path to its parent as a linked list)
+  while stack:
+    msg, parent = stack.pop()
+    link = (msg, parent)
+    replies = msg.get("replies")
+    if replies is not None and not isinstance(replies, list):
+      raise _BadTree(f"message {_show(msg.get('message_id'))}: replies is {type(replies).__name__}, "
+                     "expected a list")
+    usable = [r for r in replies or [] if isinstance(r, dict) and _usable(r, drop_synthetic)]
+    if usable:
+      stack.extend((reply, link) for reply in reversed(_ranked(usable)[:keep]))
+      continue
+    path = []
+    while link is not None:
+      path.append(link[0])
+      link = link[1]
+    yield path[::-1]
+
+
+def _role(msg: dict[str, Any]) -> str | None:
+  role = msg.get("role")
+  return _ROLES.get(role) if isinstance(role, str) else None
 
 
 def _tree_threads(tree: Any, where: str, path: str, source: str, category: str | None,
@@ -57,22 +104,32 @@ def _tree_threads(tree: Any, where: str, path: str, source: str, category: str |
   if not isinstance(prompt, dict):
     yield reject('expected {"message_tree_id", "prompt": {...}}', "bad_schema")
     return
-  if langs is not None and prompt.get("lang") not in langs:
-    yield reject(f"root prompt language {prompt.get('lang')!r} not in {sorted(langs)} (reader option lang)",
-                 "language")
+  lang = prompt.get("lang")
+  if lang is not None and not isinstance(lang, str):
+    yield reject(f"root prompt lang is {_show(lang)}, expected a language code such as \"en\"", "bad_schema")
+    return
+  if langs is not None and lang not in langs:
+    yield reject(f"root prompt language {lang!r} not in {sorted(langs)} (reader option lang)", "language")
     return
   if not _usable(prompt, drop_synthetic):
     yield reject("root prompt is deleted, failed review or synthetic", "dropped_message")
     return
   threads: list[list[dict[str, str]]] = []
-  for messages in _paths(prompt, keep, drop_synthetic):
-    bad = next((m for m in messages if _ROLES.get(m.get("role")) is None or not isinstance(m.get("text"), str)),
-               None)
-    if bad is not None:
-      yield reject(f"message {bad.get('message_id')}: role must be prompter|assistant and text a string",
-                   "bad_schema")
+  paths = _paths(prompt, keep, drop_synthetic)
+  while True:
+    try:
+      messages = next(paths, None)
+    except _BadTree as e:
+      yield reject(str(e), "bad_schema")
       return
-    turns = [{"role": _ROLES[m["role"]], "content": m["text"]} for m in messages]
+    if messages is None:
+      break
+    bad = next((m for m in messages if _role(m) is None or not isinstance(m.get("text"), str)), None)
+    if bad is not None:
+      yield reject(f"message {_show(bad.get('message_id'))}: role must be prompter|assistant and text a "
+                   "string", "bad_schema")
+      return
+    turns = [{"role": _role(m), "content": m["text"]} for m in messages]
     if turns[-1]["role"] == "user":
       turns.pop()  # unanswered last prompt
     # Trimming an unanswered prompt can leave a thread that is the prefix another path
@@ -123,7 +180,7 @@ def read(path: str, *, source: str, image_root: str | None = None, category: str
       continue
     lineno, tree = item
     tree_id = tree.get("message_tree_id") if isinstance(tree, dict) else None
-    yield from _tree_threads(tree, f"line {lineno} (tree {tree_id})", str(path), source, category,
+    yield from _tree_threads(tree, f"line {lineno} (tree {_name(tree_id)})", str(path), source, category,
                              langs, keep, drop_synthetic, threads != "best")
 
 
@@ -140,6 +197,7 @@ def read_messages(path: str, *, source: str, image_root: str | None = None, cate
   langs, keep = _options("oasst_messages", lang, threads, top_k, options)
   by_id: dict[str, dict[str, Any]] = {}
   line_of: dict[str, int] = {}
+  parent_of: dict[str, str] = {}
   children: dict[str, list[str]] = collections.defaultdict(list)
   roots: list[str] = []
   for item in _common.iter_jsonl(path, source):
@@ -148,25 +206,66 @@ def read_messages(path: str, *, source: str, image_root: str | None = None, cate
       continue
     lineno, msg = item
     mid = msg.get("message_id") if isinstance(msg, dict) else None
-    if not isinstance(mid, str) or mid in by_id:
-      why = "missing message_id" if not isinstance(mid, str) else f"message_id {mid} appears twice"
+    parent = msg.get("parent_id") if isinstance(msg, dict) else None
+    if not isinstance(mid, str) or mid in by_id or not (parent is None or isinstance(parent, str)):
+      why = ("missing message_id" if not isinstance(mid, str) else f"message_id {mid} appears twice"
+             if mid in by_id else f"parent_id is {_show(parent)}, expected a message_id or null")
       yield Rejection(source, str(path), f"line {lineno}", f'{why}; expected {{"message_id", "parent_id", ...}}',
                       kind="bad_schema")
       continue
     by_id[mid], line_of[mid] = dict(msg, replies=[]), lineno
-    if msg.get("parent_id") is None:
+    if parent is None:
       roots.append(mid)
     else:
-      children[msg["parent_id"]].append(mid)
+      parent_of[mid] = parent
+      children[parent].append(mid)
   for parent, kids in children.items():
-    if parent not in by_id:
-      for mid in kids:
-        yield Rejection(source, str(path), f"line {line_of[mid]} (message {mid})",
-                        f"parent {parent} is not in the file; export whole trees", kind="orphan_message")
-      continue
-    # File order among siblings, as in the tree export, so rank ties break the same way.
-    by_id[parent]["replies"] = [by_id[m] for m in kids]
+    if parent in by_id:
+      # File order among siblings, as in the tree export, so rank ties break the same way.
+      by_id[parent]["replies"] = [by_id[m] for m in kids]
   for root in roots:
     tree = {"message_tree_id": by_id[root].get("message_tree_id", root), "prompt": by_id[root]}
-    yield from _tree_threads(tree, f"line {line_of[root]} (tree {tree['message_tree_id']})", str(path),
+    yield from _tree_threads(tree, f"line {line_of[root]} (tree {_name(tree['message_tree_id'])})", str(path),
                              source, category, langs, keep, drop_synthetic, threads != "best")
+  yield from _unplaced(by_id, parent_of, children, roots, line_of, str(path), source)
+
+
+def _unplaced(by_id: dict[str, Any], parent_of: dict[str, str], children: dict[str, list[str]],
+              roots: list[str], line_of: dict[str, int], path: str, source: str) -> Iterator[Rejection]:
+  """A Rejection for every message no root leads to, so each line is accounted for: those
+  whose parent (or an ancestor's parent) is not in the file, and those whose parent_id
+  chain loops (a message its own parent, or A -> B -> A) and so never reaches a root."""
+  placed, todo = set(roots), list(roots)
+  while todo:
+    for kid in children.get(todo.pop(), ()):
+      if kid not in placed:
+        placed.add(kid)
+        todo.append(kid)
+  cause: dict[str, tuple[str, str]] = {}  # message -> (kind, reason), shared along a chain
+  for mid in by_id:
+    if mid in placed or mid in cause:
+      continue
+    chain, on_chain, cur = [], set(), mid
+    while cur not in cause and cur not in on_chain:
+      chain.append(cur)
+      on_chain.add(cur)
+      parent = parent_of[cur]
+      if parent not in by_id:
+        cause[cur] = ("orphan_message", f"parent {_show(parent)} of message {_show(cur)} is not in the file; "
+                      "export whole trees")
+        break
+      cur = parent
+    else:
+      if cur not in cause:  # the chain came back to a message on it: a loop
+        loop = chain[chain.index(cur):]
+        shown = " -> ".join(_show(m) for m in loop[:5]) + (" -> ..." if len(loop) > 5 else "")
+        what = "is its own parent" if len(loop) == 1 else f"is in a parent_id loop ({shown} -> {_show(cur)})"
+        cause[cur] = ("parent_cycle", f"message {_show(cur)} {what}, so its thread never reaches a root "
+                      "message (one without parent_id); fix parent_id")
+    found = cause[chain[-1]] if chain[-1] in cause else cause[cur]
+    for m in chain:
+      cause.setdefault(m, found)
+  for mid in by_id:
+    if mid not in placed:
+      kind, reason = cause[mid]
+      yield Rejection(source, path, f"line {line_of[mid]} (message {_name(mid)})", reason, kind=kind)
