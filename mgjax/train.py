@@ -99,6 +99,34 @@ def save_tokenizer(tokenizer, workdir: str) -> None:
       (target / f.name).write_bytes(f.read_bytes())
 
 
+def make_loss_terms(graphdef: nnx.GraphDef, loss_chunk: int = 0, unroll_loss: bool = False):
+  """(params, batch) -> (sum of token losses, number of supervised tokens, router loss, its
+  coefficient).
+
+  For a decoder with experts (model.llm.family 'mixtral') the router loss is its load-balancing
+  loss (a mean over the batch's real tokens, DecoderLM.hidden_states) and the coefficient
+  model.llm.router_aux_loss_coef (a Python float); for the others both are None.
+  Arguments as in `make_loss_fn`.
+  """
+  def loss_terms(params, batch):
+    model = nnx.merge(graphdef, params)
+    if model.llm.num_experts:
+      # MiniGemini.hidden_states, asking the decoder for its router loss as well.
+      embeds = model.embed_inputs(batch["input_ids"], batch["images_lowres"], batch["images_highres"])
+      hidden, router_loss = model.llm.hidden_states(
+          inputs_embeds=embeds, positions=batch["positions"], segment_ids=batch["segment_ids"],
+          return_router_aux_loss=True)
+    else:
+      hidden = model.hidden_states(batch["input_ids"], batch["images_lowres"], batch["images_highres"],
+                                   positions=batch["positions"], segment_ids=batch["segment_ids"])
+      router_loss = None
+    total = summed_cross_entropy(hidden, model.llm.output_embedding(), batch["targets"],
+                                 batch["loss_mask"], loss_chunk, unroll=unroll_loss)
+    coef = model.llm.router_aux_loss_coef if router_loss is not None else None
+    return total, jnp.sum(batch["loss_mask"]), router_loss, coef
+  return loss_terms
+
+
 def make_loss_fn(graphdef: nnx.GraphDef, loss_chunk: int = 0, unroll_loss: bool = False):
   """(params, batch) -> (sum of token losses, number of supervised tokens).
 
@@ -107,13 +135,11 @@ def make_loss_fn(graphdef: nnx.GraphDef, loss_chunk: int = 0, unroll_loss: bool 
   (mgjax.loss), so the whole [B, T, vocab] logits never exist at once; unroll_loss traces
   its chunk loop as straight-line code (for cost figures, see mgjax.plan).
   """
+  loss_terms = make_loss_terms(graphdef, loss_chunk, unroll_loss)
+
   def loss_fn(params, batch):
-    model = nnx.merge(graphdef, params)
-    hidden = model.hidden_states(batch["input_ids"], batch["images_lowres"], batch["images_highres"],
-                                 positions=batch["positions"], segment_ids=batch["segment_ids"])
-    total = summed_cross_entropy(hidden, model.llm.output_embedding(), batch["targets"],
-                                 batch["loss_mask"], loss_chunk, unroll=unroll_loss)
-    return total, jnp.sum(batch["loss_mask"])
+    total, count, _, _ = loss_terms(params, batch)
+    return total, count
   return loss_fn
 
 
@@ -142,22 +168,42 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   the weights whose gradients are dropped at once, so XLA never computes them (the frozen
   towers' backward pass) and the logged grad_norm covers what trains. Shared by training and
   by `mgjax.plan`, which compiles it for a topology it does not have.
+
+  A decoder with experts also trains its routers' load balance: the step's objective is the
+  mean token loss plus model.llm.router_aux_loss_coef times the load-balancing loss, as
+  transformers' MixtralForCausalLM (loss + router_aux_loss_coef * aux_loss). The metrics then
+  hold `router_aux_loss` (before the coefficient) beside `loss`, which stays the token loss
+  alone, comparable with the validation losses and with dense decoders.
   """
-  loss_fn = make_loss_fn(graphdef, loss_chunk, unroll_loss)
+  loss_terms = make_loss_terms(graphdef, loss_chunk, unroll_loss)
 
   def summed_loss(trainable, frozen, batch):
-    return loss_fn(model_params(trainable, frozen), batch)
+    total, count, _, _ = loss_terms(model_params(trainable, frozen), batch)
+    return total, count
+
+  def objective(trainable, frozen, batch):
+    """(what the step differentiates, (token-loss sum, token count, router loss * count))."""
+    total, count, router_loss, coef = loss_terms(model_params(trainable, frozen), batch)
+    if router_loss is None:
+      return total, (total, count, None)
+    # The step divides by the supervised-token count: the router loss, a mean per batch,
+    # enters times that count so it comes out as coef * router loss (micro-batches: their
+    # router losses weighted by their token counts).
+    router_sum = router_loss * count
+    return total + coef * router_sum, (total, count, router_sum)
 
   def train_step(trainable, opt_state, frozen, batch):
-    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
     if accum == 1:
-      (loss_sum, count), grads = grad_fn(trainable, frozen, batch)
+      (_, (loss_sum, count, router_sum)), grads = grad_fn(trainable, frozen, batch)
     else:
       def add_micro_batch(carry, micro):
-        (loss_sum, count), grads = grad_fn(trainable, frozen, micro)
-        return jax.tree.map(jnp.add, carry, (loss_sum, count, grads)), None
-      zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, trainable))
-      (loss_sum, count, grads), _ = jax.lax.scan(add_micro_batch, zeros, split_micro_batches(batch, accum))
+        (_, terms), grads = grad_fn(trainable, frozen, micro)
+        return jax.tree.map(jnp.add, carry, (*terms, grads)), None
+      micro_batches = split_micro_batches(batch, accum)
+      (_, terms), grads = jax.eval_shape(grad_fn, trainable, frozen, jax.tree.map(lambda x: x[0], micro_batches))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (*terms, grads))
+      (loss_sum, count, router_sum, grads), _ = jax.lax.scan(add_micro_batch, zeros, micro_batches)
     # Mean over the whole batch's supervised tokens, however it was split.
     grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
     if freeze:
@@ -166,8 +212,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       grads = jax.tree.map(lambda g, label: jnp.zeros_like(g) if label == "frozen" else g, grads, labels)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    return trainable, opt_state, {"loss": loss_sum / jnp.maximum(count, 1.0), "count": count,
-                                  "grad_norm": optax.tree.norm(grads)}
+    step_metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "count": count,
+                    "grad_norm": optax.tree.norm(grads)}
+    if router_sum is not None:
+      step_metrics["router_aux_loss"] = router_sum / jnp.maximum(count, 1.0)
+    return trainable, opt_state, step_metrics
 
   return train_step, summed_loss
 
@@ -406,6 +455,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
       early_stop.update(0, val_start, within_bounds=True)  # the starting point is a candidate result
     val_end = dict(val_history[start_step])
     window_losses, window_tokens, window_slots, window_start = [], 0.0, 0, time.time()
+    window_router = []  # the router load-balancing losses of a decoder with experts
     train_loss = metrics.train_loss_at(workdir, start_step) if start_step else float("nan")
     progress = tqdm.tqdm(total=steps, initial=start_step, disable=not is_main,
                          desc=stage_name(config.stage), dynamic_ncols=True)
@@ -437,6 +487,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
         window_start = time.time()  # rates measure training, not compiling
       trainable, opt_state, step_metrics = compiled_step(trainable, opt_state, frozen, batch)
       window_losses.append(step_metrics["loss"])
+      if "router_aux_loss" in step_metrics:
+        window_router.append(step_metrics["router_aux_loss"])
       progress.update(1)
       if pending:
         check(pending)  # the previous step, while this one runs
@@ -460,14 +512,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
         speed = throughput.rates(steps=len(losses), seconds=elapsed, tokens=window_tokens,
                                  flops_per_device=flops_per_device, peak_tflops=peak_tflops,
                                  num_devices=mesh.size)
+        router = ({"router_aux_loss": float(np.mean([float(r) for r in window_router]))}
+                  if window_router else {})
         writer.write(step, "train", loss=float(np.mean(losses)), lr=float(lr_schedule(step - 1)),
                      grad_norm=float(step_metrics["grad_norm"]), tokens_per_s=window_tokens / elapsed,
                      steps_per_s=len(losses) / elapsed,
                      # the share of token slots holding real tokens (not padding)
-                     token_efficiency=window_tokens / max(window_slots, 1), **speed)
+                     token_efficiency=window_tokens / max(window_slots, 1), **speed, **router)
         progress.set_postfix(loss=f"{np.mean(losses):.3f}",
                              **{k: f"{speed[k]:.3g}" for k in ("tflops_per_device", "mfu") if k in speed})
         window_losses, window_tokens, window_slots, window_start = [], 0.0, 0, time.time()
+        window_router = []
 
       score = None
       if is_eval:

@@ -1,4 +1,4 @@
-"""Hugging Face causal LMs (Llama, Gemma, Qwen2) <-> mgjax DecoderLM params.
+"""Hugging Face causal LMs (Llama, Gemma, Qwen2, Mixtral) <-> mgjax DecoderLM params.
 
 Import reads a Hugging Face folder's config.json into the `model.llm` config section and its
 state dict into DecoderLM params; export writes DecoderLM params back as a folder that
@@ -15,6 +15,10 @@ Layout changes (HF Linear weights are [out, in]; mgjax kernels are [in, out], pe
   gate/up_proj.weight [M, E] -> kernel [E, M]; down_proj.weight [E, M] -> kernel [M, E]
   lm_head.weight [V, E] -> kernel [E, V]; embed_tokens.weight and norm weights as they are
 (Gemma's norm weight is the offset w of its (1 + w) scale, in both libraries.)
+Mixtral, under the names its released checkpoints (and transformers' save_pretrained) use:
+  block_sparse_moe.gate.weight [X, E] -> block_sparse_moe/gate/kernel [E, X] (X experts)
+  block_sparse_moe.experts.j.w1/w3.weight [M, E] -> row j of block_sparse_moe/experts/w1/w3
+    [X, E, M]; experts.j.w2.weight [E, M] -> row j of experts/w2 [X, M, E]
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ import numpy as np
 from mgjax.convert import files
 
 SUPPORTED = ('llama (Llama 1-3, Vicuna, Yi, Mistral without sliding window)', 'gemma (Gemma 1)',
-             'qwen2 (Qwen2, Qwen2.5)')
-_DEFAULT_TIE = {'llama': False, 'gemma': True, 'qwen2': False}
-_ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'gemma': 'GemmaForCausalLM', 'qwen2': 'Qwen2ForCausalLM'}
+             'qwen2 (Qwen2, Qwen2.5)', 'mixtral (Mixtral 8x7B, MGM-8x7B; without sliding window)')
+_DEFAULT_TIE = {'llama': False, 'gemma': True, 'qwen2': False, 'mixtral': False}
+_ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'gemma': 'GemmaForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
+                  'mixtral': 'MixtralForCausalLM'}
+# MixtralConfig's defaults, for config.json files that leave the keys out.
+_MIXTRAL_EXPERTS, _MIXTRAL_EXPERTS_PER_TOKEN = 8, 2
 # Buffers older checkpoints saved although the model recomputes them.
 _RECOMPUTED = re.compile(r'layers\.\d+\.self_attn\.rotary_emb\.inv_freq')
 _SHOWN = 40  # tensor names listed per problem kind; the rest are counted
@@ -51,7 +58,7 @@ def text_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def detect_family(hf_config: Mapping[str, Any]) -> str:
-  """'llama', 'gemma' or 'qwen2' from config.json's model_type and architectures.
+  """'llama', 'gemma', 'qwen2' or 'mixtral' from config.json's model_type and architectures.
 
   Raises:
     ConversionError: an architecture mgjax does not implement (the message says which are).
@@ -62,11 +69,13 @@ def detect_family(hf_config: Mapping[str, Any]) -> str:
     names += [str(hf_config.get('model_type', ''))] + list(hf_config.get('architectures') or [])
   text = ' '.join(names).lower()
   described = f"model_type {cfg.get('model_type')!r}, architectures {cfg.get('architectures')}"
-  unsupported = [n for n in ('mixtral', 'moe', 'gemma2', 'gemma3', 'qwen2_vl', 'qwen2_5_vl', 'qwen3')
+  unsupported = [n for n in ('moe', 'gemma2', 'gemma3', 'qwen2_vl', 'qwen2_5_vl', 'qwen3')
                  if n in text]
   if unsupported:
     raise ConversionError(f'{described}: {unsupported[0]} models are not implemented in mgjax; '
                           f'supported: {", ".join(SUPPORTED)}')
+  if 'mixtral' in text:  # MixtralForCausalLM, Mini-Gemini's mgm_mixtral
+    return 'mixtral'
   if 'gemma' in text:
     return 'gemma'
   if 'qwen2' in text:
@@ -114,6 +123,11 @@ def llm_config_from_hf(hf_config: Mapping[str, Any]) -> tuple[dict[str, Any], in
     problems.append('mlp_bias=true')
   if family == 'qwen2' and cfg.get('use_sliding_window'):
     problems.append('use_sliding_window=true')
+  if family == 'mixtral' and cfg.get('sliding_window'):
+    problems.append(f"sliding_window={cfg['sliding_window']} (sliding-window attention; released "
+                    'Mixtral-8x7B configs have null)')
+  if family == 'mixtral' and cfg.get('router_jitter_noise'):
+    problems.append(f"router_jitter_noise={cfg['router_jitter_noise']} (training noise on the router input)")
   act = cfg.get('hidden_activation') or cfg.get('hidden_act') or ('gelu_pytorch_tanh' if family == 'gemma' else 'silu')
   # Gemma's legacy hidden_act "gelu" means the tanh form (transformers rewrites it so).
   wanted = ('gelu_pytorch_tanh', 'gelu_tanh', 'gelu') if family == 'gemma' else ('silu', 'swish')
@@ -138,6 +152,15 @@ def llm_config_from_hf(hf_config: Mapping[str, Any]) -> tuple[dict[str, Any], in
     qkv_bias=family == 'qwen2',
     remat='none',
   )
+  if family == 'mixtral':
+    llm.update(
+      num_experts=int(cfg.get('num_local_experts') or _MIXTRAL_EXPERTS),
+      experts_per_token=int(cfg.get('num_experts_per_tok') or _MIXTRAL_EXPERTS_PER_TOKEN),
+      # transformers adds router_aux_loss_coef * aux only with output_router_logits on (the
+      # released configs have it off, so Mini-Gemini's MGM-8x7B trained without it): the
+      # coefficient a training with this config.json applies.
+      router_aux_loss_coef=float(cfg.get('router_aux_loss_coef') or 0.0) if cfg.get('output_router_logits') else 0.0,
+    )
   return llm, int(cfg['vocab_size'])
 
 
@@ -178,6 +201,13 @@ def hf_config_from_llm(llm: Mapping[str, Any], vocab_size: int, *,
   if family == 'qwen2':
     out.update(use_sliding_window=False, sliding_window=None)
     del out['attention_bias']  # Qwen2's q/k/v biases are implied by the architecture
+  if family == 'mixtral':
+    coef = float(llm.get('router_aux_loss_coef') or 0.0)
+    out.update(num_local_experts=int(llm['num_experts']), num_experts_per_tok=int(llm['experts_per_token']),
+               # on exactly when the coefficient is: transformers then trains with the same loss
+               output_router_logits=coef > 0, router_aux_loss_coef=coef, router_jitter_noise=0.0,
+               sliding_window=None)
+    del out['attention_bias']
   out.update(extra or {})
   return out
 
@@ -187,12 +217,15 @@ def check_config_matches(wanted: Mapping[str, Any], found: Mapping[str, Any], *,
   """Raises ConversionError naming every key where `found` (from a checkpoint) differs from
   `wanted` (the model config the user asked for); remat and other training-only keys aside."""
   keys = ('family', 'hidden', 'layers', 'heads', 'kv_heads', 'head_dim', 'mlp', 'rope_theta',
-          'rope_scaling', 'norm_eps', 'tie_embeddings', 'qkv_bias')
+          'rope_scaling', 'norm_eps', 'tie_embeddings', 'qkv_bias', 'num_experts', 'experts_per_token')
+  moe_defaults = {'num_experts': _MIXTRAL_EXPERTS, 'experts_per_token': _MIXTRAL_EXPERTS_PER_TOKEN}
   diffs = []
   for k in keys:
     w, f = wanted.get(k), found.get(k)
     if k == 'qkv_bias' and w is None:
       continue  # the family's default
+    if k in moe_defaults and w is None and wanted.get('family') == 'mixtral':
+      w = moe_defaults[k]  # DecoderLM's default for the family
     if isinstance(w, Mapping) or isinstance(f, Mapping):
       w, f = dict(w or {}), dict(f or {})
     if w != f:
@@ -223,6 +256,15 @@ def _layout(llm: Mapping[str, Any], vocab_size: int) -> dict[str, tuple[tuple[in
       if bias:
         out[p + f'self_attn.{name}.bias'] = ((n * d,), (str(i), 'self_attn', name, 'bias'))
     out[p + 'self_attn.o_proj.weight'] = ((e, h * d), (str(i), 'self_attn', 'o_proj', 'kernel'))
+    if family == 'mixtral':
+      # One HF tensor per expert j; its mgjax path ends with j, the row of the stacked weight.
+      x = int(llm.get('num_experts') or _MIXTRAL_EXPERTS)
+      moe = (str(i), 'block_sparse_moe')
+      out[p + 'block_sparse_moe.gate.weight'] = ((x, e), moe + ('gate', 'kernel'))
+      for j in range(x):
+        for name, shape in (('w1', (m, e)), ('w2', (e, m)), ('w3', (m, e))):
+          out[p + f'block_sparse_moe.experts.{j}.{name}.weight'] = (shape, moe + ('experts', name, j))
+      continue
     out[p + 'mlp.gate_proj.weight'] = ((m, e), (str(i), 'mlp', 'gate_proj', 'kernel'))
     out[p + 'mlp.up_proj.weight'] = ((m, e), (str(i), 'mlp', 'up_proj', 'kernel'))
     out[p + 'mlp.down_proj.weight'] = ((e, m), (str(i), 'mlp', 'down_proj', 'kernel'))
@@ -263,6 +305,10 @@ def _family_hint(unexpected: list[str], missing: list[str]) -> str:
     return ' The checkpoint has q/k/v biases: a qwen2 model (model.llm.family=qwen2)?'
   if any(bias.search(n) for n in missing):
     return ' The checkpoint has no q/k/v biases: not a qwen2 model?'
+  if any('.block_sparse_moe.' in n for n in unexpected):
+    return ' The checkpoint has experts (block_sparse_moe): a mixtral model (model.llm.family=mixtral)?'
+  if any('.block_sparse_moe.' in n for n in missing):
+    return ' The checkpoint has no experts (block_sparse_moe): not a mixtral model?'
   if any(n.endswith('lm_head.weight') for n in missing):
     return (' The checkpoint has no lm_head: its embeddings are tied (model.llm.tie_embeddings=True;'
             ' a gemma model?).')
@@ -320,6 +366,12 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], llm: Mapping[str, Any], vo
   for key, (_, path) in layout.items():
     w = np.asarray(tensors[hf_name(key)], dtype=np.float32)
     name = path[-2]
+    if isinstance(path[-1], int):  # expert j's [out, in] weight: row j of a stacked [X, in, out]
+      node = params['layers'].setdefault(int(path[0]), {})
+      for part in path[1:-2]:
+        node = node.setdefault(part, {})
+      node.setdefault(name, {})[path[-1]] = w.T
+      continue
     if name in ('q_proj', 'k_proj', 'v_proj'):
       n = h if name == 'q_proj' else k
       w = w.reshape(n, d) if path[-1] == 'bias' else w.T.reshape(e, n, d)
@@ -334,6 +386,10 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], llm: Mapping[str, Any], vo
     for part in path[:-1]:
       node = node.setdefault(part, {})
     node[path[-1]] = np.ascontiguousarray(w)
+  for layer in params['layers'].values():
+    experts = layer.get('block_sparse_moe', {}).get('experts', {})
+    for name, rows in experts.items():
+      experts[name] = np.ascontiguousarray(np.stack([rows[j] for j in range(len(rows))]))
   if pad_vocab_to and pad_vocab_to > vocab_size:
     _pad_vocab(params, pad_vocab_to - vocab_size)
   elif pad_vocab_to and pad_vocab_to < vocab_size:
@@ -376,7 +432,9 @@ def hf_from_params(params: Mapping[str, Any], llm: Mapping[str, Any], *,
       node = node[part]
     w = np.asarray(node, dtype=np.float32)
     name = path[-2]
-    if name in ('q_proj', 'k_proj', 'v_proj'):
+    if isinstance(path[-1], int):  # row j of a stacked expert weight -> HF's [out, in]
+      w = w.T
+    elif name in ('q_proj', 'k_proj', 'v_proj'):
       w = w.reshape(-1) if path[-1] == 'bias' else w.reshape(e, -1).T
     elif name == 'o_proj':
       w = w.reshape(h * d, e).T
@@ -408,6 +466,8 @@ def import_hf_llm(path: str, *, allow_pickle: bool = False, llm: Mapping[str, An
   if llm is not None:
     check_config_matches(llm, found, what=f'{path}/config.json')
     found = {**found, 'remat': llm.get('remat', 'none'), 'scan_layers': llm.get('scan_layers', False)}
+    if found['family'] == 'mixtral' and llm.get('router_aux_loss_coef') is not None:
+      found['router_aux_loss_coef'] = float(llm['router_aux_loss_coef'])  # a training choice
   tensors = files.load_tensors(path, allow_pickle=allow_pickle)
   params, unused = params_from_hf(tensors, found, vocab_size, pad_vocab_to=pad_vocab_to, source=path)
   return params, found, max(vocab_size, pad_vocab_to or 0), unused

@@ -1,14 +1,16 @@
-"""Decoder LMs of the Llama, Gemma and Qwen2 families: RMSNorm, RoPE, grouped-query attention,
-gated MLP.
+"""Decoder LMs of the Llama, Gemma, Qwen2 and Mixtral families: RMSNorm, RoPE, grouped-query
+attention, gated MLP (Mixtral: a sparse mixture of gated MLPs, see models.moe).
 
 Parameter names follow Hugging Face's LlamaForCausalLM (embed_tokens, layers/N/self_attn/q_proj,
 mlp/gate_proj, input_layernorm, ...) so weight import is a rename plus reshape: attention kernels
 are kept per head ([embed, heads, head_dim]) so heads can be sharded over the tensor axis. Every
-family has the same parameter paths; Qwen2 adds q/k/v biases (self_attn/q_proj/bias).
+family has the same parameter paths; Qwen2 adds q/k/v biases (self_attn/q_proj/bias); Mixtral has
+block_sparse_moe/gate/kernel and block_sparse_moe/experts/w1, w2, w3 ([num_experts, ...]) in
+place of mlp/.
 
 The config section `model.llm` (with `model.vocab_size` beside it):
 
-  family          'llama' (default; Llama 1-3, Vicuna, Yi) | 'gemma' | 'qwen2'
+  family          'llama' (default; Llama 1-3, Vicuna, Yi) | 'gemma' | 'qwen2' | 'mixtral'
   hidden, layers, heads, kv_heads, head_dim, mlp   sizes (head_dim need not be hidden/heads)
   rope_theta      RoPE base
   rope_scaling    None, or HF's dict: {'rope_type': 'llama3', 'factor', 'low_freq_factor',
@@ -17,6 +19,11 @@ The config section `model.llm` (with `model.vocab_size` beside it):
   norm_eps        RMSNorm epsilon
   tie_embeddings  logits from the embedding table (Gemma: True) instead of lm_head
   qkv_bias        biases on q/k/v (Qwen2: True); None takes the family's default
+  num_experts     mixtral: experts per layer (8); `mlp` is each expert's hidden size
+  experts_per_token   mixtral: experts each token is routed to (2)
+  router_aux_loss_coef  mixtral: weight of the router load-balancing loss in the training
+                  loss (train.make_train_step); 0 (the default, as MGM-8x7B trained: see
+                  DEFAULT_ROUTER_AUX_LOSS_COEF) leaves it out, logged all the same
   remat           what a layer keeps for the backward pass (REMAT_POLICIES): 'none' | 'full' |
                   'dots' | 'qkv' | 'qkv_out' | 'qkv_offloaded' | 'dots_offloaded'
   scan_layers     the layers as one stacked layer run by jax.lax.scan (MaxText's scan_layers):
@@ -29,6 +36,8 @@ How the families differ (as Hugging Face computes them):
   gemma   token embeddings times sqrt(hidden) in the compute dtype; RMSNorm scale (1 + w),
           applied in float32; GeGLU (tanh-approximated gelu gate); tied embeddings.
   qwen2   llama with q/k/v biases.
+  mixtral llama with every MLP a sparse mixture of experts (top-k routing, models.moe); the
+          router statistics of all layers give transformers' load-balancing loss.
 Gemma's sqrt(hidden) scaling is applied to the decoder's input embeddings, image features
 included, as the transformers version Mini-Gemini trained MGM-2B with did (GemmaModel scaled
 inputs_embeds); for text alone it equals scaling the embedding lookup, as transformers 5 does.
@@ -49,17 +58,30 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mgjax import throughput
 from mgjax.models import attention as attention_lib
+from mgjax.models import moe as moe_lib
 from mgjax.models.axes import constrain, partitioned
 from mgjax.models.layers import activation, dot_product_attention
 
-FAMILIES = ('llama', 'gemma', 'qwen2')
+FAMILIES = ('llama', 'gemma', 'qwen2', 'mixtral')
 # Per family: the gate activation of the MLP, whether RMSNorm scales by (1 + w), whether token
-# embeddings are multiplied by sqrt(hidden), and the default for q/k/v biases.
+# embeddings are multiplied by sqrt(hidden), the default for q/k/v biases, and whether the MLP
+# is a sparse mixture of experts.
 _FAMILY_TRAITS = {
-  'llama': dict(mlp_activation='silu', norm_plus_one=False, scale_embeddings=False, qkv_bias=False),
-  'gemma': dict(mlp_activation='gelu_tanh', norm_plus_one=True, scale_embeddings=True, qkv_bias=False),
-  'qwen2': dict(mlp_activation='silu', norm_plus_one=False, scale_embeddings=False, qkv_bias=True),
+  'llama': dict(mlp_activation='silu', norm_plus_one=False, scale_embeddings=False, qkv_bias=False, moe=False),
+  'gemma': dict(mlp_activation='gelu_tanh', norm_plus_one=True, scale_embeddings=True, qkv_bias=False, moe=False),
+  'qwen2': dict(mlp_activation='silu', norm_plus_one=False, scale_embeddings=False, qkv_bias=True, moe=False),
+  'mixtral': dict(mlp_activation='silu', norm_plus_one=False, scale_embeddings=False, qkv_bias=False, moe=True),
 }
+# Mixtral-8x7B's routing, the defaults of model.llm.num_experts / experts_per_token.
+DEFAULT_NUM_EXPERTS = 8
+DEFAULT_EXPERTS_PER_TOKEN = 2
+# model.llm.router_aux_loss_coef's default: 0, what Mini-Gemini's MGM-8x7B trained with.
+# transformers adds router_aux_loss_coef * aux_loss to the loss only when output_router_logits
+# is on; MGMMixtralForCausalLM.forward (mgm/model/language_model/mgm_mixtral.py) never passes
+# it, so the config's value holds, and Mixtral-8x7B-Instruct-v0.1's config.json has
+# output_router_logits false: its router_aux_loss_coef (0.02) was never applied. Setting 0.02
+# trains as transformers does with output_router_logits on.
+DEFAULT_ROUTER_AUX_LOSS_COEF = 0.0
 
 # HF Llama initialises every matrix with N(0, 0.02); following it keeps from-scratch runs comparable.
 _INIT = nnx.initializers.normal(0.02)
@@ -228,12 +250,17 @@ class GatedMLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x))."""
+  """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x)).
+
+  num_experts > 0 (Mixtral): the MLP is `block_sparse_moe`, a moe.SparseMoE routing each token
+  to experts_per_token of num_experts gated MLPs of size `mlp`.
+  """
 
   def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, mlp: int, *,
                rope_theta: float, norm_eps: float, dtype: jnp.dtype, rngs: nnx.Rngs,
                rope_scaling: Mapping[str, Any] | None = None, qkv_bias: bool = False,
-               norm_plus_one: bool = False, mlp_activation: str = 'silu', attention: str = 'auto'):
+               norm_plus_one: bool = False, mlp_activation: str = 'silu', attention: str = 'auto',
+               num_experts: int = 0, experts_per_token: int = DEFAULT_EXPERTS_PER_TOKEN):
     def norm():
       return RMSNorm(hidden, eps=norm_eps, dtype=dtype, plus_one=norm_plus_one, rngs=rngs)
 
@@ -242,18 +269,36 @@ class DecoderLayer(nnx.Module):
                                rope_scaling=rope_scaling, qkv_bias=qkv_bias, attention=attention,
                                dtype=dtype, rngs=rngs)
     self.post_attention_layernorm = norm()
-    self.mlp = GatedMLP(hidden, mlp, activation_name=mlp_activation, dtype=dtype, rngs=rngs)
+    if num_experts:
+      self.block_sparse_moe = moe_lib.SparseMoE(hidden, mlp, num_experts, experts_per_token,
+                                                activation_name=mlp_activation, dtype=dtype, rngs=rngs)
+    else:
+      self.mlp = GatedMLP(hidden, mlp, activation_name=mlp_activation, dtype=dtype, rngs=rngs)
+
+  def _feed_forward(self, x: jax.Array, token_mask: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    """The MLP's output and (experts only) its router statistics (moe.router_stats)."""
+    if hasattr(self, 'block_sparse_moe'):
+      y, stats = self.block_sparse_moe(x, token_mask)
+      return checkpoint_name(y, 'mlp_out'), stats
+    return self.mlp(x), None
+
+  def forward(self, x: jax.Array, positions: jax.Array,
+              segment_ids: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """The layer's output and its router statistics over the real tokens (segment id > 0),
+    None without experts."""
+    x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids)
+    y, stats = self._feed_forward(self.post_attention_layernorm(x), segment_ids > 0)
+    return x + y, stats
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids)
-    return x + self.mlp(self.post_attention_layernorm(x))
+    return self.forward(x, positions, segment_ids)[0]
 
   def extend(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
              kv: dict[str, jax.Array], index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """__call__ for new tokens against a KV cache (see Attention.extend)."""
     attended, kv = self.self_attn.extend(self.input_layernorm(x), positions, mask, kv, index)
     x = x + attended
-    return x + self.mlp(self.post_attention_layernorm(x)), kv
+    return x + self._feed_forward(self.post_attention_layernorm(x), None)[0], kv
 
 
 def cache_attention_mask(valid: jax.Array, index: jax.Array, num_new: int) -> jax.Array:
@@ -326,12 +371,26 @@ class DecoderLM(nnx.Module):
                tie_embeddings: bool = False, remat: str = 'none', family: str = 'llama',
                rope_scaling: Mapping[str, Any] | None = None, qkv_bias: bool | None = None,
                scan_layers: bool = False, attention: str = 'auto',
+               num_experts: int | None = None, experts_per_token: int | None = None,
+               router_aux_loss_coef: float = DEFAULT_ROUTER_AUX_LOSS_COEF,
                dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if remat not in REMAT_POLICIES:
       raise ValueError(f'model.llm.remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}')
     if family not in FAMILIES:
       raise ValueError(f'model.llm.family={family!r}: expected one of {FAMILIES}')
     traits = _FAMILY_TRAITS[family]
+    if traits['moe']:
+      num_experts = DEFAULT_NUM_EXPERTS if num_experts is None else int(num_experts)
+      experts_per_token = DEFAULT_EXPERTS_PER_TOKEN if experts_per_token is None else int(experts_per_token)
+      if num_experts < 1:
+        raise ValueError(f'model.llm.num_experts={num_experts}: the mixtral family needs experts')
+    elif num_experts:
+      raise ValueError(f'model.llm.num_experts={num_experts}: family {family!r} has no experts '
+                       "(the 'mixtral' family has)")
+    # 0 for a dense MLP.
+    self.num_experts = num_experts or 0
+    self.experts_per_token = experts_per_token or 0
+    self.router_aux_loss_coef = float(router_aux_loss_coef or 0.0) if self.num_experts else 0.0
     self.family = family
     self.scale_embeddings = traits['scale_embeddings']
     self.remat = remat
@@ -354,7 +413,8 @@ class DecoderLM(nnx.Module):
                           norm_eps=norm_eps, dtype=self.dtype, rngs=rngs, rope_scaling=rope_scaling,
                           qkv_bias=traits['qkv_bias'] if qkv_bias is None else bool(qkv_bias),
                           norm_plus_one=traits['norm_plus_one'], mlp_activation=traits['mlp_activation'],
-                          attention=attention)
+                          attention=attention, num_experts=self.num_experts,
+                          experts_per_token=self.experts_per_token or DEFAULT_EXPERTS_PER_TOKEN)
 
     if self.scan_layers:
       # One DecoderLayer whose weights have a leading [layers] axis, logical name 'layers'.
@@ -407,8 +467,14 @@ class DecoderLM(nnx.Module):
   def hidden_states(self, input_ids: jax.Array | None = None, *,
                     inputs_embeds: jax.Array | None = None,
                     positions: jax.Array | None = None,
-                    segment_ids: jax.Array | None = None) -> jax.Array:
-    """The final norm's output [B, T, hidden]: what `logits` (or a chunked loss) projects."""
+                    segment_ids: jax.Array | None = None,
+                    return_router_aux_loss: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The final norm's output [B, T, hidden]: what `logits` (or a chunked loss) projects.
+
+    return_router_aux_loss: also return the router load-balancing loss (float32 scalar;
+    transformers' load_balancing_loss_func over all layers, padding (segment id 0) left out
+    as transformers leaves out attention_mask 0; 0 for families without experts).
+    """
     x = self._inputs(input_ids, inputs_embeds)
     b, t = x.shape[:2]
     if positions is None:
@@ -418,23 +484,38 @@ class DecoderLM(nnx.Module):
     x = constrain(x, _RESIDUAL)
     policy = REMAT_POLICIES[self.remat]
 
-    def run_layer(layer: DecoderLayer, x: jax.Array) -> jax.Array:
-      return constrain(layer(x, positions, segment_ids), _RESIDUAL)
+    def run_layer(layer: DecoderLayer, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+      x, stats = layer.forward(x, positions, segment_ids)
+      return constrain(x, _RESIDUAL), stats
+
+    def add(total, stats):
+      return None if stats is None else total + stats
 
     if self.remat != 'none':
       # Recompute the layer in the backward pass, keeping what the policy names.
       run_layer = nnx.remat(run_layer, policy=policy, prevent_cse=not self.scan_layers)
+    # The router statistics summed over the layers (moe.router_stats), a scan carry.
+    total = jnp.zeros((2, self.num_experts), jnp.float32) if self.num_experts else None
     if self.scan_layers:
       graphdef, stacked = nnx.split(self.layers)
 
-      def body(x, layer_state):
-        return run_layer(nnx.merge(graphdef, layer_state), x), None
+      def body(carry, layer_state):
+        x, total = carry
+        x, stats = run_layer(nnx.merge(graphdef, layer_state), x)
+        return (x, add(total, stats)), None
 
-      x, _ = jax.lax.scan(body, x, stacked)
+      (x, total), _ = jax.lax.scan(body, (x, total), stacked)
     else:
       for layer in self.layers:
-        x = run_layer(layer, x)
-    return self.norm(x)
+        x, stats = run_layer(layer, x)
+        total = add(total, stats)
+    hidden = self.norm(x)
+    if not return_router_aux_loss:
+      return hidden
+    if total is None:
+      return hidden, jnp.zeros((), jnp.float32)
+    rows = self.num_layers * jnp.sum(segment_ids > 0)
+    return hidden, moe_lib.load_balancing_loss(total, rows)
 
   def scanned_layer_flops(self, batch: int, seq_len: int) -> float | None:
     """FLOPs of one layer's forward and backward (its remat recomputation included) on
