@@ -203,9 +203,12 @@ class Checkpoints:
     return target
 
   def restore_params(self, step: int, abstract_params: Any) -> tuple[Any, dict]:
+    """Params and meta of one checkpoint (the next stage's start, predict, export), checked
+    against the fingerprint they were saved with."""
     check_params_fit(self, step, abstract_params)
     restored = self._manager.restore(
         step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
+    _check_fingerprints(self.directory / str(step), restored["meta"] or {}, {"params": restored["params"]})
     return restored["params"], restored["meta"]
 
   def param_metadata(self, step: int) -> Any:
@@ -260,23 +263,52 @@ def check_params_fit(checkpoints: Checkpoints, step: int, abstract_params: Any) 
         "\nUse the model config the checkpoint was trained with (see its meta/ item), or start from a matching checkpoint.")
 
 
+def relative_to(path: str, workdir: str) -> str:
+  """`path` as report.json stores it: relative to the workdir for local paths (so a workdir
+  copied or moved with its siblings still points at its checkpoints), else as it is."""
+  if "://" in str(path) or "://" in str(workdir):
+    prefix = str(workdir).rstrip("/") + "/"
+    return str(path)[len(prefix):] if str(path).startswith(prefix) else str(path)
+  return os.path.relpath(os.path.abspath(path), os.path.abspath(workdir))
+
+
 def result_checkpoint(workdir: str) -> str | None:
   """The run's result checkpoint folder, as its report.json names it (None: no report yet).
 
   Usually WORKDIR/checkpoints/<step>; when a stage 2 never improved on its start, the
-  stage-1 checkpoint it started from.
+  stage-1 checkpoint it started from. A relative path (what reports store) is taken
+  relative to the workdir.
   """
   report = epath.Path(workdir) / "report.json"
   if not report.exists():
     return None
-  return (json.loads(report.read_text()).get("result") or {}).get("checkpoint")
+  path = (json.loads(report.read_text()).get("result") or {}).get("checkpoint")
+  if not path or "://" in path or os.path.isabs(path):
+    return path
+  if "://" in str(workdir):
+    return f"{str(workdir).rstrip('/')}/{path}"
+  return os.path.normpath(os.path.join(str(workdir), path))
 
 
-def locate(path: str) -> tuple[str, int]:
+def has_checkpoints(workdir: str) -> bool:
+  """Whether WORKDIR/checkpoints holds any step (cheap: a folder listing, no orbax)."""
+  folder = epath.Path(workdir) / "checkpoints"
+  return folder.exists() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def finished(workdir: str) -> bool:
+  """Whether the run in `workdir` completed (its report.json says so)."""
+  report = epath.Path(workdir) / "report.json"
+  return report.exists() and bool(json.loads(report.read_text()).get("complete"))
+
+
+def locate(path: str, *, require_finished: bool = False, step: int = 0) -> tuple[str, int]:
   """Finds (workdir, step) for a workdir, its checkpoints/ folder, or one checkpoints/<step> folder.
 
   For a workdir: the run's result checkpoint (the best one when early stopping or a
-  rollback chose it, as report.json says), else its latest checkpoint.
+  rollback chose it, as report.json says), else its latest checkpoint. With
+  `require_finished` (starting the next stage from it) a run that has not finished is
+  refused unless `step` names the checkpoint to take instead (init_from_step).
   """
   p = epath.Path(path)
   if p.name.isdigit() and p.parent.name == "checkpoints":
@@ -284,13 +316,21 @@ def locate(path: str) -> tuple[str, int]:
       raise CheckpointError(f"checkpoint {p} does not exist")
     return str(p.parent.parent), int(p.name)
   workdir = p.parent if p.name == "checkpoints" else p
+  if step:
+    return locate(str(workdir / "checkpoints" / str(step)))
   result = result_checkpoint(str(workdir))
   if result and epath.Path(result).exists():
     return locate(result)
-  step = Checkpoints(str(workdir), read_only=True).latest_step() if (workdir / "checkpoints").exists() else None
-  if step is None:
+  latest = Checkpoints(str(workdir), read_only=True).latest_step() if (workdir / "checkpoints").exists() else None
+  if latest is None:
     raise CheckpointError(
-        f"no checkpoint found under {workdir / 'checkpoints'}. Stage 2 starts from stage 1's params: run "
-        f"`python -m mgjax.main --config=configs/stage1.py --workdir={workdir}` first, or point "
-        "--config.init_from at a workdir (or checkpoints/<step> folder) that holds one.")
-  return str(workdir), step
+        f"no checkpoint found under {workdir / 'checkpoints'}. Each stage starts from the one before "
+        f"it: run that stage with --workdir={workdir} first (e.g. `python -m mgjax.main "
+        f"--config=configs/stage1.py --workdir={workdir}`), or point --config.init_from at a workdir "
+        "(or checkpoints/<step> folder) that holds one.")
+  if require_finished and not finished(str(workdir)):
+    raise CheckpointError(
+        f"the run in {workdir} has not finished (no complete report.json; its latest checkpoint is step "
+        f"{latest}), so it has no result to start from. Finish it (run its command again: it resumes), "
+        f"or start from that checkpoint anyway with --config.init_from_step={latest}.")
+  return str(workdir), latest

@@ -112,8 +112,11 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.stage = 1
-  # Stage 2: the workdir (or a checkpoints/<step> folder) whose params it starts from.
+  # The run whose params this stage starts from (stage 1: pretraining's, stage 2: stage 1's):
+  # a finished run's workdir (its result checkpoint), or one checkpoints/<step> folder.
   c.init_from = ""
+  # > 0: start from init_from's checkpoint of this step even though that run has not finished.
+  c.init_from_step = 0
   # Used when --workdir is not given.
   c.workdir = ""
 

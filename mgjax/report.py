@@ -11,6 +11,8 @@ report.json (stage 2 shown; stage 1's has "start" and "stage1"):
    "stopped": null or {"reason", "step", "message"},  early stop, drift, guard
    "drift": [{"step", "changes", "within_bounds"}]}   every drift check of the run
 
+A stage started from another's result names its starting column after that stage
+("stage0" for pretraining, "stage1"); one started from scratch has "start".
 Stage 2's "stage1" column is measured, not copied: the same evaluation of the params
 stage 2 started from (stage 1's result) on the same validation sets.
 """
@@ -36,7 +38,7 @@ def write(workdir: str, report: dict[str, Any]) -> None:
   root = epath.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
   (root / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-  columns = [c for c in ("start", "stage1", "stage2") if c in report]
+  columns = [c for c in ("start", "stage0", "stage1", "stage2") if c in report]
   (root / "report.png").write_bytes(chart(report, columns))
   (root / "report.md").write_text(markdown(report, columns))
 

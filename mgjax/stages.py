@@ -23,6 +23,7 @@ import dataclasses
 import math
 from typing import Any
 
+from etils import epath
 import ml_collections
 
 from mgjax import checkpoint
@@ -38,6 +39,15 @@ class GuardTripped(RuntimeError):
     self.reason = reason
     self.step = step
     self.checkpoint = checkpoint
+
+
+def init_checkpoint(init_from: str, init_from_step: int = 0) -> str:
+  """The checkpoint folder a stage starts from: `init_from`'s result when it names a
+  finished run (or its checkpoints/ folder), its checkpoint `init_from_step` when given, or
+  the checkpoints/<step> folder it names. Cheap (no arrays read), so a run checks it before
+  any data work. Raises checkpoint.CheckpointError saying what to run or pass otherwise."""
+  workdir, step = checkpoint.locate(init_from, require_finished=True, step=init_from_step)
+  return str(epath.Path(workdir) / "checkpoints" / str(step))
 
 
 def load_init_params(init_from: str, abstract_params: Any) -> tuple[Any, dict]:

@@ -30,7 +30,7 @@ from etils import epath
 from flax import nnx
 
 from mgjax import checkpoint, decode, evaluate as evaluation, lora, metrics, optim, report as reports
-from mgjax import preemption, sharding, stages, throughput
+from mgjax import locks, preemption, sharding, stages, throughput
 from mgjax.data import build, pipeline
 from mgjax.loss import chunked_flops, summed_cross_entropy
 from mgjax.data import tokenizer as tokenizers
@@ -258,9 +258,26 @@ def step_flops_per_device(compiled: jax.stages.Compiled, summed_loss: Callable, 
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
+  """Trains one stage in `workdir` (resuming what a killed run left there) and reports it.
+
+  Process 0 holds the workdir's lock for the whole run (mgjax.locks): a second run on the
+  same workdir is refused with locks.LockHeld naming the first.
+  """
+  if jax.process_index() != 0:
+    return _run(config, workdir)
+  with locks.exclusive(workdir, "mgjax_run", f"workdir {workdir}"):
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   started = time.time()
   is_main = jax.process_index() == 0
   use_lora = config.lora.rank > 0
+  # The checkpoint this stage starts from, checked before any data work; a resumed run
+  # takes it from its own checkpoint's meta instead.
+  init_checkpoint = (stages.init_checkpoint(config.init_from, config.get("init_from_step", 0))
+                     if config.init_from and not checkpoint.has_checkpoints(workdir)
+                     and not checkpoint.finished(workdir) else None)
 
   # ---------------------------------------------------------------- Mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -278,8 +295,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     dataset = build.load_built(config.data.recipe, config.data.data_dir)
   # The LLM's conversation format (model.template; '' keeps the tokenizer's own) and the
   # special tokens the pipeline needs; saved below, so predict uses the same.
-  tokenizer = tokenizers.apply_template(transformers.AutoTokenizer.from_pretrained(dataset.tokenizer_dir),
-                                        config.model.get("template", ""))
+  tokenizer = tokenizers.apply_template(tokenizers.load(dataset.tokenizer_dir), config.model.get("template", ""))
   if is_main:
     save_tokenizer(tokenizer, workdir)
   model_cfg = resolve_model_config(config.model, tokenizer)
@@ -345,14 +361,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     # A completed run asked again: nothing to train, report what it made.
     ckpts.close()
     return _summary_from_report(config, workdir, finished, started)
-  start_step = ckpts.latest_step() or 0
-  meta_state: dict[str, Any] = {}
+  # A killed run restarted with the same command: continue exactly where it stopped, from
+  # the newest checkpoint that reads back intact (damaged ones are moved aside).
+  start_step, params, opt_state, meta_state, adapters = ckpts.restore_latest_intact(
+      abstract_params=abstract_params, abstract_opt_state=abstract_opt_state, data_iter=train_iter,
+      abstract_adapters=abstract_adapters) if ckpts.all_steps() else (0, None, None, {}, None)
+  if start_step is None:
+    raise checkpoint.CheckpointError(
+        f"no checkpoint under {ckpts.directory} reads back intact (the damaged ones are now in "
+        f"{ckpts.directory.parent / 'corrupt_checkpoints'}); to train this stage from its start, "
+        "use a new --workdir")
   init_from = None
   if start_step:
-    # A killed run restarted with the same command: continue exactly where it stopped.
-    params, opt_state, meta_state, adapters = ckpts.restore(
-        start_step, abstract_params=abstract_params, abstract_opt_state=abstract_opt_state,
-        data_iter=train_iter, abstract_adapters=abstract_adapters)
     init_from = meta_state.get("init_from")
     if use_lora:
       # The checkpoint's params are merged; LoRA trains on the exact weights it started from.
@@ -361,8 +381,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     trainable = adapters if use_lora else params
     logging.info("resumed from %s at step %d", ckpts.directory / str(start_step), start_step)
   else:
-    if config.init_from:
-      params, init_from = stages.load_init_params(config.init_from, abstract_params)
+    if init_checkpoint:
+      params, init_from = stages.load_init_params(init_checkpoint, abstract_params)
     else:
       params = init_params()
     trainable = init_adapters() if use_lora else params
@@ -442,11 +462,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
       start_scores = (evaluate_scores(0, params, val_start) if init_from
                       else {split: {"loss": loss} for split, loss in val_start.items()})
     else:
-      val_start = metrics.val_losses_at(workdir, 0)
+      # The guards' reference and the evaluations so far come from the checkpoint, so they
+      # survive a lost or truncated metrics.jsonl (older checkpoints: from the metrics).
+      val_start = meta_state.get("val_start") or metrics.val_losses_at(workdir, 0)
       start_scores = meta_state["start_scores"]
     # Every evaluation's losses by step (the result's are reported at the end).
-    val_history = {0: val_start}
-    if start_step:
+    val_history = {int(s): v for s, v in (meta_state.get("val_history") or {}).items()}
+    val_history[0] = val_start
+    if start_step and start_step not in val_history:
       val_history[start_step] = metrics.val_losses_at(workdir, start_step)
     drift = stages.DriftGuard(config.guard, val_start if init_from else None)
     early_stop = stages.EarlyStopping(config.early_stop, meta_state.get("early_stop"))
@@ -456,7 +479,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     val_end = dict(val_history[start_step])
     window_losses, window_tokens, window_slots, window_start = [], 0.0, 0, time.time()
     window_router = []  # the router load-balancing losses of a decoder with experts
-    train_loss = metrics.train_loss_at(workdir, start_step) if start_step else float("nan")
+    train_loss = (meta_state.get("train_loss", metrics.train_loss_at(workdir, start_step)) if start_step
+                  else float("nan"))
     progress = tqdm.tqdm(total=steps, initial=start_step, disable=not is_main,
                          desc=stage_name(config.stage), dynamic_ncols=True)
     step = start_step
@@ -503,7 +527,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
       if stopped:
         break
       if preempted:
-        stopped = {"reason": "preempted", "step": step, "message": "SIGTERM received"}
+        stopped = {"reason": "preempted", "step": step, "message": f"{sigterm.signal_name} received"}
 
       if step % config.train.log_every == 0 or step == steps or preempted:
         losses = [float(l) for l in window_losses]  # waits for the device: timing is honest
@@ -552,7 +576,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
         ckpts.save(step, params=plain_params(trainable, frozen), opt_state=opt_state, data_iter=train_iter,
                    adapters=trainable if use_lora else None, score=score,
                    meta={**meta, "step": step, "start_scores": start_scores,
-                         "early_stop": early_stop.state(), "drift": drift_log})
+                         "early_stop": early_stop.state(), "drift": drift_log, "val_start": val_start,
+                         "val_history": {str(s): v for s, v in val_history.items()},
+                         "train_loss": train_loss})
     progress.close()
     ckpts.wait()
 
@@ -562,8 +588,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
       ckpts.close()
       saved = str(ckpts.directory / str(step))
       raise preemption.Preempted(
-          f"stage {config.stage} stopped by SIGTERM after step {step} of {steps}; checkpoint {saved} "
-          "holds everything needed: run the same command again to resume.", step=step, checkpoint=saved)
+          f"{stage_name(config.stage)} stopped by {sigterm.signal_name} after step {step} of {steps}; "
+          f"checkpoint {saved} holds everything needed: run the same command again to resume.",
+          step=step, checkpoint=saved, signal_name=sigterm.signal_name)
     if stopped and stopped["reason"] == "guard":
       writer.close()
       ckpts.close()
@@ -594,9 +621,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
 
   stage_key = f"stage{config.stage}"
   report = {"stage": config.stage, stage_key: end_scores, "complete": True,
-            "result": {"step": result_step, "checkpoint": result_checkpoint, "why": why},
+            "result": {"step": result_step, "checkpoint": checkpoint.relative_to(result_checkpoint, workdir),
+                       "why": why},
             "stopped": stopped, "drift": drift_log, "steps_trained": step}
-  report["stage1" if init_from else "start"] = start_scores
+  report[_start_key(config.stage, init_from)] = start_scores
   if is_main:
     reports.write(workdir, report)
   ckpts.close()
@@ -609,10 +637,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
       init_from=init_from["checkpoint"] if init_from else None, report=report)
 
 
+def _start_key(stage: int, init_from: Any) -> str:
+  """The report key of a stage's starting scores: the stage it started from ("stage0",
+  "stage1"), or "start" for a stage trained from scratch."""
+  return f"stage{stage - 1}" if init_from and stage > 0 else "start"
+
+
 def _summary_from_report(config, workdir: str, report: dict, started: float) -> Summary:
-  result = report["result"]
+  result = dict(report["result"], checkpoint=checkpoint.result_checkpoint(workdir))
   stage_scores = report[f"stage{config.stage}"]
-  start_scores = report.get("stage1" if config.stage > 1 else "start", {})
+  start_scores = next((report[k] for k in (f"stage{config.stage - 1}", "start") if k in report), {})
   return Summary(
       stage=config.stage, workdir=workdir, steps=report["steps_trained"],
       train_loss=metrics.train_loss_at(workdir, report["steps_trained"]),

@@ -111,7 +111,9 @@ def test_drift_guard_acts_when_understanding_drifts(stage1, data_dir, tmp_path, 
     best = min(in_bounds, key=lambda s: val[s])
     assert report["result"]["step"] == best
     expected = stage1.checkpoint if best == 0 else str(tmp_path / "checkpoints" / str(best))
-    assert report["result"]["checkpoint"] == expected
+    # report.json names it relative to the workdir; read back, it is the same folder.
+    assert report["result"]["checkpoint"] == os.path.relpath(expected, str(tmp_path))
+    assert checkpoint.result_checkpoint(str(tmp_path)) == expected
     assert checkpoint.locate(str(tmp_path)) == checkpoint.locate(expected)
     assert summary.val_loss_end["val_generation"] == pytest.approx(val[best])
   assert "drift" in (tmp_path / "report.md").read_text().lower()

@@ -7,6 +7,7 @@ compiling, which the persistent compilation cache set in conftest.py shares acro
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,11 +158,13 @@ def test_sigterm_checkpoints_exits_and_resumes(reference_run, data_dir, tmp_path
   assert_same_run(stopped, reference)
 
 
-def test_stage2_without_stage1_checkpoint_says_what_to_run(data_dir, tmp_path):
-  config = tiny_config(2, data_dir, steps=2)
+def test_stage2_without_stage1_checkpoint_says_what_to_run(tmp_path):
+  # Said before any data work: nothing is built into the (new) data_dir first.
+  config = tiny_config(2, str(tmp_path / "data"), steps=2)
   config.init_from = str(tmp_path / "no_stage1_here")
   with pytest.raises(checkpoint.CheckpointError, match=r"python -m mgjax\.main --config=configs/stage1\.py"):
     train.run(config, str(tmp_path / "stage2"))
+  assert not (tmp_path / "data").exists()
 
 
 def test_checkpoint_that_does_not_fit_lists_the_mismatched_paths(stage1, data_dir, tmp_path):
@@ -197,4 +200,26 @@ def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
   target = {"w": jax.ShapeDtypeStruct((2, 3), np.float32, sharding=one)}
   restored, meta = checkpoint.Checkpoints("runs/relative", read_only=True).restore_params(1, target)
   np.testing.assert_array_equal(restored["w"], params["w"])
-  assert meta == {"step": 1}
+  assert meta["step"] == 1
+
+
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_ends_as_if_uninterrupted(reference_run, data_dir, tmp_path):
+  """A run killed after its last checkpoint, which then got damaged (a bit flipped on disk):
+  the same command resumes from the checkpoint before and finishes bit-equal."""
+  reference, cache = reference_run
+  damaged = str(tmp_path / "damaged")
+  shutil.copytree(reference, damaged)
+  os.remove(os.path.join(damaged, "report.json"))  # killed before it reported
+  last = max(checkpoint.Checkpoints(damaged, read_only=True).all_steps())
+  folder = os.path.join(damaged, "checkpoints", str(last), "params")
+  biggest = max((os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs), key=os.path.getsize)
+  data = bytearray(open(biggest, "rb").read())
+  data[len(data) // 2] ^= 0x01
+  open(biggest, "wb").write(bytes(data))
+
+  result = subprocess.run(cli_args(damaged, data_dir, cache, RESUME_STEPS, RESUME_EVERY), cwd=REPO,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"checkpoints/{last}: params reads back changed" in result.stdout
+  assert os.path.isdir(os.path.join(damaged, "corrupt_checkpoints", str(last)))
+  assert_same_run(damaged, reference)
