@@ -120,7 +120,8 @@ def generate(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, Any], *,
     graphdef: the MiniGemini's graph (nnx.split).
     params: its parameters (nnx.State or the pure dict of one).
     batch: input_ids [B, P] int (left-padded), prompt_mask [B, P] bool (False on padding),
-      images_lowres [B, M, l, l, 3], images_highres [B, M, h, h, 3]; see `left_pad`.
+      images_lowres [B, M, l, l, 3] (or [B, M, V, l, l, 3], MiniGemini.encode_images),
+      images_highres [B, M, h, h, 3]; see `left_pad`.
     max_new_tokens: the most tokens generated per row.
     eos_id: a row is finished once it has emitted this token.
     pad_id: fills a row's output after its eos.
@@ -176,7 +177,8 @@ def left_pad(prompts: Sequence[Mapping[str, np.ndarray]], *, pad_id: int, length
   """Stacks encoded prompts (ConversationEncoder.encode_prompt) into a left-padded batch.
 
   Args:
-    prompts: dicts of input_ids [P_i], images_lowres [M, l, l, 3], images_highres [M, h, h, 3].
+    prompts: dicts of input_ids [P_i], images_lowres [M, l, l, 3] (or [M, V, l, l, 3]),
+      images_highres [M, h, h, 3].
     pad_id: the token id in padding columns.
     length: the padded length (default the longest prompt); fixed lengths avoid recompiles.
     batch_size: rows in the batch (default len(prompts)); extra rows repeat the first prompt

@@ -157,12 +157,39 @@ class CompiledStep:
   seconds: float  # lower + compile
 
 
+def abstract_batch(data_cfg, model_cfg, batch_sharding=None) -> dict:
+  """The global training batch mgjax.data.pipeline yields, as jax.ShapeDtypeStructs: [B, T]
+  token arrays, images_lowres [B, M, l, l, 3] (or [B, M, V, l, l, 3], V low-res views per
+  image with model.image_grid >= 2) and images_highres [B, M, h, h, 3]."""
+  import jax
+  import jax.numpy as jnp
+
+  from mgjax.models import vlm
+
+  b, t, m = data_cfg.batch_size, data_cfg.seq_len, data_cfg.max_images
+  image_tokens = vlm.num_image_tokens(model_cfg)
+  if t <= image_tokens * min(m, 1):
+    raise ValueError(f"data.seq_len={t} cannot hold one image's {image_tokens} tokens; raise it, "
+                     f"e.g. --config.data.seq_len=2048")
+  lowres, highres = vlm.lowres_image_shape(model_cfg), model_cfg.vision_highres.image_size
+
+  def spec(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+
+  return {
+      "input_ids": spec((b, t), jnp.int32), "targets": spec((b, t), jnp.int32),
+      "loss_mask": spec((b, t), jnp.float32), "segment_ids": spec((b, t), jnp.int32),
+      "positions": spec((b, t), jnp.int32),
+      "images_lowres": spec((b, m, *lowres), jnp.float32),
+      "images_highres": spec((b, m, highres, highres, 3), jnp.float32),
+  }
+
+
 def compile_train_step(config, devices: list, *, unroll_loss: bool = False,
                        compiler_options: dict | None = None) -> CompiledStep:
   """config's train step compiled for `devices` on abstract values (what train.run jits);
   unroll_loss traces the chunked loss's loop as straight-line code (the cost twins)."""
   import jax
-  import jax.numpy as jnp
   from flax import nnx
 
   from mgjax import optim, sharding, train
@@ -183,24 +210,7 @@ def compile_train_step(config, devices: list, *, unroll_loss: bool = False,
   opt_state = sharding.abstract_optimizer_state(tx, params, mesh)
   opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
 
-  b, t, m = config.data.batch_size, config.data.seq_len, config.data.max_images
-  image_tokens = vlm.num_image_tokens(model_cfg)
-  if t <= image_tokens * min(m, 1):
-    raise ValueError(f"data.seq_len={t} cannot hold one image's {image_tokens} tokens; raise it, "
-                     f"e.g. --config.data.seq_len=2048")
-  lowres, highres = model_cfg.vision_lowres.image_size, model_cfg.vision_highres.image_size
-  batch_sharding = sharding.batch_sharding(mesh)
-
-  def spec(shape, dtype):
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-
-  batch = {
-      "input_ids": spec((b, t), jnp.int32), "targets": spec((b, t), jnp.int32),
-      "loss_mask": spec((b, t), jnp.float32), "segment_ids": spec((b, t), jnp.int32),
-      "positions": spec((b, t), jnp.int32),
-      "images_lowres": spec((b, m, lowres, lowres, 3), jnp.float32),
-      "images_highres": spec((b, m, highres, highres, 3), jnp.float32),
-  }
+  batch = abstract_batch(config.data, model_cfg, sharding.batch_sharding(mesh))
   train_step, summed_loss = train.make_train_step(
       graphdef, tx, lambda trainable, frozen: trainable, config.train.grad_accum_steps,
       tuple(config.optim.freeze), config.train.loss_chunk, unroll_loss)
@@ -227,6 +237,8 @@ def step_costs(step: CompiledStep, config, num_devices: int) -> dict[str, float 
   if seconds is not None:
     # The v5e/v6e cost model scores each ConcatBitcast custom call at -1 s; they cost nothing.
     seconds += step.compiled.as_text().count('custom_call_target="ConcatBitcast"')
+    if seconds <= 0:  # what the cost model gives for programs it cannot score (e.g. grouped matmuls)
+      seconds = None
   return {"flops_per_device": flops, "modelled_step_seconds": seconds}
 
 
@@ -370,6 +382,8 @@ def format_plan(p: dict, config) -> str:
     if p.get("modelled_step_seconds"):
       lines.append(f"  modelled step     {p['modelled_step_seconds']:.3f} s (the TPU cost model's), FLOP utilisation "
                    f"{p.get('modelled_flop_utilisation', 0):.2f} of {p['device_peak_tflops']:.0f} TFLOP/s")
+    else:
+      lines.append("  modelled step     none: the TPU cost model gave no usable time for this program")
     return "\n".join(lines)
   lines.append("on devices of (fits: peak within 90% of memory; step time at 100% and 40% MFU):")
   for name, kind, hbm in ACCELERATORS:

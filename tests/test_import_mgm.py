@@ -91,3 +91,57 @@ def test_import_mgm_without_towers_names_the_missing_source(tmp_path, capsys):
                f'--config={CONFIG}']) == 1
   err = capsys.readouterr().err
   assert 'no low-res vision tower' in err and '--clip_dir' in err
+
+
+# Mini-Gemini's config.json per family (mgm/model/language_model/mgm_*.py register these).
+FAMILIES = {
+    'gemma': ('mgm_gemma', 'MGMGemmaForCausalLM', lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(
+        vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=32, rms_norm_eps=1e-6))),
+    'mixtral': ('mgm_mixtral', 'MGMMixtralForCausalLM', lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=1024, hidden_size=128, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-5,
+        sliding_window=None))),
+}
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_import_mgm_reads_each_family(tmp_path, family):
+  """MGM-2B's (Gemma) and MGM-8x7B's (Mixtral) folders import like MGM-7B's, into a model
+  config of that family (here a tiny one, given as a preset file of its own)."""
+  model_type, architecture, build = FAMILIES[family]
+  torch.manual_seed(0)
+  llm = build()
+  mgm = tmp_path / 'mgm'
+  tensors = _mgm_folder(str(mgm), with_towers=True)
+  tensors = {k: v for k, v in tensors.items() if not k.startswith(('model.layers.', 'model.norm', 'model.embed',
+                                                                  'lm_head'))}
+  # The LLM's tensors and config as the released folders hold them (save_pretrained writes the
+  # hub's names, e.g. Mixtral's block_sparse_moe.experts.E.w1).
+  llm.save_pretrained(str(tmp_path / 'llm'))
+  tensors.update(files.load_tensors(str(tmp_path / 'llm')))
+  files.write_weights(str(mgm), tensors)
+  cfg = {**json.loads((tmp_path / 'llm' / 'config.json').read_text()), 'architectures': [architecture],
+         'model_type': model_type, 'mm_hidden_size': 64, 'mm_hidden_size_aux': 240}
+  (mgm / 'config.json').write_text(json.dumps(cfg))
+  preset = tmp_path / f'tiny_{family}.py'
+  sample = open(os.path.join(REPO, 'configs', 'models', 'sample.py')).read()
+  llm_line = {'gemma': "family='gemma', hidden=128, layers=2, heads=4, kv_heads=1, head_dim=32, mlp=384,\n"
+                       "             rope_theta=10000.0, rope_scaling=None, norm_eps=1e-6, tie_embeddings=True,",
+              'mixtral': "family='mixtral', hidden=128, layers=2, heads=4, kv_heads=2, head_dim=32, mlp=96,\n"
+                         "             num_experts=4, experts_per_token=2, router_aux_loss_coef=0.0,\n"
+                         "             rope_theta=1000000.0, rope_scaling=None, norm_eps=1e-5, tie_embeddings=False,"}[family]
+  start = sample.index("llm=dict(") + len("llm=dict(")
+  end = sample.index("qkv_bias=False,", start)
+  preset.write_text(sample[:start] + llm_line + "\n             " + sample[end:])
+  out = str(tmp_path / 'out')
+  assert main(['import-mgm', f'--mgm_dir={mgm}', f'--out={out}',
+               f'--config={REPO}/configs/stage1.py:model={preset}']) == 0
+  params, config, _ = workdir.read_checkpoint(out)
+  assert config['model']['llm']['family'] == family
+  np.testing.assert_array_equal(_at(params, 'llm/embed_tokens/embedding')[:1024],
+                                tensors['model.embed_tokens.weight'])
+  np.testing.assert_array_equal(_at(params, 'projector/linear_2/kernel'), tensors['model.mm_projector.2.weight'].T)
+  if family == 'mixtral':
+    np.testing.assert_array_equal(_at(params, 'llm/layers/1/block_sparse_moe/gate/kernel'),
+                                  tensors['model.layers.1.block_sparse_moe.gate.weight'].T)

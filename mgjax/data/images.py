@@ -10,6 +10,10 @@
   interpolate(mode='bilinear', align_corners=False), without antialiasing.
   Optionally MGM's image_aspect_ratio='pad' first pastes the image centred on a square
   of the mean colour.
+- `mgm_views`: the same with MGM's HD inputs (image_grid > 1): the normalised high-res
+  image resized (as above) to grid * the low-res size, cut into grid x grid low-res crops
+  (row-major), plus, with image_global, that resized image resized again to the low-res
+  size; the views in MGM's order [crops..., global].
 
 Arrays are HWC float32 (the models take NHWC).
 """
@@ -109,3 +113,38 @@ def mgm_pair(image: Image.Image, lowres_size: int, highres_size: int,
     image = expand_to_square(image.convert('RGB'), mean)
   highres = clip_preprocess(image, highres_size, mean, std)
   return bilinear_resize(highres, lowres_size), highres
+
+
+def grid_crops(pixels: np.ndarray, grid: int) -> np.ndarray:
+  """HWC [g*s, g*s, C] -> [g*g, s, s, C]: row-major tiles, as MGM's reshape(3, g, s, g, s)
+  .permute(1, 3, 0, 2, 4)."""
+  h, w, c = pixels.shape
+  if h != w or h % grid:
+    raise ValueError(f'cannot cut a {h}x{w} image into {grid}x{grid} square crops')
+  s = h // grid
+  return pixels.reshape(grid, s, grid, s, c).transpose(0, 2, 1, 3, 4).reshape(grid * grid, s, s, c)
+
+
+def mgm_views(image: Image.Image, lowres_size: int, highres_size: int,
+              mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD, *,
+              grid: int = 1, global_view: bool = False,
+              pad_to_square: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """Mini-Gemini's inputs of one image with its image_grid / image_global settings.
+
+  grid 1 (no global view): `mgm_pair`, low-res [l, l, 3]. grid >= 2: low-res views
+  [grid^2 + global_view, l, l, 3], the grid crops of the high-res image resized to
+  grid * l, then the global view (that image resized to l), as MGM's train.py and
+  model_vqa.py build `images`. The high-res input [h, h, 3] is the same in both.
+  """
+  if grid == 1 and not global_view:
+    return mgm_pair(image, lowres_size, highres_size, mean, std, pad_to_square=pad_to_square)
+  if grid < 2:
+    raise ValueError(f'image_global needs image_grid >= 2 (got image_grid={grid})')
+  if pad_to_square:
+    image = expand_to_square(image.convert('RGB'), mean)
+  highres = clip_preprocess(image, highres_size, mean, std)
+  raw = bilinear_resize(highres, lowres_size * grid)
+  views = grid_crops(raw, grid)
+  if global_view:
+    views = np.concatenate([views, bilinear_resize(raw, lowres_size)[None]], axis=0)
+  return views, highres

@@ -11,7 +11,10 @@ A batch (per process) is a dict of numpy arrays:
   segment_ids [B, T] int32     1 on real tokens, 0 on padding
   positions [B, T] int32
   images_lowres [B, M, l, l, 3] float32, images_highres [B, M, h, h, 3] float32
-                               normalised pixels of up to M images, zeros in empty slots
+                               normalised pixels of up to M images, zeros in empty slots;
+                               with model.image_grid g >= 2 images_lowres is
+                               [B, M, V, l, l, 3], V = g^2 (+1 with model.image_global)
+                               low-res views per image (data.images.mgm_views)
 """
 
 from __future__ import annotations
@@ -41,8 +44,13 @@ class ConversationEncoder:
 
   def __init__(self, tokenizer, *, seq_len: int, num_image_tokens: int, max_images: int,
                lowres_size: int, highres_size: int, image_mean: tuple, image_std: tuple,
-               pad_to_square: bool = False):
+               pad_to_square: bool = False, image_grid: int = 1, image_global: bool = False):
     self.tokenizer = tokenizer
+    # Mini-Gemini's HD layout (model.image_grid / image_global): several low-res views per image.
+    self.image_grid, self.image_global = int(image_grid), bool(image_global)
+    if self.image_grid < 1 or (self.image_global and self.image_grid < 2):
+      raise ValueError(f"image_grid={image_grid}, image_global={image_global}: the grid must be >= 1, "
+                       f"and >= 2 for a global view")
     self.pad_to_square = pad_to_square
     self.seq_len = seq_len
     self.num_image_tokens = num_image_tokens
@@ -53,6 +61,14 @@ class ConversationEncoder:
     if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
       raise ValueError(f"tokenizer {tokenizer.name_or_path} has no {IMAGE_PLACEHOLDER} token; add it as a special token")
     self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+  @property
+  def lowres_shape(self) -> tuple[int, ...]:
+    """One image's low-res input: [l, l, 3], or [V, l, l, 3] with image_grid >= 2."""
+    size = (self.lowres_size, self.lowres_size, 3)
+    if self.image_grid == 1:
+      return size
+    return (self.image_grid ** 2 + int(self.image_global), *size)
 
   def messages(self, example: dict) -> list[dict[str, str]]:
     m = example["messages"]
@@ -104,8 +120,9 @@ class ConversationEncoder:
       images: encoded image files (PNG, JPEG, ...), one per <image> in the messages, in order.
 
     Returns:
-      input_ids [P] int32, images_lowres [max_images, l, l, 3] and images_highres
-      [max_images, h, h, 3] float32 (zeros in unused slots).
+      input_ids [P] int32, images_lowres [max_images, l, l, 3] (with image_grid >= 2
+      [max_images, V, l, l, 3]) and images_highres [max_images, h, h, 3] float32 (zeros in
+      unused slots).
     """
     encoded = self.tokenizer.apply_chat_template(
         messages, tokenize=True, return_dict=True, add_generation_prompt=True)
@@ -152,14 +169,14 @@ class ConversationEncoder:
   def _images(self, example: dict, num_slots: int, pad: bool = True) -> dict[str, np.ndarray]:
     images = list(example["images"])[: min(num_slots, self.max_images)]
     slots = self.max_images if pad else len(images)
-    lowres = np.zeros((slots, self.lowres_size, self.lowres_size, 3), np.float32)
+    lowres = np.zeros((slots, *self.lowres_shape), np.float32)
     highres = np.zeros((slots, self.highres_size, self.highres_size, 3), np.float32)
     for i, data in enumerate(images):
-      # As Mini-Gemini: the high-res input through the CLIP processor, the low-res one
-      # resized down from it (data.images.mgm_pair).
-      lowres[i], highres[i] = image_processing.mgm_pair(
+      # As Mini-Gemini: the high-res input through the CLIP processor, the low-res view(s)
+      # resized down from it (data.images.mgm_views).
+      lowres[i], highres[i] = image_processing.mgm_views(
           image_processing.decode(data), self.lowres_size, self.highres_size, self.image_mean, self.image_std,
-          pad_to_square=self.pad_to_square)
+          grid=self.image_grid, global_view=self.image_global, pad_to_square=self.pad_to_square)
     return {"images_lowres": lowres, "images_highres": highres}
 
 
@@ -169,7 +186,8 @@ def make_encoder(tokenizer, data_cfg: ml_collections.ConfigDict, model_cfg: ml_c
       tokenizer, seq_len=data_cfg.seq_len, num_image_tokens=num_image_tokens, max_images=data_cfg.max_images,
       lowres_size=model_cfg.vision_lowres.image_size, highres_size=model_cfg.vision_highres.image_size,
       image_mean=data_cfg.image_mean, image_std=data_cfg.image_std,
-      pad_to_square=bool(data_cfg.get("pad_to_square", False)))
+      pad_to_square=bool(data_cfg.get("pad_to_square", False)),
+      image_grid=int(model_cfg.get("image_grid", 1)), image_global=bool(model_cfg.get("image_global", False)))
 
 
 def _this_process(ds: grain.MapDataset) -> grain.MapDataset:
