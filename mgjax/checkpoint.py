@@ -109,8 +109,9 @@ class Checkpoints:
         read_only=read_only, create=not read_only, enable_async_checkpointing=True,
         preservation_policy=keep, save_interval_steps=0 if read_only else 1,
         # A save cut short (a kill, a second Ctrl-C, a full disk) leaves a tmp folder; the
-        # next run's manager removes it.
-        cleanup_tmp_directories=not read_only)
+        # next run's manager removes it. One process only: with several, a resumed run's
+        # collectives went out of step between the processes and timed out.
+        cleanup_tmp_directories=not read_only and jax.process_count() == 1)
     # Handlers named up front, so a manager that has not saved anything yet (a resumed
     # run, stage 2 reading stage 1) can read the items' metadata.
     handlers = {
@@ -239,7 +240,11 @@ def _first_line(e: BaseException) -> str:
 
 def _check_fingerprints(where: epath.Path, meta: dict, restored: Any) -> None:
   """Raises CheckpointCorrupt when a restored item's fingerprint differs from the saved one
-  (checkpoints written before fingerprints existed are not checked)."""
+  (checkpoints written before fingerprints existed are not checked). One process only: with
+  several, the check's reductions left a resumed run's collectives out of step between the
+  processes (gloo timed out), so multi-host runs restore unchecked for now."""
+  if jax.process_count() > 1:
+    return
   for item, saved in (meta.get("fingerprints") or {}).items():
     if item in _FINGERPRINTED and restored.get(item) is not None:
       found = fingerprint(restored[item])
