@@ -29,6 +29,7 @@ from mgjax.convert import files
 from mgjax.convert.files import WeightsError
 from mgjax.data import build, sources
 from mgjax.data.records import Record, Rejection
+from test_data_sources import _msg  # an OpenAssistant message, as the reader tests write them
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -53,14 +54,6 @@ def _lima_line(k):
 def _llava(k, **over):
   return {"id": f"ok{k}", "conversations": [{"from": "human", "value": _text("Question")},
                                             {"from": "gpt", "value": _text("Answer")}], **over}
-
-
-def _msg(mid, role, text, rank=None, replies=(), **kw):
-  m = {"message_id": mid, "role": role, "text": text, "lang": "en", "review_result": True,
-       "deleted": False, "synthetic": False, "replies": list(replies), **kw}
-  if rank is not None:
-    m["rank"] = rank
-  return m
 
 
 def _tree(k, **prompt_over):
