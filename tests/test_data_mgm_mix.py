@@ -53,5 +53,6 @@ def test_mgm_mix_config_builds_with_its_mixing_targets(tmp_path):
   assert groups["generation"] == {"available": 5, "target": 10, "taken": 10, "factor": 2.0}
   assert groups["understanding"]["taken"] == 10 and groups["understanding"]["factor"] == 1.0
   assert dataset.splits == {"train": 80, "train_generation": 10, "val_understanding": 2,
-                            "val_generation": 1, "val_text": 5}
+                            "val_generation": 1, "val_text": 5, "train_caption": 0,
+                            "val_caption": 0}
   assert "| text | 110 | 60 | 60 |" in (pathlib.Path(dataset.dataset_dir) / "data_card.md").read_text()
