@@ -57,7 +57,7 @@ def main(argv: list[str]) -> None:
     # A second Ctrl-C: stop now, without the traceback of every thread it interrupted.
     _exit_now(130, f"stopped at once by Ctrl-C; the last complete checkpoint under {workdir}/checkpoints "
                    "resumes: run the same command again")
-  except Exception as e:  # pylint: disable=broad-except  (only a full disk is handled; the rest re-raised)
+  except Exception as e:  # any error: only a full disk is handled; the rest re-raised
     full = _disk_full(e)
     if not full:
       raise

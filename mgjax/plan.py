@@ -266,7 +266,7 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None) -
                          "process (it sets --xla_force_host_platform_device_count before jax starts)")
   try:
     step = compile_train_step(config, devices)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # any error: a refusal is reported, the rest re-raised
     # The TPU compiler refuses a program that does not fit the chip's memory.
     if target and "hbm" in str(e).lower() and ("RESOURCE_EXHAUSTED" in str(e) or "exceed" in str(e).lower()):
       return {"target": target, "topology": topology, "fits": False, "refused": _first_line_with(str(e), "hbm")}

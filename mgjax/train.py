@@ -25,7 +25,6 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
-import transformers
 from etils import epath
 from flax import nnx
 

@@ -28,7 +28,6 @@ from mgjax import locks
 from mgjax.convert import files
 from mgjax.convert.files import WeightsError
 from mgjax.data import build, sources
-from mgjax.data.records import Record, Rejection
 from test_data_sources import _msg  # an OpenAssistant message, as the reader tests write them
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -10,7 +10,6 @@ size, cut into row-major crops, plus that image resized to the crop size (the gl
 Tiny random float32 weights, every one perturbed away from its init.
 """
 
-import io
 import os
 import types
 

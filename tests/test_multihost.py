@@ -9,7 +9,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 
 import jax
 import numpy as np

@@ -8,11 +8,8 @@ CPU torch; see README). Tiny random configs, float32; every weight is perturbed 
 its init (norms at 1/0, layer scale at a constant) so a misplaced tensor shows.
 """
 
-import functools
-import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest

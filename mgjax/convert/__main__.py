@@ -81,10 +81,9 @@ def import_llm(argv: Sequence[str]) -> int:
                       help='also read .bin/.pt/.pth checkpoints (unpickling can run code)')
   args = parser.parse_args(argv)
 
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from mgjax import config as mgjax_config  # pylint: disable=import-outside-toplevel
-  from mgjax.convert import files, llm, workdir  # pylint: disable=import-outside-toplevel
-
+  import ml_collections
+  from mgjax import config as mgjax_config
+  from mgjax.convert import files, llm, workdir
   path, _, arg = args.config.partition(':')
   config = mgjax_config.load_config_file(path, arg or None)
   model = config.model.to_dict()
@@ -135,9 +134,8 @@ def export_llm(argv: Sequence[str]) -> int:
                       help='written into config.json (the context length the model claims)')
   args = parser.parse_args(argv)
 
-  from mgjax import checkpoint  # pylint: disable=import-outside-toplevel
-  from mgjax.convert import llm, workdir  # pylint: disable=import-outside-toplevel
-
+  from mgjax import checkpoint
+  from mgjax.convert import llm, workdir
   params, config, folder = workdir.read_checkpoint(args.workdir)
   if 'llm' not in params or 'llm' not in (config.get('model') or {}):
     raise checkpoint.CheckpointError(f'{folder} holds no LLM params or no model.llm config to export')
@@ -145,7 +143,7 @@ def export_llm(argv: Sequence[str]) -> int:
   run_dir = checkpoint.locate(args.workdir)[0]
   extra = {}
   if _copy_tokenizer(os.path.join(run_dir, 'tokenizer'), args.out):
-    import transformers  # pylint: disable=import-outside-toplevel
+    import transformers
     tok = transformers.AutoTokenizer.from_pretrained(args.out, local_files_only=True)
     extra = {k: v for k, v in (('bos_token_id', tok.bos_token_id), ('eos_token_id', tok.eos_token_id),
                                ('pad_token_id', tok.pad_token_id)) if v is not None}
@@ -172,9 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   # second import of it.
   command = (globals()[function] if module == 'mgjax.convert.__main__'
              else getattr(importlib.import_module(module), function))
-  from mgjax.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
-  from mgjax.convert.files import WeightsError  # pylint: disable=import-outside-toplevel
-  from mgjax.convert.llm import ConversionError  # pylint: disable=import-outside-toplevel
+  from mgjax.checkpoint import CheckpointError
+  from mgjax.convert.files import WeightsError
+  from mgjax.convert.llm import ConversionError
   try:
     return command(argv[1:])
   except (WeightsError, ConversionError, CheckpointError) as e:

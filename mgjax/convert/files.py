@@ -265,7 +265,7 @@ def _iter_safetensors(file: str) -> Iterator[tuple[str, np.ndarray]]:
 
 def _iter_pickle(file: str) -> Iterator[tuple[str, np.ndarray]]:
   try:
-    import torch  # pylint: disable=import-outside-toplevel
+    import torch
   except ImportError as e:
     raise WeightsError(f'{file} is a pickle checkpoint and reading one needs torch '
                        '(pip install torch==2.13.0, a CPU wheel); or use a safetensors copy') from e
@@ -280,7 +280,7 @@ def _iter_pickle(file: str) -> Iterator[tuple[str, np.ndarray]]:
       f'refusing {file}: it holds more than tensors{detail}, and building those objects would run code '
       'from the file. Use a safetensors copy of the weights, or convert the file to safetensors on a '
       'machine where running it does no harm') from None
-  except Exception as e:  # pylint: disable=broad-except  (torch raises many types for damaged files)
+  except Exception as e:  # any error: torch raises many types for damaged files
     raise WeightsError(f'{file}: not a readable torch checkpoint ({type(e).__name__}: '
                        f'{str(e).splitlines()[0] if str(e) else ""}); download it again') from None
   if not isinstance(state, dict):

@@ -397,7 +397,7 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], llm: Mapping[str, Any], vo
                           f'({vocab_size} tokens)')
   unused = sorted(n for n in names if n not in in_decoder and not _RECOMPUTED.fullmatch(n[len(prefix):]))
   if llm.get('scan_layers', False):
-    from mgjax.models import llm as decoder  # pylint: disable=import-outside-toplevel
+    from mgjax.models import llm as decoder
     params = decoder.stack_layers(params)
   return params, unused
 
@@ -418,7 +418,7 @@ def hf_from_params(params: Mapping[str, Any], llm: Mapping[str, Any], *,
   params_from_hf), arrays cast to `dtype`."""
   e, h, d = (int(llm[x]) for x in ('hidden', 'heads', 'head_dim'))
   vocab_size = np.shape(params['embed_tokens']['embedding'])[0]
-  from mgjax.models import llm as decoder  # pylint: disable=import-outside-toplevel
+  from mgjax.models import llm as decoder
   if decoder.is_stacked(params):
     params = decoder.unstack_layers(params)
   out = {}
@@ -492,7 +492,7 @@ def export_hf_llm(params: Mapping[str, Any], llm: Mapping[str, Any], out: str, *
   """
   np_dtype = {'float32': np.float32, 'float16': np.float16}.get(dtype)
   if np_dtype is None:
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp
     if dtype != 'bfloat16':
       raise ValueError(f'dtype {dtype!r}: expected float32, bfloat16 or float16')
     np_dtype = jnp.bfloat16

@@ -40,15 +40,13 @@ def import_mgm(argv: Sequence[str]) -> int:
   if not (args.mgm_dir or args.llm_dir):
     parser.error('give --mgm_dir (a released Mini-Gemini) or --llm_dir (its LLM alone)')
 
-  import jax  # pylint: disable=import-outside-toplevel
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-
-  from mgjax import config as mgjax_config  # pylint: disable=import-outside-toplevel
-  from mgjax.convert import files, llm, workdir  # pylint: disable=import-outside-toplevel
-  from mgjax.models.vlm import MiniGemini  # pylint: disable=import-outside-toplevel
-
+  import jax
+  import ml_collections
+  import numpy as np
+  from flax import nnx
+  from mgjax import config as mgjax_config
+  from mgjax.convert import files, llm, workdir
+  from mgjax.models.vlm import MiniGemini
   path, _, arg = args.config.partition(':')
   config = mgjax_config.load_config_file(path, arg or None)
   model_cfg = config.model.to_dict()

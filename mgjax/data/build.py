@@ -164,7 +164,7 @@ def _init_worker(*args) -> None:
   global _worker, _worker_error
   try:
     _worker = Preparer(*args)
-  except Exception as e:  # pylint: disable=broad-except  (re-raised by _prepare_batch)
+  except Exception as e:  # any error: re-raised by _prepare_batch
     _worker_error = f"{type(e).__name__}: {e}"
     if multiprocessing.parent_process() is None:  # this process: raise as is
       raise
@@ -237,7 +237,7 @@ def _clean(data_cfg, root: epath.Path, tokenizer_dir: str | None, spill_dir: str
   dedup_cfg = dedup.DedupConfig.from_dict(data_cfg.get("dedup"))
   preparer_args = (tokenizer_dir, dedup_cfg, {s["name"]: s["quality"] for s in specs}, spill_dir)
   if beam_runner:
-    from mgjax.data import beam_build  # pylint: disable=g-import-not-at-top  (apache-beam is optional)
+    from mgjax.data import beam_build  # apache-beam is optional
     prepared = beam_build.prepare(specs, preparer_args, spill_dir, beam_runner, beam_options)
   else:
     prepared = _prepare_locally(specs, preparer_args, data_cfg.get("num_workers") or os.cpu_count() or 1)
@@ -487,6 +487,5 @@ if __name__ == "__main__":
     print(f"tokenizer {built.tokenizer_dir}")
     print(f"card      {built.data_card}\nrejected  {built.rejected}")
 
-  from mgjax import runtime  # pylint: disable=g-import-not-at-top
-
+  from mgjax import runtime
   app.run(main, flags_parser=runtime.parse_flags)

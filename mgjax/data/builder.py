@@ -96,14 +96,14 @@ class MgjaxInstructions(tfds.core.GeneratorBasedBuilder):
     return {name: self._generate_examples(name, entries) for name, entries in self._split_entries.items()}
 
   def _generate_examples(self, split: str, entries: list[spill.Entry]):
-    from mgjax.data import beam_build  # pylint: disable=g-import-not-at-top  (apache-beam is optional)
+    from mgjax.data import beam_build  # apache-beam is optional
     return beam_build.examples(split, entries, self._chunks_dir)
 
 
 def write_beam(data_dir: str, name: str, version: str, splits: dict[str, list[spill.Entry]], description: str,
                chunks_dir: str, runner: str, options: list[str]) -> None:
   """Writes the splits with TFDS's Beam path on `runner` with pipeline `options`."""
-  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  from apache_beam.options.pipeline_options import PipelineOptions
   config = tfds.core.BuilderConfig(name=name, version=version, description=description)
   builder = MgjaxInstructions(config=config, data_dir=data_dir, splits=splits, chunks_dir=chunks_dir,
                               description=description)

@@ -124,7 +124,7 @@ def pretoken_counter() -> TokenCounter:
 
 def tokenizer_counter(tokenizer_dir: str) -> TokenCounter:
   """Counts tokens of a saved Hugging Face tokenizer (loaded offline)."""
-  from mgjax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  from mgjax.data import tokenizer
   tok = tokenizer.load(tokenizer_dir)
   return lambda texts: [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
 
@@ -136,7 +136,7 @@ class _LanguageDetector:
   @classmethod
   def classify(cls, text: str) -> tuple[str, float]:
     if cls._identifier is None:
-      from py3langid import langid  # pylint: disable=g-import-not-at-top
+      from py3langid import langid
       cls._identifier = langid.LanguageIdentifier.from_model_file(langid.MODEL_FILE, norm_probs=True)
     lang, prob = cls._identifier.classify(text)
     return lang, float(prob)

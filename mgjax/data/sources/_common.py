@@ -99,7 +99,7 @@ def load_images(record: Record, file: str, where: str) -> Record | Rejection:
     try:
       with Image.open(io.BytesIO(data)) as img:
         img.load()
-    except Exception as e:  # PIL raises many types for bad files  # pylint: disable=broad-except
+    except Exception as e:  # PIL raises many types for bad files
       return Rejection(record.source, file, where, f"image {image} cannot be decoded ({type(e).__name__}: {e}); "
                        "re-download or remove it", kind="corrupt_image")
     images.append(data)
