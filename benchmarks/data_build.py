@@ -39,23 +39,30 @@ def run_one(records: int, workers: int, image_every: int) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     corpus = os.path.join(tmp, "corpus.jsonl")
     image_bytes = data_corpus.write(corpus, records, image_every=image_every)
-    cfg = ml_collections.ConfigDict(dict(
-        name="bench", version="1.0.0", seed=0, sources_root=tmp, num_workers=workers,
-        val_per_category=dict(text=500, generation=500, understanding=500 if image_every else 0),
-        sources=[dict(name="synthetic", format="messages_jsonl", path="corpus.jsonl", image_root="images")],
-        tokenizer=dict(train=False, vocab_size=0, path="")))
+    cfg = ml_collections.ConfigDict(
+        dict(name="bench", version="1.0.0", seed=0, sources_root=tmp, num_workers=workers,
+             val_per_category=dict(text=500, generation=500, understanding=500 if image_every else 0),
+             sources=[dict(name="synthetic", format="messages_jsonl", path="corpus.jsonl",
+                           image_root="images")], tokenizer=dict(train=False, vocab_size=0, path="")))
     start = time.perf_counter()
     dataset = build.build(cfg, os.path.join(tmp, "data"))
     wall = time.perf_counter() - start
     card = json.load(open(dataset.data_card))
   src = card["sources"]["synthetic"]
   return {
-      "records": records, "workers": workers, "image_mb": round(image_bytes / 2**20), "wall_s": round(wall, 1),
-      "records_per_s": round(records / wall), "records_per_s_per_core": round(records / wall / workers),
+      "records": records,
+      "workers": workers,
+      "image_mb": round(image_bytes / 2**20),
+      "wall_s": round(wall, 1),
+      "records_per_s": round(records / wall),
+      "records_per_s_per_core": round(records / wall / workers),
       "peak_rss_main_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
       "peak_rss_largest_worker_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
-      "kept": src["kept"], "rejected": src["rejected"], "duplicates": src["duplicate_kinds"],
-      "splits": card["splits"]}
+      "kept": src["kept"],
+      "rejected": src["rejected"],
+      "duplicates": src["duplicate_kinds"],
+      "splits": card["splits"]
+  }
 
 
 def main() -> None:
@@ -71,9 +78,10 @@ def main() -> None:
   results = {}
   for variant in ("text", "images"):
     # A process each: peak RSS is a per-process high-water mark.
-    out = subprocess.run([sys.executable, __file__, f"--records={args.records}", f"--workers={args.workers}",
-                          f"--image_every={args.image_every}", f"--one={variant}"],
-                         check=True, stdout=subprocess.PIPE, text=True).stdout  # stderr: progress, errors
+    out = subprocess.run([
+        sys.executable, __file__, f"--records={args.records}", f"--workers={args.workers}",
+        f"--image_every={args.image_every}", f"--one={variant}"
+    ], check=True, stdout=subprocess.PIPE, text=True).stdout  # stderr: progress, errors
     results[variant] = json.loads(out.strip().splitlines()[-1])
     print(variant, json.dumps(results[variant]), flush=True)
   print(json.dumps(results, indent=1))

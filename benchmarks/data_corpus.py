@@ -11,16 +11,23 @@ import random
 import numpy as np
 from PIL import Image
 
-_VOCAB = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "pu", "ro", "sa", "ti", "vu", "ze")
-          for b in ("bar", "cen", "dul", "fin", "gor", "han", "jis", "kel", "lum", "mor",
-                    "nap", "pil", "quo", "ras", "sut", "tov", "urn", "vex", "wal", "yod")]
+_VOCAB = [
+    f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "pu", "ro", "sa", "ti", "vu", "ze")
+    for b in ("bar", "cen", "dul", "fin", "gor", "han", "jis", "kel", "lum", "mor", "nap", "pil", "quo", "ras", "sut",
+              "tov", "urn", "vex", "wal", "yod")
+]
 
 
 def conversation(rng: random.Random) -> list[dict[str, str]]:
   if rng.random() < 0.1:
     subject = " ".join(rng.choices(_VOCAB, k=6))
-    return [{"role": "user", "content": f"Draw {subject}. <GEN>"},
-            {"role": "assistant", "content": f"<h>{subject}, {' '.join(rng.choices(_VOCAB, k=12))}</h>"}]
+    return [{
+        "role": "user",
+        "content": f"Draw {subject}. <GEN>"
+    }, {
+        "role": "assistant",
+        "content": f"<h>{subject}, {' '.join(rng.choices(_VOCAB, k=12))}</h>"
+    }]
   turns = []
   for _ in range(rng.choice((1, 1, 2, 3))):
     turns.append({"role": "user", "content": " ".join(rng.choices(_VOCAB, k=rng.randint(5, 20))) + "?"})

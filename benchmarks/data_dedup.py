@@ -32,8 +32,10 @@ def main() -> None:
   parser.add_argument("--records", type=int, default=5000)
   parser.add_argument("--threshold", type=float, default=0.8)
   args = parser.parse_args()
-  recs = [Record(id=r["id"], source="s", category="text", messages=r["messages"])
-          for r in data_corpus.records(args.records, seed=1)]
+  recs = [
+      Record(id=r["id"], source="s", category="text", messages=r["messages"])
+      for r in data_corpus.records(args.records, seed=1)
+  ]
 
   # The exact all-pairs Jaccard as one sparse product (a Python double loop over 12M pairs
   # takes many minutes here; this is the fast way to be exhaustive).
@@ -66,13 +68,23 @@ def main() -> None:
   lsh = {i for i, r in enumerate(recs) if index.add(r.id, dedup.signature(r, cfg)) is not None}
   lsh_s = time.perf_counter() - start
 
-  print(json.dumps({
-      "records": args.records, "threshold": args.threshold,
-      "naive_all_pairs": {"seconds": round(naive_s, 2), "flagged": len(naive)},
-      "minhash_lsh": {"seconds": round(lsh_s, 2), "flagged": len(lsh)},
-      "speedup": round(naive_s / lsh_s, 1),
-      "recall": round(len(lsh & naive) / max(len(naive), 1), 4),
-      "precision": round(len(lsh & naive) / max(len(lsh), 1), 4)}, indent=1))
+  print(
+      json.dumps(
+          {
+              "records": args.records,
+              "threshold": args.threshold,
+              "naive_all_pairs": {
+                  "seconds": round(naive_s, 2),
+                  "flagged": len(naive)
+              },
+              "minhash_lsh": {
+                  "seconds": round(lsh_s, 2),
+                  "flagged": len(lsh)
+              },
+              "speedup": round(naive_s / lsh_s, 1),
+              "recall": round(len(lsh & naive) / max(len(naive), 1), 4),
+              "precision": round(len(lsh & naive) / max(len(lsh), 1), 4)
+          }, indent=1))
 
 
 if __name__ == "__main__":

@@ -72,9 +72,13 @@ def sample_headroom(data_dir: str, num_batches: int) -> dict[str, float]:
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   step_rate = examples_in(first) / statistics.median(times)
-  return {"pipeline_examples_per_s": pipeline_rate, "step_examples_per_s": step_rate,
-          "headroom": pipeline_rate / step_rate, "examples_per_batch": examples_in(first),
-          "batch_size": config.data.batch_size}
+  return {
+      "pipeline_examples_per_s": pipeline_rate,
+      "step_examples_per_s": step_rate,
+      "headroom": pipeline_rate / step_rate,
+      "examples_per_batch": examples_in(first),
+      "batch_size": config.data.batch_size
+  }
 
 
 def photo_rate(repeats: int) -> float | None:

@@ -48,9 +48,13 @@ def examples(lengths: list[tuple[int, int]]) -> list[dict[str, np.ndarray]]:
   out = []
   for tokens, images in lengths:
     ids = np.ones(tokens, np.int32)
-    out.append({"input_ids": ids, "targets": ids, "loss_mask": np.ones(tokens, np.float32),
-                "images_lowres": np.zeros((images, 1, 1, 3), np.float32),
-                "images_highres": np.zeros((images, 1, 1, 3), np.float32)})
+    out.append({
+        "input_ids": ids,
+        "targets": ids,
+        "loss_mask": np.ones(tokens, np.float32),
+        "images_lowres": np.zeros((images, 1, 1, 3), np.float32),
+        "images_highres": np.zeros((images, 1, 1, 3), np.float32)
+    })
   return out
 
 
@@ -92,7 +96,8 @@ def main() -> None:
     start = time.perf_counter()
     share, rows = packed_share(data, args.seq_len, args.max_images, bins)
     seconds = time.perf_counter() - start
-    print(f"| packed, first fit over {bins} bins, {args.max_images} image slots | {share:.3f} | {rows} | {seconds:.1f} |")
+    print(
+        f"| packed, first fit over {bins} bins, {args.max_images} image slots | {share:.3f} | {rows} | {seconds:.1f} |")
   print(f"(real tokens in all: {real})")
 
 

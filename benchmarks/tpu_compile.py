@@ -28,13 +28,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 1024**3
 
 _DECODER_ALONE = [
-    "--config.model.vocab_size=32000", "--config.data.max_images=0",
+    "--config.model.vocab_size=32000",
+    "--config.data.max_images=0",
     # The sample's towers (a few MB): present in the model, never run without image slots.
-    "--config.model.vision_lowres.kind=clip", "--config.model.vision_lowres.image_size=32",
-    "--config.model.vision_lowres.patch_size=8", "--config.model.vision_lowres.width=64",
-    "--config.model.vision_lowres.layers=2", "--config.model.vision_lowres.heads=4",
-    "--config.model.vision_lowres.mlp=256", "--config.model.vision_highres.image_size=64",
-    "--config.model.vision_highres.dims=(16,32,64,128)", "--config.model.vision_highres.depths=(1,1,1,1)",
+    "--config.model.vision_lowres.kind=clip",
+    "--config.model.vision_lowres.image_size=32",
+    "--config.model.vision_lowres.patch_size=8",
+    "--config.model.vision_lowres.width=64",
+    "--config.model.vision_lowres.layers=2",
+    "--config.model.vision_lowres.heads=4",
+    "--config.model.vision_lowres.mlp=256",
+    "--config.model.vision_highres.image_size=64",
+    "--config.model.vision_highres.dims=(16,32,64,128)",
+    "--config.model.vision_highres.depths=(1,1,1,1)",
 ]
 _FSDP = ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.data.seq_len=2048"]
 
@@ -50,8 +56,10 @@ CASES = {
 def run_case(name: str, out_dir: str) -> dict:
   config, target, batch, extra = CASES[name]
   path = os.path.join(out_dir, f"{name}.json")
-  command = [sys.executable, "-m", "mgjax.plan", f"--config={config}", f"--target={target}",
-             f"--config.data.batch_size={batch}", f"--json={path}", *_FSDP, *extra]
+  command = [
+      sys.executable, "-m", "mgjax.plan", f"--config={config}", f"--target={target}",
+      f"--config.data.batch_size={batch}", f"--json={path}", *_FSDP, *extra
+  ]
   started = time.perf_counter()
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   wall = time.perf_counter() - started
@@ -72,10 +80,11 @@ def row(name: str, p: dict) -> str:
     return f"| {name} | {p['target']} | refused by the compiler: {p['refused']} | | | | | | |"
   per_device_batch = p["batch"]["global"] // (p["mesh"]["data"] * p["mesh"]["fsdp"])
   util = p.get("modelled_flop_utilisation")
-  return (f"| {name} | {p['target']} | {per_device_batch} x {p['batch']['seq_len']} | "
-          f"{(p['params_bytes'] + p['opt_state_bytes']) / GiB:.1f} GiB | {p['temp_bytes'] / GiB:.2f} GiB | "
-          f"{p['peak_bytes'] / GiB:.2f} GiB | {p['flops_per_device'] / 1e12:.1f} T | "
-          f"{p['modelled_step_seconds']:.3f} s | {util:.2f} | {p['compile_seconds']:.0f} s / {p['wall_seconds']:.0f} s |")
+  return (
+      f"| {name} | {p['target']} | {per_device_batch} x {p['batch']['seq_len']} | "
+      f"{(p['params_bytes'] + p['opt_state_bytes']) / GiB:.1f} GiB | {p['temp_bytes'] / GiB:.2f} GiB | "
+      f"{p['peak_bytes'] / GiB:.2f} GiB | {p['flops_per_device'] / 1e12:.1f} T | "
+      f"{p['modelled_step_seconds']:.3f} s | {util:.2f} | {p['compile_seconds']:.0f} s / {p['wall_seconds']:.0f} s |")
 
 
 def main() -> None:

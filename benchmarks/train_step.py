@@ -47,24 +47,28 @@ def parse_args() -> argparse.Namespace:
   p.add_argument('--rounds', type=int, default=5, help='interleaved measurement rounds (medians over them)')
   p.add_argument('--variants', default='trainer',
                  help='comma list of JAX variants, see VARIANTS (attention/loss formulations)')
-  p.add_argument('--xla_flags', default='',
-                 help="appended to XLA_FLAGS before JAX starts; a flag named here overrides the trainer's "
-                      '(mgjax/runtime.py), e.g. --xla_flags=--xla_cpu_experimental_ynn_fusion_type= turns YNNPACK off')
-  p.add_argument('--malloc', choices=['trainer', 'glibc_default'], default='trainer',
-                 help="trainer: restart with the glibc malloc tunable `python -m mgjax.main` sets "
-                      '(mgjax/runtime.py: malloc_tunables); glibc_default: the environment as it is')
-  p.add_argument('--steps_per_round', type=int, default=2,
-                 help='consecutive steps of each side per round, the last one timed: a training run '
-                      'repeats one step, and the first step after the other side pays for memory that '
-                      'side just gave back')
+  p.add_argument(
+      '--xla_flags', default='',
+      help="appended to XLA_FLAGS before JAX starts; a flag named here overrides the trainer's "
+      '(mgjax/runtime.py), e.g. --xla_flags=--xla_cpu_experimental_ynn_fusion_type= turns YNNPACK off')
+  p.add_argument(
+      '--malloc', choices=['trainer', 'glibc_default'], default='trainer',
+      help="trainer: restart with the glibc malloc tunable `python -m mgjax.main` sets "
+      '(mgjax/runtime.py: malloc_tunables); glibc_default: the environment as it is')
+  p.add_argument(
+      '--steps_per_round', type=int, default=2,
+      help='consecutive steps of each side per round, the last one timed: a training run '
+      'repeats one step, and the first step after the other side pays for memory that '
+      'side just gave back')
   p.add_argument('--matmul_size', type=int, default=2048)
   p.add_argument('--no_torch', action='store_true', help='skip the PyTorch side')
   p.add_argument('--profile', default='', help='write a perfetto trace of one step per variant here')
   p.add_argument('--json', default='', help='also write the results here')
-  p.add_argument('--micro', type=int, default=0,
-                 help='instead of steps: time one layer\'s attention forward+backward per variant, '
-                 'this many interleaved repetitions (short calls resolve small differences on a '
-                 'loaded machine better than 10 s steps)')
+  p.add_argument(
+      '--micro', type=int, default=0,
+      help='instead of steps: time one layer\'s attention forward+backward per variant, '
+      'this many interleaved repetitions (short calls resolve small differences on a '
+      'loaded machine better than 10 s steps)')
   return p.parse_args()
 
 
@@ -92,15 +96,14 @@ from mgjax.models import llm as mg_llm  # noqa: E402
 LR = 1e-4
 WEIGHT_DECAY = 0.01
 
-
 # ------------------------------------------------------------------ FLOPs
+
 
 def param_counts(a: argparse.Namespace) -> dict[str, int]:
   attn = a.hidden * a.head_dim * (a.heads + 2 * a.kv_heads) + a.heads * a.head_dim * a.hidden
   mlp = 3 * a.hidden * a.mlp
   blocks = a.layers * (attn + mlp + 2 * a.hidden)
-  return {'blocks': blocks, 'lm_head': a.hidden * a.vocab, 'embed': a.vocab * a.hidden,
-          'final_norm': a.hidden}
+  return {'blocks': blocks, 'lm_head': a.hidden * a.vocab, 'embed': a.vocab * a.hidden, 'final_norm': a.hidden}
 
 
 def analytic_flops(a: argparse.Namespace) -> float:
@@ -113,10 +116,11 @@ def analytic_flops(a: argparse.Namespace) -> float:
   c = param_counts(a)
   n = c['blocks'] + c['lm_head']
   tokens = a.batch * a.seq
-  return 6.0 * n * tokens + 12.0 * a.layers * a.seq ** 2 * a.heads * a.head_dim * a.batch
+  return 6.0 * n * tokens + 12.0 * a.layers * a.seq**2 * a.heads * a.head_dim * a.batch
 
 
 # ------------------------------------------------------------------ matmul peak
+
 
 def jax_matmul_peak(n: int, reps: int = 5) -> float:
   """Median GFLOP/s of an n x n float32 matmul in JAX."""
@@ -128,7 +132,7 @@ def jax_matmul_peak(n: int, reps: int = 5) -> float:
     t = time.perf_counter()
     f(x, x).block_until_ready()
     times.append(time.perf_counter() - t)
-  return 2 * n ** 3 / statistics.median(times) / 1e9
+  return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def torch_matmul_peak(n: int, reps: int = 5) -> float:
@@ -140,10 +144,11 @@ def torch_matmul_peak(n: int, reps: int = 5) -> float:
     t = time.perf_counter()
     torch.mm(x, x)
     times.append(time.perf_counter() - t)
-  return 2 * n ** 3 / statistics.median(times) / 1e9
+  return 2 * n**3 / statistics.median(times) / 1e9
 
 
 # ------------------------------------------------------------------ JAX variants
+
 
 def attention_einsum_5d(q, k, v, mask=None):
   """The trainer's first formulation (kept here as the baseline): grouped 5-D einsums,
@@ -152,7 +157,7 @@ def attention_einsum_5d(q, k, v, mask=None):
   kv_heads = k.shape[2]
   q = q.reshape(b, t, kv_heads, h // kv_heads, d)
   scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
-  scores = scores * (d ** -0.5)
+  scores = scores * (d**-0.5)
   if mask is not None:
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -162,8 +167,7 @@ def attention_einsum_5d(q, k, v, mask=None):
 
 def attention_jax_nn(q, k, v, mask=None):
   """jax.nn.dot_product_attention's XLA path with the same boolean mask."""
-  return jax.nn.dot_product_attention(
-    q, k, v, mask=None if mask is None else mask[:, None], implementation='xla')
+  return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None], implementation='xla')
 
 
 def attention_bhtd(q, k, v, mask=None):
@@ -175,8 +179,7 @@ def attention_bhtd(q, k, v, mask=None):
   qh = jnp.transpose(q.reshape(b, t, kv_heads, g, d), (0, 2, 3, 1, 4)).reshape(b, kv_heads, g * t, d)
   kh = jnp.transpose(k, (0, 2, 1, 3))  # [B, K, S, D]
   vh = jnp.transpose(v, (0, 2, 1, 3))
-  scores = jnp.einsum('bkqd,bksd->bkqs', qh * jnp.asarray(d ** -0.5, q.dtype), kh,
-                      preferred_element_type=jnp.float32)
+  scores = jnp.einsum('bkqd,bksd->bkqs', qh * jnp.asarray(d**-0.5, q.dtype), kh, preferred_element_type=jnp.float32)
   if mask is not None:
     m = jnp.broadcast_to(mask[:, None, None], (b, kv_heads, g, t, mask.shape[-1]))
     scores = jnp.where(m.reshape(b, kv_heads, g * t, -1), scores, jnp.finfo(jnp.float32).min)
@@ -192,6 +195,7 @@ def causal_blocks(base, blocks: int):
   masks are: the skipped keys are masked anyway. It computes (blocks + 1) / (2 blocks) of the
   T x T scores and softmax instead of all of them.
   """
+
   def attention(q, k, v, mask=None):
     t = q.shape[1]
     if t != k.shape[1] or t % blocks:
@@ -203,22 +207,25 @@ def causal_blocks(base, blocks: int):
       m = None if mask is None else mask[:, i * c:end, :end]
       outs.append(base(q[:, i * c:end], k[:, :end], v[:, :end], m))
     return jnp.concatenate(outs, axis=1)
+
   return attention
 
 
 ATTENTION = {
-  'trainer': None,  # whatever mgjax.models.attention.causal_attention is now (XLA on CPU)
-  'einsum5d': attention_einsum_5d,
-  'jax_nn': attention_jax_nn,
-  'bhtd': attention_bhtd,
-  'einsum5d_causal4': causal_blocks(attention_einsum_5d, 4),
-  'einsum5d_causal8': causal_blocks(attention_einsum_5d, 8),
-  'bhtd_causal4': causal_blocks(attention_bhtd, 4),
-  'bhtd_causal8': causal_blocks(attention_bhtd, 8),
-  'bhtd_causal16': causal_blocks(attention_bhtd, 16),
-  'einsum5d_causal16': causal_blocks(attention_einsum_5d, 16),
-  'jax_nn_causal4': causal_blocks(attention_jax_nn, 4),
+    'trainer': None,  # whatever mgjax.models.attention.causal_attention is now (XLA on CPU)
+    'einsum5d': attention_einsum_5d,
+    'jax_nn': attention_jax_nn,
+    'bhtd': attention_bhtd,
+    'einsum5d_causal4': causal_blocks(attention_einsum_5d, 4),
+    'einsum5d_causal8': causal_blocks(attention_einsum_5d, 8),
+    'bhtd_causal4': causal_blocks(attention_bhtd, 4),
+    'bhtd_causal8': causal_blocks(attention_bhtd, 8),
+    'bhtd_causal16': causal_blocks(attention_bhtd, 16),
+    'einsum5d_causal16': causal_blocks(attention_einsum_5d, 16),
+    'jax_nn_causal4': causal_blocks(attention_jax_nn, 4),
 }
+
+
 def apply_rope_concat(x, positions, theta=10000.0, *, inv_freq=None):
   """The trainer's RoPE before the flip formulation (kept as the baseline): the halves sliced
   and concatenated back, which XLA:CPU runs as pad/concatenate fusions forward and backward."""
@@ -253,12 +260,13 @@ def make_batch(a: argparse.Namespace) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(0)
   ids = rng.integers(0, a.vocab, (a.batch, a.seq + 1), dtype=np.int32)
   return {
-    'input_ids': ids[:, :-1], 'targets': ids[:, 1:],
-    'loss_mask': np.ones((a.batch, a.seq), np.float32),
-    'positions': np.broadcast_to(np.arange(a.seq, dtype=np.int32), (a.batch, a.seq)).copy(),
-    'segment_ids': np.ones((a.batch, a.seq), np.int32),
-    'images_lowres': np.zeros((a.batch, 0, 1, 1, 3), np.float32),
-    'images_highres': np.zeros((a.batch, 0, 1, 1, 3), np.float32),
+      'input_ids': ids[:, :-1],
+      'targets': ids[:, 1:],
+      'loss_mask': np.ones((a.batch, a.seq), np.float32),
+      'positions': np.broadcast_to(np.arange(a.seq, dtype=np.int32), (a.batch, a.seq)).copy(),
+      'segment_ids': np.ones((a.batch, a.seq), np.int32),
+      'images_lowres': np.zeros((a.batch, 0, 1, 1, 3), np.float32),
+      'images_highres': np.zeros((a.batch, 0, 1, 1, 3), np.float32),
   }
 
 
@@ -273,13 +281,13 @@ class JaxStep:
     if attention is not None:
       # The variants take the whole mask and decide about block skipping themselves.
       mg_attention.causal_attention = lambda q, k, v, segment_ids, implementation='auto': attention(
-        q, k, v, mg_attention.segment_mask(segment_ids, segment_ids))
+          q, k, v, mg_attention.segment_mask(segment_ids, segment_ids))
     for swap in swaps:
       mg_llm.apply_rope = ROPE[swap]
     try:
-      model = TextOnly(mg_llm.DecoderLM(
-        vocab_size=a.vocab, hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
-        head_dim=a.head_dim, mlp=a.mlp, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+      model = TextOnly(
+          mg_llm.DecoderLM(vocab_size=a.vocab, hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
+                           head_dim=a.head_dim, mlp=a.mlp, dtype=jnp.float32, rngs=nnx.Rngs(0)))
       graphdef, params = nnx.split(model, nnx.Param)
       loss_fn = train.make_loss_fn(graphdef)
       tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
@@ -329,17 +337,18 @@ def steady(run, n: int) -> tuple[float, int, float]:
 
 # ------------------------------------------------------------------ torch side
 
+
 class TorchStep:
+
   def __init__(self, a: argparse.Namespace, batch: dict[str, np.ndarray]):
     import torch
     import transformers
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-      vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.mlp,
-      num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-      head_dim=a.head_dim, max_position_embeddings=a.seq, tie_word_embeddings=False,
-      torch_dtype=torch.float32)
+    cfg = transformers.LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.mlp,
+                                   num_hidden_layers=a.layers, num_attention_heads=a.heads,
+                                   num_key_value_heads=a.kv_heads, head_dim=a.head_dim, max_position_embeddings=a.seq,
+                                   tie_word_embeddings=False, torch_dtype=torch.float32)
     self.model = transformers.LlamaForCausalLM(cfg).float().train()
     self.attn_impl = self.model.config._attn_implementation
     self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
@@ -361,6 +370,7 @@ class TorchStep:
 
 # ------------------------------------------------------------------ attention micro-benchmark
 
+
 def micro(a: argparse.Namespace, variants: list[str]) -> None:
   """Forward + backward of one layer's attention (scores, mask, softmax, values) per variant."""
   rng = np.random.default_rng(0)
@@ -373,7 +383,7 @@ def micro(a: argparse.Namespace, variants: list[str]) -> None:
   for name in variants:
     # The trainer's function as Attention.__call__ calls it (segment ids, no mask).
     f = ATTENTION[name.split('+')[0]] or (lambda q, k, v, mask: mg_attention.xla_attention(q, k, v, segments))
-    loss = lambda q, k, v, f=f: jnp.sum(f(q, k, v, mask) ** 2)
+    loss = lambda q, k, v, f=f: jnp.sum(f(q, k, v, mask)**2)
     fns[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     jax.block_until_ready(fns[name](q, k, v))
   times = {n: [] for n in fns}
@@ -391,6 +401,7 @@ def micro(a: argparse.Namespace, variants: list[str]) -> None:
 
 # ------------------------------------------------------------------ main
 
+
 def main() -> None:
   a = ARGS
   variants = [v for v in a.variants.split(',') if v]
@@ -403,8 +414,9 @@ def main() -> None:
   flops = analytic_flops(a)
   tokens = a.batch * a.seq
   counts = param_counts(a)
-  cpu = next((l.split(':', 1)[1].strip() for l in subprocess.run(
-    ['lscpu'], capture_output=True, text=True).stdout.splitlines() if l.startswith('Model name')), '?')
+  cpu = next((l.split(':', 1)[1].strip()
+              for l in subprocess.run(['lscpu'], capture_output=True, text=True).stdout.splitlines()
+              if l.startswith('Model name')), '?')
   print(f'# {time.strftime("%Y-%m-%d %H:%M")}  cpu {cpu} x{os.cpu_count()}  jax {jax.__version__}  '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}  GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")!r}')
   print(f'# non-embedding params {(counts["blocks"] + counts["lm_head"]) / 1e6:.1f}M '
@@ -456,8 +468,9 @@ def main() -> None:
       record('torch', steady(torch_step.run, a.steps_per_round))
     for v, s in steps.items():
       record(v, steady(s.run, a.steps_per_round))
-    print(f'# round {r}: peak jax {peaks["jax"][-1]:.0f} GFLOP/s, '
-          + ', '.join(f'{k} {t[-1]:.2f}s' for k, t in times.items() if t), flush=True)
+    print(
+        f'# round {r}: peak jax {peaks["jax"][-1]:.0f} GFLOP/s, ' +
+        ', '.join(f'{k} {t[-1]:.2f}s' for k, t in times.items() if t), flush=True)
   peaks['jax'].append(jax_matmul_peak(a.matmul_size))
   if torch_step:
     peaks['torch'].append(torch_matmul_peak(a.matmul_size))
@@ -465,8 +478,8 @@ def main() -> None:
   peak = statistics.median(peaks['jax'])
   torch_t = statistics.median(times['torch']) if times['torch'] else float('nan')
   print(f'\nmatmul peak {a.matmul_size}^3 f32: jax median {peak:.0f} GFLOP/s '
-        f'(min {min(peaks["jax"]):.0f}, max {max(peaks["jax"]):.0f})'
-        + (f', torch median {statistics.median(peaks["torch"]):.0f} GFLOP/s' if peaks['torch'] else ''))
+        f'(min {min(peaks["jax"]):.0f}, max {max(peaks["jax"]):.0f})' +
+        (f', torch median {statistics.median(peaks["torch"]):.0f} GFLOP/s' if peaks['torch'] else ''))
   rows = []
   print(f'{"side":<22}{"step s":>8}{"tok/s":>9}{"GFLOP/s":>9}{"/peak":>7}{"/torch":>8}{"loss":>8}'
         f'{"faults":>9}{"sys s":>7}')
@@ -474,10 +487,18 @@ def main() -> None:
     if not t:
       continue
     med = statistics.median(t)
-    row = {'side': k if k == 'torch' else f'jax {k}', 'step_s': med, 'spread_s': [min(t), max(t)],
-           'tokens_s': tokens / med, 'gflops': flops / med / 1e9, 'ratio_peak': flops / med / 1e9 / peak,
-           'ratio_torch': torch_t / med, 'loss': (torch_step.loss if k == 'torch' else steps[k].loss),
-           'page_faults': statistics.median(faults[k]), 'kernel_s': statistics.median(kernel_s[k])}
+    row = {
+        'side': k if k == 'torch' else f'jax {k}',
+        'step_s': med,
+        'spread_s': [min(t), max(t)],
+        'tokens_s': tokens / med,
+        'gflops': flops / med / 1e9,
+        'ratio_peak': flops / med / 1e9 / peak,
+        'ratio_torch': torch_t / med,
+        'loss': (torch_step.loss if k == 'torch' else steps[k].loss),
+        'page_faults': statistics.median(faults[k]),
+        'kernel_s': statistics.median(kernel_s[k])
+    }
     if k != 'torch':
       row['cost_analysis_gflop'] = steps[k].cost_flops / 1e9
       row['compile_s'] = steps[k].compile_s
@@ -487,11 +508,23 @@ def main() -> None:
           f'{row["page_faults"]:>9.0f}{row["kernel_s"]:>7.2f}')
   if a.json:
     with open(a.json, 'w') as f:
-      json.dump({'args': vars(a), 'cpu': cpu, 'cores': os.cpu_count(), 'jax': jax.__version__,
-                 'xla_flags': os.environ.get('XLA_FLAGS', ''),
-                 'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''), 'analytic_gflop': flops / 1e9,
-                 'peaks': peaks, 'times': times, 'page_faults': faults, 'kernel_s': kernel_s, 'rows': rows,
-                 'python': platform.python_version(), 'date': time.strftime('%Y-%m-%d %H:%M')}, f, indent=1)
+      json.dump(
+          {
+              'args': vars(a),
+              'cpu': cpu,
+              'cores': os.cpu_count(),
+              'jax': jax.__version__,
+              'xla_flags': os.environ.get('XLA_FLAGS', ''),
+              'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+              'analytic_gflop': flops / 1e9,
+              'peaks': peaks,
+              'times': times,
+              'page_faults': faults,
+              'kernel_s': kernel_s,
+              'rows': rows,
+              'python': platform.python_version(),
+              'date': time.strftime('%Y-%m-%d %H:%M')
+          }, f, indent=1)
 
 
 if __name__ == '__main__':

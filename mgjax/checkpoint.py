@@ -106,8 +106,11 @@ class Checkpoints:
         policies.BestN(get_metric_fn=lambda m: -m["score"], n=1, keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
-        read_only=read_only, create=not read_only, enable_async_checkpointing=True,
-        preservation_policy=keep, save_interval_steps=0 if read_only else 1,
+        read_only=read_only,
+        create=not read_only,
+        enable_async_checkpointing=True,
+        preservation_policy=keep,
+        save_interval_steps=0 if read_only else 1,
         # A save cut short (a kill, a second Ctrl-C, a full disk) leaves a tmp folder; the
         # next run's manager removes it. One process only: with several, a resumed run's
         # collectives went out of step between the processes and timed out.
@@ -129,8 +132,8 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, *, params: Any, opt_state: Any, data_iter: Any, meta: dict,
-           adapters: Any = None, score: float | None = None) -> None:
+  def save(self, step: int, *, params: Any, opt_state: Any, data_iter: Any, meta: dict, adapters: Any = None,
+           score: float | None = None) -> None:
     """Starts an asynchronous save; arrays are copied off first, so training goes on.
 
     `score` (lower is better; None for a step that was not evaluated or is out of the
@@ -257,15 +260,21 @@ def check_params_fit(checkpoints: Checkpoints, step: int, abstract_params: Any) 
   """Stops with every mismatched parameter path before orbax tries to restore."""
   saved = checkpoints.param_shapes(step)
   wanted = {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
-  problems = [f"  {p}: checkpoint {saved[p]} vs model {wanted[p]}" for p in sorted(wanted) if p in saved and saved[p] != wanted[p]]
-  problems += [f"  {p}: missing from the checkpoint (model wants {wanted[p]})" for p in sorted(wanted) if p not in saved]
+  problems = [
+      f"  {p}: checkpoint {saved[p]} vs model {wanted[p]}" for p in sorted(wanted)
+      if p in saved and saved[p] != wanted[p]
+  ]
+  problems += [
+      f"  {p}: missing from the checkpoint (model wants {wanted[p]})" for p in sorted(wanted) if p not in saved
+  ]
   problems += [f"  {p}: in the checkpoint {saved[p]} but not in the model" for p in sorted(saved) if p not in wanted]
   if problems:
     shown = problems[:40] + ([f"  ... and {len(problems) - 40} more"] if len(problems) > 40 else [])
     raise CheckpointError(
         f"checkpoint {checkpoints.directory / str(step)} does not fit the model: {len(problems)} "
         "mismatched parameter(s):\n" + "\n".join(shown) +
-        "\nUse the model config the checkpoint was trained with (see its meta/ item), or start from a matching checkpoint.")
+        "\nUse the model config the checkpoint was trained with (see its meta/ item), or start from a matching checkpoint."
+    )
 
 
 def relative_to(path: str, workdir: str) -> str:
@@ -328,11 +337,10 @@ def locate(path: str, *, require_finished: bool = False, step: int = 0) -> tuple
     return locate(result)
   latest = Checkpoints(str(workdir), read_only=True).latest_step() if (workdir / "checkpoints").exists() else None
   if latest is None:
-    raise CheckpointError(
-        f"no checkpoint found under {workdir / 'checkpoints'}. Each stage starts from the one before "
-        f"it: run that stage with --workdir={workdir} first (e.g. `python -m mgjax.main "
-        f"--config=configs/stage1.py --workdir={workdir}`), or point --config.init_from at a workdir "
-        "(or checkpoints/<step> folder) that holds one.")
+    raise CheckpointError(f"no checkpoint found under {workdir / 'checkpoints'}. Each stage starts from the one before "
+                          f"it: run that stage with --workdir={workdir} first (e.g. `python -m mgjax.main "
+                          f"--config=configs/stage1.py --workdir={workdir}`), or point --config.init_from at a workdir "
+                          "(or checkpoints/<step> folder) that holds one.")
   if require_finished and not finished(str(workdir)):
     raise CheckpointError(
         f"the run in {workdir} has not finished (no complete report.json; its latest checkpoint is step "

@@ -70,28 +70,28 @@ def mini_gemini(*, llm: dict, vocab_size: int, template: str, pretrain_template:
     one its pretraining phase used (`plain` except where the script names the chat template).
   lr_multipliers: optim.lr_multipliers of its fine-tuning (MGM's --lr_multi).
   """
-  return ml_collections.ConfigDict(dict(
-      vocab_size=vocab_size,
-      image_token_id=0,  # replaced by the tokenizer's <image> id when training starts
-      # Mini-Gemini trains the LLM, mining and projector; both towers stay frozen.
-      freeze=("vision_lowres/.*", "vision_highres/.*"),
-      seq_len=2048,  # data.seq_len: Mini-Gemini's fine-tuning model_max_length
-      # data.pad_to_square: every fine-tuning script passes --image_aspect_ratio pad.
-      pad_to_square=True,
-      dtype="bfloat16",  # compute dtype; params stay float32, logits are always float32
-      template=template,
-      pretrain_template=pretrain_template,
-      lr_multipliers=lr_multipliers,
-      llm=dict(llm, remat="full", scan_layers=True),
-      # openai/clip-vit-large-patch14-336, penultimate layer, no class token: 576 x 1024 per view.
-      vision_lowres=dict(kind="clip", image_size=336, patch_size=14, width=1024, layers=24,
-                         heads=16, mlp=4096, feature_layer=-2),
-      # OpenCLIP convnext_large_d_320 (laion2B-s29B-b131K-ft-soup) trunk, at --image_size_aux.
-      vision_highres=dict(kind="convnext", image_size=768, dims=(192, 384, 768, 1536),
-                          depths=(3, 3, 27, 3)),
-      image_grid=1,
-      image_global=False,
-  ))
+  return ml_collections.ConfigDict(
+      dict(
+          vocab_size=vocab_size,
+          image_token_id=0,  # replaced by the tokenizer's <image> id when training starts
+          # Mini-Gemini trains the LLM, mining and projector; both towers stay frozen.
+          freeze=("vision_lowres/.*", "vision_highres/.*"),
+          seq_len=2048,  # data.seq_len: Mini-Gemini's fine-tuning model_max_length
+          # data.pad_to_square: every fine-tuning script passes --image_aspect_ratio pad.
+          pad_to_square=True,
+          dtype="bfloat16",  # compute dtype; params stay float32, logits are always float32
+          template=template,
+          pretrain_template=pretrain_template,
+          lr_multipliers=lr_multipliers,
+          llm=dict(llm, remat="full", scan_layers=True),
+          # openai/clip-vit-large-patch14-336, penultimate layer, no class token: 576 x 1024 per view.
+          vision_lowres=dict(kind="clip", image_size=336, patch_size=14, width=1024, layers=24, heads=16, mlp=4096,
+                             feature_layer=-2),
+          # OpenCLIP convnext_large_d_320 (laion2B-s29B-b131K-ft-soup) trunk, at --image_size_aux.
+          vision_highres=dict(kind="convnext", image_size=768, dims=(192, 384, 768, 1536), depths=(3, 3, 27, 3)),
+          image_grid=1,
+          image_global=False,
+      ))
 
 
 def hd_variant(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

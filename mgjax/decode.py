@@ -33,8 +33,8 @@ from mgjax.data import pipeline
 from mgjax.data.records import PROMPT_CLOSE, PROMPT_OPEN
 from mgjax.models import vlm
 
-
 # ------------------------------------------------------------------------------ Token level
+
 
 def _allowed(model, logits: jax.Array, num_tokens: int | None) -> jax.Array:
   """Logits [B, vocab] with the tokens decoding must never produce made impossible."""
@@ -67,9 +67,8 @@ def _decode_step(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, cache: 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens"))
-def _full_forward(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array],
-                  input_ids: jax.Array, token_mask: jax.Array, last: jax.Array,
-                  num_tokens: int | None = None) -> jax.Array:
+def _full_forward(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array], input_ids: jax.Array,
+                  token_mask: jax.Array, last: jax.Array, num_tokens: int | None = None) -> jax.Array:
   """No cache: the training forward over the whole sequence, logits [B, vocab] at column `last`.
 
   The sequence has a fixed length (prompt + every new token) so this compiles once; columns
@@ -77,14 +76,14 @@ def _full_forward(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Arra
   """
   model = nnx.merge(graphdef, params)
   positions = jnp.maximum(jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1, 0)
-  logits = model(input_ids, batch["images_lowres"], batch["images_highres"],
-                 positions=positions, segment_ids=token_mask.astype(jnp.int32))
+  logits = model(input_ids, batch["images_lowres"], batch["images_highres"], positions=positions,
+                 segment_ids=token_mask.astype(jnp.int32))
   return _allowed(model, jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False), num_tokens)
 
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
-def sample_tokens(logits: jax.Array, rng: jax.Array | None, *, temperature: float = 0.0,
-                  top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+def sample_tokens(logits: jax.Array, rng: jax.Array | None, *, temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
   """Next tokens [B] from logits [B, vocab]: argmax when temperature == 0, else a sample.
 
   Sampling draws from softmax(logits / temperature) restricted to the top_k most likely
@@ -107,10 +106,9 @@ def sample_tokens(logits: jax.Array, rng: jax.Array | None, *, temperature: floa
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def generate(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, Any], *,
-             max_new_tokens: int, eos_id: int, pad_id: int = 0, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, rng: jax.Array | None = None,
-             num_tokens: int | None = None, use_cache: bool = True) -> np.ndarray:
+def generate(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, Any], *, max_new_tokens: int, eos_id: int,
+             pad_id: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             rng: jax.Array | None = None, num_tokens: int | None = None, use_cache: bool = True) -> np.ndarray:
   """Continues each row of a left-padded prompt batch until eos or max_new_tokens.
 
   Runs on whatever devices params live on; under `jax.set_mesh(mesh)` and
@@ -147,16 +145,18 @@ def generate(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, Any], *,
     logits, cache = _prefill(graphdef, params, batch, cache_size=prompt_len + max_new_tokens, num_tokens=num_tokens)
   else:
     input_ids = np.concatenate(
-        [np.asarray(batch["input_ids"], np.int32), np.full((batch_size, max_new_tokens), pad_id, np.int32)], axis=1)
-    token_mask = np.concatenate(
-        [np.asarray(batch["prompt_mask"], bool), np.zeros((batch_size, max_new_tokens), bool)], axis=1)
+        [np.asarray(batch["input_ids"], np.int32),
+         np.full((batch_size, max_new_tokens), pad_id, np.int32)], axis=1)
+    token_mask = np.concatenate([np.asarray(batch["prompt_mask"], bool),
+                                 np.zeros((batch_size, max_new_tokens), bool)], axis=1)
     logits = _full_forward(graphdef, params, batch, input_ids, token_mask, prompt_len - 1, num_tokens=num_tokens)
 
   tokens = np.full((batch_size, max_new_tokens), pad_id, np.int32)
   finished = np.zeros(batch_size, bool)
   for i in range(max_new_tokens):
-    new = np.asarray(sample_tokens(logits, jax.random.fold_in(rng, i), temperature=float(temperature),
-                                   top_k=int(top_k), top_p=float(top_p)))
+    new = np.asarray(
+        sample_tokens(logits, jax.random.fold_in(rng, i), temperature=float(temperature), top_k=int(top_k),
+                      top_p=float(top_p)))
     tokens[:, i] = np.where(finished, pad_id, new)
     finished |= new == eos_id
     if finished.all() or i == max_new_tokens - 1:
@@ -167,8 +167,7 @@ def generate(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, Any], *,
     else:
       input_ids[:, prompt_len + i] = new
       token_mask[:, prompt_len + i] = True
-      logits = _full_forward(graphdef, params, batch, input_ids, token_mask, prompt_len + i,
-                             num_tokens=num_tokens)
+      logits = _full_forward(graphdef, params, batch, input_ids, token_mask, prompt_len + i, num_tokens=num_tokens)
   return tokens
 
 
@@ -211,6 +210,7 @@ def left_pad(prompts: Sequence[Mapping[str, np.ndarray]], *, pad_id: int, length
 
 # ------------------------------------------------------------------------------ Text level
 
+
 def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
   """`text` up to the earliest occurrence of any stop string (all of it if none occurs)."""
   cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
@@ -244,8 +244,8 @@ def _batch_bucket(n: int, max_batch_size: int) -> int:
 class Generator:
   """Answers conversations with a MiniGemini, as the model saw conversations in training."""
 
-  def __init__(self, graphdef: nnx.GraphDef, params: Any, tokenizer, encoder, *,
-               max_batch_size: int = 8, length_multiple: int = 64):
+  def __init__(self, graphdef: nnx.GraphDef, params: Any, tokenizer, encoder, *, max_batch_size: int = 8,
+               length_multiple: int = 64):
     """Args:
       graphdef, params: the model (nnx.split of a MiniGemini).
       tokenizer: the tokenizer it was trained with (chat template, eos, decoding).
@@ -265,9 +265,8 @@ class Generator:
       raise ValueError(f"tokenizer {tokenizer.name_or_path} has no eos token: generation could never stop")
 
   def generate(self, conversations: Sequence[Sequence[Mapping[str, str]]],
-               images: Sequence[Sequence[bytes]] | None = None, *, max_new_tokens: int = 64,
-               stop: Sequence[str] = (), temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int = 0) -> list[str]:
+               images: Sequence[Sequence[bytes]] | None = None, *, max_new_tokens: int = 64, stop: Sequence[str] = (),
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
     """The assistant's next turn for each conversation.
 
     Args:
@@ -286,8 +285,11 @@ class Generator:
       images = [[] for _ in conversations]
     if len(images) != len(conversations):
       raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
-    prompts = [self.encoder.encode_prompt([dict(m) for m in conversation], list(files))
-               for conversation, files in zip(conversations, images)]
+    prompts = [
+        self.encoder.encode_prompt([dict(m)
+                                    for m in conversation], list(files))
+        for conversation, files in zip(conversations, images)
+    ]
     rng = jax.random.key(seed)
     answers = []
     for start in range(0, len(prompts), self.max_batch_size):
@@ -296,10 +298,9 @@ class Generator:
       batch = left_pad(chunk, pad_id=self.encoder.pad_id,
                        length=-(-longest // self.length_multiple) * self.length_multiple,
                        batch_size=_batch_bucket(len(chunk), self.max_batch_size))
-      tokens = generate(self.graphdef, self.params, batch, max_new_tokens=max_new_tokens,
-                        eos_id=self.eos_id, pad_id=self.encoder.pad_id, temperature=temperature,
-                        top_k=top_k, top_p=top_p, rng=jax.random.fold_in(rng, start),
-                        num_tokens=len(self.tokenizer))
+      tokens = generate(self.graphdef, self.params, batch, max_new_tokens=max_new_tokens, eos_id=self.eos_id,
+                        pad_id=self.encoder.pad_id, temperature=temperature, top_k=top_k, top_p=top_p,
+                        rng=jax.random.fold_in(rng, start), num_tokens=len(self.tokenizer))
       answers += [self._detokenize(row, stop) for row in tokens[:len(chunk)]]
     return answers
 
@@ -312,17 +313,18 @@ class Generator:
 
 # ------------------------------------------------------------------------------ From a workdir
 
+
 def _untrained_message(workdir: str) -> str:
-  return (f"no trained checkpoint in {workdir}: train one first with "
-          f"`python -m mgjax.main --config=configs/stage1.py --workdir={workdir}` (stage 1), then optionally "
-          f"`python -m mgjax.main --config=configs/stage2.py --config.init_from={workdir} --workdir=WORKDIR2` (stage 2)")
+  return (
+      f"no trained checkpoint in {workdir}: train one first with "
+      f"`python -m mgjax.main --config=configs/stage1.py --workdir={workdir}` (stage 1), then optionally "
+      f"`python -m mgjax.main --config=configs/stage2.py --config.init_from={workdir} --workdir=WORKDIR2` (stage 2)")
 
 
 def _load_tokenizer(directory: epath.Path):
   if not (directory / "tokenizer_config.json").exists():
-    raise FileNotFoundError(
-        f"{directory} holds no tokenizer: `python -m mgjax.main` saves one in every workdir; "
-        "for an older workdir, save the dataset's tokenizer there with save_pretrained")
+    raise FileNotFoundError(f"{directory} holds no tokenizer: `python -m mgjax.main` saves one in every workdir; "
+                            "for an older workdir, save the dataset's tokenizer there with save_pretrained")
   if "://" not in str(directory):
     return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
   with tempfile.TemporaryDirectory() as local:  # from_pretrained reads local files only

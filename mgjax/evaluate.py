@@ -95,17 +95,18 @@ def chance(turns: list[tuple[list[dict], str]], majority: dict[str, tuple[str, .
   """Expected accuracy on (conversation before the answer, reference) turns of a blind
   guesser that answers with a most common training answer, picked at random when k are
   tied: a reference among them is right with probability 1/k."""
+
   def expected(prefix, ref):
     tied = majority.get(_question(prefix), ())
     return 1 / len(tied) if normalize_answer(ref) in tied else 0.0
+
   return float(np.mean([expected(prefix, ref) for prefix, ref in turns]))
 
 
 def _answer_every_turn(generator: decode.Generator, source, max_new_tokens: int):
   """Every assistant turn of `source` with the model's own answer in its place."""
   items = list(assistant_turns(source))
-  answers = generator.generate([p for p, _, _ in items], [im for _, im, _ in items],
-                               max_new_tokens=max_new_tokens)
+  answers = generator.generate([p for p, _, _ in items], [im for _, im, _ in items], max_new_tokens=max_new_tokens)
   return items, answers
 
 
@@ -115,8 +116,7 @@ def score_generation(generator: decode.Generator, source, *, max_new_tokens: int
   references = [decode.extract_image_prompt(ref) or ref for _, _, ref in items]
   return {
       "format_rate": float(np.mean([p is not None for p in prompts])),
-      "prompt_f1": float(np.mean([token_f1(p, r) if p is not None else 0.0
-                                  for p, r in zip(prompts, references)])),
+      "prompt_f1": float(np.mean([token_f1(p, r) if p is not None else 0.0 for p, r in zip(prompts, references)])),
       "num_answers": len(items),
   }
 
@@ -135,8 +135,8 @@ def score_accuracy(generator: decode.Generator, source, *, max_new_tokens: int,
   return scores
 
 
-def evaluate(generator: decode.Generator, val_sources: dict[str, Any], losses: dict[str, float],
-             eval_cfg, majority: dict[str, tuple[str, ...]] | None = None) -> dict[str, dict[str, float]]:
+def evaluate(generator: decode.Generator, val_sources: dict[str, Any], losses: dict[str, float], eval_cfg,
+             majority: dict[str, tuple[str, ...]] | None = None) -> dict[str, dict[str, float]]:
   """{split: {"loss": ..., and the split's scores}} for every validation split.
 
   `majority` (from `majority_answers` over the training mix) adds the chance level to

@@ -37,8 +37,11 @@ class LockHeld(RuntimeError):
 
 
 def _holder() -> dict:
-  return {"host": socket.gethostname(), "pid": os.getpid(),
-          "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+  return {
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  }
 
 
 def _describe(holder: dict) -> str:

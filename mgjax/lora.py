@@ -49,8 +49,10 @@ def target_paths(params: Any, lora_cfg: ml_collections.ConfigDict) -> list[str]:
 
 def _nest(flat: dict[str, Any], params: Any) -> dict:
   """{"a/b/0/c": x} -> {"a": {"b": {0: {"c": x}}}}, with the key types of `params` (ints for lists)."""
-  keys = {path_str(p): [getattr(k, "key", getattr(k, "idx", None)) for k in p]
-          for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+  keys = {
+      path_str(p): [getattr(k, "key", getattr(k, "idx", None)) for k in p]
+      for p, _ in jax.tree_util.tree_leaves_with_path(params)
+  }
   tree: dict = {}
   for path, value in flat.items():
     node = tree

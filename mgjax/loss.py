@@ -18,8 +18,7 @@ from mgjax import throughput
 from mgjax.models.axes import constrain
 
 
-def _chunk_loss(hidden: jax.Array, output_embedding: jax.Array, targets: jax.Array,
-                weights: jax.Array) -> jax.Array:
+def _chunk_loss(hidden: jax.Array, output_embedding: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
   """Sum of weighted token cross-entropies; hidden [B, C, D], output_embedding [D, V]."""
   logits = jnp.einsum('bcd,dv->bcv', hidden.astype(output_embedding.dtype), output_embedding,
                       preferred_element_type=jnp.float32)
@@ -27,8 +26,8 @@ def _chunk_loss(hidden: jax.Array, output_embedding: jax.Array, targets: jax.Arr
   return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights)
 
 
-def summed_cross_entropy(hidden: jax.Array, output_embedding: jax.Array, targets: jax.Array,
-                         weights: jax.Array, chunk: int = 0, *, unroll: bool = False) -> jax.Array:
+def summed_cross_entropy(hidden: jax.Array, output_embedding: jax.Array, targets: jax.Array, weights: jax.Array,
+                         chunk: int = 0, *, unroll: bool = False) -> jax.Array:
   """sum over tokens of weights * cross-entropy(hidden @ output_embedding, targets).
 
   Args:
@@ -52,8 +51,8 @@ def summed_cross_entropy(hidden: jax.Array, output_embedding: jax.Array, targets
   n = -(-t // chunk)
   pad = n * chunk - t
   if pad:  # padding tokens carry weight 0: they add nothing to the loss or its gradients
-    hidden, targets, weights = (jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-                                for x in (hidden, targets, weights))
+    hidden, targets, weights = (
+        jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in (hidden, targets, weights))
 
   def chunks(x):  # [B, n * chunk, ...] -> [n, B, chunk, ...]
     return jnp.swapaxes(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 0, 1)
@@ -74,7 +73,8 @@ def chunked_flops(batch: int, seq_len: int, hidden: int, vocab: int, chunk: int,
     return 0.0
   n = -(-seq_len // chunk)
   one = jax.checkpoint(_chunk_loss, policy=jax.checkpoint_policies.nothing_saveable)
-  lowered = jax.jit(jax.grad(one, argnums=(0, 1))).lower(
-    jax.ShapeDtypeStruct((batch, chunk, hidden), dtype), jax.ShapeDtypeStruct((hidden, vocab), dtype),
-    jax.ShapeDtypeStruct((batch, chunk), jnp.int32), jax.ShapeDtypeStruct((batch, chunk), jnp.float32))
+  lowered = jax.jit(jax.grad(one, argnums=(0, 1))).lower(jax.ShapeDtypeStruct((batch, chunk, hidden), dtype),
+                                                         jax.ShapeDtypeStruct((hidden, vocab), dtype),
+                                                         jax.ShapeDtypeStruct((batch, chunk), jnp.int32),
+                                                         jax.ShapeDtypeStruct((batch, chunk), jnp.float32))
   return (n - 1) * (throughput.lowered_flops(lowered) or 0.0)

@@ -15,7 +15,8 @@ from ml_collections import config_flags
 
 from mgjax import runtime
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/stage1.py[:model=sample].")
+_CONFIG = config_flags.DEFINE_config_file("config", None,
+                                          "Training config file, e.g. configs/stage1.py[:model=sample].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard logs go (local or gs://).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False,
@@ -55,16 +56,18 @@ def main(argv: list[str]) -> None:
     sys.exit(e.exit_status)
   except KeyboardInterrupt:
     # A second Ctrl-C: stop now, without the traceback of every thread it interrupted.
-    _exit_now(130, f"stopped at once by Ctrl-C; the last complete checkpoint under {workdir}/checkpoints "
-                   "resumes: run the same command again")
+    _exit_now(
+        130, f"stopped at once by Ctrl-C; the last complete checkpoint under {workdir}/checkpoints "
+        "resumes: run the same command again")
   except Exception as e:  # any error: only a full disk is handled; the rest re-raised
     full = _disk_full(e)
     if not full:
       raise
     where = "the workdir or data_dir" if full == "?" else full
-    _exit_now(1, f"error: no space left on the disk holding {where}. Free space there (or point "
-                 f"--workdir / data.data_dir elsewhere) and run the same command again: it resumes from the "
-                 f"last complete checkpoint under {workdir}/checkpoints")
+    _exit_now(
+        1, f"error: no space left on the disk holding {where}. Free space there (or point "
+        f"--workdir / data.data_dir elsewhere) and run the same command again: it resumes from the "
+        f"last complete checkpoint under {workdir}/checkpoints")
   print(summary.format(), flush=True)
 
 

@@ -69,8 +69,7 @@ def read(workdir: str) -> list[dict[str, Any]]:
 
 def val_losses_at(workdir: str, step: int) -> dict[str, float]:
   """The validation losses logged at `step` (e.g. step 0 of a resumed run)."""
-  return {r["split"]: r["loss"] for r in read(workdir)
-          if r["step"] == step and r["split"] != "train" and "loss" in r}
+  return {r["split"]: r["loss"] for r in read(workdir) if r["step"] == step and r["split"] != "train" and "loss" in r}
 
 
 def train_loss_at(workdir: str, step: int) -> float:

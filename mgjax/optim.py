@@ -22,9 +22,9 @@ def schedule(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Sc
   ratio = optim_cfg.get("warmup_ratio", 0.0)
   warmup = math.ceil(ratio * total_steps) if ratio > 0 else optim_cfg.warmup_steps
   warmup = min(warmup, max(total_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=optim_cfg.lr * optim_cfg.end_lr_factor)
+  return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=warmup,
+                                            decay_steps=max(total_steps, warmup + 1),
+                                            end_value=optim_cfg.lr * optim_cfg.end_lr_factor)
 
 
 def frozen_labels(params: Any, patterns: tuple[str, ...]) -> Any:
@@ -34,14 +34,19 @@ def frozen_labels(params: Any, patterns: tuple[str, ...]) -> Any:
       lambda path, _: "frozen" if any(c.fullmatch(path_str(path)) for c in compiled) else "trainable", params)
 
 
-def make(optim_cfg: ml_collections.ConfigDict, total_steps: int, params: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make(optim_cfg: ml_collections.ConfigDict, total_steps: int,
+         params: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns the optimizer for `params` (a tree of arrays or shapes) and its LR schedule."""
   lr = schedule(optim_cfg, total_steps)
   trainable = optax.chain(
       optax.clip_by_global_norm(optim_cfg.grad_clip),
-      optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, weight_decay=optim_cfg.weight_decay,
-                  # Decay matrices only; norms' scales and biases are left alone.
-                  mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
+      optax.adamw(
+          lr,
+          b1=optim_cfg.b1,
+          b2=optim_cfg.b2,
+          weight_decay=optim_cfg.weight_decay,
+          # Decay matrices only; norms' scales and biases are left alone.
+          mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
   )
   labels = frozen_labels(params, tuple(optim_cfg.freeze))
   if "trainable" not in jax.tree.leaves(labels):

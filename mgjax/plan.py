@@ -42,10 +42,12 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config, e.g. configs/stage2.py:model=mgm_8b.")
-_DEVICES = flags.DEFINE_integer("devices", 8, "Without --target: how many virtual CPU devices the planned "
-                                "topology has (the mesh is built on them).")
-_TARGET = flags.DEFINE_string("target", None, "A TPU accelerator type as gcloud spells it (v5p-8, v5litepod-8 "
-                              "or v5e-8, v6e-8, v4-8, v5p-16, ...): compile with the TPU compiler for it.")
+_DEVICES = flags.DEFINE_integer(
+    "devices", 8, "Without --target: how many virtual CPU devices the planned "
+    "topology has (the mesh is built on them).")
+_TARGET = flags.DEFINE_string(
+    "target", None, "A TPU accelerator type as gcloud spells it (v5p-8, v5litepod-8 "
+    "or v5e-8, v6e-8, v4-8, v5p-16, ...): compile with the TPU compiler for it.")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures as JSON to this path.")
 flags.mark_flags_as_required(["config"])
 
@@ -79,12 +81,13 @@ TPU_GENERATIONS = {
     "v6e": TpuGeneration("v6e", 1, 2, 918.0, 32.0),
 }
 
-
 # TPU generations whose compiler runs FSDP's collective matmuls as windowed-einsum loops by
 # default, and the options that turn them off for compiles that only give cost figures.
 WINDOWED_EINSUM_GENERATIONS = ("v5e", "v6e")
-COST_COMPILER_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
-                         "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+COST_COMPILER_OPTIONS = {
+    "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+    "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False
+}
 
 
 def tpu_topology(accelerator_type: str) -> tuple[TpuGeneration, str, int]:
@@ -123,8 +126,10 @@ def _use_virtual_devices(n: int) -> None:
   # XLA:CPU's default scheduler favours concurrency over memory (it starts all-gathers and
   # other independent work early, holding their buffers); TPU/GPU compilers schedule for
   # memory when it is short, so ask for the memory-minimising order (sample: 31 -> 25 MiB).
-  extra = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
-           "--xla_cpu_enable_concurrency_optimized_scheduler=false"]
+  extra = [
+      "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
+      "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+  ]
   extra = [f for f in extra if f.split("=")[0] not in " ".join(kept)]
   os.environ["XLA_FLAGS"] = " ".join(kept + extra + [f"--xla_force_host_platform_device_count={n}"])
   os.environ["JAX_PLATFORMS"] = "cpu"
@@ -177,8 +182,10 @@ def abstract_batch(data_cfg, model_cfg, batch_sharding=None) -> dict:
     return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
 
   return {
-      "input_ids": spec((b, t), jnp.int32), "targets": spec((b, t), jnp.int32),
-      "loss_mask": spec((b, t), jnp.float32), "segment_ids": spec((b, t), jnp.int32),
+      "input_ids": spec((b, t), jnp.int32),
+      "targets": spec((b, t), jnp.int32),
+      "loss_mask": spec((b, t), jnp.float32),
+      "segment_ids": spec((b, t), jnp.int32),
       "positions": spec((b, t), jnp.int32),
       "images_lowres": spec((b, m, *lowres), jnp.float32),
       "images_highres": spec((b, m, highres, highres, 3), jnp.float32),
@@ -211,9 +218,9 @@ def compile_train_step(config, devices: list, *, unroll_loss: bool = False,
   opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
 
   batch = abstract_batch(config.data, model_cfg, sharding.batch_sharding(mesh))
-  train_step, summed_loss = train.make_train_step(
-      graphdef, tx, lambda trainable, frozen: trainable, config.train.grad_accum_steps,
-      tuple(config.optim.freeze), config.train.loss_chunk, unroll_loss)
+  train_step, summed_loss = train.make_train_step(graphdef, tx,
+                                                  lambda trainable, frozen: trainable, config.train.grad_accum_steps,
+                                                  tuple(config.optim.freeze), config.train.loss_chunk, unroll_loss)
   step = jax.jit(train_step, donate_argnums=(0, 1),
                  out_shardings=(param_shardings, opt_shardings, sharding.replicated(mesh)))
   started = time.perf_counter()
@@ -277,11 +284,13 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None) -
   options = COST_COMPILER_OPTIONS if target and gen.topology in WINDOWED_EINSUM_GENERATIONS else None
   if config.model.llm.get("scan_layers", False) or 0 < config.train.loss_chunk < config.data.seq_len:
     layers = int(config.model.llm.layers)
-    one, two = (step_costs(compile_train_step(unscanned_twin(config, n), devices, unroll_loss=True,
-                                              compiler_options=options), unscanned_twin(config, n), len(devices))
-                for n in (1, 2))
-    costs = {k: (one[k] + (layers - 1) * (two[k] - one[k]) if one[k] is not None and two[k] is not None else None)
-             for k in costs}
+    one, two = (step_costs(
+        compile_train_step(unscanned_twin(config, n), devices, unroll_loss=True, compiler_options=options),
+        unscanned_twin(config, n), len(devices)) for n in (1, 2))
+    costs = {
+        k: (one[k] + (layers - 1) * (two[k] - one[k]) if one[k] is not None and two[k] is not None else None)
+        for k in costs
+    }
   elif options:
     costs = step_costs(compile_train_step(config, devices, compiler_options=options), config, len(devices))
 
@@ -292,33 +301,60 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None) -
   num_params = sum(x.size for x in jax.tree.leaves(step.params))
   b, t = config.data.batch_size, config.data.seq_len
   out = {
-      "mesh": dict(step.mesh.shape),
-      "num_params": num_params,
-      "batch": {"global": b, "seq_len": t, "image_slots": config.data.max_images, "tokens": b * t,
-                "grad_accum_steps": config.train.grad_accum_steps},
-      "attention": _attention_used(config, devices),
-      "scan_layers": bool(config.model.llm.get("scan_layers", False)),
-      "remat": config.model.llm.get("remat", "none"),
-      "params_bytes": bytes_per_device(step.params),
-      "opt_state_bytes": bytes_per_device(step.opt_state),
-      "argument_bytes": memory.argument_size_in_bytes,
-      "output_bytes": memory.output_size_in_bytes,
-      "alias_bytes": memory.alias_size_in_bytes,
-      "temp_bytes": memory.temp_size_in_bytes,
-      "host_temp_bytes": memory.host_temp_size_in_bytes,
+      "mesh":
+          dict(step.mesh.shape),
+      "num_params":
+          num_params,
+      "batch": {
+          "global": b,
+          "seq_len": t,
+          "image_slots": config.data.max_images,
+          "tokens": b * t,
+          "grad_accum_steps": config.train.grad_accum_steps
+      },
+      "attention":
+          _attention_used(config, devices),
+      "scan_layers":
+          bool(config.model.llm.get("scan_layers", False)),
+      "remat":
+          config.model.llm.get("remat", "none"),
+      "params_bytes":
+          bytes_per_device(step.params),
+      "opt_state_bytes":
+          bytes_per_device(step.opt_state),
+      "argument_bytes":
+          memory.argument_size_in_bytes,
+      "output_bytes":
+          memory.output_size_in_bytes,
+      "alias_bytes":
+          memory.alias_size_in_bytes,
+      "temp_bytes":
+          memory.temp_size_in_bytes,
+      "host_temp_bytes":
+          memory.host_temp_size_in_bytes,
       # Donated inputs alias outputs: they are only counted once.
-      "peak_bytes": memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-                    + memory.temp_size_in_bytes,
-      "compile_seconds": step.seconds,
+      "peak_bytes":
+          memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes +
+          memory.temp_size_in_bytes,
+      "compile_seconds":
+          step.seconds,
       # Pallas kernels in the program (splash attention on TPU).
-      "pallas_kernels": step.compiled.as_text().count('custom_call_target="tpu_custom_call"'),
+      "pallas_kernels":
+          step.compiled.as_text().count('custom_call_target="tpu_custom_call"'),
       **costs,
   }
   if target:
     devices_per_chip = len(devices) / chips
     peak = gen.peak_tflops / devices_per_chip
-    out.update({"target": target, "topology": topology, "chips": chips, "device_kind": devices[0].device_kind,
-                "device_hbm_gib": gen.hbm_gib / devices_per_chip, "device_peak_tflops": peak, "fits": True})
+    out.update({
+        "target": target,
+        "topology": topology,
+        "chips": chips,
+        "device_kind": devices[0].device_kind,
+        "device_hbm_gib": gen.hbm_gib / devices_per_chip,
+        "device_peak_tflops": peak,
+        "fits": True
+    })
     if out["flops_per_device"] and out["modelled_step_seconds"]:
       out["modelled_flop_utilisation"] = out["flops_per_device"] / (out["modelled_step_seconds"] * peak * 1e12)
   return out
@@ -361,8 +397,8 @@ def format_plan(p: dict, config) -> str:
       f"tokens, {batch['image_slots']} image slot(s) per row, grad_accum_steps {batch['grad_accum_steps']}",
       f"attention {p['attention']}, remat {p['remat']}, scan_layers {p['scan_layers']}; "
       f"compiled in {p['compile_seconds']:.0f} s",
-      "per device" + (f" (TPU compiler, {p['target']} = {p['topology']}, {p['device_kind']}):" if "target" in p
-                      else " (XLA:CPU's buffer assignment: an estimate of a GPU's):"),
+      "per device" + (f" (TPU compiler, {p['target']} = {p['topology']}, {p['device_kind']}):"
+                      if "target" in p else " (XLA:CPU's buffer assignment: an estimate of a GPU's):"),
       f"  weights           {_bytes(p['params_bytes'])}",
       f"  optimizer state   {_bytes(p['opt_state_bytes'])}",
       f"  temporaries       {_bytes(p['temp_bytes'])}  (activations, gradients, compiler buffers)",

@@ -28,7 +28,8 @@ from mgjax import checkpoint, decode, runtime
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained workdir (or one of its checkpoints/<step> folders).")
 _PROMPT = flags.DEFINE_string("prompt", None, "The user's message (not with --chat).")
 _IMAGE = flags.DEFINE_string("image", None, "An image file the message is about (with --chat: for the first turn).")
-_CHAT = flags.DEFINE_bool("chat", False, "Chat interactively: one message per stdin line; /reset starts over, /quit ends.")
+_CHAT = flags.DEFINE_bool("chat", False,
+                          "Chat interactively: one message per stdin line; /reset starts over, /quit ends.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "The most tokens per answer.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 answers greedily; above 0 samples at this temperature.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "When sampling: only among the k most likely tokens (0: all).")
@@ -36,8 +37,8 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "When sampling: only among the most li
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _T2I_PIPELINE = flags.DEFINE_string(
     "t2i_pipeline", None, "A diffusers text-to-image pipeline (folder or hub name) to draw extracted prompts with.")
-_T2I_OUTPUT = flags.DEFINE_string(
-    "t2i_output", "t2i.png", "Where --t2i_pipeline saves the image (in a chat: NAME-<turn>.png).")
+_T2I_OUTPUT = flags.DEFINE_string("t2i_output", "t2i.png",
+                                  "Where --t2i_pipeline saves the image (in a chat: NAME-<turn>.png).")
 flags.mark_flags_as_required(["workdir"])
 
 IMAGE_PROMPT_LABEL = "text-to-image prompt:"
@@ -53,7 +54,7 @@ def load_text_to_image(pipeline: str) -> Callable[[str, str], None]:
   """A function (prompt, png_path) drawing with a diffusers pipeline; diffusers stays optional."""
   if importlib.util.find_spec("diffusers") is None:
     raise ImportError("--t2i_pipeline needs the diffusers package, which mgjax does not install: "
-                       "pip install diffusers (plus torch for its pipelines)")
+                      "pip install diffusers (plus torch for its pipelines)")
   import diffusers
 
   pipe = diffusers.AutoPipelineForText2Image.from_pretrained(pipeline)
@@ -144,8 +145,8 @@ def main(argv: list[str]) -> None:
     generator, _ = decode.load_workdir(_WORKDIR.value)
   except (checkpoint.CheckpointError, FileNotFoundError, ImportError) as e:
     sys.exit(f"error: {e}")
-  settings = dict(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
-                  top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+  settings = dict(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                  top_p=_TOP_P.value, seed=_SEED.value)
   session = _Session(generator, settings, draw, _T2I_OUTPUT.value)
   if _CHAT.value:
     chat(session, image)

@@ -59,15 +59,18 @@ class PreemptionWatch:
     self._requested.set()
     # The next Ctrl-C is Python's default: a KeyboardInterrupt that stops at once.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    print("\ninterrupted (Ctrl-C): finishing the step in flight and saving a checkpoint; "
-          "press Ctrl-C again to stop at once without saving", file=sys.stderr, flush=True)
+    print(
+        "\ninterrupted (Ctrl-C): finishing the step in flight and saving a checkpoint; "
+        "press Ctrl-C again to stop at once without saving", file=sys.stderr, flush=True)
 
   def __enter__(self) -> "PreemptionWatch":
     # Multi-process runs leave SIGTERM to JAX's coordination service (see module doc);
     # signal handlers can only be installed from the main thread.
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_sigterm),
-                        signal.SIGINT: signal.signal(signal.SIGINT, self._on_sigint)}
+      self._previous = {
+          signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_sigterm),
+          signal.SIGINT: signal.signal(signal.SIGINT, self._on_sigint)
+      }
     return self
 
   def __exit__(self, *exc) -> None:

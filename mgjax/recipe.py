@@ -19,12 +19,14 @@ import ml_collections
 
 from mgjax import config as mgjax_config, runtime
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/sample", "Parent folder: the phases go to WORKDIR/pretrain, WORKDIR/stage1 and WORKDIR/stage2.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/sample",
+                               "Parent folder: the phases go to WORKDIR/pretrain, WORKDIR/stage1 and WORKDIR/stage2.")
 _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", None, "Override configs/pretrain.py's train.steps.")
 _STAGE1_STEPS = flags.DEFINE_integer("stage1_steps", None, "Override configs/stage1.py's train.steps.")
 _STAGE2_STEPS = flags.DEFINE_integer("stage2_steps", None, "Override configs/stage2.py's train.steps.")
 _DATA = flags.DEFINE_string("data", "sample", "The data preset (configs/data/NAME.py[:ARG]) of all three phases.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Override data.data_dir (where the dataset is built) of all three phases.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None,
+                                "Override data.data_dir (where the dataset is built) of all three phases.")
 
 PHASES = ("pretrain", "stage1", "stage2")
 
@@ -76,7 +78,10 @@ def main(argv: list[str]) -> None:
   runtime.setup()
   workdir = _WORKDIR.value
   configs = phase_configs(_DATA.value, _DATA_DIR.value, {
-      "pretrain": _PRETRAIN_STEPS.value, "stage1": _STAGE1_STEPS.value, "stage2": _STAGE2_STEPS.value})
+      "pretrain": _PRETRAIN_STEPS.value,
+      "stage1": _STAGE1_STEPS.value,
+      "stage2": _STAGE2_STEPS.value
+  })
   summaries = run(configs, workdir)
   print("\n" + "\n\n".join(s.format() for s in summaries))
   print("\n" + scores_table(summaries[-1].report))
@@ -86,8 +91,8 @@ def main(argv: list[str]) -> None:
   print("\nthe same, phase by phase:")
   for phase in PHASES:
     init = configs[phase].init_from
-    print(f"  python -m mgjax.main --config=configs/{phase}.py{data} --workdir={os.path.join(workdir, phase)}"
-          + data_dir + (f" --config.init_from={init}" if init else ""))
+    print(f"  python -m mgjax.main --config=configs/{phase}.py{data} --workdir={os.path.join(workdir, phase)}" +
+          data_dir + (f" --config.init_from={init}" if init else ""))
 
 
 if __name__ == "__main__":

@@ -59,8 +59,9 @@ def markdown(report: dict[str, Any], columns: list[str]) -> str:
     lines += [f"Result: step {result['step']} ({result['why']}), `{result['checkpoint']}`.", ""]
   if report.get("stopped"):
     lines += [f"**Stopped early** at step {report['stopped']['step']}: {report['stopped']['message']}", ""]
-  lines += ["| split | score | " + " | ".join(columns) + " |",
-            "| --- | --- | " + " | ".join("---" for _ in columns) + " |"]
+  lines += [
+      "| split | score | " + " | ".join(columns) + " |", "| --- | --- | " + " | ".join("---" for _ in columns) + " |"
+  ]
   splits = [s for s in _SHOWN if any(s in report[c] for c in columns)]
   splits += sorted({s for c in columns for s in report[c]} - set(splits))
   for split in splits:
@@ -68,15 +69,19 @@ def markdown(report: dict[str, Any], columns: list[str]) -> str:
       values = [report[c].get(split, {}).get(score) for c in columns]
       if any(v is not None for v in values):
         lines.append(f"| {split} | {score} | " + " | ".join(_cell(v) for v in values) + " |")
-  lines += ["", "`chance`: answering each question with its most common training answer, without "
-            "looking at the image. `format_rate`: share of generation requests answered with a "
-            "well-formed `<h>...</h>` prompt; `prompt_f1`: token F1 of that prompt against the "
-            "reference. `spurious_prompt_rate`: understanding answers that hold a `<h>` prompt.", ""]
+  lines += [
+      "", "`chance`: answering each question with its most common training answer, without "
+      "looking at the image. `format_rate`: share of generation requests answered with a "
+      "well-formed `<h>...</h>` prompt; `prompt_f1`: token F1 of that prompt against the "
+      "reference. `spurious_prompt_rate`: understanding answers that hold a `<h>` prompt.", ""
+  ]
   drift = report.get("drift") or []
   if drift:
     lines += ["Drift of the guarded splits from where this stage started:", ""]
-    lines += [f"- step {d['step']}: " + ", ".join(f"{s} {c:+.1%}" for s, c in d["changes"].items())
-              + ("" if d["within_bounds"] else " (out of bounds)") for d in drift]
+    lines += [
+        f"- step {d['step']}: " + ", ".join(f"{s} {c:+.1%}" for s, c in d["changes"].items()) +
+        ("" if d["within_bounds"] else " (out of bounds)") for d in drift
+    ]
     lines.append("")
   lines += ["![scores per capability](report.png)", ""]
   return "\n".join(lines)
@@ -90,7 +95,10 @@ def chart(report: dict[str, Any], columns: list[str]) -> bytes:
   # switched under a notebook that is showing its own plots.
   from matplotlib.figure import Figure
 
-  panels = [(split, [s for s in scores if any(report[c].get(split, {}).get(s) is not None for c in columns)])
+  panels = [(split, [s
+                     for s in scores
+                     if any(report[c].get(split, {}).get(s) is not None
+                            for c in columns)])
             for split, scores in _SHOWN.items()]
   panels = [(split, scores) for split, scores in panels if scores]
   fig = Figure(figsize=(4.2 * len(panels), 3.6))
@@ -103,8 +111,8 @@ def chart(report: dict[str, Any], columns: list[str]) -> bytes:
       bars = ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=column)
       for bar, v in zip(bars, values):
         if v is not None:
-          ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                      ha="center", va="bottom", fontsize=7)
+          ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                      fontsize=7)
     ax.set_xticks(range(len(scores)), scores, fontsize=8)
     ax.set_title(split.removeprefix("val_"))
   axes[0][0].legend(fontsize=8)

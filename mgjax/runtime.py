@@ -12,13 +12,11 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", os.path.expanduser("~/.cache/mgjax/xla"),
     "Persistent XLA compilation cache: a restarted run or the next stage reuses compiled steps. Empty disables it.")
 
-
 # XLA:CPU runs matmul fusions through YNNPACK with this flag: the 110M train step of
 # benchmarks/train_step.py took 5.46 s instead of 6.08 s on the 2-core dev machine (1.11x,
 # 0.63 -> 0.69 of the matmul peak; see benchmarks/RESULTS.md). CPU-only: other backends
 # ignore it. A user's own XLA_FLAGS setting of it wins.
 _CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
-
 
 # XLA:CPU allocates each step's temporaries afresh (2.3 GB for the 110M step of
 # benchmarks/train_step.py) and glibc maps and unmaps them in 4 KB pages: 620K page faults and

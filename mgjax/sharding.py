@@ -41,7 +41,7 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
   if devices is None:
-    devices = jax.devices()[: mesh_cfg.num_devices] if mesh_cfg.get("num_devices") else jax.devices()
+    devices = jax.devices()[:mesh_cfg.num_devices] if mesh_cfg.get("num_devices") else jax.devices()
   shape = mesh_shape(mesh_cfg, len(devices))
   # Auto axes: the compiler propagates shardings from the ones we pin (params, batch).
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
@@ -75,9 +75,8 @@ def batch_size_per_process(global_batch: int, mesh: Mesh) -> int:
   """Each process feeds its share of the global batch; it must split evenly."""
   shards = batch_shards(mesh)
   if global_batch % shards or global_batch % jax.process_count():
-    raise ValueError(
-        f"data.batch_size={global_batch} must divide by the data-parallel shards ({shards}) "
-        f"and the process count ({jax.process_count()})")
+    raise ValueError(f"data.batch_size={global_batch} must divide by the data-parallel shards ({shards}) "
+                     f"and the process count ({jax.process_count()})")
   return global_batch // jax.process_count()
 
 
@@ -102,11 +101,13 @@ def abstract_optimizer_state(tx: optax.GradientTransformation, abstract_trainabl
   per moment, under masks for frozen weights, which optax.tree_map_params cannot follow);
   counters and other leaves are replicated.
   """
+
   def key(entry) -> str:
     return str(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))))
 
-  weights = {tuple(key(k) for k in path): leaf
-             for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_trainable)[0]}
+  weights = {
+      tuple(key(k) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_trainable)[0]
+  }
   depths = sorted({len(p) for p in weights}, reverse=True)
 
   def layout(path, leaf) -> NamedSharding:

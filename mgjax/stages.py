@@ -73,6 +73,7 @@ def load_init_params(init_from: str, abstract_params: Any) -> tuple[Any, dict]:
 # After every step: a finite, non-collapsed loss
 # ---------------------------------------------------------------------------------------
 
+
 class TrainingGuard:
   """Stops on a NaN/Inf loss or gradient, on a loss collapsed below `collapse_loss`, and on
   batches with nothing to learn from (an empty loss mask also reads as loss 0)."""
@@ -108,6 +109,7 @@ class TrainingGuard:
 # ---------------------------------------------------------------------------------------
 # After every evaluation: drift and early stopping
 # ---------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class DriftCheck:
@@ -169,6 +171,8 @@ class EarlyStopping:
     return self.patience > 0 and self.evals_without_improvement >= self.patience
 
   def state(self) -> dict:
-    return {"best_step": self.best_step,
-            "best_value": None if self.best_step is None else self.best_value,
-            "evals_without_improvement": self.evals_without_improvement}
+    return {
+        "best_step": self.best_step,
+        "best_value": None if self.best_step is None else self.best_value,
+        "evals_without_improvement": self.evals_without_improvement
+    }

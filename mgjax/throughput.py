@@ -94,8 +94,8 @@ def vendor_peak_tflops(device_kind: str) -> float | None:
   return None
 
 
-def rates(*, steps: int, seconds: float, tokens: float, flops_per_device: float | None,
-          peak_tflops: float | None, num_devices: int) -> dict[str, float]:
+def rates(*, steps: int, seconds: float, tokens: float, flops_per_device: float | None, peak_tflops: float | None,
+          num_devices: int) -> dict[str, float]:
   """The per-device rates of a window of `steps` steps that took `seconds` and fed `tokens`
   real (non-padding) tokens in all; FLOP-based ones only when the FLOPs are known."""
   out = {"tokens_per_s_per_device": tokens / seconds / num_devices}

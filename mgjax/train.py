@@ -73,7 +73,9 @@ class Summary:
       lines.append(f"  started from {self.init_from}")
     lines.append(f"  result     {self.checkpoint}")
     lines.append(f"  report     {os.path.join(self.workdir, 'report.md')}")
-    lines.append(f"  metrics    {os.path.join(self.workdir, 'metrics.jsonl')} (TensorBoard: {os.path.join(self.workdir, 'tensorboard')})")
+    lines.append(
+        f"  metrics    {os.path.join(self.workdir, 'metrics.jsonl')} (TensorBoard: {os.path.join(self.workdir, 'tensorboard')})"
+    )
     return "\n".join(lines)
 
 
@@ -81,9 +83,8 @@ def resolve_model_config(model_cfg: ml_collections.ConfigDict, tokenizer) -> ml_
   """Fills in what the tokenizer decides: the <image> token id; checks the vocabulary fits."""
   model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
   if len(tokenizer) > model_cfg.vocab_size:
-    raise ValueError(
-        f"tokenizer {tokenizer.name_or_path} has {len(tokenizer)} tokens but model.vocab_size is "
-        f"{model_cfg.vocab_size}; raise --config.model.vocab_size (a multiple of 128 shards best)")
+    raise ValueError(f"tokenizer {tokenizer.name_or_path} has {len(tokenizer)} tokens but model.vocab_size is "
+                     f"{model_cfg.vocab_size}; raise --config.model.vocab_size (a multiple of 128 shards best)")
   model_cfg.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
   return model_cfg
 
@@ -107,22 +108,23 @@ def make_loss_terms(graphdef: nnx.GraphDef, loss_chunk: int = 0, unroll_loss: bo
   model.llm.router_aux_loss_coef (a Python float); for the others both are None.
   Arguments as in `make_loss_fn`.
   """
+
   def loss_terms(params, batch):
     model = nnx.merge(graphdef, params)
     if model.llm.num_experts:
       # MiniGemini.hidden_states, asking the decoder for its router loss as well.
       embeds = model.embed_inputs(batch["input_ids"], batch["images_lowres"], batch["images_highres"])
-      hidden, router_loss = model.llm.hidden_states(
-          inputs_embeds=embeds, positions=batch["positions"], segment_ids=batch["segment_ids"],
-          return_router_aux_loss=True)
+      hidden, router_loss = model.llm.hidden_states(inputs_embeds=embeds, positions=batch["positions"],
+                                                    segment_ids=batch["segment_ids"], return_router_aux_loss=True)
     else:
       hidden = model.hidden_states(batch["input_ids"], batch["images_lowres"], batch["images_highres"],
                                    positions=batch["positions"], segment_ids=batch["segment_ids"])
       router_loss = None
-    total = summed_cross_entropy(hidden, model.llm.output_embedding(), batch["targets"],
-                                 batch["loss_mask"], loss_chunk, unroll=unroll_loss)
+    total = summed_cross_entropy(hidden, model.llm.output_embedding(), batch["targets"], batch["loss_mask"], loss_chunk,
+                                 unroll=unroll_loss)
     coef = model.llm.router_aux_loss_coef if router_loss is not None else None
     return total, jnp.sum(batch["loss_mask"]), router_loss, coef
+
   return loss_terms
 
 
@@ -139,6 +141,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, loss_chunk: int = 0, unroll_loss: bool 
   def loss_fn(params, batch):
     total, count, _, _ = loss_terms(params, batch)
     return total, count
+
   return loss_fn
 
 
@@ -155,9 +158,8 @@ def split_micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Ar
   return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), batch)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    model_params: Callable[[Any, Any], Any], accum: int,
-                    freeze: tuple[str, ...] = (), loss_chunk: int = 0,
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, model_params: Callable[[Any, Any], Any],
+                    accum: int, freeze: tuple[str, ...] = (), loss_chunk: int = 0,
                     unroll_loss: bool = False) -> tuple[Callable, Callable]:
   """The train step (trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics),
   and the summed loss (trainable, frozen, batch) -> (loss sum, token count) it differentiates.
@@ -196,9 +198,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     if accum == 1:
       (_, (loss_sum, count, router_sum)), grads = grad_fn(trainable, frozen, batch)
     else:
+
       def add_micro_batch(carry, micro):
         (_, terms), grads = grad_fn(trainable, frozen, micro)
         return jax.tree.map(jnp.add, carry, (*terms, grads)), None
+
       micro_batches = split_micro_batches(batch, accum)
       (_, terms), grads = jax.eval_shape(grad_fn, trainable, frozen, jax.tree.map(lambda x: x[0], micro_batches))
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (*terms, grads))
@@ -211,8 +215,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       grads = jax.tree.map(lambda g, label: jnp.zeros_like(g) if label == "frozen" else g, grads, labels)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    step_metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "count": count,
-                    "grad_norm": optax.tree.norm(grads)}
+    step_metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "count": count, "grad_norm": optax.tree.norm(grads)}
     if router_sum is not None:
       step_metrics["router_aux_loss"] = router_sum / jnp.maximum(count, 1.0)
     return trainable, opt_state, step_metrics
@@ -274,9 +277,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   use_lora = config.lora.rank > 0
   # The checkpoint this stage starts from, checked before any data work; a resumed run
   # takes it from its own checkpoint's meta instead.
-  init_checkpoint = (stages.init_checkpoint(config.init_from, config.get("init_from_step", 0))
-                     if config.init_from and not checkpoint.has_checkpoints(workdir)
-                     and not checkpoint.finished(workdir) else None)
+  init_checkpoint = (stages.init_checkpoint(config.init_from, config.get("init_from_step", 0)) if config.init_from and
+                     not checkpoint.has_checkpoints(workdir) and not checkpoint.finished(workdir) else None)
 
   # ---------------------------------------------------------------- Mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -304,20 +306,18 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   encoder = pipeline.make_encoder(tokenizer, config.data, model_cfg, vlm.num_image_tokens(model_cfg))
   local_batch = sharding.batch_size_per_process(config.data.batch_size, mesh)
   train_source = build.open_split(dataset, config.data.train_split)
-  replay_source = (build.open_split(dataset, config.data.replay_split)
-                   if config.data.replay_fraction > 0 else None)
-  train_iter = pipeline.train_iterator(
-      train_source, encoder, batch_size=local_batch, seed=config.seed,
-      num_threads=config.data.num_threads, prefetch=config.data.prefetch,
-      replay_source=replay_source, replay_fraction=config.data.replay_fraction, packing=config.data.packing)
+  replay_source = (build.open_split(dataset, config.data.replay_split) if config.data.replay_fraction > 0 else None)
+  train_iter = pipeline.train_iterator(train_source, encoder, batch_size=local_batch, seed=config.seed,
+                                       num_threads=config.data.num_threads, prefetch=config.data.prefetch,
+                                       replay_source=replay_source, replay_fraction=config.data.replay_fraction,
+                                       packing=config.data.packing)
   val_sources = {split: build.open_split(dataset, split) for split in config.data.val_splits}
   eval_local_batch = sharding.batch_size_per_process(config.train.eval_batch_size, mesh)
   steps = total_steps(config, len(train_source))
   accum = config.train.grad_accum_steps
   if local_batch % accum or (config.data.batch_size // accum) % sharding.batch_shards(mesh):
-    raise ValueError(
-        f"train.grad_accum_steps={accum} must split data.batch_size={config.data.batch_size} into "
-        f"micro-batches that still divide over the {sharding.batch_shards(mesh)} batch shards of the mesh")
+    raise ValueError(f"train.grad_accum_steps={accum} must split data.batch_size={config.data.batch_size} into "
+                     f"micro-batches that still divide over the {sharding.batch_shards(mesh)} batch shards of the mesh")
 
   # ---------------------------------------------------------------- Model and optimizer
   # Shapes first (nothing allocated), then every weight is created directly in its shard.
@@ -375,8 +375,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     init_from = meta_state.get("init_from")
     if use_lora:
       # The checkpoint's params are merged; LoRA trains on the exact weights it started from.
-      params = (stages.load_init_params(init_from["checkpoint"], abstract_params)[0] if init_from
-                else init_params())
+      params = (stages.load_init_params(init_from["checkpoint"], abstract_params)[0] if init_from else init_params())
     trainable = adapters if use_lora else params
     logging.info("resumed from %s at step %d", ckpts.directory / str(start_step), start_step)
   else:
@@ -397,13 +396,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   # ---------------------------------------------------------------- Compiled steps
   # LoRA trains adapters only (optim.freeze applies to plain weights).
   train_step, summed_loss = make_train_step(graphdef, tx, model_params, accum,
-                                            () if use_lora else tuple(config.optim.freeze),
-                                            config.train.loss_chunk)
+                                            () if use_lora else tuple(config.optim.freeze), config.train.loss_chunk)
 
   replicated = sharding.replicated(mesh)
   train_step = jax.jit(
-      train_step, donate_argnums=(0, 1),
-      out_shardings=(jax.tree.map(lambda x: x.sharding, abstract_trainable), opt_shardings, replicated))
+      train_step, donate_argnums=(0, 1), out_shardings=(jax.tree.map(lambda x: x.sharding,
+                                                                     abstract_trainable), opt_shardings, replicated))
   eval_step = jax.jit(summed_loss, out_shardings=replicated)
 
   writer = metrics.MetricsWriter(workdir, resume_step=start_step if start_step else None)
@@ -412,8 +410,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   def compile_train_step(batch: dict[str, jax.Array]) -> tuple[Any, float | None]:
     """The train step compiled for this batch's shapes, and its FLOPs per device."""
     compiled = train_step.lower(trainable, opt_state, frozen, batch).compile()
-    return compiled, step_flops_per_device(compiled, summed_loss, trainable, frozen, batch, accum, mesh.size,
-                                           model_cfg, config.train.loss_chunk)
+    return compiled, step_flops_per_device(compiled, summed_loss, trainable, frozen, batch, accum, mesh.size, model_cfg,
+                                           config.train.loss_chunk)
 
   def evaluate_losses(step: int) -> dict[str, float]:
     losses = {}
@@ -446,8 +444,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
 
   # ---------------------------------------------------------------- Loop
   meta = {
-      "stage": config.stage, "config": config.to_dict(), "init_from": init_from,
-      "dataset": {"name": dataset.name, "path": str(dataset.dataset_dir), "version": dataset.version},
+      "stage": config.stage,
+      "config": config.to_dict(),
+      "init_from": init_from,
+      "dataset": {
+          "name": dataset.name,
+          "path": str(dataset.dataset_dir),
+          "version": dataset.version
+      },
   }
   guard = stages.TrainingGuard(config.guard, config.optim)
   stopped: dict[str, Any] | None = None
@@ -458,8 +462,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     if start_step == 0:
       val_start = evaluate_losses(0)
       # Stage 2's starting point is stage 1's result: score it in full, as the "before".
-      start_scores = (evaluate_scores(0, params, val_start) if init_from
-                      else {split: {"loss": loss} for split, loss in val_start.items()})
+      start_scores = (evaluate_scores(0, params, val_start) if init_from else {
+          split: {
+              "loss": loss
+          } for split, loss in val_start.items()
+      })
     else:
       # The guards' reference and the evaluations so far come from the checkpoint, so they
       # survive a lost or truncated metrics.jsonl (older checkpoints: from the metrics).
@@ -478,10 +485,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     val_end = dict(val_history[start_step])
     window_losses, window_tokens, window_slots, window_start = [], 0.0, 0, time.time()
     window_router = []  # the router load-balancing losses of a decoder with experts
-    train_loss = (meta_state.get("train_loss", metrics.train_loss_at(workdir, start_step)) if start_step
-                  else float("nan"))
-    progress = tqdm.tqdm(total=steps, initial=start_step, disable=not is_main,
-                         desc=stage_name(config.stage), dynamic_ncols=True)
+    train_loss = (meta_state.get("train_loss", metrics.train_loss_at(workdir, start_step))
+                  if start_step else float("nan"))
+    progress = tqdm.tqdm(total=steps, initial=start_step, disable=not is_main, desc=stage_name(config.stage),
+                         dynamic_ncols=True)
     step = start_step
     pending = None  # the previous step's metrics, checked once the next step is dispatched
     compiled_step, flops_per_device = None, None  # compiled at the first batch
@@ -496,8 +503,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
         if at - 1 in ckpts.all_steps():
           ckpts.delete(at - 1)
         last = ckpts.latest_step()
-        stopped = {"reason": "guard", "step": at, "message": problem,
-                   "last_good_checkpoint": str(ckpts.directory / str(last)) if last else None}
+        stopped = {
+            "reason": "guard",
+            "step": at,
+            "message": problem,
+            "last_good_checkpoint": str(ckpts.directory / str(last)) if last else None
+        }
 
     while step < steps and not stopped:
       step += 1
@@ -519,8 +530,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
       is_eval = step % config.train.eval_every == 0 or step == steps
       # SIGTERM (spot VM preemption, a stopped job): the step in flight is done; log and save it.
       preempted = sigterm.requested(step)
-      if (is_eval or preempted or step % config.train.checkpoint_every == 0
-          or step % config.train.log_every == 0):
+      if (is_eval or preempted or step % config.train.checkpoint_every == 0 or step % config.train.log_every == 0):
         check(pending)  # nothing bad may be logged as good, or saved
         pending = None
       if stopped:
@@ -533,15 +543,20 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
         train_loss = losses[-1]
         elapsed = time.time() - window_start
         speed = throughput.rates(steps=len(losses), seconds=elapsed, tokens=window_tokens,
-                                 flops_per_device=flops_per_device, peak_tflops=peak_tflops,
-                                 num_devices=mesh.size)
-        router = ({"router_aux_loss": float(np.mean([float(r) for r in window_router]))}
-                  if window_router else {})
-        writer.write(step, "train", loss=float(np.mean(losses)), lr=float(lr_schedule(step - 1)),
-                     grad_norm=float(step_metrics["grad_norm"]), tokens_per_s=window_tokens / elapsed,
-                     steps_per_s=len(losses) / elapsed,
-                     # the share of token slots holding real tokens (not padding)
-                     token_efficiency=window_tokens / max(window_slots, 1), **speed, **router)
+                                 flops_per_device=flops_per_device, peak_tflops=peak_tflops, num_devices=mesh.size)
+        router = ({"router_aux_loss": float(np.mean([float(r) for r in window_router]))} if window_router else {})
+        writer.write(
+            step,
+            "train",
+            loss=float(np.mean(losses)),
+            lr=float(lr_schedule(step - 1)),
+            grad_norm=float(step_metrics["grad_norm"]),
+            tokens_per_s=window_tokens / elapsed,
+            steps_per_s=len(losses) / elapsed,
+            # the share of token slots holding real tokens (not padding)
+            token_efficiency=window_tokens / max(window_slots, 1),
+            **speed,
+            **router)
         progress.set_postfix(loss=f"{np.mean(losses):.3f}",
                              **{k: f"{speed[k]:.3g}" for k in ("tflops_per_device", "mfu") if k in speed})
         window_losses, window_tokens, window_slots, window_start = [], 0.0, 0, time.time()
@@ -555,9 +570,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
         if checked.changes:
           drift_log.append({"step": step, "changes": checked.changes, "within_bounds": checked.within_bounds})
         if early_stop.update(step, val_end, checked.within_bounds):
-          stopped = {"reason": "early_stop", "step": step, "message":
-                     f"{early_stop.split} did not improve for {early_stop.patience} evaluation(s); "
-                     f"best {early_stop.best_value:.4f} at step {early_stop.best_step}"}
+          stopped = {
+              "reason": "early_stop",
+              "step": step,
+              "message": f"{early_stop.split} did not improve for {early_stop.patience} evaluation(s); "
+                         f"best {early_stop.best_value:.4f} at step {early_stop.best_step}"
+          }
         if not checked.within_bounds:
           message = (f"understanding drifted past guard.drift_threshold={drift.threshold:.0%} from where "
                      f"this stage started ({checked.describe()}); lower optim.lr, cap train.steps, raise "
@@ -572,12 +590,19 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
         window_start += time.time() - eval_started  # the next log's rates exclude evaluating
 
       if is_eval or step % config.train.checkpoint_every == 0 or stopped:
-        ckpts.save(step, params=plain_params(trainable, frozen), opt_state=opt_state, data_iter=train_iter,
-                   adapters=trainable if use_lora else None, score=score,
-                   meta={**meta, "step": step, "start_scores": start_scores,
-                         "early_stop": early_stop.state(), "drift": drift_log, "val_start": val_start,
-                         "val_history": {str(s): v for s, v in val_history.items()},
-                         "train_loss": train_loss})
+        ckpts.save(
+            step, params=plain_params(trainable, frozen), opt_state=opt_state, data_iter=train_iter,
+            adapters=trainable if use_lora else None, score=score, meta={
+                **meta, "step": step,
+                "start_scores": start_scores,
+                "early_stop": early_stop.state(),
+                "drift": drift_log,
+                "val_start": val_start,
+                "val_history": {
+                    str(s): v for s, v in val_history.items()
+                },
+                "train_loss": train_loss
+            })
     progress.close()
     ckpts.wait()
 
@@ -588,17 +613,16 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
       saved = str(ckpts.directory / str(step))
       raise preemption.Preempted(
           f"{stage_name(config.stage)} stopped by {sigterm.signal_name} after step {step} of {steps}; "
-          f"checkpoint {saved} holds everything needed: run the same command again to resume.",
-          step=step, checkpoint=saved, signal_name=sigterm.signal_name)
+          f"checkpoint {saved} holds everything needed: run the same command again to resume.", step=step,
+          checkpoint=saved, signal_name=sigterm.signal_name)
     if stopped and stopped["reason"] == "guard":
       writer.close()
       ckpts.close()
       last = stopped["last_good_checkpoint"]
       raise stages.GuardTripped(
-          f"stage {config.stage} stopped at step {stopped['step']}: {stopped['message']}\n"
-          + (f"Last good checkpoint: {last} (nothing after it was saved)." if last else
-             "No checkpoint was saved before it."),
-          reason="guard", step=stopped["step"], checkpoint=last)
+          f"stage {config.stage} stopped at step {stopped['step']}: {stopped['message']}\n" +
+          (f"Last good checkpoint: {last} (nothing after it was saved)."
+           if last else "No checkpoint was saved before it."), reason="guard", step=stopped["step"], checkpoint=last)
 
     # The result: the best in-bounds evaluation under early stopping or after a rollback
     # (stage 2's own start is a candidate: stage 2 must not make things worse), else the
@@ -619,21 +643,29 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     end_scores = evaluate_scores(result_step, result_params, val_result)
 
   stage_key = f"stage{config.stage}"
-  report = {"stage": config.stage, stage_key: end_scores, "complete": True,
-            "result": {"step": result_step, "checkpoint": checkpoint.relative_to(result_checkpoint, workdir),
-                       "why": why},
-            "stopped": stopped, "drift": drift_log, "steps_trained": step}
+  report = {
+      "stage": config.stage,
+      stage_key: end_scores,
+      "complete": True,
+      "result": {
+          "step": result_step,
+          "checkpoint": checkpoint.relative_to(result_checkpoint, workdir),
+          "why": why
+      },
+      "stopped": stopped,
+      "drift": drift_log,
+      "steps_trained": step
+  }
   report[_start_key(config.stage, init_from)] = start_scores
   if is_main:
     reports.write(workdir, report)
   ckpts.close()
   writer.close()
 
-  return Summary(
-      stage=config.stage, workdir=workdir, steps=step, train_loss=train_loss,
-      val_loss_start=val_start, val_loss_end=val_result, checkpoint=result_checkpoint,
-      num_params=int(num_params), num_trainable=int(num_trainable), seconds=time.time() - started,
-      init_from=init_from["checkpoint"] if init_from else None, report=report)
+  return Summary(stage=config.stage, workdir=workdir, steps=step, train_loss=train_loss, val_loss_start=val_start,
+                 val_loss_end=val_result, checkpoint=result_checkpoint, num_params=int(num_params),
+                 num_trainable=int(num_trainable), seconds=time.time() - started,
+                 init_from=init_from["checkpoint"] if init_from else None, report=report)
 
 
 def _start_key(stage: int, init_from: Any) -> str:
@@ -646,9 +678,10 @@ def _summary_from_report(config, workdir: str, report: dict, started: float) -> 
   result = dict(report["result"], checkpoint=checkpoint.result_checkpoint(workdir))
   stage_scores = report[f"stage{config.stage}"]
   start_scores = next((report[k] for k in (f"stage{config.stage - 1}", "start") if k in report), {})
-  return Summary(
-      stage=config.stage, workdir=workdir, steps=report["steps_trained"],
-      train_loss=metrics.train_loss_at(workdir, report["steps_trained"]),
-      val_loss_start={s: v["loss"] for s, v in start_scores.items()},
-      val_loss_end={s: v["loss"] for s, v in stage_scores.items()}, checkpoint=result["checkpoint"],
-      num_params=0, num_trainable=0, seconds=time.time() - started, init_from=None, report=report)
+  return Summary(stage=config.stage, workdir=workdir, steps=report["steps_trained"],
+                 train_loss=metrics.train_loss_at(workdir, report["steps_trained"]), val_loss_start={
+                     s: v["loss"] for s, v in start_scores.items()
+                 }, val_loss_end={
+                     s: v["loss"] for s, v in stage_scores.items()
+                 }, checkpoint=result["checkpoint"], num_params=0, num_trainable=0, seconds=time.time() - started,
+                 init_from=None, report=report)

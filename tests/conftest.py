@@ -49,10 +49,19 @@ def tiny_config(stage: int, data_dir: str, *, decode: bool = False, **train_over
 def cli_args(workdir: str, data_dir: str, cache: str, steps: int, checkpoint_every: int) -> list[str]:
   """The same run as tiny_config(1, ...) with those steps, as a user types it."""
   return [
-      sys.executable, "-m", "mgjax.main", "--config=configs/stage1.py:data=sample:tiny", f"--workdir={workdir}",
-      f"--compilation_cache={cache}", f"--config.data.data_dir={data_dir}", "--config.data.batch_size=8",
-      "--config.train.eval_batch_size=8", "--config.train.log_every=1", f"--config.train.steps={steps}",
-      f"--config.train.checkpoint_every={checkpoint_every}", f"--config.train.eval_every={steps}",
+      sys.executable,
+      "-m",
+      "mgjax.main",
+      "--config=configs/stage1.py:data=sample:tiny",
+      f"--workdir={workdir}",
+      f"--compilation_cache={cache}",
+      f"--config.data.data_dir={data_dir}",
+      "--config.data.batch_size=8",
+      "--config.train.eval_batch_size=8",
+      "--config.train.log_every=1",
+      f"--config.train.steps={steps}",
+      f"--config.train.checkpoint_every={checkpoint_every}",
+      f"--config.train.eval_every={steps}",
       "--config.eval.decode=False",
   ]
 

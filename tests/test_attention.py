@@ -12,8 +12,7 @@ from mgjax.models import attention
 
 def _qkv(key, b, t, h=4, k=2, d=16):
   kq, kk, kv = jax.random.split(jax.random.key(key), 3)
-  return (jax.random.normal(kq, (b, t, h, d)), jax.random.normal(kk, (b, t, k, d)),
-          jax.random.normal(kv, (b, t, k, d)))
+  return (jax.random.normal(kq, (b, t, h, d)), jax.random.normal(kk, (b, t, k, d)), jax.random.normal(kv, (b, t, k, d)))
 
 
 def _dense_reference(q, k, v, segment_ids):
@@ -38,8 +37,7 @@ def test_xla_blocks_match_dense_attention_on_every_real_token():
   segments = _packed(2, 300)
   real = np.asarray(segments) != 0
   out = attention.xla_attention(q, k, v, segments)
-  np.testing.assert_allclose(np.asarray(out)[real], np.asarray(_dense_reference(q, k, v, segments))[real],
-                             atol=2e-5)
+  np.testing.assert_allclose(np.asarray(out)[real], np.asarray(_dense_reference(q, k, v, segments))[real], atol=2e-5)
   # Padding attends to itself alone: finite, and equal to its own value vector.
   pad = ~real
   np.testing.assert_allclose(np.asarray(out)[pad], np.asarray(jnp.repeat(v, 2, axis=2))[pad], atol=1e-6)
@@ -65,19 +63,20 @@ def test_splash_matches_xla_forward_and_gradients(packed):
 
 def test_splash_under_a_mesh_runs_per_shard_and_matches_xla():
   # Batch over data x fsdp, heads over tensor: the kernel runs under shard_map on each shard.
-  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 3)
   b, t = 4, 128
   q, k, v = _qkv(9, b, t)
   segments = _packed(b, t)
   real = np.asarray(segments) != 0
   with jax.set_mesh(mesh):
     put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
-    args = (put(q, P(('data', 'fsdp'), None, 'tensor')), put(k, P(('data', 'fsdp'), None, 'tensor')),
-            put(v, P(('data', 'fsdp'), None, 'tensor')), put(segments, P(('data', 'fsdp'))))
+    args = (put(q, P(('data', 'fsdp'), None, 'tensor')), put(k, P(
+        ('data', 'fsdp'), None, 'tensor')), put(v, P(('data', 'fsdp'), None,
+                                                     'tensor')), put(segments, P(('data', 'fsdp'))))
     out = jax.jit(lambda *a: attention.splash_attention(*a, interpret=True))(*args)
-  np.testing.assert_allclose(np.asarray(out)[real], np.asarray(attention.xla_attention(q, k, v, segments))[real],
-                             atol=2e-5)
+  np.testing.assert_allclose(
+      np.asarray(out)[real],
+      np.asarray(attention.xla_attention(q, k, v, segments))[real], atol=2e-5)
 
 
 def test_splash_names_the_sequence_length_it_cannot_tile():
@@ -93,8 +92,9 @@ def test_cudnn_call_takes_rows_of_one_sequence_with_padding_at_the_end():
   segments = jnp.asarray((np.arange(40)[None] < lengths[:, None]).astype(np.int32))
   real = np.asarray(segments) != 0
   out = attention.cudnn_attention(q, k, v, segments, implementation='xla')
-  np.testing.assert_allclose(np.asarray(out)[real], np.asarray(attention.xla_attention(q, k, v, segments))[real],
-                             atol=2e-5)
+  np.testing.assert_allclose(
+      np.asarray(out)[real],
+      np.asarray(attention.xla_attention(q, k, v, segments))[real], atol=2e-5)
 
 
 def test_auto_picks_by_platform_and_refuses_what_cannot_serve_the_rows():

@@ -32,7 +32,6 @@ from test_data_sources import _msg  # an OpenAssistant message, as the reader te
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-
 # ------------------------------------------------------------------------------ bad records
 
 _WORDS = ("apple river stone cloud green tiger paper seven window garden music silver orange bridge "
@@ -51,29 +50,63 @@ def _lima_line(k):
 
 
 def _llava(k, **over):
-  return {"id": f"ok{k}", "conversations": [{"from": "human", "value": _text("Question")},
-                                            {"from": "gpt", "value": _text("Answer")}], **over}
+  return {
+      "id": f"ok{k}",
+      "conversations": [{
+          "from": "human",
+          "value": _text("Question")
+      }, {
+          "from": "gpt",
+          "value": _text("Answer")
+      }],
+      **over
+  }
 
 
 def _tree(k, **prompt_over):
-  return {"message_tree_id": f"t{k}", "prompt": _msg(f"p{k}", "prompter", _text("Question"), replies=[
-      _msg(f"a{k}", "assistant", _text("Answer"), rank=0)], **prompt_over)}
+  return {
+      "message_tree_id":
+          f"t{k}",
+      "prompt":
+          _msg(f"p{k}", "prompter", _text("Question"), replies=[_msg(f"a{k}", "assistant", _text("Answer"), rank=0)],
+               **prompt_over)
+  }
 
 
 def _flat(k, **over):
   """One question-answer tree of the flat message export, as two lines."""
-  return [json.dumps({"message_id": f"fp{k}", "parent_id": None, "role": "prompter",
-                      "text": _text("Question"), "lang": "en", "message_tree_id": f"ft{k}",
-                      **over}),
-          json.dumps({"message_id": f"fa{k}", "parent_id": f"fp{k}", "role": "assistant",
-                      "text": _text("Answer"), "lang": "en", "rank": 0})]
+  return [
+      json.dumps({
+          "message_id": f"fp{k}",
+          "parent_id": None,
+          "role": "prompter",
+          "text": _text("Question"),
+          "lang": "en",
+          "message_tree_id": f"ft{k}",
+          **over
+      }),
+      json.dumps({
+          "message_id": f"fa{k}",
+          "parent_id": f"fp{k}",
+          "role": "assistant",
+          "text": _text("Answer"),
+          "lang": "en",
+          "rank": 0
+      })
+  ]
 
 
 def _deep_flat_chain(n):
   rows, parent = [], None
   for i in range(n):
-    rows.append(json.dumps({"message_id": f"c{i}", "parent_id": parent, "role": "prompter" if i % 2 == 0 else
-                            "assistant", "text": f"turn {i} {_WORDS[i % 24]}", "lang": "en"}))
+    rows.append(
+        json.dumps({
+            "message_id": f"c{i}",
+            "parent_id": parent,
+            "role": "prompter" if i % 2 == 0 else "assistant",
+            "text": f"turn {i} {_WORDS[i % 24]}",
+            "lang": "en"
+        }))
     parent = f"c{i}"
   return rows
 
@@ -88,70 +121,127 @@ def _png(path):
 
 # name -> (format, file name, file bytes, options, expected rejections [(record, kind)], records kept)
 CASES = {
-    "llava_from_list": ("llava_json", "from_list.json", json.dumps(
-        [_llava(0), _llava(1, conversations=[{"from": ["human"], "value": "q"}, {"from": "gpt", "value": "a"}]),
-         _llava(2)]).encode(), {}, [("record 1 (id=ok1)", "bad_role")], 2),
-    "llava_from_dict": ("llava_json", "from_dict.json", json.dumps(
-        [_llava(0), _llava(1, conversations=[{"from": {"a": 1}, "value": "q"}, {"from": "gpt", "value": "a"}]),
-         _llava(2)]).encode(), {}, [("record 1 (id=ok1)", "bad_role")], 2),
-    "llava_nul_image_path": ("llava_json", "nul.json", json.dumps(
-        [_llava(0), _llava(1, image="a\u0000.png"), _llava(2)]).encode(), {"image_root": "images"},
-        [("record 1 (id=ok1)", "bad_image_path")], 2),
-    "llava_fifo_image": ("llava_json", "fifo_image.json", json.dumps(
-        [_llava(0, image="good.png"), _llava(1, image="pipe.png"), _llava(2)]).encode(), {"image_root": "images"},
-        [("record 1 (id=ok1)", "missing_image")], 2),
-    "llava_lone_surrogate": ("llava_json", "surrogate.json",
-                             ('[' + json.dumps(_llava(0)) + ', {"id": "s", "conversations": [{"from": "human", '
-                              '"value": "bad \\ud800 text"}, {"from": "gpt", "value": "a"}]}, '
-                              + json.dumps(_llava(2)) + ']').encode(), {}, [("record 1 (id=s)", "not_utf8")], 2),
-    "llava_surrogate_id": ("llava_json", "surrogate_id.json",
-                           ('[' + json.dumps(_llava(0)) + ', ' + json.dumps(_llava(1))[:-1].replace(
-                               '"ok1"', '"\\udc00x"') + '}, ' + json.dumps(_llava(2)) + ']').encode(), {},
-                           [("record 1 (id=\uffffx)", "not_utf8")], 2),
-    "llava_100k_deep": ("llava_json", "deep.json",
-                        ('[' + json.dumps(_llava(0)) + ', {"id": "deep", "conversations": ' + "[" * 100_000
-                         + "]" * 100_000 + '}, ' + json.dumps(_llava(2)) + ']').encode(), {},
-                        [("record 1", "bad_schema")], 2),
-    "llava_not_gzip": ("llava_json", "plain.json.gz", json.dumps([_llava(0)]).encode(), {},
-                       [("whole file", "unreadable_file")], 0),
-    "lima_lone_surrogate": ("lima", "surrogate.jsonl", _lines(
-        _lima_line(0), '{"conversations": ["bad \\ud800", "answer"]}', _lima_line(2)), {},
-        [("line 2", "not_utf8")], 2),
+    "llava_from_list": ("llava_json", "from_list.json",
+                        json.dumps([
+                            _llava(0),
+                            _llava(1, conversations=[{
+                                "from": ["human"],
+                                "value": "q"
+                            }, {
+                                "from": "gpt",
+                                "value": "a"
+                            }]),
+                            _llava(2)
+                        ]).encode(), {}, [("record 1 (id=ok1)", "bad_role")], 2),
+    "llava_from_dict": ("llava_json", "from_dict.json",
+                        json.dumps([
+                            _llava(0),
+                            _llava(1, conversations=[{
+                                "from": {
+                                    "a": 1
+                                },
+                                "value": "q"
+                            }, {
+                                "from": "gpt",
+                                "value": "a"
+                            }]),
+                            _llava(2)
+                        ]).encode(), {}, [("record 1 (id=ok1)", "bad_role")], 2),
+    "llava_nul_image_path":
+        ("llava_json", "nul.json", json.dumps([_llava(0), _llava(1, image="a\u0000.png"),
+                                               _llava(2)]).encode(), {
+                                                   "image_root": "images"
+                                               }, [("record 1 (id=ok1)", "bad_image_path")], 2),
+    "llava_fifo_image": ("llava_json", "fifo_image.json",
+                         json.dumps([_llava(0, image="good.png"),
+                                     _llava(1, image="pipe.png"),
+                                     _llava(2)]).encode(), {
+                                         "image_root": "images"
+                                     }, [("record 1 (id=ok1)", "missing_image")], 2),
+    "llava_lone_surrogate":
+        ("llava_json", "surrogate.json",
+         ('[' + json.dumps(_llava(0)) + ', {"id": "s", "conversations": [{"from": "human", '
+          '"value": "bad \\ud800 text"}, {"from": "gpt", "value": "a"}]}, ' + json.dumps(_llava(2)) + ']').encode(), {},
+         [("record 1 (id=s)", "not_utf8")], 2),
+    "llava_surrogate_id":
+        ("llava_json", "surrogate_id.json",
+         ('[' + json.dumps(_llava(0)) + ', ' + json.dumps(_llava(1))[:-1].replace('"ok1"', '"\\udc00x"') + '}, ' +
+          json.dumps(_llava(2)) + ']').encode(), {}, [("record 1 (id=\uffffx)", "not_utf8")], 2),
+    "llava_100k_deep":
+        ("llava_json", "deep.json", ('[' + json.dumps(_llava(0)) + ', {"id": "deep", "conversations": ' +
+                                     "[" * 100_000 + "]" * 100_000 + '}, ' + json.dumps(_llava(2)) + ']').encode(), {},
+         [("record 1", "bad_schema")], 2),
+    "llava_not_gzip":
+        ("llava_json", "plain.json.gz", json.dumps([_llava(0)]).encode(), {}, [("whole file", "unreadable_file")], 0),
+    "lima_lone_surrogate": ("lima", "surrogate.jsonl",
+                            _lines(_lima_line(0), '{"conversations": ["bad \\ud800", "answer"]}',
+                                   _lima_line(2)), {}, [("line 2", "not_utf8")], 2),
     "lima_not_gzip": ("lima", "plain.jsonl.gz", _lines(_lima_line(0)), {}, [("whole file", "unreadable_file")], 0),
     "lima_truncated_gzip": ("lima", "cut.jsonl.gz", gzip.compress(_lines(*[_lima_line(k) for k in range(400)]))[:2000],
                             {}, None, None),  # checked below: the lines before the cut are kept
-    "oasst_lang_list": ("oasst_trees", "lang.jsonl", _lines(
-        json.dumps(_tree(0)), json.dumps(_tree(1, lang=["en"])), json.dumps(_tree(2))), {},
-        [("line 2 (tree t1)", "bad_schema")], 2),
-    "oasst_role_list": ("oasst_trees", "role.jsonl", _lines(
-        json.dumps(_tree(0)), json.dumps({"message_tree_id": "t1", "prompt": _msg("p", ["prompter"], "Q", replies=[
-            _msg("a", "assistant", "A", rank=0)])}), json.dumps(_tree(2))), {},
-        [("line 2 (tree t1)", "bad_schema")], 2),
-    "oasst_mixed_rank": ("oasst_trees", "rank.jsonl", _lines(
-        json.dumps(_tree(0)), json.dumps({"message_tree_id": "t1", "prompt": _msg("p", "prompter", "Q", replies=[
-            _msg("a", "assistant", "A", rank=0), _msg("b", "assistant", "B", rank="1")])}), json.dumps(_tree(2))),
-        {}, [("line 2 (tree t1)", "bad_schema")], 2),
+    "oasst_lang_list": ("oasst_trees", "lang.jsonl",
+                        _lines(json.dumps(_tree(0)), json.dumps(_tree(1, lang=["en"])),
+                               json.dumps(_tree(2))), {}, [("line 2 (tree t1)", "bad_schema")], 2),
+    "oasst_role_list": ("oasst_trees", "role.jsonl",
+                        _lines(
+                            json.dumps(_tree(0)),
+                            json.dumps({
+                                "message_tree_id": "t1",
+                                "prompt": _msg("p", ["prompter"], "Q", replies=[_msg("a", "assistant", "A", rank=0)])
+                            }), json.dumps(_tree(2))), {}, [("line 2 (tree t1)", "bad_schema")], 2),
+    "oasst_mixed_rank":
+        ("oasst_trees", "rank.jsonl",
+         _lines(
+             json.dumps(_tree(0)),
+             json.dumps({
+                 "message_tree_id":
+                     "t1",
+                 "prompt":
+                     _msg("p", "prompter", "Q",
+                          replies=[_msg("a", "assistant", "A", rank=0),
+                                   _msg("b", "assistant", "B", rank="1")])
+             }), json.dumps(_tree(2))), {}, [("line 2 (tree t1)", "bad_schema")], 2),
     "oasst_3000_deep_tree": ("oasst_trees", "deep.jsonl", None, {}, [("line 2", "invalid_json")], 2),
-    "oasst_flat_parent_list": ("oasst_messages", "parent_list.jsonl", _lines(
-        *_flat(0), json.dumps({"message_id": "x", "parent_id": ["fp0"], "role": "assistant", "text": "A"}),
-        *_flat(1)), {}, [("line 3", "bad_schema")], 2),
+    "oasst_flat_parent_list":
+        ("oasst_messages", "parent_list.jsonl",
+         _lines(*_flat(0), json.dumps({
+             "message_id": "x",
+             "parent_id": ["fp0"],
+             "role": "assistant",
+             "text": "A"
+         }), *_flat(1)), {}, [("line 3", "bad_schema")], 2),
     # 8 lines: two good trees, a message that is its own parent, a two-message loop and a
     # reply under the loop; every line is accounted for.
-    "oasst_flat_cycles": ("oasst_messages", "cycles.jsonl", _lines(
-        *_flat(0),
-        json.dumps({"message_id": "self", "parent_id": "self", "role": "prompter", "text": "Q"}),
-        json.dumps({"message_id": "x", "parent_id": "y", "role": "prompter", "text": "Q"}),
-        json.dumps({"message_id": "y", "parent_id": "x", "role": "assistant", "text": "A"}),
-        json.dumps({"message_id": "z", "parent_id": "y", "role": "prompter", "text": "Q"}),
-        *_flat(1)), {},
-        [("line 3 (message self)", "parent_cycle"), ("line 4 (message x)", "parent_cycle"),
-         ("line 5 (message y)", "parent_cycle"), ("line 6 (message z)", "parent_cycle")], 2),
+    "oasst_flat_cycles":
+        ("oasst_messages", "cycles.jsonl",
+         _lines(*_flat(0), json.dumps({
+             "message_id": "self",
+             "parent_id": "self",
+             "role": "prompter",
+             "text": "Q"
+         }), json.dumps({
+             "message_id": "x",
+             "parent_id": "y",
+             "role": "prompter",
+             "text": "Q"
+         }), json.dumps({
+             "message_id": "y",
+             "parent_id": "x",
+             "role": "assistant",
+             "text": "A"
+         }), json.dumps({
+             "message_id": "z",
+             "parent_id": "y",
+             "role": "prompter",
+             "text": "Q"
+         }), *_flat(1)), {}, [("line 3 (message self)", "parent_cycle"), ("line 4 (message x)", "parent_cycle"),
+                              ("line 5 (message y)", "parent_cycle"), ("line 6 (message z)", "parent_cycle")], 2),
     # A rejection whose id spells a lone surrogate is still written to rejected.jsonl.
-    "oasst_flat_surrogate_id": ("oasst_messages", "surrogate_id.jsonl", _lines(
-        *_flat(0), '{"message_id": "\\udc00", "parent_id": "gone", "role": "prompter", "text": "Q"}', *_flat(1)),
-        {}, [("line 3 (message \udc00)", "orphan_message")], 2),
-    "oasst_flat_3000_deep": ("oasst_messages", "chain.jsonl", _lines(*_flat(0), *_deep_flat_chain(3000)),
-                             {}, [], 2),
+    "oasst_flat_surrogate_id":
+        ("oasst_messages", "surrogate_id.jsonl",
+         _lines(*_flat(0), '{"message_id": "\\udc00", "parent_id": "gone", "role": "prompter", "text": "Q"}',
+                *_flat(1)), {}, [("line 3 (message \udc00)", "orphan_message")], 2),
+    "oasst_flat_3000_deep": ("oasst_messages", "chain.jsonl", _lines(*_flat(0), *_deep_flat_chain(3000)), {}, [], 2),
 }
 
 
@@ -246,11 +336,14 @@ def test_built_splits_hold_the_good_records(table_build):
   ids = set()
   for split in ("train", "val_understanding"):
     ids |= {e["id"].decode() for e in build.open_split(built, split)}
-  assert {"lima_lone_surrogate:1", "lima_lone_surrogate:3", "llava_100k_deep:ok0", "llava_100k_deep:ok2",
-          "llava_fifo_image:ok0", "oasst_flat_3000_deep:c0"} <= ids
+  assert {
+      "lima_lone_surrogate:1", "lima_lone_surrogate:3", "llava_100k_deep:ok0", "llava_100k_deep:ok2",
+      "llava_fifo_image:ok0", "oasst_flat_3000_deep:c0"
+  } <= ids
 
 
 # ------------------------------------------------------------------------------ bad configs
+
 
 def _one_source(tmp_path, path, **over):
   spec = dict(name="src", format="lima", path=str(path))
@@ -275,8 +368,9 @@ def test_a_fifo_as_source_stops_the_build_at_once(tmp_path):
 
 def test_a_source_of_blank_lines_explains_itself(tmp_path):
   (tmp_path / "blank.jsonl").write_text("\n\n  \n")
-  with pytest.raises(ValueError, match=r"source 'src' \(.*blank\.jsonl\): no records at all \(an empty file, or "
-                     r"only blank lines\)"):
+  with pytest.raises(
+      ValueError, match=r"source 'src' \(.*blank\.jsonl\): no records at all \(an empty file, or "
+      r"only blank lines\)"):
     build.build(_one_source(tmp_path, tmp_path / "blank.jsonl"), str(tmp_path / "data"))
 
 
@@ -323,12 +417,13 @@ def test_a_second_build_into_the_same_data_dir_is_refused(tmp_path):
   (tmp_path / "ok.jsonl").write_bytes(_lines(_lima_line(0)))
   cfg = _one_source(tmp_path, tmp_path / "ok.jsonl")
   data_dir = str(tmp_path / "data")
-  first = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, data_dir, build.lock_name(cfg)],
-                           stdout=subprocess.PIPE, text=True, cwd=REPO)
+  first = subprocess.Popen(
+      [sys.executable, "-c", _HOLD_LOCK, data_dir, build.lock_name(cfg)], stdout=subprocess.PIPE, text=True, cwd=REPO)
   try:
     assert first.stdout.readline().strip() == "locked"
-    with pytest.raises(locks.LockHeld, match=rf"data_dir .*data \(a build of bad_inputs 1.0.0\) is in use by another "
-                       rf"process: pid {first.pid} on"):
+    with pytest.raises(
+        locks.LockHeld, match=rf"data_dir .*data \(a build of bad_inputs 1.0.0\) is in use by another "
+        rf"process: pid {first.pid} on"):
       build.build(cfg, data_dir)
     assert not (tmp_path / "data/mgjax_instructions").exists()  # refused before touching anything
   finally:
@@ -340,6 +435,7 @@ def test_a_second_build_into_the_same_data_dir_is_refused(tmp_path):
 
 # ------------------------------------------------------------------------------ bad weights
 
+
 def _safetensors(header, body: bytes) -> bytes:
   raw = json.dumps(header).encode()
   return struct.pack("<Q", len(raw)) + raw + body
@@ -347,23 +443,69 @@ def _safetensors(header, body: bytes) -> bytes:
 
 _F32 = np.arange(6, dtype=np.float32).tobytes()
 SAFETENSORS = {
-    "offsets past the end": ({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 48]}},
-                             _F32 * 2 + b"", r"tensor w: shape \[2, 3\] of F32 needs 24 bytes"),
-    "truncated body": ({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}, _F32[:10],
-                       r"tensor w: data_offsets \[0, 24\] end past the file's 10 bytes.*truncated"),
-    "mismatched offsets": ({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}}, _F32,
-                           r"tensor w: shape \[2, 3\] of F32 needs 24 bytes but data_offsets \[0, 20\] hold 20"),
-    "negative offsets": ({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [-24, 0]}}, _F32,
-                         r"tensor w: data_offsets \[-24, 0\] are not \[begin, end\]"),
-    "huge shape": ({"w": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 24]}}, _F32,
-                   r"tensor w: shape \[1099511627776, 1099511627776\] of F32 needs"),
-    "header is a list": ([{"w": 1}], _F32, r"header is a JSON list, expected an object"),
-    "lacks dtype": ({"w": {"shape": [2, 3], "data_offsets": [0, 24]}}, _F32, r"tensor w: header entry lacks \['dtype'\]"),
-    "overlapping": ({"a": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]},
-                     "b": {"dtype": "F32", "shape": [3], "data_offsets": [12, 24]}}, _F32,
-                    r"tensors a and b overlap"),
-    "unknown dtype": ({"w": {"dtype": ["F32"], "shape": [6], "data_offsets": [0, 24]}}, _F32,
-                      r"tensor w: dtype \['F32'\] is not one mgjax reads"),
+    "offsets past the end": ({
+        "w": {
+            "dtype": "F32",
+            "shape": [2, 3],
+            "data_offsets": [0, 48]
+        }
+    }, _F32 * 2 + b"", r"tensor w: shape \[2, 3\] of F32 needs 24 bytes"),
+    "truncated body": ({
+        "w": {
+            "dtype": "F32",
+            "shape": [2, 3],
+            "data_offsets": [0, 24]
+        }
+    }, _F32[:10], r"tensor w: data_offsets \[0, 24\] end past the file's 10 bytes.*truncated"),
+    "mismatched offsets": ({
+        "w": {
+            "dtype": "F32",
+            "shape": [2, 3],
+            "data_offsets": [0, 20]
+        }
+    }, _F32, r"tensor w: shape \[2, 3\] of F32 needs 24 bytes but data_offsets \[0, 20\] hold 20"),
+    "negative offsets": ({
+        "w": {
+            "dtype": "F32",
+            "shape": [2, 3],
+            "data_offsets": [-24, 0]
+        }
+    }, _F32, r"tensor w: data_offsets \[-24, 0\] are not \[begin, end\]"),
+    "huge shape": ({
+        "w": {
+            "dtype": "F32",
+            "shape": [2**40, 2**40],
+            "data_offsets": [0, 24]
+        }
+    }, _F32, r"tensor w: shape \[1099511627776, 1099511627776\] of F32 needs"),
+    "header is a list": ([{
+        "w": 1
+    }], _F32, r"header is a JSON list, expected an object"),
+    "lacks dtype": ({
+        "w": {
+            "shape": [2, 3],
+            "data_offsets": [0, 24]
+        }
+    }, _F32, r"tensor w: header entry lacks \['dtype'\]"),
+    "overlapping": ({
+        "a": {
+            "dtype": "F32",
+            "shape": [6],
+            "data_offsets": [0, 24]
+        },
+        "b": {
+            "dtype": "F32",
+            "shape": [3],
+            "data_offsets": [12, 24]
+        }
+    }, _F32, r"tensors a and b overlap"),
+    "unknown dtype": ({
+        "w": {
+            "dtype": ["F32"],
+            "shape": [6],
+            "data_offsets": [0, 24]
+        }
+    }, _F32, r"tensor w: dtype \['F32'\] is not one mgjax reads"),
 }
 
 
@@ -384,19 +526,34 @@ def test_a_cut_header_is_named(tmp_path):
     files.load_tensors(str(file))
 
 
-_GOOD_CONFIG = {"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 64,
-                "hidden_size": 32, "intermediate_size": 64}
+_GOOD_CONFIG = {
+    "model_type": "llama",
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64
+}
 CONFIGS = {
-    "missing num_hidden_layers": ({k: v for k, v in _GOOD_CONFIG.items() if k != "num_hidden_layers"},
-                                  r"num_hidden_layers is missing"),
-    "missing vocab_size": ({k: v for k, v in _GOOD_CONFIG.items() if k != "vocab_size"}, r"vocab_size is missing"),
-    "missing num_attention_heads": ({k: v for k, v in _GOOD_CONFIG.items() if k != "num_attention_heads"},
-                                    r"num_attention_heads is missing"),
-    "layers as a string": ({**_GOOD_CONFIG, "num_hidden_layers": "32"},
-                           r"num_hidden_layers is '32' \(str\), expected a positive integer"),
+    "missing num_hidden_layers": ({
+        k: v for k, v in _GOOD_CONFIG.items() if k != "num_hidden_layers"
+    }, r"num_hidden_layers is missing"),
+    "missing vocab_size": ({
+        k: v for k, v in _GOOD_CONFIG.items() if k != "vocab_size"
+    }, r"vocab_size is missing"),
+    "missing num_attention_heads": ({
+        k: v for k, v in _GOOD_CONFIG.items() if k != "num_attention_heads"
+    }, r"num_attention_heads is missing"),
+    "layers as a string": ({
+        **_GOOD_CONFIG, "num_hidden_layers": "32"
+    }, r"num_hidden_layers is '32' \(str\), expected a positive integer"),
     "a list": ([_GOOD_CONFIG], r"holds a JSON list, expected an object"),
-    "nested text_config": ({"model_type": "mgm", "text_config": {**_GOOD_CONFIG, "vocab_size": 1.5}},
-                           r"text_config\.vocab_size is 1\.5"),
+    "nested text_config": ({
+        "model_type": "mgm",
+        "text_config": {
+            **_GOOD_CONFIG, "vocab_size": 1.5
+        }
+    }, r"text_config\.vocab_size is 1\.5"),
 }
 
 
@@ -410,6 +567,7 @@ def test_bad_config_json_names_the_file_and_key(tmp_path, case):
 
 
 class _RunsCode:
+
   def __reduce__(self):
     return (os.system, ("echo this must never run",))
 

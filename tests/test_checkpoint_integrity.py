@@ -23,7 +23,7 @@ def _flip_bit(path: str) -> None:
 
 def _truncate(path: str) -> None:
   data = open(path, "rb").read()
-  open(path, "wb").write(data[: len(data) // 2])
+  open(path, "wb").write(data[:len(data) // 2])
 
 
 CORRUPTIONS = {
@@ -66,8 +66,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, damage
   ckpts = checkpoint.Checkpoints(workdir, max_to_keep=3)
   it = iter(grain.MapDataset.range(100).to_iter_dataset())
   params, opt_state = saved[1]
-  step, got_params, got_opt, meta, _ = ckpts.restore_latest_intact(
-      abstract_params=_abstract(params), abstract_opt_state=_abstract(opt_state), data_iter=it)
+  step, got_params, got_opt, meta, _ = ckpts.restore_latest_intact(abstract_params=_abstract(params),
+                                                                   abstract_opt_state=_abstract(opt_state),
+                                                                   data_iter=it)
   assert step == 1 and meta["step"] == 1
   np.testing.assert_array_equal(got_params["w"], params["w"])
   np.testing.assert_array_equal(got_opt["m"], opt_state["m"])

@@ -54,6 +54,7 @@ def _assert_same_logits(model, hf, ids=None):
 
 # ------------------------------------------------------------------------------ reading
 
+
 def test_sharded_safetensors_with_index(tmp_path):
   hf = tiny_hf_model('qwen2')
   hf.save_pretrained(tmp_path, max_shard_size='20KB')
@@ -118,8 +119,9 @@ def test_older_and_wrapped_key_names(tmp_path, llama, layout):
   path = _copy_with(folder, tmp_path, tensors=renamed, config=config)
   _assert_same_logits(load_hf_lm(path), hf)
   unused = import_hf_llm(path)[3]
-  assert unused == (['model.mm_projector.0.weight', 'model.vision_tower.vision_tower.vision_model.post_layernorm.weight']
-                    if layout == 'mgm' else [])
+  assert unused == ([
+      'model.mm_projector.0.weight', 'model.vision_tower.vision_tower.vision_model.post_layernorm.weight'
+  ] if layout == 'mgm' else [])
 
 
 def test_legacy_config_keys(tmp_path, llama):
@@ -140,6 +142,7 @@ def test_unsupported_architecture_is_named(tmp_path, llama):
 
 # ------------------------------------------------------------------------------ mismatches
 
+
 def test_missing_tensor_is_named(tmp_path, llama):
   tensors = files.load_tensors(llama[1])
   del tensors['model.layers.1.mlp.up_proj.weight']
@@ -150,7 +153,8 @@ def test_missing_tensor_is_named(tmp_path, llama):
 def test_wrong_shape_is_named(tmp_path, llama):
   tensors = files.load_tensors(llama[1])
   tensors['model.layers.0.self_attn.k_proj.weight'] = np.zeros((8, 32), np.float32)
-  with pytest.raises(ConversionError, match=r'model\.layers\.0\.self_attn\.k_proj\.weight: \S+ \(8, 32\) vs config \(16, 32\)'):
+  with pytest.raises(ConversionError,
+                     match=r'model\.layers\.0\.self_attn\.k_proj\.weight: \S+ \(8, 32\) vs config \(16, 32\)'):
     load_hf_lm(_copy_with(llama[1], tmp_path, tensors=tensors))
 
 
@@ -166,8 +170,7 @@ def test_wrong_family(tmp_path, llama):
   checkpoint whose family differs from the model config the user asked for."""
   qwen = tiny_hf_model('qwen2')
   qwen.save_pretrained(tmp_path / 'qwen')
-  config = {**files.read_config(str(tmp_path / 'qwen')), 'model_type': 'llama',
-            'architectures': ['LlamaForCausalLM']}
+  config = {**files.read_config(str(tmp_path / 'qwen')), 'model_type': 'llama', 'architectures': ['LlamaForCausalLM']}
   path = _copy_with(str(tmp_path / 'qwen'), tmp_path / 'mislabelled', config=config)
   with pytest.raises(ConversionError, match=r'(?s)model\.layers\.0\.self_attn\.q_proj\.bias.*qwen2'):
     load_hf_lm(path)
@@ -177,6 +180,7 @@ def test_wrong_family(tmp_path, llama):
 
 
 # ------------------------------------------------------------------------------ export
+
 
 @pytest.mark.parametrize('name', ['llama3', 'gemma', 'qwen2'])
 def test_export_reloads_in_transformers(tmp_path, name):
@@ -210,6 +214,7 @@ def test_scanned_layout_imports_and_exports_the_same_model(tmp_path, llama):
 
 
 # ------------------------------------------------------------------------------ CLI
+
 
 def test_cli_import_init_from_export(tmp_path, llama, capsys):
   """import-llm writes a checkpoint the trainer's init_from loads into the whole MiniGemini;

@@ -28,14 +28,35 @@ def _bad_sources(root: pathlib.Path) -> list[dict]:
       '{"conversations": [',  # line 2
       json.dumps({"conversations": []}),  # line 3
   ]) + "\n")
-  (root / "bad/llava.json").write_text(json.dumps([
-      {"id": "ok", "image": "shapes_00000.png",
-       "conversations": [{"from": "human", "value": "<image>\nHow many?"}, {"from": "gpt", "value": "One."}]},
-      {"id": "gone", "image": "no_such.png",
-       "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]},
-  ]))
-  return [dict(name="bad_lima", format="lima", path="bad/lima.jsonl"),
-          dict(name="bad_llava", format="llava_json", path="bad/llava.json", image_root="images")]
+  (root / "bad/llava.json").write_text(
+      json.dumps([
+          {
+              "id": "ok",
+              "image": "shapes_00000.png",
+              "conversations": [{
+                  "from": "human",
+                  "value": "<image>\nHow many?"
+              }, {
+                  "from": "gpt",
+                  "value": "One."
+              }]
+          },
+          {
+              "id": "gone",
+              "image": "no_such.png",
+              "conversations": [{
+                  "from": "human",
+                  "value": "<image>\nQ"
+              }, {
+                  "from": "gpt",
+                  "value": "A"
+              }]
+          },
+      ]))
+  return [
+      dict(name="bad_lima", format="lima", path="bad/lima.jsonl"),
+      dict(name="bad_llava", format="llava_json", path="bad/llava.json", image_root="images")
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +116,14 @@ def test_bad_records_are_reported_and_the_rest_is_built(built):
   assert by_source["bad_llava"] == [("record 1 (id=gone)", "missing_image")]
   assert all(r["file"].endswith(("bad/lima.jsonl", "bad/llava.json", "oasst/trees.jsonl")) for r in rejected)
   card = json.loads(pathlib.Path(dataset.data_card).read_text())
-  assert card["sources"]["bad_lima"] == {**card["sources"]["bad_lima"], "read": 3, "kept": 1,
-                                         "rejected": {"empty_conversation": 1, "invalid_json": 1}}
+  assert card["sources"]["bad_lima"] == {
+      **card["sources"]["bad_lima"], "read": 3,
+      "kept": 1,
+      "rejected": {
+          "empty_conversation": 1,
+          "invalid_json": 1
+      }
+  }
   assert card["sources"]["bad_llava"]["rejected"] == {"missing_image": 1}
   assert card["sources"]["oasst"]["rejected"] == {"language": 1}
   for s in card["sources"].values():
@@ -114,9 +141,11 @@ def test_no_validation_record_is_a_near_duplicate_of_a_training_record(built):
   _, dataset = built
 
   def shingle_set(e):
-    rec = Record(id="", source="", category="", images=list(e["images"]),
-                 messages=[{"role": r.decode(), "content": c.decode()}
-                           for r, c in zip(e["messages"]["role"], e["messages"]["content"])])
+    rec = Record(
+        id="", source="", category="", images=list(e["images"]), messages=[{
+            "role": r.decode(),
+            "content": c.decode()
+        } for r, c in zip(e["messages"]["role"], e["messages"]["content"])])
     return dedup.shingles(dedup.words(rec), 5, dedup.image_digest(rec))
 
   train = [shingle_set(e) for e in _read_split(dataset, "train")]
@@ -158,9 +187,10 @@ def test_build_is_deterministic(built, tmp_path):
 
 def test_command_line(tmp_path):
   env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-  proc = subprocess.run([sys.executable, "-m", "mgjax.data.build", f"--config={REPO}/configs/data/sample.py:tiny",
-                         f"--data_dir={tmp_path}", "--config.val_per_category.text=4"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  proc = subprocess.run([
+      sys.executable, "-m", "mgjax.data.build", f"--config={REPO}/configs/data/sample.py:tiny",
+      f"--data_dir={tmp_path}", "--config.val_per_category.text=4"
+  ], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "val_text': 4" in proc.stdout
   version = mgjax_config.preset("data", "sample:tiny").version

@@ -25,6 +25,7 @@ def _quality(**overrides):
 
 # ------------------------------------------------------------------------------ filters
 
+
 def test_normalize_text():
   assert filters.normalize_text("  Cafe\u0301\u00a0au\u200b lait \r\n\r\n\r\n\r\n  indented  \r\nend\ufeff ") == \
       "Caf\u00e9 au lait\n\n  indented\nend"
@@ -39,17 +40,32 @@ def test_quality_rules_name_their_kind():
   q = _quality(max_turn_tokens=60, max_conversation_tokens=100, min_turn_tokens=2)
   assert q.problem(_rec("ok", "What happened at the meeting?", PROSE)) == (None, None)
   cases = {
-      "turn_too_short": _rec("a", "Why?", "No"),
-      "turn_too_long": _rec("b", "Tell me.", PROSE + " " + PROSE),
-      "conversation_too_long": _rec("c", "Tell me.", PROSE, "And then?", PROSE),
-      "repetition": _rec("d", "Sing.", " ".join(["la la la la la land"] * 9)),
-      "language": _rec("e", "Was ist heute passiert?",
-                       "Der Ausschuss hat sich am Dienstag getroffen, um den Haushalt zu besprechen."),
-      "bad_generation": _rec("f", "Draw a cat. <GEN>", "A cat sitting on a mat."),
-      "empty_turn": _rec("g", "Hello?", " \u200b \n "),  # empty only once normalised
-      "bad_alternation": Record("h", "s", "text", [{"role": "user", "content": "Hi there friend"},
-                                                   {"role": "user", "content": "Anyone here?"},
-                                                   {"role": "assistant", "content": "Yes, hello."}]),
+      "turn_too_short":
+          _rec("a", "Why?", "No"),
+      "turn_too_long":
+          _rec("b", "Tell me.", PROSE + " " + PROSE),
+      "conversation_too_long":
+          _rec("c", "Tell me.", PROSE, "And then?", PROSE),
+      "repetition":
+          _rec("d", "Sing.", " ".join(["la la la la la land"] * 9)),
+      "language":
+          _rec("e", "Was ist heute passiert?",
+               "Der Ausschuss hat sich am Dienstag getroffen, um den Haushalt zu besprechen."),
+      "bad_generation":
+          _rec("f", "Draw a cat. <GEN>", "A cat sitting on a mat."),
+      "empty_turn":
+          _rec("g", "Hello?", " \u200b \n "),  # empty only once normalised
+      "bad_alternation":
+          Record("h", "s", "text", [{
+              "role": "user",
+              "content": "Hi there friend"
+          }, {
+              "role": "user",
+              "content": "Anyone here?"
+          }, {
+              "role": "assistant",
+              "content": "Yes, hello."
+          }]),
   }
   for kind, record in cases.items():
     reason, got = q.problem(filters.normalize(record))
@@ -67,6 +83,7 @@ def test_repetition_fraction_separates_loops_from_prose():
 
 
 # ------------------------------------------------------------------------------ dedup
+
 
 def _variant(i, words=40):
   """A long sentence with word i changed: ~90% of its 5-gram shingles match the original."""
@@ -132,6 +149,7 @@ def test_lsh_recall_against_all_pairs_on_variants():
 
 # ------------------------------------------------------------------------------ mixing
 
+
 def test_hold_out_is_stratified_by_source_and_mix_hits_targets():
   recs = [_rec(f"a{i}", "q", "a", source="a") for i in range(30)] + \
          [_rec(f"b{i}", "q", "a", source="b") for i in range(10)] + \
@@ -140,22 +158,41 @@ def test_hold_out_is_stratified_by_source_and_mix_hits_targets():
   assert sorted(r.source for r in val["val_text"]) == ["a"] * 6 + ["b"] * 2
   assert len(val["val_generation"]) == 2 and val["val_understanding"] == []
   train, report = mixture.mix(pool, mixture.MixConfig.from_dict({"counts": {"text": 16, "generation": 12}}), 0)
-  assert report == {"generation": {"available": 5, "target": 12, "taken": 12, "factor": 2.4},
-                    "text": {"available": 32, "target": 16, "taken": 16, "factor": 0.5}}
+  assert report == {
+      "generation": {
+          "available": 5,
+          "target": 12,
+          "taken": 12,
+          "factor": 2.4
+      },
+      "text": {
+          "available": 32,
+          "target": 16,
+          "taken": 16,
+          "factor": 0.5
+      }
+  }
   ids = [r.id for r in train]
   assert len(ids) == len(set(ids)) == 28
   gen = sorted(i.split("#")[0] for i in ids if i.startswith("g"))
   assert all(gen.count(g) in (2, 3) for g in set(gen)) and len(set(gen)) == 5  # every record, then a sample
   held = {r.id for v in val.values() for r in v}
   assert not held & {i.split("#")[0] for i in ids}
-  weighted, report = mixture.mix(pool, mixture.MixConfig.from_dict({"weights": {"text": 3, "generation": 1},
-                                                                     "total": 40}), 0)
+  weighted, report = mixture.mix(pool,
+                                 mixture.MixConfig.from_dict({
+                                     "weights": {
+                                         "text": 3,
+                                         "generation": 1
+                                     },
+                                     "total": 40
+                                 }), 0)
   assert report["text"]["taken"] == 30 and report["generation"]["taken"] == 10 and len(weighted) == 40
   with pytest.raises(ValueError, match="no training records"):
     mixture.mix(pool, mixture.MixConfig.from_dict({"counts": {"understanding": 3}}), 0)
 
 
 # ------------------------------------------------------------------------------ a build from bad input
+
 
 def _bad_input_files(root: pathlib.Path) -> dict[str, str]:
   """A messages_jsonl file with good records and every kind of bad one; {line: expected kind}."""
@@ -167,8 +204,7 @@ def _bad_input_files(root: pathlib.Path) -> dict[str, str]:
   (root / "secret.png").write_bytes(GOOD_PNG)
 
   def conv(*turns, images=None, rid=None):
-    row = {"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": t}
-                        for i, t in enumerate(turns)]}
+    row = {"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]}
     if images:
       row["images"] = images
     if rid:
@@ -183,18 +219,32 @@ def _bad_input_files(root: pathlib.Path) -> dict[str, str]:
       (conv("<image>\nWhat is this?", "A square.", images=["corrupt.png"]), "corrupt_image"),
       (conv("<image>\nWhat is this?", "A square.", images=["../secret.png"]), "image_path_escapes_root"),
       (conv("Hello?", "   "), "empty_turn"),
-      (json.dumps({"messages": [{"role": "human", "content": "Hi"}, {"role": "bot", "content": "Yo"}]}).encode(),
-       "bad_role"),
+      (json.dumps({
+          "messages": [{
+              "role": "human",
+              "content": "Hi"
+          }, {
+              "role": "bot",
+              "content": "Yo"
+          }]
+      }).encode(), "bad_role"),
       (conv("Is this UTF-8?", "No").replace(b"No", b"N\xff\xfeo"), "not_utf8"),
       (conv("Draw a red circle on white. <GEN>", "<h>A red circle on a white background</h>"), None),
       (conv("What happened at the meeting?", PROSE.replace("Tuesday", "Wednesday")), "near_duplicate"),
       (conv("<image>\nWhat colour is the square?", "Blue.", images=["good.png"]), "exact_duplicate"),
       (conv("<image>\nWhat colour is the square?", "Blue.", images=["other.png"]), None),  # other picture
-      (conv("Was ist passiert?", "Der Ausschuss hat sich am Dienstag getroffen, um den Haushalt zu besprechen."),
-       "language"),
+      (conv("Was ist passiert?",
+            "Der Ausschuss hat sich am Dienstag getroffen, um den Haushalt zu besprechen."), "language"),
       (conv("Draw a cat. <GEN>", "A cat on a mat."), "bad_generation"),
-      (json.dumps({"messages": [{"role": "assistant", "content": "I speak first."},
-                                {"role": "user", "content": "Odd."}]}).encode(), "bad_alternation"),
+      (json.dumps({
+          "messages": [{
+              "role": "assistant",
+              "content": "I speak first."
+          }, {
+              "role": "user",
+              "content": "Odd."
+          }]
+      }).encode(), "bad_alternation"),
   ]
   (root / "chat.jsonl").write_bytes(b"\n".join(line for line, _ in lines) + b"\n")
   return {f"line {i}": kind for i, (_, kind) in enumerate(lines, start=1)}
@@ -203,11 +253,10 @@ def _bad_input_files(root: pathlib.Path) -> dict[str, str]:
 def test_bad_input_build_keeps_every_good_record_and_explains_every_bad_one(tmp_path):
   sources_dir = tmp_path / "src"
   expected = _bad_input_files(sources_dir)
-  cfg = ml_collections.ConfigDict(dict(
-      name="bad_input", version="1.0.0", seed=0, sources_root=str(sources_dir),
-      val_per_category=0, num_workers=2,
-      sources=[dict(name="chat", format="messages_jsonl", path="chat.jsonl", image_root="images")],
-      tokenizer=dict(train=True, vocab_size=400, path="")))
+  cfg = ml_collections.ConfigDict(
+      dict(name="bad_input", version="1.0.0", seed=0, sources_root=str(sources_dir), val_per_category=0, num_workers=2,
+           sources=[dict(name="chat", format="messages_jsonl", path="chat.jsonl",
+                         image_root="images")], tokenizer=dict(train=True, vocab_size=400, path="")))
   dataset = build.build(cfg, str(tmp_path / "data"))
 
   rejected = [json.loads(l) for l in pathlib.Path(dataset.rejected).read_text().splitlines()]
@@ -227,8 +276,7 @@ def test_bad_input_build_keeps_every_good_record_and_explains_every_bad_one(tmp_
   chat = card["sources"]["chat"]
   assert chat["read"] == len(expected) == chat["kept"] + sum(chat["rejected"].values()) + chat["duplicates"]
   assert chat["kept"] == len(good) and chat["duplicates"] == 2
-  assert card["splits"]["train"] == len(good) and card["categories"] == {"understanding": 2, "text": 1,
-                                                                        "generation": 1}
+  assert card["splits"]["train"] == len(good) and card["categories"] == {"understanding": 2, "text": 1, "generation": 1}
   out = pathlib.Path(dataset.dataset_dir)
   for png in card["plots"]:
     assert (out / png).read_bytes().startswith(b"\x89PNG")
@@ -241,7 +289,8 @@ def test_config_mistakes_fail_before_reading(tmp_path):
   base = dict(name="x", version="1.0.0", seed=0, sources_root=str(tmp_path), val_per_category=0,
               tokenizer=dict(train=True, vocab_size=400, path=""))
   for sources, message in [
-      ([dict(name="a", format="lima", path="a.jsonl"), dict(name="a", format="lima", path="a.jsonl")], "unique"),
+      ([dict(name="a", format="lima", path="a.jsonl"),
+        dict(name="a", format="lima", path="a.jsonl")], "unique"),
       ([dict(name="a", format="alpaca", path="a.jsonl")], "unknown format 'alpaca'"),
       ([dict(name="a", format="lima", path="nope.jsonl")], "nope.jsonl does not exist"),
       ([dict(name="a", format="lima", path="a.jsonl", filters=dict(min_words=3))], "unknown keys"),
@@ -253,14 +302,17 @@ def test_config_mistakes_fail_before_reading(tmp_path):
 OASST_REAL = pathlib.Path(__file__).resolve().parents[2] / "shared/data/oasst/en_100_tree.jsonl"
 
 
-@pytest.mark.skipif(not OASST_REAL.exists(), reason=f"real OpenAssistant trees not found at {OASST_REAL} "
-                    "(../shared/data sits beside the repo on dev machines and CI, not in a fresh clone)")
+@pytest.mark.skipif(
+    not OASST_REAL.exists(), reason=f"real OpenAssistant trees not found at {OASST_REAL} "
+    "(../shared/data sits beside the repo on dev machines and CI, not in a fresh clone)")
 def test_default_filters_keep_every_real_openassistant_thread():
   # Human-written answers with code, lists and song choruses: the default rules must not
   # mistake them for loops, wrong language or broken structure.
   from mgjax.data import sources
   q = _quality()
-  threads = [r for r in sources.read(str(OASST_REAL), format="oasst_trees", source="oasst", threads="all")
-             if isinstance(r, Record)]
+  threads = [
+      r for r in sources.read(str(OASST_REAL), format="oasst_trees", source="oasst", threads="all")
+      if isinstance(r, Record)
+  ]
   assert len(threads) == 564
   assert [(r.id, q.problem(filters.normalize(r))) for r in threads if q.problem(filters.normalize(r))[0]] == []

@@ -56,8 +56,8 @@ def test_generation_prompt_is_a_function_of_the_request(tmp_path):
   by_what = {}
   for rec in json.loads(pathlib.Path(paths["generation"]).read_text()):
     user, answer = rec["conversations"][0]["value"], rec["conversations"][1]["value"]
-    template = next(t for t in sample._REQUESTS if re.fullmatch(
-        re.escape(t).replace(re.escape("{what}"), "(.+)") + " <GEN>", user))
+    template = next(
+        t for t in sample._REQUESTS if re.fullmatch(re.escape(t).replace(re.escape("{what}"), "(.+)") + " <GEN>", user))
     what = re.fullmatch(re.escape(template).replace(re.escape("{what}"), "(.+)") + " <GEN>", user).group(1)
     by_what.setdefault(what, set()).add(answer)
   assert all(len(answers) == 1 for answers in by_what.values())

@@ -5,16 +5,32 @@ import transformers
 
 from mgjax.data import tokenizer
 
-TEXTS = ["What is 2 + 3?", "2 + 3 = 5.", "<image>\nWhat colour is the circle?", "Red.",
-         "Draw a red circle. <GEN>", "<h>A flat red circle on a plain white background.</h>",
-         "How do you spell 'green'?", "G-R-E-E-N."] * 20
+TEXTS = [
+    "What is 2 + 3?", "2 + 3 = 5.", "<image>\nWhat colour is the circle?", "Red.", "Draw a red circle. <GEN>",
+    "<h>A flat red circle on a plain white background.</h>", "How do you spell 'green'?", "G-R-E-E-N."
+] * 20
 
 CONVERSATION = [
-    {"role": "system", "content": "Answer briefly."},
-    {"role": "user", "content": "<image>\nWhat colour is the circle?"},
-    {"role": "assistant", "content": "Red."},
-    {"role": "user", "content": "Draw a red circle. <GEN>"},
-    {"role": "assistant", "content": "<h>A flat red circle.</h>"},
+    {
+        "role": "system",
+        "content": "Answer briefly."
+    },
+    {
+        "role": "user",
+        "content": "<image>\nWhat colour is the circle?"
+    },
+    {
+        "role": "assistant",
+        "content": "Red."
+    },
+    {
+        "role": "user",
+        "content": "Draw a red circle. <GEN>"
+    },
+    {
+        "role": "assistant",
+        "content": "<h>A flat red circle.</h>"
+    },
 ]
 
 
@@ -35,8 +51,9 @@ def test_loads_offline_with_fixed_special_tokens(tok_dir):
   assert len(tok) <= 300
 
 
-@pytest.mark.parametrize("text", ["What is 12 + 30?", "Ünïcødé and emoji 🙂 still round-trip.",
-                                  "  spaces\tand\nnewlines  ", "<h>prompt</h> <GEN>"])
+@pytest.mark.parametrize(
+    "text",
+    ["What is 12 + 30?", "Ünïcødé and emoji 🙂 still round-trip.", "  spaces\tand\nnewlines  ", "<h>prompt</h> <GEN>"])
 def test_round_trip(tok_dir, text):
   tok = tokenizer.load(tok_dir)
   assert tok.decode(tok.encode(text, add_special_tokens=False)) == text

@@ -23,8 +23,10 @@ from mgjax.data.templates import IMAGE
 from mgjax.models import DEFAULT_LOGICAL_AXIS_RULES, MiniGemini, logical_shardings, num_image_tokens
 from mgjax.models.llm import DecoderLM
 
-TEXTS = ["Draw a red circle on a white background. <GEN>", "<h>A flat red circle.</h>",
-         "What is 2 + 3? 2 + 3 = 5.", "Is there a blue square? Yes.", "How many triangles? Two."]
+TEXTS = [
+    "Draw a red circle on a white background. <GEN>", "<h>A flat red circle.</h>", "What is 2 + 3? 2 + 3 = 5.",
+    "Is there a blue square? Yes.", "How many triangles? Two."
+]
 EOS = 2  # the sample tokenizer's </s>
 
 
@@ -67,8 +69,7 @@ def _prompts(model_cfg, lengths, *, image_rows=(), seed=0):
 
 
 def test_extend_logits_equal_the_full_forward():
-  llm = DecoderLM(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp=64,
-                  rngs=nnx.Rngs(0))
+  llm = DecoderLM(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp=64, rngs=nnx.Rngs(0))
   ids = np.asarray(jax.random.randint(jax.random.key(1), (2, 10), 0, 64))
   lengths = (4, 7)  # row 0 has 3 columns of left padding
   mask = np.arange(7)[None] >= 7 - np.array(lengths)[:, None]
@@ -207,6 +208,7 @@ def test_image_token_is_never_generated(model, model_cfg):
 
 # ------------------------------------------------------------------------------ Text level
 
+
 @pytest.fixture(scope="module")
 def generator(model, model_cfg, tokenizer):
   data_cfg = mgjax_config.base_config().data
@@ -222,11 +224,22 @@ def _png(colour) -> bytes:
 
 def test_encode_prompt_is_the_training_encoding_up_to_the_answer(generator, tokenizer):
   encoder = generator.encoder
-  messages = [{"role": "user", "content": f"{IMAGE}\nIs there a blue square?"}, {"role": "assistant", "content": "Yes."}]
+  messages = [{
+      "role": "user",
+      "content": f"{IMAGE}\nIs there a blue square?"
+  }, {
+      "role": "assistant",
+      "content": "Yes."
+  }]
   image = _png("blue")
   prompt = encoder.encode_prompt(messages[:1], [image])
-  trained = encoder({"messages": {"role": [m["role"] for m in messages], "content": [m["content"] for m in messages]},
-                     "images": [image]})
+  trained = encoder({
+      "messages": {
+          "role": [m["role"] for m in messages],
+          "content": [m["content"] for m in messages]
+      },
+      "images": [image]
+  })
   n = len(prompt["input_ids"])
   np.testing.assert_array_equal(prompt["input_ids"], trained["input_ids"][:n])
   assert tokenizer.decode(prompt["input_ids"][-1:]) == "<|assistant|>"
@@ -238,12 +251,29 @@ def test_encode_prompt_is_the_training_encoding_up_to_the_answer(generator, toke
 
 
 def test_generator_batches_like_single_prompts_and_cuts_at_stop(generator):
-  conversations = [[{"role": "user", "content": "What is 2 + 3?"}],
-                   [{"role": "user", "content": f"{IMAGE}\nIs there a blue square?"}],
-                   [{"role": "user", "content": "Draw a red circle. <GEN>"}],
-                   [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Yes."},
-                    {"role": "user", "content": "How many triangles?"}],
-                   [{"role": "user", "content": f"{IMAGE}\nHow many?"}]]
+  conversations = [[{
+      "role": "user",
+      "content": "What is 2 + 3?"
+  }], [{
+      "role": "user",
+      "content": f"{IMAGE}\nIs there a blue square?"
+  }], [{
+      "role": "user",
+      "content": "Draw a red circle. <GEN>"
+  }],
+                   [{
+                       "role": "user",
+                       "content": "hi"
+                   }, {
+                       "role": "assistant",
+                       "content": "Yes."
+                   }, {
+                       "role": "user",
+                       "content": "How many triangles?"
+                   }], [{
+                       "role": "user",
+                       "content": f"{IMAGE}\nHow many?"
+                   }]]
   images = [[], [_png("blue")], [], [], [_png("red")]]
   # Five prompts: a full batch of 4, then one padded up to a bucket.
   answers = generator.generate(conversations, images, max_new_tokens=8)
@@ -256,8 +286,7 @@ def test_generator_batches_like_single_prompts_and_cuts_at_stop(generator):
   answer = answers[longest]
   assert len(answer) >= 4, answers
   stop = answer[len(answer) // 2:len(answer) // 2 + 2]
-  cut = generator.generate([conversations[longest]], [images[longest]], max_new_tokens=8,
-                           stop=["never appears", stop])
+  cut = generator.generate([conversations[longest]], [images[longest]], max_new_tokens=8, stop=["never appears", stop])
   assert cut == [answer[:answer.index(stop)]]
 
   # Every generated id is one the tokenizer knows (the model's vocabulary is larger).

@@ -11,8 +11,14 @@ from mgjax import evaluate, report
 
 def example(category, *turns, images=()):
   roles = ["user", "assistant"] * (len(turns) // 2)
-  return {"category": category.encode(), "images": list(images),
-          "messages": {"role": [r.encode() for r in roles], "content": [t.encode() for t in turns]}}
+  return {
+      "category": category.encode(),
+      "images": list(images),
+      "messages": {
+          "role": [r.encode() for r in roles],
+          "content": [t.encode() for t in turns]
+      }
+  }
 
 
 def test_token_f1_is_squad_style():
@@ -55,12 +61,40 @@ def test_chance_shares_credit_between_tied_answers_whatever_their_order():
 
 
 def test_report_writes_json_markdown_and_a_png(tmp_path):
-  scores = lambda acc, fmt: {"val_understanding": {"loss": 0.5, "accuracy": acc, "chance": 0.3},
-                             "val_generation": {"loss": 0.2, "format_rate": fmt, "prompt_f1": 0.8},
-                             "val_text": {"loss": 1.1}}
-  data = {"stage": 2, "stage1": scores(0.9, 0.5), "stage2": scores(0.89, 1.0), "complete": True,
-          "result": {"step": 50, "checkpoint": "/w/checkpoints/50", "why": "last step"}, "stopped": None,
-          "drift": [{"step": 50, "changes": {"val_understanding": 0.02}, "within_bounds": True}]}
+  scores = lambda acc, fmt: {
+      "val_understanding": {
+          "loss": 0.5,
+          "accuracy": acc,
+          "chance": 0.3
+      },
+      "val_generation": {
+          "loss": 0.2,
+          "format_rate": fmt,
+          "prompt_f1": 0.8
+      },
+      "val_text": {
+          "loss": 1.1
+      }
+  }
+  data = {
+      "stage": 2,
+      "stage1": scores(0.9, 0.5),
+      "stage2": scores(0.89, 1.0),
+      "complete": True,
+      "result": {
+          "step": 50,
+          "checkpoint": "/w/checkpoints/50",
+          "why": "last step"
+      },
+      "stopped": None,
+      "drift": [{
+          "step": 50,
+          "changes": {
+              "val_understanding": 0.02
+          },
+          "within_bounds": True
+      }]
+  }
   report.write(str(tmp_path), data)
   assert json.loads((tmp_path / "report.json").read_text()) == data
   md = (tmp_path / "report.md").read_text()

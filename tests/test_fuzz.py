@@ -29,8 +29,10 @@ _SEED = 1234
 @pytest.fixture(autouse=True)
 def _no_hang():
   """Fails a test that runs 10x past its budget (a hang), instead of blocking the suite."""
+
   def alarm(*_):
     raise TimeoutError("fuzz case hung")
+
   previous = signal.signal(signal.SIGALRM, alarm)
   signal.alarm(10 * _SECONDS)
   yield
@@ -61,8 +63,13 @@ def _mutate_bytes(rng: random.Random, data: bytes) -> bytes:
 
 
 # A JSON value of any type, for replacing a field of a valid record.
-_ODD_VALUES = [None, True, 0, -1, 1.5, 10**30, "", "\ud800", "x" * 1000, [], ["human"], {"a": 1}, [[[[]]]],
-               {"from": "gpt"}, "human", "prompter", "assistant", "\x00"]
+_ODD_VALUES = [
+    None, True, 0, -1, 1.5, 10**30, "", "\ud800", "x" * 1000, [], ["human"], {
+        "a": 1
+    }, [[[[]]]], {
+        "from": "gpt"
+    }, "human", "prompter", "assistant", "\x00"
+]
 
 
 def _mutate_json(rng: random.Random, value):
@@ -87,6 +94,7 @@ def _mutate_json(rng: random.Random, value):
 
 
 # ------------------------------------------------------------------------------ safetensors
+
 
 def _valid_safetensors(path, rng):
   tensors = {f"t{i}": rng_array(rng) for i in range(rng.randint(1, 4))}
@@ -134,37 +142,69 @@ def test_safetensors_reader_never_fails_otherwise(tmp_path):
 
 # ------------------------------------------------------------------------------ record readers
 
+
 def _conv(rng, n):
-  return [rng.choice(["What is this", "Explain it", "Why so", "Tell me more"]) + f" {i}?" if i % 2 == 0 else
-          rng.choice(["It is a thing.", "Because of that.", "Here is more."]) for i in range(n)]
+  return [
+      rng.choice(["What is this", "Explain it", "Why so", "Tell me more"]) + f" {i}?" if i %
+      2 == 0 else rng.choice(["It is a thing.", "Because of that.", "Here is more."]) for i in range(n)
+  ]
 
 
 def _valid_source(fmt, rng) -> bytes:
   if fmt == "lima":
     return "".join(json.dumps({"conversations": _conv(rng, 2 * rng.randint(1, 3))}) + "\n" for _ in range(6)).encode()
   if fmt == "llava_json":
-    return json.dumps([{"id": f"r{k}", "conversations": [{"from": "human" if i % 2 == 0 else "gpt", "value": t}
-                                                         for i, t in enumerate(_conv(rng, 2))]}
-                       for k in range(6)]).encode()
+    return json.dumps([{
+        "id": f"r{k}",
+        "conversations": [{
+            "from": "human" if i % 2 == 0 else "gpt",
+            "value": t
+        } for i, t in enumerate(_conv(rng, 2))]
+    } for k in range(6)]).encode()
   if fmt == "messages_jsonl":
-    return "".join(json.dumps({"id": k, "messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": t}
-                                                     for i, t in enumerate(_conv(rng, 4))]}) + "\n"
-                   for k in range(6)).encode()
+    return "".join(
+        json.dumps({
+            "id":
+                k,
+            "messages": [{
+                "role": "user" if i % 2 == 0 else "assistant",
+                "content": t
+            } for i, t in enumerate(_conv(rng, 4))]
+        }) + "\n" for k in range(6)).encode()
   if fmt == "oasst_trees":
+
     def msg(mid, role, depth):
-      replies = [msg(f"{mid}.{j}", "assistant" if role == "prompter" else "prompter", depth - 1)
-                 for j in range(rng.randint(1, 2))] if depth else []
-      return {"message_id": mid, "role": role, "text": rng.choice(["Hi there?", "Hello, friend."]), "lang": "en",
-              "rank": rng.randint(0, 2), "replies": replies}
-    return "".join(json.dumps({"message_tree_id": f"t{k}", "prompt": msg(f"m{k}", "prompter", 3)}) + "\n"
-                   for k in range(4)).encode()
+      replies = [
+          msg(f"{mid}.{j}", "assistant" if role == "prompter" else "prompter", depth - 1)
+          for j in range(rng.randint(1, 2))
+      ] if depth else []
+      return {
+          "message_id": mid,
+          "role": role,
+          "text": rng.choice(["Hi there?", "Hello, friend."]),
+          "lang": "en",
+          "rank": rng.randint(0, 2),
+          "replies": replies
+      }
+
+    return "".join(
+        json.dumps({
+            "message_tree_id": f"t{k}",
+            "prompt": msg(f"m{k}", "prompter", 3)
+        }) + "\n" for k in range(4)).encode()
   # oasst_messages: the flat export
   rows = []
   for k in range(4):
     parent = None
     for i in range(4):
-      rows.append({"message_id": f"m{k}.{i}", "parent_id": parent, "role": "prompter" if i % 2 == 0 else "assistant",
-                   "text": f"text {k} {i}", "lang": "en", "rank": 0})
+      rows.append({
+          "message_id": f"m{k}.{i}",
+          "parent_id": parent,
+          "role": "prompter" if i % 2 == 0 else "assistant",
+          "text": f"text {k} {i}",
+          "lang": "en",
+          "rank": 0
+      })
       parent = f"m{k}.{i}"
   rng.shuffle(rows)
   return "".join(json.dumps(r) + "\n" for r in rows).encode()

@@ -52,10 +52,9 @@ def _timm_names(hf_state: dict) -> dict:
     if name.startswith(('layernorm.', 'pooler')):
       continue  # the pooled-output norm, which MGM never runs
     for old, new in (('embeddings.patch_embeddings.', 'stem.0.'), ('embeddings.layernorm.', 'stem.1.'),
-                     ('encoder.stages.', 'stages.'), ('.downsampling_layer.', '.downsample.'),
-                     ('.layers.', '.blocks.'), ('.dwconv.', '.conv_dw.'), ('.layernorm.', '.norm.'),
-                     ('.pwconv1.', '.mlp.fc1.'), ('.pwconv2.', '.mlp.fc2.'),
-                     ('.layer_scale_parameter', '.gamma')):
+                     ('encoder.stages.', 'stages.'), ('.downsampling_layer.', '.downsample.'), ('.layers.', '.blocks.'),
+                     ('.dwconv.', '.conv_dw.'), ('.layernorm.', '.norm.'), ('.pwconv1.', '.mlp.fc1.'),
+                     ('.pwconv2.', '.mlp.fc2.'), ('.layer_scale_parameter', '.gamma')):
       name = name.replace(old, new)
     out[name] = value
   return out
@@ -69,11 +68,13 @@ class _TorchMGM(torch.nn.Module):
     super().__init__()
     nn = torch.nn
     torch.manual_seed(0)
-    self.clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-      hidden_size=VIT['width'], intermediate_size=VIT['mlp'], num_hidden_layers=VIT['layers'],
-      num_attention_heads=VIT['heads'], image_size=VIT['image_size'], patch_size=VIT['patch_size']))
-    self.convnext = transformers.ConvNextModel(transformers.ConvNextConfig(
-      hidden_sizes=list(CONVNEXT['dims']), depths=list(CONVNEXT['depths']), layer_scale_init_value=1.0))
+    self.clip = transformers.CLIPVisionModel(
+        transformers.CLIPVisionConfig(hidden_size=VIT['width'], intermediate_size=VIT['mlp'],
+                                      num_hidden_layers=VIT['layers'], num_attention_heads=VIT['heads'],
+                                      image_size=VIT['image_size'], patch_size=VIT['patch_size']))
+    self.convnext = transformers.ConvNextModel(
+        transformers.ConvNextConfig(hidden_sizes=list(CONVNEXT['dims']), depths=list(CONVNEXT['depths']),
+                                    layer_scale_init_value=1.0))
     self.vlm_uni_query_projector = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width))
     self.vlm_uni_aux_projector = nn.Sequential(nn.LayerNorm(aux), nn.Linear(aux, width))
     self.vlm_uni_val_projector = nn.Sequential(nn.LayerNorm(aux), nn.Linear(aux, width))
@@ -89,12 +90,14 @@ class _TorchMGM(torch.nn.Module):
     return lambda images: self.clip(pixel_values=images, output_hidden_states=True).hidden_states[-2][:, 1:]
 
   def get_vision_tower_aux(self):  # OpenCLIPVisionTower.backbone
+
     def backbone(images):
       stages = self.convnext(pixel_values=images, output_hidden_states=True).hidden_states[1:]
       target_size = stages[0].shape[-2:]
-      return torch.cat([stages[0]] + [
-        F.interpolate(s.float(), size=target_size, mode='bilinear', align_corners=False)
-        for s in stages[1:]], dim=1)
+      return torch.cat(
+          [stages[0]] +
+          [F.interpolate(s.float(), size=target_size, mode='bilinear', align_corners=False) for s in stages[1:]], dim=1)
+
     return backbone
 
   # -- mgm/model/mgm_arch.py, MGMMetaForCausalLM (unchanged but for the names above) --
@@ -115,23 +118,24 @@ class _TorchMGM(torch.nn.Module):
       image_features = image_features[:len(grid_images)]
     if images_aux is not None:
       image_aux_features_raw = self.get_model().get_vision_tower_aux()(images_aux).to(
-        dtype=image_features.dtype, device=image_features.device)
+          dtype=image_features.dtype, device=image_features.device)
       if image_global:
         image_aux_features_global = F.interpolate(image_aux_features_raw.float(), scale_factor=1 / image_grid,
-                                                  mode='bilinear', align_corners=False).to(
-                                                    dtype=image_aux_features_raw.dtype)
-        image_feat_global, image_aux_feat_global = self.unified_resampler(image_feat_global,
-                                                                          image_aux_features_global)
+                                                  mode='bilinear',
+                                                  align_corners=False).to(dtype=image_aux_features_raw.dtype)
+        image_feat_global, image_aux_feat_global = self.unified_resampler(image_feat_global, image_aux_features_global)
       if image_grid > 1:
-        image_aux_features_raw = image_aux_features_raw.reshape(
-          *image_aux_features_raw.shape[:2], image_grid, image_aux_features_raw.shape[-2] // image_grid,
-          image_grid, image_aux_features_raw.shape[-1] // image_grid)
-        image_aux_features_raw = image_aux_features_raw.permute(0, 2, 4, 1, 3, 5).flatten(1, 2).flatten(0, 1).contiguous()
+        image_aux_features_raw = image_aux_features_raw.reshape(*image_aux_features_raw.shape[:2], image_grid,
+                                                                image_aux_features_raw.shape[-2] // image_grid,
+                                                                image_grid,
+                                                                image_aux_features_raw.shape[-1] // image_grid)
+        image_aux_features_raw = image_aux_features_raw.permute(0, 2, 4, 1, 3, 5).flatten(1, 2).flatten(0,
+                                                                                                        1).contiguous()
       image_features, image_aux_features = self.unified_resampler(image_features, image_aux_features_raw)
       if image_grid > 1:
-        image_features = image_features.reshape(batch_size, image_grid ** 2, *image_features.shape[1:])
+        image_features = image_features.reshape(batch_size, image_grid**2, *image_features.shape[1:])
         image_features = image_features.flatten(1, 2).contiguous()
-        image_aux_features = image_aux_features.reshape(batch_size, image_grid ** 2, *image_aux_features.shape[1:])
+        image_aux_features = image_aux_features.reshape(batch_size, image_grid**2, *image_aux_features.shape[1:])
         image_aux_features = image_aux_features.flatten(1, 2).contiguous()
       if image_global:  # add global features, [global, local]
         image_features = torch.cat([image_feat_global, image_features], dim=1)
@@ -140,16 +144,16 @@ class _TorchMGM(torch.nn.Module):
     return self.get_model().mm_projector(image_features)
 
   def unified_resampler(self, images, images_aux):
-    patch_num = int(images.shape[1] ** 0.5)
+    patch_num = int(images.shape[1]**0.5)
     patch_size = images_aux.shape[-1] // patch_num
     images_aux = images_aux.permute(0, 2, 3, 1)
     images_aux = images_aux.reshape(len(images_aux), patch_num, patch_size, patch_num, patch_size, images_aux.shape[-1])
     images_aux = images_aux.permute(0, 1, 3, 2, 4, 5)
-    images_aux = images_aux.reshape(len(images_aux), patch_num ** 2, patch_size ** 2, images_aux.shape[-1]).contiguous()
+    images_aux = images_aux.reshape(len(images_aux), patch_num**2, patch_size**2, images_aux.shape[-1]).contiguous()
     embed_query = self.get_model().vlm_uni_query_projector(images)
     embed_aux = self.get_model().vlm_uni_aux_projector(images_aux)
     embed_value = self.get_model().vlm_uni_val_projector(images_aux)
-    embed_att = embed_query[:, :, None] @ (embed_aux.transpose(-1, -2) / (embed_aux.shape[-1] ** 0.5))
+    embed_att = embed_query[:, :, None] @ (embed_aux.transpose(-1, -2) / (embed_aux.shape[-1]**0.5))
     embed_att = embed_att.nan_to_num()
     embed_feat = (embed_att.softmax(-1) @ embed_value).mean(2)
     return images, embed_feat
@@ -180,13 +184,13 @@ def _build(cfg: ml_collections.ConfigDict, fill: str) -> vlm.MiniGemini:
 
 
 def _hd_config(grid: int, global_view: bool, highres: int, hidden: int = 40) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-    vocab_size=64, image_token_id=5, dtype='float32', image_grid=grid, image_global=global_view,
-    llm=dict(family='llama', hidden=hidden, layers=1, heads=2, kv_heads=1, head_dim=8, mlp=32,
-             rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, remat='none',
-             rope_scaling=None, qkv_bias=False),
-    vision_lowres=dict(kind='clip', **VIT, feature_layer=-2),
-    vision_highres=dict(kind='convnext', image_size=highres, **CONVNEXT)))
+  return ml_collections.ConfigDict(
+      dict(
+          vocab_size=64, image_token_id=5, dtype='float32', image_grid=grid, image_global=global_view,
+          llm=dict(family='llama', hidden=hidden, layers=1, heads=2, kv_heads=1, head_dim=8, mlp=32, rope_theta=10000.0,
+                   norm_eps=1e-5, tie_embeddings=False, remat='none', rope_scaling=None, qkv_bias=False),
+          vision_lowres=dict(kind='clip', **VIT,
+                             feature_layer=-2), vision_highres=dict(kind='convnext', image_size=highres, **CONVNEXT)))
 
 
 # (grid, global view, high-res size): MGM-HD's layout (2x2 and a global view); a 3x3 grid
@@ -198,10 +202,14 @@ def test_hd_encode_images_equals_mgm(grid, global_view, highres):
   tensors = {f'model.{k}': v for k, v in _state(ref).items()}
   cfg = _hd_config(grid, global_view, highres, hidden)
   model = _build(cfg, 'nan')  # every weight encode_images uses is imported below
-  convert_vision.load_vit(model.vision_lowres, {k[len('model.clip.'):]: v for k, v in tensors.items()
-                                                if k.startswith('model.clip.')})
-  convert_vision.load_convnext(model.vision_highres, _timm_names(
-    {k[len('model.convnext.'):]: v for k, v in tensors.items() if k.startswith('model.convnext.')}))
+  convert_vision.load_vit(model.vision_lowres, {
+      k[len('model.clip.'):]: v for k, v in tensors.items() if k.startswith('model.clip.')
+  })
+  convert_vision.load_convnext(
+      model.vision_highres,
+      _timm_names({
+          k[len('model.convnext.'):]: v for k, v in tensors.items() if k.startswith('model.convnext.')
+      }))
   convert_vision.load_mining(model.mining, tensors)
   convert_vision.load_projector(model.projector, tensors)
 
@@ -213,7 +221,7 @@ def test_hd_encode_images_equals_mgm(grid, global_view, highres):
     expected = ref.encode_images(torch.from_numpy(lowres.transpose(0, 1, 4, 2, 3).copy()),
                                  torch.from_numpy(high.transpose(0, 3, 1, 2).copy())).numpy()
   ours = nnx.jit(lambda m, a, b: m.encode_images(a, b))(model, lowres, high)
-  tokens = (VIT['image_size'] // VIT['patch_size']) ** 2
+  tokens = (VIT['image_size'] // VIT['patch_size'])**2
   assert vlm.num_image_tokens(cfg) == views * tokens
   assert ours.shape == expected.shape == (2, views * tokens, hidden)
   diff = _max_diff(ours, expected)
@@ -237,8 +245,8 @@ def test_global_map_is_torch_interpolate_without_antialias(grid):
   jax.image.resize (antialiased when downsampling) would not be."""
   x = np.random.default_rng(0).standard_normal((2, 12 * grid, 6 * grid, 5)).astype(np.float32)
   with torch.no_grad():
-    ref = F.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), scale_factor=1 / grid,
-                        mode='bilinear', align_corners=False).numpy().transpose(0, 2, 3, 1)
+    ref = F.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), scale_factor=1 / grid, mode='bilinear',
+                        align_corners=False).numpy().transpose(0, 2, 3, 1)
   ours = np.asarray(jax.jit(downsample_bilinear, static_argnums=1)(x, grid))
   assert ours.shape == ref.shape == (2, 12, 6, 5)
   assert _max_diff(ours, ref) <= 1e-6
@@ -247,24 +255,27 @@ def test_global_map_is_torch_interpolate_without_antialias(grid):
   # bfloat16 maps are resized in float32 and cast back, as MGM's .float() ... .to(dtype).
   half = downsample_bilinear(jnp.asarray(x, jnp.bfloat16), grid)
   assert half.dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(half, np.float32), np.asarray(
-    downsample_bilinear(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), grid).astype(jnp.bfloat16),
-    np.float32))
+  np.testing.assert_array_equal(
+      np.asarray(half, np.float32),
+      np.asarray(
+          downsample_bilinear(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), grid).astype(jnp.bfloat16), np.float32))
 
 
 # ------------------------------------------------------------------------- preprocessing
 
+
 def _clip_reference(image: Image.Image, size: int) -> torch.Tensor:
   """transformers' CLIPImageProcessor (PIL backend) at `size`, [3, size, size]."""
-  processor = transformers.CLIPImageProcessorPil(size={'shortest_edge': size},
-                                                 crop_size={'height': size, 'width': size})
+  processor = transformers.CLIPImageProcessorPil(size={'shortest_edge': size}, crop_size={
+      'height': size,
+      'width': size
+  })
   return torch.from_numpy(processor(images=image, return_tensors='np')['pixel_values'][0].copy())
 
 
 def _mgm_views(image_aux: torch.Tensor, crop: int, grid: int, global_view: bool) -> torch.Tensor:
   """LazySupervisedDataset.__getitem__ (= model_vqa.py): `image` from `image_aux`."""
-  image = F.interpolate(image_aux[None], size=[crop * grid, crop * grid], mode='bilinear',
-                        align_corners=False)[0]
+  image = F.interpolate(image_aux[None], size=[crop * grid, crop * grid], mode='bilinear', align_corners=False)[0]
   raw_image = image.reshape(3, grid, crop, grid, crop)
   raw_image = raw_image.permute(1, 3, 0, 2, 4)
   raw_image = raw_image.reshape(-1, 3, crop, crop)
@@ -355,6 +366,7 @@ def test_plan_batch_for_an_hd_config():
 
 # ------------------------------------------------------------------------- pipeline + loss
 
+
 @pytest.fixture(scope='module')
 def hd_setup(data_dir):
   config = mgjax_config.load_config_file(os.path.join(REPO, 'configs', 'stage1.py'), 'data=sample:tiny')
@@ -387,8 +399,8 @@ def test_hd_forward_and_loss_through_the_pipeline(hd_setup):
   assert row['images_highres'].shape == (config.data.max_images, high, high, 3)
   positions = np.nonzero(row['input_ids'] == encoder.image_token_id)[0]
   assert len(positions) == n and np.all(np.diff(positions) == 1)
-  views, pixels = images.mgm_views(images.decode(example['images'][0]), size, high,
-                                   config.data.image_mean, config.data.image_std, grid=2, global_view=True)
+  views, pixels = images.mgm_views(images.decode(example['images'][0]), size, high, config.data.image_mean,
+                                   config.data.image_std, grid=2, global_view=True)
   np.testing.assert_array_equal(row['images_lowres'][0], views)
   np.testing.assert_array_equal(row['images_highres'][0], pixels)
   # Generation prompts (decode, predict) get the same views.
@@ -397,8 +409,8 @@ def test_hd_forward_and_loss_through_the_pipeline(hd_setup):
   np.testing.assert_array_equal(prompt['images_lowres'][0], views)
   # Packing moves whole images, views and all.
   examples = [source[i] for i in range(8)]
-  packed = list(pipeline.pack(grain.MapDataset.source(examples).map(encoder.unpadded).to_iter_dataset(),
-                              encoder, num_bins=2))
+  packed = list(
+      pipeline.pack(grain.MapDataset.source(examples).map(encoder.unpadded).to_iter_dataset(), encoder, num_bins=2))
   filled = 0
   for packed_row in packed:
     assert packed_row['images_lowres'].shape == row['images_lowres'].shape

@@ -35,8 +35,7 @@ def _photo(name: str) -> Image.Image:
 
 
 def _clip_processor(size: int):
-  return transformers.CLIPImageProcessorPil(size={'shortest_edge': size},
-                                            crop_size={'height': size, 'width': size})
+  return transformers.CLIPImageProcessorPil(size={'shortest_edge': size}, crop_size={'height': size, 'width': size})
 
 
 def _reference(image: Image.Image, size: int) -> np.ndarray:
@@ -61,8 +60,7 @@ def test_mgm_pair_equals_mini_geminis_inputs(name):
   image = _photo(name)
   lowres, highres = images.mgm_pair(image, 336, 768)
   ref_high = torch.from_numpy(_reference(image, 768).transpose(2, 0, 1)[None].copy())
-  ref_low = torch.nn.functional.interpolate(ref_high, size=[336, 336], mode='bilinear',
-                                            align_corners=False)
+  ref_low = torch.nn.functional.interpolate(ref_high, size=[336, 336], mode='bilinear', align_corners=False)
   assert np.abs(highres - ref_high[0].numpy().transpose(1, 2, 0)).max() <= 1e-6
   assert np.abs(lowres - ref_low[0].numpy().transpose(1, 2, 0)).max() <= 1e-5
 

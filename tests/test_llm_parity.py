@@ -21,17 +21,17 @@ from mgjax.models.llm import DecoderLM  # noqa: E402
 
 VOCAB = 128
 TOLERANCE = 1e-4
-LLAMA3_ROPE = dict(rope_type='llama3', rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                   high_freq_factor=4.0, original_max_position_embeddings=16)
+LLAMA3_ROPE = dict(rope_type='llama3', rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16)
 # name -> (config class, extra config). Sizes are tiny; Gemma's head_dim is not hidden/heads,
 # and the Llama-3 context (16) is short enough that its 24-token inputs reach every branch of
 # the scaling (kept, blended and slowed frequencies).
 FAMILIES = {
-  'llama': ('LlamaConfig', dict()),
-  'llama3': ('LlamaConfig', dict(rope_parameters=LLAMA3_ROPE)),
-  'gemma': ('GemmaConfig', dict(head_dim=16)),
-  'qwen2': ('Qwen2Config', dict()),
-  'qwen2_tied': ('Qwen2Config', dict(tie_word_embeddings=True)),
+    'llama': ('LlamaConfig', dict()),
+    'llama3': ('LlamaConfig', dict(rope_parameters=LLAMA3_ROPE)),
+    'gemma': ('GemmaConfig', dict(head_dim=16)),
+    'qwen2': ('Qwen2Config', dict()),
+    'qwen2_tied': ('Qwen2Config', dict(tie_word_embeddings=True)),
 }
 
 
@@ -42,9 +42,8 @@ def tiny_hf_model(name: str, seed: int = 0):
   so a mapping that swapped or dropped any of them would show in the logits.
   """
   cls, extra = FAMILIES[name]
-  cfg = getattr(transformers, cls)(
-    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **extra)
+  cfg = getattr(transformers, cls)(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **extra)
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
   gemma = cfg.model_type == 'gemma'
@@ -95,13 +94,14 @@ def test_logits_match_transformers(cases, name):
 def test_llama3_rope_scaling_is_applied(cases):
   """The llama3 model's parity is due to its scaling: without it the logits differ."""
   hf, _, model = cases('llama3')
-  assert model.layers[0].self_attn.rope_inv_freq != DecoderLM(
-    vocab_size=VOCAB, hidden=32, layers=1, heads=4, kv_heads=2, head_dim=8, mlp=64,
-    rope_theta=500000.0, rngs=nnx.Rngs(0)).layers[0].self_attn.rope_inv_freq
+  assert model.layers[0].self_attn.rope_inv_freq != DecoderLM(vocab_size=VOCAB, hidden=32, layers=1, heads=4,
+                                                              kv_heads=2, head_dim=8, mlp=64, rope_theta=500000.0,
+                                                              rngs=nnx.Rngs(0)).layers[0].self_attn.rope_inv_freq
   graphdef, state = nnx.split(model)
-  unscaled = nnx.merge(nnx.split(DecoderLM(
-    vocab_size=VOCAB, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp=64,
-    rope_theta=500000.0, norm_eps=model.norm.eps, rngs=nnx.Rngs(0)))[0], state)
+  unscaled = nnx.merge(
+      nnx.split(
+          DecoderLM(vocab_size=VOCAB, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp=64, rope_theta=500000.0,
+                    norm_eps=model.norm.eps, rngs=nnx.Rngs(0)))[0], state)
   ids = random_ids()
   assert np.abs(np.asarray(unscaled(ids)) - hf_logits(hf, ids)).max() > 1e-3
 

@@ -18,13 +18,36 @@ def lora_cfg(rank=4, alpha=8.0, targets=TARGETS):
 def params():
   """A Llama-shaped slice of a param tree: per-head attention kernels and a plain MLP."""
   rng = np.random.default_rng(0)
-  layer = {"self_attn": {"q_proj": {"kernel": rng.normal(size=(16, 4, 8))},
-                         "o_proj": {"kernel": rng.normal(size=(4, 8, 16))}},
-           "mlp": {"gate_proj": {"kernel": rng.normal(size=(16, 32))}},
-           "input_layernorm": {"scale": np.ones(16)}}
-  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
-                      {"llm": {"layers": {0: layer, 1: jax.tree.map(lambda x: x + 1, layer)}},
-                       "projector": {"kernel": rng.normal(size=(16, 16))}})
+  layer = {
+      "self_attn": {
+          "q_proj": {
+              "kernel": rng.normal(size=(16, 4, 8))
+          },
+          "o_proj": {
+              "kernel": rng.normal(size=(4, 8, 16))
+          }
+      },
+      "mlp": {
+          "gate_proj": {
+              "kernel": rng.normal(size=(16, 32))
+          }
+      },
+      "input_layernorm": {
+          "scale": np.ones(16)
+      }
+  }
+  return jax.tree.map(
+      lambda x: jnp.asarray(x, jnp.float32), {
+          "llm": {
+              "layers": {
+                  0: layer,
+                  1: jax.tree.map(lambda x: x + 1, layer)
+              }
+          },
+          "projector": {
+              "kernel": rng.normal(size=(16, 16))
+          }
+      })
 
 
 def test_adapters_start_at_zero_and_only_targets_get_them():
@@ -68,7 +91,8 @@ def test_a_scanned_stack_gets_one_adapter_per_layer_with_the_same_merge():
   stacked_adapters = {"llm": stack_layers(adapters["llm"])}
   fresh = lora.init(stacked, cfg, jax.random.key(1))["llm"]["layers"]["self_attn"]["o_proj"]["kernel"]
   assert fresh["a"].shape == (2, 4, 8, 2) and fresh["b"].shape == (2, 2, 16)
-  assert jax.tree.structure(fresh) == jax.tree.structure(stacked_adapters["llm"]["layers"]["self_attn"]["o_proj"]["kernel"])
+  assert jax.tree.structure(fresh) == jax.tree.structure(
+      stacked_adapters["llm"]["layers"]["self_attn"]["o_proj"]["kernel"])
   merged = lora.merge(stacked, stacked_adapters, cfg)
   expected = stack_layers(lora.merge(p, adapters, cfg)["llm"])
   for a, b in zip(jax.tree.leaves(merged["llm"]), jax.tree.leaves(expected)):

@@ -16,6 +16,16 @@ def test_a_torn_last_line_is_skipped_and_repaired_on_resume(tmp_path):
   writer = metrics.MetricsWriter(str(tmp_path), resume_step=2)
   writer.write(3, "train", loss=0.25)
   writer.close()
-  assert [json.loads(l) for l in path.read_text().splitlines()] == [
-      {"step": 1, "split": "train", "loss": 1.0}, {"step": 2, "split": "train", "loss": 0.5},
-      {"step": 3, "split": "train", "loss": 0.25}]
+  assert [json.loads(l) for l in path.read_text().splitlines()] == [{
+      "step": 1,
+      "split": "train",
+      "loss": 1.0
+  }, {
+      "step": 2,
+      "split": "train",
+      "loss": 0.5
+  }, {
+      "step": 3,
+      "split": "train",
+      "loss": 0.25
+  }]

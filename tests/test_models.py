@@ -19,7 +19,6 @@ from mgjax.models.vision import ConvNeXt, DepthwiseConv, VisionTransformer
 
 LLM_KW = dict(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp=64)
 
-
 # Eager op-by-op dispatch is slow on CPU; one compile per shape is faster for repeated calls.
 _call = nnx.jit(lambda module, *args, **kwargs: module(*args, **kwargs))
 
@@ -111,7 +110,7 @@ def test_remat_gives_the_same_loss_and_gradients(policy):
   def loss_and_grads(remat):
     model = DecoderLM(**LLM_KW, remat=remat, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
-    loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(ids) ** 2)
+    loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(ids)**2)
     # The layers really are wrapped in jax.checkpoint (its primitive is remat2 in the jaxpr).
     assert ('remat2' in str(jax.make_jaxpr(jax.grad(loss))(params))) == (remat != 'none')
     return jax.jit(jax.value_and_grad(loss))(params)
@@ -140,8 +139,7 @@ def test_convnext_stage_outputs_and_highres_map():
   net = ConvNeXt(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), ls_init=1.0, rngs=nnx.Rngs(0))
   images = jax.random.normal(jax.random.key(7), (2, 64, 64, 3))
   stages = _call(net, images)
-  assert [s.shape for s in stages] == [(2, 16, 16, 16), (2, 8, 8, 32), (2, 4, 4, 64),
-                                       (2, 2, 2, 128)]
+  assert [s.shape for s in stages] == [(2, 16, 16, 16), (2, 8, 8, 32), (2, 4, 4, 64), (2, 2, 2, 128)]
   fmap = nnx.jit(lambda n, x: n.feature_map(x))(net, images)
   assert fmap.shape == (2, 16, 16, 240)
   _close(fmap[..., :16], stages[0], atol=0)  # stage 0 is already at 1/4 resolution
@@ -154,9 +152,8 @@ def test_depthwise_conv_equals_grouped_convolution():
   conv = DepthwiseConv(8, 7, rngs=nnx.Rngs(0))
   conv.bias[...] = jnp.arange(8.0)
   x = jax.random.normal(jax.random.key(11), (2, 9, 9, 8))
-  ref = jax.lax.conv_general_dilated(
-    x, conv.kernel[...], (1, 1), ((3, 3), (3, 3)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-    feature_group_count=8) + conv.bias[...]
+  ref = jax.lax.conv_general_dilated(x, conv.kernel[...], (1, 1), (
+      (3, 3), (3, 3)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=8) + conv.bias[...]
   _close(_call(conv, x), ref)
 
 
@@ -233,8 +230,7 @@ def test_sharded_forward_equals_single_device():
   assert jax.device_count() >= 8, 'tests/conftest.py must set XLA_FLAGS before jax starts'
   cfg = get_config()
   cfg.vision_highres.ls_init = 1.0  # timm's 1e-6 would leave the ConvNeXt gradients ~1e-9
-  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
   abstract = nnx.eval_shape(lambda: MiniGemini(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
@@ -286,31 +282,27 @@ def test_sharded_forward_equals_single_device():
 # expected to fail; when one passes, its workaround (axes.constrain pins, DepthwiseConv)
 # may be revisited.
 def _upstream_mesh():
-  return jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  return jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
-@pytest.mark.xfail(reason='XLA SPMD miscompile without activation pins (jax 0.10.2)',
-                   strict=False)
+@pytest.mark.xfail(reason='XLA SPMD miscompile without activation pins (jax 0.10.2)', strict=False)
 def test_upstream_chained_matmuls_then_residual_without_pins():
   mesh = _upstream_mesh()
   keys = jax.random.split(jax.random.key(0), 4)
   x = jax.random.normal(keys[0], (4, 16, 64))
-  w1, w2, w3 = (jax.random.normal(k, s) * 0.1 for k, s in
-                zip(keys[1:], [(64, 256), (256, 64), (64, 64)]))
+  w1, w2, w3 = (jax.random.normal(k, s) * 0.1 for k, s in zip(keys[1:], [(64, 256), (256, 64), (64, 64)]))
 
   def f(x, w1, w2, w3):
     y = (x @ w1) @ w2
     return y + y @ w3
 
   put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
-  out = jax.jit(f)(put(x, ('data', 'fsdp')), put(w1, 'fsdp', 'tensor'),
-                   put(w2, 'tensor', 'fsdp'), put(w3, 'fsdp', 'tensor'))
+  out = jax.jit(f)(put(x, ('data', 'fsdp')), put(w1, 'fsdp', 'tensor'), put(w2, 'tensor', 'fsdp'),
+                   put(w3, 'fsdp', 'tensor'))
   _close(out, jax.jit(f)(x, w1, w2, w3), atol=1e-4)
 
 
-@pytest.mark.xfail(reason='XLA SPMD scales grouped-conv weight gradients (jax 0.10.2)',
-                   strict=False)
+@pytest.mark.xfail(reason='XLA SPMD scales grouped-conv weight gradients (jax 0.10.2)', strict=False)
 def test_upstream_grouped_conv_weight_gradient_under_batch_split():
   mesh = _upstream_mesh()
   x = jax.random.normal(jax.random.key(0), (8, 16, 16, 16))
@@ -344,7 +336,7 @@ def test_scanned_layers_equal_the_unrolled_stack(remat):
   ids = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
 
   def loss(graph):
-    return jax.jit(jax.value_and_grad(lambda p: jnp.mean(nnx.merge(graph, p)(ids) ** 2)))
+    return jax.jit(jax.value_and_grad(lambda p: jnp.mean(nnx.merge(graph, p)(ids)**2)))
 
   plain_loss, plain_grads = loss(plain_graph)(plain_params)
   scan_loss, scan_grads = loss(scan_graph)(scan_state)

@@ -44,11 +44,10 @@ def mixtral(tmp_path_factory):
   would show in the logits; output_router_logits is on, so transformers' forward adds
   router_aux_loss_coef * aux_loss to its loss and the import takes that coefficient.
   """
-  cfg = transformers.MixtralConfig(
-    vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    num_local_experts=EXPERTS, num_experts_per_tok=2, router_aux_loss_coef=COEF,
-    output_router_logits=True)
+  cfg = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   num_local_experts=EXPERTS, num_experts_per_tok=2, router_aux_loss_coef=COEF,
+                                   output_router_logits=True)
   torch.manual_seed(0)
   hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
   with torch.no_grad():
@@ -147,19 +146,21 @@ def test_experts_equal_a_dense_loop_over_experts():
   np.testing.assert_allclose(np.asarray(stats[1]), np.asarray(probs.sum((0, 1))), atol=1e-5)
 
 
-KW = dict(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp=48,
-          family='mixtral', num_experts=EXPERTS, router_aux_loss_coef=COEF)
+KW = dict(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp=48, family='mixtral',
+          num_experts=EXPERTS, router_aux_loss_coef=COEF)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _objective(graph, params, ids, segment_ids):
   """Mean token cross-entropy + coef * router loss of a DecoderLM, and its gradients (compiled
   once per graph and shapes, so tests on the same model share the program)."""
+
   def f(params):
     model = nnx.merge(graph, params)
     hidden, aux = model.hidden_states(ids, segment_ids=segment_ids, return_router_aux_loss=True)
     ce = optax.softmax_cross_entropy_with_integer_labels(model.logits(hidden)[:, :-1], ids[:, 1:])
     return jnp.mean(ce * segment_ids[:, 1:]) + model.router_aux_loss_coef * aux
+
   return jax.value_and_grad(f)(params)
 
 
@@ -175,8 +176,9 @@ def scanned():
 
 def test_scanned_layers_equal_the_unrolled_stack_and_decode(scanned):
   scan_graph, scan_state, ids, segments, scan_loss, scan_grads = scanned
-  assert scan_state['layers']['block_sparse_moe']['experts']['w2'].get_metadata()['out_sharding'] == (
-    'layers', 'expert', 'mlp', 'embed')
+  assert scan_state['layers']['block_sparse_moe']['experts']['w2'].get_metadata()['out_sharding'] == ('layers',
+                                                                                                      'expert', 'mlp',
+                                                                                                      'embed')
   plain_graph, plain_params = nnx.split(DecoderLM(**KW, rngs=nnx.Rngs(1)))
   nnx.replace_by_pure_dict(plain_params, llm_module.unstack_layers(scan_state.to_pure_dict()))
   plain_loss, plain_grads = _objective(plain_graph, plain_params, ids, segments)
@@ -201,8 +203,15 @@ def test_scanned_layers_equal_the_unrolled_stack_and_decode(scanned):
 # over 'fsdp' (a batch axis: the tokens are gathered, the output scattered back).
 _BASE_RULES = dict(mgjax_config.base_config().mesh.rules)
 EXPERT_RULES = {
-  'tensor': {**_BASE_RULES, 'expert': 'tensor', 'mlp': None},
-  'fsdp': {**_BASE_RULES, 'expert': 'fsdp', 'embed': None, 'mlp': None},
+    'tensor': {
+        **_BASE_RULES, 'expert': 'tensor',
+        'mlp': None
+    },
+    'fsdp': {
+        **_BASE_RULES, 'expert': 'fsdp',
+        'embed': None,
+        'mlp': None
+    },
 }
 
 
@@ -222,8 +231,8 @@ def test_experts_split_over_a_mesh_axis_give_the_single_device_loss(scanned, spl
   print(f'experts over {split}: loss {float(loss):.6f} vs one device {float(ref_loss):.6f}')
   np.testing.assert_allclose(loss, ref_loss, atol=1e-6)
   for path, g in nnx.to_flat_state(ref_grads):
-    np.testing.assert_allclose(np.asarray(dict(nnx.to_flat_state(grads))[path][...]), np.asarray(g[...]),
-                               atol=1e-6, err_msg='/'.join(map(str, path)))
+    np.testing.assert_allclose(np.asarray(dict(nnx.to_flat_state(grads))[path][...]), np.asarray(g[...]), atol=1e-6,
+                               err_msg='/'.join(map(str, path)))
 
 
 class TextOnly(nnx.Module):
@@ -246,20 +255,22 @@ def test_train_step_adds_the_router_loss():
   """make_train_step with a Mixtral decoder: the step's `loss` is the token loss,
   `router_aux_loss` the decoder's, and the update follows loss + coef * router_aux_loss."""
   cfg = get_config()
-  cfg.llm = dict(hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp=48, family='mixtral',
-                 num_experts=EXPERTS, router_aux_loss_coef=0.5)
+  cfg.llm = dict(hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp=48, family='mixtral', num_experts=EXPERTS,
+                 router_aux_loss_coef=0.5)
   gate = vlm.abstract_model(cfg).llm.layers[1].block_sparse_moe.gate.kernel
   assert gate.shape == (32, EXPERTS)  # MiniGemini builds with the Mixtral decoder
   graph, params = nnx.split(TextOnly(DecoderLM(vocab_size=64, **cfg.llm, rngs=nnx.Rngs(0))))
   params = params.to_pure_dict()
   rng = np.random.default_rng(0)
-  batch = {'input_ids': rng.integers(0, 64, (2, 10)).astype(np.int32),
-           'targets': rng.integers(0, 64, (2, 10)).astype(np.int32),
-           'loss_mask': np.ones((2, 10), np.float32),
-           'positions': np.tile(np.arange(10, dtype=np.int32), (2, 1)),
-           'segment_ids': np.ones((2, 10), np.int32),
-           'images_lowres': np.zeros((2, 0, 1, 1, 3), np.float32),
-           'images_highres': np.zeros((2, 0, 1, 1, 3), np.float32)}
+  batch = {
+      'input_ids': rng.integers(0, 64, (2, 10)).astype(np.int32),
+      'targets': rng.integers(0, 64, (2, 10)).astype(np.int32),
+      'loss_mask': np.ones((2, 10), np.float32),
+      'positions': np.tile(np.arange(10, dtype=np.int32), (2, 1)),
+      'segment_ids': np.ones((2, 10), np.int32),
+      'images_lowres': np.zeros((2, 0, 1, 1, 3), np.float32),
+      'images_highres': np.zeros((2, 0, 1, 1, 3), np.float32)
+  }
   batch['loss_mask'][1, 6:] = 0
   batch['segment_ids'][1, 8:] = 0
   step, summed_loss = train.make_train_step(graph, optax.sgd(1.0), lambda t, f: t, accum=1)
@@ -271,8 +282,8 @@ def test_train_step_adds_the_router_loss():
     total, count = summed_loss(params, None, batch)
 
     def router_loss(p):
-      return nnx.merge(graph, nnx.State(p)).llm.hidden_states(
-        batch['input_ids'], segment_ids=batch['segment_ids'], return_router_aux_loss=True)[1]
+      return nnx.merge(graph, nnx.State(p)).llm.hidden_states(batch['input_ids'], segment_ids=batch['segment_ids'],
+                                                              return_router_aux_loss=True)[1]
 
     grad = jax.grad(lambda p: summed_loss(p, None, batch)[0] / count + 0.5 * router_loss(p))(params)
     return new, metrics, total / count, router_loss(params), grad
@@ -283,8 +294,8 @@ def test_train_step_adds_the_router_loss():
   assert float(aux) > 1.0  # E * sum(f * P) >= 1, equal only when perfectly balanced
   # SGD at lr 1: the update is minus the gradient of the token loss + 0.5 * the router loss.
   for name in ('gate', 'experts'):
-    for a, b, g in zip(*(jax.tree.leaves(t['llm']['layers'][0]['block_sparse_moe'][name])
-                         for t in (params, new, grad))):
+    for a, b, g in zip(
+        *(jax.tree.leaves(t['llm']['layers'][0]['block_sparse_moe'][name]) for t in (params, new, grad))):
       np.testing.assert_allclose(np.asarray(a) - np.asarray(b), np.asarray(g), atol=1e-6)
 
 

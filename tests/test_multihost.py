@@ -33,15 +33,18 @@ def command(workdir: str, data_dir: str, cache: str) -> list[str]:
 
 
 def run_processes(workdir: str, data_dir: str, cache: str, num_processes: int, devices_each: int) -> None:
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}",
-         "PYTHONUNBUFFERED": "1"}
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}", "PYTHONUNBUFFERED": "1"}
   args = command(workdir, data_dir, cache)
   if num_processes > 1:
     address = f"localhost:{free_port()}"
-    procs = [subprocess.Popen(args + ["--distributed", f"--coordinator_address={address}",
-                                      f"--num_processes={num_processes}", f"--process_id={i}"],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(num_processes)]
+    procs = [
+        subprocess.Popen(
+            args + [
+                "--distributed", f"--coordinator_address={address}", f"--num_processes={num_processes}",
+                f"--process_id={i}"
+            ], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(num_processes)
+    ]
   else:
     procs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
   try:

@@ -82,12 +82,16 @@ def test_notebook_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   nb = read_notebook()
   workdir = tmp_path / "runs"
-  inject_parameters(
-      nb, DATA_PRESET="sample:tiny", DATA_DIR=str(tmp_path / "data"), WORKDIR=str(workdir),
-      BATCH_SIZE=8, STEPS_STAGE1=6, STEPS_STAGE2=3, MAX_NEW_TOKENS=8,
-      CONFIG_OVERRIDES={"train.eval_batch_size": 8, "train.log_every": 1, "eval.max_new_tokens": 8})
+  inject_parameters(nb, DATA_PRESET="sample:tiny", DATA_DIR=str(tmp_path / "data"), WORKDIR=str(workdir), BATCH_SIZE=8,
+                    STEPS_STAGE1=6, STEPS_STAGE2=3, MAX_NEW_TOKENS=8, CONFIG_OVERRIDES={
+                        "train.eval_batch_size": 8,
+                        "train.log_every": 1,
+                        "eval.max_new_tokens": 8
+                    })
   client = nbclient.NotebookClient(nb, kernel_name=ensure_python3_kernel(), timeout=600,
-                                   resources={"metadata": {"path": str(tmp_path)}})
+                                   resources={"metadata": {
+                                       "path": str(tmp_path)
+                                   }})
   client.execute()  # raises CellExecutionError, with the cell's traceback, if any cell fails
   executed = os.path.join(tmp_path, "executed.ipynb")
   nbformat.write(nb, executed)  # kept beside the run for a look when an assertion below fails

@@ -42,7 +42,9 @@ def test_loss_only_on_assistant_tokens(setup):
   _, dataset, tokenizer, encoder, _ = setup
   example = find(build.open_split(dataset, "train"), b"text", with_images=False)
   out = encoder(example)
-  answers = [c.decode() for r, c in zip(example["messages"]["role"], example["messages"]["content"]) if r == b"assistant"]
+  answers = [
+      c.decode() for r, c in zip(example["messages"]["role"], example["messages"]["content"]) if r == b"assistant"
+  ]
   trained = tokenizer.decode(out["targets"][out["loss_mask"] > 0])
   # Exactly the assistant turns, each followed by its end-of-turn token; no user text.
   assert trained.replace(" ", "") == "".join(a + tokenizer.eos_token for a in answers).replace(" ", "")
@@ -50,7 +52,7 @@ def test_loss_only_on_assistant_tokens(setup):
   assert all(u.replace(" ", "") not in trained.replace(" ", "") for u in users)
   # Targets are the inputs shifted by one; padding carries no loss.
   n = int(out["segment_ids"].sum())
-  np.testing.assert_array_equal(out["targets"][: n - 1], out["input_ids"][1:n])
+  np.testing.assert_array_equal(out["targets"][:n - 1], out["input_ids"][1:n])
   assert not out["loss_mask"][n:].any()
 
 
@@ -111,8 +113,7 @@ def test_eval_batches_cover_the_split_once(setup):
 def test_replay_draws_its_fraction_from_the_stage1_mix(setup):
   _, dataset, _, encoder, n = setup
   generation, mix = build.open_split(dataset, "train_generation"), build.open_split(dataset, "train")
-  stream = pipeline.train_iterator(generation, encoder, batch_size=8, seed=0, replay_source=mix,
-                                   replay_fraction=0.25)
+  stream = pipeline.train_iterator(generation, encoder, batch_size=8, seed=0, replay_source=mix, replay_fraction=0.25)
   batches = [next(stream) for _ in range(16)]
   # Generation requests have no images; the replayed mix brings understanding examples that do.
   with_images = np.concatenate([(b["input_ids"] == encoder.image_token_id).any(1) for b in batches])
@@ -125,8 +126,7 @@ def test_replay_draws_its_fraction_from_the_stage1_mix(setup):
   # The position is part of the state a checkpoint saves: a restored stream continues identically.
   state = stream.get_state()
   expected = next(stream)
-  again = pipeline.train_iterator(generation, encoder, batch_size=8, seed=0, replay_source=mix,
-                                  replay_fraction=0.25)
+  again = pipeline.train_iterator(generation, encoder, batch_size=8, seed=0, replay_source=mix, replay_fraction=0.25)
   again.set_state(state)
   np.testing.assert_array_equal(next(again)["input_ids"], expected["input_ids"])
 
@@ -139,13 +139,14 @@ def test_packed_rows_give_the_same_per_token_loss(setup):
   encoder = pipeline.make_encoder(tokenizer, ml_collections.ConfigDict(data_cfg), model_cfg, n)
   source = build.open_split(dataset, "train")
   examples = [source[i] for i in range(24)]
-  rows = list(pipeline.pack(grain.MapDataset.source(examples).map(encoder.unpadded).to_iter_dataset(),
-                            encoder, num_bins=4))
+  rows = list(
+      pipeline.pack(grain.MapDataset.source(examples).map(encoder.unpadded).to_iter_dataset(), encoder, num_bins=4))
   packed = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
   unpacked = {k: np.stack([encoder(e)[k] for e in examples]) for k in packed}
   # Every conversation is in exactly one row, several to a row, images included.
   assert sum(len(set(r["segment_ids"][r["segment_ids"] > 0])) for r in rows) == len(examples) > len(rows)
-  assert (packed["input_ids"] == encoder.image_token_id).sum() == (unpacked["input_ids"] == encoder.image_token_id).sum()
+  assert (packed["input_ids"] == encoder.image_token_id).sum() == (
+      unpacked["input_ids"] == encoder.image_token_id).sum()
   assert max((r["input_ids"] == encoder.image_token_id).sum() // n for r in rows) >= 2
   efficiency = lambda b: float((b["segment_ids"] > 0).mean())
   assert efficiency(packed) > 2 * efficiency(unpacked)
@@ -155,8 +156,9 @@ def test_packed_rows_give_the_same_per_token_loss(setup):
   packed_sum, packed_count = loss_fn(params, packed)
   unpacked_sum, unpacked_count = loss_fn(params, unpacked)
   assert float(packed_count) == float(unpacked_count) > 0
-  np.testing.assert_allclose(float(packed_sum) / float(packed_count), float(unpacked_sum) / float(unpacked_count),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      float(packed_sum) / float(packed_count),
+      float(unpacked_sum) / float(unpacked_count), rtol=1e-5)
 
 
 def test_pad_to_square_keeps_what_the_centre_crop_would_cut(setup):

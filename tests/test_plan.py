@@ -44,10 +44,10 @@ def test_fsdp_splits_weights_and_optimizer_state_over_the_devices():
 
 def test_cli_sets_up_its_own_devices_and_prints_the_fit():
   env = {**os.environ, "XLA_FLAGS": ""}  # the CLI asks for its own device count
-  result = subprocess.run(
-      [sys.executable, "-m", "mgjax.plan", "--config=configs/stage2.py:data=sample:tiny", "--devices=2",
-       "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--compilation_cache="],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  result = subprocess.run([
+      sys.executable, "-m", "mgjax.plan", "--config=configs/stage2.py:data=sample:tiny", "--devices=2",
+      "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--compilation_cache="
+  ], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
   assert "'fsdp': 2" in out and "= 2 devices" in out
@@ -72,9 +72,10 @@ def test_optimizer_moments_are_laid_out_like_their_weights_also_when_some_are_fr
   params = sharding.abstract_like(state.to_pure_dict(), shardings)
   tx, _ = optim.make(c.optim, 10, params)
   opt_state = sharding.abstract_optimizer_state(tx, params, mesh)
-  moments = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_flatten_with_path(opt_state)[0]
-             if x.ndim]
-  trainable = sum(x.size for name, x in jax.tree_util.tree_flatten_with_path(params)[0]
+  moments = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_flatten_with_path(opt_state)[0] if x.ndim
+            ]
+  trainable = sum(x.size
+                  for name, x in jax.tree_util.tree_flatten_with_path(params)[0]
                   if not jax.tree_util.keystr(name).startswith("['vision_"))
   # Two moments (Adam) per trainable weight, none for the frozen towers...
   assert sum(x.size for _, x in moments) == 2 * trainable

@@ -39,10 +39,10 @@ def cache():
 
 
 def predict(workdir: str, cache: str, *flags: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-  return subprocess.run(
-      [sys.executable, "-m", "mgjax.predict", f"--workdir={workdir}", f"--compilation_cache={cache}",
-       f"--max_new_tokens={MAX_NEW_TOKENS}", *flags],
-      cwd=REPO, input=stdin, capture_output=True, text=True, timeout=600)
+  return subprocess.run([
+      sys.executable, "-m", "mgjax.predict", f"--workdir={workdir}", f"--compilation_cache={cache}",
+      f"--max_new_tokens={MAX_NEW_TOKENS}", *flags
+  ], cwd=REPO, input=stdin, capture_output=True, text=True, timeout=600)
 
 
 def shown(answer: str) -> str:
@@ -74,8 +74,16 @@ def test_chat_keeps_history_until_reset_and_quits(workdir, generator, cache):
   result = predict(workdir, cache, "--chat", stdin="hello\nand then?\n/reset\nhi\n/quit\nnever read\n")
   assert result.returncode == 0, result.stderr
   first = answer(generator, [{"role": "user", "content": "hello"}])
-  second = answer(generator, [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first},
-                              {"role": "user", "content": "and then?"}])
+  second = answer(generator, [{
+      "role": "user",
+      "content": "hello"
+  }, {
+      "role": "assistant",
+      "content": first
+  }, {
+      "role": "user",
+      "content": "and then?"
+  }])
   after_reset = answer(generator, [{"role": "user", "content": "hi"}])
   assert result.stdout == shown(first) + shown(second) + "(conversation reset)\n" + shown(after_reset)
 

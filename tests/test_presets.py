@@ -25,12 +25,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #   3*4096*14336 + router 4096*8 + 2*4096) + 4096 = 46,702,792,704.
 # Nous-Hermes-2-Yi-34B: 2 * 64000*7168 + 60 * (2*7168^2 + 2*7168*1024 + 3*7168*20480 + 2*7168)
 #   + 7168 = 34,388,917,248.
-LLM_PARAMS = {'mgm_2b': 2_506_172_416, 'mgm_7b': 6_738_415_616, 'mgm_8b': 8_030_261_248,
-              'mgm_13b': 13_015_864_320, 'mgm_8x7b': 46_702_792_704, 'mgm_34b': 34_388_917_248}
+LLM_PARAMS = {
+    'mgm_2b': 2_506_172_416,
+    'mgm_7b': 6_738_415_616,
+    'mgm_8b': 8_030_261_248,
+    'mgm_13b': 13_015_864_320,
+    'mgm_8x7b': 46_702_792_704,
+    'mgm_34b': 34_388_917_248
+}
 # Every released model, and its HD variant (the same weights, more visual tokens).
 PRESETS = sorted([*LLM_PARAMS, *(f'{name}_hd' for name in LLM_PARAMS)])
-TEMPLATES = {'mgm_2b': 'gemma', 'mgm_7b': 'vicuna_v1', 'mgm_13b': 'vicuna_v1', 'mgm_8b': 'llama_3',
-             'mgm_8x7b': 'mistral_instruct', 'mgm_34b': 'chatml_direct'}
+TEMPLATES = {
+    'mgm_2b': 'gemma',
+    'mgm_7b': 'vicuna_v1',
+    'mgm_13b': 'vicuna_v1',
+    'mgm_8b': 'llama_3',
+    'mgm_8x7b': 'mistral_instruct',
+    'mgm_34b': 'chatml_direct'
+}
 # HF CLIPVisionModel of openai/clip-vit-large-patch14-336 has 303,507,456 parameters; mgjax
 # builds no post_layernorm (2*1024), which the penultimate-layer features never read.
 CLIP_L14_336_PARAMS = 303_507_456 - 2 * 1024

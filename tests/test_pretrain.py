@@ -50,15 +50,15 @@ def test_recipe_runs_three_phases_and_pretraining_moves_only_mining_and_projecto
   # Pretraining changed mining and the projector, and nothing else, bit for bit.
   c = configs["pretrain"]
   dataset = build.ensure_built(c.data.recipe, data_dir)
-  tok = train.tokenizers.apply_template(train.transformers.AutoTokenizer.from_pretrained(dataset.tokenizer_dir), "plain")
+  tok = train.tokenizers.apply_template(train.transformers.AutoTokenizer.from_pretrained(dataset.tokenizer_dir),
+                                        "plain")
   model_cfg = train.resolve_model_config(c.model, tok)
   initial = jax.jit(lambda: nnx.split(vlm.MiniGemini(model_cfg, rngs=nnx.Rngs(c.seed)))[1].to_pure_dict())()
   trained, _ = load_params(str(tmp_path / "pretrain"), 2)
   flat = lambda tree: {checkpoint.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
   flat_initial, flat_trained = flat(initial), flat(trained)
   assert set(flat_initial) == set(flat_trained)
-  changed = {name.split("/")[0] for name in flat_trained
-             if not np.array_equal(flat_trained[name], flat_initial[name])}
+  changed = {name.split("/")[0] for name in flat_trained if not np.array_equal(flat_trained[name], flat_initial[name])}
   assert changed == {"mining", "projector"}
   assert pretrain.num_trainable == sum(x.size for k in ("mining", "projector") for x in jax.tree.leaves(initial[k]))
 

@@ -49,6 +49,7 @@ def test_an_unfinished_stage_is_not_started_from_unless_a_step_is_named(stage1, 
 
 
 def test_drift_guard_survives_a_resume_without_metrics(stage1, data_dir, tmp_path):
+
   def config():
     c = tiny_config(2, data_dir, steps=4, eval_every=2, checkpoint_every=2)
     c.init_from = stage1.workdir
@@ -89,8 +90,8 @@ def test_a_full_disk_ends_in_one_line_saying_what_to_do(data_dir, tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "metrics.jsonl").symlink_to("/dev/full")
-  result = subprocess.run(cli_args(str(workdir), data_dir, str(tmp_path / "xla"), 2, 2), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+  result = subprocess.run(cli_args(str(workdir), data_dir, str(tmp_path / "xla"), 2, 2), cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
   assert result.returncode == 1, result.stderr[-2000:]
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: no space left on the disk holding ") and "run the same command again" in last

@@ -16,19 +16,25 @@ MADVISE = "always [madvise] never\n"
 
 def test_hugetlb_is_added_to_whatever_tunables_the_user_set():
   assert runtime.malloc_tunables({}, MADVISE, GLIBC) == "glibc.malloc.hugetlb=1"
-  assert (runtime.malloc_tunables({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, MADVISE, GLIBC)
-          == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+  assert (runtime.malloc_tunables({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, MADVISE,
+                                  GLIBC) == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
 
 
-@pytest.mark.parametrize("environ, thp_mode, libc", [
-    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, MADVISE, GLIBC),  # the user's own choice wins
-    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, MADVISE, GLIBC),  # already restarted: no loop
-    ({}, "[always] madvise never\n", GLIBC),  # every mapping gets huge pages already
-    ({}, "always madvise [never]\n", GLIBC),  # none can
-    ({}, MADVISE, ("glibc", "2.34")),  # before the tunable existed
-    ({}, MADVISE, ("", "")),  # musl and others
-    ({}, MADVISE, ("glibc", "")),  # a version that could not be read
-])
+@pytest.mark.parametrize(
+    "environ, thp_mode, libc",
+    [
+        ({
+            "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"
+        }, MADVISE, GLIBC),  # the user's own choice wins
+        ({
+            "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"
+        }, MADVISE, GLIBC),  # already restarted: no loop
+        ({}, "[always] madvise never\n", GLIBC),  # every mapping gets huge pages already
+        ({}, "always madvise [never]\n", GLIBC),  # none can
+        ({}, MADVISE, ("glibc", "2.34")),  # before the tunable existed
+        ({}, MADVISE, ("", "")),  # musl and others
+        ({}, MADVISE, ("glibc", "")),  # a version that could not be read
+    ])
 def test_no_restart_where_the_tunable_cannot_help_or_the_user_chose(environ, thp_mode, libc):
   assert runtime.malloc_tunables(environ, thp_mode, libc) is None
 
@@ -40,7 +46,8 @@ def test_train_entry_point_restarts_once_with_the_tunable(tmp_path, user_setting
   # any training. A restart loop would never get there and time out.
   seen = tmp_path / "seen.txt"
   config = tmp_path / "config.py"
-  config.write_text(textwrap.dedent(f"""
+  config.write_text(
+      textwrap.dedent(f"""
       import os
       import ml_collections
 
@@ -52,8 +59,8 @@ def test_train_entry_point_restarts_once_with_the_tunable(tmp_path, user_setting
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   if user_setting:
     env["GLIBC_TUNABLES"] = user_setting
-  result = subprocess.run([sys.executable, "-m", "mgjax.main", f"--config={config}"], env=env,
-                          capture_output=True, text=True, timeout=120)
+  result = subprocess.run([sys.executable, "-m", "mgjax.main", f"--config={config}"], env=env, capture_output=True,
+                          text=True, timeout=120)
   assert "no workdir" in result.stderr, result.stderr[-2000:]
   starts = seen.read_text().splitlines()
   if runtime.malloc_tunables(env, runtime.thp_mode(), platform.libc_ver()) is None:
@@ -68,8 +75,11 @@ CLIS = ("mgjax.main", "mgjax.recipe", "mgjax.plan", "mgjax.predict", "mgjax.data
 def test_every_cli_help_exits_zero(tmp_path):
   """--help is a success, not an error, for scripts that check it (and from any directory)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  procs = {m: subprocess.Popen([sys.executable, "-m", m, "--help"], cwd=tmp_path, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for m in CLIS}
+  procs = {
+      m:
+          subprocess.Popen([sys.executable, "-m", m, "--help"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True) for m in CLIS
+  }
   for module, proc in procs.items():
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, f"{module} --help exited {proc.returncode}:\n{out[-2000:]}"

@@ -20,7 +20,6 @@ from conftest import load_params, tiny_config
 from mgjax import checkpoint, metrics, stages, train
 
 
-
 def checkpoint_params(path: str):
   """The params of a checkpoint folder (WORKDIR/checkpoints/<step>) as numpy."""
   return load_params(*checkpoint.locate(path))[0]
@@ -37,6 +36,7 @@ def stage2_config(stage1, data_dir, **kw):
 
 
 # ------------------------------------------------------------------ guards
+
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
   # An absurd learning rate, warmed up from 0: step 1 changes nothing, step 2's update
@@ -105,8 +105,7 @@ def test_drift_guard_acts_when_understanding_drifts(stage1, data_dir, tmp_path, 
     assert report["stopped"]["reason"] == "drift_rollback" and summary.steps == first_out
     # The best val_generation among the evaluations within bounds (stage 1's own result,
     # step 0, included) is handed on, and predict/stage 3 would load exactly it.
-    val = {r["step"]: r["loss"] for r in metrics.read(str(tmp_path))
-           if r["split"] == "val_generation" and "loss" in r}
+    val = {r["step"]: r["loss"] for r in metrics.read(str(tmp_path)) if r["split"] == "val_generation" and "loss" in r}
     in_bounds = [0] + [d["step"] for d in drift if d["within_bounds"]]
     best = min(in_bounds, key=lambda s: val[s])
     assert report["result"]["step"] == best
@@ -148,13 +147,15 @@ def test_early_stopping_hands_on_the_best_checkpoint(stage1, data_dir, tmp_path)
 
 # ------------------------------------------------------------------ training features
 
+
 def test_lora_trains_only_low_rank_adapters(stage1, data_dir, tmp_path):
   c = stage2_config(stage1, data_dir, steps=6)
   c.lora.rank = 2
   c.optim.lr = 3e-3
   c.early_stop.patience = 0  # the result is the last step, whatever its loss
   summary = train.run(c, str(tmp_path))
-  before, after = flat(checkpoint_params(stage1.checkpoint)), flat(checkpoint_params(str(tmp_path / "checkpoints" / "6")))
+  before, after = flat(checkpoint_params(stage1.checkpoint)), flat(
+      checkpoint_params(str(tmp_path / "checkpoints" / "6")))
   changed = [p for p in before if not np.array_equal(before[p], after[p])]
   assert changed and all(p.startswith("llm/layers/") and p.endswith("kernel") for p in changed)
   assert any("self_attn/o_proj" in p for p in changed) and any("mlp/down_proj" in p for p in changed)
@@ -192,6 +193,7 @@ def test_bf16_compute_keeps_float32_master_weights(data_dir, tmp_path):
 
 
 # ------------------------------------------------------------------ the report
+
 
 def test_stage2_report_holds_both_stages_side_by_side(stage1, data_dir, tmp_path):
   c = stage2_config(stage1, data_dir, steps=6, decode=True)

@@ -10,44 +10,49 @@ from PIL import Image
 
 from mgjax.data import pipeline, templates, tokenizer as tokenizer_lib
 
-TEXTS = ["What is in the picture? A red circle on a white background.",
-         "And the colour? Red, mostly. A chat between a curious user and an assistant."]
+TEXTS = [
+    "What is in the picture? A red circle on a white background.",
+    "And the colour? Red, mostly. A chat between a curious user and an assistant."
+]
 QUESTION, ANSWER = "<image>\nWhat is in the picture?", "A red circle."
 QUESTION2, ANSWER2 = "And the colour?", "Red, mostly."
-MESSAGES = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER},
-            {"role": "user", "content": QUESTION2}, {"role": "assistant", "content": ANSWER2}]
+MESSAGES = [{
+    "role": "user",
+    "content": QUESTION
+}, {
+    "role": "assistant",
+    "content": ANSWER
+}, {
+    "role": "user",
+    "content": QUESTION2
+}, {
+    "role": "assistant",
+    "content": ANSWER2
+}]
 
 # The text Mini-Gemini's conversation.py makes of MESSAGES (bos/eos are the test tokenizer's
 # <s> and </s>, where the real tokenizers have their own), and the supervised runs.
 LLAMA_3_HEAD = ("<s><|start_header_id|>system<|end_header_id|>\n\n" + templates.LLAMA_3_SYSTEM + "<|eot_id|>"
                 "<|start_header_id|>user<|end_header_id|>\n\n" + QUESTION + "<|eot_id|>")
 EXPECTED = {
-    "vicuna_v1": (
-        "<s>" + templates.VICUNA_SYSTEM + f" USER: {QUESTION} ASSISTANT: {ANSWER}</s>"
-        f"USER: {QUESTION2} ASSISTANT: {ANSWER2}</s>",
-        [f" {ANSWER}</s>", f" {ANSWER2}</s>"]),
-    "gemma": (
-        f"<s><start_of_turn>user\n{QUESTION}<end_of_turn>\n<start_of_turn>model\n{ANSWER}<end_of_turn>\n</s>"
-        f"<start_of_turn>user\n{QUESTION2}<end_of_turn>\n<start_of_turn>model\n{ANSWER2}<end_of_turn>\n</s>",
-        [f"{ANSWER}<end_of_turn>\n</s>", f"{ANSWER2}<end_of_turn>\n</s>"]),
-    "llama_3": (
-        LLAMA_3_HEAD + f"<|start_header_id|>system<|end_header_id|>\n\n{ANSWER}<|eot_id|>"
-        f"<|start_header_id|>user<|end_header_id|>\n\n{QUESTION2}<|eot_id|>"
-        f"<|start_header_id|>system<|end_header_id|>\n\n{ANSWER2}<|eot_id|>",
-        [f"{ANSWER}<|eot_id|>", f"{ANSWER2}<|eot_id|>"]),
-    "llama_3_instruct": (
-        LLAMA_3_HEAD + f"<|start_header_id|>assistant<|end_header_id|>\n\n{ANSWER}<|eot_id|>"
-        f"<|start_header_id|>user<|end_header_id|>\n\n{QUESTION2}<|eot_id|>"
-        f"<|start_header_id|>assistant<|end_header_id|>\n\n{ANSWER2}<|eot_id|>",
-        [f"{ANSWER}<|eot_id|>", f"{ANSWER2}<|eot_id|>"]),
-    "chatml": (
-        f"<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n{QUESTION}<|im_end|>"
-        f"<|im_start|>assistant\n{ANSWER}<|im_end|><|im_start|>user\n{QUESTION2}<|im_end|>"
-        f"<|im_start|>assistant\n{ANSWER2}<|im_end|>",
-        [f"{ANSWER}<|im_end|>", f"{ANSWER2}<|im_end|>"]),
-    "mistral_instruct": (
-        f"<s>[INST] {QUESTION} [/INST] {ANSWER} </s><s>[INST] {QUESTION2} [/INST] {ANSWER2} </s>",
-        [f" {ANSWER} </s>", f" {ANSWER2} </s>"]),
+    "vicuna_v1": ("<s>" + templates.VICUNA_SYSTEM + f" USER: {QUESTION} ASSISTANT: {ANSWER}</s>"
+                  f"USER: {QUESTION2} ASSISTANT: {ANSWER2}</s>", [f" {ANSWER}</s>", f" {ANSWER2}</s>"]),
+    "gemma": (f"<s><start_of_turn>user\n{QUESTION}<end_of_turn>\n<start_of_turn>model\n{ANSWER}<end_of_turn>\n</s>"
+              f"<start_of_turn>user\n{QUESTION2}<end_of_turn>\n<start_of_turn>model\n{ANSWER2}<end_of_turn>\n</s>",
+              [f"{ANSWER}<end_of_turn>\n</s>", f"{ANSWER2}<end_of_turn>\n</s>"]),
+    "llama_3": (LLAMA_3_HEAD + f"<|start_header_id|>system<|end_header_id|>\n\n{ANSWER}<|eot_id|>"
+                f"<|start_header_id|>user<|end_header_id|>\n\n{QUESTION2}<|eot_id|>"
+                f"<|start_header_id|>system<|end_header_id|>\n\n{ANSWER2}<|eot_id|>",
+                [f"{ANSWER}<|eot_id|>", f"{ANSWER2}<|eot_id|>"]),
+    "llama_3_instruct": (LLAMA_3_HEAD + f"<|start_header_id|>assistant<|end_header_id|>\n\n{ANSWER}<|eot_id|>"
+                         f"<|start_header_id|>user<|end_header_id|>\n\n{QUESTION2}<|eot_id|>"
+                         f"<|start_header_id|>assistant<|end_header_id|>\n\n{ANSWER2}<|eot_id|>",
+                         [f"{ANSWER}<|eot_id|>", f"{ANSWER2}<|eot_id|>"]),
+    "chatml": (f"<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n{QUESTION}<|im_end|>"
+               f"<|im_start|>assistant\n{ANSWER}<|im_end|><|im_start|>user\n{QUESTION2}<|im_end|>"
+               f"<|im_start|>assistant\n{ANSWER2}<|im_end|>", [f"{ANSWER}<|im_end|>", f"{ANSWER2}<|im_end|>"]),
+    "mistral_instruct": (f"<s>[INST] {QUESTION} [/INST] {ANSWER} </s><s>[INST] {QUESTION2} [/INST] {ANSWER2} </s>",
+                         [f" {ANSWER} </s>", f" {ANSWER2} </s>"]),
 }
 END_OF_ANSWER = {"llama_3": "<|eot_id|>", "llama_3_instruct": "<|eot_id|>", "chatml": "<|im_end|>"}
 
@@ -81,8 +86,7 @@ def test_layout_and_assistant_mask(base_dir, name):
   tok = _prepared(base_dir, name)
   text, runs = EXPECTED[name]
   assert tok.apply_chat_template(MESSAGES, tokenize=False) == text
-  encoded = tok.apply_chat_template(MESSAGES, tokenize=True, return_dict=True,
-                                    return_assistant_tokens_mask=True)
+  encoded = tok.apply_chat_template(MESSAGES, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
   ids, mask = encoded["input_ids"], encoded["assistant_masks"]
   assert [tok.decode(r) for r in _runs(ids, mask)] == runs
   # Every special token of the format, and <image>, is one token.
@@ -107,8 +111,10 @@ def test_system_message_replaces_the_default(base_dir):
   tok = _prepared(base_dir, "vicuna_v1")
   text = tok.apply_chat_template([{"role": "system", "content": "Be terse."}, *MESSAGES], tokenize=False)
   assert text.startswith("<s>Be terse. USER: ") and templates.VICUNA_SYSTEM not in text
-  gemma = _prepared(base_dir, "gemma").apply_chat_template(
-      [{"role": "system", "content": "Be terse."}, *MESSAGES], tokenize=False)
+  gemma = _prepared(base_dir, "gemma").apply_chat_template([{
+      "role": "system",
+      "content": "Be terse."
+  }, *MESSAGES], tokenize=False)
   assert gemma.startswith(f"<s><start_of_turn>user\nBe terse.\n\n{QUESTION}<end_of_turn>")
 
 
@@ -132,11 +138,15 @@ def test_pipeline_trains_on_exactly_the_answers(base_dir, name):
   tok = _prepared(base_dir, name)
   png = io.BytesIO()
   Image.new("RGB", (40, 30), (200, 30, 30)).save(png, format="PNG")
-  encoder = pipeline.ConversationEncoder(
-      tok, seq_len=512, num_image_tokens=4, max_images=1, lowres_size=32, highres_size=64,
-      image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
-  example = {"messages": {"role": [m["role"] for m in MESSAGES], "content": [m["content"] for m in MESSAGES]},
-             "images": [png.getvalue()]}
+  encoder = pipeline.ConversationEncoder(tok, seq_len=512, num_image_tokens=4, max_images=1, lowres_size=32,
+                                         highres_size=64, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+  example = {
+      "messages": {
+          "role": [m["role"] for m in MESSAGES],
+          "content": [m["content"] for m in MESSAGES]
+      },
+      "images": [png.getvalue()]
+  }
   out = encoder.unpadded(example)
   assert int((out["input_ids"] == encoder.image_token_id).sum()) == 4
   runs = _runs(out["targets"].tolist(), out["loss_mask"].tolist())
@@ -147,27 +157,34 @@ def test_pipeline_trains_on_exactly_the_answers(base_dir, name):
 # A LLaVA record whose image comes after the question (about half of LLaVA's do), and what
 # Mini-Gemini trains on for it: preprocess_multimodal moves "<image>\n" to the front of the
 # turn and strips the rest, then conversation.py lays the turns out.
-IMAGE_LAST = [{"role": "user", "content": "What is in the picture?\n<image>"},
-              {"role": "assistant", "content": ANSWER},
-              {"role": "user", "content": "  Look again:\n<image>\nWhat colour?"},
-              {"role": "assistant", "content": ANSWER2}]
+IMAGE_LAST = [{
+    "role": "user",
+    "content": "What is in the picture?\n<image>"
+}, {
+    "role": "assistant",
+    "content": ANSWER
+}, {
+    "role": "user",
+    "content": "  Look again:\n<image>\nWhat colour?"
+}, {
+    "role": "assistant",
+    "content": ANSWER2
+}]
 IMAGE_LAST_EXPECTED = {
-    "vicuna_v1": (
-        "<s>" + templates.VICUNA_SYSTEM + " USER: <image>\nWhat is in the picture? ASSISTANT: A red circle.</s>"
-        "USER: <image>\nLook again:\n\nWhat colour? ASSISTANT: Red, mostly.</s>",
-        [" A red circle.</s>", " Red, mostly.</s>"]),
-    "gemma": (
-        "<s><start_of_turn>user\n<image>\nWhat is in the picture?<end_of_turn>\n<start_of_turn>model\n"
-        "A red circle.<end_of_turn>\n</s><start_of_turn>user\n<image>\nLook again:\n\nWhat colour?<end_of_turn>\n"
-        "<start_of_turn>model\nRed, mostly.<end_of_turn>\n</s>",
-        ["A red circle.<end_of_turn>\n</s>", "Red, mostly.<end_of_turn>\n</s>"]),
-    "llama_3": (
-        "<s><|start_header_id|>system<|end_header_id|>\n\n" + templates.LLAMA_3_SYSTEM + "<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is in the picture?<|eot_id|>"
-        "<|start_header_id|>system<|end_header_id|>\n\nA red circle.<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\n<image>\nLook again:\n\nWhat colour?<|eot_id|>"
-        "<|start_header_id|>system<|end_header_id|>\n\nRed, mostly.<|eot_id|>",
-        ["A red circle.<|eot_id|>", "Red, mostly.<|eot_id|>"]),
+    "vicuna_v1":
+        ("<s>" + templates.VICUNA_SYSTEM + " USER: <image>\nWhat is in the picture? ASSISTANT: A red circle.</s>"
+         "USER: <image>\nLook again:\n\nWhat colour? ASSISTANT: Red, mostly.</s>",
+         [" A red circle.</s>", " Red, mostly.</s>"]),
+    "gemma": ("<s><start_of_turn>user\n<image>\nWhat is in the picture?<end_of_turn>\n<start_of_turn>model\n"
+              "A red circle.<end_of_turn>\n</s><start_of_turn>user\n<image>\nLook again:\n\nWhat colour?<end_of_turn>\n"
+              "<start_of_turn>model\nRed, mostly.<end_of_turn>\n</s>",
+              ["A red circle.<end_of_turn>\n</s>", "Red, mostly.<end_of_turn>\n</s>"]),
+    "llama_3": ("<s><|start_header_id|>system<|end_header_id|>\n\n" + templates.LLAMA_3_SYSTEM + "<|eot_id|>"
+                "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is in the picture?<|eot_id|>"
+                "<|start_header_id|>system<|end_header_id|>\n\nA red circle.<|eot_id|>"
+                "<|start_header_id|>user<|end_header_id|>\n\n<image>\nLook again:\n\nWhat colour?<|eot_id|>"
+                "<|start_header_id|>system<|end_header_id|>\n\nRed, mostly.<|eot_id|>",
+                ["A red circle.<|eot_id|>", "Red, mostly.<|eot_id|>"]),
 }
 
 
@@ -177,8 +194,7 @@ def test_images_go_first_as_mini_gemini_puts_them(base_dir, name):
   tok = _prepared(base_dir, name)
   text, runs = IMAGE_LAST_EXPECTED[name]
   assert tok.apply_chat_template(IMAGE_LAST, tokenize=False) == text
-  encoded = tok.apply_chat_template(IMAGE_LAST, tokenize=True, return_dict=True,
-                                    return_assistant_tokens_mask=True)
+  encoded = tok.apply_chat_template(IMAGE_LAST, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
   assert [tok.decode(r) for r in _runs(encoded["input_ids"], encoded["assistant_masks"])] == runs
   prompt = tok.apply_chat_template(IMAGE_LAST[:1], tokenize=False, add_generation_prompt=True)
   assert text.startswith(prompt) and "<image>\nWhat is in the picture?" in prompt
@@ -193,13 +209,22 @@ def test_plain_template_is_image_then_caption(base_dir):
   """Pretraining's layout (MGM's preprocess_plain): the question is dropped, the caption and
   its newline are the only supervised tokens."""
   tok = _prepared(base_dir, "plain")
-  record = [{"role": "user", "content": "Describe the image briefly.\n<image>"},
-            {"role": "assistant", "content": ANSWER}]
+  record = [{
+      "role": "user",
+      "content": "Describe the image briefly.\n<image>"
+  }, {
+      "role": "assistant",
+      "content": ANSWER
+  }]
   assert tok.apply_chat_template(record, tokenize=False) == f"<s><image>{ANSWER}\n"
-  encoded = tok.apply_chat_template(record, tokenize=True, return_dict=True,
-                                    return_assistant_tokens_mask=True)
+  encoded = tok.apply_chat_template(record, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
   assert [tok.decode(r) for r in _runs(encoded["input_ids"], encoded["assistant_masks"])] == [f"{ANSWER}\n"]
   assert tok.apply_chat_template(record[:1], tokenize=False, add_generation_prompt=True) == "<s><image>"
   with pytest.raises(Exception, match="needs an <image>"):
-    tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
-                            tokenize=False)
+    tok.apply_chat_template([{
+        "role": "user",
+        "content": "Hi"
+    }, {
+        "role": "assistant",
+        "content": "Hello"
+    }], tokenize=False)

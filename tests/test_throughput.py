@@ -25,7 +25,7 @@ def test_accumulated_flops_count_every_micro_batch():
   batch = jnp.ones((4, 32, 128), jnp.float32)  # 4 micro-batches of 32 rows
 
   def loss(w, x):
-    return jnp.sum(jnp.tanh(x @ w) ** 2)
+    return jnp.sum(jnp.tanh(x @ w)**2)
 
   grad = jax.grad(loss)
 
@@ -44,8 +44,10 @@ def test_accumulated_flops_count_every_micro_batch():
 
 
 def test_peak_table_and_cpu_measurement():
+
   class Device:
     platform, device_kind = "tpu", "TPU v5 lite"
+
   assert throughput.peak_tflops_per_device(Device()) == 197.0
   Device.device_kind = "TPU v4"
   assert throughput.peak_tflops_per_device(Device()) == 275.0

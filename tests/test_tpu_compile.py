@@ -13,9 +13,16 @@ from mgjax import config as mgjax_config, plan
 
 
 @pytest.mark.parametrize('name, topology, chips', [
-  ('v5p-8', 'v5p:2x2x1', 4), ('v5p-16', 'v5p:2x2x2', 8), ('v5p-32', 'v5p:2x2x4', 16),
-  ('v5p-128', 'v5p:4x4x4', 64), ('v4-8', 'v4:2x2x1', 4), ('v5litepod-8', 'v5e:2x4', 8),
-  ('v5e-4', 'v5e:2x2', 4), ('v5e-1', 'v5e:1x1', 1), ('v6e-16', 'v6e:4x4', 16), ('v6e-256', 'v6e:16x16', 256),
+    ('v5p-8', 'v5p:2x2x1', 4),
+    ('v5p-16', 'v5p:2x2x2', 8),
+    ('v5p-32', 'v5p:2x2x4', 16),
+    ('v5p-128', 'v5p:4x4x4', 64),
+    ('v4-8', 'v4:2x2x1', 4),
+    ('v5litepod-8', 'v5e:2x4', 8),
+    ('v5e-4', 'v5e:2x2', 4),
+    ('v5e-1', 'v5e:1x1', 1),
+    ('v6e-16', 'v6e:4x4', 16),
+    ('v6e-256', 'v6e:16x16', 256),
 ])
 def test_gcloud_accelerator_types_map_to_their_topologies(name, topology, chips):
   _, got, n = plan.tpu_topology(name)
@@ -23,7 +30,9 @@ def test_gcloud_accelerator_types_map_to_their_topologies(name, topology, chips)
 
 
 @pytest.mark.parametrize('name, message', [
-  ('v5p-6', 'powers of two'), ('v5p-4', 'smallest v5p slice is v5p-8'), ('v7-8', 'expected a TPU accelerator type'),
+    ('v5p-6', 'powers of two'),
+    ('v5p-4', 'smallest v5p slice is v5p-8'),
+    ('v7-8', 'expected a TPU accelerator type'),
 ])
 def test_a_target_that_is_no_tpu_slice_is_named(name, message):
   with pytest.raises(ValueError, match=message):
@@ -33,10 +42,12 @@ def test_a_target_that_is_no_tpu_slice_is_named(name, message):
 def test_sample_compiles_for_v5p_with_splash_attention(tmp_path):
   # The CLI as a user runs it: the sample model with FSDP over a v5p-8 slice (4 chips).
   out = tmp_path / 'plan.json'
-  result = subprocess.run(
-    [sys.executable, '-m', 'mgjax.plan', '--config=configs/stage2.py:data=sample:tiny', '--target=v5p-8',
-     f'--json={out}', '--config.mesh.data=1', '--config.mesh.fsdp=-1'],
-    cwd=REPO, env={**os.environ, 'XLA_FLAGS': ''}, capture_output=True, text=True, timeout=900)
+  result = subprocess.run([
+      sys.executable, '-m', 'mgjax.plan', '--config=configs/stage2.py:data=sample:tiny', '--target=v5p-8',
+      f'--json={out}', '--config.mesh.data=1', '--config.mesh.fsdp=-1'
+  ], cwd=REPO, env={
+      **os.environ, 'XLA_FLAGS': ''
+  }, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'TPU compiler, v5p-8 = v5p:2x2x1' in result.stdout and 'modelled step' in result.stdout
   figures = json.loads(out.read_text())
@@ -56,7 +67,7 @@ def test_scanned_decoder_and_chunked_loss_cost_the_same_as_the_unrolled_program(
   config.model.llm.remat, config.train.loss_chunk = 'full', 32
   devices = plan.tpu_devices('v5e-4')
   unrolled_step = plan.compile_train_step(config, devices, unroll_loss=True,
-                                         compiler_options=plan.COST_COMPILER_OPTIONS)
+                                          compiler_options=plan.COST_COMPILER_OPTIONS)
   unrolled = plan.step_costs(unrolled_step, config, len(devices))
   config.model.llm.scan_layers = True
   looped = plan.plan(config, target='v5e-4')

@@ -22,7 +22,6 @@ from conftest import REPO, cli_args, load_params, tiny_config
 from mgjax import checkpoint, metrics, train
 
 
-
 def test_stage1_learns_every_capability(stage1):
   records = metrics.read(stage1.workdir)
   start = {r["split"]: r["loss"] for r in records if r["step"] == 0 and "loss" in r}
@@ -75,8 +74,10 @@ def test_sharded_step_equals_single_device(data_dir, tmp_path):
   assert np.concatenate(diffs).mean() < 2e-6
 
   # The weights really were split across the mesh, by the logical-axis rules.
-  specs = {checkpoint.path_str(p): tuple(m.sharding.partition_spec) for p, m in
-           jax.tree_util.tree_leaves_with_path(params["sharded"][1], is_leaf=lambda x: hasattr(x, "shape"))}
+  specs = {
+      checkpoint.path_str(p): tuple(m.sharding.partition_spec)
+      for p, m in jax.tree_util.tree_leaves_with_path(params["sharded"][1], is_leaf=lambda x: hasattr(x, "shape"))
+  }
   assert specs["llm/embed_tokens/embedding"] == ("tensor", "fsdp")
   assert specs["llm/layers/0/mlp/gate_proj/kernel"] == ("fsdp", "tensor")
   assert sum(any(axis is not None for axis in s) for s in specs.values()) > len(specs) // 2
@@ -130,8 +131,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(reference_run, data_dir,
   assert steps_at_kill and max(steps_at_kill) < RESUME_STEPS
 
   # The same command again: resumes from the latest checkpoint and finishes.
-  subprocess.run(cli_args(killed, data_dir, cache, RESUME_STEPS, RESUME_EVERY), cwd=REPO,
-                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=True, capture_output=True)
+  subprocess.run(cli_args(killed, data_dir, cache, RESUME_STEPS, RESUME_EVERY), cwd=REPO, env={
+      **os.environ, "PYTHONUNBUFFERED": "1"
+  }, check=True, capture_output=True)
   assert_same_run(killed, reference)
 
 
@@ -152,8 +154,9 @@ def test_sigterm_checkpoints_exits_and_resumes(reference_run, data_dir, tmp_path
   assert last_logged % RESUME_EVERY, "expected a SIGTERM checkpoint between the regular ones"
   assert not os.path.exists(os.path.join(stopped, "report.json"))
 
-  result = subprocess.run(cli_args(stopped, data_dir, cache, RESUME_STEPS, RESUME_EVERY), cwd=REPO,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
+  result = subprocess.run(cli_args(stopped, data_dir, cache, RESUME_STEPS, RESUME_EVERY), cwd=REPO, env={
+      **os.environ, "PYTHONUNBUFFERED": "1"
+  }, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-2000:]
   assert_same_run(stopped, reference)
 
@@ -180,9 +183,8 @@ def test_checkpoint_that_does_not_fit_lists_the_mismatched_paths(stage1, data_di
 
 
 def test_unknown_config_key_is_an_error_naming_it():
-  result = subprocess.run(
-      [sys.executable, "-m", "mgjax.main", "--config=configs/stage1.py", "--config.train.stpes=3"],
-      cwd=REPO, capture_output=True, text=True)
+  result = subprocess.run([sys.executable, "-m", "mgjax.main", "--config=configs/stage1.py", "--config.train.stpes=3"],
+                          cwd=REPO, capture_output=True, text=True)
   assert result.returncode != 0
   assert "stpes" in result.stderr and 'Did you mean "steps"' in result.stderr
 
@@ -203,7 +205,8 @@ def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
   assert meta["step"] == 1
 
 
-def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_ends_as_if_uninterrupted(reference_run, data_dir, tmp_path):
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_ends_as_if_uninterrupted(
+    reference_run, data_dir, tmp_path):
   """A run killed after its last checkpoint, which then got damaged (a bit flipped on disk):
   the same command resumes from the checkpoint before and finishes bit-equal."""
   reference, cache = reference_run
@@ -217,8 +220,9 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_ends_as_if_uninter
   data[len(data) // 2] ^= 0x01
   open(biggest, "wb").write(bytes(data))
 
-  result = subprocess.run(cli_args(damaged, data_dir, cache, RESUME_STEPS, RESUME_EVERY), cwd=REPO,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
+  result = subprocess.run(cli_args(damaged, data_dir, cache, RESUME_STEPS, RESUME_EVERY), cwd=REPO, env={
+      **os.environ, "PYTHONUNBUFFERED": "1"
+  }, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"checkpoints/{last}: params reads back changed" in result.stdout
   assert os.path.isdir(os.path.join(damaged, "corrupt_checkpoints", str(last)))

@@ -8,7 +8,6 @@ CPU torch; see README). Tiny random configs, float32; every weight is perturbed 
 its init (norms at 1/0, layer scale at a constant) so a misplaced tensor shows.
 """
 
-
 import jax
 import ml_collections
 import numpy as np
@@ -60,9 +59,8 @@ VIT = dict(image_size=28, patch_size=7, width=32, layers=3, heads=4, mlp=64)
 
 
 def _hf_vit(kind: str):
-  common = dict(hidden_size=VIT['width'], intermediate_size=VIT['mlp'],
-                num_hidden_layers=VIT['layers'], num_attention_heads=VIT['heads'],
-                image_size=VIT['image_size'], patch_size=VIT['patch_size'])
+  common = dict(hidden_size=VIT['width'], intermediate_size=VIT['mlp'], num_hidden_layers=VIT['layers'],
+                num_attention_heads=VIT['heads'], image_size=VIT['image_size'], patch_size=VIT['patch_size'])
   torch.manual_seed(0)
   if kind == 'clip':
     model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**common))
@@ -74,8 +72,7 @@ def _hf_vit(kind: str):
 
 def _hf_hidden_states(model, images: np.ndarray):
   with torch.no_grad():
-    out = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
-                output_hidden_states=True)
+    out = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)), output_hidden_states=True)
   return [h.numpy() for h in out.hidden_states]
 
 
@@ -132,8 +129,8 @@ CONVNEXT = dict(dims=(8, 16, 24, 32), depths=(1, 2, 1, 1))
 
 def _hf_convnext():
   torch.manual_seed(0)
-  cfg = transformers.ConvNextConfig(hidden_sizes=list(CONVNEXT['dims']),
-                                    depths=list(CONVNEXT['depths']), layer_scale_init_value=1.0)
+  cfg = transformers.ConvNextConfig(hidden_sizes=list(CONVNEXT['dims']), depths=list(CONVNEXT['depths']),
+                                    layer_scale_init_value=1.0)
   model = transformers.ConvNextModel(cfg)
   _perturb(model, 2)
   return model.eval()
@@ -145,11 +142,9 @@ def _timm_names(hf_state: dict) -> dict:
   for name, value in hf_state.items():
     if name.startswith('layernorm.') or name.startswith('pooler'):
       continue  # the pooled-output norm: timm's head.norm, which MGM never runs
-    for old, new in (('embeddings.patch_embeddings.', 'stem.0.'),
-                     ('embeddings.layernorm.', 'stem.1.'),
-                     ('encoder.stages.', 'stages.'), ('.downsampling_layer.', '.downsample.'),
-                     ('.layers.', '.blocks.'), ('.dwconv.', '.conv_dw.'),
-                     ('.layernorm.', '.norm.'), ('.pwconv1.', '.mlp.fc1.'),
+    for old, new in (('embeddings.patch_embeddings.', 'stem.0.'), ('embeddings.layernorm.', 'stem.1.'),
+                     ('encoder.stages.', 'stages.'), ('.downsampling_layer.', '.downsample.'), ('.layers.', '.blocks.'),
+                     ('.dwconv.', '.conv_dw.'), ('.layernorm.', '.norm.'), ('.pwconv1.', '.mlp.fc1.'),
                      ('.pwconv2.', '.mlp.fc2.'), ('.layer_scale_parameter', '.gamma')):
       name = name.replace(old, new)
     out[name] = value
@@ -173,14 +168,14 @@ def test_convnext_stages_and_highres_map_equal_reference(naming, tmp_path):
 
   images = _images(1, 2, 64)
   with torch.no_grad():
-    out = hf(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
-             output_hidden_states=True)
+    out = hf(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)), output_hidden_states=True)
     stages = list(out.hidden_states[1:])  # after each stage
     # Mini-Gemini's map (OpenCLIPVisionTower.backbone): stages upsampled to stage 0's size.
     size = stages[0].shape[-2:]
-    mgm_map = torch.cat([stages[0]] + [
-      torch.nn.functional.interpolate(s, size=size, mode='bilinear', align_corners=False)
-      for s in stages[1:]], dim=1)
+    mgm_map = torch.cat(
+        [stages[0]] +
+        [torch.nn.functional.interpolate(s, size=size, mode='bilinear', align_corners=False) for s in stages[1:]],
+        dim=1)
   ours = nnx.jit(lambda m, x: m(x))(net, images)
   for i, (a, b) in enumerate(zip(ours, stages)):
     diff = _max_diff(a, b.numpy().transpose(0, 2, 3, 1))
@@ -207,6 +202,7 @@ def test_convnext_import_names_every_mismatch():
 
 # ------------------------------------------------------------------------- mining + projector
 
+
 class _TorchMGM(torch.nn.Module):
   """Mini-Gemini's mining and projector written from MGM's unified_resampler and
   mlp2x_gelu (not imported: MGM needs deepspeed and a CUDA stack), under MGM's names."""
@@ -217,19 +213,18 @@ class _TorchMGM(torch.nn.Module):
     self.vlm_uni_query_projector = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width))
     self.vlm_uni_aux_projector = nn.Sequential(nn.LayerNorm(aux), nn.Linear(aux, width))
     self.vlm_uni_val_projector = nn.Sequential(nn.LayerNorm(aux), nn.Linear(aux, width))
-    self.mm_projector = nn.Sequential(nn.Linear(width, hidden), nn.GELU(),
-                                      nn.Linear(hidden, hidden))
+    self.mm_projector = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
 
   def forward(self, tokens, aux_map):  # tokens [B, N, W]; aux_map NCHW [B, C, H, H]
     b, n, _ = tokens.shape
-    grid = int(n ** 0.5)
+    grid = int(n**0.5)
     win = aux_map.shape[-1] // grid
     windows = aux_map.permute(0, 2, 3, 1).reshape(b, grid, win, grid, win, -1)
     windows = windows.permute(0, 1, 3, 2, 4, 5).reshape(b, n, win * win, -1)
     query = self.vlm_uni_query_projector(tokens)
     key = self.vlm_uni_aux_projector(windows)
     value = self.vlm_uni_val_projector(windows)
-    att = query[:, :, None] @ (key.transpose(-1, -2) / key.shape[-1] ** 0.5)
+    att = query[:, :, None] @ (key.transpose(-1, -2) / key.shape[-1]**0.5)
     mined = (att.nan_to_num().softmax(-1) @ value).mean(2)
     return self.mm_projector(tokens + mined)
 
@@ -263,15 +258,16 @@ def test_mining_and_projector_equal_mgm(tmp_path):
 
 # ------------------------------------------------------------------------- whole VLM, 8 devices
 
+
 def _tiny_vlm_config() -> ml_collections.ConfigDict:
   # Every sharded dimension even, so the (data=2, fsdp=2, tensor=2) mesh divides it.
-  return ml_collections.ConfigDict(dict(
-    vocab_size=256, image_token_id=5, dtype='float32',
-    llm=dict(family='llama', hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp=128,
-             rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, remat='none',
-             rope_scaling=None, qkv_bias=False),
-    vision_lowres=dict(kind='clip', **VIT, feature_layer=-2),
-    vision_highres=dict(kind='convnext', image_size=64, **CONVNEXT)))
+  return ml_collections.ConfigDict(
+      dict(
+          vocab_size=256, image_token_id=5, dtype='float32',
+          llm=dict(family='llama', hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp=128, rope_theta=10000.0,
+                   norm_eps=1e-5, tie_embeddings=False, remat='none', rope_scaling=None, qkv_bias=False),
+          vision_lowres=dict(kind='clip', **VIT,
+                             feature_layer=-2), vision_highres=dict(kind='convnext', image_size=64, **CONVNEXT)))
 
 
 def test_vlm_with_imported_towers_is_the_same_on_the_8_device_mesh():
@@ -283,8 +279,7 @@ def test_vlm_with_imported_towers_is_the_same_on_the_8_device_mesh():
   convert_vision.load_vit(single.vision_lowres, clip)
   convert_vision.load_convnext(single.vision_highres, convnext)
 
-  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 3)
   graphdef, state = nnx.split(single)
   sharded = nnx.merge(graphdef, jax.device_put(state, logical_shardings(state, mesh)))
   assert sharded.vision_lowres.layers[0].mlp.fc1.kernel[...].sharding.spec == P('fsdp', 'tensor')

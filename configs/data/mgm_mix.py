@@ -49,9 +49,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Lengths in tokens of the LLM's tokenizer: a saved Hugging Face tokenizer folder
   # (e.g. google/gemma-2b-it downloaded with `huggingface-cli download`).
   c.tokenizer = ml_collections.ConfigDict(dict(train=False, vocab_size=0, path="model_zoo/LLM/gemma/gemma-2b-it"))
-  c.filters = ml_collections.ConfigDict(dict(
-      languages=["en"], min_turn_tokens=1, max_turn_tokens=4096, max_conversation_tokens=8192,
-      max_repeated_fraction=0.5))
+  c.filters = ml_collections.ConfigDict(
+      dict(languages=["en"], min_turn_tokens=1, max_turn_tokens=4096, max_conversation_tokens=8192,
+           max_repeated_fraction=0.5))
   c.dedup = ml_collections.ConfigDict(dict(exact=True, near=True, threshold=0.8, num_perm=128))
   c.mixture = ml_collections.ConfigDict(dict(by="category", counts=dict(text=6000, generation=13000)))
 

@@ -17,28 +17,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Held out per category before mixing. Understanding gets the most: its accuracy is
   # compared across stages, and on 64 conversations (~110 answers) a few flipped answers
   # already move it by 0.04.
-  c.val_per_category = ml_collections.ConfigDict(dict(understanding=256, generation=64, text=64,
-                                                      caption=64))
+  c.val_per_category = ml_collections.ConfigDict(dict(understanding=256, generation=64, text=64, caption=64))
 
   # Generate the sample source files under DIR/<dir> before reading them.
-  c.sample = ml_collections.ConfigDict(dict(
-      generate=True, dir="sample_sources", n_understanding=2000, n_generation=400, n_text=600,
-      n_caption=800))
+  c.sample = ml_collections.ConfigDict(
+      dict(generate=True, dir="sample_sources", n_understanding=2000, n_generation=400, n_text=600, n_caption=800))
 
   # One dict per source: name, format (a key of mgjax.data.sources.READERS), path,
   # optional image_root and category (else inferred), and reader options.
   c.sources = [
-      dict(name="mgm_understanding", format="llava_json", path="mgm/understanding.json",
-           image_root="images"),
+      dict(name="mgm_understanding", format="llava_json", path="mgm/understanding.json", image_root="images"),
       dict(name="mgm_generation", format="llava_json", path="mgm/generation.json"),
       dict(name="lima", format="lima", path="lima/train.jsonl"),
-      dict(name="oasst", format="oasst_trees", path="oasst/trees.jsonl",
-           options=dict(lang="en", drop_synthetic=False)),
+      dict(name="oasst", format="oasst_trees", path="oasst/trees.jsonl", options=dict(lang="en", drop_synthetic=False)),
       # The pretraining phase's image-caption pairs: splits train_caption and val_caption,
       # outside the instruction mix. Last, so that where a caption repeats an understanding
       # conversation (same picture, "Describe the image.") the copy dropped is the caption.
-      dict(name="mgm_captions", format="llava_json", path="mgm/captions.json",
-           image_root="images", category="caption"),
+      dict(name="mgm_captions", format="llava_json", path="mgm/captions.json", image_root="images", category="caption"),
   ]
 
   # train=True trains a small byte-level BPE on the train split's text (the sample has

@@ -13,10 +13,24 @@ def get_config(arg: str | None = None):
   return mgjax_config.mini_gemini(
       # --lr_multi "model.mm_projector:2,model.vlm_uni:2" in its fine-tuning scripts.
       lr_multipliers=(('(mining|projector)/.*', 2.0),),
-      vocab_size=32128, template='mistral_instruct',
-      llm=dict(family='mixtral', hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, mlp=14336,
-               rope_theta=1000000.0, rope_scaling=None, norm_eps=1e-5, tie_embeddings=False, qkv_bias=False,
-               # Mini-Gemini never added the router's load-balancing loss: its forward does not ask
-               # for router logits and Mixtral-8x7B-Instruct's config has output_router_logits
-               # false, so the 0.02 coefficient there never applied. Set it to train the balance.
-               num_experts=8, experts_per_token=2, router_aux_loss_coef=0.0))
+      vocab_size=32128,
+      template='mistral_instruct',
+      llm=dict(
+          family='mixtral',
+          hidden=4096,
+          layers=32,
+          heads=32,
+          kv_heads=8,
+          head_dim=128,
+          mlp=14336,
+          rope_theta=1000000.0,
+          rope_scaling=None,
+          norm_eps=1e-5,
+          tie_embeddings=False,
+          qkv_bias=False,
+          # Mini-Gemini never added the router's load-balancing loss: its forward does not ask
+          # for router logits and Mixtral-8x7B-Instruct's config has output_router_logits
+          # false, so the 0.02 coefficient there never applied. Set it to train the balance.
+          num_experts=8,
+          experts_per_token=2,
+          router_aux_loss_coef=0.0))

@@ -8,25 +8,34 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg  # one preset; the argument keeps the big_vision get_config(arg) signature
-  return ml_collections.ConfigDict(dict(
-    vocab_size=1024,
-    image_token_id=5,
-    dtype='float32',  # compute dtype; params stay float32, logits are always float32
-    # The conversation template (mgjax.data.templates.TEMPLATES: vicuna_v1, gemma, llama_3,
-    # chatml, ...); '' keeps the tokenizer's own (the sample tokenizer carries the sample one).
-    template='',
-    # The decoder; mgjax/models/llm.py's docstring describes every key.
-    llm=dict(family='llama',  # llama | gemma | qwen2
-             hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, mlp=384,
-             rope_theta=10000.0, rope_scaling=None, norm_eps=1e-5, tie_embeddings=False,
-             qkv_bias=False,
-             # What a layer keeps for the backward pass (llm.REMAT_POLICIES): none | full |
-             # dots | qkv | qkv_out | qkv_offloaded | dots_offloaded.
-             remat='none',
-             # One stacked layer run by jax.lax.scan: compiles once, not per layer (the
-             # mgm presets scan; this 4-layer model compiles fast either way).
-             scan_layers=False),
-    vision_lowres=dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp=256,
-                       feature_layer=-2),
-    vision_highres=dict(image_size=64, dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)),
-  ))
+  return ml_collections.ConfigDict(
+      dict(
+          vocab_size=1024,
+          image_token_id=5,
+          dtype='float32',  # compute dtype; params stay float32, logits are always float32
+          # The conversation template (mgjax.data.templates.TEMPLATES: vicuna_v1, gemma, llama_3,
+          # chatml, ...); '' keeps the tokenizer's own (the sample tokenizer carries the sample one).
+          template='',
+          # The decoder; mgjax/models/llm.py's docstring describes every key.
+          llm=dict(
+              family='llama',  # llama | gemma | qwen2
+              hidden=128,
+              layers=4,
+              heads=4,
+              kv_heads=2,
+              head_dim=32,
+              mlp=384,
+              rope_theta=10000.0,
+              rope_scaling=None,
+              norm_eps=1e-5,
+              tie_embeddings=False,
+              qkv_bias=False,
+              # What a layer keeps for the backward pass (llm.REMAT_POLICIES): none | full |
+              # dots | qkv | qkv_out | qkv_offloaded | dots_offloaded.
+              remat='none',
+              # One stacked layer run by jax.lax.scan: compiles once, not per layer (the
+              # mgm presets scan; this 4-layer model compiles fast either way).
+              scan_layers=False),
+          vision_lowres=dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp=256, feature_layer=-2),
+          vision_highres=dict(image_size=64, dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)),
+      ))

@@ -20,8 +20,10 @@ from mgjax.convert.files import WeightsError, load_tensors, read_config
 from mgjax.convert.llm import ConversionError, export_hf_llm, import_hf_llm, llm_config_from_hf
 from mgjax.models.llm import DecoderLM
 
-__all__ = ['ConversionError', 'WeightsError', 'export_hf_llm', 'import_hf_llm', 'llm_config_from_hf',
-           'load_hf_lm', 'load_tensors', 'read_config']
+__all__ = [
+    'ConversionError', 'WeightsError', 'export_hf_llm', 'import_hf_llm', 'llm_config_from_hf', 'load_hf_lm',
+    'load_tensors', 'read_config'
+]
 
 
 def load_hf_lm(path: str, *, dtype: Any = jnp.float32, allow_pickle: bool = False) -> DecoderLM:

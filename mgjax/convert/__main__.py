@@ -22,18 +22,17 @@ from collections.abc import Sequence
 # subcommand (it parses them itself, with argparse) and returns the exit status. Modules are
 # imported only when their subcommand runs, so one module's heavy imports never slow another.
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
-  'import-llm': ('mgjax.convert.__main__', 'import_llm',
-                 'a Hugging Face causal-LM folder -> a checkpoint for --config.init_from'),
-  'export-llm': ('mgjax.convert.__main__', 'export_llm',
-                 "a workdir's LLM -> a folder transformers loads (AutoModelForCausalLM)"),
-  'import-mgm': ('mgjax.convert.mgm', 'import_mgm',
-                 'a Mini-Gemini (or its LLM + CLIP + ConvNeXt) -> a checkpoint for --config.init_from'),
+    'import-llm': ('mgjax.convert.__main__', 'import_llm',
+                   'a Hugging Face causal-LM folder -> a checkpoint for --config.init_from'),
+    'export-llm': ('mgjax.convert.__main__', 'export_llm',
+                   "a workdir's LLM -> a folder transformers loads (AutoModelForCausalLM)"),
+    'import-mgm': ('mgjax.convert.mgm', 'import_mgm',
+                   'a Mini-Gemini (or its LLM + CLIP + ConvNeXt) -> a checkpoint for --config.init_from'),
 }
 
 # What a Hugging Face folder's tokenizer consists of; copied next to imported/exported weights.
-_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'tokenizer.model',
-                    'special_tokens_map.json', 'added_tokens.json', 'chat_template.jinja',
-                    'chat_template.json', 'vocab.json', 'merges.txt')
+_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'tokenizer.model', 'special_tokens_map.json',
+                    'added_tokens.json', 'chat_template.jinja', 'chat_template.json', 'vocab.json', 'merges.txt')
 
 
 def _copy_tokenizer(src: str, dst: str) -> bool:
@@ -56,26 +55,31 @@ def _bytes(text: str) -> int:
 
 
 def _overrides(prefix: str, wanted: dict, found: dict) -> list[str]:
-  return [f'--config.{prefix}.{k}={found[k]!r}' for k in sorted(found)
-          if k not in ('remat', 'scan_layers') and wanted.get(k) != found[k]]
+  return [
+      f'--config.{prefix}.{k}={found[k]!r}' for k in sorted(found)
+      if k not in ('remat', 'scan_layers') and wanted.get(k) != found[k]
+  ]
 
 
 def import_llm(argv: Sequence[str]) -> int:
   """import-llm: see the module docstring."""
-  parser = argparse.ArgumentParser(prog='python -m mgjax.convert import-llm', description=(
-    "Imports a Hugging Face Llama/Gemma/Qwen2 folder as the LLM of a MiniGemini checkpoint that "
-    "--config.init_from reads. The other parts (towers, mining, projector) are initialised as the "
-    "trainer would with --seed, unless imported separately."))
+  parser = argparse.ArgumentParser(
+      prog='python -m mgjax.convert import-llm',
+      description=("Imports a Hugging Face Llama/Gemma/Qwen2 folder as the LLM of a MiniGemini checkpoint that "
+                   "--config.init_from reads. The other parts (towers, mining, projector) are initialised as the "
+                   "trainer would with --seed, unless imported separately."))
   parser.add_argument('--hf_dir', required=True, help='folder with config.json and safetensors')
   parser.add_argument('--out', required=True, help='folder to write (OUT/checkpoints/0)')
   parser.add_argument('--config', default='configs/stage1.py',
                       help='the training config (FILE[:ARG]) whose model the checkpoint is for')
-  parser.add_argument('--llm_from_checkpoint', action='store_true', help=(
-    "take model.llm from the checkpoint's config.json instead of requiring the config's to match; "
-    'train with the printed --config overrides'))
-  parser.add_argument('--vocab_size', type=int, default=0, help=(
-    'rows of the embedding; more than the checkpoint has makes room for added tokens such as '
-    '<image> (default: the larger of the checkpoint\'s and the config\'s model.vocab_size)'))
+  parser.add_argument(
+      '--llm_from_checkpoint', action='store_true',
+      help=("take model.llm from the checkpoint's config.json instead of requiring the config's to match; "
+            'train with the printed --config overrides'))
+  parser.add_argument(
+      '--vocab_size', type=int, default=0,
+      help=('rows of the embedding; more than the checkpoint has makes room for added tokens such as '
+            '<image> (default: the larger of the checkpoint\'s and the config\'s model.vocab_size)'))
   parser.add_argument('--seed', type=int, default=0, help='initialises the parts not imported')
   parser.add_argument('--allow_pickle', action='store_true',
                       help='also read .bin/.pt/.pth checkpoints (unpickling can run code)')
@@ -100,8 +104,8 @@ def import_llm(argv: Sequence[str]) -> int:
   if vocab_size != model['vocab_size']:
     overrides.append(f'--config.model.vocab_size={vocab_size}')
     model['vocab_size'] = vocab_size
-  params, _, _, unused = llm.import_hf_llm(args.hf_dir, allow_pickle=args.allow_pickle,
-                                           llm=model['llm'], pad_vocab_to=vocab_size)
+  params, _, _, unused = llm.import_hf_llm(args.hf_dir, allow_pickle=args.allow_pickle, llm=model['llm'],
+                                           pad_vocab_to=vocab_size)
   full = workdir.graft(workdir.fresh_params(ml_collections.ConfigDict(model), args.seed), 'llm', params)
   saved = config.to_dict()
   saved['model'] = model
@@ -114,16 +118,17 @@ def import_llm(argv: Sequence[str]) -> int:
     print(f'{len(unused)} tensor(s) outside the decoder were not read (e.g. {unused[0]}): vision '
           'parts are imported by their own subcommands')
   print(f'train from it with --config.init_from={args.out}' +
-        (' and these overrides (the config differs from the checkpoint):\n  ' + ' '.join(overrides)
-         if overrides else ''))
+        (' and these overrides (the config differs from the checkpoint):\n  ' +
+         ' '.join(overrides) if overrides else ''))
   return 0
 
 
 def export_llm(argv: Sequence[str]) -> int:
   """export-llm: see the module docstring."""
-  parser = argparse.ArgumentParser(prog='python -m mgjax.convert export-llm', description=(
-    "Writes a workdir's LLM as a Hugging Face folder (config.json, safetensors, the run's "
-    'tokenizer) that transformers.AutoModelForCausalLM loads.'))
+  parser = argparse.ArgumentParser(
+      prog='python -m mgjax.convert export-llm',
+      description=("Writes a workdir's LLM as a Hugging Face folder (config.json, safetensors, the run's "
+                   'tokenizer) that transformers.AutoModelForCausalLM loads.'))
   parser.add_argument('--workdir', required=True,
                       help='a workdir (its result checkpoint), its checkpoints/ or checkpoints/<step>')
   parser.add_argument('--out', required=True, help='folder to write')
@@ -145,10 +150,11 @@ def export_llm(argv: Sequence[str]) -> int:
   if _copy_tokenizer(os.path.join(run_dir, 'tokenizer'), args.out):
     import transformers
     tok = transformers.AutoTokenizer.from_pretrained(args.out, local_files_only=True)
-    extra = {k: v for k, v in (('bos_token_id', tok.bos_token_id), ('eos_token_id', tok.eos_token_id),
-                               ('pad_token_id', tok.pad_token_id)) if v is not None}
-  written = llm.export_hf_llm(params['llm'], llm_cfg, args.out, dtype=args.dtype,
-                              max_shard_bytes=args.max_shard_size,
+    extra = {
+        k: v for k, v in (('bos_token_id', tok.bos_token_id), ('eos_token_id', tok.eos_token_id),
+                          ('pad_token_id', tok.pad_token_id)) if v is not None
+    }
+  written = llm.export_hf_llm(params['llm'], llm_cfg, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
                               max_position_embeddings=args.max_position_embeddings, extra_config=extra)
   print(f'wrote {len(written)} file(s) to {args.out} from {folder} ({llm_cfg.get("family", "llama")}, '
         f'{args.dtype}); load with transformers.AutoModelForCausalLM.from_pretrained({args.out!r})')
@@ -158,7 +164,7 @@ def export_llm(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   usage = 'python -m mgjax.convert SUBCOMMAND [--flags]\n\nsubcommands:\n' + '\n'.join(
-    f'  {name:<14} {doc}' for name, (_, _, doc) in SUBCOMMANDS.items())
+      f'  {name:<14} {doc}' for name, (_, _, doc) in SUBCOMMANDS.items())
   if not argv or argv[0] in ('-h', '--help'):
     print(usage)
     return 0 if argv else 2
@@ -168,8 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   module, function, _ = SUBCOMMANDS[argv[0]]
   # This file runs as __main__ under `python -m`: take its own commands from here, not from a
   # second import of it.
-  command = (globals()[function] if module == 'mgjax.convert.__main__'
-             else getattr(importlib.import_module(module), function))
+  command = (globals()[function]
+             if module == 'mgjax.convert.__main__' else getattr(importlib.import_module(module), function))
   from mgjax.checkpoint import CheckpointError
   from mgjax.convert.files import WeightsError
   from mgjax.convert.llm import ConversionError

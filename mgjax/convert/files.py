@@ -39,11 +39,18 @@ PICKLE_SUFFIXES = ('.bin', '.pt', '.pth')
 
 # safetensors dtype tags <-> numpy dtypes (bfloat16 and float8 come from ml_dtypes via jnp).
 _DTYPES: dict[str, np.dtype] = {
-  'F64': np.dtype(np.float64), 'F32': np.dtype(np.float32), 'F16': np.dtype(np.float16),
-  'BF16': np.dtype(jnp.bfloat16), 'F8_E4M3': np.dtype(jnp.float8_e4m3fn),
-  'F8_E5M2': np.dtype(jnp.float8_e5m2), 'I64': np.dtype(np.int64), 'I32': np.dtype(np.int32),
-  'I16': np.dtype(np.int16), 'I8': np.dtype(np.int8), 'U8': np.dtype(np.uint8),
-  'BOOL': np.dtype(np.bool_),
+    'F64': np.dtype(np.float64),
+    'F32': np.dtype(np.float32),
+    'F16': np.dtype(np.float16),
+    'BF16': np.dtype(jnp.bfloat16),
+    'F8_E4M3': np.dtype(jnp.float8_e4m3fn),
+    'F8_E5M2': np.dtype(jnp.float8_e5m2),
+    'I64': np.dtype(np.int64),
+    'I32': np.dtype(np.int32),
+    'I16': np.dtype(np.int16),
+    'I8': np.dtype(np.int8),
+    'U8': np.dtype(np.uint8),
+    'BOOL': np.dtype(np.bool_),
 }
 _TAGS = {dtype: tag for tag, dtype in _DTYPES.items()}
 
@@ -84,8 +91,7 @@ def read_config(path: str) -> dict[str, Any]:
 
 
 # The decoder sizes every config.json mgjax imports must give, as positive integers.
-_REQUIRED_INTS = ('num_hidden_layers', 'num_attention_heads', 'vocab_size', 'hidden_size',
-                  'intermediate_size')
+_REQUIRED_INTS = ('num_hidden_layers', 'num_attention_heads', 'vocab_size', 'hidden_size', 'intermediate_size')
 # Optional sizes: when present (and not null) they must be positive integers too.
 _OPTIONAL_INTS = ('num_key_value_heads', 'head_dim', 'num_local_experts', 'num_experts_per_tok',
                   'max_position_embeddings')
@@ -142,8 +148,8 @@ def weight_files(path: str, *, allow_pickle: bool = False) -> list[str]:
   if safetensors:
     return [os.path.join(path, n) for n in safetensors]
   pickle_indexes = [n for n in names if n.endswith(tuple(s + '.index.json' for s in PICKLE_SUFFIXES))]
-  pickles = ([os.path.join(path, n) for n in _shard_names(path, pickle_indexes[0])] if pickle_indexes
-             else [os.path.join(path, n) for n in names if n.endswith(PICKLE_SUFFIXES)])
+  pickles = ([os.path.join(path, n) for n in _shard_names(path, pickle_indexes[0])]
+             if pickle_indexes else [os.path.join(path, n) for n in names if n.endswith(PICKLE_SUFFIXES)])
   if pickles:
     _check_pickle_allowed(pickles, allow_pickle)
     missing = [p for p in pickles if not os.path.exists(p)]
@@ -175,11 +181,10 @@ def _shards(folder: str, index_name: str) -> list[str]:
 
 def _check_pickle_allowed(files: list[str], allow_pickle: bool) -> None:
   if not allow_pickle:
-    raise WeightsError(
-      f'refusing to load pickle checkpoint(s) {files}: unpickling can run arbitrary code. Use a '
-      'safetensors copy of the weights (most Hugging Face repos have one), or, if you trust the '
-      'file, pass allow_pickle=True (CLI: --allow_pickle); it is then read with '
-      'torch.load(weights_only=True), which needs torch installed.')
+    raise WeightsError(f'refusing to load pickle checkpoint(s) {files}: unpickling can run arbitrary code. Use a '
+                       'safetensors copy of the weights (most Hugging Face repos have one), or, if you trust the '
+                       'file, pass allow_pickle=True (CLI: --allow_pickle); it is then read with '
+                       'torch.load(weights_only=True), which needs torch installed.')
 
 
 def read_safetensors_header(file: str) -> tuple[dict[str, dict[str, Any]], int]:
@@ -231,11 +236,10 @@ def _check_entries(file: str, header: dict[str, Any], data_bytes: int) -> None:
     dtype, shape, offsets = info['dtype'], info['shape'], info['data_offsets']
     if not isinstance(dtype, str) or dtype not in _DTYPES:
       raise bad(f'dtype {dtype!r} is not one mgjax reads ({", ".join(_DTYPES)})')
-    if (not isinstance(shape, list) or len(shape) > 32 or
-        not all(_is_int(d) and 0 <= d < 2**62 for d in shape)):
+    if (not isinstance(shape, list) or len(shape) > 32 or not all(_is_int(d) and 0 <= d < 2**62 for d in shape)):
       raise bad(f'shape {shape!r} is not a list of at most 32 sizes, each a non-negative integer below 2**62')
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]):
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets) or
+        not 0 <= offsets[0] <= offsets[1]):
       raise bad(f'data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end')
     begin, end = offsets
     nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
@@ -273,13 +277,12 @@ def _iter_pickle(file: str) -> Iterator[tuple[str, np.ndarray]]:
     state = torch.load(file, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
     # torch's message suggests loading without weights_only, which would run the code.
-    found = re.search(r'unsupported GLOBAL \S+|Unsupported global: \S+|Unsupported operand \d+', str(e),
-                      re.IGNORECASE)
+    found = re.search(r'unsupported GLOBAL \S+|Unsupported global: \S+|Unsupported operand \d+', str(e), re.IGNORECASE)
     detail = f' ({found.group(0)})' if found else ''
     raise WeightsError(
-      f'refusing {file}: it holds more than tensors{detail}, and building those objects would run code '
-      'from the file. Use a safetensors copy of the weights, or convert the file to safetensors on a '
-      'machine where running it does no harm') from None
+        f'refusing {file}: it holds more than tensors{detail}, and building those objects would run code '
+        'from the file. Use a safetensors copy of the weights, or convert the file to safetensors on a '
+        'machine where running it does no harm') from None
   except Exception as e:  # any error: torch raises many types for damaged files
     raise WeightsError(f'{file}: not a readable torch checkpoint ({type(e).__name__}: '
                        f'{str(e).splitlines()[0] if str(e) else ""}); download it again') from None
@@ -324,16 +327,18 @@ def load_tensors(path: str, *, allow_pickle: bool = False) -> dict[str, np.ndarr
   return tensors
 
 
-def write_safetensors(file: str, tensors: Mapping[str, np.ndarray],
-                      metadata: Mapping[str, str] | None = None) -> None:
+def write_safetensors(file: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
   """Writes tensors to one safetensors file (format "pt", which transformers expects)."""
   offset, entries, arrays = 0, {}, []
   for name in sorted(tensors):
     array = np.ascontiguousarray(tensors[name])
     if array.dtype not in _TAGS:
       raise WeightsError(f'tensor {name}: dtype {array.dtype} has no safetensors tag')
-    entries[name] = {'dtype': _TAGS[array.dtype], 'shape': list(array.shape),
-                     'data_offsets': [offset, offset + array.nbytes]}
+    entries[name] = {
+        'dtype': _TAGS[array.dtype],
+        'shape': list(array.shape),
+        'data_offsets': [offset, offset + array.nbytes]
+    }
     offset += array.nbytes
     arrays.append(array)
   header = {'__metadata__': {'format': 'pt', **(metadata or {})}, **entries}
@@ -347,8 +352,7 @@ def write_safetensors(file: str, tensors: Mapping[str, np.ndarray],
       f.write(array.reshape(-1).view(np.uint8).data)
 
 
-def write_weights(folder: str, tensors: Mapping[str, np.ndarray], *,
-                  max_shard_bytes: int = 5 * 2**30) -> list[str]:
+def write_weights(folder: str, tensors: Mapping[str, np.ndarray], *, max_shard_bytes: int = 5 * 2**30) -> list[str]:
   """Writes tensors as Hugging Face lays them out: model.safetensors, or above
   max_shard_bytes, model-0000k-of-0000n.safetensors shards with model.safetensors.index.json.
 

@@ -36,8 +36,12 @@ from mgjax.convert import files
 SUPPORTED = ('llama (Llama 1-3, Vicuna, Yi, Mistral without sliding window)', 'gemma (Gemma 1)',
              'qwen2 (Qwen2, Qwen2.5)', 'mixtral (Mixtral 8x7B, MGM-8x7B; without sliding window)')
 _DEFAULT_TIE = {'llama': False, 'gemma': True, 'qwen2': False, 'mixtral': False}
-_ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'gemma': 'GemmaForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
-                  'mixtral': 'MixtralForCausalLM'}
+_ARCHITECTURES = {
+    'llama': 'LlamaForCausalLM',
+    'gemma': 'GemmaForCausalLM',
+    'qwen2': 'Qwen2ForCausalLM',
+    'mixtral': 'MixtralForCausalLM'
+}
 # MixtralConfig's defaults, for config.json files that leave the keys out.
 _MIXTRAL_EXPERTS, _MIXTRAL_EXPERTS_PER_TOKEN = 8, 2
 # Buffers older checkpoints saved although the model recomputes them.
@@ -50,6 +54,7 @@ class ConversionError(ValueError):
 
 
 # ------------------------------------------------------------------------------ config.json
+
 
 def text_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
   """The language model's part of a config.json (multimodal wrappers nest it as text_config)."""
@@ -69,8 +74,7 @@ def detect_family(hf_config: Mapping[str, Any]) -> str:
     names += [str(hf_config.get('model_type', ''))] + list(hf_config.get('architectures') or [])
   text = ' '.join(names).lower()
   described = f"model_type {cfg.get('model_type')!r}, architectures {cfg.get('architectures')}"
-  unsupported = [n for n in ('moe', 'gemma2', 'gemma3', 'qwen2_vl', 'qwen2_5_vl', 'qwen3')
-                 if n in text]
+  unsupported = [n for n in ('moe', 'gemma2', 'gemma3', 'qwen2_vl', 'qwen2_5_vl', 'qwen3') if n in text]
   if unsupported:
     raise ConversionError(f'{described}: {unsupported[0]} models are not implemented in mgjax; '
                           f'supported: {", ".join(SUPPORTED)}')
@@ -138,35 +142,34 @@ def llm_config_from_hf(hf_config: Mapping[str, Any]) -> tuple[dict[str, Any], in
   if problems:
     raise ConversionError(f"config.json ({family}): not implemented in mgjax: {'; '.join(problems)}")
   llm = dict(
-    family=family,
-    hidden=int(cfg['hidden_size']),
-    layers=int(cfg['num_hidden_layers']),
-    heads=heads,
-    kv_heads=int(cfg.get('num_key_value_heads') or heads),
-    head_dim=int(cfg.get('head_dim') or cfg['hidden_size'] // heads),
-    mlp=int(cfg['intermediate_size']),
-    rope_theta=theta,
-    rope_scaling=scaling,
-    norm_eps=float(cfg.get('rms_norm_eps', 1e-6)),
-    tie_embeddings=bool(cfg.get('tie_word_embeddings', _DEFAULT_TIE[family])),
-    qkv_bias=family == 'qwen2',
-    remat='none',
+      family=family,
+      hidden=int(cfg['hidden_size']),
+      layers=int(cfg['num_hidden_layers']),
+      heads=heads,
+      kv_heads=int(cfg.get('num_key_value_heads') or heads),
+      head_dim=int(cfg.get('head_dim') or cfg['hidden_size'] // heads),
+      mlp=int(cfg['intermediate_size']),
+      rope_theta=theta,
+      rope_scaling=scaling,
+      norm_eps=float(cfg.get('rms_norm_eps', 1e-6)),
+      tie_embeddings=bool(cfg.get('tie_word_embeddings', _DEFAULT_TIE[family])),
+      qkv_bias=family == 'qwen2',
+      remat='none',
   )
   if family == 'mixtral':
     llm.update(
-      num_experts=int(cfg.get('num_local_experts') or _MIXTRAL_EXPERTS),
-      experts_per_token=int(cfg.get('num_experts_per_tok') or _MIXTRAL_EXPERTS_PER_TOKEN),
-      # transformers adds router_aux_loss_coef * aux only with output_router_logits on (the
-      # released configs have it off, so Mini-Gemini's MGM-8x7B trained without it): the
-      # coefficient a training with this config.json applies.
-      router_aux_loss_coef=float(cfg.get('router_aux_loss_coef') or 0.0) if cfg.get('output_router_logits') else 0.0,
+        num_experts=int(cfg.get('num_local_experts') or _MIXTRAL_EXPERTS),
+        experts_per_token=int(cfg.get('num_experts_per_tok') or _MIXTRAL_EXPERTS_PER_TOKEN),
+        # transformers adds router_aux_loss_coef * aux only with output_router_logits on (the
+        # released configs have it off, so Mini-Gemini's MGM-8x7B trained without it): the
+        # coefficient a training with this config.json applies.
+        router_aux_loss_coef=float(cfg.get('router_aux_loss_coef') or 0.0) if cfg.get('output_router_logits') else 0.0,
     )
   return llm, int(cfg['vocab_size'])
 
 
-def hf_config_from_llm(llm: Mapping[str, Any], vocab_size: int, *,
-                       max_position_embeddings: int = 4096, dtype: str = 'float32',
-                       extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def hf_config_from_llm(llm: Mapping[str, Any], vocab_size: int, *, max_position_embeddings: int = 4096,
+                       dtype: str = 'float32', extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """A config.json for transformers' <Family>ForCausalLM with the same function as `llm`.
 
   Written in the transformers 4 form (rope_theta, rope_scaling), which transformers 5 also reads.
@@ -175,24 +178,24 @@ def hf_config_from_llm(llm: Mapping[str, Any], vocab_size: int, *,
   family = llm.get('family', 'llama')
   act = 'gelu_pytorch_tanh' if family == 'gemma' else 'silu'
   out = {
-    'architectures': [_ARCHITECTURES[family]],
-    'model_type': family,
-    'vocab_size': int(vocab_size),
-    'hidden_size': int(llm['hidden']),
-    'intermediate_size': int(llm['mlp']),
-    'num_hidden_layers': int(llm['layers']),
-    'num_attention_heads': int(llm['heads']),
-    'num_key_value_heads': int(llm['kv_heads']),
-    'head_dim': int(llm['head_dim']),
-    'hidden_act': act,
-    'max_position_embeddings': int(max_position_embeddings),
-    'rms_norm_eps': float(llm.get('norm_eps', 1e-5)),
-    'rope_theta': float(llm.get('rope_theta', 10000.0)),
-    'rope_scaling': dict(llm['rope_scaling']) if llm.get('rope_scaling') else None,
-    'tie_word_embeddings': bool(llm.get('tie_embeddings', False)),
-    'attention_bias': False,
-    'torch_dtype': dtype,
-    'dtype': dtype,
+      'architectures': [_ARCHITECTURES[family]],
+      'model_type': family,
+      'vocab_size': int(vocab_size),
+      'hidden_size': int(llm['hidden']),
+      'intermediate_size': int(llm['mlp']),
+      'num_hidden_layers': int(llm['layers']),
+      'num_attention_heads': int(llm['heads']),
+      'num_key_value_heads': int(llm['kv_heads']),
+      'head_dim': int(llm['head_dim']),
+      'hidden_act': act,
+      'max_position_embeddings': int(max_position_embeddings),
+      'rms_norm_eps': float(llm.get('norm_eps', 1e-5)),
+      'rope_theta': float(llm.get('rope_theta', 10000.0)),
+      'rope_scaling': dict(llm['rope_scaling']) if llm.get('rope_scaling') else None,
+      'tie_word_embeddings': bool(llm.get('tie_embeddings', False)),
+      'attention_bias': False,
+      'torch_dtype': dtype,
+      'dtype': dtype,
   }
   if family == 'gemma':
     out['hidden_activation'] = act
@@ -203,21 +206,24 @@ def hf_config_from_llm(llm: Mapping[str, Any], vocab_size: int, *,
     del out['attention_bias']  # Qwen2's q/k/v biases are implied by the architecture
   if family == 'mixtral':
     coef = float(llm.get('router_aux_loss_coef') or 0.0)
-    out.update(num_local_experts=int(llm['num_experts']), num_experts_per_tok=int(llm['experts_per_token']),
-               # on exactly when the coefficient is: transformers then trains with the same loss
-               output_router_logits=coef > 0, router_aux_loss_coef=coef, router_jitter_noise=0.0,
-               sliding_window=None)
+    out.update(
+        num_local_experts=int(llm['num_experts']),
+        num_experts_per_tok=int(llm['experts_per_token']),
+        # on exactly when the coefficient is: transformers then trains with the same loss
+        output_router_logits=coef > 0,
+        router_aux_loss_coef=coef,
+        router_jitter_noise=0.0,
+        sliding_window=None)
     del out['attention_bias']
   out.update(extra or {})
   return out
 
 
-def check_config_matches(wanted: Mapping[str, Any], found: Mapping[str, Any], *,
-                         what: str = 'the checkpoint') -> None:
+def check_config_matches(wanted: Mapping[str, Any], found: Mapping[str, Any], *, what: str = 'the checkpoint') -> None:
   """Raises ConversionError naming every key where `found` (from a checkpoint) differs from
   `wanted` (the model config the user asked for); remat and other training-only keys aside."""
-  keys = ('family', 'hidden', 'layers', 'heads', 'kv_heads', 'head_dim', 'mlp', 'rope_theta',
-          'rope_scaling', 'norm_eps', 'tie_embeddings', 'qkv_bias', 'num_experts', 'experts_per_token')
+  keys = ('family', 'hidden', 'layers', 'heads', 'kv_heads', 'head_dim', 'mlp', 'rope_theta', 'rope_scaling',
+          'norm_eps', 'tie_embeddings', 'qkv_bias', 'num_experts', 'experts_per_token')
   moe_defaults = {'num_experts': _MIXTRAL_EXPERTS, 'experts_per_token': _MIXTRAL_EXPERTS_PER_TOKEN}
   diffs = []
   for k in keys:
@@ -237,14 +243,17 @@ def check_config_matches(wanted: Mapping[str, Any], found: Mapping[str, Any], *,
 
 # ------------------------------------------------------------------------------ state dict
 
+
 def _layout(llm: Mapping[str, Any], vocab_size: int) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
   """{HF name under the decoder prefix (lm_head: 'lm_head.weight'): (HF shape, mgjax path)}."""
   e, h, k, d, m = (int(llm[x]) for x in ('hidden', 'heads', 'kv_heads', 'head_dim', 'mlp'))
   family = llm.get('family', 'llama')
   bias = llm.get('qkv_bias')
   bias = family == 'qwen2' if bias is None else bool(bias)
-  out = {'embed_tokens.weight': ((vocab_size, e), ('embed_tokens', 'embedding')),
-         'norm.weight': ((e,), ('norm', 'scale'))}
+  out = {
+      'embed_tokens.weight': ((vocab_size, e), ('embed_tokens', 'embedding')),
+      'norm.weight': ((e,), ('norm', 'scale'))
+  }
   if not llm.get('tie_embeddings', False):
     out['lm_head.weight'] = ((vocab_size, e), ('lm_head', 'kernel'))
   for i in range(int(llm['layers'])):
@@ -281,8 +290,8 @@ def find_prefixes(names: list[str]) -> tuple[str, str | None]:
   if len(embeds) != 1:
     sample = ', '.join(sorted(names)[:10])
     raise ConversionError(
-      f'expected exactly one *embed_tokens.weight tensor to locate the decoder, found {embeds or "none"}'
-      f' (first tensors: {sample})')
+        f'expected exactly one *embed_tokens.weight tensor to locate the decoder, found {embeds or "none"}'
+        f' (first tensors: {sample})')
   prefix = embeds[0][:-len('embed_tokens.weight')]
   heads = [n for n in names if n == 'lm_head.weight' or n.endswith('.lm_head.weight')]
   if len(heads) > 1:
@@ -316,8 +325,7 @@ def _family_hint(unexpected: list[str], missing: list[str]) -> str:
 
 
 def params_from_hf(tensors: Mapping[str, np.ndarray], llm: Mapping[str, Any], vocab_size: int, *,
-                   pad_vocab_to: int | None = None,
-                   source: str = 'the checkpoint') -> tuple[dict[str, Any], list[str]]:
+                   pad_vocab_to: int | None = None, source: str = 'the checkpoint') -> tuple[dict[str, Any], list[str]]:
   """DecoderLM params (a pure dict, float32 numpy) from a Hugging Face state dict.
 
   Args:
@@ -341,25 +349,26 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], llm: Mapping[str, Any], vo
   def hf_name(key: str) -> str:
     return (head or 'lm_head.weight') if key == 'lm_head.weight' else prefix + key
 
-  in_decoder = {n for n in names if n.startswith(prefix) and
-                n[len(prefix):].startswith(('layers.', 'embed_tokens.', 'norm.'))}
+  in_decoder = {
+      n for n in names if n.startswith(prefix) and n[len(prefix):].startswith(('layers.', 'embed_tokens.', 'norm.'))
+  }
   if head:
     in_decoder.add(head)
   expected = {hf_name(k) for k in layout}
   tied_head = llm.get('tie_embeddings', False) and head is not None
-  unexpected = sorted(n for n in in_decoder - expected
-                      if not _RECOMPUTED.fullmatch(n[len(prefix):]) and not (tied_head and n == head))
+  unexpected = sorted(
+      n for n in in_decoder - expected if not _RECOMPUTED.fullmatch(n[len(prefix):]) and not (tied_head and n == head))
   missing = sorted(n for n in expected if n not in tensors)
-  wrong = sorted(f'{hf_name(k)}: {source} {tuple(tensors[hf_name(k)].shape)} vs config {shape}'
-                 for k, (shape, _) in layout.items()
-                 if hf_name(k) in tensors and tuple(tensors[hf_name(k)].shape) != shape)
+  wrong = sorted(
+      f'{hf_name(k)}: {source} {tuple(tensors[hf_name(k)].shape)} vs config {shape}' for k, (shape,
+                                                                                             _) in layout.items()
+      if hf_name(k) in tensors and tuple(tensors[hf_name(k)].shape) != shape)
   if missing or wrong or unexpected:
     lines = (_problems('missing tensors', missing) + _problems('wrong shapes', wrong) +
              _problems('unexpected tensors', unexpected))
-    raise ConversionError(
-      f"{source} does not fit model.llm (family {llm.get('family', 'llama')!r}, {llm['layers']} "
-      f'layers, vocab {vocab_size}; decoder prefix {prefix!r}):\n  ' + '\n  '.join(lines) +
-      _family_hint(unexpected, missing))
+    raise ConversionError(f"{source} does not fit model.llm (family {llm.get('family', 'llama')!r}, {llm['layers']} "
+                          f'layers, vocab {vocab_size}; decoder prefix {prefix!r}):\n  ' + '\n  '.join(lines) +
+                          _family_hint(unexpected, missing))
 
   e, h, k, d = (int(llm[x]) for x in ('hidden', 'heads', 'kv_heads', 'head_dim'))
   params: dict[str, Any] = {'layers': {}}
@@ -404,12 +413,10 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], llm: Mapping[str, Any], vo
 
 def _pad_vocab(params: dict[str, Any], extra: int) -> None:
   table = params['embed_tokens']['embedding']
-  params['embed_tokens']['embedding'] = np.concatenate(
-    [table, np.repeat(table.mean(0, keepdims=True), extra, 0)], 0)
+  params['embed_tokens']['embedding'] = np.concatenate([table, np.repeat(table.mean(0, keepdims=True), extra, 0)], 0)
   if 'lm_head' in params:
     kernel = params['lm_head']['kernel']
-    params['lm_head']['kernel'] = np.concatenate(
-      [kernel, np.repeat(kernel.mean(1, keepdims=True), extra, 1)], 1)
+    params['lm_head']['kernel'] = np.concatenate([kernel, np.repeat(kernel.mean(1, keepdims=True), extra, 1)], 1)
 
 
 def hf_from_params(params: Mapping[str, Any], llm: Mapping[str, Any], *,
@@ -447,6 +454,7 @@ def hf_from_params(params: Mapping[str, Any], llm: Mapping[str, Any], *,
 
 # ------------------------------------------------------------------------------ folders
 
+
 def import_hf_llm(path: str, *, allow_pickle: bool = False, llm: Mapping[str, Any] | None = None,
                   pad_vocab_to: int | None = None) -> tuple[dict[str, Any], dict[str, Any], int, list[str]]:
   """Reads a Hugging Face folder into (DecoderLM params, model.llm, model.vocab_size, unused).
@@ -473,9 +481,8 @@ def import_hf_llm(path: str, *, allow_pickle: bool = False, llm: Mapping[str, An
   return params, found, max(vocab_size, pad_vocab_to or 0), unused
 
 
-def export_hf_llm(params: Mapping[str, Any], llm: Mapping[str, Any], out: str, *,
-                  dtype: str = 'float32', max_shard_bytes: int = 5 * 2**30,
-                  max_position_embeddings: int = 4096,
+def export_hf_llm(params: Mapping[str, Any], llm: Mapping[str, Any], out: str, *, dtype: str = 'float32',
+                  max_shard_bytes: int = 5 * 2**30, max_position_embeddings: int = 4096,
                   extra_config: Mapping[str, Any] | None = None) -> list[str]:
   """Writes DecoderLM params as a folder transformers loads with AutoModelForCausalLM.
 
@@ -499,8 +506,8 @@ def export_hf_llm(params: Mapping[str, Any], llm: Mapping[str, Any], out: str, *
   tensors = hf_from_params(params, llm, dtype=np_dtype)
   vocab_size = tensors['model.embed_tokens.weight'].shape[0]
   written = files.write_weights(out, tensors, max_shard_bytes=max_shard_bytes)
-  config = hf_config_from_llm(llm, vocab_size, max_position_embeddings=max_position_embeddings,
-                              dtype=dtype, extra=extra_config)
+  config = hf_config_from_llm(llm, vocab_size, max_position_embeddings=max_position_embeddings, dtype=dtype,
+                              extra=extra_config)
   config_file = os.path.join(out, files.CONFIG_FILE)
   with open(config_file, 'w') as f:
     json.dump(config, f, indent=2)

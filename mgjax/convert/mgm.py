@@ -53,8 +53,8 @@ def import_mgm(argv: Sequence[str]) -> int:
   llm_dir = args.mgm_dir or args.llm_dir
   _, hf_vocab = llm.llm_config_from_hf(files.read_config(llm_dir))
   model_cfg['vocab_size'] = max(hf_vocab, int(model_cfg['vocab_size']))
-  llm_params, _, _, _ = llm.import_hf_llm(llm_dir, allow_pickle=args.allow_pickle,
-                                          llm=model_cfg['llm'], pad_vocab_to=model_cfg['vocab_size'])
+  llm_params, _, _, _ = llm.import_hf_llm(llm_dir, allow_pickle=args.allow_pickle, llm=model_cfg['llm'],
+                                          pad_vocab_to=model_cfg['vocab_size'])
   mgm = files.load_tensors(args.mgm_dir, allow_pickle=args.allow_pickle) if args.mgm_dir else {}
 
   def source_for(marker: str, fallback: str, what: str, flag: str) -> tuple[dict, str]:
@@ -62,15 +62,14 @@ def import_mgm(argv: Sequence[str]) -> int:
       return mgm, args.mgm_dir
     if not fallback:
       raise convert_vision.CheckpointMismatch(
-        f'no {what}: {args.mgm_dir or "(no --mgm_dir)"} does not hold it; give {flag}')
+          f'no {what}: {args.mgm_dir or "(no --mgm_dir)"} does not hold it; give {flag}')
     return files.load_tensors(fallback, allow_pickle=args.allow_pickle), fallback
 
   imported = {'llm': os.path.abspath(llm_dir)}
   # Built eagerly on the host as the trainer initialises it; imported parts overwrite theirs.
   with jax.default_device(jax.devices('cpu')[0]), nnx.use_eager_sharding(False):
     model = MiniGemini(ml_collections.ConfigDict(model_cfg), rngs=nnx.Rngs(args.seed))
-    tensors, src = source_for('embeddings.patch_embedding.weight', args.clip_dir,
-                              'low-res vision tower', '--clip_dir')
+    tensors, src = source_for('embeddings.patch_embedding.weight', args.clip_dir, 'low-res vision tower', '--clip_dir')
     convert_vision.load_vit(model.vision_lowres, tensors, source=src)
     imported['vision_lowres'] = os.path.abspath(src)
     tensors, src = source_for('stem.0.weight', args.convnext, 'ConvNeXt tower', '--convnext')
@@ -92,6 +91,6 @@ def import_mgm(argv: Sequence[str]) -> int:
   if fresh:
     print(f'{", ".join(fresh)} initialised (seed {args.seed}), to be trained')
   print(f'wrote {folder}; train from it with --config.init_from={args.out}' +
-        (f' --config.model.vocab_size={model_cfg["vocab_size"]}'
-         if model_cfg['vocab_size'] != config.model.vocab_size else ''))
+        (f' --config.model.vocab_size={model_cfg["vocab_size"]}' if model_cfg['vocab_size'] !=
+         config.model.vocab_size else ''))
   return 0

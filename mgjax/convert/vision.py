@@ -71,15 +71,13 @@ def find_prefix(tensors: Iterable[str], marker: str, what: str, source: str) -> 
   hits = sorted((n[:-len(marker)] for n in tensors if n.endswith(marker)), key=len)
   if not hits:
     names = sorted(tensors)
-    raise CheckpointMismatch(
-      f'{source}: no {what} here: no tensor named *{marker}; the file holds '
-      f'{_listed(names, 6) or "no tensors"}')
+    raise CheckpointMismatch(f'{source}: no {what} here: no tensor named *{marker}; the file holds '
+                             f'{_listed(names, 6) or "no tensors"}')
   return hits[0]
 
 
-def assign(module: nnx.Module, rules: Mapping[str, tuple[str, Convert]],
-           tensors: Mapping[str, np.ndarray], *, source: str, prefix: str = '',
-           ignore: Iterable[str] = (), dtype=jnp.float32) -> None:
+def assign(module: nnx.Module, rules: Mapping[str, tuple[str, Convert]], tensors: Mapping[str, np.ndarray], *,
+           source: str, prefix: str = '', ignore: Iterable[str] = (), dtype=jnp.float32) -> None:
   """Writes tensors[prefix + name] into each parameter of `module` that `rules` maps.
 
   Args:
@@ -118,8 +116,8 @@ def assign(module: nnx.Module, rules: Mapping[str, tuple[str, Convert]],
       continue
     updates.append((path, jnp.asarray(value, dtype)))
   unexpected = sorted(
-    n for n in tensors if n.startswith(prefix) and n not in used
-    and not any(r.fullmatch(n[len(prefix):]) for r in ignore_re))
+      n for n in tensors
+      if n.startswith(prefix) and n not in used and not any(r.fullmatch(n[len(prefix):]) for r in ignore_re))
   problems = []
   if missing:
     problems.append(f'missing tensors: {_listed(sorted(missing))}')
@@ -130,9 +128,8 @@ def assign(module: nnx.Module, rules: Mapping[str, tuple[str, Convert]],
   if unmapped:  # a model change without an importer change; not the user's fault
     problems.append(f'parameters with no source tensor rule: {_listed(unmapped)}')
   if problems:
-    raise CheckpointMismatch(
-      f'{source} does not match the {type(module).__name__} of this config '
-      f"(prefix '{prefix}'): " + '; '.join(problems))
+    raise CheckpointMismatch(f'{source} does not match the {type(module).__name__} of this config '
+                             f"(prefix '{prefix}'): " + '; '.join(problems))
   state = nnx.state(module, nnx.Param)
   flat = dict(nnx.to_flat_state(state))
   for path, value in updates:
@@ -142,15 +139,16 @@ def assign(module: nnx.Module, rules: Mapping[str, tuple[str, Convert]],
 
 # ---------------------------------------------------------------- CLIP / SigLIP ViT
 
+
 def vit_rules(vit: VisionTransformer) -> dict[str, tuple[str, Convert]]:
   """mgjax ViT parameter paths -> HF CLIP/SigLIP vision tensor names (no prefix)."""
   rules = {
-    'patch_embedding/kernel': ('embeddings.patch_embedding.weight', _conv),
-    'patch_embedding/bias': ('embeddings.patch_embedding.bias', _copy),
-    'class_embedding': ('embeddings.class_embedding', _copy),
-    'position_embedding/embedding': ('embeddings.position_embedding.weight', _copy),
-    'pre_layernorm/scale': ('pre_layrnorm.weight', _copy),  # sic: HF's spelling
-    'pre_layernorm/bias': ('pre_layrnorm.bias', _copy),
+      'patch_embedding/kernel': ('embeddings.patch_embedding.weight', _conv),
+      'patch_embedding/bias': ('embeddings.patch_embedding.bias', _copy),
+      'class_embedding': ('embeddings.class_embedding', _copy),
+      'position_embedding/embedding': ('embeddings.position_embedding.weight', _copy),
+      'pre_layernorm/scale': ('pre_layrnorm.weight', _copy),  # sic: HF's spelling
+      'pre_layernorm/bias': ('pre_layrnorm.bias', _copy),
   }
   for i in range(len(vit.layers)):
     ours, theirs = f'layers/{i}', f'encoder.layers.{i}'
@@ -173,23 +171,23 @@ def vit_rules(vit: VisionTransformer) -> dict[str, tuple[str, Convert]]:
 VIT_UNUSED = (r'post_layernorm\..*', r'head\..*', r'embeddings\.position_ids')
 
 
-def load_vit(vit: VisionTransformer, tensors: Mapping[str, np.ndarray], *,
-             source: str = 'checkpoint') -> None:
+def load_vit(vit: VisionTransformer, tensors: Mapping[str, np.ndarray], *, source: str = 'checkpoint') -> None:
   """Fills a CLIP or SigLIP ViT from HF tensors (any prefix: '', 'vision_model.', ...)."""
-  prefix = find_prefix(tensors, 'embeddings.patch_embedding.weight',
-                       f'{vit.kind} vision tower', source)
+  prefix = find_prefix(tensors, 'embeddings.patch_embedding.weight', f'{vit.kind} vision tower', source)
   assign(vit, vit_rules(vit), tensors, source=source, prefix=prefix, ignore=VIT_UNUSED)
 
 
 # ---------------------------------------------------------------- ConvNeXt (timm / OpenCLIP)
 
-def convnext_rules(net: ConvNeXt, *, stem: str = 'stem', stages: str = 'stages'
-                   ) -> dict[str, tuple[str, Convert]]:
+
+def convnext_rules(net: ConvNeXt, *, stem: str = 'stem', stages: str = 'stages') -> dict[str, tuple[str, Convert]]:
   """mgjax ConvNeXt parameter paths -> timm tensor names (MGM saves stem/stages as
   vision_stem/vision_stages)."""
   rules = {
-    'stem_conv/kernel': (f'{stem}.0.weight', _conv), 'stem_conv/bias': (f'{stem}.0.bias', _copy),
-    'stem_norm/scale': (f'{stem}.1.weight', _copy), 'stem_norm/bias': (f'{stem}.1.bias', _copy),
+      'stem_conv/kernel': (f'{stem}.0.weight', _conv),
+      'stem_conv/bias': (f'{stem}.0.bias', _copy),
+      'stem_norm/scale': (f'{stem}.1.weight', _copy),
+      'stem_norm/bias': (f'{stem}.1.bias', _copy),
   }
   for i, stage in enumerate(net.stages):
     ours, theirs = f'stages/{i}', f'{stages}.{i}'
@@ -215,8 +213,7 @@ def convnext_rules(net: ConvNeXt, *, stem: str = 'stem', stages: str = 'stages'
 CONVNEXT_UNUSED = (r'head\..*', r'norm_pre\..*')
 
 
-def load_convnext(net: ConvNeXt, tensors: Mapping[str, np.ndarray], *,
-                  source: str = 'checkpoint') -> None:
+def load_convnext(net: ConvNeXt, tensors: Mapping[str, np.ndarray], *, source: str = 'checkpoint') -> None:
   """Fills the ConvNeXt trunk from timm names, OpenCLIP's (`visual.trunk.`) or MGM's."""
   names = list(tensors)
   if any(n.endswith('vision_stem.0.weight') for n in names):  # a Mini-Gemini checkpoint
@@ -230,11 +227,11 @@ def load_convnext(net: ConvNeXt, tensors: Mapping[str, np.ndarray], *,
 
 # ---------------------------------------------------------------- MGM mining + projector
 
+
 def mining_rules() -> dict[str, tuple[str, Convert]]:
   """PatchInfoMining paths -> MGM's nn.Sequential(LayerNorm, Linear) names."""
   rules = {}
-  for ours, theirs in (('query_projector', 'vlm_uni_query_projector'),
-                       ('key_projector', 'vlm_uni_aux_projector'),
+  for ours, theirs in (('query_projector', 'vlm_uni_query_projector'), ('key_projector', 'vlm_uni_aux_projector'),
                        ('value_projector', 'vlm_uni_val_projector')):
     rules[f'{ours}/norm/scale'] = (f'{theirs}.0.weight', _copy)
     rules[f'{ours}/norm/bias'] = (f'{theirs}.0.bias', _copy)
@@ -245,25 +242,24 @@ def mining_rules() -> dict[str, tuple[str, Convert]]:
 
 def projector_rules() -> dict[str, tuple[str, Convert]]:
   """Projector paths -> MGM's mlp2x_gelu nn.Sequential(Linear, GELU, Linear) names."""
-  return {'linear_1/kernel': ('mm_projector.0.weight', _linear),
-          'linear_1/bias': ('mm_projector.0.bias', _copy),
-          'linear_2/kernel': ('mm_projector.2.weight', _linear),
-          'linear_2/bias': ('mm_projector.2.bias', _copy)}
+  return {
+      'linear_1/kernel': ('mm_projector.0.weight', _linear),
+      'linear_1/bias': ('mm_projector.0.bias', _copy),
+      'linear_2/kernel': ('mm_projector.2.weight', _linear),
+      'linear_2/bias': ('mm_projector.2.bias', _copy)
+  }
 
 
-def load_mining(mining: PatchInfoMining, tensors: Mapping[str, np.ndarray], *,
-                source: str = 'checkpoint') -> None:
+def load_mining(mining: PatchInfoMining, tensors: Mapping[str, np.ndarray], *, source: str = 'checkpoint') -> None:
   prefix = find_prefix(tensors, 'vlm_uni_query_projector.0.weight', 'patch info mining', source)
   rules = mining_rules()
   # Only the mining tensors live under 'model.' alongside the whole LLM: select them.
   wanted = {prefix + name for name, _ in rules.values()}
-  picked = {n: a for n, a in tensors.items()
-            if n in wanted or n.startswith(prefix + 'vlm_uni_')}
+  picked = {n: a for n, a in tensors.items() if n in wanted or n.startswith(prefix + 'vlm_uni_')}
   assign(mining, rules, picked, source=source, prefix=prefix)
 
 
-def load_projector(projector: Projector, tensors: Mapping[str, np.ndarray], *,
-                   source: str = 'checkpoint') -> None:
+def load_projector(projector: Projector, tensors: Mapping[str, np.ndarray], *, source: str = 'checkpoint') -> None:
   prefix = find_prefix(tensors, 'mm_projector.0.weight', 'mm_projector (mlp2x_gelu)', source)
   picked = {n: a for n, a in tensors.items() if n.startswith(prefix + 'mm_projector.')}
   assign(projector, projector_rules(), picked, source=source, prefix=prefix)

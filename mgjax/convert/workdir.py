@@ -27,6 +27,7 @@ from mgjax.models import vlm
 
 def fresh_params(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> dict[str, Any]:
   """The whole MiniGemini's params (a pure dict of numpy arrays) as the trainer initialises them."""
+
   def create():
     with nnx.use_eager_sharding(False):
       return nnx.to_pure_dict(nnx.split(vlm.MiniGemini(model_cfg, rngs=nnx.Rngs(seed)))[1])
@@ -45,11 +46,14 @@ def graft(params: dict[str, Any], part: str, imported: Mapping[str, Any]) -> dic
   Raises:
     checkpoint.CheckpointError: listing every path whose presence or shape differs.
   """
+
   def shapes(tree):
     return {checkpoint.path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
   want, got = shapes(params[part]), shapes(imported)
-  problems = [f'  {part}/{p}: imported {got[p]} vs model {want[p]}' for p in sorted(want) if p in got and got[p] != want[p]]
+  problems = [
+      f'  {part}/{p}: imported {got[p]} vs model {want[p]}' for p in sorted(want) if p in got and got[p] != want[p]
+  ]
   problems += [f'  {part}/{p}: not imported (model wants {want[p]})' for p in sorted(want) if p not in got]
   problems += [f'  {part}/{p}: imported {got[p]} but not in the model' for p in sorted(got) if p not in want]
   if problems:
@@ -75,8 +79,7 @@ def write_init_checkpoint(out: str, params: Mapping[str, Any], config: Mapping[s
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True),
                              item_handlers=handlers) as manager:
     meta = {'stage': 0, 'step': 0, 'config': dict(config), 'imported': dict(imported), 'init_from': None}
-    manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(dict(params)),
-                                            meta=ocp.args.JsonSave(meta)))
+    manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(dict(params)), meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
   return os.path.join(directory, '0')
 
@@ -87,8 +90,8 @@ def read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
   workdir, step = checkpoint.locate(path)
   ckpts = checkpoint.Checkpoints(workdir, read_only=True)
   one = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                        ckpts.param_metadata(step), is_leaf=lambda x: hasattr(x, 'shape'))
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), ckpts.param_metadata(step),
+                        is_leaf=lambda x: hasattr(x, 'shape'))
   params, meta = ckpts.restore_params(step, target)
   ckpts.close()
   return params, meta.get('config') or {}, str(ckpts.directory / str(step))

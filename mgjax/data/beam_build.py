@@ -59,12 +59,10 @@ def prepare(specs: list[dict[str, Any]], preparer_args: tuple[Any, ...], spill_d
             options: Sequence[str]) -> Iterator[tuple[Any, Any]]:
   """Runs the prepare pipeline, then yields (entry or rejection, signature) in source order."""
   with beam.Pipeline(runner=runner, options=PipelineOptions(list(options))) as p:
-    _ = (p
-         | "Sources" >> beam.Create(list(enumerate(specs)))
-         | "Read" >> beam.FlatMap(build.read_source)
-         # Reading a source is one sequential pass; the per-record work is spread after it.
-         | "Spread" >> beam.Reshuffle()
-         | "Prepare" >> beam.ParDo(_Prepare(preparer_args)))
+    _ = (
+        p | "Sources" >> beam.Create(list(enumerate(specs))) | "Read" >> beam.FlatMap(build.read_source)
+        # Reading a source is one sequential pass; the per-record work is spread after it.
+        | "Spread" >> beam.Reshuffle() | "Prepare" >> beam.ParDo(_Prepare(preparer_args)))
   files = sorted(p for p in epath.Path(spill_dir).glob("prepared-*") if not p.name.endswith(".tmp"))
   last = None
   for position, item, sig in heapq.merge(*(spill.load_stream(f) for f in files), key=lambda r: r[0]):
@@ -95,7 +93,5 @@ def examples(split: str, entries: list[spill.Entry], chunks_dir: str) -> beam.PT
   for k, start in enumerate(range(0, len(entries), _CHUNK)):
     paths.append(f"{chunks_dir}/split-{split}-{k:05d}")
     spill.dump_stream(paths[-1], entries[start:start + _CHUNK])
-  return (beam.Create(paths)
-          | "ReadEntries" >> beam.FlatMap(spill.load_stream)
-          | "Spread" >> beam.Reshuffle()
-          | "ToExample" >> beam.ParDo(_ToExample()))
+  return (beam.Create(paths) | "ReadEntries" >> beam.FlatMap(spill.load_stream) | "Spread" >> beam.Reshuffle() |
+          "ToExample" >> beam.ParDo(_ToExample()))

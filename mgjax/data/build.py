@@ -41,8 +41,8 @@ from mgjax.data.sources import _common
 _SOURCE_KEYS = {"name", "format", "path", "image_root", "category", "options", "filters"}
 # The config fields that decide the built content; a stage config may embed the data
 # config beside pipeline keys (sequence length, batch size) that must not force rebuilds.
-_CONTENT_KEYS = ("name", "version", "seed", "val_per_category", "sample", "sources", "tokenizer",
-                 "filters", "dedup", "mixture")
+_CONTENT_KEYS = ("name", "version", "seed", "val_per_category", "sample", "sources", "tokenizer", "filters", "dedup",
+                 "mixture")
 _LOGGED_REJECTIONS = 20  # per source; the rest are counted and in rejected.jsonl
 _BATCH = 256  # records per task sent to a worker process
 
@@ -113,8 +113,10 @@ def _check_specs(data_cfg, root: epath.Path) -> list[dict[str, Any]]:
     problem = _common.not_regular_file(spec["path"])
     if problem is not None:
       raise ValueError(f"source {spec['name']!r}: {problem}; 'path' must name the source's data file")
-    spec["quality"] = filters.QualityConfig.from_dict({**dict(data_cfg.get("filters") or {}),
-                                                       **dict(spec.get("filters") or {})})
+    spec["quality"] = filters.QualityConfig.from_dict({
+        **dict(data_cfg.get("filters") or {}),
+        **dict(spec.get("filters") or {})
+    })
     specs.append(spec)
   return specs
 
@@ -245,17 +247,24 @@ def _clean(data_cfg, root: epath.Path, tokenizer_dir: str | None, spill_dir: str
   # De-duplication sees records in config order (the first of a group is kept), one at a
   # time: it alone needs every kept record's signature, and holds nothing else.
   index = dedup.Index(dedup_cfg)
-  counts = {s["name"]: {"format": s["format"], "path": s["path"], "read": 0, "kept": 0,
-                        "rejected": collections.Counter(), "duplicates": 0,
-                        "duplicate_kinds": collections.Counter()} for s in specs}
+  counts = {
+      s["name"]: {
+          "format": s["format"],
+          "path": s["path"],
+          "read": 0,
+          "kept": 0,
+          "rejected": collections.Counter(),
+          "duplicates": 0,
+          "duplicate_kinds": collections.Counter()
+      } for s in specs
+  }
   kept, dropped, seen_ids = [], [], set()
   for item, sig in tqdm.tqdm(prepared, desc="cleaning", unit=" records", mininterval=2, disable=None):
     c = counts[item.source]
     c["read"] += 1
     if isinstance(item, spill.Entry) and item.id in seen_ids:
       file, where = item.origin.split("\t", 1)
-      item = Rejection(item.source, file, where, "duplicate id; ids must be unique across sources",
-                       kind="duplicate_id")
+      item = Rejection(item.source, file, where, "duplicate id; ids must be unique across sources", kind="duplicate_id")
     if isinstance(item, Rejection):
       if c["rejected"].total() < _LOGGED_REJECTIONS:
         logging.warning("rejected: %s", item)
@@ -267,9 +276,9 @@ def _clean(data_cfg, root: epath.Path, tokenizer_dir: str | None, spill_dir: str
     if dup is not None:
       kind, first, similarity = dup
       file, where = item.origin.split("\t", 1)
-      dropped.append(Rejection(item.source, file, where,
-                               f"{kind.replace('_', ' ')} of {first} (similarity {similarity:.2f})",
-                               kind=kind, duplicate_of=first))
+      dropped.append(
+          Rejection(item.source, file, where, f"{kind.replace('_', ' ')} of {first} (similarity {similarity:.2f})",
+                    kind=kind, duplicate_of=first))
       c["duplicates"] += 1
       c["duplicate_kinds"][kind] += 1
       continue
@@ -341,9 +350,9 @@ def build(data_cfg: ml_collections.ConfigDict, data_dir: str, *, beam_runner: st
                          f"data_dir {data_dir} (a build of {data_cfg.name} {data_cfg.version})"):
       if data_cfg.get("sample") and data_cfg.sample.get("generate"):
         s = data_cfg.sample
-        sample.write_sample_sources(str(_sources_root(data_cfg, data_dir)), seed=data_cfg.seed,
-                                    n_understanding=s.n_understanding, n_generation=s.n_generation,
-                                    n_text=s.n_text, n_caption=s.get("n_caption", 0))
+        sample.write_sample_sources(str(_sources_root(data_cfg,
+                                                      data_dir)), seed=data_cfg.seed, n_understanding=s.n_understanding,
+                                    n_generation=s.n_generation, n_text=s.n_text, n_caption=s.get("n_caption", 0))
       if spill_root.exists():
         spill_root.rmtree()  # left by a build that was killed
       spill_root.mkdir(parents=True)
@@ -386,8 +395,8 @@ def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, bea
   nonempty = {k: v for k, v in splits.items() if v}
   description = f"mgjax instruction mix from data config {data_cfg.name!r}"
   if beam_runner:
-    builder.write_beam(data_dir, data_cfg.name, data_cfg.version, nonempty, description, str(spill_root),
-                       beam_runner, list(beam_options))
+    builder.write_beam(data_dir, data_cfg.name, data_cfg.version, nonempty, description, str(spill_root), beam_runner,
+                       list(beam_options))
   else:
     builder.write_local(out, data_cfg.version, nonempty, description)
 
@@ -397,16 +406,14 @@ def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, bea
       f.write(_rejection_line(rej) + "\n")
   (out / "build_config.json").write_text(json.dumps(_content(data_cfg), indent=1, sort_keys=True))
   # Written last: the presence of data_card.json marks a complete build (see ensure_built).
-  card.write(out, name=f"{builder.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version,
-             sources=source_card, splits=splits, mixing=mix_report,
-             mix_by=mixture.MixConfig.from_dict(data_cfg.get("mixture")).by,
-             kept=entries, tokenizer_dir=tokenizer_dir,
-             messages=lambda e: reader.record(e, images=False).messages)
+  card.write(out, name=f"{builder.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version, sources=source_card,
+             splits=splits, mixing=mix_report, mix_by=mixture.MixConfig.from_dict(data_cfg.get("mixture")).by,
+             kept=entries, tokenizer_dir=tokenizer_dir, messages=lambda e: reader.record(e, images=False).messages)
   reader.close()
   logging.info("built %s: splits %s; %d rejected or duplicate (see %s)", out, sizes, len(rejected),
                out / "rejected.jsonl")
-  return BuiltDataset(name=f"{builder.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version,
-                      data_dir=data_dir, dataset_dir=str(out), tokenizer_dir=tokenizer_dir, splits=sizes)
+  return BuiltDataset(name=f"{builder.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version, data_dir=data_dir,
+                      dataset_dir=str(out), tokenizer_dir=tokenizer_dir, splits=sizes)
 
 
 def load_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDataset | None:
@@ -424,8 +431,8 @@ def load_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDatas
     raise ValueError(f"{out} was built from a different data config (differs in {diff}); bump the data "
                      f"config's version, or delete {out} to rebuild it")
   card = json.loads((out / "data_card.json").read_text())
-  return BuiltDataset(name=card["name"], version=card["version"], data_dir=str(data_dir),
-                      dataset_dir=str(out), tokenizer_dir=card["tokenizer"], splits=card["splits"])
+  return BuiltDataset(name=card["name"], version=card["version"], data_dir=str(data_dir), dataset_dir=str(out),
+                      tokenizer_dir=card["tokenizer"], splits=card["splits"])
 
 
 def ensure_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDataset:

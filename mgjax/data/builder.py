@@ -32,12 +32,14 @@ FEATURES = tfds.features.FeaturesDict({
     "id": tfds.features.Text(),
     "source": tfds.features.Text(),
     "category": tfds.features.Text(),
-    "messages": tfds.features.Sequence({"role": tfds.features.Text(), "content": tfds.features.Text()}),
+    "messages": tfds.features.Sequence({
+        "role": tfds.features.Text(),
+        "content": tfds.features.Text()
+    }),
     # Encoded PNG/JPEG bytes, decoded in the training pipeline (so one dataset serves
     # every image size and both vision towers).
     "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
 })
-
 
 _SHARD_BYTES = 512 << 20  # a shard's records, as stored in the spill (about what it takes on disk)
 
@@ -62,11 +64,12 @@ def write_local(out, version: str, splits: dict[str, list[spill.Entry]], descrip
       for k in range(num_shards):
         path = split_template.sharded_filepath(shard_index=k, num_shards=num_shards)
         shard = entries[bounds[k]:bounds[k + 1]]
-        adapter.write_examples(path, ((i, FEATURES.serialize_example(reader.record(e).to_example()))
-                                      for i, e in enumerate(shard)))
+        adapter.write_examples(
+            path, ((i, FEATURES.serialize_example(reader.record(e).to_example())) for i, e in enumerate(shard)))
         num_bytes += path.stat().length
-      split_infos.append(tfds.core.SplitInfo(name=name, shard_lengths=[b - a for a, b in zip(bounds, bounds[1:])],
-                                             num_bytes=num_bytes, filename_template=split_template))
+      split_infos.append(
+          tfds.core.SplitInfo(name=name, shard_lengths=[b - a for a, b in zip(bounds, bounds[1:])], num_bytes=num_bytes,
+                              filename_template=split_template))
   finally:
     reader.close()
   tfds.folder_dataset.write_metadata(data_dir=out, features=FEATURES, split_infos=split_infos, version=version,
@@ -79,8 +82,8 @@ class MgjaxInstructions(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")  # overridden by the BuilderConfig's version
 
-  def __init__(self, *, config: tfds.core.BuilderConfig, splits: dict[str, list[spill.Entry]],
-               chunks_dir: str, description: str = "", **kwargs):
+  def __init__(self, *, config: tfds.core.BuilderConfig, splits: dict[str, list[spill.Entry]], chunks_dir: str,
+               description: str = "", **kwargs):
     self._split_entries = splits
     self._description = description
     self._chunks_dir = chunks_dir  # where the Beam source lists each split's entries
@@ -107,5 +110,5 @@ def write_beam(data_dir: str, name: str, version: str, splits: dict[str, list[sp
   config = tfds.core.BuilderConfig(name=name, version=version, description=description)
   builder = MgjaxInstructions(config=config, data_dir=data_dir, splits=splits, chunks_dir=chunks_dir,
                               description=description)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      beam_runner=runner, beam_options=PipelineOptions(options)))
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(beam_runner=runner, beam_options=PipelineOptions(options)))

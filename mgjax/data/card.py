@@ -37,8 +37,13 @@ def _stats(values: list[int]) -> dict[str, float]:
   if not values:
     return {"n": 0}
   a = np.asarray(values)
-  return {"n": int(a.size), "mean": round(float(a.mean()), 1), "p50": int(np.percentile(a, 50)),
-          "p95": int(np.percentile(a, 95)), "max": int(a.max())}
+  return {
+      "n": int(a.size),
+      "mean": round(float(a.mean()), 1),
+      "p50": int(np.percentile(a, 50)),
+      "p95": int(np.percentile(a, 95)),
+      "max": int(a.max())
+  }
 
 
 def summarize(splits: dict[str, Sequence[Any]], tokenizer_dir: str | None,
@@ -62,12 +67,22 @@ def summarize(splits: dict[str, Sequence[Any]], tokenizer_dir: str | None,
         turns[split][r.category].append(len(ms))
         tokens[split][r.category].append(n)
   return {
-      "composition": {s: {c: dict(sorted(v.items())) for c, v in sorted(cats.items())}
-                      for s, cats in composition.items()},
+      "composition": {
+          s: {
+              c: dict(sorted(v.items())) for c, v in sorted(cats.items())
+          } for s, cats in composition.items()
+      },
       "token_unit": unit,
-      "tokens": {s: {c: _stats(v) for c, v in sorted(cats.items())} for s, cats in tokens.items()},
-      "turns": {s: {c: dict(sorted(collections.Counter(v).items())) for c, v in sorted(cats.items())}
-                for s, cats in turns.items()},
+      "tokens": {
+          s: {
+              c: _stats(v) for c, v in sorted(cats.items())
+          } for s, cats in tokens.items()
+      },
+      "turns": {
+          s: {
+              c: dict(sorted(collections.Counter(v).items())) for c, v in sorted(cats.items())
+          } for s, cats in turns.items()
+      },
       "_raw_tokens": tokens,
   }
 
@@ -78,8 +93,9 @@ def _plot_records(out: epath.Path, composition: dict[str, dict[str, dict[str, in
   ax = fig.add_subplot()
   left = np.zeros(len(sources))
   for cat in CATEGORIES:
-    n = np.array([sum(composition[s].get(cat, {}).get(src, 0) for s in composition if s != "train_generation")
-                  for src in sources])
+    n = np.array([
+        sum(composition[s].get(cat, {}).get(src, 0) for s in composition if s != "train_generation") for src in sources
+    ])
     ax.barh(sources, n, left=left, label=cat)
     left += n
   ax.set_xlabel("records (train, with mixing, + validation)")
@@ -125,34 +141,42 @@ def _plot_turns(out: epath.Path, turns: dict[str, dict[str, dict[int, int]]]) ->
 
 
 def _markdown(card: dict[str, Any]) -> str:
-  lines = [f"# Data card: {card['name']} {card['version']}", "",
-           "## Sources", "", "Every record read is kept, rejected (with its reason in `rejected.jsonl`) or a "
-           "duplicate of an earlier one (also in `rejected.jsonl`, with the id it duplicates).", "",
-           "| source | format | read | kept | rejected | duplicates |", "| --- | --- | ---: | ---: | --- | ---: |"]
+  lines = [
+      f"# Data card: {card['name']} {card['version']}", "", "## Sources", "",
+      "Every record read is kept, rejected (with its reason in `rejected.jsonl`) or a "
+      "duplicate of an earlier one (also in `rejected.jsonl`, with the id it duplicates).", "",
+      "| source | format | read | kept | rejected | duplicates |", "| --- | --- | ---: | ---: | --- | ---: |"
+  ]
   for name, s in card["sources"].items():
     rejected = ", ".join(f"{k}: {v}" for k, v in s["rejected"].items()) or "0"
     dups = ", ".join(f"{k}: {v}" for k, v in s["duplicate_kinds"].items())
     lines.append(f"| {name} | {s['format']} | {s['read']} | {s['kept']} | {rejected} | "
                  f"{s['duplicates']}{f' ({dups})' if dups else ''} |")
-  lines += ["", f"## Mixing (by {card['mixing']['by']})", "",
-            "Validation sets were held out per category (stratified by source) before mixing. A factor above 1 "
-            "repeats records (upsampling), below 1 samples them (downsampling).", "",
-            "| group | available for training | target | taken | factor |", "| --- | ---: | ---: | ---: | ---: |"]
+  lines += [
+      "", f"## Mixing (by {card['mixing']['by']})", "",
+      "Validation sets were held out per category (stratified by source) before mixing. A factor above 1 "
+      "repeats records (upsampling), below 1 samples them (downsampling).", "",
+      "| group | available for training | target | taken | factor |", "| --- | ---: | ---: | ---: | ---: |"
+  ]
   for g, m in card["mixing"]["groups"].items():
     lines.append(f"| {g} | {m['available']} | {m['target']} | {m['taken']} | {m['factor']} |")
   lines += ["", "## Splits", "", "| split | records | by category and source |", "| --- | ---: | --- |"]
   for split, n in card["splits"].items():
-    comp = "; ".join(f"{c}: " + ", ".join(f"{s} {k}" for s, k in by.items())
-                     for c, by in card["composition"][split].items())
+    comp = "; ".join(
+        f"{c}: " + ", ".join(f"{s} {k}" for s, k in by.items()) for c, by in card["composition"][split].items())
     lines.append(f"| {split} | {n} | {comp} |")
-  lines += ["", f"## Lengths ({card['token_unit']}, whole conversation)", "",
-            "| split | category | n | mean | p50 | p95 | max |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+  lines += [
+      "", f"## Lengths ({card['token_unit']}, whole conversation)", "",
+      "| split | category | n | mean | p50 | p95 | max |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
+  ]
   for split, cats in card["tokens"].items():
     for c, st in cats.items():
       lines.append(f"| {split} | {c} | {st['n']} | {st.get('mean', '')} | {st.get('p50', '')} | "
                    f"{st.get('p95', '')} | {st.get('max', '')} |")
-  lines += ["", "![records by source](records_by_source.png)", "", "![token lengths](token_lengths.png)", "",
-            "![turns per conversation](turns_per_conversation.png)", ""]
+  lines += [
+      "", "![records by source](records_by_source.png)", "", "![token lengths](token_lengths.png)", "",
+      "![turns per conversation](turns_per_conversation.png)", ""
+  ]
   return "\n".join(lines)
 
 
@@ -165,11 +189,21 @@ def write(out: epath.Path, *, name: str, version: str, sources: dict[str, Any], 
   out = epath.Path(out)
   summary = summarize(splits, tokenizer_dir, messages)
   raw_tokens = summary.pop("_raw_tokens")
-  card = {"name": name, "version": version, "sources": sources,
-          "splits": {s: len(v) for s, v in splits.items()},
-          "categories": dict(collections.Counter(r.category for r in kept)),
-          "mixing": {"by": mix_by, "groups": mixing},
-          **summary, "tokenizer": tokenizer_dir, "plots": list(PLOTS)}
+  card = {
+      "name": name,
+      "version": version,
+      "sources": sources,
+      "splits": {
+          s: len(v) for s, v in splits.items()
+      },
+      "categories": dict(collections.Counter(r.category for r in kept)),
+      "mixing": {
+          "by": mix_by,
+          "groups": mixing
+      },
+      **summary, "tokenizer": tokenizer_dir,
+      "plots": list(PLOTS)
+  }
   for s in sources.values():
     # The promise a reader of the card relies on; a failure here is a bug in the builder.
     if s["read"] != s["kept"] + sum(s["rejected"].values()) + s["duplicates"]:

@@ -109,7 +109,6 @@ def repeated_fraction(text: str, n: int) -> float:
 
 TokenCounter = Callable[[list[str]], list[int]]
 
-
 # GPT-2's pre-tokenizer pattern, the one byte-level BPE (tokenizers' ByteLevel) splits by.
 _PRETOKEN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 
@@ -196,8 +195,7 @@ class Quality:
     for i, m in enumerate(record.messages[:-1]):
       if m["role"] == "user" and m["content"].endswith(records.GEN_MARKER):
         answer = record.messages[i + 1]["content"]
-        if not re.search(re.escape(records.PROMPT_OPEN) + r".+?" + re.escape(records.PROMPT_CLOSE), answer,
-                         re.DOTALL):
+        if not re.search(re.escape(records.PROMPT_OPEN) + r".+?" + re.escape(records.PROMPT_CLOSE), answer, re.DOTALL):
           return (f"turn {i} asks for an image ({records.GEN_MARKER}) but the answer has no "
                   f"{records.PROMPT_OPEN}...{records.PROMPT_CLOSE} prompt", "bad_generation")
     return None, None

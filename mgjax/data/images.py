@@ -105,9 +105,8 @@ def bilinear_resize(pixels: np.ndarray, size: int) -> np.ndarray:
   return out.transpose(1, 0, 2).astype(np.float32)
 
 
-def mgm_pair(image: Image.Image, lowres_size: int, highres_size: int,
-             mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD, *,
-             pad_to_square: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def mgm_pair(image: Image.Image, lowres_size: int, highres_size: int, mean: Sequence[float] = CLIP_MEAN,
+             std: Sequence[float] = CLIP_STD, *, pad_to_square: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Mini-Gemini's (low-res, high-res) inputs of one image: [l, l, 3], [h, h, 3]."""
   if pad_to_square:
     image = expand_to_square(image.convert('RGB'), mean)
@@ -125,9 +124,8 @@ def grid_crops(pixels: np.ndarray, grid: int) -> np.ndarray:
   return pixels.reshape(grid, s, grid, s, c).transpose(0, 2, 1, 3, 4).reshape(grid * grid, s, s, c)
 
 
-def mgm_views(image: Image.Image, lowres_size: int, highres_size: int,
-              mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD, *,
-              grid: int = 1, global_view: bool = False,
+def mgm_views(image: Image.Image, lowres_size: int, highres_size: int, mean: Sequence[float] = CLIP_MEAN,
+              std: Sequence[float] = CLIP_STD, *, grid: int = 1, global_view: bool = False,
               pad_to_square: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Mini-Gemini's inputs of one image with its image_grid / image_global settings.
 

@@ -29,8 +29,8 @@ from absl import logging
 
 from mgjax.data.records import CATEGORIES, Record
 
-SPLITS = ("train", "train_generation", "val_understanding", "val_generation", "val_text",
-          "train_caption", "val_caption")
+SPLITS = ("train", "train_generation", "val_understanding", "val_generation", "val_text", "train_caption",
+          "val_caption")
 
 
 def _largest_remainder(total: int, sizes: dict[str, int]) -> dict[str, int]:
@@ -129,8 +129,12 @@ def mix(pool: list[Record], config: MixConfig, seed: int) -> tuple[list[Record],
     extra = rng.sample(recs, rest)
     taken += extra if whole == 0 else [dataclasses.replace(r, id=f"{r.id}#{whole}") for r in extra]
     train += taken
-    report[g] = {"available": len(recs), "target": target, "taken": len(taken),
-                 "factor": round(len(taken) / len(recs), 4)}
+    report[g] = {
+        "available": len(recs),
+        "target": target,
+        "taken": len(taken),
+        "factor": round(len(taken) / len(recs), 4)
+    }
   rng.shuffle(train)
   return train, report
 
@@ -146,6 +150,10 @@ def split(records: list[Record], val_per_category, seed: int,
   captions = sorted((r for r in pool if r.category == "caption"), key=lambda r: r.id)
   random.Random(f"{seed}/captions").shuffle(captions)
   train, report = mix([r for r in pool if r.category != "caption"], mixture or MixConfig(), seed)
-  splits = {"train": train, "train_generation": [r for r in train if r.category == "generation"],
-            "train_caption": captions, **val}
+  splits = {
+      "train": train,
+      "train_generation": [r for r in train if r.category == "generation"],
+      "train_caption": captions,
+      **val
+  }
   return {s: splits[s] for s in SPLITS}, report

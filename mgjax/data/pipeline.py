@@ -42,9 +42,9 @@ def preprocess_image(data: bytes, size: int, mean: tuple, std: tuple) -> np.ndar
 class ConversationEncoder:
   """One TFDS example -> one fixed-shape training example (a grain map transform)."""
 
-  def __init__(self, tokenizer, *, seq_len: int, num_image_tokens: int, max_images: int,
-               lowres_size: int, highres_size: int, image_mean: tuple, image_std: tuple,
-               pad_to_square: bool = False, image_grid: int = 1, image_global: bool = False):
+  def __init__(self, tokenizer, *, seq_len: int, num_image_tokens: int, max_images: int, lowres_size: int,
+               highres_size: int, image_mean: tuple, image_std: tuple, pad_to_square: bool = False, image_grid: int = 1,
+               image_global: bool = False):
     self.tokenizer = tokenizer
     # Mini-Gemini's HD layout (model.image_grid / image_global): several low-res views per image.
     self.image_grid, self.image_global = int(image_grid), bool(image_global)
@@ -59,7 +59,8 @@ class ConversationEncoder:
     self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
     self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
-      raise ValueError(f"tokenizer {tokenizer.name_or_path} has no {IMAGE_PLACEHOLDER} token; add it as a special token")
+      raise ValueError(
+          f"tokenizer {tokenizer.name_or_path} has no {IMAGE_PLACEHOLDER} token; add it as a special token")
     self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
   @property
@@ -68,7 +69,7 @@ class ConversationEncoder:
     size = (self.lowres_size, self.lowres_size, 3)
     if self.image_grid == 1:
       return size
-    return (self.image_grid ** 2 + int(self.image_global), *size)
+    return (self.image_grid**2 + int(self.image_global), *size)
 
   def messages(self, example: dict) -> list[dict[str, str]]:
     m = example["messages"]
@@ -98,16 +99,20 @@ class ConversationEncoder:
   def unpadded(self, example: dict) -> dict[str, np.ndarray]:
     """One example at its own length (what the packer packs): input_ids, targets, loss_mask
     [n <= seq_len] and images_lowres/highres [k <= max_images, ...] for its k whole images."""
-    encoded = self.tokenizer.apply_chat_template(
-        self.messages(example), tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    encoded = self.tokenizer.apply_chat_template(self.messages(example), tokenize=True, return_dict=True,
+                                                 return_assistant_tokens_mask=True)
     ids, assistant = self._expand_images(encoded["input_ids"], encoded["assistant_masks"])
     # Predict token t+1 from tokens <= t; train only where t+1 is an assistant token.
-    ids, assistant = ids[: self.seq_len + 1], assistant[: self.seq_len + 1]
+    ids, assistant = ids[:self.seq_len + 1], assistant[:self.seq_len + 1]
     ids, assistant = self._drop_partial_image(ids, assistant)
     ids, assistant = self._drop_images_beyond(self.max_images, ids, assistant)
     num_images = int((ids[:-1] == self.image_token_id).sum()) // self.num_image_tokens
-    return {"input_ids": ids[:-1], "targets": ids[1:], "loss_mask": assistant[1:],
-            **self._images(example, num_slots=num_images, pad=False)}
+    return {
+        "input_ids": ids[:-1],
+        "targets": ids[1:],
+        "loss_mask": assistant[1:],
+        **self._images(example, num_slots=num_images, pad=False)
+    }
 
   def encode_prompt(self, messages: list[dict[str, str]], images: list[bytes] = ()) -> dict[str, np.ndarray]:
     """A conversation up to the assistant's next turn, as the model input for generation.
@@ -124,13 +129,14 @@ class ConversationEncoder:
       [max_images, V, l, l, 3]) and images_highres [max_images, h, h, 3] float32 (zeros in
       unused slots).
     """
-    encoded = self.tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=True)
+    encoded = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
     token_ids = list(encoded["input_ids"])
     ids, _ = self._expand_images(token_ids, [0] * len(token_ids))
     num_placeholders = int((ids == self.image_token_id).sum()) // self.num_image_tokens
     if num_placeholders != len(images):
-      raise ValueError(f"the messages hold {num_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s) were given")
+      raise ValueError(
+          f"the messages hold {num_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s) were given"
+      )
     if len(images) > self.max_images:
       raise ValueError(f"{len(images)} images but the model was trained with data.max_images={self.max_images}")
     return {"input_ids": ids, **self._images({"images": images}, num_slots=len(images))}
@@ -149,7 +155,7 @@ class ConversationEncoder:
     partial = int(is_image.sum()) % self.num_image_tokens
     if partial:
       cut = int(np.nonzero(is_image)[0][-partial])
-      ids, assistant = ids[: cut + 1], assistant[: cut + 1]
+      ids, assistant = ids[:cut + 1], assistant[:cut + 1]
       ids[cut] = self.pad_id
       assistant[cut] = 0
     return ids, assistant
@@ -161,33 +167,34 @@ class ConversationEncoder:
     starts = np.nonzero(is_image & ((np.cumsum(is_image) - 1) % self.num_image_tokens == 0))[0]
     if len(starts) > max_images:
       cut = int(starts[max_images])
-      ids, assistant = ids[: cut + 1].copy(), assistant[: cut + 1].copy()
+      ids, assistant = ids[:cut + 1].copy(), assistant[:cut + 1].copy()
       ids[cut] = self.pad_id
       assistant[cut] = 0
     return ids, assistant
 
   def _images(self, example: dict, num_slots: int, pad: bool = True) -> dict[str, np.ndarray]:
-    images = list(example["images"])[: min(num_slots, self.max_images)]
+    images = list(example["images"])[:min(num_slots, self.max_images)]
     slots = self.max_images if pad else len(images)
     lowres = np.zeros((slots, *self.lowres_shape), np.float32)
     highres = np.zeros((slots, self.highres_size, self.highres_size, 3), np.float32)
     for i, data in enumerate(images):
       # As Mini-Gemini: the high-res input through the CLIP processor, the low-res view(s)
       # resized down from it (data.images.mgm_views).
-      lowres[i], highres[i] = image_processing.mgm_views(
-          image_processing.decode(data), self.lowres_size, self.highres_size, self.image_mean, self.image_std,
-          grid=self.image_grid, global_view=self.image_global, pad_to_square=self.pad_to_square)
+      lowres[i], highres[i] = image_processing.mgm_views(image_processing.decode(data), self.lowres_size,
+                                                         self.highres_size, self.image_mean, self.image_std,
+                                                         grid=self.image_grid, global_view=self.image_global,
+                                                         pad_to_square=self.pad_to_square)
     return {"images_lowres": lowres, "images_highres": highres}
 
 
 def make_encoder(tokenizer, data_cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict,
                  num_image_tokens: int) -> ConversationEncoder:
-  return ConversationEncoder(
-      tokenizer, seq_len=data_cfg.seq_len, num_image_tokens=num_image_tokens, max_images=data_cfg.max_images,
-      lowres_size=model_cfg.vision_lowres.image_size, highres_size=model_cfg.vision_highres.image_size,
-      image_mean=data_cfg.image_mean, image_std=data_cfg.image_std,
-      pad_to_square=bool(data_cfg.get("pad_to_square", False)),
-      image_grid=int(model_cfg.get("image_grid", 1)), image_global=bool(model_cfg.get("image_global", False)))
+  return ConversationEncoder(tokenizer, seq_len=data_cfg.seq_len, num_image_tokens=num_image_tokens,
+                             max_images=data_cfg.max_images, lowres_size=model_cfg.vision_lowres.image_size,
+                             highres_size=model_cfg.vision_highres.image_size, image_mean=data_cfg.image_mean,
+                             image_std=data_cfg.image_std, pad_to_square=bool(data_cfg.get("pad_to_square", False)),
+                             image_grid=int(model_cfg.get("image_grid",
+                                                          1)), image_global=bool(model_cfg.get("image_global", False)))
 
 
 def _this_process(ds: grain.MapDataset) -> grain.MapDataset:
@@ -195,9 +202,9 @@ def _this_process(ds: grain.MapDataset) -> grain.MapDataset:
   return ds[jax.process_index()::jax.process_count()]
 
 
-def train_iterator(source, encoder: ConversationEncoder, *, batch_size: int, seed: int,
-                   num_threads: int = 2, prefetch: int = 4, replay_source=None,
-                   replay_fraction: float = 0.0, packing: bool = False) -> grain.DatasetIterator:
+def train_iterator(source, encoder: ConversationEncoder, *, batch_size: int, seed: int, num_threads: int = 2,
+                   prefetch: int = 4, replay_source=None, replay_fraction: float = 0.0,
+                   packing: bool = False) -> grain.DatasetIterator:
   """An endless, seeded, per-epoch reshuffled stream of per-process batches.
 
   With a `replay_source` (stage 2: the stage-1 mix), that fraction of the examples is
@@ -236,10 +243,13 @@ def pack(examples: grain.IterDataset, encoder: ConversationEncoder, *, num_bins:
   """Unpadded examples (ConversationEncoder.unpadded) -> packed rows in the batch layout."""
   tokens, images = encoder.seq_len, encoder.max_images
   packed = grain.experimental.FirstFitPackIterDataset(
-      examples,
-      length_struct={"input_ids": tokens, "targets": tokens, "loss_mask": tokens,
-                     "images_lowres": images, "images_highres": images},
-      num_packing_bins=num_bins, shuffle_bins=False)
+      examples, length_struct={
+          "input_ids": tokens,
+          "targets": tokens,
+          "loss_mask": tokens,
+          "images_lowres": images,
+          "images_highres": images
+      }, num_packing_bins=num_bins, shuffle_bins=False)
 
   def to_batch_layout(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {k: row[k] for k in ("input_ids", "targets", "loss_mask", "images_lowres", "images_highres")}
@@ -277,4 +287,3 @@ def _empty_like(example: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
   if example is None:
     raise ValueError("cannot pad an eval batch: this process has no records of the split")
   return {k: np.zeros_like(v) for k, v in example.items()}
-

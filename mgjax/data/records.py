@@ -39,7 +39,10 @@ class Record:
         "id": self.id,
         "source": self.source,
         "category": self.category,
-        "messages": [{"role": m["role"], "content": m["content"]} for m in self.messages],
+        "messages": [{
+            "role": m["role"],
+            "content": m["content"]
+        } for m in self.messages],
         "images": list(self.images),
     }
 

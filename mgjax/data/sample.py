@@ -27,21 +27,35 @@ from PIL import Image, ImageDraw
 
 SIZE = 128
 SHAPES = ("circle", "square", "triangle")
-COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220),
-           "yellow": (235, 200, 20), "purple": (140, 50, 170), "orange": (245, 130, 20)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 200, 20),
+    "purple": (140, 50, 170),
+    "orange": (245, 130, 20)
+}
 # A 3x3 grid of cells; a shape sits in the middle of its cell.
-POSITIONS = {"top left": (0, 0), "top": (1, 0), "top right": (2, 0),
-             "left": (0, 1), "center": (1, 1), "right": (2, 1),
-             "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2)}
+POSITIONS = {
+    "top left": (0, 0),
+    "top": (1, 0),
+    "top right": (2, 0),
+    "left": (0, 1),
+    "center": (1, 1),
+    "right": (2, 1),
+    "bottom left": (0, 2),
+    "bottom": (1, 2),
+    "bottom right": (2, 2)
+}
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 Shape = tuple[str, str, str]  # (shape, colour, position)
 _MAX_DRAWS = 1000  # redraws for a record unlike every earlier one
 
-
 # ---------------------------------------------------------------------------------------
 # Images and understanding conversations
 # ---------------------------------------------------------------------------------------
+
 
 def draw(scene: list[Shape]) -> bytes:
   """PNG bytes of the scene on a white background."""
@@ -74,8 +88,7 @@ def _phrase(shape: Shape) -> str:
 
 
 def _describe(scene: list[Shape]) -> str:
-  parts = [f"{_phrase(s)} at the {s[2]}" if s[2] != "center" else f"{_phrase(s)} in the center"
-           for s in scene]
+  parts = [f"{_phrase(s)} at the {s[2]}" if s[2] != "center" else f"{_phrase(s)} in the center" for s in scene]
   text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
   return text[0].upper() + text[1:] + "."
 
@@ -88,8 +101,7 @@ def _questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str]]:
   by_colour = {s[1]: [x for x in scene if x[1] == s[1]] for s in scene}
   if len(scene) == 1:
     shape, colour, pos = scene[0]
-    qa += [("What shape is in the image?", f"A {shape}."),
-           ("What colour is the shape?", f"{colour.capitalize()}."),
+    qa += [("What shape is in the image?", f"A {shape}."), ("What colour is the shape?", f"{colour.capitalize()}."),
            ("Where is the shape?", f"{pos.capitalize()}.")]
   for shape, same in by_shape.items():
     if len(same) == 1:
@@ -153,8 +165,17 @@ def _captions(n: int, rng: random.Random, images_dir: epath.Path) -> list[dict[s
     (images_dir / name).write_bytes(draw(scene))
     request = rng.choice(_CAPTION_REQUESTS)
     question = f"<image>\n{request}" if rng.random() < 0.5 else f"{request}\n<image>"
-    records.append({"id": f"caption_{i:05d}", "image": name, "conversations": [
-        {"from": "human", "value": question}, {"from": "gpt", "value": _describe(scene)}]})
+    records.append({
+        "id": f"caption_{i:05d}",
+        "image": name,
+        "conversations": [{
+            "from": "human",
+            "value": question
+        }, {
+            "from": "gpt",
+            "value": _describe(scene)
+        }]
+    })
   return records
 
 
@@ -162,9 +183,9 @@ def _captions(n: int, rng: random.Random, images_dir: epath.Path) -> list[dict[s
 # Generation requests in the Mini-Gemini convention
 # ---------------------------------------------------------------------------------------
 
-_REQUESTS = ("Draw {what} on a white background.", "Create an image of {what}.",
-             "Generate a picture showing {what}.", "Please paint {what}.",
-             "Make a simple drawing with {what}.", "I would like to see {what}. Can you draw it?")
+_REQUESTS = ("Draw {what} on a white background.", "Create an image of {what}.", "Generate a picture showing {what}.",
+             "Please paint {what}.", "Make a simple drawing with {what}.",
+             "I would like to see {what}. Can you draw it?")
 
 
 def _plural(shape: str, n: int) -> str:
@@ -181,9 +202,16 @@ def _generation(n: int, rng: random.Random) -> list[dict[str, Any]]:
     else:
       raise ValueError(f"sample: no new generation request in {_MAX_DRAWS} draws; ask for fewer")
     seen.add(request)
-    records.append({"id": f"gen_{i:05d}", "conversations": [
-        {"from": "human", "value": f"{request} <GEN>"},
-        {"from": "gpt", "value": f"<h>{prompt}.</h>"}]})
+    records.append({
+        "id": f"gen_{i:05d}",
+        "conversations": [{
+            "from": "human",
+            "value": f"{request} <GEN>"
+        }, {
+            "from": "gpt",
+            "value": f"<h>{prompt}.</h>"
+        }]
+    })
   return records
 
 
@@ -213,11 +241,16 @@ def _generation_request(rng: random.Random) -> tuple[str, str]:
 # Text-only conversations
 # ---------------------------------------------------------------------------------------
 
-_WORDS = ("red", "green", "blue", "circle", "square", "triangle", "apple", "river", "window", "garden",
-          "pencil", "yellow", "orange", "purple", "music", "planet", "rabbit", "candle", "forest", "bridge")
+_WORDS = ("red", "green", "blue", "circle", "square", "triangle", "apple", "river", "window", "garden", "pencil",
+          "yellow", "orange", "purple", "music", "planet", "rabbit", "candle", "forest", "bridge")
 _SIDES = {"triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6, "octagon": 8}
-_MIXES = {("blue", "yellow"): "green", ("red", "yellow"): "orange", ("red", "blue"): "purple",
-          ("red", "white"): "pink", ("black", "white"): "grey"}
+_MIXES = {
+    ("blue", "yellow"): "green",
+    ("red", "yellow"): "orange",
+    ("red", "blue"): "purple",
+    ("red", "white"): "pink",
+    ("black", "white"): "grey"
+}
 
 
 def _text_dialogue(rng: random.Random) -> list[tuple[str, str]]:
@@ -286,11 +319,19 @@ def _lima(n: int, rng: random.Random, seen: set) -> list[dict[str, Any]]:
   return rows
 
 
-def _message(rng: random.Random, tree: str, role: str, text: str, rank: int | None = None,
-             lang: str = "en", **extra) -> dict[str, Any]:
-  msg = {"message_id": f"{tree}-{rng.getrandbits(48):012x}", "text": text, "role": role,
-         "lang": lang, "review_count": 3, "review_result": True, "deleted": False,
-         "synthetic": False, "replies": []}
+def _message(rng: random.Random, tree: str, role: str, text: str, rank: int | None = None, lang: str = "en",
+             **extra) -> dict[str, Any]:
+  msg = {
+      "message_id": f"{tree}-{rng.getrandbits(48):012x}",
+      "text": text,
+      "role": role,
+      "lang": lang,
+      "review_count": 3,
+      "review_result": True,
+      "deleted": False,
+      "synthetic": False,
+      "replies": []
+  }
   if rank is not None:
     msg["rank"] = rank
   msg.update(extra)
@@ -313,14 +354,16 @@ def _oasst(n: int, rng: random.Random, seen: set) -> list[dict[str, Any]]:
       best = _message(rng, tid, "assistant", a, rank=0, lang=lang, parent_id=parent["message_id"])
       replies = [best]
       if rng.random() < 0.4:  # ranked alternatives: the reader must follow rank 0
-        replies.append(_message(rng, tid, "assistant", _wrong(a, rng), rank=1, lang=lang,
-                                parent_id=parent["message_id"]))
+        replies.append(
+            _message(rng, tid, "assistant", _wrong(a, rng), rank=1, lang=lang, parent_id=parent["message_id"]))
       if i % 40 == 5 and t == 0:  # deleted, would-be-best reply: must not be followed
-        replies.append(_message(rng, tid, "assistant", "[spam removed by moderators]", rank=0,
-                                lang=lang, parent_id=parent["message_id"], deleted=True))
+        replies.append(
+            _message(rng, tid, "assistant", "[spam removed by moderators]", rank=0, lang=lang,
+                     parent_id=parent["message_id"], deleted=True))
       if i % 40 == 25 and t == 0:  # failed review
-        replies.append(_message(rng, tid, "assistant", "Whatever.", lang=lang,
-                                parent_id=parent["message_id"], review_result=False))
+        replies.append(
+            _message(rng, tid, "assistant", "Whatever.", lang=lang, parent_id=parent["message_id"],
+                     review_result=False))
       rng.shuffle(replies)  # file order must not decide
       parent["replies"].extend(replies)
       parent = best
@@ -330,8 +373,9 @@ def _oasst(n: int, rng: random.Random, seen: set) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------
 
-def write_sample_sources(out_dir: str, seed: int = 0, n_understanding: int = 1500,
-                         n_generation: int = 1000, n_text: int = 600, n_caption: int = 0) -> dict[str, str]:
+
+def write_sample_sources(out_dir: str, seed: int = 0, n_understanding: int = 1500, n_generation: int = 1000,
+                         n_text: int = 600, n_caption: int = 0) -> dict[str, str]:
   """Writes the sample source files under out_dir; returns {name: path}.
 
   The same seed and sizes always give byte-identical files. `n_text` is split evenly
@@ -343,21 +387,21 @@ def write_sample_sources(out_dir: str, seed: int = 0, n_understanding: int = 150
     d.mkdir(parents=True, exist_ok=True)
   # One generator per file, so changing one size leaves the other files unchanged.
   rngs = {k: random.Random(f"{seed}/{k}") for k in ("understanding", "generation", "lima", "oasst", "caption")}
-  paths = {"images": str(images),
-           "understanding": str(out / "mgm/understanding.json"),
-           "generation": str(out / "mgm/generation.json"),
-           "lima": str(out / "lima/train.jsonl"),
-           "oasst": str(out / "oasst/trees.jsonl"),
-           "caption": str(out / "mgm/captions.json")}
+  paths = {
+      "images": str(images),
+      "understanding": str(out / "mgm/understanding.json"),
+      "generation": str(out / "mgm/generation.json"),
+      "lima": str(out / "lima/train.jsonl"),
+      "oasst": str(out / "oasst/trees.jsonl"),
+      "caption": str(out / "mgm/captions.json")
+  }
   dump = lambda obj: json.dumps(obj, ensure_ascii=False)
-  epath.Path(paths["understanding"]).write_text(
-      dump(_understanding(n_understanding, rngs["understanding"], images)))
+  epath.Path(paths["understanding"]).write_text(dump(_understanding(n_understanding, rngs["understanding"], images)))
   epath.Path(paths["generation"]).write_text(dump(_generation(n_generation, rngs["generation"])))
   n_lima = n_text // 2
   dialogues = set()  # shared: no dialogue appears in both files
-  epath.Path(paths["lima"]).write_text(
-      "".join(dump(r) + "\n" for r in _lima(n_lima, rngs["lima"], dialogues)))
-  epath.Path(paths["oasst"]).write_text(
-      "".join(dump(t) + "\n" for t in _oasst(n_text - n_lima, rngs["oasst"], dialogues)))
+  epath.Path(paths["lima"]).write_text("".join(dump(r) + "\n" for r in _lima(n_lima, rngs["lima"], dialogues)))
+  epath.Path(paths["oasst"]).write_text("".join(
+      dump(t) + "\n" for t in _oasst(n_text - n_lima, rngs["oasst"], dialogues)))
   epath.Path(paths["caption"]).write_text(dump(_captions(n_caption, rngs["caption"], images)))
   return paths

@@ -54,8 +54,8 @@ class Writer:
     images = _pack(list(record.images))
     self._file.write(text)
     self._file.write(images)
-    entry = Entry(record.id, record.source, record.category, record.origin, str(self.path), self._offset,
-                  len(text), len(images))
+    entry = Entry(record.id, record.source, record.category, record.origin, str(self.path), self._offset, len(text),
+                  len(images))
     self._offset += len(text) + len(images)
     return entry
 
@@ -140,8 +140,7 @@ def _decode(code: int, data: bytes) -> Any:
 
 
 def _pack(value: Any) -> bytes:
-  return msgpack.packb(value, default=_encode, use_bin_type=True, strict_types=True,
-                       unicode_errors=_TEXT_ERRORS)
+  return msgpack.packb(value, default=_encode, use_bin_type=True, strict_types=True, unicode_errors=_TEXT_ERRORS)
 
 
 def _unpack(data: bytes) -> Any:
@@ -158,5 +157,5 @@ def dump_stream(path: str | epath.Path, items: Iterator[Any]) -> None:
 def load_stream(path: str | epath.Path) -> Iterator[Any]:
   """The items `dump_stream` wrote, one at a time."""
   with epath.Path(path).open("rb") as f:
-    yield from msgpack.Unpacker(f, ext_hook=_decode, raw=False, strict_map_key=False,
-                                unicode_errors=_TEXT_ERRORS, max_buffer_size=1 << 30)
+    yield from msgpack.Unpacker(f, ext_hook=_decode, raw=False, strict_map_key=False, unicode_errors=_TEXT_ERRORS,
+                                max_buffer_size=1 << 30)

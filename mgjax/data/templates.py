@@ -31,8 +31,7 @@ IMAGES_FIRST = (
 SAMPLE_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{% set content = message['content'] %}" + IMAGES_FIRST +
-    "{% if message['role'] == 'assistant' %}"
+    "{% set content = message['content'] %}" + IMAGES_FIRST + "{% if message['role'] == 'assistant' %}"
     "<|assistant|>{% generation %}{{ content }}{{ eos_token }}{% endgeneration %}"
     "{% elif message['role'] in ['system', 'user'] %}"
     "<|{{ message['role'] }}|>{{ content }}{{ eos_token }}"
@@ -40,9 +39,7 @@ SAMPLE_CHAT_TEMPLATE = (
     "{{ raise_exception('unknown role ' + message['role'] + ': expected system, user or assistant') }}"
     "{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 # ---------------------------------------------------------------------------------------
 # The real LLMs' conversation formats, as Mini-Gemini (mgm/conversation.py, after LLaVA)
@@ -59,9 +56,8 @@ LLAMA_3_SYSTEM = ("You are a helpful language and vision assistant. You are able
 CHATML_SYSTEM = "Answer the questions."
 
 
-def _chat_template(*, start: str, system: str | None, system_turn: str, user_turn: str,
-                   assistant_prefix: str, assistant_turn: str,
-                   system_in_first_user: str = "system + '\\n\\n' + content") -> str:
+def _chat_template(*, start: str, system: str | None, system_turn: str, user_turn: str, assistant_prefix: str,
+                   assistant_turn: str, system_in_first_user: str = "system + '\\n\\n' + content") -> str:
   """A Jinja chat template from its pieces. No whitespace control anywhere: the template has no
   layout whitespace to strip, and every space and newline in it is part of the format.
 
@@ -73,12 +69,11 @@ def _chat_template(*, start: str, system: str | None, system_turn: str, user_tur
   assistant_turn: the supervised part, with `content` in scope; it goes inside
   {% generation %} so the assistant mask covers it exactly.
   """
-  head = (
-      "{% if messages and messages[0]['role'] == 'system' %}"
-      "{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
-      "{% else %}"
-      f"{{% set system = {system!r} %}}{{% set turns = messages %}}"
-      "{% endif %}")
+  head = ("{% if messages and messages[0]['role'] == 'system' %}"
+          "{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
+          "{% else %}"
+          f"{{% set system = {system!r} %}}{{% set turns = messages %}}"
+          "{% endif %}")
   if system is None:
     head = head.replace("{% set system = None %}", "{% set system = '' %}")
     opening = start
@@ -86,46 +81,40 @@ def _chat_template(*, start: str, system: str | None, system_turn: str, user_tur
   else:
     opening = start + "{% set content = system %}" + system_turn
     first_user = ""
-  return (
-      head + opening +
-      "{% for message in turns %}"
-      "{% set content = message['content'] %}" + IMAGES_FIRST +
-      "{% if message['role'] == 'user' %}" + first_user + user_turn +
-      "{% elif message['role'] == 'assistant' %}"
-      + assistant_prefix + "{% generation %}" + assistant_turn + "{% endgeneration %}"
-      "{% else %}"
-      "{{ raise_exception('role ' + message['role'] + ' where user or assistant was expected') }}"
-      "{% endif %}"
-      "{% endfor %}"
-      "{% if add_generation_prompt %}" + assistant_prefix + "{% endif %}")
+  return (head + opening + "{% for message in turns %}"
+          "{% set content = message['content'] %}" + IMAGES_FIRST + "{% if message['role'] == 'user' %}" + first_user +
+          user_turn + "{% elif message['role'] == 'assistant' %}" + assistant_prefix + "{% generation %}" +
+          assistant_turn + "{% endgeneration %}"
+          "{% else %}"
+          "{{ raise_exception('role ' + message['role'] + ' where user or assistant was expected') }}"
+          "{% endif %}"
+          "{% endfor %}"
+          "{% if add_generation_prompt %}" + assistant_prefix + "{% endif %}")
 
 
 # vicuna_v1 (MGM-7B/13B): "<s>SYSTEM USER: q ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>".
 # The space after "ASSISTANT:" is inside the supervised part, so the generation prompt
 # "ASSISTANT:" is exactly what precedes an answer in training (sentencepiece glues the space
 # to the answer's first token either way).
-VICUNA_V1 = _chat_template(
-    start="{{ bos_token }}", system=VICUNA_SYSTEM, system_turn="{{ content }} ",
-    user_turn="USER: {{ content }} ", assistant_prefix="ASSISTANT:",
-    assistant_turn=" {{ content }}{{ eos_token }}")
+VICUNA_V1 = _chat_template(start="{{ bos_token }}", system=VICUNA_SYSTEM, system_turn="{{ content }} ",
+                           user_turn="USER: {{ content }} ", assistant_prefix="ASSISTANT:",
+                           assistant_turn=" {{ content }}{{ eos_token }}")
 
 # gemma (MGM-2B): "<bos><start_of_turn>user\nq<end_of_turn>\n<start_of_turn>model\na<end_of_turn>\n<eos>".
 # MGM ends every model turn with <eos> too (conv_gemma's sep2), so the tokenizer's eos stops
 # generation. Gemma has no system turn: a system message goes before the first question.
-GEMMA = _chat_template(
-    start="{{ bos_token }}", system=None, system_turn="",
-    user_turn="<start_of_turn>user\n{{ content }}<end_of_turn>\n",
-    assistant_prefix="<start_of_turn>model\n",
-    assistant_turn="{{ content }}<end_of_turn>\n{{ eos_token }}")
+GEMMA = _chat_template(start="{{ bos_token }}", system=None, system_turn="",
+                       user_turn="<start_of_turn>user\n{{ content }}<end_of_turn>\n",
+                       assistant_prefix="<start_of_turn>model\n",
+                       assistant_turn="{{ content }}<end_of_turn>\n{{ eos_token }}")
 
 
 def _llama_3(assistant_header: str) -> str:
-  return _chat_template(
-      start="{{ bos_token }}", system=LLAMA_3_SYSTEM,
-      system_turn="<|start_header_id|>system<|end_header_id|>\n\n{{ content }}<|eot_id|>",
-      user_turn="<|start_header_id|>user<|end_header_id|>\n\n{{ content }}<|eot_id|>",
-      assistant_prefix=f"<|start_header_id|>{assistant_header}<|end_header_id|>\n\n",
-      assistant_turn="{{ content }}<|eot_id|>")
+  return _chat_template(start="{{ bos_token }}", system=LLAMA_3_SYSTEM,
+                        system_turn="<|start_header_id|>system<|end_header_id|>\n\n{{ content }}<|eot_id|>",
+                        user_turn="<|start_header_id|>user<|end_header_id|>\n\n{{ content }}<|eot_id|>",
+                        assistant_prefix=f"<|start_header_id|>{assistant_header}<|end_header_id|>\n\n",
+                        assistant_turn="{{ content }}<|eot_id|>")
 
 
 # llama_3 (MGM-8B): Mini-Gemini's conv_llama_3 heads its answers "system", not "assistant"
@@ -137,42 +126,37 @@ LLAMA_3_INSTRUCT = _llama_3("assistant")
 
 # chatml (MGM-34B on Nous-Hermes-2-Yi-34B): LLaVA's chatml_direct, turns joined with no newline:
 # "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\nq<|im_end|><|im_start|>assistant\na<|im_end|>".
-CHATML = _chat_template(
-    start="", system=CHATML_SYSTEM, system_turn="<|im_start|>system\n{{ content }}<|im_end|>",
-    user_turn="<|im_start|>user\n{{ content }}<|im_end|>",
-    assistant_prefix="<|im_start|>assistant\n", assistant_turn="{{ content }}<|im_end|>")
-
+CHATML = _chat_template(start="", system=CHATML_SYSTEM, system_turn="<|im_start|>system\n{{ content }}<|im_end|>",
+                        user_turn="<|im_start|>user\n{{ content }}<|im_end|>",
+                        assistant_prefix="<|im_start|>assistant\n", assistant_turn="{{ content }}<|im_end|>")
 
 # mistral_instruct (MGM-8x7B on Mixtral-8x7B-Instruct): LLaVA's llama_2 separator style with no
 # system prompt, each question opened by <s>: "<s>[INST] q [/INST] a </s><s>[INST] q2 [/INST] a2 </s>".
 # Supervised as MGM's preprocess_llama_2 labels it: " a </s>" (the space after [/INST] goes with
 # the answer, so the generation prompt ends at "[/INST]"). A system message is wrapped as
 # Llama 2 wraps it, "<<SYS>>\nsystem\n<</SYS>>\n\n", before the first question.
-MISTRAL_INSTRUCT = _chat_template(
-    start="", system=None, system_turn="",
-    user_turn="{{ bos_token }}[INST] {{ content }} [/INST]", assistant_prefix="",
-    assistant_turn=" {{ content }} {{ eos_token }}",
-    system_in_first_user="'<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + content")
+MISTRAL_INSTRUCT = _chat_template(start="", system=None, system_turn="",
+                                  user_turn="{{ bos_token }}[INST] {{ content }} [/INST]", assistant_prefix="",
+                                  assistant_turn=" {{ content }} {{ eos_token }}",
+                                  system_in_first_user="'<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + content")
 
 # plain (the pretraining phase, LLaVA's conv_llava_plain as MGM's preprocess_plain uses it): a
 # user turn is reduced to its images, the answer (a caption) follows with "\n" after it, and
 # only the answer and that newline are supervised: "<s><image>A red circle.\n". System turns
 # are dropped; a user turn without an image is an error (there is nothing to caption).
-PLAIN = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}"
-    "{% if '<image>' not in message['content'] %}"
-    "{{ raise_exception('the plain (pretraining) template needs an <image> in every user turn') }}"
-    "{% endif %}"
-    "{{ '<image>' * message['content'].count('<image>') }}"
-    "{% elif message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] }}\n{% endgeneration %}"
-    "{% elif message['role'] != 'system' %}"
-    "{{ raise_exception('role ' + message['role'] + ' where user or assistant was expected') }}"
-    "{% endif %}"
-    "{% endfor %}")
-
+PLAIN = ("{{ bos_token }}"
+         "{% for message in messages %}"
+         "{% if message['role'] == 'user' %}"
+         "{% if '<image>' not in message['content'] %}"
+         "{{ raise_exception('the plain (pretraining) template needs an <image> in every user turn') }}"
+         "{% endif %}"
+         "{{ '<image>' * message['content'].count('<image>') }}"
+         "{% elif message['role'] == 'assistant' %}"
+         "{% generation %}{{ message['content'] }}\n{% endgeneration %}"
+         "{% elif message['role'] != 'system' %}"
+         "{{ raise_exception('role ' + message['role'] + ' where user or assistant was expected') }}"
+         "{% endif %}"
+         "{% endfor %}")
 
 # name (model.template) -> (chat template, its special tokens, the token that ends an answer
 # (None: the tokenizer's eos already does)).

@@ -19,8 +19,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mgjax.data import templates
 
-SPECIAL_TOKENS = [templates.PAD, templates.BOS, templates.EOS, templates.IMAGE,
-                  *templates.ROLE_MARKERS.values()]
+SPECIAL_TOKENS = [templates.PAD, templates.BOS, templates.EOS, templates.IMAGE, *templates.ROLE_MARKERS.values()]
 
 
 def train_sample_tokenizer(texts: Iterable[str], out_dir: str,
@@ -36,13 +35,12 @@ def train_sample_tokenizer(texts: Iterable[str], out_dir: str,
   # words right after them should tokenise as they do at the start of any text.
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator(texts, trainer=trainer)
   fast = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, bos_token=templates.BOS, eos_token=templates.EOS,
-      pad_token=templates.PAD, additional_special_tokens=[templates.IMAGE, *templates.ROLE_MARKERS.values()],
+      tokenizer_object=tok, bos_token=templates.BOS, eos_token=templates.EOS, pad_token=templates.PAD,
+      additional_special_tokens=[templates.IMAGE, *templates.ROLE_MARKERS.values()],
       chat_template=templates.SAMPLE_CHAT_TEMPLATE, model_max_length=1 << 20)
   fast.save_pretrained(out_dir)
   return fast
@@ -73,9 +71,8 @@ def check_local(tokenizer_dir: str) -> None:
         f"tokenizer_config.json special_tokens_map.json --local-dir {local}`, and set the tokenizer path "
         f"(data config tokenizer.path) to that folder")
   if not any(os.path.exists(os.path.join(path, name)) for name in _TOKENIZER_FILES):
-    raise FileNotFoundError(
-        f"tokenizer folder {path} holds no tokenizer (none of {list(_TOKENIZER_FILES)}; it holds "
-        f"{sorted(os.listdir(path))[:20]}); download the model's tokenizer files into it")
+    raise FileNotFoundError(f"tokenizer folder {path} holds no tokenizer (none of {list(_TOKENIZER_FILES)}; it holds "
+                            f"{sorted(os.listdir(path))[:20]}); download the model's tokenizer files into it")
 
 
 def load(tokenizer_dir: str) -> transformers.PreTrainedTokenizerBase:
@@ -117,11 +114,9 @@ def apply_template(tokenizer: transformers.PreTrainedTokenizerBase,
   vocab = tokenizer.get_vocab()
   # Present means text spelling it comes out as that one token; a vocabulary entry the
   # pre-tokenizer never produces (it splits at "<") does not count.
-  missing = [t for t in (*specials, templates.IMAGE)
-             if tokenizer.encode(t, add_special_tokens=False) != [vocab.get(t)]]
+  missing = [t for t in (*specials, templates.IMAGE) if tokenizer.encode(t, add_special_tokens=False) != [vocab.get(t)]]
   if missing:
-    tokenizer.add_special_tokens({"additional_special_tokens": missing},
-                                 replace_extra_special_tokens=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
   if chat_template is not None:
     tokenizer.chat_template = chat_template
   if end_of_answer and tokenizer.eos_token != end_of_answer:

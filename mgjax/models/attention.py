@@ -114,8 +114,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   return xla_attention(q, k, v, segment_ids)
 
 
-def bidirectional_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                            implementation: str = 'auto') -> jax.Array:
+def bidirectional_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = 'auto') -> jax.Array:
   """Unmasked attention over a whole sequence (the vision tower's patches).
 
   On a GPU ('auto' or 'cudnn') cuDNN's flash kernel; elsewhere XLA. Splash is not used: a
@@ -128,6 +127,7 @@ def bidirectional_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
 
 # ---------------------------------------------------------------- XLA
+
 
 def segment_mask(q_segments: jax.Array, k_segments: jax.Array, q_offset: int = 0) -> jax.Array:
   """bool [B, Tq, Tk]: causal AND same segment, for queries q_offset.. over keys 0..Tk-1.
@@ -170,7 +170,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> 
   vh = v.transpose(0, 2, 1, 3)
   # Scores and softmax in float32 whatever the compute dtype: bf16 softmax loses too much.
   scores = jnp.einsum('bkqd,bksd->bkqs', qh, kh, preferred_element_type=jnp.float32)
-  scores = scores * (d ** -0.5)
+  scores = scores * (d**-0.5)
   if mask is not None:
     rows = jnp.broadcast_to(mask[:, None, None], (b, kv_heads, g, t, s)).reshape(b, kv_heads, g * t, s)
     # A finite minimum, not -inf: a fully masked row would give NaN, this gives uniform.
@@ -181,6 +181,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> 
 
 
 # ---------------------------------------------------------------- Splash (TPU)
+
 
 def splash_fits(seq_len: int) -> bool:
   """Whether splash's blocks tile a sequence of this length."""
@@ -201,9 +202,8 @@ def _splash_kernel(heads: int, seq_len: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
   block = _splash_block(seq_len)
-  sizes = kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                            block_q_dq=block, block_kv_dq=block)
+  sizes = kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                            block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
   mask = masks.MultiHeadMask([masks.CausalMask((seq_len, seq_len)) for _ in range(heads)])
   return kernel.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                 interpret=interpret), kernel.SegmentIds
@@ -217,14 +217,13 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     raise ValueError(f'splash attention tiles the sequence in blocks of {_LANES}: seq_len {t} is '
                      f'not a multiple; use data.seq_len={-(-t // _LANES) * _LANES} or model.attention=xla')
   # Splash takes [heads, T, D] per example and leaves the scaling to the caller.
-  qh = (q * jnp.asarray(d ** -0.5, q.dtype)).transpose(0, 2, 1, 3)
+  qh = (q * jnp.asarray(d**-0.5, q.dtype)).transpose(0, 2, 1, 3)
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   segment_ids = segment_ids.astype(jnp.int32)
 
   def local(qh, kh, vh, segments):
     kernel, segment_type = _splash_kernel(qh.shape[1], t, interpret)
-    return jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=segment_type(s1, s1)))(
-      qh, kh, vh, segments)
+    return jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=segment_type(s1, s1)))(qh, kh, vh, segments)
 
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
@@ -232,14 +231,13 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   else:
     P = jax.sharding.PartitionSpec
     batch, heads, kv_heads = (mesh_axes(n, mesh) or None for n in ('batch', 'heads', 'kv_heads'))
-    out = jax.shard_map(
-      local, mesh=mesh,
-      in_specs=(P(batch, heads), P(batch, kv_heads), P(batch, kv_heads), P(batch)),
-      out_specs=P(batch, heads), check_vma=False)(qh, kh, vh, segment_ids)
+    out = jax.shard_map(local, mesh=mesh, in_specs=(P(batch, heads), P(batch, kv_heads), P(batch, kv_heads), P(batch)),
+                        out_specs=P(batch, heads), check_vma=False)(qh, kh, vh, segment_ids)
   return out.transpose(0, 2, 1, 3).astype(v.dtype)
 
 
 # ---------------------------------------------------------------- cuDNN (GPU)
+
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
                     implementation: str = 'cudnn') -> jax.Array:
@@ -251,7 +249,5 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
   lengths = jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32)
   # A row of padding alone would have length 0: one token keeps its softmax defined.
   lengths = jnp.maximum(lengths, 1)
-  return jax.nn.dot_product_attention(
-    q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-    implementation=implementation).astype(v.dtype)
-
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                      implementation=implementation).astype(v.dtype)

@@ -11,8 +11,7 @@ from mgjax.models import attention
 from mgjax.models.axes import partitioned
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: jax.Array | None = None) -> jax.Array:
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """Scaled dot-product attention with grouped-query support, through XLA.
 
   q [B, T, H, D]; k, v [B, S, K, D] with H % K == 0; mask optional bool [B, T, S], True where
@@ -35,10 +34,10 @@ def exact_gelu(x: jax.Array) -> jax.Array:
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-  'gelu': exact_gelu,
-  'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
-  'quick_gelu': quick_gelu,
-  'silu': jax.nn.silu,
+    'gelu': exact_gelu,
+    'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'quick_gelu': quick_gelu,
+    'silu': jax.nn.silu,
 }
 
 
@@ -50,17 +49,13 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 def layer_norm(dim: int, *, eps: float, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
   """nnx.LayerNorm over the last axis with logical names on scale and bias."""
-  return nnx.LayerNorm(
-    dim, epsilon=eps, dtype=dtype, rngs=rngs,
-    scale_init=partitioned(nnx.initializers.ones, ('norm',)),
-    bias_init=partitioned(nnx.initializers.zeros, ('norm',)))
+  return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs,
+                       scale_init=partitioned(nnx.initializers.ones,
+                                              ('norm',)), bias_init=partitioned(nnx.initializers.zeros, ('norm',)))
 
 
-def linear(n_in: int, n_out: int, names: tuple[str, str], *, use_bias: bool = True,
-           dtype: jnp.dtype, rngs: nnx.Rngs,
+def linear(n_in: int, n_out: int, names: tuple[str, str], *, use_bias: bool = True, dtype: jnp.dtype, rngs: nnx.Rngs,
            init: Callable[..., jax.Array] = nnx.initializers.lecun_normal()) -> nnx.Linear:
   """nnx.Linear whose kernel carries `names` and whose bias carries the output name."""
-  return nnx.Linear(
-    n_in, n_out, use_bias=use_bias, dtype=dtype, rngs=rngs,
-    kernel_init=partitioned(init, names),
-    bias_init=partitioned(nnx.initializers.zeros, (names[1],)))
+  return nnx.Linear(n_in, n_out, use_bias=use_bias, dtype=dtype, rngs=rngs, kernel_init=partitioned(init, names),
+                    bias_init=partitioned(nnx.initializers.zeros, (names[1],)))

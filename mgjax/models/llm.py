@@ -67,10 +67,10 @@ FAMILIES = ('llama', 'gemma', 'qwen2', 'mixtral')
 # embeddings are multiplied by sqrt(hidden), the default for q/k/v biases, and whether the MLP
 # is a sparse mixture of experts.
 _FAMILY_TRAITS = {
-  'llama': dict(mlp_activation='silu', norm_plus_one=False, scale_embeddings=False, qkv_bias=False, moe=False),
-  'gemma': dict(mlp_activation='gelu_tanh', norm_plus_one=True, scale_embeddings=True, qkv_bias=False, moe=False),
-  'qwen2': dict(mlp_activation='silu', norm_plus_one=False, scale_embeddings=False, qkv_bias=True, moe=False),
-  'mixtral': dict(mlp_activation='silu', norm_plus_one=False, scale_embeddings=False, qkv_bias=False, moe=True),
+    'llama': dict(mlp_activation='silu', norm_plus_one=False, scale_embeddings=False, qkv_bias=False, moe=False),
+    'gemma': dict(mlp_activation='gelu_tanh', norm_plus_one=True, scale_embeddings=True, qkv_bias=False, moe=False),
+    'qwen2': dict(mlp_activation='silu', norm_plus_one=False, scale_embeddings=False, qkv_bias=True, moe=False),
+    'mixtral': dict(mlp_activation='silu', norm_plus_one=False, scale_embeddings=False, qkv_bias=False, moe=True),
 }
 # Mixtral-8x7B's routing, the defaults of model.llm.num_experts / experts_per_token.
 DEFAULT_NUM_EXPERTS = 8
@@ -98,8 +98,8 @@ class RMSNorm(nnx.Module):
   before casting back, and it starts at 0 (Llama's multiplies in the compute dtype, from 1).
   """
 
-  def __init__(self, dim: int, *, eps: float = 1e-5, dtype: jnp.dtype = jnp.float32,
-               plus_one: bool = False, rngs: nnx.Rngs):
+  def __init__(self, dim: int, *, eps: float = 1e-5, dtype: jnp.dtype = jnp.float32, plus_one: bool = False,
+               rngs: nnx.Rngs):
     self.eps = eps
     self.dtype = dtype
     self.plus_one = plus_one
@@ -114,8 +114,7 @@ class RMSNorm(nnx.Module):
     return y.astype(self.dtype) * self.scale[...].astype(self.dtype)
 
 
-def rope_frequencies(head_dim: int, theta: float,
-                     scaling: Mapping[str, Any] | None = None) -> tuple[float, ...]:
+def rope_frequencies(head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None) -> tuple[float, ...]:
   """RoPE inverse frequencies (head_dim / 2 of them), in float32 as HF computes them.
 
   scaling: None, or HF's rope_scaling dict: 'llama3' (Llama 3.1+: long wavelengths slowed by
@@ -171,27 +170,24 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0, *,
 class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE (kv_heads <= heads)."""
 
-  def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, *,
-               rope_theta: float, rope_scaling: Mapping[str, Any] | None = None,
-               qkv_bias: bool = False, attention: str = 'auto', dtype: jnp.dtype = jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, *, rope_theta: float,
+               rope_scaling: Mapping[str, Any] | None = None, qkv_bias: bool = False, attention: str = 'auto',
+               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if heads % kv_heads:
       raise ValueError(f'heads={heads} must be a multiple of kv_heads={kv_heads}')
     self.rope_inv_freq = rope_frequencies(head_dim, rope_theta, rope_scaling)
     self.attention = attention_lib.check(attention)
 
     def proj(n_heads, head_axis):
-      return nnx.LinearGeneral(
-        hidden, (n_heads, head_dim), use_bias=qkv_bias, dtype=dtype, rngs=rngs,
-        kernel_init=partitioned(_INIT, ('embed', head_axis, 'head_dim')),
-        bias_init=partitioned(nnx.initializers.zeros, (head_axis, 'head_dim')))
+      return nnx.LinearGeneral(hidden, (n_heads, head_dim), use_bias=qkv_bias, dtype=dtype, rngs=rngs,
+                               kernel_init=partitioned(_INIT, ('embed', head_axis, 'head_dim')),
+                               bias_init=partitioned(nnx.initializers.zeros, (head_axis, 'head_dim')))
 
     self.q_proj = proj(heads, 'heads')
     self.k_proj = proj(kv_heads, 'kv_heads')
     self.v_proj = proj(kv_heads, 'kv_heads')
-    self.o_proj = nnx.LinearGeneral(
-      (heads, head_dim), hidden, axis=(-2, -1), use_bias=False, dtype=dtype, rngs=rngs,
-      kernel_init=partitioned(_INIT, ('heads', 'head_dim', 'embed')))
+    self.o_proj = nnx.LinearGeneral((heads, head_dim), hidden, axis=(-2, -1), use_bias=False, dtype=dtype, rngs=rngs,
+                                    kernel_init=partitioned(_INIT, ('heads', 'head_dim', 'embed')))
 
   def _project(self, x: jax.Array, positions: jax.Array):
     # Named for the remat policies that keep them (REMAT_POLICIES).
@@ -204,8 +200,8 @@ class Attention(nnx.Module):
     out = attention_lib.causal_attention(q, k, v, segment_ids, implementation=self.attention)
     return checkpoint_name(self.o_proj(out), 'out_proj')
 
-  def extend(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-             kv: dict[str, jax.Array], index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def extend(self, x: jax.Array, positions: jax.Array, mask: jax.Array, kv: dict[str, jax.Array],
+             index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Writes the new tokens' keys/values into cache slots index.. and attends over the cache.
 
     Args:
@@ -231,14 +227,13 @@ class Attention(nnx.Module):
 class GatedMLP(nnx.Module):
   """down(act(gate(x)) * up(x)): SwiGLU with silu (Llama, Qwen2), GeGLU with tanh-gelu (Gemma)."""
 
-  def __init__(self, hidden: int, mlp: int, *, activation_name: str = 'silu',
-               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, hidden: int, mlp: int, *, activation_name: str = 'silu', dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs):
     self.activation_name = activation_name
     activation(activation_name)  # an unknown name fails here, not at the first call
 
     def linear(n_in, n_out, names):
-      return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, rngs=rngs,
-                        kernel_init=partitioned(_INIT, names))
+      return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, rngs=rngs, kernel_init=partitioned(_INIT, names))
 
     self.gate_proj = linear(hidden, mlp, ('embed', 'mlp'))
     self.up_proj = linear(hidden, mlp, ('embed', 'mlp'))
@@ -256,18 +251,17 @@ class DecoderLayer(nnx.Module):
   to experts_per_token of num_experts gated MLPs of size `mlp`.
   """
 
-  def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, mlp: int, *,
-               rope_theta: float, norm_eps: float, dtype: jnp.dtype, rngs: nnx.Rngs,
-               rope_scaling: Mapping[str, Any] | None = None, qkv_bias: bool = False,
-               norm_plus_one: bool = False, mlp_activation: str = 'silu', attention: str = 'auto',
-               num_experts: int = 0, experts_per_token: int = DEFAULT_EXPERTS_PER_TOKEN):
+  def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, mlp: int, *, rope_theta: float,
+               norm_eps: float, dtype: jnp.dtype, rngs: nnx.Rngs, rope_scaling: Mapping[str, Any] | None = None,
+               qkv_bias: bool = False, norm_plus_one: bool = False, mlp_activation: str = 'silu',
+               attention: str = 'auto', num_experts: int = 0, experts_per_token: int = DEFAULT_EXPERTS_PER_TOKEN):
+
     def norm():
       return RMSNorm(hidden, eps=norm_eps, dtype=dtype, plus_one=norm_plus_one, rngs=rngs)
 
     self.input_layernorm = norm()
-    self.self_attn = Attention(hidden, heads, kv_heads, head_dim, rope_theta=rope_theta,
-                               rope_scaling=rope_scaling, qkv_bias=qkv_bias, attention=attention,
-                               dtype=dtype, rngs=rngs)
+    self.self_attn = Attention(hidden, heads, kv_heads, head_dim, rope_theta=rope_theta, rope_scaling=rope_scaling,
+                               qkv_bias=qkv_bias, attention=attention, dtype=dtype, rngs=rngs)
     self.post_attention_layernorm = norm()
     if num_experts:
       self.block_sparse_moe = moe_lib.SparseMoE(hidden, mlp, num_experts, experts_per_token,
@@ -282,8 +276,7 @@ class DecoderLayer(nnx.Module):
       return checkpoint_name(y, 'mlp_out'), stats
     return self.mlp(x), None
 
-  def forward(self, x: jax.Array, positions: jax.Array,
-              segment_ids: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+  def forward(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """The layer's output and its router statistics over the real tokens (segment id > 0),
     None without experts."""
     x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids)
@@ -293,8 +286,8 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     return self.forward(x, positions, segment_ids)[0]
 
-  def extend(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-             kv: dict[str, jax.Array], index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def extend(self, x: jax.Array, positions: jax.Array, mask: jax.Array, kv: dict[str, jax.Array],
+             index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """__call__ for new tokens against a KV cache (see Attention.extend)."""
     attended, kv = self.self_attn.extend(self.input_layernorm(x), positions, mask, kv, index)
     x = x + attended
@@ -312,8 +305,7 @@ def cache_attention_mask(valid: jax.Array, index: jax.Array, num_new: int) -> ja
   query_slots = index + jnp.arange(num_new)
   causal = slots[None, :] <= query_slots[:, None]
   own = slots[None, :] == query_slots[:, None]
-  query_valid = jnp.take_along_axis(
-    valid, jnp.broadcast_to(query_slots, (valid.shape[0], num_new)), axis=1)
+  query_valid = jnp.take_along_axis(valid, jnp.broadcast_to(query_slots, (valid.shape[0], num_new)), axis=1)
   return (causal[None] & valid[:, None, :] & query_valid[:, :, None]) | own[None]
 
 
@@ -330,16 +322,22 @@ def cache_attention_mask(valid: jax.Array, index: jax.Array, num_new: int) -> ja
 #   dots_offloaded  as 'dots', with the matmul outputs kept in host memory
 _OFFLOAD = dict(offload_src='device', offload_dst='pinned_host')
 REMAT_POLICIES = {
-  'none': None,
-  'full': jax.checkpoint_policies.nothing_saveable,
-  'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-  'qkv': jax.checkpoint_policies.save_only_these_names('query_proj', 'key_proj', 'value_proj'),
-  'qkv_out': jax.checkpoint_policies.save_only_these_names('query_proj', 'key_proj', 'value_proj',
-                                                           'out_proj'),
-  'qkv_offloaded': jax.checkpoint_policies.save_and_offload_only_these_names(
-    names_which_can_be_saved=[], names_which_can_be_offloaded=['query_proj', 'key_proj', 'value_proj'],
-    **_OFFLOAD),
-  'dots_offloaded': jax.checkpoint_policies.offload_dot_with_no_batch_dims(**_OFFLOAD),
+    'none':
+        None,
+    'full':
+        jax.checkpoint_policies.nothing_saveable,
+    'dots':
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'qkv':
+        jax.checkpoint_policies.save_only_these_names('query_proj', 'key_proj', 'value_proj'),
+    'qkv_out':
+        jax.checkpoint_policies.save_only_these_names('query_proj', 'key_proj', 'value_proj', 'out_proj'),
+    'qkv_offloaded':
+        jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=['query_proj', 'key_proj', 'value_proj'],
+            **_OFFLOAD),
+    'dots_offloaded':
+        jax.checkpoint_policies.offload_dot_with_no_batch_dims(**_OFFLOAD),
 }
 
 
@@ -366,13 +364,11 @@ def is_stacked(params: Mapping[str, Any]) -> bool:
 class DecoderLM(nnx.Module):
   """Causal LM of one of FAMILIES returning float32 logits [B, T, vocab]."""
 
-  def __init__(self, *, vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int,
-               head_dim: int, mlp: int, rope_theta: float = 10000.0, norm_eps: float = 1e-5,
-               tie_embeddings: bool = False, remat: str = 'none', family: str = 'llama',
-               rope_scaling: Mapping[str, Any] | None = None, qkv_bias: bool | None = None,
-               scan_layers: bool = False, attention: str = 'auto',
-               num_experts: int | None = None, experts_per_token: int | None = None,
-               router_aux_loss_coef: float = DEFAULT_ROUTER_AUX_LOSS_COEF,
+  def __init__(self, *, vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, mlp: int,
+               rope_theta: float = 10000.0, norm_eps: float = 1e-5, tie_embeddings: bool = False, remat: str = 'none',
+               family: str = 'llama', rope_scaling: Mapping[str, Any] | None = None, qkv_bias: bool | None = None,
+               scan_layers: bool = False, attention: str = 'auto', num_experts: int | None = None,
+               experts_per_token: int | None = None, router_aux_loss_coef: float = DEFAULT_ROUTER_AUX_LOSS_COEF,
                dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if remat not in REMAT_POLICIES:
       raise ValueError(f'model.llm.remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}')
@@ -402,19 +398,18 @@ class DecoderLM(nnx.Module):
     self.kv_heads = kv_heads
     self.head_dim = head_dim
     self.tie_embeddings = tie_embeddings
-    self.embed_tokens = nnx.Embed(
-      vocab_size, hidden, dtype=self.dtype, rngs=rngs,
-      embedding_init=partitioned(_INIT, ('vocab', 'embed')))
+    self.embed_tokens = nnx.Embed(vocab_size, hidden, dtype=self.dtype, rngs=rngs,
+                                  embedding_init=partitioned(_INIT, ('vocab', 'embed')))
     # A ConfigDict section or None; a plain dict keeps the module's static data simple.
     rope_scaling = dict(rope_scaling) if rope_scaling else None
 
     def make_layer(rngs: nnx.Rngs) -> DecoderLayer:
-      return DecoderLayer(hidden, heads, kv_heads, head_dim, mlp, rope_theta=rope_theta,
-                          norm_eps=norm_eps, dtype=self.dtype, rngs=rngs, rope_scaling=rope_scaling,
+      return DecoderLayer(hidden, heads, kv_heads, head_dim, mlp, rope_theta=rope_theta, norm_eps=norm_eps,
+                          dtype=self.dtype, rngs=rngs, rope_scaling=rope_scaling,
                           qkv_bias=traits['qkv_bias'] if qkv_bias is None else bool(qkv_bias),
                           norm_plus_one=traits['norm_plus_one'], mlp_activation=traits['mlp_activation'],
-                          attention=attention, num_experts=self.num_experts,
-                          experts_per_token=self.experts_per_token or DEFAULT_EXPERTS_PER_TOKEN)
+                          attention=attention, num_experts=self.num_experts, experts_per_token=self.experts_per_token or
+                          DEFAULT_EXPERTS_PER_TOKEN)
 
     if self.scan_layers:
       # One DecoderLayer whose weights have a leading [layers] axis, logical name 'layers'.
@@ -426,16 +421,14 @@ class DecoderLM(nnx.Module):
       self.layers = stacked(rngs)
     else:
       self.layers = nnx.List([make_layer(rngs) for _ in range(layers)])
-    self.norm = RMSNorm(hidden, eps=norm_eps, dtype=self.dtype,
-                        plus_one=traits['norm_plus_one'], rngs=rngs)
+    self.norm = RMSNorm(hidden, eps=norm_eps, dtype=self.dtype, plus_one=traits['norm_plus_one'], rngs=rngs)
     if tie_embeddings:
       self.lm_head = None
     else:
       # f32 accumulation and output: the loss over a large vocab needs f32 logits anyway.
-      self.lm_head = nnx.Linear(
-        hidden, vocab_size, use_bias=False, dtype=self.dtype,
-        preferred_element_type=jnp.float32, rngs=rngs,
-        kernel_init=partitioned(_INIT, ('embed', 'vocab')))
+      self.lm_head = nnx.Linear(hidden, vocab_size, use_bias=False, dtype=self.dtype,
+                                preferred_element_type=jnp.float32, rngs=rngs,
+                                kernel_init=partitioned(_INIT, ('embed', 'vocab')))
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """Token embeddings [B, T, hidden] in the compute dtype, as looked up (no family scaling:
@@ -452,22 +445,18 @@ class DecoderLM(nnx.Module):
       x = x * jnp.asarray(math.sqrt(self.hidden), self.dtype)
     return x
 
-  def __call__(self, input_ids: jax.Array | None = None, *,
-               inputs_embeds: jax.Array | None = None,
-               positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+               positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
     """Logits float32 [B, T, vocab] from token ids or ready embeddings (exactly one of them).
 
     positions default to 0..T-1 per row; a packer passes per-segment positions.
     segment_ids default to all ones (one sequence per row); 0 marks padding.
     """
-    return self.logits(self.hidden_states(input_ids, inputs_embeds=inputs_embeds,
-                                          positions=positions, segment_ids=segment_ids))
+    return self.logits(
+        self.hidden_states(input_ids, inputs_embeds=inputs_embeds, positions=positions, segment_ids=segment_ids))
 
-  def hidden_states(self, input_ids: jax.Array | None = None, *,
-                    inputs_embeds: jax.Array | None = None,
-                    positions: jax.Array | None = None,
-                    segment_ids: jax.Array | None = None,
+  def hidden_states(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+                    positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
                     return_router_aux_loss: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The final norm's output [B, T, hidden]: what `logits` (or a chunked loss) projects.
 
@@ -527,6 +516,7 @@ class DecoderLM(nnx.Module):
     x = jax.ShapeDtypeStruct((batch, seq_len, self.hidden), self.dtype)
 
     def output_sum(state, x, positions, segment_ids):
+
       def run_layer(layer, x):
         return layer(x, positions, segment_ids)
 
@@ -568,16 +558,14 @@ class DecoderLM(nnx.Module):
     else:
       layers = [{'k': zeros(), 'v': zeros()} for _ in self.layers]
     return {
-      'layers': layers,
-      'valid': constrain(jnp.zeros((batch_size, size), bool), ('batch', None)),
-      'index': jnp.zeros((), jnp.int32),
-      'length': constrain(jnp.zeros((batch_size,), jnp.int32), ('batch',)),
+        'layers': layers,
+        'valid': constrain(jnp.zeros((batch_size, size), bool), ('batch', None)),
+        'index': jnp.zeros((), jnp.int32),
+        'length': constrain(jnp.zeros((batch_size,), jnp.int32), ('batch',)),
     }
 
-  def extend(self, input_ids: jax.Array | None = None, *,
-             inputs_embeds: jax.Array | None = None,
-             token_mask: jax.Array | None = None,
-             cache: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
+  def extend(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+             token_mask: jax.Array | None = None, cache: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
     """Runs T new tokens per row on top of `cache`: a prefill (the prompt) or a decode step.
 
     Args:
@@ -596,8 +584,7 @@ class DecoderLM(nnx.Module):
     token_mask = jnp.ones((b, t), bool) if token_mask is None else token_mask.astype(bool)
     index = cache['index']
     # Padding before a row's first real token would get -1: clamp, it is never attended to.
-    positions = jnp.maximum(
-      cache['length'][:, None] + jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1, 0)
+    positions = jnp.maximum(cache['length'][:, None] + jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1, 0)
     valid = jax.lax.dynamic_update_slice_in_dim(cache['valid'], token_mask, index, axis=1)
     mask = cache_attention_mask(valid, index, t)
     x = constrain(x, _RESIDUAL)
@@ -617,9 +604,9 @@ class DecoderLM(nnx.Module):
         x = constrain(x, _RESIDUAL)
         layers_kv.append(kv)
     cache = {
-      'layers': layers_kv,
-      'valid': constrain(valid, ('batch', None)),
-      'index': index + t,
-      'length': cache['length'] + jnp.sum(token_mask, axis=1, dtype=jnp.int32),
+        'layers': layers_kv,
+        'valid': constrain(valid, ('batch', None)),
+        'index': index + t,
+        'length': cache['length'] + jnp.sum(token_mask, axis=1, dtype=jnp.int32),
     }
     return self.logits(self.norm(x)), cache

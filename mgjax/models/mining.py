@@ -23,8 +23,8 @@ from mgjax.models.layers import exact_gelu, layer_norm, linear
 class NormLinear(nnx.Module):
   """LayerNorm then Linear (MGM's Sequential(nn.LayerNorm, nn.Linear))."""
 
-  def __init__(self, n_in: int, n_out: int, names: tuple[str, str], *, norm_eps: float,
-               dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(self, n_in: int, n_out: int, names: tuple[str, str], *, norm_eps: float, dtype: jnp.dtype,
+               rngs: nnx.Rngs):
     self.norm = layer_norm(n_in, eps=norm_eps, dtype=dtype, rngs=rngs)
     self.linear = linear(n_in, n_out, names, dtype=dtype, rngs=rngs)
 
@@ -38,13 +38,11 @@ class PatchInfoMining(nnx.Module):
   def __init__(self, lowres_width: int, highres_channels: int, *, norm_eps: float = 1e-5,
                dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     # Logical names pair axes that land on different mesh axes (fsdp x tensor), see axes.py.
-    self.query_projector = NormLinear(lowres_width, lowres_width,
-                                      ('vision_embed', 'vision_mlp'), norm_eps=norm_eps,
+    self.query_projector = NormLinear(lowres_width, lowres_width, ('vision_embed', 'vision_mlp'), norm_eps=norm_eps,
                                       dtype=dtype, rngs=rngs)
-    self.key_projector = NormLinear(highres_channels, lowres_width, ('conv_out', 'vision_mlp'),
-                                    norm_eps=norm_eps, dtype=dtype, rngs=rngs)
-    self.value_projector = NormLinear(highres_channels, lowres_width,
-                                      ('conv_out', 'vision_mlp'), norm_eps=norm_eps,
+    self.key_projector = NormLinear(highres_channels, lowres_width, ('conv_out', 'vision_mlp'), norm_eps=norm_eps,
+                                    dtype=dtype, rngs=rngs)
+    self.value_projector = NormLinear(highres_channels, lowres_width, ('conv_out', 'vision_mlp'), norm_eps=norm_eps,
                                       dtype=dtype, rngs=rngs)
 
   def __call__(self, lowres: jax.Array, highres: jax.Array) -> jax.Array:
@@ -63,7 +61,7 @@ class PatchInfoMining(nnx.Module):
     key = self.key_projector(windows)  # [B, N, win^2, W]
     value = self.value_projector(windows)
     scores = jnp.einsum('bnw,bnkw->bnk', query, key, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(scores * key.shape[-1] ** -0.5, axis=-1).astype(value.dtype)
+    probs = jax.nn.softmax(scores * key.shape[-1]**-0.5, axis=-1).astype(value.dtype)
     mined = jnp.einsum('bnk,bnkw->bnw', probs, value)
     return constrain(lowres + mined.astype(lowres.dtype), ('batch', None, None))
 
@@ -71,8 +69,7 @@ class PatchInfoMining(nnx.Module):
 class Projector(nnx.Module):
   """Linear -> GELU -> Linear into the LLM's width (LLaVA's mlp2x_gelu; HF names linear_1/2)."""
 
-  def __init__(self, vision_width: int, hidden: int, *, dtype: jnp.dtype = jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(self, vision_width: int, hidden: int, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     self.linear_1 = linear(vision_width, hidden, ('vision_mlp', 'embed'), dtype=dtype, rngs=rngs)
     self.linear_2 = linear(hidden, hidden, ('mlp', 'embed'), dtype=dtype, rngs=rngs)
 

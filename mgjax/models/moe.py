@@ -53,8 +53,8 @@ class Experts(nnx.Module):
 class SparseMoE(nnx.Module):
   """Top-k routed experts: x [B, T, hidden] -> ([B, T, hidden], router statistics [2, E])."""
 
-  def __init__(self, hidden: int, mlp: int, num_experts: int, experts_per_token: int, *,
-               activation_name: str = 'silu', dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, hidden: int, mlp: int, num_experts: int, experts_per_token: int, *, activation_name: str = 'silu',
+               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if not 0 < experts_per_token <= num_experts:
       raise ValueError(f'model.llm.experts_per_token={experts_per_token} must be in 1..num_experts '
                        f'({num_experts})')
@@ -80,8 +80,8 @@ class SparseMoE(nnx.Module):
     tokens where token_mask [B, T] is true (all of them when None)."""
     x = x.astype(self.dtype)
     probs, weights, index = self.route(x)
-    y = expert_mixture(x, weights, index, self.experts.w1[...], self.experts.w3[...],
-                       self.experts.w2[...], activation_name=self.activation_name)
+    y = expert_mixture(x, weights, index, self.experts.w1[...], self.experts.w3[...], self.experts.w2[...],
+                       activation_name=self.activation_name)
     return y, router_stats(probs, index, token_mask)
 
 
@@ -89,8 +89,7 @@ def router_stats(probs: jax.Array, index: jax.Array, token_mask: jax.Array | Non
   """[2, E] float32: per expert, how many of the counted tokens' top-k slots chose it, and the
   sum of its router probability over those tokens. Sums add up over layers and batch shards;
   `load_balancing_loss` turns them into the loss."""
-  mask = (jnp.ones(probs.shape[:-1], jnp.float32) if token_mask is None
-          else token_mask.astype(jnp.float32))
+  mask = (jnp.ones(probs.shape[:-1], jnp.float32) if token_mask is None else token_mask.astype(jnp.float32))
   chosen = jax.nn.one_hot(index, probs.shape[-1], dtype=jnp.float32)  # [B, T, k, E]
   return jnp.stack([jnp.einsum('bt,btke->e', mask, chosen), jnp.einsum('bt,bte->e', mask, probs)])
 
@@ -106,8 +105,8 @@ def load_balancing_loss(stats: jax.Array, rows: jax.Array) -> jax.Array:
   return stats.shape[-1] * jnp.sum((stats[0] / rows) * (stats[1] / rows))
 
 
-def _local_mixture(x: jax.Array, weights: jax.Array, index: jax.Array, w1: jax.Array, w3: jax.Array,
-                   w2: jax.Array, *, first_expert: jax.Array | int, activation_name: str) -> jax.Array:
+def _local_mixture(x: jax.Array, weights: jax.Array, index: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, *,
+                   first_expert: jax.Array | int, activation_name: str) -> jax.Array:
   """The weighted sum over slots of experts first_expert.. first_expert + w1.shape[0] - 1
   (the slots routed elsewhere add nothing): [B, T, hidden] in x's dtype."""
   b, t, h = x.shape
@@ -134,8 +133,8 @@ def _local_mixture(x: jax.Array, weights: jax.Array, index: jax.Array, w1: jax.A
   return y.reshape(b, t, h)
 
 
-def expert_mixture(x: jax.Array, weights: jax.Array, index: jax.Array, w1: jax.Array, w3: jax.Array,
-                   w2: jax.Array, *, activation_name: str = 'silu') -> jax.Array:
+def expert_mixture(x: jax.Array, weights: jax.Array, index: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, *,
+                   activation_name: str = 'silu') -> jax.Array:
   """sum_j weights[..., j] * expert_{index[..., j]}(x): [B, T, hidden] in x's dtype.
 
   Without a mesh (or under a mesh with explicit axes) on one program; under an active mesh
@@ -167,8 +166,7 @@ def expert_mixture(x: jax.Array, weights: jax.Array, index: jax.Array, w1: jax.A
 
   def body(x, weights, index, w1, w3, w2):
     if gathered:
-      x, weights, index = (jax.lax.all_gather(v, gathered, axis=0, tiled=True)
-                           for v in (x, weights, index))
+      x, weights, index = (jax.lax.all_gather(v, gathered, axis=0, tiled=True) for v in (x, weights, index))
     if embed:  # FSDP: the whole of this shard's experts for the matmuls
       w1, w3 = (jax.lax.all_gather(w, embed, axis=1, tiled=True) for w in (w1, w3))
       w2 = jax.lax.all_gather(w2, embed, axis=2, tiled=True)
@@ -178,8 +176,7 @@ def expert_mixture(x: jax.Array, weights: jax.Array, index: jax.Array, w1: jax.A
       # shard-dependent indices below, jax 0.10.2 returns one shard's part (wrong gradient).
       x = jax.lax.pcast(x, summed, to='varying')
     first = jax.lax.axis_index(expert) * per_shard if expert else 0
-    y = _local_mixture(x, weights, index, w1, w3, w2, first_expert=first,
-                       activation_name=activation_name)
+    y = _local_mixture(x, weights, index, w1, w3, w2, first_expert=first, activation_name=activation_name)
     if gathered:
       y = jax.lax.psum_scatter(y, gathered, scatter_dimension=0, tiled=True)
     if summed:

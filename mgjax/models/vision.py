@@ -23,14 +23,11 @@ _TOKENS = ('batch', None, None)
 _NHWC = ('batch', None, None, None)
 
 
-def _conv(n_in: int, n_out: int, kernel: int, *, stride: int = 1, padding='VALID',
-          use_bias: bool = True, dtype: jnp.dtype,
-          rngs: nnx.Rngs) -> nnx.Conv:
-  return nnx.Conv(
-    n_in, n_out, (kernel, kernel), strides=stride, padding=padding,
-    use_bias=use_bias, dtype=dtype, rngs=rngs,
-    kernel_init=partitioned(nnx.initializers.lecun_normal(), _CONV_NAMES),
-    bias_init=partitioned(nnx.initializers.zeros, ('conv_out',)))
+def _conv(n_in: int, n_out: int, kernel: int, *, stride: int = 1, padding='VALID', use_bias: bool = True,
+          dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Conv:
+  return nnx.Conv(n_in, n_out, (kernel, kernel), strides=stride, padding=padding, use_bias=use_bias, dtype=dtype,
+                  rngs=rngs, kernel_init=partitioned(nnx.initializers.lecun_normal(), _CONV_NAMES),
+                  bias_init=partitioned(nnx.initializers.zeros, ('conv_out',)))
 
 
 class Mlp(nnx.Module):
@@ -48,8 +45,7 @@ class Mlp(nnx.Module):
 class VisionAttention(nnx.Module):
   """Bidirectional multi-head self-attention with biases (CLIP)."""
 
-  def __init__(self, width: int, heads: int, *, dtype: jnp.dtype, rngs: nnx.Rngs,
-               attention: str = 'auto'):
+  def __init__(self, width: int, heads: int, *, dtype: jnp.dtype, rngs: nnx.Rngs, attention: str = 'auto'):
     if width % heads:
       raise ValueError(f'vision width {width} is not divisible by heads {heads}')
     head_dim = width // heads
@@ -57,28 +53,27 @@ class VisionAttention(nnx.Module):
 
     def proj():
       return nnx.LinearGeneral(
-        width, (heads, head_dim), dtype=dtype, rngs=rngs,
-        kernel_init=partitioned(nnx.initializers.lecun_normal(),
-                                ('vision_embed', 'vision_heads', 'head_dim')),
-        bias_init=partitioned(nnx.initializers.zeros, ('vision_heads', 'head_dim')))
+          width, (heads, head_dim), dtype=dtype, rngs=rngs,
+          kernel_init=partitioned(nnx.initializers.lecun_normal(), ('vision_embed', 'vision_heads', 'head_dim')),
+          bias_init=partitioned(nnx.initializers.zeros, ('vision_heads', 'head_dim')))
 
     self.q_proj, self.k_proj, self.v_proj = proj(), proj(), proj()
-    self.out_proj = nnx.LinearGeneral(
-      (heads, head_dim), width, axis=(-2, -1), dtype=dtype, rngs=rngs,
-      kernel_init=partitioned(nnx.initializers.lecun_normal(),
-                              ('vision_heads', 'head_dim', 'vision_embed')),
-      bias_init=partitioned(nnx.initializers.zeros, ('vision_embed',)))
+    self.out_proj = nnx.LinearGeneral((heads, head_dim), width, axis=(-2, -1), dtype=dtype, rngs=rngs,
+                                      kernel_init=partitioned(nnx.initializers.lecun_normal(),
+                                                              ('vision_heads', 'head_dim', 'vision_embed')),
+                                      bias_init=partitioned(nnx.initializers.zeros, ('vision_embed',)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.out_proj(attention_lib.bidirectional_attention(
-      self.q_proj(x), self.k_proj(x), self.v_proj(x), implementation=self.attention))
+    return self.out_proj(
+        attention_lib.bidirectional_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x),
+                                              implementation=self.attention))
 
 
 class VisionEncoderLayer(nnx.Module):
   """Pre-LN transformer block."""
 
-  def __init__(self, width: int, heads: int, mlp: int, *, act: str, norm_eps: float,
-               dtype: jnp.dtype, rngs: nnx.Rngs, attention: str = 'auto'):
+  def __init__(self, width: int, heads: int, mlp: int, *, act: str, norm_eps: float, dtype: jnp.dtype, rngs: nnx.Rngs,
+               attention: str = 'auto'):
     self.layer_norm1 = layer_norm(width, eps=norm_eps, dtype=dtype, rngs=rngs)
     self.self_attn = VisionAttention(width, heads, dtype=dtype, rngs=rngs, attention=attention)
     self.layer_norm2 = layer_norm(width, eps=norm_eps, dtype=dtype, rngs=rngs)
@@ -91,14 +86,12 @@ class VisionEncoderLayer(nnx.Module):
 
 # What sets CLIP's and SigLIP's ViTs apart, per `kind` (everything else is shared).
 VIT_KINDS: dict[str, dict] = {
-  # OpenAI CLIP (HF CLIPVisionModel): a class token, a bias-free patch conv, a layernorm
-  # before the encoder ("pre_layrnorm" in HF), quick_gelu, LayerNorm eps 1e-5.
-  'clip': dict(class_token=True, patch_bias=False, pre_norm=True, act='quick_gelu',
-               norm_eps=1e-5),
-  # SigLIP (HF SiglipVisionModel): patch tokens only, a patch conv with bias, no
-  # pre-encoder norm, tanh-approximated GELU, LayerNorm eps 1e-6.
-  'siglip': dict(class_token=False, patch_bias=True, pre_norm=False, act='gelu_tanh',
-                 norm_eps=1e-6),
+    # OpenAI CLIP (HF CLIPVisionModel): a class token, a bias-free patch conv, a layernorm
+    # before the encoder ("pre_layrnorm" in HF), quick_gelu, LayerNorm eps 1e-5.
+    'clip': dict(class_token=True, patch_bias=False, pre_norm=True, act='quick_gelu', norm_eps=1e-5),
+    # SigLIP (HF SiglipVisionModel): patch tokens only, a patch conv with bias, no
+    # pre-encoder norm, tanh-approximated GELU, LayerNorm eps 1e-6.
+    'siglip': dict(class_token=False, patch_bias=True, pre_norm=False, act='gelu_tanh', norm_eps=1e-6),
 }
 
 
@@ -113,10 +106,9 @@ class VisionTransformer(nnx.Module):
   post-layernorm and SigLIP's pooling head are not built since no feature layer reads them.
   """
 
-  def __init__(self, *, image_size: int, patch_size: int, width: int, layers: int, heads: int,
-               mlp: int, feature_layer: int = -2, kind: str = 'clip', act: str | None = None,
-               norm_eps: float | None = None, dtype: jnp.dtype = jnp.float32,
-               attention: str = 'auto', rngs: nnx.Rngs):
+  def __init__(self, *, image_size: int, patch_size: int, width: int, layers: int, heads: int, mlp: int,
+               feature_layer: int = -2, kind: str = 'clip', act: str | None = None, norm_eps: float | None = None,
+               dtype: jnp.dtype = jnp.float32, attention: str = 'auto', rngs: nnx.Rngs):
     if kind not in VIT_KINDS:
       raise ValueError(f'model.vision_lowres.kind={kind!r}: expected one of {sorted(VIT_KINDS)}')
     spec = VIT_KINDS[kind]
@@ -132,22 +124,21 @@ class VisionTransformer(nnx.Module):
     self.patch_size = patch_size
     self.grid = image_size // patch_size
     self.num_layers_run = feature_layer % (layers + 1) if feature_layer < 0 else feature_layer
-    self.patch_embedding = _conv(3, width, patch_size, stride=patch_size,
-                                 use_bias=spec['patch_bias'], dtype=dtype, rngs=rngs)
+    self.patch_embedding = _conv(3, width, patch_size, stride=patch_size, use_bias=spec['patch_bias'], dtype=dtype,
+                                 rngs=rngs)
     if spec['class_token']:
-      self.class_embedding = nnx.Param(partitioned(
-        nnx.initializers.normal(width ** -0.5), ('vision_embed',))(rngs.params(), (width,)))
+      self.class_embedding = nnx.Param(
+          partitioned(nnx.initializers.normal(width**-0.5), ('vision_embed',))(rngs.params(), (width,)))
     else:
       self.class_embedding = None
     self.position_embedding = nnx.Embed(
-      self.grid ** 2 + int(spec['class_token']), width, dtype=dtype, rngs=rngs,
-      embedding_init=partitioned(nnx.initializers.normal(0.02), ('pos', 'vision_embed')))
-    self.pre_layernorm = (layer_norm(width, eps=norm_eps, dtype=dtype, rngs=rngs)
-                          if spec['pre_norm'] else None)
+        self.grid**2 + int(spec['class_token']), width, dtype=dtype, rngs=rngs,
+        embedding_init=partitioned(nnx.initializers.normal(0.02), ('pos', 'vision_embed')))
+    self.pre_layernorm = (layer_norm(width, eps=norm_eps, dtype=dtype, rngs=rngs) if spec['pre_norm'] else None)
     self.layers = nnx.List([
-      VisionEncoderLayer(width, heads, mlp, act=act, norm_eps=norm_eps, dtype=dtype, rngs=rngs,
-                         attention=attention)
-      for _ in range(layers)])
+        VisionEncoderLayer(width, heads, mlp, act=act, norm_eps=norm_eps, dtype=dtype, rngs=rngs, attention=attention)
+        for _ in range(layers)
+    ])
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """images [B, S, S, 3] (already normalised) -> patch tokens [B, (S/P)^2, width]."""
@@ -177,15 +168,13 @@ class DepthwiseConv(nnx.Module):
   of replicas of the batch split (2x on the (data, fsdp, tensor) test mesh). Same FLOPs.
   """
 
-  def __init__(self, dim: int, kernel: int, *, dtype: jnp.dtype = jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(self, dim: int, kernel: int, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if kernel % 2 == 0:
       raise ValueError(f'depthwise kernel size {kernel} must be odd for SAME padding')
     self.dtype = dtype
-    self.kernel = nnx.Param(partitioned(nnx.initializers.lecun_normal(), _CONV_NAMES)(
-      rngs.params(), (kernel, kernel, 1, dim)))
-    self.bias = nnx.Param(partitioned(nnx.initializers.zeros, ('conv_out',))(
-      rngs.params(), (dim,)))
+    self.kernel = nnx.Param(
+        partitioned(nnx.initializers.lecun_normal(), _CONV_NAMES)(rngs.params(), (kernel, kernel, 1, dim)))
+    self.bias = nnx.Param(partitioned(nnx.initializers.zeros, ('conv_out',))(rngs.params(), (dim,)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel.shape[0]
@@ -208,8 +197,7 @@ class ConvNeXtBlock(nnx.Module):
     self.conv_dw = DepthwiseConv(dim, 7, dtype=dtype, rngs=rngs)
     self.norm = layer_norm(dim, eps=1e-6, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(dim, 4 * dim, act='gelu', dtype=dtype, rngs=rngs)
-    self.gamma = nnx.Param(partitioned(nnx.initializers.constant(ls_init), ('norm',))(
-      rngs.params(), (dim,)))
+    self.gamma = nnx.Param(partitioned(nnx.initializers.constant(ls_init), ('norm',))(rngs.params(), (dim,)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = self.mlp(self.norm(self.conv_dw(x)))
@@ -219,15 +207,14 @@ class ConvNeXtBlock(nnx.Module):
 class ConvNeXtStage(nnx.Module):
   """Optional downsample (LayerNorm, conv k=2 s=2) then blocks."""
 
-  def __init__(self, dim_in: int, dim: int, depth: int, *, downsample: bool, ls_init: float,
-               dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(self, dim_in: int, dim: int, depth: int, *, downsample: bool, ls_init: float, dtype: jnp.dtype,
+               rngs: nnx.Rngs):
     if downsample:
       self.downsample_norm = layer_norm(dim_in, eps=1e-6, dtype=dtype, rngs=rngs)
       self.downsample_conv = _conv(dim_in, dim, 2, stride=2, dtype=dtype, rngs=rngs)
     else:
       self.downsample_norm = self.downsample_conv = None
-    self.blocks = nnx.List([ConvNeXtBlock(dim, ls_init=ls_init, dtype=dtype, rngs=rngs)
-                            for _ in range(depth)])
+    self.blocks = nnx.List([ConvNeXtBlock(dim, ls_init=ls_init, dtype=dtype, rngs=rngs) for _ in range(depth)])
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.downsample_conv is not None:
@@ -245,9 +232,8 @@ class ConvNeXt(nnx.Module):
   (1e-6); image_size, when given, is checked on input.
   """
 
-  def __init__(self, *, dims: Sequence[int], depths: Sequence[int],
-               image_size: int | None = None, ls_init: float = 1e-6, kind: str = 'convnext',
-               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, *, dims: Sequence[int], depths: Sequence[int], image_size: int | None = None,
+               ls_init: float = 1e-6, kind: str = 'convnext', dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if kind != 'convnext':
       raise ValueError(f"model.vision_highres.kind={kind!r}: only 'convnext' is built")
     dims, depths = tuple(dims), tuple(depths)
@@ -258,9 +244,9 @@ class ConvNeXt(nnx.Module):
     self.stem_conv = _conv(3, dims[0], 4, stride=4, dtype=dtype, rngs=rngs)
     self.stem_norm = layer_norm(dims[0], eps=1e-6, dtype=dtype, rngs=rngs)
     self.stages = nnx.List([
-      ConvNeXtStage(dims[max(i - 1, 0)], dims[i], depths[i], downsample=i > 0,
-                    ls_init=ls_init, dtype=dtype, rngs=rngs)
-      for i in range(len(dims))])
+        ConvNeXtStage(dims[max(i - 1, 0)], dims[i], depths[i], downsample=i > 0, ls_init=ls_init, dtype=dtype,
+                      rngs=rngs) for i in range(len(dims))
+    ])
 
   @property
   def feature_channels(self) -> int:
@@ -287,6 +273,5 @@ class ConvNeXt(nnx.Module):
     """
     outputs = self(images)
     b, h, w, _ = outputs[0].shape
-    resized = [outputs[0]] + [
-      jax.image.resize(o, (b, h, w, o.shape[-1]), method='bilinear') for o in outputs[1:]]
+    resized = [outputs[0]] + [jax.image.resize(o, (b, h, w, o.shape[-1]), method='bilinear') for o in outputs[1:]]
     return constrain(jnp.concatenate(resized, axis=-1), _NHWC)

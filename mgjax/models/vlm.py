@@ -57,7 +57,7 @@ def num_image_tokens(cfg: ml_collections.ConfigDict) -> int:
   if vis.image_size % vis.patch_size:
     raise ValueError(f'model.vision_lowres.image_size {vis.image_size} is not a multiple of '
                      f'patch_size {vis.patch_size}')
-  return num_image_views(cfg) * (vis.image_size // vis.patch_size) ** 2
+  return num_image_views(cfg) * (vis.image_size // vis.patch_size)**2
 
 
 class MiniGemini(nnx.Module):
@@ -75,18 +75,15 @@ class MiniGemini(nnx.Module):
     # its own grid x grid tokens.
     cells = grid * self.image_grid
     if highres['image_size'] % 4 or (highres['image_size'] // 4) % cells:
-      raise ValueError(
-        f"model.vision_highres.image_size {highres['image_size']}: its 1/4 map must split into "
-        f'the {cells}x{cells} low-res grid (e.g. {4 * cells * 2})')
+      raise ValueError(f"model.vision_highres.image_size {highres['image_size']}: its 1/4 map must split into "
+                       f'the {cells}x{cells} low-res grid (e.g. {4 * cells * 2})')
     # model.attention: the kernel for the decoder and the ViT (mgjax.models.attention).
     attention = cfg.get('attention', 'auto')
     self.vision_lowres = VisionTransformer(**lowres, dtype=dtype, attention=attention, rngs=rngs)
     self.vision_highres = ConvNeXt(**highres, dtype=dtype, rngs=rngs)
-    self.mining = PatchInfoMining(lowres['width'], self.vision_highres.feature_channels,
-                                  dtype=dtype, rngs=rngs)
+    self.mining = PatchInfoMining(lowres['width'], self.vision_highres.feature_channels, dtype=dtype, rngs=rngs)
     self.projector = Projector(lowres['width'], cfg.llm.hidden, dtype=dtype, rngs=rngs)
-    self.llm = DecoderLM(vocab_size=cfg.vocab_size, **dict(cfg.llm), attention=attention, dtype=dtype,
-                         rngs=rngs)
+    self.llm = DecoderLM(vocab_size=cfg.vocab_size, **dict(cfg.llm), attention=attention, dtype=dtype, rngs=rngs)
 
   def encode_images(self, images_lowres: jax.Array, images_highres: jax.Array) -> jax.Array:
     """Visual tokens [N, num_image_tokens, hidden] of N images, as MGM's encode_images.
@@ -123,8 +120,7 @@ class MiniGemini(nnx.Module):
       feats = jnp.concatenate([self.mining(lowres[:, g * g], global_map), feats], axis=1)
     return self.projector(feats)
 
-  def embed_inputs(self, input_ids: jax.Array, images_lowres: jax.Array,
-                   images_highres: jax.Array) -> jax.Array:
+  def embed_inputs(self, input_ids: jax.Array, images_lowres: jax.Array, images_highres: jax.Array) -> jax.Array:
     """Input embeddings [B, T, hidden]: token embeddings with the visual tokens in place.
 
     input_ids [B, T] hold num_image_tokens copies of image_token_id per image, images in order
@@ -147,17 +143,15 @@ class MiniGemini(nnx.Module):
       embeds = constrain(jnp.where(is_image[..., None], placed, embeds), ('batch', None, None))
     return embeds
 
-  def __call__(self, input_ids: jax.Array, images_lowres: jax.Array,
-               images_highres: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(self, input_ids: jax.Array, images_lowres: jax.Array, images_highres: jax.Array, *,
+               positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
     """Logits float32 [B, T, vocab]; inputs as in `embed_inputs`, positions and segment_ids
     as in DecoderLM.__call__."""
-    return self.llm.logits(self.hidden_states(input_ids, images_lowres, images_highres,
-                                              positions=positions, segment_ids=segment_ids))
+    return self.llm.logits(
+        self.hidden_states(input_ids, images_lowres, images_highres, positions=positions, segment_ids=segment_ids))
 
-  def hidden_states(self, input_ids: jax.Array, images_lowres: jax.Array,
-                    images_highres: jax.Array, *, positions: jax.Array | None = None,
-                    segment_ids: jax.Array | None = None) -> jax.Array:
+  def hidden_states(self, input_ids: jax.Array, images_lowres: jax.Array, images_highres: jax.Array, *,
+                    positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
     """The decoder's final hidden states [B, T, hidden] (before the output projection)."""
     embeds = self.embed_inputs(input_ids, images_lowres, images_highres)
     return self.llm.hidden_states(inputs_embeds=embeds, positions=positions, segment_ids=segment_ids)

@@ -25,13 +25,12 @@ READERS: dict[str, Reader] = {
     "messages_jsonl": messages_jsonl.read,
 }
 
-
 # Formats whose records can carry images; they take `lazy_images`.
 _IMAGE_FORMATS = ("llava_json", "messages_jsonl")
 
 
-def read(path: str, *, format: str, source: str, image_root: str | None = None,
-         category: str | None = None, lazy_images: bool = False, **options) -> Iterator[Record | Rejection]:
+def read(path: str, *, format: str, source: str, image_root: str | None = None, category: str | None = None,
+         lazy_images: bool = False, **options) -> Iterator[Record | Rejection]:
   """Reads `path` with the reader registered for `format`.
 
   Records come with their images' bytes, or with `lazy_images` with the checked paths,

@@ -121,9 +121,8 @@ def not_regular_file(path: str) -> str | None:
     return f"{path!r} cannot be examined ({e})"
   if stat.S_ISREG(mode):
     return None
-  what = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
-          else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-          else "not a regular file")
+  what = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket"
+          if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
   return f"{path} is {what}, not a regular file"
 
 
@@ -170,16 +169,16 @@ def iter_jsonl(path: str, source: str) -> Iterator[tuple[int, Any] | Rejection]:
       try:
         line = raw.decode("utf-8")
       except UnicodeDecodeError as e:
-        yield Rejection(source, str(path), f"line {lineno}",
-                        f"not UTF-8 ({e}); re-encode the file as UTF-8", kind="not_utf8")
+        yield Rejection(source, str(path), f"line {lineno}", f"not UTF-8 ({e}); re-encode the file as UTF-8",
+                        kind="not_utf8")
         continue
       if not line.strip():
         continue
       try:
         yield lineno, json.loads(line)
       except json.JSONDecodeError as e:
-        yield Rejection(source, str(path), f"line {lineno}",
-                        f"invalid JSON: {e.msg} at column {e.colno}", kind="invalid_json")
+        yield Rejection(source, str(path), f"line {lineno}", f"invalid JSON: {e.msg} at column {e.colno}",
+                        kind="invalid_json")
       except RecursionError:
         yield Rejection(source, str(path), f"line {lineno}",
                         "JSON nested too deeply to parse (about 1000 levels or more); no real record "
@@ -191,6 +190,7 @@ def unreadable(source: str, path: str, where: str, error: BaseException) -> Reje
   (a damaged or truncated .gz)."""
   kind = "cut short" if isinstance(error, EOFError) else "damaged or not in its format"
   check = " (`gzip -t` tests a .gz)" if str(path).endswith(".gz") else ""
-  return Rejection(source, str(path), where,
-                   f"the file cannot be read on, it is {kind} ({type(error).__name__}: {error}); the rest of "
-                   f"it is lost: download it again{check}", kind="unreadable_file")
+  return Rejection(
+      source, str(path), where,
+      f"the file cannot be read on, it is {kind} ({type(error).__name__}: {error}); the rest of "
+      f"it is lost: download it again{check}", kind="unreadable_file")

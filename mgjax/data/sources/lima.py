@@ -26,12 +26,10 @@ def read(path: str, *, source: str, image_root: str | None = None, category: str
     where = f"line {lineno}"
     turns = row.get("conversations") if isinstance(row, dict) else None
     if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
-      yield Rejection(source, str(path), where,
-                      'expected {"conversations": [str, ...]}', kind="bad_schema")
+      yield Rejection(source, str(path), where, 'expected {"conversations": [str, ...]}', kind="bad_schema")
       continue
     if len(turns) % 2:
       turns = turns[:-1]  # unanswered last user turn
-    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t}
-                for i, t in enumerate(turns)]
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
     record = Record(id=f"{source}:{lineno}", source=source, category="", messages=messages)
     yield _common.finish(record, str(path), where, category)

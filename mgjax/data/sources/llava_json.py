@@ -31,8 +31,7 @@ import ijson
 from mgjax.data.records import IMAGE_PLACEHOLDER, Record, Rejection
 from mgjax.data.sources import _common
 
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-          "system": "system"}
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 # A record is 4 levels deep ([{"conversations": [{"from"...}]}]); anything near this is not one.
 _MAX_DEPTH = 64
 # Values quoted in rejection reasons are abbreviated: a bad field may hold megabytes.
@@ -166,8 +165,8 @@ def _has_lone_surrogate(obj: Any) -> bool:
   return False
 
 
-def to_record(obj: Any, where: str, path: str, source: str, image_root: str | None,
-              category: str | None, lazy_images: bool = False) -> Record | Rejection:
+def to_record(obj: Any, where: str, path: str, source: str, image_root: str | None, category: str | None,
+              lazy_images: bool = False) -> Record | Rejection:
   """One LLaVA-shaped record, checked; `where` names its place in the file for rejections.
 
   Its images are read and decoded here, or with `lazy_images` left as checked paths for
@@ -177,8 +176,9 @@ def to_record(obj: Any, where: str, path: str, source: str, image_root: str | No
   if not isinstance(obj, dict) or not isinstance(obj.get("conversations"), list):
     return reject('expected {"id", "conversations": [{"from", "value"}, ...]}', "bad_schema")
   if _has_lone_surrogate(obj):
-    return reject("holds a lone surrogate escape (\\ud800-\\udfff without its pair; read as U+FFFF), which "
-                  "UTF-8 cannot encode; fix the escape or drop the record", "not_utf8")
+    return reject(
+        "holds a lone surrogate escape (\\ud800-\\udfff without its pair; read as U+FFFF), which "
+        "UTF-8 cannot encode; fix the escape or drop the record", "not_utf8")
   messages = []
   for t, turn in enumerate(obj["conversations"]):
     speaker = turn.get("from") if isinstance(turn, dict) else None
@@ -211,8 +211,7 @@ def to_record(obj: Any, where: str, path: str, source: str, image_root: str | No
     first_user = next((m for m in messages if m["role"] == "user"), None)
     if first_user is not None and len(images) == 1:
       first_user["content"] = f"{IMAGE_PLACEHOLDER}\n{first_user['content']}"
-  record = Record(id=f"{source}:{rid}", source=source, category="",
-                  messages=messages, images=images)
+  record = Record(id=f"{source}:{rid}", source=source, category="", messages=messages, images=images)
   if not lazy_images:
     record = _common.load_images(record, path, where)
     if isinstance(record, Rejection):
@@ -241,15 +240,15 @@ def read(path: str, *, source: str, image_root: str | None = None, category: str
         return
       for index, obj in enumerate(_elements(events)):
         if isinstance(obj, _TooDeep):
-          yield Rejection(source, str(path), f"record {index}", f"nested more than {_MAX_DEPTH} levels deep; "
-                          "a record is a flat object (id, image, conversations)", kind="bad_schema")
+          yield Rejection(
+              source, str(path), f"record {index}", f"nested more than {_MAX_DEPTH} levels deep; "
+              "a record is a flat object (id, image, conversations)", kind="bad_schema")
           continue
         rid = obj.get("id") if isinstance(obj, dict) else None
         if rid is None and isinstance(obj, dict):
           obj = dict(obj, id=index)  # the position names a record that has no id
         shown = rid if isinstance(rid, (str, int, float)) or rid is None else _short(rid)
-        yield to_record(obj, f"record {index} (id={shown})", str(path), source, image_root, category,
-                        lazy_images)
+        yield to_record(obj, f"record {index} (id={shown})", str(path), source, image_root, category, lazy_images)
     except _common.READ_ERRORS as e:
       yield _common.unreadable(source, path, "whole file" if index < 0 else f"after record {index}", e)
     except UnicodeDecodeError as e:

@@ -95,9 +95,8 @@ def _role(msg: dict[str, Any]) -> str | None:
   return _ROLES.get(role) if isinstance(role, str) else None
 
 
-def _tree_threads(tree: Any, where: str, path: str, source: str, category: str | None,
-                  langs: set[str] | None, keep: int | None, drop_synthetic: bool,
-                  multi: bool) -> Iterator[Record | Rejection]:
+def _tree_threads(tree: Any, where: str, path: str, source: str, category: str | None, langs: set[str] | None,
+                  keep: int | None, drop_synthetic: bool, multi: bool) -> Iterator[Record | Rejection]:
   prompt = tree.get("prompt") if isinstance(tree, dict) else None
   tree_id = tree.get("message_tree_id") if isinstance(tree, dict) else None
   reject = lambda reason, kind: Rejection(source, path, where, reason, kind=kind)
@@ -137,8 +136,7 @@ def _tree_threads(tree: Any, where: str, path: str, source: str, category: str |
     if turns and turns not in threads:
       threads.append(turns)
   if not threads:
-    yield reject("no assistant reply left after dropping deleted/failed-review/synthetic messages",
-                 "no_assistant_turn")
+    yield reject("no assistant reply left after dropping deleted/failed-review/synthetic messages", "no_assistant_turn")
     return
   base = f"{source}:{tree_id if tree_id is not None else where}"
   for i, turns in enumerate(threads):
@@ -161,8 +159,8 @@ def _options(reader: str, lang, threads: str, top_k: int, options: dict) -> tupl
 
 
 def read(path: str, *, source: str, image_root: str | None = None, category: str | None = None,
-         lang: str | list[str] | None = "en", threads: str = "best", top_k: int = 2,
-         drop_synthetic: bool = False, **options) -> Iterator[Record | Rejection]:
+         lang: str | list[str] | None = "en", threads: str = "best", top_k: int = 2, drop_synthetic: bool = False,
+         **options) -> Iterator[Record | Rejection]:
   """Reads the tree export: one Record per thread (one per tree by default), or a Rejection.
 
   Args:
@@ -180,8 +178,8 @@ def read(path: str, *, source: str, image_root: str | None = None, category: str
       continue
     lineno, tree = item
     tree_id = tree.get("message_tree_id") if isinstance(tree, dict) else None
-    yield from _tree_threads(tree, f"line {lineno} (tree {_name(tree_id)})", str(path), source, category,
-                             langs, keep, drop_synthetic, threads != "best")
+    yield from _tree_threads(tree, f"line {lineno} (tree {_name(tree_id)})", str(path), source, category, langs, keep,
+                             drop_synthetic, threads != "best")
 
 
 def read_messages(path: str, *, source: str, image_root: str | None = None, category: str | None = None,
@@ -225,13 +223,13 @@ def read_messages(path: str, *, source: str, image_root: str | None = None, cate
       by_id[parent]["replies"] = [by_id[m] for m in kids]
   for root in roots:
     tree = {"message_tree_id": by_id[root].get("message_tree_id", root), "prompt": by_id[root]}
-    yield from _tree_threads(tree, f"line {line_of[root]} (tree {_name(tree['message_tree_id'])})", str(path),
-                             source, category, langs, keep, drop_synthetic, threads != "best")
+    yield from _tree_threads(tree, f"line {line_of[root]} (tree {_name(tree['message_tree_id'])})", str(path), source,
+                             category, langs, keep, drop_synthetic, threads != "best")
   yield from _unplaced(by_id, parent_of, children, roots, line_of, str(path), source)
 
 
-def _unplaced(by_id: dict[str, Any], parent_of: dict[str, str], children: dict[str, list[str]],
-              roots: list[str], line_of: dict[str, int], path: str, source: str) -> Iterator[Rejection]:
+def _unplaced(by_id: dict[str, Any], parent_of: dict[str, str], children: dict[str, list[str]], roots: list[str],
+              line_of: dict[str, int], path: str, source: str) -> Iterator[Rejection]:
   """A Rejection for every message no root leads to, so each line is accounted for: those
   whose parent (or an ancestor's parent) is not in the file, and those whose parent_id
   chain loops (a message its own parent, or A -> B -> A) and so never reaches a root."""
