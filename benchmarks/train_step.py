@@ -35,53 +35,52 @@ import time
 
 def parse_args() -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--batch', type=int, default=1)
-  p.add_argument('--seq', type=int, default=1024)
-  p.add_argument('--hidden', type=int, default=768)
-  p.add_argument('--layers', type=int, default=12)
-  p.add_argument('--heads', type=int, default=12)
-  p.add_argument('--kv_heads', type=int, default=12)
-  p.add_argument('--head_dim', type=int, default=64)
-  p.add_argument('--mlp', type=int, default=2048)
-  p.add_argument('--vocab', type=int, default=32000)
-  p.add_argument('--rounds', type=int, default=5, help='interleaved measurement rounds (medians over them)')
-  p.add_argument('--variants', default='trainer',
-                 help='comma list of JAX variants, see VARIANTS (attention/loss formulations)')
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--seq", type=int, default=1024)
+  p.add_argument("--hidden", type=int, default=768)
+  p.add_argument("--layers", type=int, default=12)
+  p.add_argument("--heads", type=int, default=12)
+  p.add_argument("--kv_heads", type=int, default=12)
+  p.add_argument("--head_dim", type=int, default=64)
+  p.add_argument("--mlp", type=int, default=2048)
+  p.add_argument("--vocab", type=int, default=32000)
+  p.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds (medians over them)")
+  p.add_argument("--variants", default="trainer",
+                 help="comma list of JAX variants, see VARIANTS (attention/loss formulations)")
   p.add_argument(
-      '--xla_flags', default='',
+      "--xla_flags", default="",
       help="appended to XLA_FLAGS before JAX starts; a flag named here overrides the trainer's "
-      '(mgjax/runtime.py), e.g. --xla_flags=--xla_cpu_experimental_ynn_fusion_type= turns YNNPACK off')
+      "(mgjax/runtime.py), e.g. --xla_flags=--xla_cpu_experimental_ynn_fusion_type= turns YNNPACK off")
   p.add_argument(
-      '--malloc', choices=['trainer', 'glibc_default'], default='trainer',
+      "--malloc", choices=["trainer", "glibc_default"], default="trainer",
       help="trainer: restart with the glibc malloc tunable `python -m mgjax.main` sets "
-      '(mgjax/runtime.py: malloc_tunables); glibc_default: the environment as it is')
+      "(mgjax/runtime.py: malloc_tunables); glibc_default: the environment as it is")
   p.add_argument(
-      '--steps_per_round', type=int, default=2,
-      help='consecutive steps of each side per round, the last one timed: a training run '
-      'repeats one step, and the first step after the other side pays for memory that '
-      'side just gave back')
-  p.add_argument('--matmul_size', type=int, default=2048)
-  p.add_argument('--no_torch', action='store_true', help='skip the PyTorch side')
-  p.add_argument('--profile', default='', help='write a perfetto trace of one step per variant here')
-  p.add_argument('--json', default='', help='also write the results here')
+      "--steps_per_round", type=int, default=2,
+      help="consecutive steps of each side per round, the last one timed: a training run "
+      "repeats one step, and the first step after the other side pays for memory that "
+      "side just gave back")
+  p.add_argument("--matmul_size", type=int, default=2048)
+  p.add_argument("--no_torch", action="store_true", help="skip the PyTorch side")
+  p.add_argument("--profile", default="", help="write a perfetto trace of one step per variant here")
+  p.add_argument("--json", default="", help="also write the results here")
   p.add_argument(
-      '--micro', type=int, default=0,
-      help='instead of steps: time one layer\'s attention forward+backward per variant, '
-      'this many interleaved repetitions (short calls resolve small differences on a '
-      'loaded machine better than 10 s steps)')
+      "--micro", type=int, default=0, help="instead of steps: time one layer's attention forward+backward per variant, "
+      "this many interleaved repetitions (short calls resolve small differences on a "
+      "loaded machine better than 10 s steps)")
   return p.parse_args()
 
 
 ARGS = parse_args()
 from mgjax import runtime  # noqa: E402  (light: absl flags only, no JAX)
 
-if ARGS.malloc == 'trainer':
+if ARGS.malloc == "trainer":
   # The process settings `python -m mgjax.main` runs with; both sides share them.
   runtime.restart_with_malloc_tunables()
 if ARGS.xla_flags:
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + ARGS.xla_flags).strip()
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + ARGS.xla_flags).strip()
 runtime.set_xla_flags()  # the trainer's XLA:CPU flags, where --xla_flags did not set them
-os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402  (after XLA_FLAGS is set)
 import jax.numpy as jnp  # noqa: E402
@@ -103,7 +102,7 @@ def param_counts(a: argparse.Namespace) -> dict[str, int]:
   attn = a.hidden * a.head_dim * (a.heads + 2 * a.kv_heads) + a.heads * a.head_dim * a.hidden
   mlp = 3 * a.hidden * a.mlp
   blocks = a.layers * (attn + mlp + 2 * a.hidden)
-  return {'blocks': blocks, 'lm_head': a.hidden * a.vocab, 'embed': a.vocab * a.hidden, 'final_norm': a.hidden}
+  return {"blocks": blocks, "lm_head": a.hidden * a.vocab, "embed": a.vocab * a.hidden, "final_norm": a.hidden}
 
 
 def analytic_flops(a: argparse.Namespace) -> float:
@@ -114,7 +113,7 @@ def analytic_flops(a: argparse.Namespace) -> float:
   and backward (8 T^2 d): both implementations compute the full square, causal or not.
   """
   c = param_counts(a)
-  n = c['blocks'] + c['lm_head']
+  n = c["blocks"] + c["lm_head"]
   tokens = a.batch * a.seq
   return 6.0 * n * tokens + 12.0 * a.layers * a.seq**2 * a.heads * a.head_dim * a.batch
 
@@ -156,18 +155,18 @@ def attention_einsum_5d(q, k, v, mask=None):
   b, t, h, d = q.shape
   kv_heads = k.shape[2]
   q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-  scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
   scores = scores * (d**-0.5)
   if mask is not None:
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
   return out.reshape(b, t, h, d)
 
 
 def attention_jax_nn(q, k, v, mask=None):
   """jax.nn.dot_product_attention's XLA path with the same boolean mask."""
-  return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None], implementation='xla')
+  return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None], implementation="xla")
 
 
 def attention_bhtd(q, k, v, mask=None):
@@ -179,12 +178,12 @@ def attention_bhtd(q, k, v, mask=None):
   qh = jnp.transpose(q.reshape(b, t, kv_heads, g, d), (0, 2, 3, 1, 4)).reshape(b, kv_heads, g * t, d)
   kh = jnp.transpose(k, (0, 2, 1, 3))  # [B, K, S, D]
   vh = jnp.transpose(v, (0, 2, 1, 3))
-  scores = jnp.einsum('bkqd,bksd->bkqs', qh * jnp.asarray(d**-0.5, q.dtype), kh, preferred_element_type=jnp.float32)
+  scores = jnp.einsum("bkqd,bksd->bkqs", qh * jnp.asarray(d**-0.5, q.dtype), kh, preferred_element_type=jnp.float32)
   if mask is not None:
     m = jnp.broadcast_to(mask[:, None, None], (b, kv_heads, g, t, mask.shape[-1]))
     scores = jnp.where(m.reshape(b, kv_heads, g * t, -1), scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum('bkqs,bksd->bkqd', probs, vh).reshape(b, kv_heads, g, t, d)
+  out = jnp.einsum("bkqs,bksd->bkqd", probs, vh).reshape(b, kv_heads, g, t, d)
   return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
 
 
@@ -212,17 +211,17 @@ def causal_blocks(base, blocks: int):
 
 
 ATTENTION = {
-    'trainer': None,  # whatever mgjax.models.attention.causal_attention is now (XLA on CPU)
-    'einsum5d': attention_einsum_5d,
-    'jax_nn': attention_jax_nn,
-    'bhtd': attention_bhtd,
-    'einsum5d_causal4': causal_blocks(attention_einsum_5d, 4),
-    'einsum5d_causal8': causal_blocks(attention_einsum_5d, 8),
-    'bhtd_causal4': causal_blocks(attention_bhtd, 4),
-    'bhtd_causal8': causal_blocks(attention_bhtd, 8),
-    'bhtd_causal16': causal_blocks(attention_bhtd, 16),
-    'einsum5d_causal16': causal_blocks(attention_einsum_5d, 16),
-    'jax_nn_causal4': causal_blocks(attention_jax_nn, 4),
+    "trainer": None,  # whatever mgjax.models.attention.causal_attention is now (XLA on CPU)
+    "einsum5d": attention_einsum_5d,
+    "jax_nn": attention_jax_nn,
+    "bhtd": attention_bhtd,
+    "einsum5d_causal4": causal_blocks(attention_einsum_5d, 4),
+    "einsum5d_causal8": causal_blocks(attention_einsum_5d, 8),
+    "bhtd_causal4": causal_blocks(attention_bhtd, 4),
+    "bhtd_causal8": causal_blocks(attention_bhtd, 8),
+    "bhtd_causal16": causal_blocks(attention_bhtd, 16),
+    "einsum5d_causal16": causal_blocks(attention_einsum_5d, 16),
+    "jax_nn_causal4": causal_blocks(attention_jax_nn, 4),
 }
 
 
@@ -240,7 +239,7 @@ def apply_rope_concat(x, positions, theta=10000.0, *, inv_freq=None):
 
 
 # Parts of the model a variant can swap in after a '+', e.g. 'trainer+rope_concat'.
-ROPE = {'rope_concat': apply_rope_concat}
+ROPE = {"rope_concat": apply_rope_concat}
 # A variant is attention[+rope]: an attention formulation, optionally an older RoPE.
 VARIANTS_HELP = f'attention one of {sorted(ATTENTION)}, optionally followed by +{"|+".join(sorted(ROPE))}'
 
@@ -260,13 +259,13 @@ def make_batch(a: argparse.Namespace) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(0)
   ids = rng.integers(0, a.vocab, (a.batch, a.seq + 1), dtype=np.int32)
   return {
-      'input_ids': ids[:, :-1],
-      'targets': ids[:, 1:],
-      'loss_mask': np.ones((a.batch, a.seq), np.float32),
-      'positions': np.broadcast_to(np.arange(a.seq, dtype=np.int32), (a.batch, a.seq)).copy(),
-      'segment_ids': np.ones((a.batch, a.seq), np.int32),
-      'images_lowres': np.zeros((a.batch, 0, 1, 1, 3), np.float32),
-      'images_highres': np.zeros((a.batch, 0, 1, 1, 3), np.float32),
+      "input_ids": ids[:, :-1],
+      "targets": ids[:, 1:],
+      "loss_mask": np.ones((a.batch, a.seq), np.float32),
+      "positions": np.broadcast_to(np.arange(a.seq, dtype=np.int32), (a.batch, a.seq)).copy(),
+      "segment_ids": np.ones((a.batch, a.seq), np.int32),
+      "images_lowres": np.zeros((a.batch, 0, 1, 1, 3), np.float32),
+      "images_highres": np.zeros((a.batch, 0, 1, 1, 3), np.float32),
   }
 
 
@@ -275,12 +274,12 @@ class JaxStep:
 
   def __init__(self, a: argparse.Namespace, variant: str, batch: dict[str, np.ndarray]):
     self.name = variant
-    attention, *swaps = variant.split('+')
+    attention, *swaps = variant.split("+")
     attention = ATTENTION[attention]
     original, original_rope = mg_attention.causal_attention, mg_llm.apply_rope
     if attention is not None:
       # The variants take the whole mask and decide about block skipping themselves.
-      mg_attention.causal_attention = lambda q, k, v, segment_ids, implementation='auto': attention(
+      mg_attention.causal_attention = lambda q, k, v, segment_ids, implementation="auto": attention(
           q, k, v, mg_attention.segment_mask(segment_ids, segment_ids))
     for swap in swaps:
       mg_llm.apply_rope = ROPE[swap]
@@ -308,7 +307,7 @@ class JaxStep:
       self.compile_s = time.perf_counter() - t
       cost = self.compiled.cost_analysis()
       cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-      self.cost_flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
+      self.cost_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
       self.hlo_text = self.compiled.as_text()
     finally:
       mg_attention.causal_attention, mg_llm.apply_rope = original, original_rope
@@ -353,7 +352,7 @@ class TorchStep:
     self.attn_impl = self.model.config._attn_implementation
     self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     # HF shifts labels itself: labels = input ids.
-    ids = np.concatenate([batch['input_ids'], batch['targets'][:, -1:]], axis=1)
+    ids = np.concatenate([batch["input_ids"], batch["targets"][:, -1:]], axis=1)
     self.ids = torch.from_numpy(ids[:, :-1].astype(np.int64))
     self.labels = torch.from_numpy(ids[:, :-1].astype(np.int64))
     self.loss = None
@@ -382,7 +381,7 @@ def micro(a: argparse.Namespace, variants: list[str]) -> None:
   fns = {}
   for name in variants:
     # The trainer's function as Attention.__call__ calls it (segment ids, no mask).
-    f = ATTENTION[name.split('+')[0]] or (lambda q, k, v, mask: mg_attention.xla_attention(q, k, v, segments))
+    f = ATTENTION[name.split("+")[0]] or (lambda q, k, v, mask: mg_attention.xla_attention(q, k, v, segments))
     loss = lambda q, k, v, f=f: jnp.sum(f(q, k, v, mask)**2)
     fns[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     jax.block_until_ready(fns[name](q, k, v))
@@ -393,10 +392,10 @@ def micro(a: argparse.Namespace, variants: list[str]) -> None:
       jax.block_until_ready(f(q, k, v))
       times[n].append(time.perf_counter() - t)
   base = statistics.median(times[variants[0]])
-  print(f'attention fwd+bwd, one layer, [{a.batch}, {a.seq}, {a.heads}x{a.head_dim}], '
-        f'{a.micro} interleaved calls; median ms (ratio to {variants[0]})')
+  print(f"attention fwd+bwd, one layer, [{a.batch}, {a.seq}, {a.heads}x{a.head_dim}], "
+        f"{a.micro} interleaved calls; median ms (ratio to {variants[0]})")
   for n, t in times.items():
-    print(f'  {n:<22}{statistics.median(t) * 1e3:8.1f} ms  {statistics.median(t) / base:5.2f}')
+    print(f"  {n:<22}{statistics.median(t) * 1e3:8.1f} ms  {statistics.median(t) / base:5.2f}")
 
 
 # ------------------------------------------------------------------ main
@@ -404,19 +403,19 @@ def micro(a: argparse.Namespace, variants: list[str]) -> None:
 
 def main() -> None:
   a = ARGS
-  variants = [v for v in a.variants.split(',') if v]
+  variants = [v for v in a.variants.split(",") if v]
   for v in variants:
-    if v.split('+')[0] not in ATTENTION or any(p not in ROPE for p in v.split('+')[1:]):
-      sys.exit(f'unknown variant {v!r}: {VARIANTS_HELP}')
+    if v.split("+")[0] not in ATTENTION or any(p not in ROPE for p in v.split("+")[1:]):
+      sys.exit(f"unknown variant {v!r}: {VARIANTS_HELP}")
   if a.micro:
     micro(a, variants)
     return
   flops = analytic_flops(a)
   tokens = a.batch * a.seq
   counts = param_counts(a)
-  cpu = next((l.split(':', 1)[1].strip()
-              for l in subprocess.run(['lscpu'], capture_output=True, text=True).stdout.splitlines()
-              if l.startswith('Model name')), '?')
+  cpu = next((l.split(":", 1)[1].strip()
+              for l in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+              if l.startswith("Model name")), "?")
   print(f'# {time.strftime("%Y-%m-%d %H:%M")}  cpu {cpu} x{os.cpu_count()}  jax {jax.__version__}  '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}  GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")!r}')
   print(f'# non-embedding params {(counts["blocks"] + counts["lm_head"]) / 1e6:.1f}M '
@@ -427,14 +426,14 @@ def main() -> None:
   steps = {}
   for v in variants:
     steps[v] = JaxStep(a, v, batch)
-    print(f'# jax {v}: compiled in {steps[v].compile_s:.1f}s, cost_analysis '
-          f'{steps[v].cost_flops / 1e9:.1f} GFLOP', flush=True)
+    print(f"# jax {v}: compiled in {steps[v].compile_s:.1f}s, cost_analysis "
+          f"{steps[v].cost_flops / 1e9:.1f} GFLOP", flush=True)
   torch_step = None
   if not a.no_torch:
     import torch
     torch_step = TorchStep(a, batch)
-    print(f'# torch {torch.__version__} threads {torch.get_num_threads()}, attention '
-          f'{torch_step.attn_impl}', flush=True)
+    print(f"# torch {torch.__version__} threads {torch.get_num_threads()}, attention "
+          f"{torch_step.attn_impl}", flush=True)
 
   # Warm-up: first calls allocate and (torch) pick kernels.
   for s in steps.values():
@@ -444,42 +443,42 @@ def main() -> None:
 
   if a.profile:
     for v, s in steps.items():
-      out = os.path.join(a.profile, v.replace('+', '_'))
+      out = os.path.join(a.profile, v.replace("+", "_"))
       with jax.profiler.trace(out, create_perfetto_trace=True):
         s.run()
-      with open(os.path.join(out, 'hlo.txt'), 'w') as f:
+      with open(os.path.join(out, "hlo.txt"), "w") as f:
         f.write(s.hlo_text)
-      print(f'# profile of {v} in {out}')
+      print(f"# profile of {v} in {out}")
 
   times = {v: [] for v in steps}
-  times['torch'] = []
+  times["torch"] = []
   faults = {k: [] for k in times}
   kernel_s = {k: [] for k in times}
-  peaks = {'jax': [], 'torch': []}
+  peaks = {"jax": [], "torch": []}
 
   def record(side: str, measured: tuple[float, int, float]) -> None:
     for table, value in zip((times, faults, kernel_s), measured):
       table[side].append(value)
 
   for r in range(a.rounds):
-    peaks['jax'].append(jax_matmul_peak(a.matmul_size))
+    peaks["jax"].append(jax_matmul_peak(a.matmul_size))
     if torch_step:
-      peaks['torch'].append(torch_matmul_peak(a.matmul_size))
-      record('torch', steady(torch_step.run, a.steps_per_round))
+      peaks["torch"].append(torch_matmul_peak(a.matmul_size))
+      record("torch", steady(torch_step.run, a.steps_per_round))
     for v, s in steps.items():
       record(v, steady(s.run, a.steps_per_round))
     print(
         f'# round {r}: peak jax {peaks["jax"][-1]:.0f} GFLOP/s, ' +
-        ', '.join(f'{k} {t[-1]:.2f}s' for k, t in times.items() if t), flush=True)
-  peaks['jax'].append(jax_matmul_peak(a.matmul_size))
+        ", ".join(f"{k} {t[-1]:.2f}s" for k, t in times.items() if t), flush=True)
+  peaks["jax"].append(jax_matmul_peak(a.matmul_size))
   if torch_step:
-    peaks['torch'].append(torch_matmul_peak(a.matmul_size))
+    peaks["torch"].append(torch_matmul_peak(a.matmul_size))
 
-  peak = statistics.median(peaks['jax'])
-  torch_t = statistics.median(times['torch']) if times['torch'] else float('nan')
+  peak = statistics.median(peaks["jax"])
+  torch_t = statistics.median(times["torch"]) if times["torch"] else float("nan")
   print(f'\nmatmul peak {a.matmul_size}^3 f32: jax median {peak:.0f} GFLOP/s '
         f'(min {min(peaks["jax"]):.0f}, max {max(peaks["jax"]):.0f})' +
-        (f', torch median {statistics.median(peaks["torch"]):.0f} GFLOP/s' if peaks['torch'] else ''))
+        (f', torch median {statistics.median(peaks["torch"]):.0f} GFLOP/s' if peaks["torch"] else ""))
   rows = []
   print(f'{"side":<22}{"step s":>8}{"tok/s":>9}{"GFLOP/s":>9}{"/peak":>7}{"/torch":>8}{"loss":>8}'
         f'{"faults":>9}{"sys s":>7}')
@@ -488,44 +487,44 @@ def main() -> None:
       continue
     med = statistics.median(t)
     row = {
-        'side': k if k == 'torch' else f'jax {k}',
-        'step_s': med,
-        'spread_s': [min(t), max(t)],
-        'tokens_s': tokens / med,
-        'gflops': flops / med / 1e9,
-        'ratio_peak': flops / med / 1e9 / peak,
-        'ratio_torch': torch_t / med,
-        'loss': (torch_step.loss if k == 'torch' else steps[k].loss),
-        'page_faults': statistics.median(faults[k]),
-        'kernel_s': statistics.median(kernel_s[k])
+        "side": k if k == "torch" else f"jax {k}",
+        "step_s": med,
+        "spread_s": [min(t), max(t)],
+        "tokens_s": tokens / med,
+        "gflops": flops / med / 1e9,
+        "ratio_peak": flops / med / 1e9 / peak,
+        "ratio_torch": torch_t / med,
+        "loss": (torch_step.loss if k == "torch" else steps[k].loss),
+        "page_faults": statistics.median(faults[k]),
+        "kernel_s": statistics.median(kernel_s[k])
     }
-    if k != 'torch':
-      row['cost_analysis_gflop'] = steps[k].cost_flops / 1e9
-      row['compile_s'] = steps[k].compile_s
+    if k != "torch":
+      row["cost_analysis_gflop"] = steps[k].cost_flops / 1e9
+      row["compile_s"] = steps[k].compile_s
     rows.append(row)
     print(f'{row["side"]:<22}{med:>8.2f}{row["tokens_s"]:>9.0f}{row["gflops"]:>9.0f}'
           f'{row["ratio_peak"]:>7.2f}{row["ratio_torch"]:>8.2f}{row["loss"]:>8.3f}'
           f'{row["page_faults"]:>9.0f}{row["kernel_s"]:>7.2f}')
   if a.json:
-    with open(a.json, 'w') as f:
+    with open(a.json, "w") as f:
       json.dump(
           {
-              'args': vars(a),
-              'cpu': cpu,
-              'cores': os.cpu_count(),
-              'jax': jax.__version__,
-              'xla_flags': os.environ.get('XLA_FLAGS', ''),
-              'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
-              'analytic_gflop': flops / 1e9,
-              'peaks': peaks,
-              'times': times,
-              'page_faults': faults,
-              'kernel_s': kernel_s,
-              'rows': rows,
-              'python': platform.python_version(),
-              'date': time.strftime('%Y-%m-%d %H:%M')
+              "args": vars(a),
+              "cpu": cpu,
+              "cores": os.cpu_count(),
+              "jax": jax.__version__,
+              "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+              "analytic_gflop": flops / 1e9,
+              "peaks": peaks,
+              "times": times,
+              "page_faults": faults,
+              "kernel_s": kernel_s,
+              "rows": rows,
+              "python": platform.python_version(),
+              "date": time.strftime("%Y-%m-%d %H:%M")
           }, f, indent=1)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

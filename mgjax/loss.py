@@ -20,9 +20,9 @@ from mgjax.models.axes import constrain
 
 def _chunk_loss(hidden: jax.Array, output_embedding: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
   """Sum of weighted token cross-entropies; hidden [B, C, D], output_embedding [D, V]."""
-  logits = jnp.einsum('bcd,dv->bcv', hidden.astype(output_embedding.dtype), output_embedding,
+  logits = jnp.einsum("bcd,dv->bcv", hidden.astype(output_embedding.dtype), output_embedding,
                       preferred_element_type=jnp.float32)
-  logits = constrain(logits, ('batch', None, 'vocab'))
+  logits = constrain(logits, ("batch", None, "vocab"))
   return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights)
 
 

@@ -160,16 +160,16 @@ CASES = {
                                      }, [("record 1 (id=ok1)", "missing_image")], 2),
     "llava_lone_surrogate":
         ("llava_json", "surrogate.json",
-         ('[' + json.dumps(_llava(0)) + ', {"id": "s", "conversations": [{"from": "human", '
-          '"value": "bad \\ud800 text"}, {"from": "gpt", "value": "a"}]}, ' + json.dumps(_llava(2)) + ']').encode(), {},
+         ("[" + json.dumps(_llava(0)) + ', {"id": "s", "conversations": [{"from": "human", '
+          '"value": "bad \\ud800 text"}, {"from": "gpt", "value": "a"}]}, ' + json.dumps(_llava(2)) + "]").encode(), {},
          [("record 1 (id=s)", "not_utf8")], 2),
     "llava_surrogate_id":
         ("llava_json", "surrogate_id.json",
-         ('[' + json.dumps(_llava(0)) + ', ' + json.dumps(_llava(1))[:-1].replace('"ok1"', '"\\udc00x"') + '}, ' +
-          json.dumps(_llava(2)) + ']').encode(), {}, [("record 1 (id=\uffffx)", "not_utf8")], 2),
+         ("[" + json.dumps(_llava(0)) + ", " + json.dumps(_llava(1))[:-1].replace('"ok1"', '"\\udc00x"') + "}, " +
+          json.dumps(_llava(2)) + "]").encode(), {}, [("record 1 (id=\uffffx)", "not_utf8")], 2),
     "llava_100k_deep":
-        ("llava_json", "deep.json", ('[' + json.dumps(_llava(0)) + ', {"id": "deep", "conversations": ' +
-                                     "[" * 100_000 + "]" * 100_000 + '}, ' + json.dumps(_llava(2)) + ']').encode(), {},
+        ("llava_json", "deep.json", ("[" + json.dumps(_llava(0)) + ', {"id": "deep", "conversations": ' +
+                                     "[" * 100_000 + "]" * 100_000 + "}, " + json.dumps(_llava(2)) + "]").encode(), {},
          [("record 1", "bad_schema")], 2),
     "llava_not_gzip":
         ("llava_json", "plain.json.gz", json.dumps([_llava(0)]).encode(), {}, [("whole file", "unreadable_file")], 0),

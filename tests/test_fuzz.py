@@ -56,7 +56,7 @@ def _mutate_bytes(rng: random.Random, data: bytes) -> bytes:
     i, j = sorted(rng.randrange(len(data)) for _ in range(2))
     del data[i:j]
   else:
-    junk = rng.choice([b"\x00", b"\\ud800", b"[[[[", b"}", b'"', b"\xff\xfe", b"\n", b"{\"a\":", b"-1", b"1e999"])
+    junk = rng.choice([b"\x00", b"\\ud800", b"[[[[", b"}", b'"', b"\xff\xfe", b"\n", b'{"a":', b"-1", b"1e999"])
     i = rng.randrange(len(data) + 1)
     data[i:i] = junk * rng.randint(1, 50)
   return bytes(data)

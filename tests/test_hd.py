@@ -31,7 +31,7 @@ from mgjax.models.mining import downsample_bilinear
 from mgjax.train import make_loss_fn, resolve_model_config
 from test_vision_parity import _perturb, _state  # the towers' torch helpers
 
-torch = pytest.importorskip('torch')
+torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,12 +49,12 @@ def _timm_names(hf_state: dict) -> dict:
   """transformers ConvNext names -> timm's (what load_convnext reads; same tensors)."""
   out = {}
   for name, value in hf_state.items():
-    if name.startswith(('layernorm.', 'pooler')):
+    if name.startswith(("layernorm.", "pooler")):
       continue  # the pooled-output norm, which MGM never runs
-    for old, new in (('embeddings.patch_embeddings.', 'stem.0.'), ('embeddings.layernorm.', 'stem.1.'),
-                     ('encoder.stages.', 'stages.'), ('.downsampling_layer.', '.downsample.'), ('.layers.', '.blocks.'),
-                     ('.dwconv.', '.conv_dw.'), ('.layernorm.', '.norm.'), ('.pwconv1.', '.mlp.fc1.'),
-                     ('.pwconv2.', '.mlp.fc2.'), ('.layer_scale_parameter', '.gamma')):
+    for old, new in (("embeddings.patch_embeddings.", "stem.0."), ("embeddings.layernorm.", "stem.1."),
+                     ("encoder.stages.", "stages."), (".downsampling_layer.", ".downsample."), (".layers.", ".blocks."),
+                     (".dwconv.", ".conv_dw."), (".layernorm.", ".norm."), (".pwconv1.", ".mlp.fc1."),
+                     (".pwconv2.", ".mlp.fc2."), (".layer_scale_parameter", ".gamma")):
       name = name.replace(old, new)
     out[name] = value
   return out
@@ -69,11 +69,11 @@ class _TorchMGM(torch.nn.Module):
     nn = torch.nn
     torch.manual_seed(0)
     self.clip = transformers.CLIPVisionModel(
-        transformers.CLIPVisionConfig(hidden_size=VIT['width'], intermediate_size=VIT['mlp'],
-                                      num_hidden_layers=VIT['layers'], num_attention_heads=VIT['heads'],
-                                      image_size=VIT['image_size'], patch_size=VIT['patch_size']))
+        transformers.CLIPVisionConfig(hidden_size=VIT["width"], intermediate_size=VIT["mlp"],
+                                      num_hidden_layers=VIT["layers"], num_attention_heads=VIT["heads"],
+                                      image_size=VIT["image_size"], patch_size=VIT["patch_size"]))
     self.convnext = transformers.ConvNextModel(
-        transformers.ConvNextConfig(hidden_sizes=list(CONVNEXT['dims']), depths=list(CONVNEXT['depths']),
+        transformers.ConvNextConfig(hidden_sizes=list(CONVNEXT["dims"]), depths=list(CONVNEXT["depths"]),
                                     layer_scale_init_value=1.0))
     self.vlm_uni_query_projector = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width))
     self.vlm_uni_aux_projector = nn.Sequential(nn.LayerNorm(aux), nn.Linear(aux, width))
@@ -96,14 +96,14 @@ class _TorchMGM(torch.nn.Module):
       target_size = stages[0].shape[-2:]
       return torch.cat(
           [stages[0]] +
-          [F.interpolate(s.float(), size=target_size, mode='bilinear', align_corners=False) for s in stages[1:]], dim=1)
+          [F.interpolate(s.float(), size=target_size, mode="bilinear", align_corners=False) for s in stages[1:]], dim=1)
 
     return backbone
 
   # -- mgm/model/mgm_arch.py, MGMMetaForCausalLM (unchanged but for the names above) --
   def encode_images(self, images, images_aux=None):
-    image_grid = getattr(self.config, 'image_grid', 1)
-    image_global = getattr(self.config, 'image_global', False)
+    image_grid = getattr(self.config, "image_grid", 1)
+    image_global = getattr(self.config, "image_global", False)
     if image_grid > 1:
       batch_size = images.shape[0]
       if image_global:
@@ -121,7 +121,7 @@ class _TorchMGM(torch.nn.Module):
           dtype=image_features.dtype, device=image_features.device)
       if image_global:
         image_aux_features_global = F.interpolate(image_aux_features_raw.float(), scale_factor=1 / image_grid,
-                                                  mode='bilinear',
+                                                  mode="bilinear",
                                                   align_corners=False).to(dtype=image_aux_features_raw.dtype)
         image_feat_global, image_aux_feat_global = self.unified_resampler(image_feat_global, image_aux_features_global)
       if image_grid > 1:
@@ -172,10 +172,10 @@ def _build(cfg: ml_collections.ConfigDict, fill: str) -> vlm.MiniGemini:
 
   def draw(path, x):
     name = path[-1].key
-    if fill == 'nan':
+    if fill == "nan":
       return np.full(x.shape, np.nan, x.dtype)
-    if name in ('scale', 'bias'):
-      return np.full(x.shape, 1.0 if name == 'scale' else 0.0, x.dtype)
+    if name in ("scale", "bias"):
+      return np.full(x.shape, 1.0 if name == "scale" else 0.0, x.dtype)
     return (0.02 * rng.standard_normal(x.shape)).astype(x.dtype)
 
   values = jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state))
@@ -186,47 +186,47 @@ def _build(cfg: ml_collections.ConfigDict, fill: str) -> vlm.MiniGemini:
 def _hd_config(grid: int, global_view: bool, highres: int, hidden: int = 40) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(
       dict(
-          vocab_size=64, image_token_id=5, dtype='float32', image_grid=grid, image_global=global_view,
-          llm=dict(family='llama', hidden=hidden, layers=1, heads=2, kv_heads=1, head_dim=8, mlp=32, rope_theta=10000.0,
-                   norm_eps=1e-5, tie_embeddings=False, remat='none', rope_scaling=None, qkv_bias=False),
-          vision_lowres=dict(kind='clip', **VIT,
-                             feature_layer=-2), vision_highres=dict(kind='convnext', image_size=highres, **CONVNEXT)))
+          vocab_size=64, image_token_id=5, dtype="float32", image_grid=grid, image_global=global_view,
+          llm=dict(family="llama", hidden=hidden, layers=1, heads=2, kv_heads=1, head_dim=8, mlp=32, rope_theta=10000.0,
+                   norm_eps=1e-5, tie_embeddings=False, remat="none", rope_scaling=None, qkv_bias=False),
+          vision_lowres=dict(kind="clip", **VIT,
+                             feature_layer=-2), vision_highres=dict(kind="convnext", image_size=highres, **CONVNEXT)))
 
 
 # (grid, global view, high-res size): MGM-HD's layout (2x2 and a global view); a 3x3 grid
 # without one (the global map's 1/3 resize is checked on its own below).
-@pytest.mark.parametrize('grid,global_view,highres', [(2, True, 128), (3, False, 96)])
+@pytest.mark.parametrize("grid,global_view,highres", [(2, True, 128), (3, False, 96)])
 def test_hd_encode_images_equals_mgm(grid, global_view, highres):
-  width, aux, hidden = VIT['width'], sum(CONVNEXT['dims']), 40
+  width, aux, hidden = VIT["width"], sum(CONVNEXT["dims"]), 40
   ref = _TorchMGM(width, aux, hidden, grid, global_view)
-  tensors = {f'model.{k}': v for k, v in _state(ref).items()}
+  tensors = {f"model.{k}": v for k, v in _state(ref).items()}
   cfg = _hd_config(grid, global_view, highres, hidden)
-  model = _build(cfg, 'nan')  # every weight encode_images uses is imported below
+  model = _build(cfg, "nan")  # every weight encode_images uses is imported below
   convert_vision.load_vit(model.vision_lowres, {
-      k[len('model.clip.'):]: v for k, v in tensors.items() if k.startswith('model.clip.')
+      k[len("model.clip."):]: v for k, v in tensors.items() if k.startswith("model.clip.")
   })
   convert_vision.load_convnext(
       model.vision_highres,
       _timm_names({
-          k[len('model.convnext.'):]: v for k, v in tensors.items() if k.startswith('model.convnext.')
+          k[len("model.convnext."):]: v for k, v in tensors.items() if k.startswith("model.convnext.")
       }))
   convert_vision.load_mining(model.mining, tensors)
   convert_vision.load_projector(model.projector, tensors)
 
   views = grid * grid + int(global_view)
   rng = np.random.default_rng(grid)
-  lowres = rng.standard_normal((2, views, VIT['image_size'], VIT['image_size'], 3)).astype(np.float32)
+  lowres = rng.standard_normal((2, views, VIT["image_size"], VIT["image_size"], 3)).astype(np.float32)
   high = rng.standard_normal((2, highres, highres, 3)).astype(np.float32)
   with torch.no_grad():
     expected = ref.encode_images(torch.from_numpy(lowres.transpose(0, 1, 4, 2, 3).copy()),
                                  torch.from_numpy(high.transpose(0, 3, 1, 2).copy())).numpy()
   ours = nnx.jit(lambda m, a, b: m.encode_images(a, b))(model, lowres, high)
-  tokens = (VIT['image_size'] // VIT['patch_size'])**2
+  tokens = (VIT["image_size"] // VIT["patch_size"])**2
   assert vlm.num_image_tokens(cfg) == views * tokens
   assert ours.shape == expected.shape == (2, views * tokens, hidden)
   diff = _max_diff(ours, expected)
-  print(f'max abs diff HD encode_images grid={grid} global={global_view}: {diff:.2e} '
-        f'(|features| max {np.abs(expected).max():.2f})')
+  print(f"max abs diff HD encode_images grid={grid} global={global_view}: {diff:.2e} "
+        f"(|features| max {np.abs(expected).max():.2f})")
   assert diff <= PARITY_ATOL, diff
   # The last input view feeds the first tokens when it is the global view (MGM's
   # [global, crops] order), else the last ones; changing it changes those tokens alone.
@@ -239,18 +239,18 @@ def test_hd_encode_images_equals_mgm(grid, global_view, highres):
   assert _max_diff(bumped[:, rest], ours[:, rest]) == 0
 
 
-@pytest.mark.parametrize('grid', [2, 3])
+@pytest.mark.parametrize("grid", [2, 3])
 def test_global_map_is_torch_interpolate_without_antialias(grid):
   """downsample_bilinear = F.interpolate(scale_factor=1/grid, bilinear, align_corners=False);
   jax.image.resize (antialiased when downsampling) would not be."""
   x = np.random.default_rng(0).standard_normal((2, 12 * grid, 6 * grid, 5)).astype(np.float32)
   with torch.no_grad():
-    ref = F.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), scale_factor=1 / grid, mode='bilinear',
+    ref = F.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), scale_factor=1 / grid, mode="bilinear",
                         align_corners=False).numpy().transpose(0, 2, 3, 1)
   ours = np.asarray(jax.jit(downsample_bilinear, static_argnums=1)(x, grid))
   assert ours.shape == ref.shape == (2, 12, 6, 5)
   assert _max_diff(ours, ref) <= 1e-6
-  resized = jax.image.resize(x, ref.shape, method='bilinear')  # antialiased: another map
+  resized = jax.image.resize(x, ref.shape, method="bilinear")  # antialiased: another map
   assert _max_diff(resized, ref) > 0.1
   # bfloat16 maps are resized in float32 and cast back, as MGM's .float() ... .to(dtype).
   half = downsample_bilinear(jnp.asarray(x, jnp.bfloat16), grid)
@@ -266,21 +266,21 @@ def test_global_map_is_torch_interpolate_without_antialias(grid):
 
 def _clip_reference(image: Image.Image, size: int) -> torch.Tensor:
   """transformers' CLIPImageProcessor (PIL backend) at `size`, [3, size, size]."""
-  processor = transformers.CLIPImageProcessorPil(size={'shortest_edge': size}, crop_size={
-      'height': size,
-      'width': size
+  processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={
+      "height": size,
+      "width": size
   })
-  return torch.from_numpy(processor(images=image, return_tensors='np')['pixel_values'][0].copy())
+  return torch.from_numpy(processor(images=image, return_tensors="np")["pixel_values"][0].copy())
 
 
 def _mgm_views(image_aux: torch.Tensor, crop: int, grid: int, global_view: bool) -> torch.Tensor:
   """LazySupervisedDataset.__getitem__ (= model_vqa.py): `image` from `image_aux`."""
-  image = F.interpolate(image_aux[None], size=[crop * grid, crop * grid], mode='bilinear', align_corners=False)[0]
+  image = F.interpolate(image_aux[None], size=[crop * grid, crop * grid], mode="bilinear", align_corners=False)[0]
   raw_image = image.reshape(3, grid, crop, grid, crop)
   raw_image = raw_image.permute(1, 3, 0, 2, 4)
   raw_image = raw_image.reshape(-1, 3, crop, crop)
   if global_view:
-    global_image = F.interpolate(image[None], size=[crop, crop], mode='bilinear', align_corners=False)
+    global_image = F.interpolate(image[None], size=[crop, crop], mode="bilinear", align_corners=False)
     raw_image = torch.cat([raw_image, global_image], dim=0)  # [image_crops, image_global]
   return raw_image.contiguous()
 
@@ -293,13 +293,13 @@ def _synthetic_photo() -> Image.Image:
   return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-@pytest.mark.parametrize('grid,global_view,crop,highres', [(2, True, 48, 160), (3, False, 32, 128),
+@pytest.mark.parametrize("grid,global_view,crop,highres", [(2, True, 48, 160), (3, False, 32, 128),
                                                            (2, True, 336, 1536)])
 def test_views_equal_mini_geminis_crops(grid, global_view, crop, highres):
-  photo = os.path.join(REPO, '..', 'shared', 'data', 'images', 'extreme_ironing.jpg')
+  photo = os.path.join(REPO, "..", "shared", "data", "images", "extreme_ironing.jpg")
   if crop == 336:  # MGM-HD's own sizes, on a real photo when the shared data is there
     if not os.path.exists(photo):
-      pytest.skip(f'{photo} is absent')
+      pytest.skip(f"{photo} is absent")
     image = Image.open(photo)
   else:
     image = _synthetic_photo()
@@ -312,7 +312,7 @@ def test_views_equal_mini_geminis_crops(grid, global_view, crop, highres):
   assert _max_diff(high, ref_aux.numpy().transpose(1, 2, 0)) <= 1e-6
   # Two float32 resizes in torch, float64 sums of float32 taps here: a few ulp per view.
   diff = _max_diff(lowres, ref)
-  print(f'max abs diff views grid={grid} global={global_view} {crop}/{highres}: {diff:.2e}')
+  print(f"max abs diff views grid={grid} global={global_view} {crop}/{highres}: {diff:.2e}")
   assert diff <= 1e-5, diff
   # The crops are distinct tiles of the image, not copies of one view.
   assert min(_max_diff(lowres[0], lowres[k]) for k in range(1, views)) > 0.1
@@ -323,16 +323,16 @@ def test_grid_one_is_the_plain_pair_and_global_needs_a_grid():
   plain = images.mgm_pair(image, 32, 64)
   for a, b in zip(images.mgm_views(image, 32, 64), plain):
     np.testing.assert_array_equal(a, b)
-  with pytest.raises(ValueError, match='image_grid >= 2'):
+  with pytest.raises(ValueError, match="image_grid >= 2"):
     images.mgm_views(image, 32, 64, grid=1, global_view=True)
-  with pytest.raises(ValueError, match='image_global=True needs model.image_grid >= 2'):
+  with pytest.raises(ValueError, match="image_global=True needs model.image_grid >= 2"):
     vlm.num_image_tokens(_hd_config(1, True, 64))
 
 
 def test_mgm_7b_hd_sizes():
   """MGM-7B-HD: CLIP-L/14 at 336 on 2x2 crops + a global view, ConvNeXt-L at 1536: 2880
   visual tokens per image."""
-  cfg = mgjax_config.load_config_file(os.path.join(REPO, 'configs', 'stage1.py'), 'model=mgm_7b')
+  cfg = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage1.py"), "model=mgm_7b")
   model_cfg = ml_collections.ConfigDict(cfg.model.to_dict())
   assert vlm.num_image_tokens(model_cfg) == 576 and vlm.lowres_image_shape(model_cfg) == (336, 336, 3)
   model_cfg.image_grid, model_cfg.image_global = 2, True
@@ -343,16 +343,16 @@ def test_mgm_7b_hd_sizes():
 
 def test_plan_batch_for_an_hd_config():
   """mgjax.plan's abstract batch has the pipeline's HD shapes, and the train loss takes it."""
-  config = mgjax_config.load_config_file(os.path.join(REPO, 'configs', 'stage2.py'), 'data=sample:tiny')
+  config = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage2.py"), "data=sample:tiny")
   config.data.seq_len = 256
   b, m = config.data.batch_size, config.data.max_images
-  assert plan.abstract_batch(config.data, config.model)['images_lowres'].shape == (b, m, 32, 32, 3)
+  assert plan.abstract_batch(config.data, config.model)["images_lowres"].shape == (b, m, 32, 32, 3)
   model_cfg = ml_collections.ConfigDict(config.model.to_dict())
   model_cfg.image_grid, model_cfg.image_global = 2, True
   batch = plan.abstract_batch(config.data, model_cfg)
-  assert batch['images_lowres'].shape == (b, m, 5, 32, 32, 3)
-  assert batch['images_highres'].shape == (b, m, 64, 64, 3)
-  assert batch['input_ids'].shape == (b, 256)
+  assert batch["images_lowres"].shape == (b, m, 5, 32, 32, 3)
+  assert batch["images_highres"].shape == (b, m, 64, 64, 3)
+  assert batch["input_ids"].shape == (b, 256)
   graphdef, state = nnx.split(vlm.abstract_model(model_cfg))
   total, count = jax.eval_shape(make_loss_fn(graphdef), state, batch)
   assert total.shape == count.shape == ()
@@ -360,16 +360,16 @@ def test_plan_batch_for_an_hd_config():
   with pytest.raises(ValueError, match="cannot hold one image's 80 tokens"):
     plan.abstract_batch(config.data, model_cfg)
   model_cfg.vision_highres.image_size = 48  # a 12x12 map cannot split into 2 x 4x4 windows
-  with pytest.raises(ValueError, match='must split into the 8x8 low-res grid'):
+  with pytest.raises(ValueError, match="must split into the 8x8 low-res grid"):
     vlm.abstract_model(model_cfg)
 
 
 # ------------------------------------------------------------------------- pipeline + loss
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def hd_setup(data_dir):
-  config = mgjax_config.load_config_file(os.path.join(REPO, 'configs', 'stage1.py'), 'data=sample:tiny')
+  config = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage1.py"), "data=sample:tiny")
   config.data.seq_len = 256  # a conversation plus 5 views x 16 tokens of its image
   config.data.max_images = 1  # one image slot per row keeps the CPU forward small
   dataset = build.ensure_built(config.data.recipe, data_dir)  # conftest: built once a session
@@ -382,59 +382,59 @@ def hd_setup(data_dir):
 
 def _example(source, category: bytes, with_images: bool):
   for i in range(len(source)):
-    if source[i]['category'] == category and bool(len(source[i]['images'])) == with_images:
+    if source[i]["category"] == category and bool(len(source[i]["images"])) == with_images:
       return source[i]
-  raise AssertionError(f'no {category} example')
+  raise AssertionError(f"no {category} example")
 
 
 def test_hd_forward_and_loss_through_the_pipeline(hd_setup):
   config, dataset, tokenizer, model_cfg, encoder = hd_setup
-  source = build.open_split(dataset, 'train')
-  example = _example(source, b'understanding', with_images=True)
+  source = build.open_split(dataset, "train")
+  example = _example(source, b"understanding", with_images=True)
   n = vlm.num_image_tokens(model_cfg)
   assert n == 5 * 16 and encoder.num_image_tokens == n
   row = encoder(example)
   size, high = model_cfg.vision_lowres.image_size, model_cfg.vision_highres.image_size
-  assert row['images_lowres'].shape == (config.data.max_images, 5, size, size, 3)
-  assert row['images_highres'].shape == (config.data.max_images, high, high, 3)
-  positions = np.nonzero(row['input_ids'] == encoder.image_token_id)[0]
+  assert row["images_lowres"].shape == (config.data.max_images, 5, size, size, 3)
+  assert row["images_highres"].shape == (config.data.max_images, high, high, 3)
+  positions = np.nonzero(row["input_ids"] == encoder.image_token_id)[0]
   assert len(positions) == n and np.all(np.diff(positions) == 1)
-  views, pixels = images.mgm_views(images.decode(example['images'][0]), size, high, config.data.image_mean,
+  views, pixels = images.mgm_views(images.decode(example["images"][0]), size, high, config.data.image_mean,
                                    config.data.image_std, grid=2, global_view=True)
-  np.testing.assert_array_equal(row['images_lowres'][0], views)
-  np.testing.assert_array_equal(row['images_highres'][0], pixels)
+  np.testing.assert_array_equal(row["images_lowres"][0], views)
+  np.testing.assert_array_equal(row["images_highres"][0], pixels)
   # Generation prompts (decode, predict) get the same views.
-  prompt = encoder.encode_prompt([{'role': 'user', 'content': '<image>\nWhat is drawn?'}], [example['images'][0]])
-  assert (prompt['input_ids'] == encoder.image_token_id).sum() == n
-  np.testing.assert_array_equal(prompt['images_lowres'][0], views)
+  prompt = encoder.encode_prompt([{"role": "user", "content": "<image>\nWhat is drawn?"}], [example["images"][0]])
+  assert (prompt["input_ids"] == encoder.image_token_id).sum() == n
+  np.testing.assert_array_equal(prompt["images_lowres"][0], views)
   # Packing moves whole images, views and all.
   examples = [source[i] for i in range(8)]
   packed = list(
       pipeline.pack(grain.MapDataset.source(examples).map(encoder.unpadded).to_iter_dataset(), encoder, num_bins=2))
   filled = 0
   for packed_row in packed:
-    assert packed_row['images_lowres'].shape == row['images_lowres'].shape
-    slots = int((packed_row['input_ids'] == encoder.image_token_id).sum()) // n
-    assert packed_row['images_lowres'][:slots].any(axis=(1, 2, 3, 4)).all()
-    assert not packed_row['images_lowres'][slots:].any()
+    assert packed_row["images_lowres"].shape == row["images_lowres"].shape
+    slots = int((packed_row["input_ids"] == encoder.image_token_id).sum()) // n
+    assert packed_row["images_lowres"][:slots].any(axis=(1, 2, 3, 4)).all()
+    assert not packed_row["images_lowres"][slots:].any()
     filled += slots
   assert filled > 0
-  text_only = encoder(_example(source, b'generation', with_images=False))
-  assert text_only['images_lowres'].shape == row['images_lowres'].shape and not text_only['images_lowres'].any()
+  text_only = encoder(_example(source, b"generation", with_images=False))
+  assert text_only["images_lowres"].shape == row["images_lowres"].shape and not text_only["images_lowres"].any()
   batch = {k: np.stack([row[k], text_only[k]]) for k in row}
 
-  model = _build(model_cfg, 'random')
+  model = _build(model_cfg, "random")
   graphdef, params = nnx.split(model)
   loss_fn = make_loss_fn(graphdef)
 
   @jax.jit
   def run(params, batch):  # one compile: the training loss, and what the image tokens hold
     m = nnx.merge(graphdef, params)
-    embeds = m.embed_inputs(batch['input_ids'], batch['images_lowres'], batch['images_highres'])
-    return loss_fn(params, batch), embeds[0], m.encode_images(batch['images_lowres'][0], batch['images_highres'][0])
+    embeds = m.embed_inputs(batch["input_ids"], batch["images_lowres"], batch["images_highres"])
+    return loss_fn(params, batch), embeds[0], m.encode_images(batch["images_lowres"][0], batch["images_highres"][0])
 
   (total, count), embeds, feats = run(params, batch)
-  assert float(count) == batch['loss_mask'].sum() > 0
+  assert float(count) == batch["loss_mask"].sum() > 0
   mean = float(total) / float(count)
   # An untrained model: about ln(vocab) per token.
   assert np.isfinite(mean) and abs(mean - np.log(model_cfg.vocab_size)) < 1.0
@@ -445,8 +445,8 @@ def test_hd_forward_and_loss_through_the_pipeline(hd_setup):
   # A view changed alone changes its own 16 tokens and no other: the global view (input
   # view 4) the first 16, crop 1 (input view 1) tokens 32..47.
   for view, tokens in ((4, slice(0, 16)), (1, slice(32, 48))):
-    changed = dict(batch, images_lowres=batch['images_lowres'].copy())
-    changed['images_lowres'][0, 0, view] += 1.0
+    changed = dict(batch, images_lowres=batch["images_lowres"].copy())
+    changed["images_lowres"][0, 0, view] += 1.0
     _, changed_embeds, _ = run(params, changed)
     moved = np.abs(np.asarray(changed_embeds[positions] - embeds[positions])).max(axis=-1)
     assert (moved[tokens] > 0).all() and not np.delete(moved, np.arange(n)[tokens]).any(), view

@@ -455,13 +455,13 @@ def test_worker_run_stop_lines(bare_path, tmp_path):
   venv_bin.mkdir(parents=True)
   # stands in for the trainer: logs its arguments, exits cleanly on SIGTERM
   (venv_bin / "python").write_text(
-      textwrap.dedent('''\
+      textwrap.dedent("""\
       #!/bin/bash
       trap 'echo "SIGTERM: checkpoint and exit"; exit 0' TERM
       echo "argv: $*"
       echo "cwd: $PWD"
       sleep 60 & wait
-      '''))
+      """))
   (venv_bin / "python").chmod(0o755)
   [run] = dry_run(TPU, "run", *TPU_ARGS, *RUN_ARGS, "--", "--config.x=it's", path=bare_path, tmp_path=tmp_path)
   [stop] = dry_run(TPU, "stop", *TPU_ARGS, path=bare_path, tmp_path=tmp_path)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -21,17 +21,17 @@ from mgjax.models.llm import DecoderLM  # noqa: E402
 
 VOCAB = 128
 TOLERANCE = 1e-4
-LLAMA3_ROPE = dict(rope_type='llama3', rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=16)
 # name -> (config class, extra config). Sizes are tiny; Gemma's head_dim is not hidden/heads,
 # and the Llama-3 context (16) is short enough that its 24-token inputs reach every branch of
 # the scaling (kept, blended and slowed frequencies).
 FAMILIES = {
-    'llama': ('LlamaConfig', dict()),
-    'llama3': ('LlamaConfig', dict(rope_parameters=LLAMA3_ROPE)),
-    'gemma': ('GemmaConfig', dict(head_dim=16)),
-    'qwen2': ('Qwen2Config', dict()),
-    'qwen2_tied': ('Qwen2Config', dict(tie_word_embeddings=True)),
+    "llama": ("LlamaConfig", dict()),
+    "llama3": ("LlamaConfig", dict(rope_parameters=LLAMA3_ROPE)),
+    "gemma": ("GemmaConfig", dict(head_dim=16)),
+    "qwen2": ("Qwen2Config", dict()),
+    "qwen2_tied": ("Qwen2Config", dict(tie_word_embeddings=True)),
 }
 
 
@@ -46,10 +46,10 @@ def tiny_hf_model(name: str, seed: int = 0):
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **extra)
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-  gemma = cfg.model_type == 'gemma'
+  gemma = cfg.model_type == "gemma"
   with torch.no_grad():
     for pname, p in model.named_parameters():
-      identity = 1.0 if (p.ndim == 1 and 'norm' in pname and not gemma) else 0.0
+      identity = 1.0 if (p.ndim == 1 and "norm" in pname and not gemma) else 0.0
       p.copy_(torch.randn_like(p) * 0.2 + identity)
   return model
 
@@ -63,7 +63,7 @@ def random_ids(batch: int = 2, seq: int = 24, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed).integers(0, VOCAB, (batch, seq)).astype(np.int32)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def cases(tmp_path_factory):
   """name -> (transformers model, its saved folder, the imported mgjax model), built on first use."""
   built = {}
@@ -79,7 +79,7 @@ def cases(tmp_path_factory):
   return get
 
 
-@pytest.mark.parametrize('name', sorted(FAMILIES))
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_logits_match_transformers(cases, name):
   hf, _, model = cases(name)
   ids = random_ids()
@@ -87,13 +87,13 @@ def test_logits_match_transformers(cases, name):
   ref = hf_logits(hf, ids)
   assert ours.dtype == np.float32 and ours.shape == (2, 24, VOCAB)
   diff = np.abs(ours - ref).max()
-  print(f'{name}: max abs logit difference {diff:.2e}')
-  assert diff < TOLERANCE, f'{name}: max abs difference {diff}'
+  print(f"{name}: max abs logit difference {diff:.2e}")
+  assert diff < TOLERANCE, f"{name}: max abs difference {diff}"
 
 
 def test_llama3_rope_scaling_is_applied(cases):
   """The llama3 model's parity is due to its scaling: without it the logits differ."""
-  hf, _, model = cases('llama3')
+  hf, _, model = cases("llama3")
   assert model.layers[0].self_attn.rope_inv_freq != DecoderLM(vocab_size=VOCAB, hidden=32, layers=1, heads=4,
                                                               kv_heads=2, head_dim=8, mlp=64, rope_theta=500000.0,
                                                               rngs=nnx.Rngs(0)).layers[0].self_attn.rope_inv_freq
@@ -106,7 +106,7 @@ def test_llama3_rope_scaling_is_applied(cases):
   assert np.abs(np.asarray(unscaled(ids)) - hf_logits(hf, ids)).max() > 1e-3
 
 
-@pytest.mark.parametrize('name', sorted(FAMILIES))
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_kv_cache_decode_equals_the_full_forward(cases, name):
   """Prefill a left-padded prompt, then decode token by token: each step's logits equal the
   no-cache forward over the whole (unpadded) row."""
@@ -134,13 +134,13 @@ def test_kv_cache_decode_equals_the_full_forward(cases, name):
     full = np.asarray(model(ids[r:r + 1, :n + 3]))[0]
     for t, step in enumerate(steps):
       diff = np.abs(step[r] - full[n - 1 + t]).max()
-      assert diff < TOLERANCE, f'{name}: row {r} step {t}: cache vs full forward differ by {diff}'
+      assert diff < TOLERANCE, f"{name}: row {r} step {t}: cache vs full forward differ by {diff}"
 
 
 def test_bfloat16_compute_stays_close(cases):
   """A bf16 model of the same weights gives float32 logits near the float32 ones (one family:
   the dtype plumbing is shared)."""
-  _, folder, model = cases('gemma')
+  _, folder, model = cases("gemma")
   low = load_hf_lm(folder, dtype=jnp.bfloat16)
   ids = random_ids()
   out = low(ids)

@@ -9,7 +9,7 @@ import pytest
 from mgjax.loss import summed_cross_entropy
 
 
-@pytest.mark.parametrize('chunk', [0, 16, 48])
+@pytest.mark.parametrize("chunk", [0, 16, 48])
 def test_chunked_loss_and_gradients_equal_the_whole_sequence(chunk):
   kh, ke, kt, kw = jax.random.split(jax.random.key(0), 4)
   b, t, d, v = 2, 100, 32, 300  # 100 tokens: the last chunk is shorter than the others
@@ -19,7 +19,7 @@ def test_chunked_loss_and_gradients_equal_the_whole_sequence(chunk):
   weights = (jax.random.uniform(kw, (b, t)) > 0.3).astype(jnp.float32)
 
   def reference(hidden, embedding):
-    logits = jnp.einsum('btd,dv->btv', hidden, embedding)
+    logits = jnp.einsum("btd,dv->btv", hidden, embedding)
     return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights)
 
   def chunked(hidden, embedding):
@@ -33,4 +33,4 @@ def test_chunked_loss_and_gradients_equal_the_whole_sequence(chunk):
   if chunk:
     # No [B, T, vocab] array anywhere in the program: the biggest logits are one chunk's.
     jaxpr = str(jax.make_jaxpr(jax.grad(chunked, argnums=(0, 1)))(hidden, embedding))
-    assert f'{b},{t},{v}]' not in jaxpr and f'{b},{chunk},{v}]' in jaxpr
+    assert f"{b},{t},{v}]" not in jaxpr and f"{b},{chunk},{v}]" in jaxpr

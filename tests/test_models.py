@@ -27,7 +27,7 @@ def _close(a, b, atol=1e-5):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=0)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def llm():
   return DecoderLM(**LLM_KW, rngs=nnx.Rngs(0))
 
@@ -67,9 +67,9 @@ def test_gqa_shapes_and_equivalence_to_repeated_heads(llm):
   mask = jnp.broadcast_to(jnp.tril(jnp.ones((6, 6), bool)), (2, 6, 6))
   # Reference: plain multi-head attention with each kv head repeated for its query group.
   k_rep, v_rep = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
-  scores = jnp.einsum('bthd,bshd->bhts', q, k_rep) / np.sqrt(8)
+  scores = jnp.einsum("bthd,bshd->bhts", q, k_rep) / np.sqrt(8)
   scores = jnp.where(mask[:, None], scores, -1e30)
-  ref = jnp.einsum('bhts,bshd->bthd', jax.nn.softmax(scores, -1), v_rep)
+  ref = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, -1), v_rep)
   _close(dot_product_attention(q, k, v, mask), ref)
 
 
@@ -92,7 +92,7 @@ def test_rope_depends_only_on_relative_position(llm):
 
 
 def test_llm_tied_embeddings_and_bf16_compute():
-  tied = DecoderLM(**LLM_KW, tie_embeddings=True, dtype='bfloat16', rngs=nnx.Rngs(0))
+  tied = DecoderLM(**LLM_KW, tie_embeddings=True, dtype="bfloat16", rngs=nnx.Rngs(0))
   assert tied.lm_head is None
   ids = jnp.arange(10)[None]
   logits = tied(ids)
@@ -103,7 +103,7 @@ def test_llm_tied_embeddings_and_bf16_compute():
   _close(tied(inputs_embeds=tied.embed(ids)), logits, atol=0)
 
 
-@pytest.mark.parametrize('policy', ['full', 'dots', 'qkv', 'qkv_out'])
+@pytest.mark.parametrize("policy", ["full", "dots", "qkv", "qkv_out"])
 def test_remat_gives_the_same_loss_and_gradients(policy):
   ids = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
 
@@ -112,10 +112,10 @@ def test_remat_gives_the_same_loss_and_gradients(policy):
     graphdef, params = nnx.split(model)
     loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(ids)**2)
     # The layers really are wrapped in jax.checkpoint (its primitive is remat2 in the jaxpr).
-    assert ('remat2' in str(jax.make_jaxpr(jax.grad(loss))(params))) == (remat != 'none')
+    assert ("remat2" in str(jax.make_jaxpr(jax.grad(loss))(params))) == (remat != "none")
     return jax.jit(jax.value_and_grad(loss))(params)
 
-  (plain_loss, plain_grads), (remat_loss, remat_grads) = loss_and_grads('none'), loss_and_grads(policy)
+  (plain_loss, plain_grads), (remat_loss, remat_grads) = loss_and_grads("none"), loss_and_grads(policy)
   _close(remat_loss, plain_loss, atol=1e-6)
   for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain_grads)):
     _close(a, b, atol=1e-6)
@@ -144,7 +144,7 @@ def test_convnext_stage_outputs_and_highres_map():
   assert fmap.shape == (2, 16, 16, 240)
   _close(fmap[..., :16], stages[0], atol=0)  # stage 0 is already at 1/4 resolution
   # A constant stage output upsamples to the same constant (bilinear, half-pixel centres).
-  up = jax.image.resize(jnp.ones((1, 2, 2, 1)), (1, 16, 16, 1), 'bilinear')
+  up = jax.image.resize(jnp.ones((1, 2, 2, 1)), (1, 16, 16, 1), "bilinear")
   _close(up, jnp.ones_like(up))
 
 
@@ -153,7 +153,7 @@ def test_depthwise_conv_equals_grouped_convolution():
   conv.bias[...] = jnp.arange(8.0)
   x = jax.random.normal(jax.random.key(11), (2, 9, 9, 8))
   ref = jax.lax.conv_general_dilated(x, conv.kernel[...], (1, 1), (
-      (3, 3), (3, 3)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=8) + conv.bias[...]
+      (3, 3), (3, 3)), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=8) + conv.bias[...]
   _close(_call(conv, x), ref)
 
 
@@ -176,7 +176,7 @@ def test_patch_info_mining_is_local_to_each_tokens_window():
   assert not np.allclose(_call(mining, lowres2, highres)[0, 0] - out[0, 0], 0.0)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def vlm():
   return MiniGemini(get_config(), rngs=nnx.Rngs(0))
 
@@ -220,17 +220,17 @@ def test_visual_tokens_go_where_image_tokens_stand(vlm):
 def test_every_weight_has_logical_axes(vlm):
   names = {name for name, _ in DEFAULT_LOGICAL_AXIS_RULES}
   for path, var in nnx.to_flat_state(nnx.state(vlm, nnx.Param)):
-    axes = var.get_metadata().get('out_sharding')
-    where = '/'.join(map(str, path))
+    axes = var.get_metadata().get("out_sharding")
+    where = "/".join(map(str, path))
     assert axes is not None and len(axes) == len(var.shape), where
     assert set(axes) <= names, where
 
 
 def test_sharded_forward_equals_single_device():
-  assert jax.device_count() >= 8, 'tests/conftest.py must set XLA_FLAGS before jax starts'
+  assert jax.device_count() >= 8, "tests/conftest.py must set XLA_FLAGS before jax starts"
   cfg = get_config()
   cfg.vision_highres.ls_init = 1.0  # timm's 1e-6 would leave the ConvNeXt gradients ~1e-9
-  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
   abstract = nnx.eval_shape(lambda: MiniGemini(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
@@ -242,21 +242,21 @@ def test_sharded_forward_equals_single_device():
 
   sharded = nnx.merge(graphdef, init())
   q = sharded.llm.layers[0].self_attn.q_proj.kernel[...]
-  assert q.sharding.spec == P('fsdp', 'tensor', None)
+  assert q.sharding.spec == P("fsdp", "tensor", None)
   assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (64, 2, 32)
-  assert sharded.llm.embed_tokens.embedding[...].sharding.spec == P('tensor', 'fsdp')
-  assert sharded.vision_highres.stem_conv.kernel[...].sharding.spec == P(None, None, None, 'fsdp')
+  assert sharded.llm.embed_tokens.embedding[...].sharding.spec == P("tensor", "fsdp")
+  assert sharded.vision_highres.stem_conv.kernel[...].sharding.spec == P(None, None, None, "fsdp")
 
   n = num_image_tokens(cfg)
   ids, lo, hi = _vlm_inputs(jax.random.key(10), num_images=1, b=4, t=40)
   ids = ids.at[:2, 3:3 + n].set(cfg.image_token_id)
-  batch = NamedSharding(mesh, P(('data', 'fsdp')))
+  batch = NamedSharding(mesh, P(("data", "fsdp")))
   forward = nnx.jit(lambda model, *a: model(*a))
   # The mesh context lets the model pin activations to the batch split (axes.constrain);
   # without it XLA 0.10.2 on CPU miscompiles this forward (wrong middle batch shards).
   with jax.set_mesh(mesh):
     out = forward(sharded, *jax.device_put((ids, lo, hi), batch))
-  assert out.sharding.spec[0] == ('data', 'fsdp')
+  assert out.sharding.spec[0] == ("data", "fsdp")
 
   single = MiniGemini(cfg, rngs=nnx.Rngs(0))
   _close(out, forward(single, ids, lo, hi))
@@ -275,17 +275,17 @@ def test_sharded_forward_equals_single_device():
     a, b = np.asarray(g[...]), np.asarray(grads_sharded[path][...])
     # Relative per weight; the absolute floor covers gradients that are zero in exact math
     # (key biases cancel in the softmax) and hold only rounding noise.
-    assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max() + 1e-7, '/'.join(map(str, path))
+    assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max() + 1e-7, "/".join(map(str, path))
 
 
 # The two XLA SPMD bugs (jax 0.10.2, CPU) the model works around, in plain JAX. They are
 # expected to fail; when one passes, its workaround (axes.constrain pins, DepthwiseConv)
 # may be revisited.
 def _upstream_mesh():
-  return jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  return jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
-@pytest.mark.xfail(reason='XLA SPMD miscompile without activation pins (jax 0.10.2)', strict=False)
+@pytest.mark.xfail(reason="XLA SPMD miscompile without activation pins (jax 0.10.2)", strict=False)
 def test_upstream_chained_matmuls_then_residual_without_pins():
   mesh = _upstream_mesh()
   keys = jax.random.split(jax.random.key(0), 4)
@@ -297,12 +297,12 @@ def test_upstream_chained_matmuls_then_residual_without_pins():
     return y + y @ w3
 
   put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
-  out = jax.jit(f)(put(x, ('data', 'fsdp')), put(w1, 'fsdp', 'tensor'), put(w2, 'tensor', 'fsdp'),
-                   put(w3, 'fsdp', 'tensor'))
+  out = jax.jit(f)(put(x, ("data", "fsdp")), put(w1, "fsdp", "tensor"), put(w2, "tensor", "fsdp"),
+                   put(w3, "fsdp", "tensor"))
   _close(out, jax.jit(f)(x, w1, w2, w3), atol=1e-4)
 
 
-@pytest.mark.xfail(reason='XLA SPMD scales grouped-conv weight gradients (jax 0.10.2)', strict=False)
+@pytest.mark.xfail(reason="XLA SPMD scales grouped-conv weight gradients (jax 0.10.2)", strict=False)
 def test_upstream_grouped_conv_weight_gradient_under_batch_split():
   mesh = _upstream_mesh()
   x = jax.random.normal(jax.random.key(0), (8, 16, 16, 16))
@@ -310,16 +310,16 @@ def test_upstream_grouped_conv_weight_gradient_under_batch_split():
 
   def loss(w, x):
     y = jax.lax.conv_general_dilated(x, w, (1, 1), ((3, 3), (3, 3)), feature_group_count=16,
-                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return jnp.sum(jnp.sin(y))
 
   grad = jax.jit(jax.grad(loss))
   with jax.set_mesh(mesh):
-    sharded = grad(w, jax.device_put(x, NamedSharding(mesh, P(('data', 'fsdp')))))
+    sharded = grad(w, jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp")))))
   _close(sharded, grad(w, x), atol=1e-3)
 
 
-@pytest.mark.parametrize('remat', ['none', 'full'])
+@pytest.mark.parametrize("remat", ["none", "full"])
 def test_scanned_layers_equal_the_unrolled_stack(remat):
   # The same weights, stacked: the scanned decoder gives the same logits, gradients (stacked
   # the same way) and KV-cache decoding as the unrolled one.
@@ -330,9 +330,9 @@ def test_scanned_layers_equal_the_unrolled_stack(remat):
   stacked = llm_module.stack_layers(plain_params.to_pure_dict())
   assert llm_module.is_stacked(stacked) and not llm_module.is_stacked(plain_params.to_pure_dict())
   nnx.replace_by_pure_dict(scan_state, stacked)
-  q_kernel = scan_state['layers']['self_attn']['q_proj']['kernel']
+  q_kernel = scan_state["layers"]["self_attn"]["q_proj"]["kernel"]
   assert q_kernel.shape == (2, 32, 4, 8)
-  assert q_kernel.get_metadata()['out_sharding'] == ('layers', 'embed', 'heads', 'head_dim')
+  assert q_kernel.get_metadata()["out_sharding"] == ("layers", "embed", "heads", "head_dim")
   ids = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
 
   def loss(graph):
@@ -350,7 +350,7 @@ def test_scanned_layers_equal_the_unrolled_stack(remat):
   # Prefill and one decode step through the stacked cache.
   model = nnx.merge(scan_graph, scan_state)
   cache = model.init_cache(2, 16)
-  assert cache['layers']['k'].shape == (2, 2, 16, 2, 8)
+  assert cache["layers"]["k"].shape == (2, 2, 16, 2, 8)
   logits, cache = model.extend(ids, cache=cache)
   _close(logits, plain(ids), atol=1e-5)
   step, _ = model.extend(ids[:, :1], cache=cache)

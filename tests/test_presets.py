@@ -26,22 +26,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Nous-Hermes-2-Yi-34B: 2 * 64000*7168 + 60 * (2*7168^2 + 2*7168*1024 + 3*7168*20480 + 2*7168)
 #   + 7168 = 34,388,917,248.
 LLM_PARAMS = {
-    'mgm_2b': 2_506_172_416,
-    'mgm_7b': 6_738_415_616,
-    'mgm_8b': 8_030_261_248,
-    'mgm_13b': 13_015_864_320,
-    'mgm_8x7b': 46_702_792_704,
-    'mgm_34b': 34_388_917_248
+    "mgm_2b": 2_506_172_416,
+    "mgm_7b": 6_738_415_616,
+    "mgm_8b": 8_030_261_248,
+    "mgm_13b": 13_015_864_320,
+    "mgm_8x7b": 46_702_792_704,
+    "mgm_34b": 34_388_917_248
 }
 # Every released model, and its HD variant (the same weights, more visual tokens).
-PRESETS = sorted([*LLM_PARAMS, *(f'{name}_hd' for name in LLM_PARAMS)])
+PRESETS = sorted([*LLM_PARAMS, *(f"{name}_hd" for name in LLM_PARAMS)])
 TEMPLATES = {
-    'mgm_2b': 'gemma',
-    'mgm_7b': 'vicuna_v1',
-    'mgm_13b': 'vicuna_v1',
-    'mgm_8b': 'llama_3',
-    'mgm_8x7b': 'mistral_instruct',
-    'mgm_34b': 'chatml_direct'
+    "mgm_2b": "gemma",
+    "mgm_7b": "vicuna_v1",
+    "mgm_13b": "vicuna_v1",
+    "mgm_8b": "llama_3",
+    "mgm_8x7b": "mistral_instruct",
+    "mgm_34b": "chatml_direct"
 }
 # HF CLIPVisionModel of openai/clip-vit-large-patch14-336 has 303,507,456 parameters; mgjax
 # builds no post_layernorm (2*1024), which the penultimate-layer features never read.
@@ -57,15 +57,15 @@ def _count(state) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
 
 
-@pytest.mark.parametrize('name', PRESETS)
+@pytest.mark.parametrize("name", PRESETS)
 def test_preset_builds_abstractly_at_published_size(name):
-  cfg = mgjax_config.load_config_file(os.path.join(REPO, 'configs', 'stage1.py'), f'model={name}')
+  cfg = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage1.py"), f"model={name}")
   model_cfg = cfg.model
-  base, hd = name.removesuffix('_hd'), name.endswith('_hd')
+  base, hd = name.removesuffix("_hd"), name.endswith("_hd")
   # Trained as the released model: its template, padded images, model_max_length, towers.
   assert model_cfg.template == TEMPLATES[base]
   assert cfg.data.pad_to_square and cfg.data.seq_len == (4096 if hd else 2048)
-  assert cfg.optim.freeze == ('vision_lowres/.*', 'vision_highres/.*')
+  assert cfg.optim.freeze == ("vision_lowres/.*", "vision_highres/.*")
   assert model_cfg.vision_highres.image_size == (1536 if hd else 768)
   assert num_image_tokens(model_cfg) == (5 if hd else 1) * 576
   model = abstract_model(model_cfg)
@@ -77,18 +77,18 @@ def test_preset_builds_abstractly_at_published_size(name):
   hidden = model_cfg.llm.hidden
   # The presets add 128 vocabulary rows (room for <image>) to the input and output embeddings.
   added_rows = 128 * hidden * (1 if model_cfg.llm.tie_embeddings else 2)
-  assert counts['llm'] == LLM_PARAMS[base] + added_rows
-  assert counts['vision_lowres'] == CLIP_L14_336_PARAMS
-  assert counts['vision_highres'] == CONVNEXT_L_TRUNK_PARAMS
-  assert counts['mining'] == MINING_PARAMS
-  assert counts['projector'] == 1024 * hidden + hidden + hidden * hidden + hidden
-  assert set(counts) == {'llm', 'vision_lowres', 'vision_highres', 'mining', 'projector'}
+  assert counts["llm"] == LLM_PARAMS[base] + added_rows
+  assert counts["vision_lowres"] == CLIP_L14_336_PARAMS
+  assert counts["vision_highres"] == CONVNEXT_L_TRUNK_PARAMS
+  assert counts["mining"] == MINING_PARAMS
+  assert counts["projector"] == 1024 * hidden + hidden + hidden * hidden + hidden
+  assert set(counts) == {"llm", "vision_lowres", "vision_highres", "mining", "projector"}
   assert model.vision_highres.feature_channels == 2880
 
 
 def test_visual_tokens_have_the_published_shapes():
   """576 CLIP tokens of width 1024 mine 8x8 windows of a 192x192x2880 map (shapes only)."""
-  cfg = mgjax_config.preset('models', 'mgm_2b')
+  cfg = mgjax_config.preset("models", "mgm_2b")
   model = abstract_model(cfg)
   lo = jax.ShapeDtypeStruct((1, 336, 336, 3), np.float32)
   hi = jax.ShapeDtypeStruct((1, 768, 768, 3), np.float32)

@@ -12,27 +12,27 @@ from conftest import REPO
 from mgjax import config as mgjax_config, plan
 
 
-@pytest.mark.parametrize('name, topology, chips', [
-    ('v5p-8', 'v5p:2x2x1', 4),
-    ('v5p-16', 'v5p:2x2x2', 8),
-    ('v5p-32', 'v5p:2x2x4', 16),
-    ('v5p-128', 'v5p:4x4x4', 64),
-    ('v4-8', 'v4:2x2x1', 4),
-    ('v5litepod-8', 'v5e:2x4', 8),
-    ('v5e-4', 'v5e:2x2', 4),
-    ('v5e-1', 'v5e:1x1', 1),
-    ('v6e-16', 'v6e:4x4', 16),
-    ('v6e-256', 'v6e:16x16', 256),
+@pytest.mark.parametrize("name, topology, chips", [
+    ("v5p-8", "v5p:2x2x1", 4),
+    ("v5p-16", "v5p:2x2x2", 8),
+    ("v5p-32", "v5p:2x2x4", 16),
+    ("v5p-128", "v5p:4x4x4", 64),
+    ("v4-8", "v4:2x2x1", 4),
+    ("v5litepod-8", "v5e:2x4", 8),
+    ("v5e-4", "v5e:2x2", 4),
+    ("v5e-1", "v5e:1x1", 1),
+    ("v6e-16", "v6e:4x4", 16),
+    ("v6e-256", "v6e:16x16", 256),
 ])
 def test_gcloud_accelerator_types_map_to_their_topologies(name, topology, chips):
   _, got, n = plan.tpu_topology(name)
   assert (got, n) == (topology, chips)
 
 
-@pytest.mark.parametrize('name, message', [
-    ('v5p-6', 'powers of two'),
-    ('v5p-4', 'smallest v5p slice is v5p-8'),
-    ('v7-8', 'expected a TPU accelerator type'),
+@pytest.mark.parametrize("name, message", [
+    ("v5p-6", "powers of two"),
+    ("v5p-4", "smallest v5p slice is v5p-8"),
+    ("v7-8", "expected a TPU accelerator type"),
 ])
 def test_a_target_that_is_no_tpu_slice_is_named(name, message):
   with pytest.raises(ValueError, match=message):
@@ -41,38 +41,38 @@ def test_a_target_that_is_no_tpu_slice_is_named(name, message):
 
 def test_sample_compiles_for_v5p_with_splash_attention(tmp_path):
   # The CLI as a user runs it: the sample model with FSDP over a v5p-8 slice (4 chips).
-  out = tmp_path / 'plan.json'
+  out = tmp_path / "plan.json"
   result = subprocess.run([
-      sys.executable, '-m', 'mgjax.plan', '--config=configs/stage2.py:data=sample:tiny', '--target=v5p-8',
-      f'--json={out}', '--config.mesh.data=1', '--config.mesh.fsdp=-1'
+      sys.executable, "-m", "mgjax.plan", "--config=configs/stage2.py:data=sample:tiny", "--target=v5p-8",
+      f"--json={out}", "--config.mesh.data=1", "--config.mesh.fsdp=-1"
   ], cwd=REPO, env={
-      **os.environ, 'XLA_FLAGS': ''
+      **os.environ, "XLA_FLAGS": ""
   }, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'TPU compiler, v5p-8 = v5p:2x2x1' in result.stdout and 'modelled step' in result.stdout
+  assert "TPU compiler, v5p-8 = v5p:2x2x1" in result.stdout and "modelled step" in result.stdout
   figures = json.loads(out.read_text())
-  assert figures['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1} and figures['device_kind'] == 'TPU v5'
+  assert figures["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and figures["device_kind"] == "TPU v5"
   # Splash's forward, dq and dkv kernels in each of the 4 decoder layers.
-  assert figures['attention'] == 'splash' and figures['pallas_kernels'] == 3 * 4
-  assert figures['params_bytes'] + figures['opt_state_bytes'] < figures['peak_bytes'] < 0.01 * 95 * 2**30
-  assert figures['flops_per_device'] > 0 and 0 < figures['modelled_flop_utilisation'] < 1
+  assert figures["attention"] == "splash" and figures["pallas_kernels"] == 3 * 4
+  assert figures["params_bytes"] + figures["opt_state_bytes"] < figures["peak_bytes"] < 0.01 * 95 * 2**30
+  assert figures["flops_per_device"] > 0 and 0 < figures["modelled_flop_utilisation"] < 1
 
 
 def test_scanned_decoder_and_chunked_loss_cost_the_same_as_the_unrolled_program():
   # A scanned decoder with remat and a chunked loss: loops whose bodies the TPU compiler's cost
   # analysis counts once. plan's figures (from loop-free twins) must equal those of the same
   # model compiled without loops. Text only (no image slot) keeps the compiles short.
-  config = mgjax_config.load_config_file(os.path.join(REPO, 'configs', 'stage2.py'), 'data=sample:tiny')
+  config = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage2.py"), "data=sample:tiny")
   config.mesh.data, config.mesh.fsdp, config.data.max_images = 1, -1, 0
-  config.model.llm.remat, config.train.loss_chunk = 'full', 32
-  devices = plan.tpu_devices('v5e-4')
+  config.model.llm.remat, config.train.loss_chunk = "full", 32
+  devices = plan.tpu_devices("v5e-4")
   unrolled_step = plan.compile_train_step(config, devices, unroll_loss=True,
                                           compiler_options=plan.COST_COMPILER_OPTIONS)
   unrolled = plan.step_costs(unrolled_step, config, len(devices))
   config.model.llm.scan_layers = True
-  looped = plan.plan(config, target='v5e-4')
+  looped = plan.plan(config, target="v5e-4")
   # Forward, recomputed forward, dq and dkv: 4 splash kernels per layer, once per loop body.
   kernels = unrolled_step.compiled.as_text().count('custom_call_target="tpu_custom_call"')
-  assert (looped['pallas_kernels'], kernels) == (4, 4 * config.model.llm.layers)
-  for key in ('flops_per_device', 'modelled_step_seconds'):
+  assert (looped["pallas_kernels"], kernels) == (4, 4 * config.model.llm.layers)
+  for key in ("flops_per_device", "modelled_step_seconds"):
     assert looped[key] == pytest.approx(unrolled[key], rel=0.02), key

@@ -21,8 +21,8 @@ from mgjax.models import MiniGemini, logical_shardings, num_image_tokens
 from mgjax.models.mining import PatchInfoMining, Projector
 from mgjax.models.vision import ConvNeXt, VisionTransformer
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-4  # float32 features within 1e-4 max abs of transformers'
 
@@ -59,10 +59,10 @@ VIT = dict(image_size=28, patch_size=7, width=32, layers=3, heads=4, mlp=64)
 
 
 def _hf_vit(kind: str):
-  common = dict(hidden_size=VIT['width'], intermediate_size=VIT['mlp'], num_hidden_layers=VIT['layers'],
-                num_attention_heads=VIT['heads'], image_size=VIT['image_size'], patch_size=VIT['patch_size'])
+  common = dict(hidden_size=VIT["width"], intermediate_size=VIT["mlp"], num_hidden_layers=VIT["layers"],
+                num_attention_heads=VIT["heads"], image_size=VIT["image_size"], patch_size=VIT["patch_size"])
   torch.manual_seed(0)
-  if kind == 'clip':
+  if kind == "clip":
     model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**common))
   else:
     model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**common))
@@ -76,50 +76,50 @@ def _hf_hidden_states(model, images: np.ndarray):
   return [h.numpy() for h in out.hidden_states]
 
 
-@pytest.mark.parametrize('kind', ['clip', 'siglip'])
-@pytest.mark.parametrize('naming', ['current', 'vision_model'])
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("naming", ["current", "vision_model"])
 def test_vit_features_equal_transformers(kind, naming, tmp_path):
   hf = _hf_vit(kind)
   tensors = _state(hf)
-  if naming == 'vision_model':  # older files / whole CLIPModel: the tower under vision_model.
-    tensors = {f'vision_model.{k}': v for k, v in tensors.items()}
-    tensors['text_model.embeddings.token_embedding.weight'] = np.zeros((8, 4), np.float32)
-    tensors['logit_scale'] = np.zeros((), np.float32)
-  tensors = _roundtrip(tensors, tmp_path, f'{kind}_{naming}')
-  images = _images(0, 2, VIT['image_size'])
+  if naming == "vision_model":  # older files / whole CLIPModel: the tower under vision_model.
+    tensors = {f"vision_model.{k}": v for k, v in tensors.items()}
+    tensors["text_model.embeddings.token_embedding.weight"] = np.zeros((8, 4), np.float32)
+    tensors["logit_scale"] = np.zeros((), np.float32)
+  tensors = _roundtrip(tensors, tmp_path, f"{kind}_{naming}")
+  images = _images(0, 2, VIT["image_size"])
   hidden = _hf_hidden_states(hf, images)
   for feature_layer in (-2, -1, 1):
     vit = VisionTransformer(**VIT, kind=kind, feature_layer=feature_layer, rngs=nnx.Rngs(0))
     convert_vision.load_vit(vit, tensors, source=str(tmp_path))
     ours = nnx.jit(lambda m, x: m(x))(vit, images)
-    expected = hidden[feature_layer][:, 1:] if kind == 'clip' else hidden[feature_layer]
-    assert ours.shape == expected.shape == (2, 16, VIT['width'])
+    expected = hidden[feature_layer][:, 1:] if kind == "clip" else hidden[feature_layer]
+    assert ours.shape == expected.shape == (2, 16, VIT["width"])
     diff = _max_diff(ours, expected)
     print(f"max abs diff {kind} {naming} layer {feature_layer}: {diff:.2e}")
     assert diff < ATOL, (kind, naming, feature_layer, diff)
 
 
 def test_vit_import_names_every_mismatch(tmp_path):
-  clip = _state(_hf_vit('clip'))
+  clip = _state(_hf_vit("clip"))
   # A SigLIP checkpoint for a CLIP config: no class token or pre-layernorm, a patch bias.
-  siglip = _state(_hf_vit('siglip'))
-  vit = VisionTransformer(**VIT, kind='clip', rngs=nnx.Rngs(0))
+  siglip = _state(_hf_vit("siglip"))
+  vit = VisionTransformer(**VIT, kind="clip", rngs=nnx.Rngs(0))
   with pytest.raises(convert_vision.CheckpointMismatch) as err:
-    convert_vision.load_vit(vit, siglip, source='siglip-folder')
+    convert_vision.load_vit(vit, siglip, source="siglip-folder")
   msg = str(err.value)
-  assert 'siglip-folder' in msg and 'embeddings.class_embedding' in msg
-  assert 'pre_layrnorm.weight' in msg and 'embeddings.patch_embedding.bias' in msg
+  assert "siglip-folder" in msg and "embeddings.class_embedding" in msg
+  assert "pre_layrnorm.weight" in msg and "embeddings.patch_embedding.bias" in msg
   # A missing tensor and a wrong shape (a config with a wider MLP).
-  del clip['encoder.layers.1.mlp.fc2.bias']
-  wide = VisionTransformer(**{**VIT, 'mlp': 128}, rngs=nnx.Rngs(0))
+  del clip["encoder.layers.1.mlp.fc2.bias"]
+  wide = VisionTransformer(**{**VIT, "mlp": 128}, rngs=nnx.Rngs(0))
   with pytest.raises(convert_vision.CheckpointMismatch) as err:
     convert_vision.load_vit(wide, clip)
   msg = str(err.value)
-  assert 'missing tensors: encoder.layers.1.mlp.fc2.bias' in msg
-  assert 'encoder.layers.0.mlp.fc1.weight (64, 32)' in msg
+  assert "missing tensors: encoder.layers.1.mlp.fc2.bias" in msg
+  assert "encoder.layers.0.mlp.fc1.weight (64, 32)" in msg
   # Not a vision tower at all.
-  with pytest.raises(convert_vision.CheckpointMismatch, match='no clip vision tower'):
-    convert_vision.load_vit(vit, {'model.embed_tokens.weight': np.zeros((4, 4), np.float32)})
+  with pytest.raises(convert_vision.CheckpointMismatch, match="no clip vision tower"):
+    convert_vision.load_vit(vit, {"model.embed_tokens.weight": np.zeros((4, 4), np.float32)})
 
 
 # ------------------------------------------------------------------------- ConvNeXt
@@ -129,7 +129,7 @@ CONVNEXT = dict(dims=(8, 16, 24, 32), depths=(1, 2, 1, 1))
 
 def _hf_convnext():
   torch.manual_seed(0)
-  cfg = transformers.ConvNextConfig(hidden_sizes=list(CONVNEXT['dims']), depths=list(CONVNEXT['depths']),
+  cfg = transformers.ConvNextConfig(hidden_sizes=list(CONVNEXT["dims"]), depths=list(CONVNEXT["depths"]),
                                     layer_scale_init_value=1.0)
   model = transformers.ConvNextModel(cfg)
   _perturb(model, 2)
@@ -140,28 +140,28 @@ def _timm_names(hf_state: dict) -> dict:
   """transformers ConvNext names -> timm ConvNeXt names (the same tensors, same layouts)."""
   out = {}
   for name, value in hf_state.items():
-    if name.startswith('layernorm.') or name.startswith('pooler'):
+    if name.startswith("layernorm.") or name.startswith("pooler"):
       continue  # the pooled-output norm: timm's head.norm, which MGM never runs
-    for old, new in (('embeddings.patch_embeddings.', 'stem.0.'), ('embeddings.layernorm.', 'stem.1.'),
-                     ('encoder.stages.', 'stages.'), ('.downsampling_layer.', '.downsample.'), ('.layers.', '.blocks.'),
-                     ('.dwconv.', '.conv_dw.'), ('.layernorm.', '.norm.'), ('.pwconv1.', '.mlp.fc1.'),
-                     ('.pwconv2.', '.mlp.fc2.'), ('.layer_scale_parameter', '.gamma')):
+    for old, new in (("embeddings.patch_embeddings.", "stem.0."), ("embeddings.layernorm.", "stem.1."),
+                     ("encoder.stages.", "stages."), (".downsampling_layer.", ".downsample."), (".layers.", ".blocks."),
+                     (".dwconv.", ".conv_dw."), (".layernorm.", ".norm."), (".pwconv1.", ".mlp.fc1."),
+                     (".pwconv2.", ".mlp.fc2."), (".layer_scale_parameter", ".gamma")):
       name = name.replace(old, new)
     out[name] = value
   return out
 
 
-@pytest.mark.parametrize('naming', ['timm', 'open_clip', 'mgm'])
+@pytest.mark.parametrize("naming", ["timm", "open_clip", "mgm"])
 def test_convnext_stages_and_highres_map_equal_reference(naming, tmp_path):
   hf = _hf_convnext()
   tensors = _timm_names(_state(hf))
-  if naming == 'open_clip':  # the whole CLIP model file: the trunk under visual.trunk.
-    tensors = {f'visual.trunk.{k}': v for k, v in tensors.items()}
-    tensors['visual.trunk.head.norm.weight'] = np.ones((32,), np.float32)
-    tensors['visual.head.mlp.fc1.weight'] = np.zeros((4, 32), np.float32)
-    tensors['text.token_embedding.weight'] = np.zeros((8, 4), np.float32)
-  elif naming == 'mgm':  # OpenCLIPVisionTower's vision_stem / vision_stages
-    tensors = {'model.vision_tower_aux.vision_' + k: v for k, v in tensors.items()}
+  if naming == "open_clip":  # the whole CLIP model file: the trunk under visual.trunk.
+    tensors = {f"visual.trunk.{k}": v for k, v in tensors.items()}
+    tensors["visual.trunk.head.norm.weight"] = np.ones((32,), np.float32)
+    tensors["visual.head.mlp.fc1.weight"] = np.zeros((4, 32), np.float32)
+    tensors["text.token_embedding.weight"] = np.zeros((8, 4), np.float32)
+  elif naming == "mgm":  # OpenCLIPVisionTower's vision_stem / vision_stages
+    tensors = {"model.vision_tower_aux.vision_" + k: v for k, v in tensors.items()}
   tensors = _roundtrip(tensors, tmp_path, naming)
   net = ConvNeXt(**CONVNEXT, rngs=nnx.Rngs(0))
   convert_vision.load_convnext(net, tensors, source=naming)
@@ -174,7 +174,7 @@ def test_convnext_stages_and_highres_map_equal_reference(naming, tmp_path):
     size = stages[0].shape[-2:]
     mgm_map = torch.cat(
         [stages[0]] +
-        [torch.nn.functional.interpolate(s, size=size, mode='bilinear', align_corners=False) for s in stages[1:]],
+        [torch.nn.functional.interpolate(s, size=size, mode="bilinear", align_corners=False) for s in stages[1:]],
         dim=1)
   ours = nnx.jit(lambda m, x: m(x))(net, images)
   for i, (a, b) in enumerate(zip(ours, stages)):
@@ -182,7 +182,7 @@ def test_convnext_stages_and_highres_map_equal_reference(naming, tmp_path):
     print(f"max abs diff convnext {naming} stage {i}: {diff:.2e}")
     assert diff < ATOL, (naming, i, diff)
   fmap = nnx.jit(lambda m, x: m.feature_map(x))(net, images)
-  assert fmap.shape == (2, 16, 16, sum(CONVNEXT['dims']))
+  assert fmap.shape == (2, 16, 16, sum(CONVNEXT["dims"]))
   diff = _max_diff(fmap, mgm_map.numpy().transpose(0, 2, 3, 1))
   print(f"max abs diff convnext {naming} feature_map: {diff:.2e}")
   assert diff < ATOL, (naming, "feature_map", diff)
@@ -190,14 +190,14 @@ def test_convnext_stages_and_highres_map_equal_reference(naming, tmp_path):
 
 def test_convnext_import_names_every_mismatch():
   tensors = _timm_names(_state(_hf_convnext()))
-  tensors['stages.1.blocks.0.extra.weight'] = np.zeros((3,), np.float32)
-  net = ConvNeXt(dims=CONVNEXT['dims'], depths=(1, 2, 2, 1), rngs=nnx.Rngs(0))  # one block more
+  tensors["stages.1.blocks.0.extra.weight"] = np.zeros((3,), np.float32)
+  net = ConvNeXt(dims=CONVNEXT["dims"], depths=(1, 2, 2, 1), rngs=nnx.Rngs(0))  # one block more
   with pytest.raises(convert_vision.CheckpointMismatch) as err:
-    convert_vision.load_convnext(net, tensors, source='convnext.safetensors')
+    convert_vision.load_convnext(net, tensors, source="convnext.safetensors")
   msg = str(err.value)
-  assert 'convnext.safetensors' in msg
-  assert 'stages.2.blocks.1.conv_dw.weight' in msg and 'stages.2.blocks.1.gamma' in msg
-  assert 'unexpected tensors: stages.1.blocks.0.extra.weight' in msg
+  assert "convnext.safetensors" in msg
+  assert "stages.2.blocks.1.conv_dw.weight" in msg and "stages.2.blocks.1.gamma" in msg
+  assert "unexpected tensors: stages.1.blocks.0.extra.weight" in msg
 
 
 # ------------------------------------------------------------------------- mining + projector
@@ -234,7 +234,7 @@ def test_mining_and_projector_equal_mgm(tmp_path):
   torch.manual_seed(0)
   ref = _TorchMGM(width, aux, hidden)
   _perturb(ref, 3)
-  tensors = _roundtrip({f'model.{k}': v for k, v in _state(ref).items()}, tmp_path, 'mgm')
+  tensors = _roundtrip({f"model.{k}": v for k, v in _state(ref).items()}, tmp_path, "mgm")
   mining = PatchInfoMining(width, aux, rngs=nnx.Rngs(0))
   projector = Projector(width, hidden, rngs=nnx.Rngs(0))
   convert_vision.load_mining(mining, tensors)
@@ -250,9 +250,9 @@ def test_mining_and_projector_equal_mgm(tmp_path):
   print(f"max abs diff mining+projector: {diff:.2e}")
   assert diff < ATOL, diff
 
-  del tensors['model.vlm_uni_val_projector.1.bias']
+  del tensors["model.vlm_uni_val_projector.1.bias"]
   with pytest.raises(convert_vision.CheckpointMismatch,
-                     match=r'missing tensors: model\.vlm_uni_val_projector\.1\.bias'):
+                     match=r"missing tensors: model\.vlm_uni_val_projector\.1\.bias"):
     convert_vision.load_mining(mining, tensors)
 
 
@@ -263,26 +263,26 @@ def _tiny_vlm_config() -> ml_collections.ConfigDict:
   # Every sharded dimension even, so the (data=2, fsdp=2, tensor=2) mesh divides it.
   return ml_collections.ConfigDict(
       dict(
-          vocab_size=256, image_token_id=5, dtype='float32',
-          llm=dict(family='llama', hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp=128, rope_theta=10000.0,
-                   norm_eps=1e-5, tie_embeddings=False, remat='none', rope_scaling=None, qkv_bias=False),
-          vision_lowres=dict(kind='clip', **VIT,
-                             feature_layer=-2), vision_highres=dict(kind='convnext', image_size=64, **CONVNEXT)))
+          vocab_size=256, image_token_id=5, dtype="float32",
+          llm=dict(family="llama", hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp=128, rope_theta=10000.0,
+                   norm_eps=1e-5, tie_embeddings=False, remat="none", rope_scaling=None, qkv_bias=False),
+          vision_lowres=dict(kind="clip", **VIT,
+                             feature_layer=-2), vision_highres=dict(kind="convnext", image_size=64, **CONVNEXT)))
 
 
 def test_vlm_with_imported_towers_is_the_same_on_the_8_device_mesh():
-  assert jax.device_count() >= 8, 'tests/conftest.py must set XLA_FLAGS before jax starts'
+  assert jax.device_count() >= 8, "tests/conftest.py must set XLA_FLAGS before jax starts"
   cfg = _tiny_vlm_config()
-  clip = _state(_hf_vit('clip'))
+  clip = _state(_hf_vit("clip"))
   convnext = _timm_names(_state(_hf_convnext()))
   single = MiniGemini(cfg, rngs=nnx.Rngs(0))
   convert_vision.load_vit(single.vision_lowres, clip)
   convert_vision.load_convnext(single.vision_highres, convnext)
 
-  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
   graphdef, state = nnx.split(single)
   sharded = nnx.merge(graphdef, jax.device_put(state, logical_shardings(state, mesh)))
-  assert sharded.vision_lowres.layers[0].mlp.fc1.kernel[...].sharding.spec == P('fsdp', 'tensor')
+  assert sharded.vision_lowres.layers[0].mlp.fc1.kernel[...].sharding.spec == P("fsdp", "tensor")
 
   n = num_image_tokens(cfg)
   rng = np.random.default_rng(5)
@@ -291,8 +291,8 @@ def test_vlm_with_imported_towers_is_the_same_on_the_8_device_mesh():
   lo, hi = _images(6, 4, 28)[:, None], _images(7, 4, 64)[:, None]
   forward = nnx.jit(lambda model, *a: model(*a))
   with jax.set_mesh(mesh):
-    out = forward(sharded, *jax.device_put((ids, lo, hi), NamedSharding(mesh, P(('data', 'fsdp')))))
-  assert out.sharding.spec[0] == ('data', 'fsdp')
+    out = forward(sharded, *jax.device_put((ids, lo, hi), NamedSharding(mesh, P(("data", "fsdp")))))
+  assert out.sharding.spec[0] == ("data", "fsdp")
   expected = forward(single, ids, lo, hi)
   assert _max_diff(out, expected) < ATOL
   # The image really reaches the logits (a zero-weight import would pass the above).

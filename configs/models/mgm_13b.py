@@ -11,6 +11,6 @@ from mgjax import config as mgjax_config
 def get_config(arg: str | None = None):
   del arg  # one preset; the argument keeps the big_vision get_config(arg) signature
   return mgjax_config.mini_gemini(
-      vocab_size=32128, template='vicuna_v1',
-      llm=dict(family='llama', hidden=5120, layers=40, heads=40, kv_heads=40, head_dim=128, mlp=13824,
+      vocab_size=32128, template="vicuna_v1",
+      llm=dict(family="llama", hidden=5120, layers=40, heads=40, kv_heads=40, head_dim=128, mlp=13824,
                rope_theta=10000.0, rope_scaling=None, norm_eps=1e-5, tie_embeddings=False, qkv_bias=False))

@@ -13,7 +13,7 @@ def get_config(arg: str | None = None):
   return mgjax_config.mini_gemini(
       # The released 256000-token vocabulary plus 128 rows.
       vocab_size=256128,
-      template='gemma',
-      pretrain_template='gemma',
-      llm=dict(family='gemma', hidden=2048, layers=18, heads=8, kv_heads=1, head_dim=256, mlp=16384, rope_theta=10000.0,
+      template="gemma",
+      pretrain_template="gemma",
+      llm=dict(family="gemma", hidden=2048, layers=18, heads=8, kv_heads=1, head_dim=256, mlp=16384, rope_theta=10000.0,
                rope_scaling=None, norm_eps=1e-6, tie_embeddings=True, qkv_bias=False))

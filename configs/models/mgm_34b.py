@@ -12,8 +12,8 @@ def get_config(arg: str | None = None):
   del arg  # one preset; the argument keeps the big_vision get_config(arg) signature
   return mgjax_config.mini_gemini(
       # --lr_multi "model.mm_projector:2,model.vlm_uni:2" in its fine-tuning scripts.
-      lr_multipliers=(('(mining|projector)/.*', 2.0),),
+      lr_multipliers=(("(mining|projector)/.*", 2.0),),
       vocab_size=64128,
-      template='chatml_direct',
-      llm=dict(family='llama', hidden=7168, layers=60, heads=56, kv_heads=8, head_dim=128, mlp=20480,
+      template="chatml_direct",
+      llm=dict(family="llama", hidden=7168, layers=60, heads=56, kv_heads=8, head_dim=128, mlp=20480,
                rope_theta=5000000.0, rope_scaling=None, norm_eps=1e-5, tie_embeddings=False, qkv_bias=False))

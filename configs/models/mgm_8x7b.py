@@ -12,11 +12,11 @@ def get_config(arg: str | None = None):
   del arg  # one preset; the argument keeps the big_vision get_config(arg) signature
   return mgjax_config.mini_gemini(
       # --lr_multi "model.mm_projector:2,model.vlm_uni:2" in its fine-tuning scripts.
-      lr_multipliers=(('(mining|projector)/.*', 2.0),),
+      lr_multipliers=(("(mining|projector)/.*", 2.0),),
       vocab_size=32128,
-      template='mistral_instruct',
+      template="mistral_instruct",
       llm=dict(
-          family='mixtral',
+          family="mixtral",
           hidden=4096,
           layers=32,
           heads=32,

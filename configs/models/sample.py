@@ -12,13 +12,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dict(
           vocab_size=1024,
           image_token_id=5,
-          dtype='float32',  # compute dtype; params stay float32, logits are always float32
+          dtype="float32",  # compute dtype; params stay float32, logits are always float32
           # The conversation template (mgjax.data.templates.TEMPLATES: vicuna_v1, gemma, llama_3,
           # chatml, ...); '' keeps the tokenizer's own (the sample tokenizer carries the sample one).
-          template='',
+          template="",
           # The decoder; mgjax/models/llm.py's docstring describes every key.
           llm=dict(
-              family='llama',  # llama | gemma | qwen2
+              family="llama",  # llama | gemma | qwen2
               hidden=128,
               layers=4,
               heads=4,
@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
               qkv_bias=False,
               # What a layer keeps for the backward pass (llm.REMAT_POLICIES): none | full |
               # dots | qkv | qkv_out | qkv_offloaded | dots_offloaded.
-              remat='none',
+              remat="none",
               # One stacked layer run by jax.lax.scan: compiles once, not per layer (the
               # mgm presets scan; this 4-layer model compiles fast either way).
               scan_layers=False),

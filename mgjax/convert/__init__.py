@@ -21,8 +21,8 @@ from mgjax.convert.llm import ConversionError, export_hf_llm, import_hf_llm, llm
 from mgjax.models.llm import DecoderLM
 
 __all__ = [
-    'ConversionError', 'WeightsError', 'export_hf_llm', 'import_hf_llm', 'llm_config_from_hf', 'load_hf_lm',
-    'load_tensors', 'read_config'
+    "ConversionError", "WeightsError", "export_hf_llm", "import_hf_llm", "llm_config_from_hf", "load_hf_lm",
+    "load_tensors", "read_config"
 ]
 
 

@@ -22,23 +22,23 @@ from collections.abc import Sequence
 # subcommand (it parses them itself, with argparse) and returns the exit status. Modules are
 # imported only when their subcommand runs, so one module's heavy imports never slow another.
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
-    'import-llm': ('mgjax.convert.__main__', 'import_llm',
-                   'a Hugging Face causal-LM folder -> a checkpoint for --config.init_from'),
-    'export-llm': ('mgjax.convert.__main__', 'export_llm',
+    "import-llm": ("mgjax.convert.__main__", "import_llm",
+                   "a Hugging Face causal-LM folder -> a checkpoint for --config.init_from"),
+    "export-llm": ("mgjax.convert.__main__", "export_llm",
                    "a workdir's LLM -> a folder transformers loads (AutoModelForCausalLM)"),
-    'import-mgm': ('mgjax.convert.mgm', 'import_mgm',
-                   'a Mini-Gemini (or its LLM + CLIP + ConvNeXt) -> a checkpoint for --config.init_from'),
+    "import-mgm": ("mgjax.convert.mgm", "import_mgm",
+                   "a Mini-Gemini (or its LLM + CLIP + ConvNeXt) -> a checkpoint for --config.init_from"),
 }
 
 # What a Hugging Face folder's tokenizer consists of; copied next to imported/exported weights.
-_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'tokenizer.model', 'special_tokens_map.json',
-                    'added_tokens.json', 'chat_template.jinja', 'chat_template.json', 'vocab.json', 'merges.txt')
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
 
 
 def _copy_tokenizer(src: str, dst: str) -> bool:
   """Copies a tokenizer's files from folder src to dst; False when src holds none."""
   present = [f for f in _TOKENIZER_FILES if os.path.exists(os.path.join(src, f))]
-  if 'tokenizer_config.json' not in present:
+  if "tokenizer_config.json" not in present:
     return False
   os.makedirs(dst, exist_ok=True)
   for f in present:
@@ -48,113 +48,113 @@ def _copy_tokenizer(src: str, dst: str) -> bool:
 
 def _bytes(text: str) -> int:
   """'5GB', '500MB', '20KB' or a plain number of bytes."""
-  match = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*', text.upper())
+  match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", text.upper())
   if not match:
-    raise argparse.ArgumentTypeError(f'{text!r}: expected a size like 5GB, 500MB or 1000000')
-  return int(float(match[1]) * {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30}[match[2]])
+    raise argparse.ArgumentTypeError(f"{text!r}: expected a size like 5GB, 500MB or 1000000")
+  return int(float(match[1]) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[match[2]])
 
 
 def _overrides(prefix: str, wanted: dict, found: dict) -> list[str]:
   return [
-      f'--config.{prefix}.{k}={found[k]!r}' for k in sorted(found)
-      if k not in ('remat', 'scan_layers') and wanted.get(k) != found[k]
+      f"--config.{prefix}.{k}={found[k]!r}" for k in sorted(found)
+      if k not in ("remat", "scan_layers") and wanted.get(k) != found[k]
   ]
 
 
 def import_llm(argv: Sequence[str]) -> int:
   """import-llm: see the module docstring."""
   parser = argparse.ArgumentParser(
-      prog='python -m mgjax.convert import-llm',
+      prog="python -m mgjax.convert import-llm",
       description=("Imports a Hugging Face Llama/Gemma/Qwen2 folder as the LLM of a MiniGemini checkpoint that "
                    "--config.init_from reads. The other parts (towers, mining, projector) are initialised as the "
                    "trainer would with --seed, unless imported separately."))
-  parser.add_argument('--hf_dir', required=True, help='folder with config.json and safetensors')
-  parser.add_argument('--out', required=True, help='folder to write (OUT/checkpoints/0)')
-  parser.add_argument('--config', default='configs/stage1.py',
-                      help='the training config (FILE[:ARG]) whose model the checkpoint is for')
+  parser.add_argument("--hf_dir", required=True, help="folder with config.json and safetensors")
+  parser.add_argument("--out", required=True, help="folder to write (OUT/checkpoints/0)")
+  parser.add_argument("--config", default="configs/stage1.py",
+                      help="the training config (FILE[:ARG]) whose model the checkpoint is for")
   parser.add_argument(
-      '--llm_from_checkpoint', action='store_true',
+      "--llm_from_checkpoint", action="store_true",
       help=("take model.llm from the checkpoint's config.json instead of requiring the config's to match; "
-            'train with the printed --config overrides'))
+            "train with the printed --config overrides"))
   parser.add_argument(
-      '--vocab_size', type=int, default=0,
-      help=('rows of the embedding; more than the checkpoint has makes room for added tokens such as '
-            '<image> (default: the larger of the checkpoint\'s and the config\'s model.vocab_size)'))
-  parser.add_argument('--seed', type=int, default=0, help='initialises the parts not imported')
-  parser.add_argument('--allow_pickle', action='store_true',
-                      help='also read .bin/.pt/.pth checkpoints (unpickling can run code)')
+      "--vocab_size", type=int, default=0,
+      help=("rows of the embedding; more than the checkpoint has makes room for added tokens such as "
+            "<image> (default: the larger of the checkpoint's and the config's model.vocab_size)"))
+  parser.add_argument("--seed", type=int, default=0, help="initialises the parts not imported")
+  parser.add_argument("--allow_pickle", action="store_true",
+                      help="also read .bin/.pt/.pth checkpoints (unpickling can run code)")
   args = parser.parse_args(argv)
 
   import ml_collections
   from mgjax import config as mgjax_config
   from mgjax.convert import files, llm, workdir
-  path, _, arg = args.config.partition(':')
+  path, _, arg = args.config.partition(":")
   config = mgjax_config.load_config_file(path, arg or None)
   model = config.model.to_dict()
   found, hf_vocab = llm.llm_config_from_hf(files.read_config(args.hf_dir))
-  found['remat'] = model['llm'].get('remat', 'none')
-  found['scan_layers'] = model['llm'].get('scan_layers', False)
+  found["remat"] = model["llm"].get("remat", "none")
+  found["scan_layers"] = model["llm"].get("scan_layers", False)
   overrides = []
   if args.llm_from_checkpoint:
-    overrides = _overrides('model.llm', model['llm'], found)
-    model['llm'] = found
+    overrides = _overrides("model.llm", model["llm"], found)
+    model["llm"] = found
   else:
-    llm.check_config_matches(model['llm'], found, what=f'{args.hf_dir}/config.json')
-  vocab_size = args.vocab_size or max(hf_vocab, int(model['vocab_size']))
-  if vocab_size != model['vocab_size']:
-    overrides.append(f'--config.model.vocab_size={vocab_size}')
-    model['vocab_size'] = vocab_size
-  params, _, _, unused = llm.import_hf_llm(args.hf_dir, allow_pickle=args.allow_pickle, llm=model['llm'],
+    llm.check_config_matches(model["llm"], found, what=f"{args.hf_dir}/config.json")
+  vocab_size = args.vocab_size or max(hf_vocab, int(model["vocab_size"]))
+  if vocab_size != model["vocab_size"]:
+    overrides.append(f"--config.model.vocab_size={vocab_size}")
+    model["vocab_size"] = vocab_size
+  params, _, _, unused = llm.import_hf_llm(args.hf_dir, allow_pickle=args.allow_pickle, llm=model["llm"],
                                            pad_vocab_to=vocab_size)
-  full = workdir.graft(workdir.fresh_params(ml_collections.ConfigDict(model), args.seed), 'llm', params)
+  full = workdir.graft(workdir.fresh_params(ml_collections.ConfigDict(model), args.seed), "llm", params)
   saved = config.to_dict()
-  saved['model'] = model
-  folder = workdir.write_init_checkpoint(args.out, full, saved, {'llm': os.path.abspath(args.hf_dir)})
+  saved["model"] = model
+  folder = workdir.write_init_checkpoint(args.out, full, saved, {"llm": os.path.abspath(args.hf_dir)})
   print(f'wrote {folder}: model.llm ({found["family"]}, {found["layers"]} layers) from {args.hf_dir}, '
-        f'vocab {hf_vocab}' + (f' padded to {vocab_size}' if vocab_size > hf_vocab else ''))
-  if _copy_tokenizer(args.hf_dir, os.path.join(args.out, 'tokenizer')):
+        f'vocab {hf_vocab}' + (f" padded to {vocab_size}" if vocab_size > hf_vocab else ""))
+  if _copy_tokenizer(args.hf_dir, os.path.join(args.out, "tokenizer")):
     print(f'copied its tokenizer to {os.path.join(args.out, "tokenizer")}')
   if unused:
-    print(f'{len(unused)} tensor(s) outside the decoder were not read (e.g. {unused[0]}): vision '
-          'parts are imported by their own subcommands')
-  print(f'train from it with --config.init_from={args.out}' +
-        (' and these overrides (the config differs from the checkpoint):\n  ' +
-         ' '.join(overrides) if overrides else ''))
+    print(f"{len(unused)} tensor(s) outside the decoder were not read (e.g. {unused[0]}): vision "
+          "parts are imported by their own subcommands")
+  print(f"train from it with --config.init_from={args.out}" +
+        (" and these overrides (the config differs from the checkpoint):\n  " +
+         " ".join(overrides) if overrides else ""))
   return 0
 
 
 def export_llm(argv: Sequence[str]) -> int:
   """export-llm: see the module docstring."""
   parser = argparse.ArgumentParser(
-      prog='python -m mgjax.convert export-llm',
+      prog="python -m mgjax.convert export-llm",
       description=("Writes a workdir's LLM as a Hugging Face folder (config.json, safetensors, the run's "
-                   'tokenizer) that transformers.AutoModelForCausalLM loads.'))
-  parser.add_argument('--workdir', required=True,
-                      help='a workdir (its result checkpoint), its checkpoints/ or checkpoints/<step>')
-  parser.add_argument('--out', required=True, help='folder to write')
-  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'float16'))
-  parser.add_argument('--max_shard_size', type=_bytes, default=_bytes('5GB'),
-                      help='shard the weights above this size (with model.safetensors.index.json)')
-  parser.add_argument('--max_position_embeddings', type=int, default=4096,
-                      help='written into config.json (the context length the model claims)')
+                   "tokenizer) that transformers.AutoModelForCausalLM loads."))
+  parser.add_argument("--workdir", required=True,
+                      help="a workdir (its result checkpoint), its checkpoints/ or checkpoints/<step>")
+  parser.add_argument("--out", required=True, help="folder to write")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+  parser.add_argument("--max_shard_size", type=_bytes, default=_bytes("5GB"),
+                      help="shard the weights above this size (with model.safetensors.index.json)")
+  parser.add_argument("--max_position_embeddings", type=int, default=4096,
+                      help="written into config.json (the context length the model claims)")
   args = parser.parse_args(argv)
 
   from mgjax import checkpoint
   from mgjax.convert import llm, workdir
   params, config, folder = workdir.read_checkpoint(args.workdir)
-  if 'llm' not in params or 'llm' not in (config.get('model') or {}):
-    raise checkpoint.CheckpointError(f'{folder} holds no LLM params or no model.llm config to export')
-  llm_cfg = config['model']['llm']
+  if "llm" not in params or "llm" not in (config.get("model") or {}):
+    raise checkpoint.CheckpointError(f"{folder} holds no LLM params or no model.llm config to export")
+  llm_cfg = config["model"]["llm"]
   run_dir = checkpoint.locate(args.workdir)[0]
   extra = {}
-  if _copy_tokenizer(os.path.join(run_dir, 'tokenizer'), args.out):
+  if _copy_tokenizer(os.path.join(run_dir, "tokenizer"), args.out):
     import transformers
     tok = transformers.AutoTokenizer.from_pretrained(args.out, local_files_only=True)
     extra = {
-        k: v for k, v in (('bos_token_id', tok.bos_token_id), ('eos_token_id', tok.eos_token_id),
-                          ('pad_token_id', tok.pad_token_id)) if v is not None
+        k: v for k, v in (("bos_token_id", tok.bos_token_id), ("eos_token_id", tok.eos_token_id),
+                          ("pad_token_id", tok.pad_token_id)) if v is not None
     }
-  written = llm.export_hf_llm(params['llm'], llm_cfg, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+  written = llm.export_hf_llm(params["llm"], llm_cfg, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
                               max_position_embeddings=args.max_position_embeddings, extra_config=extra)
   print(f'wrote {len(written)} file(s) to {args.out} from {folder} ({llm_cfg.get("family", "llama")}, '
         f'{args.dtype}); load with transformers.AutoModelForCausalLM.from_pretrained({args.out!r})')
@@ -163,19 +163,19 @@ def export_llm(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  usage = 'python -m mgjax.convert SUBCOMMAND [--flags]\n\nsubcommands:\n' + '\n'.join(
-      f'  {name:<14} {doc}' for name, (_, _, doc) in SUBCOMMANDS.items())
-  if not argv or argv[0] in ('-h', '--help'):
+  usage = "python -m mgjax.convert SUBCOMMAND [--flags]\n\nsubcommands:\n" + "\n".join(
+      f"  {name:<14} {doc}" for name, (_, _, doc) in SUBCOMMANDS.items())
+  if not argv or argv[0] in ("-h", "--help"):
     print(usage)
     return 0 if argv else 2
   if argv[0] not in SUBCOMMANDS:
-    print(f'unknown subcommand {argv[0]!r}\n\n{usage}', file=sys.stderr)
+    print(f"unknown subcommand {argv[0]!r}\n\n{usage}", file=sys.stderr)
     return 2
   module, function, _ = SUBCOMMANDS[argv[0]]
   # This file runs as __main__ under `python -m`: take its own commands from here, not from a
   # second import of it.
   command = (globals()[function]
-             if module == 'mgjax.convert.__main__' else getattr(importlib.import_module(module), function))
+             if module == "mgjax.convert.__main__" else getattr(importlib.import_module(module), function))
   from mgjax.checkpoint import CheckpointError
   from mgjax.convert.files import WeightsError
   from mgjax.convert.llm import ConversionError
@@ -183,9 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return command(argv[1:])
   except (WeightsError, ConversionError, CheckpointError) as e:
     # The message names the files or tensors and the fix; a traceback would only bury it.
-    print(f'error: {e}', file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr)
     return 1
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   sys.exit(main())

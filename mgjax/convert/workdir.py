@@ -35,8 +35,8 @@ def fresh_params(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> dict[st
   # One jitted program (XLA's persistent cache keeps it across runs) rather than one compile
   # per initializer, run on the host: an accelerator may not hold the whole model in float32.
   # vlm's tracer patch keeps tracing a large model linear in its size (see vlm.abstract_model).
-  cheap_tracing = getattr(vlm, '_cheap_tracer_errors', contextlib.nullcontext)
-  with jax.default_device(jax.devices('cpu')[0]), cheap_tracing():
+  cheap_tracing = getattr(vlm, "_cheap_tracer_errors", contextlib.nullcontext)
+  with jax.default_device(jax.devices("cpu")[0]), cheap_tracing():
     return jax.tree.map(np.asarray, jax.jit(create)())
 
 
@@ -52,12 +52,12 @@ def graft(params: dict[str, Any], part: str, imported: Mapping[str, Any]) -> dic
 
   want, got = shapes(params[part]), shapes(imported)
   problems = [
-      f'  {part}/{p}: imported {got[p]} vs model {want[p]}' for p in sorted(want) if p in got and got[p] != want[p]
+      f"  {part}/{p}: imported {got[p]} vs model {want[p]}" for p in sorted(want) if p in got and got[p] != want[p]
   ]
-  problems += [f'  {part}/{p}: not imported (model wants {want[p]})' for p in sorted(want) if p not in got]
-  problems += [f'  {part}/{p}: imported {got[p]} but not in the model' for p in sorted(got) if p not in want]
+  problems += [f"  {part}/{p}: not imported (model wants {want[p]})" for p in sorted(want) if p not in got]
+  problems += [f"  {part}/{p}: imported {got[p]} but not in the model" for p in sorted(got) if p not in want]
   if problems:
-    raise checkpoint.CheckpointError(f'imported {part} does not fit the model config:\n' + '\n'.join(problems))
+    raise checkpoint.CheckpointError(f"imported {part} does not fit the model config:\n" + "\n".join(problems))
   return {**params, part: jax.tree.map(lambda x: np.asarray(x, np.float32), imported)}
 
 
@@ -72,16 +72,16 @@ def write_init_checkpoint(out: str, params: Mapping[str, Any], config: Mapping[s
     imported: which parts came from where, e.g. {"llm": "/models/vicuna-7b-v1.5"}.
   """
   root = os.path.abspath(out)
-  directory = os.path.join(root, 'checkpoints')
+  directory = os.path.join(root, "checkpoints")
   if os.path.exists(directory) and os.listdir(directory):
-    raise checkpoint.CheckpointError(f'{directory} already holds checkpoints; import into an empty folder')
-  handlers = {'params': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+    raise checkpoint.CheckpointError(f"{directory} already holds checkpoints; import into an empty folder")
+  handlers = {"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True),
                              item_handlers=handlers) as manager:
-    meta = {'stage': 0, 'step': 0, 'config': dict(config), 'imported': dict(imported), 'init_from': None}
+    meta = {"stage": 0, "step": 0, "config": dict(config), "imported": dict(imported), "init_from": None}
     manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(dict(params)), meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
-  return os.path.join(directory, '0')
+  return os.path.join(directory, "0")
 
 
 def read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
@@ -89,9 +89,9 @@ def read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
   checkpoint, its checkpoints/ folder or one checkpoints/<step> folder, without building a model."""
   workdir, step = checkpoint.locate(path)
   ckpts = checkpoint.Checkpoints(workdir, read_only=True)
-  one = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  one = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), ckpts.param_metadata(step),
-                        is_leaf=lambda x: hasattr(x, 'shape'))
+                        is_leaf=lambda x: hasattr(x, "shape"))
   params, meta = ckpts.restore_params(step, target)
   ckpts.close()
-  return params, meta.get('config') or {}, str(ckpts.directory / str(step))
+  return params, meta.get("config") or {}, str(ckpts.directory / str(step))

@@ -33,7 +33,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def decode(data: bytes) -> Image.Image:
   """Encoded image bytes (JPEG, PNG, ...) -> an RGB PIL image."""
-  return Image.open(io.BytesIO(data)).convert('RGB')
+  return Image.open(io.BytesIO(data)).convert("RGB")
 
 
 def resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
@@ -50,7 +50,7 @@ def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
   """The centre size x size of an HWC array (top/left offsets rounded down)."""
   h, w = pixels.shape[:2]
   if h < size or w < size:
-    raise ValueError(f'cannot centre-crop {size}x{size} from a {h}x{w} image')
+    raise ValueError(f"cannot centre-crop {size}x{size} from a {h}x{w} image")
   top, left = (h - size) // 2, (w - size) // 2
   return pixels[top:top + size, left:left + size]
 
@@ -64,7 +64,7 @@ def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
 def clip_preprocess(image: Image.Image, size: int, mean: Sequence[float] = CLIP_MEAN,
                     std: Sequence[float] = CLIP_STD) -> np.ndarray:
   """CLIPImageProcessor(size={'shortest_edge': size}, crop_size=size) -> [size, size, 3]."""
-  resized = np.asarray(resize_shortest_side(image.convert('RGB'), size))
+  resized = np.asarray(resize_shortest_side(image.convert("RGB"), size))
   return normalize(center_crop(resized, size), mean, std)
 
 
@@ -109,7 +109,7 @@ def mgm_pair(image: Image.Image, lowres_size: int, highres_size: int, mean: Sequ
              std: Sequence[float] = CLIP_STD, *, pad_to_square: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Mini-Gemini's (low-res, high-res) inputs of one image: [l, l, 3], [h, h, 3]."""
   if pad_to_square:
-    image = expand_to_square(image.convert('RGB'), mean)
+    image = expand_to_square(image.convert("RGB"), mean)
   highres = clip_preprocess(image, highres_size, mean, std)
   return bilinear_resize(highres, lowres_size), highres
 
@@ -119,7 +119,7 @@ def grid_crops(pixels: np.ndarray, grid: int) -> np.ndarray:
   .permute(1, 3, 0, 2, 4)."""
   h, w, c = pixels.shape
   if h != w or h % grid:
-    raise ValueError(f'cannot cut a {h}x{w} image into {grid}x{grid} square crops')
+    raise ValueError(f"cannot cut a {h}x{w} image into {grid}x{grid} square crops")
   s = h // grid
   return pixels.reshape(grid, s, grid, s, c).transpose(0, 2, 1, 3, 4).reshape(grid * grid, s, s, c)
 
@@ -137,9 +137,9 @@ def mgm_views(image: Image.Image, lowres_size: int, highres_size: int, mean: Seq
   if grid == 1 and not global_view:
     return mgm_pair(image, lowres_size, highres_size, mean, std, pad_to_square=pad_to_square)
   if grid < 2:
-    raise ValueError(f'image_global needs image_grid >= 2 (got image_grid={grid})')
+    raise ValueError(f"image_global needs image_grid >= 2 (got image_grid={grid})")
   if pad_to_square:
-    image = expand_to_square(image.convert('RGB'), mean)
+    image = expand_to_square(image.convert("RGB"), mean)
   highres = clip_preprocess(image, highres_size, mean, std)
   raw = bilinear_resize(highres, lowres_size * grid)
   views = grid_crops(raw, grid)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from mgjax.models.axes import mesh_axes
 
-IMPLEMENTATIONS = ('auto', 'xla', 'splash', 'cudnn')
+IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
 
 # Queries per block when the XLA path skips the keys after each block. 128 was the fastest of
 # 64/128/256 at T=1024 on a 2-core CPU (benchmarks/train_step.py --micro).
@@ -41,7 +41,7 @@ _LANES = 128
 
 def check(name: str) -> str:
   if name not in IMPLEMENTATIONS:
-    raise ValueError(f'model.attention={name!r}: expected one of {IMPLEMENTATIONS}')
+    raise ValueError(f"model.attention={name!r}: expected one of {IMPLEMENTATIONS}")
   return name
 
 
@@ -52,16 +52,16 @@ def resolve(name: str, platform: str, *, packed: bool) -> str:
   (outside tests, which run it in Pallas' interpreter by calling the functions directly).
   """
   check(name)
-  platform = 'gpu' if platform in ('cuda', 'rocm') else platform
-  if name == 'auto':
-    return {'tpu': 'splash', 'gpu': 'xla' if packed else 'cudnn'}.get(platform, 'xla')
-  if name == 'cudnn' and packed:
-    raise ValueError('model.attention=cudnn serves rows of one sequence (padding at the end); '
-                     'with data.packing=True use model.attention=xla (or auto)')
-  if name == 'cudnn' and platform != 'gpu':
-    raise ValueError(f'model.attention=cudnn needs an NVIDIA GPU; this run is on {platform}: use auto')
-  if name == 'splash' and platform != 'tpu':
-    raise ValueError(f'model.attention=splash is a TPU kernel; this run is on {platform}: use auto')
+  platform = "gpu" if platform in ("cuda", "rocm") else platform
+  if name == "auto":
+    return {"tpu": "splash", "gpu": "xla" if packed else "cudnn"}.get(platform, "xla")
+  if name == "cudnn" and packed:
+    raise ValueError("model.attention=cudnn serves rows of one sequence (padding at the end); "
+                     "with data.packing=True use model.attention=xla (or auto)")
+  if name == "cudnn" and platform != "gpu":
+    raise ValueError(f"model.attention=cudnn needs an NVIDIA GPU; this run is on {platform}: use auto")
+  if name == "splash" and platform != "tpu":
+    raise ValueError(f"model.attention=splash is a TPU kernel; this run is on {platform}: use auto")
   return name
 
 
@@ -70,15 +70,15 @@ def for_run(name: str, platform: str, *, packed: bool) -> str:
   where it needs the row layout (cuDNN for unpacked rows on GPU); otherwise 'auto' stays, so
   each sequence length decides at trace time (splash where it tiles into blocks, else XLA)."""
   chosen = resolve(name, platform, packed=packed)
-  return chosen if name != 'auto' or chosen == 'cudnn' else 'auto'
+  return chosen if name != "auto" or chosen == "cudnn" else "auto"
 
 
 def chosen(name: str, platform: str, seq_len: int, *, packed: bool) -> str:
   """The implementation a run with these settings uses for its decoder."""
   name = for_run(name, platform, packed=packed)
-  if name != 'auto':
+  if name != "auto":
     return name
-  return 'splash' if platform == 'tpu' and splash_fits(seq_len) else 'xla'
+  return "splash" if platform == "tpu" and splash_fits(seq_len) else "xla"
 
 
 def _platform() -> str:
@@ -91,7 +91,7 @@ def _platform() -> str:
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
-                     implementation: str = 'auto') -> jax.Array:
+                     implementation: str = "auto") -> jax.Array:
   """Causal attention within segments.
 
   Args:
@@ -103,26 +103,26 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     [B, T, H, D] in v's dtype.
   """
   if q.shape[2] % k.shape[2]:
-    raise ValueError(f'{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads')
+    raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
   name = check(implementation)
-  if name == 'auto':
-    name = 'splash' if _platform() == 'tpu' and splash_fits(q.shape[1]) else 'xla'
-  if name == 'splash':
-    return splash_attention(q, k, v, segment_ids, interpret=_platform() != 'tpu')
-  if name == 'cudnn':
+  if name == "auto":
+    name = "splash" if _platform() == "tpu" and splash_fits(q.shape[1]) else "xla"
+  if name == "splash":
+    return splash_attention(q, k, v, segment_ids, interpret=_platform() != "tpu")
+  if name == "cudnn":
     return cudnn_attention(q, k, v, segment_ids)
   return xla_attention(q, k, v, segment_ids)
 
 
-def bidirectional_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = 'auto') -> jax.Array:
+def bidirectional_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "auto") -> jax.Array:
   """Unmasked attention over a whole sequence (the vision tower's patches).
 
   On a GPU ('auto' or 'cudnn') cuDNN's flash kernel; elsewhere XLA. Splash is not used: a
   ViT's sequence (CLIP-336: 577 tokens with the class token) does not tile into its blocks.
   """
   name = check(implementation)
-  if name == 'cudnn' or (name == 'auto' and _platform() in ('gpu', 'cuda')):
-    return jax.nn.dot_product_attention(q, k, v, implementation='cudnn').astype(v.dtype)
+  if name == "cudnn" or (name == "auto" and _platform() in ("gpu", "cuda")):
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn").astype(v.dtype)
   return attend(q, k, v, None)
 
 
@@ -169,14 +169,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> 
   kh = k.transpose(0, 2, 1, 3)
   vh = v.transpose(0, 2, 1, 3)
   # Scores and softmax in float32 whatever the compute dtype: bf16 softmax loses too much.
-  scores = jnp.einsum('bkqd,bksd->bkqs', qh, kh, preferred_element_type=jnp.float32)
+  scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32)
   scores = scores * (d**-0.5)
   if mask is not None:
     rows = jnp.broadcast_to(mask[:, None, None], (b, kv_heads, g, t, s)).reshape(b, kv_heads, g * t, s)
     # A finite minimum, not -inf: a fully masked row would give NaN, this gives uniform.
     scores = jnp.where(rows, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum('bkqs,bksd->bkqd', probs, vh)
+  out = jnp.einsum("bkqs,bksd->bkqd", probs, vh)
   return out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
@@ -214,8 +214,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   """Splash attention; `interpret` runs the kernel in Pallas' interpreter (CPU tests)."""
   b, t, h, d = q.shape
   if not splash_fits(t):
-    raise ValueError(f'splash attention tiles the sequence in blocks of {_LANES}: seq_len {t} is '
-                     f'not a multiple; use data.seq_len={-(-t // _LANES) * _LANES} or model.attention=xla')
+    raise ValueError(f"splash attention tiles the sequence in blocks of {_LANES}: seq_len {t} is "
+                     f"not a multiple; use data.seq_len={-(-t // _LANES) * _LANES} or model.attention=xla")
   # Splash takes [heads, T, D] per example and leaves the scaling to the caller.
   qh = (q * jnp.asarray(d**-0.5, q.dtype)).transpose(0, 2, 1, 3)
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
@@ -230,7 +230,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     out = local(qh, kh, vh, segment_ids)
   else:
     P = jax.sharding.PartitionSpec
-    batch, heads, kv_heads = (mesh_axes(n, mesh) or None for n in ('batch', 'heads', 'kv_heads'))
+    batch, heads, kv_heads = (mesh_axes(n, mesh) or None for n in ("batch", "heads", "kv_heads"))
     out = jax.shard_map(local, mesh=mesh, in_specs=(P(batch, heads), P(batch, kv_heads), P(batch, kv_heads), P(batch)),
                         out_specs=P(batch, heads), check_vma=False)(qh, kh, vh, segment_ids)
   return out.transpose(0, 2, 1, 3).astype(v.dtype)
@@ -240,7 +240,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
-                    implementation: str = 'cudnn') -> jax.Array:
+                    implementation: str = "cudnn") -> jax.Array:
   """cuDNN flash attention for rows of one sequence each, padding (segment 0) at the end.
 
   The row's length is its count of non-padding tokens. `implementation='xla'` runs the same

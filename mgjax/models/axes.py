@@ -15,22 +15,22 @@ from flax.core import spmd as flax_spmd
 
 # (logical name, mesh axis or axes or None). Mesh axes: data, fsdp, tensor.
 DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ('batch', ('data', 'fsdp')),
-    ('vocab', 'tensor'),
-    ('embed', 'fsdp'),
-    ('mlp', 'tensor'),
-    ('heads', 'tensor'),
-    ('kv_heads', 'tensor'),
-    ('head_dim', None),
-    ('norm', None),
-    ('vision_embed', 'fsdp'),
-    ('vision_mlp', 'tensor'),
-    ('vision_heads', 'tensor'),
-    ('conv_in', None),
-    ('conv_out', 'fsdp'),
-    ('conv_kernel', None),
-    ('pos', None),
-    ('layers', None),
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("vision_embed", "fsdp"),
+    ("vision_mlp", "tensor"),
+    ("vision_heads", "tensor"),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("conv_kernel", None),
+    ("pos", None),
+    ("layers", None),
 )
 
 

@@ -19,7 +19,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   own packed tokens use `mgjax.models.attention.causal_attention`, which takes segment ids.
   """
   if q.shape[2] % k.shape[2]:
-    raise ValueError(f'{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads')
+    raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
   return attention.attend(q, k, v, mask)
 
 
@@ -34,16 +34,16 @@ def exact_gelu(x: jax.Array) -> jax.Array:
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    'gelu': exact_gelu,
-    'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
-    'quick_gelu': quick_gelu,
-    'silu': jax.nn.silu,
+    "gelu": exact_gelu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "silu": jax.nn.silu,
 }
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   if name not in ACTIVATIONS:
-    raise ValueError(f'unknown activation {name!r}; known: {sorted(ACTIVATIONS)}')
+    raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}")
   return ACTIVATIONS[name]
 
 
@@ -51,7 +51,7 @@ def layer_norm(dim: int, *, eps: float, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx
   """nnx.LayerNorm over the last axis with logical names on scale and bias."""
   return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs,
                        scale_init=partitioned(nnx.initializers.ones,
-                                              ('norm',)), bias_init=partitioned(nnx.initializers.zeros, ('norm',)))
+                                              ("norm",)), bias_init=partitioned(nnx.initializers.zeros, ("norm",)))
 
 
 def linear(n_in: int, n_out: int, names: tuple[str, str], *, use_bias: bool = True, dtype: jnp.dtype, rngs: nnx.Rngs,

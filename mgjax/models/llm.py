@@ -62,15 +62,15 @@ from mgjax.models import moe as moe_lib
 from mgjax.models.axes import constrain, partitioned
 from mgjax.models.layers import activation, dot_product_attention
 
-FAMILIES = ('llama', 'gemma', 'qwen2', 'mixtral')
+FAMILIES = ("llama", "gemma", "qwen2", "mixtral")
 # Per family: the gate activation of the MLP, whether RMSNorm scales by (1 + w), whether token
 # embeddings are multiplied by sqrt(hidden), the default for q/k/v biases, and whether the MLP
 # is a sparse mixture of experts.
 _FAMILY_TRAITS = {
-    'llama': dict(mlp_activation='silu', norm_plus_one=False, scale_embeddings=False, qkv_bias=False, moe=False),
-    'gemma': dict(mlp_activation='gelu_tanh', norm_plus_one=True, scale_embeddings=True, qkv_bias=False, moe=False),
-    'qwen2': dict(mlp_activation='silu', norm_plus_one=False, scale_embeddings=False, qkv_bias=True, moe=False),
-    'mixtral': dict(mlp_activation='silu', norm_plus_one=False, scale_embeddings=False, qkv_bias=False, moe=True),
+    "llama": dict(mlp_activation="silu", norm_plus_one=False, scale_embeddings=False, qkv_bias=False, moe=False),
+    "gemma": dict(mlp_activation="gelu_tanh", norm_plus_one=True, scale_embeddings=True, qkv_bias=False, moe=False),
+    "qwen2": dict(mlp_activation="silu", norm_plus_one=False, scale_embeddings=False, qkv_bias=True, moe=False),
+    "mixtral": dict(mlp_activation="silu", norm_plus_one=False, scale_embeddings=False, qkv_bias=False, moe=True),
 }
 # Mixtral-8x7B's routing, the defaults of model.llm.num_experts / experts_per_token.
 DEFAULT_NUM_EXPERTS = 8
@@ -86,9 +86,9 @@ DEFAULT_ROUTER_AUX_LOSS_COEF = 0.0
 # HF Llama initialises every matrix with N(0, 0.02); following it keeps from-scratch runs comparable.
 _INIT = nnx.initializers.normal(0.02)
 # Activations between blocks: split over the batch only (see axes.constrain).
-_RESIDUAL = ('batch', None, None)
+_RESIDUAL = ("batch", None, None)
 # Cached keys and values [B, S, kv_heads, head_dim]: split like the activations and k_proj.
-_CACHE_KV = ('batch', None, 'kv_heads', None)
+_CACHE_KV = ("batch", None, "kv_heads", None)
 
 
 class RMSNorm(nnx.Module):
@@ -104,7 +104,7 @@ class RMSNorm(nnx.Module):
     self.dtype = dtype
     self.plus_one = plus_one
     init = nnx.initializers.zeros if plus_one else nnx.initializers.ones
-    self.scale = nnx.Param(partitioned(init, ('norm',))(rngs.params(), (dim,)))
+    self.scale = nnx.Param(partitioned(init, ("norm",))(rngs.params(), (dim,)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
@@ -123,15 +123,15 @@ def rope_frequencies(head_dim: int, theta: float, scaling: Mapping[str, Any] | N
   """
   exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
   inv_freq = (1.0 / np.power(np.float32(theta), exponents)).astype(np.float32)
-  kind = (scaling or {}).get('rope_type', (scaling or {}).get('type', 'default'))
-  if kind == 'default':
+  kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+  if kind == "default":
     pass
-  elif kind == 'linear':
-    inv_freq = inv_freq / np.float32(scaling['factor'])
-  elif kind == 'llama3':
-    factor = np.float32(scaling['factor'])
-    low, high = float(scaling['low_freq_factor']), float(scaling['high_freq_factor'])
-    context = float(scaling['original_max_position_embeddings'])
+  elif kind == "linear":
+    inv_freq = inv_freq / np.float32(scaling["factor"])
+  elif kind == "llama3":
+    factor = np.float32(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    context = float(scaling["original_max_position_embeddings"])
     wavelen = np.float32(2 * math.pi) / inv_freq
     scaled = np.where(wavelen > context / low, inv_freq / factor, inv_freq)
     smooth = ((context / wavelen - low) / (high - low)).astype(np.float32)
@@ -139,7 +139,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: Mapping[str, Any] | N
     medium = (wavelen >= context / high) & (wavelen <= context / low)
     inv_freq = np.where(medium, blended, scaled).astype(np.float32)
   else:
-    raise ValueError(f'model.llm.rope_scaling: rope_type {kind!r} is not supported (supported: '
+    raise ValueError(f"model.llm.rope_scaling: rope_type {kind!r} is not supported (supported: "
                      "None, 'linear', 'llama3')")
   return tuple(float(f) for f in inv_freq.astype(np.float32))
 
@@ -171,34 +171,34 @@ class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE (kv_heads <= heads)."""
 
   def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, *, rope_theta: float,
-               rope_scaling: Mapping[str, Any] | None = None, qkv_bias: bool = False, attention: str = 'auto',
+               rope_scaling: Mapping[str, Any] | None = None, qkv_bias: bool = False, attention: str = "auto",
                dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if heads % kv_heads:
-      raise ValueError(f'heads={heads} must be a multiple of kv_heads={kv_heads}')
+      raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
     self.rope_inv_freq = rope_frequencies(head_dim, rope_theta, rope_scaling)
     self.attention = attention_lib.check(attention)
 
     def proj(n_heads, head_axis):
       return nnx.LinearGeneral(hidden, (n_heads, head_dim), use_bias=qkv_bias, dtype=dtype, rngs=rngs,
-                               kernel_init=partitioned(_INIT, ('embed', head_axis, 'head_dim')),
-                               bias_init=partitioned(nnx.initializers.zeros, (head_axis, 'head_dim')))
+                               kernel_init=partitioned(_INIT, ("embed", head_axis, "head_dim")),
+                               bias_init=partitioned(nnx.initializers.zeros, (head_axis, "head_dim")))
 
-    self.q_proj = proj(heads, 'heads')
-    self.k_proj = proj(kv_heads, 'kv_heads')
-    self.v_proj = proj(kv_heads, 'kv_heads')
+    self.q_proj = proj(heads, "heads")
+    self.k_proj = proj(kv_heads, "kv_heads")
+    self.v_proj = proj(kv_heads, "kv_heads")
     self.o_proj = nnx.LinearGeneral((heads, head_dim), hidden, axis=(-2, -1), use_bias=False, dtype=dtype, rngs=rngs,
-                                    kernel_init=partitioned(_INIT, ('heads', 'head_dim', 'embed')))
+                                    kernel_init=partitioned(_INIT, ("heads", "head_dim", "embed")))
 
   def _project(self, x: jax.Array, positions: jax.Array):
     # Named for the remat policies that keep them (REMAT_POLICIES).
-    q = checkpoint_name(apply_rope(self.q_proj(x), positions, inv_freq=self.rope_inv_freq), 'query_proj')
-    k = checkpoint_name(apply_rope(self.k_proj(x), positions, inv_freq=self.rope_inv_freq), 'key_proj')
-    return q, k, checkpoint_name(self.v_proj(x), 'value_proj')
+    q = checkpoint_name(apply_rope(self.q_proj(x), positions, inv_freq=self.rope_inv_freq), "query_proj")
+    k = checkpoint_name(apply_rope(self.k_proj(x), positions, inv_freq=self.rope_inv_freq), "key_proj")
+    return q, k, checkpoint_name(self.v_proj(x), "value_proj")
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     q, k, v = self._project(x, positions)
     out = attention_lib.causal_attention(q, k, v, segment_ids, implementation=self.attention)
-    return checkpoint_name(self.o_proj(out), 'out_proj')
+    return checkpoint_name(self.o_proj(out), "out_proj")
 
   def extend(self, x: jax.Array, positions: jax.Array, mask: jax.Array, kv: dict[str, jax.Array],
              index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -220,14 +220,14 @@ class Attention(nnx.Module):
       updated = jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), index, axis=1)
       return constrain(updated, _CACHE_KV)
 
-    kv = {'k': write(kv['k'], k), 'v': write(kv['v'], v)}
-    return self.o_proj(dot_product_attention(q, kv['k'], kv['v'], mask)), kv
+    kv = {"k": write(kv["k"], k), "v": write(kv["v"], v)}
+    return self.o_proj(dot_product_attention(q, kv["k"], kv["v"], mask)), kv
 
 
 class GatedMLP(nnx.Module):
   """down(act(gate(x)) * up(x)): SwiGLU with silu (Llama, Qwen2), GeGLU with tanh-gelu (Gemma)."""
 
-  def __init__(self, hidden: int, mlp: int, *, activation_name: str = 'silu', dtype: jnp.dtype = jnp.float32,
+  def __init__(self, hidden: int, mlp: int, *, activation_name: str = "silu", dtype: jnp.dtype = jnp.float32,
                rngs: nnx.Rngs):
     self.activation_name = activation_name
     activation(activation_name)  # an unknown name fails here, not at the first call
@@ -235,13 +235,13 @@ class GatedMLP(nnx.Module):
     def linear(n_in, n_out, names):
       return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, rngs=rngs, kernel_init=partitioned(_INIT, names))
 
-    self.gate_proj = linear(hidden, mlp, ('embed', 'mlp'))
-    self.up_proj = linear(hidden, mlp, ('embed', 'mlp'))
-    self.down_proj = linear(mlp, hidden, ('mlp', 'embed'))
+    self.gate_proj = linear(hidden, mlp, ("embed", "mlp"))
+    self.up_proj = linear(hidden, mlp, ("embed", "mlp"))
+    self.down_proj = linear(mlp, hidden, ("mlp", "embed"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    gate = activation(self.activation_name)(checkpoint_name(self.gate_proj(x), 'mlp_gate'))
-    return checkpoint_name(self.down_proj(gate * checkpoint_name(self.up_proj(x), 'mlp_up')), 'mlp_out')
+    gate = activation(self.activation_name)(checkpoint_name(self.gate_proj(x), "mlp_gate"))
+    return checkpoint_name(self.down_proj(gate * checkpoint_name(self.up_proj(x), "mlp_up")), "mlp_out")
 
 
 class DecoderLayer(nnx.Module):
@@ -253,8 +253,8 @@ class DecoderLayer(nnx.Module):
 
   def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, mlp: int, *, rope_theta: float,
                norm_eps: float, dtype: jnp.dtype, rngs: nnx.Rngs, rope_scaling: Mapping[str, Any] | None = None,
-               qkv_bias: bool = False, norm_plus_one: bool = False, mlp_activation: str = 'silu',
-               attention: str = 'auto', num_experts: int = 0, experts_per_token: int = DEFAULT_EXPERTS_PER_TOKEN):
+               qkv_bias: bool = False, norm_plus_one: bool = False, mlp_activation: str = "silu",
+               attention: str = "auto", num_experts: int = 0, experts_per_token: int = DEFAULT_EXPERTS_PER_TOKEN):
 
     def norm():
       return RMSNorm(hidden, eps=norm_eps, dtype=dtype, plus_one=norm_plus_one, rngs=rngs)
@@ -271,9 +271,9 @@ class DecoderLayer(nnx.Module):
 
   def _feed_forward(self, x: jax.Array, token_mask: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
     """The MLP's output and (experts only) its router statistics (moe.router_stats)."""
-    if hasattr(self, 'block_sparse_moe'):
+    if hasattr(self, "block_sparse_moe"):
       y, stats = self.block_sparse_moe(x, token_mask)
-      return checkpoint_name(y, 'mlp_out'), stats
+      return checkpoint_name(y, "mlp_out"), stats
     return self.mlp(x), None
 
   def forward(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array | None]:
@@ -320,23 +320,23 @@ def cache_attention_mask(valid: jax.Array, index: jax.Array, num_new: int) -> ja
 #                   pass: device memory of 'full', less recomputation (TPU; XLA:CPU has no host
 #                   memory space, so there it only compiles for a TPU target)
 #   dots_offloaded  as 'dots', with the matmul outputs kept in host memory
-_OFFLOAD = dict(offload_src='device', offload_dst='pinned_host')
+_OFFLOAD = dict(offload_src="device", offload_dst="pinned_host")
 REMAT_POLICIES = {
-    'none':
+    "none":
         None,
-    'full':
+    "full":
         jax.checkpoint_policies.nothing_saveable,
-    'dots':
+    "dots":
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    'qkv':
-        jax.checkpoint_policies.save_only_these_names('query_proj', 'key_proj', 'value_proj'),
-    'qkv_out':
-        jax.checkpoint_policies.save_only_these_names('query_proj', 'key_proj', 'value_proj', 'out_proj'),
-    'qkv_offloaded':
+    "qkv":
+        jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+    "qkv_out":
+        jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj", "out_proj"),
+    "qkv_offloaded":
         jax.checkpoint_policies.save_and_offload_only_these_names(
-            names_which_can_be_saved=[], names_which_can_be_offloaded=['query_proj', 'key_proj', 'value_proj'],
+            names_which_can_be_saved=[], names_which_can_be_offloaded=["query_proj", "key_proj", "value_proj"],
             **_OFFLOAD),
-    'dots_offloaded':
+    "dots_offloaded":
         jax.checkpoint_policies.offload_dot_with_no_batch_dims(**_OFFLOAD),
 }
 
@@ -344,51 +344,51 @@ REMAT_POLICIES = {
 def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
   """DecoderLM params with per-layer subtrees ({'layers': {0: tree, 1: tree, ...}}) -> the
   scan_layers layout ({'layers': tree of [L, ...] arrays}); other entries unchanged."""
-  layers = params['layers']
+  layers = params["layers"]
   ordered = [layers[i] for i in sorted(layers, key=int)]
-  return {**params, 'layers': jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *ordered)}
+  return {**params, "layers": jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *ordered)}
 
 
 def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
   """The inverse of `stack_layers`: per-layer subtrees keyed 0..L-1."""
-  stacked = params['layers']
+  stacked = params["layers"]
   num = len(jax.tree.leaves(stacked)[0])
-  return {**params, 'layers': {i: jax.tree.map(lambda x, i=i: np.asarray(x[i]), stacked) for i in range(num)}}
+  return {**params, "layers": {i: jax.tree.map(lambda x, i=i: np.asarray(x[i]), stacked) for i in range(num)}}
 
 
 def is_stacked(params: Mapping[str, Any]) -> bool:
   """Whether DecoderLM params are in the scan_layers layout."""
-  return not any(isinstance(k, int) or str(k).isdigit() for k in params['layers'])
+  return not any(isinstance(k, int) or str(k).isdigit() for k in params["layers"])
 
 
 class DecoderLM(nnx.Module):
   """Causal LM of one of FAMILIES returning float32 logits [B, T, vocab]."""
 
   def __init__(self, *, vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, mlp: int,
-               rope_theta: float = 10000.0, norm_eps: float = 1e-5, tie_embeddings: bool = False, remat: str = 'none',
-               family: str = 'llama', rope_scaling: Mapping[str, Any] | None = None, qkv_bias: bool | None = None,
-               scan_layers: bool = False, attention: str = 'auto', num_experts: int | None = None,
+               rope_theta: float = 10000.0, norm_eps: float = 1e-5, tie_embeddings: bool = False, remat: str = "none",
+               family: str = "llama", rope_scaling: Mapping[str, Any] | None = None, qkv_bias: bool | None = None,
+               scan_layers: bool = False, attention: str = "auto", num_experts: int | None = None,
                experts_per_token: int | None = None, router_aux_loss_coef: float = DEFAULT_ROUTER_AUX_LOSS_COEF,
                dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if remat not in REMAT_POLICIES:
-      raise ValueError(f'model.llm.remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}')
+      raise ValueError(f"model.llm.remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}")
     if family not in FAMILIES:
-      raise ValueError(f'model.llm.family={family!r}: expected one of {FAMILIES}')
+      raise ValueError(f"model.llm.family={family!r}: expected one of {FAMILIES}")
     traits = _FAMILY_TRAITS[family]
-    if traits['moe']:
+    if traits["moe"]:
       num_experts = DEFAULT_NUM_EXPERTS if num_experts is None else int(num_experts)
       experts_per_token = DEFAULT_EXPERTS_PER_TOKEN if experts_per_token is None else int(experts_per_token)
       if num_experts < 1:
-        raise ValueError(f'model.llm.num_experts={num_experts}: the mixtral family needs experts')
+        raise ValueError(f"model.llm.num_experts={num_experts}: the mixtral family needs experts")
     elif num_experts:
-      raise ValueError(f'model.llm.num_experts={num_experts}: family {family!r} has no experts '
+      raise ValueError(f"model.llm.num_experts={num_experts}: family {family!r} has no experts "
                        "(the 'mixtral' family has)")
     # 0 for a dense MLP.
     self.num_experts = num_experts or 0
     self.experts_per_token = experts_per_token or 0
     self.router_aux_loss_coef = float(router_aux_loss_coef or 0.0) if self.num_experts else 0.0
     self.family = family
-    self.scale_embeddings = traits['scale_embeddings']
+    self.scale_embeddings = traits["scale_embeddings"]
     self.remat = remat
     self.scan_layers = bool(scan_layers)
     self.num_layers = layers
@@ -399,36 +399,36 @@ class DecoderLM(nnx.Module):
     self.head_dim = head_dim
     self.tie_embeddings = tie_embeddings
     self.embed_tokens = nnx.Embed(vocab_size, hidden, dtype=self.dtype, rngs=rngs,
-                                  embedding_init=partitioned(_INIT, ('vocab', 'embed')))
+                                  embedding_init=partitioned(_INIT, ("vocab", "embed")))
     # A ConfigDict section or None; a plain dict keeps the module's static data simple.
     rope_scaling = dict(rope_scaling) if rope_scaling else None
 
     def make_layer(rngs: nnx.Rngs) -> DecoderLayer:
       return DecoderLayer(hidden, heads, kv_heads, head_dim, mlp, rope_theta=rope_theta, norm_eps=norm_eps,
                           dtype=self.dtype, rngs=rngs, rope_scaling=rope_scaling,
-                          qkv_bias=traits['qkv_bias'] if qkv_bias is None else bool(qkv_bias),
-                          norm_plus_one=traits['norm_plus_one'], mlp_activation=traits['mlp_activation'],
+                          qkv_bias=traits["qkv_bias"] if qkv_bias is None else bool(qkv_bias),
+                          norm_plus_one=traits["norm_plus_one"], mlp_activation=traits["mlp_activation"],
                           attention=attention, num_experts=self.num_experts, experts_per_token=self.experts_per_token or
                           DEFAULT_EXPERTS_PER_TOKEN)
 
     if self.scan_layers:
       # One DecoderLayer whose weights have a leading [layers] axis, logical name 'layers'.
       @nnx.split_rngs(splits=layers)
-      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
       def stacked(rngs: nnx.Rngs) -> DecoderLayer:
         return make_layer(rngs)
 
       self.layers = stacked(rngs)
     else:
       self.layers = nnx.List([make_layer(rngs) for _ in range(layers)])
-    self.norm = RMSNorm(hidden, eps=norm_eps, dtype=self.dtype, plus_one=traits['norm_plus_one'], rngs=rngs)
+    self.norm = RMSNorm(hidden, eps=norm_eps, dtype=self.dtype, plus_one=traits["norm_plus_one"], rngs=rngs)
     if tie_embeddings:
       self.lm_head = None
     else:
       # f32 accumulation and output: the loss over a large vocab needs f32 logits anyway.
       self.lm_head = nnx.Linear(hidden, vocab_size, use_bias=False, dtype=self.dtype,
                                 preferred_element_type=jnp.float32, rngs=rngs,
-                                kernel_init=partitioned(_INIT, ('embed', 'vocab')))
+                                kernel_init=partitioned(_INIT, ("embed", "vocab")))
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """Token embeddings [B, T, hidden] in the compute dtype, as looked up (no family scaling:
@@ -438,7 +438,7 @@ class DecoderLM(nnx.Module):
   def _inputs(self, input_ids: jax.Array | None, inputs_embeds: jax.Array | None) -> jax.Array:
     """The decoder's input [B, T, hidden] from exactly one of ids and ready embeddings."""
     if (input_ids is None) == (inputs_embeds is None):
-      raise ValueError('pass exactly one of input_ids and inputs_embeds')
+      raise ValueError("pass exactly one of input_ids and inputs_embeds")
     x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
     if self.scale_embeddings:
       # Gemma: the factor rounded to the compute dtype first, as HF does (bf16 sqrt(2048) = 45.25).
@@ -480,7 +480,7 @@ class DecoderLM(nnx.Module):
     def add(total, stats):
       return None if stats is None else total + stats
 
-    if self.remat != 'none':
+    if self.remat != "none":
       # Recompute the layer in the backward pass, keeping what the policy names.
       run_layer = nnx.remat(run_layer, policy=policy, prevent_cse=not self.scan_layers)
     # The router statistics summed over the layers (moe.router_stats), a scan carry.
@@ -520,7 +520,7 @@ class DecoderLM(nnx.Module):
       def run_layer(layer, x):
         return layer(x, positions, segment_ids)
 
-      if self.remat != 'none':
+      if self.remat != "none":
         run_layer = nnx.remat(run_layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
       return jnp.sum(run_layer(nnx.merge(graphdef, state), x).astype(jnp.float32))
 
@@ -534,9 +534,9 @@ class DecoderLM(nnx.Module):
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """float32 logits [B, T, vocab] from `hidden_states`."""
-    logits = jnp.einsum('btd,dv->btv', hidden.astype(self.dtype), self.output_embedding(),
+    logits = jnp.einsum("btd,dv->btv", hidden.astype(self.dtype), self.output_embedding(),
                         preferred_element_type=jnp.float32)
-    return constrain(logits, ('batch', None, 'vocab'))
+    return constrain(logits, ("batch", None, "vocab"))
 
   def init_cache(self, batch_size: int, size: int) -> dict[str, Any]:
     """An empty KV cache of `size` slots per row, for `extend`.
@@ -554,14 +554,14 @@ class DecoderLM(nnx.Module):
 
     if self.scan_layers:
       stacked = jnp.zeros((self.num_layers, *shape), self.dtype)
-      layers = {'k': stacked, 'v': stacked}
+      layers = {"k": stacked, "v": stacked}
     else:
-      layers = [{'k': zeros(), 'v': zeros()} for _ in self.layers]
+      layers = [{"k": zeros(), "v": zeros()} for _ in self.layers]
     return {
-        'layers': layers,
-        'valid': constrain(jnp.zeros((batch_size, size), bool), ('batch', None)),
-        'index': jnp.zeros((), jnp.int32),
-        'length': constrain(jnp.zeros((batch_size,), jnp.int32), ('batch',)),
+        "layers": layers,
+        "valid": constrain(jnp.zeros((batch_size, size), bool), ("batch", None)),
+        "index": jnp.zeros((), jnp.int32),
+        "length": constrain(jnp.zeros((batch_size,), jnp.int32), ("batch",)),
     }
 
   def extend(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
@@ -582,10 +582,10 @@ class DecoderLM(nnx.Module):
     x = self._inputs(input_ids, inputs_embeds)
     b, t = x.shape[:2]
     token_mask = jnp.ones((b, t), bool) if token_mask is None else token_mask.astype(bool)
-    index = cache['index']
+    index = cache["index"]
     # Padding before a row's first real token would get -1: clamp, it is never attended to.
-    positions = jnp.maximum(cache['length'][:, None] + jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1, 0)
-    valid = jax.lax.dynamic_update_slice_in_dim(cache['valid'], token_mask, index, axis=1)
+    positions = jnp.maximum(cache["length"][:, None] + jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1, 0)
+    valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], token_mask, index, axis=1)
     mask = cache_attention_mask(valid, index, t)
     x = constrain(x, _RESIDUAL)
     if self.scan_layers:
@@ -596,17 +596,17 @@ class DecoderLM(nnx.Module):
         x, kv = nnx.merge(graphdef, layer_state).extend(x, positions, mask, kv, index)
         return constrain(x, _RESIDUAL), kv
 
-      x, layers_kv = jax.lax.scan(body, x, (stacked, cache['layers']))
+      x, layers_kv = jax.lax.scan(body, x, (stacked, cache["layers"]))
     else:
       layers_kv = []
-      for layer, kv in zip(self.layers, cache['layers']):
+      for layer, kv in zip(self.layers, cache["layers"]):
         x, kv = layer.extend(x, positions, mask, kv, index)
         x = constrain(x, _RESIDUAL)
         layers_kv.append(kv)
     cache = {
-        'layers': layers_kv,
-        'valid': constrain(valid, ('batch', None)),
-        'index': index + t,
-        'length': cache['length'] + jnp.sum(token_mask, axis=1, dtype=jnp.int32),
+        "layers": layers_kv,
+        "valid": constrain(valid, ("batch", None)),
+        "index": index + t,
+        "length": cache["length"] + jnp.sum(token_mask, axis=1, dtype=jnp.int32),
     }
     return self.logits(self.norm(x)), cache

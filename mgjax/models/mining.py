@@ -38,11 +38,11 @@ class PatchInfoMining(nnx.Module):
   def __init__(self, lowres_width: int, highres_channels: int, *, norm_eps: float = 1e-5,
                dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     # Logical names pair axes that land on different mesh axes (fsdp x tensor), see axes.py.
-    self.query_projector = NormLinear(lowres_width, lowres_width, ('vision_embed', 'vision_mlp'), norm_eps=norm_eps,
+    self.query_projector = NormLinear(lowres_width, lowres_width, ("vision_embed", "vision_mlp"), norm_eps=norm_eps,
                                       dtype=dtype, rngs=rngs)
-    self.key_projector = NormLinear(highres_channels, lowres_width, ('conv_out', 'vision_mlp'), norm_eps=norm_eps,
+    self.key_projector = NormLinear(highres_channels, lowres_width, ("conv_out", "vision_mlp"), norm_eps=norm_eps,
                                     dtype=dtype, rngs=rngs)
-    self.value_projector = NormLinear(highres_channels, lowres_width, ('conv_out', 'vision_mlp'), norm_eps=norm_eps,
+    self.value_projector = NormLinear(highres_channels, lowres_width, ("conv_out", "vision_mlp"), norm_eps=norm_eps,
                                       dtype=dtype, rngs=rngs)
 
   def __call__(self, lowres: jax.Array, highres: jax.Array) -> jax.Array:
@@ -51,7 +51,7 @@ class PatchInfoMining(nnx.Module):
     grid = math.isqrt(n)
     h, w, c = highres.shape[1:]
     if grid * grid != n or h != w or h % grid:
-      raise ValueError(f'{n} low-res tokens need a square grid dividing the {h}x{w} high-res map')
+      raise ValueError(f"{n} low-res tokens need a square grid dividing the {h}x{w} high-res map")
     win = h // grid
     # [B, g, win, g, win, C] -> [B, g*g, win*win, C]: token (r, c) gets rows r*win.. and
     # columns c*win.., matching the row-major order of the ViT's patch tokens.
@@ -60,21 +60,21 @@ class PatchInfoMining(nnx.Module):
     query = self.query_projector(lowres)  # [B, N, W]
     key = self.key_projector(windows)  # [B, N, win^2, W]
     value = self.value_projector(windows)
-    scores = jnp.einsum('bnw,bnkw->bnk', query, key, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bnw,bnkw->bnk", query, key, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(scores * key.shape[-1]**-0.5, axis=-1).astype(value.dtype)
-    mined = jnp.einsum('bnk,bnkw->bnw', probs, value)
-    return constrain(lowres + mined.astype(lowres.dtype), ('batch', None, None))
+    mined = jnp.einsum("bnk,bnkw->bnw", probs, value)
+    return constrain(lowres + mined.astype(lowres.dtype), ("batch", None, None))
 
 
 class Projector(nnx.Module):
   """Linear -> GELU -> Linear into the LLM's width (LLaVA's mlp2x_gelu; HF names linear_1/2)."""
 
   def __init__(self, vision_width: int, hidden: int, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
-    self.linear_1 = linear(vision_width, hidden, ('vision_mlp', 'embed'), dtype=dtype, rngs=rngs)
-    self.linear_2 = linear(hidden, hidden, ('mlp', 'embed'), dtype=dtype, rngs=rngs)
+    self.linear_1 = linear(vision_width, hidden, ("vision_mlp", "embed"), dtype=dtype, rngs=rngs)
+    self.linear_2 = linear(hidden, hidden, ("mlp", "embed"), dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return constrain(self.linear_2(exact_gelu(self.linear_1(x))), ('batch', None, None))
+    return constrain(self.linear_2(exact_gelu(self.linear_1(x))), ("batch", None, None))
 
 
 def _linear_taps(n_in: int, factor: int) -> tuple[int, int, np.float32, np.float32]:
@@ -95,7 +95,7 @@ def _linear_taps(n_in: int, factor: int) -> tuple[int, int, np.float32, np.float
   w_hi = np.clip(src - lo.astype(np.float32), 0, 1).astype(np.float32)
   step = factor * np.arange(n_out)
   if not (np.array_equal(lo, lo[0] + step) and np.array_equal(hi, hi[0] + step) and (w_hi == w_hi[0]).all()):
-    raise ValueError(f'{n_in} pixels by 1/{factor}: taps are not a regular stride')
+    raise ValueError(f"{n_in} pixels by 1/{factor}: taps are not a regular stride")
   return int(lo[0]), int(hi[0]), np.float32(1) - w_hi[0], w_hi[0]
 
 
@@ -111,7 +111,7 @@ def downsample_bilinear(x: jax.Array, factor: int) -> jax.Array:
   """
   h, w = x.shape[1:3]
   if h % factor or w % factor:
-    raise ValueError(f'a {h}x{w} map does not divide by {factor}')
+    raise ValueError(f"a {h}x{w} map does not divide by {factor}")
   dtype = x.dtype
   x = x.astype(jnp.float32)
   lo, hi, w_lo, w_hi = _linear_taps(w, factor)

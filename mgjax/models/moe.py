@@ -37,8 +37,8 @@ from mgjax.models.layers import activation
 
 # The same N(0, 0.02) as the dense layers (HF Mixtral's initializer_range).
 _INIT = nnx.initializers.normal(0.02)
-EXPERT_IN = ('expert', 'embed', 'mlp')
-EXPERT_OUT = ('expert', 'mlp', 'embed')
+EXPERT_IN = ("expert", "embed", "mlp")
+EXPERT_OUT = ("expert", "mlp", "embed")
 
 
 class Experts(nnx.Module):
@@ -53,18 +53,18 @@ class Experts(nnx.Module):
 class SparseMoE(nnx.Module):
   """Top-k routed experts: x [B, T, hidden] -> ([B, T, hidden], router statistics [2, E])."""
 
-  def __init__(self, hidden: int, mlp: int, num_experts: int, experts_per_token: int, *, activation_name: str = 'silu',
+  def __init__(self, hidden: int, mlp: int, num_experts: int, experts_per_token: int, *, activation_name: str = "silu",
                dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if not 0 < experts_per_token <= num_experts:
-      raise ValueError(f'model.llm.experts_per_token={experts_per_token} must be in 1..num_experts '
-                       f'({num_experts})')
+      raise ValueError(f"model.llm.experts_per_token={experts_per_token} must be in 1..num_experts "
+                       f"({num_experts})")
     activation(activation_name)  # an unknown name fails here, not at the first call
     self.activation_name = activation_name
     self.num_experts = num_experts
     self.experts_per_token = experts_per_token
     self.dtype = dtype
     self.gate = nnx.Linear(hidden, num_experts, use_bias=False, dtype=dtype, rngs=rngs,
-                           kernel_init=partitioned(_INIT, ('embed', 'expert')))
+                           kernel_init=partitioned(_INIT, ("embed", "expert")))
     self.experts = Experts(num_experts, hidden, mlp, rngs=rngs)
 
   def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -91,7 +91,7 @@ def router_stats(probs: jax.Array, index: jax.Array, token_mask: jax.Array | Non
   `load_balancing_loss` turns them into the loss."""
   mask = (jnp.ones(probs.shape[:-1], jnp.float32) if token_mask is None else token_mask.astype(jnp.float32))
   chosen = jax.nn.one_hot(index, probs.shape[-1], dtype=jnp.float32)  # [B, T, k, E]
-  return jnp.stack([jnp.einsum('bt,btke->e', mask, chosen), jnp.einsum('bt,bte->e', mask, probs)])
+  return jnp.stack([jnp.einsum("bt,btke->e", mask, chosen), jnp.einsum("bt,bte->e", mask, probs)])
 
 
 def load_balancing_loss(stats: jax.Array, rows: jax.Array) -> jax.Array:
@@ -116,7 +116,7 @@ def _local_mixture(x: jax.Array, weights: jax.Array, index: jax.Array, w1: jax.A
   mine = (local >= 0) & (local < num_local)
   group = jnp.where(mine, local, num_local)  # other experts' slots sort last, in no group
   order = jnp.argsort(group, stable=True)
-  group_sizes = jnp.zeros((num_local,), jnp.int32).at[group].add(1, mode='drop')
+  group_sizes = jnp.zeros((num_local,), jnp.int32).at[group].add(1, mode="drop")
   rows = x.reshape(b * t, h)[order // k]
   # ragged_dot multiplies group g's rows by weight g and leaves the rows past the groups zero.
   gate = jax.lax.ragged_dot(rows, w1.astype(x.dtype), group_sizes)
@@ -134,7 +134,7 @@ def _local_mixture(x: jax.Array, weights: jax.Array, index: jax.Array, w1: jax.A
 
 
 def expert_mixture(x: jax.Array, weights: jax.Array, index: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, *,
-                   activation_name: str = 'silu') -> jax.Array:
+                   activation_name: str = "silu") -> jax.Array:
   """sum_j weights[..., j] * expert_{index[..., j]}(x): [B, T, hidden] in x's dtype.
 
   Without a mesh (or under a mesh with explicit axes) on one program; under an active mesh
@@ -152,10 +152,10 @@ def expert_mixture(x: jax.Array, weights: jax.Array, index: jax.Array, w1: jax.A
     return (axes if len(axes) > 1 else axes[0]) if axes else None
 
   num_experts = w1.shape[0]
-  batch = mesh_axes('batch', mesh)
+  batch = mesh_axes("batch", mesh)
   if x.shape[0] % size(batch):
     batch = ()  # rows that do not split evenly (a small decoding batch): every shard takes all
-  expert, mlp, embed = (mesh_axes(n, mesh) for n in ('expert', 'mlp', 'embed'))
+  expert, mlp, embed = (mesh_axes(n, mesh) for n in ("expert", "mlp", "embed"))
   if num_experts % size(expert):
     raise ValueError(f'{num_experts} experts do not split over mesh axes {expert} '
                      f'({size(expert)} devices); change the "expert" rule of mesh.rules')
@@ -174,7 +174,7 @@ def expert_mixture(x: jax.Array, weights: jax.Array, index: jax.Array, w1: jax.A
       # Each shard reads the tokens for its own experts only, so x's gradient is a sum over
       # these axes. Marked varying here, the backward pass sums it: left to the gather by
       # shard-dependent indices below, jax 0.10.2 returns one shard's part (wrong gradient).
-      x = jax.lax.pcast(x, summed, to='varying')
+      x = jax.lax.pcast(x, summed, to="varying")
     first = jax.lax.axis_index(expert) * per_shard if expert else 0
     y = _local_mixture(x, weights, index, w1, w3, w2, first_expert=first, activation_name=activation_name)
     if gathered:

@@ -17,17 +17,17 @@ from mgjax.models.axes import constrain, partitioned
 from mgjax.models import attention as attention_lib
 from mgjax.models.layers import activation, layer_norm, linear
 
-_CONV_NAMES = ('conv_kernel', 'conv_kernel', 'conv_in', 'conv_out')
+_CONV_NAMES = ("conv_kernel", "conv_kernel", "conv_in", "conv_out")
 # Activations between blocks: split over the batch only (see axes.constrain).
-_TOKENS = ('batch', None, None)
-_NHWC = ('batch', None, None, None)
+_TOKENS = ("batch", None, None)
+_NHWC = ("batch", None, None, None)
 
 
-def _conv(n_in: int, n_out: int, kernel: int, *, stride: int = 1, padding='VALID', use_bias: bool = True,
+def _conv(n_in: int, n_out: int, kernel: int, *, stride: int = 1, padding="VALID", use_bias: bool = True,
           dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Conv:
   return nnx.Conv(n_in, n_out, (kernel, kernel), strides=stride, padding=padding, use_bias=use_bias, dtype=dtype,
                   rngs=rngs, kernel_init=partitioned(nnx.initializers.lecun_normal(), _CONV_NAMES),
-                  bias_init=partitioned(nnx.initializers.zeros, ('conv_out',)))
+                  bias_init=partitioned(nnx.initializers.zeros, ("conv_out",)))
 
 
 class Mlp(nnx.Module):
@@ -35,8 +35,8 @@ class Mlp(nnx.Module):
 
   def __init__(self, width: int, mlp: int, *, act: str, dtype: jnp.dtype, rngs: nnx.Rngs):
     self.act = act
-    self.fc1 = linear(width, mlp, ('vision_embed', 'vision_mlp'), dtype=dtype, rngs=rngs)
-    self.fc2 = linear(mlp, width, ('vision_mlp', 'vision_embed'), dtype=dtype, rngs=rngs)
+    self.fc1 = linear(width, mlp, ("vision_embed", "vision_mlp"), dtype=dtype, rngs=rngs)
+    self.fc2 = linear(mlp, width, ("vision_mlp", "vision_embed"), dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc2(activation(self.act)(self.fc1(x)))
@@ -45,23 +45,23 @@ class Mlp(nnx.Module):
 class VisionAttention(nnx.Module):
   """Bidirectional multi-head self-attention with biases (CLIP)."""
 
-  def __init__(self, width: int, heads: int, *, dtype: jnp.dtype, rngs: nnx.Rngs, attention: str = 'auto'):
+  def __init__(self, width: int, heads: int, *, dtype: jnp.dtype, rngs: nnx.Rngs, attention: str = "auto"):
     if width % heads:
-      raise ValueError(f'vision width {width} is not divisible by heads {heads}')
+      raise ValueError(f"vision width {width} is not divisible by heads {heads}")
     head_dim = width // heads
     self.attention = attention_lib.check(attention)
 
     def proj():
       return nnx.LinearGeneral(
           width, (heads, head_dim), dtype=dtype, rngs=rngs,
-          kernel_init=partitioned(nnx.initializers.lecun_normal(), ('vision_embed', 'vision_heads', 'head_dim')),
-          bias_init=partitioned(nnx.initializers.zeros, ('vision_heads', 'head_dim')))
+          kernel_init=partitioned(nnx.initializers.lecun_normal(), ("vision_embed", "vision_heads", "head_dim")),
+          bias_init=partitioned(nnx.initializers.zeros, ("vision_heads", "head_dim")))
 
     self.q_proj, self.k_proj, self.v_proj = proj(), proj(), proj()
     self.out_proj = nnx.LinearGeneral((heads, head_dim), width, axis=(-2, -1), dtype=dtype, rngs=rngs,
                                       kernel_init=partitioned(nnx.initializers.lecun_normal(),
-                                                              ('vision_heads', 'head_dim', 'vision_embed')),
-                                      bias_init=partitioned(nnx.initializers.zeros, ('vision_embed',)))
+                                                              ("vision_heads", "head_dim", "vision_embed")),
+                                      bias_init=partitioned(nnx.initializers.zeros, ("vision_embed",)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.out_proj(
@@ -73,7 +73,7 @@ class VisionEncoderLayer(nnx.Module):
   """Pre-LN transformer block."""
 
   def __init__(self, width: int, heads: int, mlp: int, *, act: str, norm_eps: float, dtype: jnp.dtype, rngs: nnx.Rngs,
-               attention: str = 'auto'):
+               attention: str = "auto"):
     self.layer_norm1 = layer_norm(width, eps=norm_eps, dtype=dtype, rngs=rngs)
     self.self_attn = VisionAttention(width, heads, dtype=dtype, rngs=rngs, attention=attention)
     self.layer_norm2 = layer_norm(width, eps=norm_eps, dtype=dtype, rngs=rngs)
@@ -88,10 +88,10 @@ class VisionEncoderLayer(nnx.Module):
 VIT_KINDS: dict[str, dict] = {
     # OpenAI CLIP (HF CLIPVisionModel): a class token, a bias-free patch conv, a layernorm
     # before the encoder ("pre_layrnorm" in HF), quick_gelu, LayerNorm eps 1e-5.
-    'clip': dict(class_token=True, patch_bias=False, pre_norm=True, act='quick_gelu', norm_eps=1e-5),
+    "clip": dict(class_token=True, patch_bias=False, pre_norm=True, act="quick_gelu", norm_eps=1e-5),
     # SigLIP (HF SiglipVisionModel): patch tokens only, a patch conv with bias, no
     # pre-encoder norm, tanh-approximated GELU, LayerNorm eps 1e-6.
-    'siglip': dict(class_token=False, patch_bias=True, pre_norm=False, act='gelu_tanh', norm_eps=1e-6),
+    "siglip": dict(class_token=False, patch_bias=True, pre_norm=False, act="gelu_tanh", norm_eps=1e-6),
 }
 
 
@@ -107,34 +107,34 @@ class VisionTransformer(nnx.Module):
   """
 
   def __init__(self, *, image_size: int, patch_size: int, width: int, layers: int, heads: int, mlp: int,
-               feature_layer: int = -2, kind: str = 'clip', act: str | None = None, norm_eps: float | None = None,
-               dtype: jnp.dtype = jnp.float32, attention: str = 'auto', rngs: nnx.Rngs):
+               feature_layer: int = -2, kind: str = "clip", act: str | None = None, norm_eps: float | None = None,
+               dtype: jnp.dtype = jnp.float32, attention: str = "auto", rngs: nnx.Rngs):
     if kind not in VIT_KINDS:
-      raise ValueError(f'model.vision_lowres.kind={kind!r}: expected one of {sorted(VIT_KINDS)}')
+      raise ValueError(f"model.vision_lowres.kind={kind!r}: expected one of {sorted(VIT_KINDS)}")
     spec = VIT_KINDS[kind]
-    act = act or spec['act']
-    norm_eps = spec['norm_eps'] if norm_eps is None else norm_eps
+    act = act or spec["act"]
+    norm_eps = spec["norm_eps"] if norm_eps is None else norm_eps
     if image_size % patch_size:
-      raise ValueError(f'image_size {image_size} is not a multiple of patch_size {patch_size}')
+      raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
     activation(act)  # fail at construction on an unknown name
     if not -(layers + 1) <= feature_layer <= layers:
-      raise ValueError(f'feature_layer {feature_layer} out of range for {layers} layers')
+      raise ValueError(f"feature_layer {feature_layer} out of range for {layers} layers")
     self.kind = kind
     self.image_size = image_size
     self.patch_size = patch_size
     self.grid = image_size // patch_size
     self.num_layers_run = feature_layer % (layers + 1) if feature_layer < 0 else feature_layer
-    self.patch_embedding = _conv(3, width, patch_size, stride=patch_size, use_bias=spec['patch_bias'], dtype=dtype,
+    self.patch_embedding = _conv(3, width, patch_size, stride=patch_size, use_bias=spec["patch_bias"], dtype=dtype,
                                  rngs=rngs)
-    if spec['class_token']:
+    if spec["class_token"]:
       self.class_embedding = nnx.Param(
-          partitioned(nnx.initializers.normal(width**-0.5), ('vision_embed',))(rngs.params(), (width,)))
+          partitioned(nnx.initializers.normal(width**-0.5), ("vision_embed",))(rngs.params(), (width,)))
     else:
       self.class_embedding = None
     self.position_embedding = nnx.Embed(
-        self.grid**2 + int(spec['class_token']), width, dtype=dtype, rngs=rngs,
-        embedding_init=partitioned(nnx.initializers.normal(0.02), ('pos', 'vision_embed')))
-    self.pre_layernorm = (layer_norm(width, eps=norm_eps, dtype=dtype, rngs=rngs) if spec['pre_norm'] else None)
+        self.grid**2 + int(spec["class_token"]), width, dtype=dtype, rngs=rngs,
+        embedding_init=partitioned(nnx.initializers.normal(0.02), ("pos", "vision_embed")))
+    self.pre_layernorm = (layer_norm(width, eps=norm_eps, dtype=dtype, rngs=rngs) if spec["pre_norm"] else None)
     self.layers = nnx.List([
         VisionEncoderLayer(width, heads, mlp, act=act, norm_eps=norm_eps, dtype=dtype, rngs=rngs, attention=attention)
         for _ in range(layers)
@@ -144,7 +144,7 @@ class VisionTransformer(nnx.Module):
     """images [B, S, S, 3] (already normalised) -> patch tokens [B, (S/P)^2, width]."""
     b, h, w, _ = images.shape
     if (h, w) != (self.image_size, self.image_size):
-      raise ValueError(f'low-res images are {h}x{w}, the tower expects {self.image_size}')
+      raise ValueError(f"low-res images are {h}x{w}, the tower expects {self.image_size}")
     x = self.patch_embedding(images)  # [B, g, g, width]
     x = x.reshape(b, self.grid * self.grid, x.shape[-1])
     if self.class_embedding is not None:
@@ -170,11 +170,11 @@ class DepthwiseConv(nnx.Module):
 
   def __init__(self, dim: int, kernel: int, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if kernel % 2 == 0:
-      raise ValueError(f'depthwise kernel size {kernel} must be odd for SAME padding')
+      raise ValueError(f"depthwise kernel size {kernel} must be odd for SAME padding")
     self.dtype = dtype
     self.kernel = nnx.Param(
         partitioned(nnx.initializers.lecun_normal(), _CONV_NAMES)(rngs.params(), (kernel, kernel, 1, dim)))
-    self.bias = nnx.Param(partitioned(nnx.initializers.zeros, ('conv_out',))(rngs.params(), (dim,)))
+    self.bias = nnx.Param(partitioned(nnx.initializers.zeros, ("conv_out",))(rngs.params(), (dim,)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel.shape[0]
@@ -196,8 +196,8 @@ class ConvNeXtBlock(nnx.Module):
   def __init__(self, dim: int, *, ls_init: float, dtype: jnp.dtype, rngs: nnx.Rngs):
     self.conv_dw = DepthwiseConv(dim, 7, dtype=dtype, rngs=rngs)
     self.norm = layer_norm(dim, eps=1e-6, dtype=dtype, rngs=rngs)
-    self.mlp = Mlp(dim, 4 * dim, act='gelu', dtype=dtype, rngs=rngs)
-    self.gamma = nnx.Param(partitioned(nnx.initializers.constant(ls_init), ('norm',))(rngs.params(), (dim,)))
+    self.mlp = Mlp(dim, 4 * dim, act="gelu", dtype=dtype, rngs=rngs)
+    self.gamma = nnx.Param(partitioned(nnx.initializers.constant(ls_init), ("norm",))(rngs.params(), (dim,)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = self.mlp(self.norm(self.conv_dw(x)))
@@ -233,12 +233,12 @@ class ConvNeXt(nnx.Module):
   """
 
   def __init__(self, *, dims: Sequence[int], depths: Sequence[int], image_size: int | None = None,
-               ls_init: float = 1e-6, kind: str = 'convnext', dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
-    if kind != 'convnext':
+               ls_init: float = 1e-6, kind: str = "convnext", dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    if kind != "convnext":
       raise ValueError(f"model.vision_highres.kind={kind!r}: only 'convnext' is built")
     dims, depths = tuple(dims), tuple(depths)
     if len(dims) != len(depths):
-      raise ValueError(f'ConvNeXt dims {dims} and depths {depths} differ in length')
+      raise ValueError(f"ConvNeXt dims {dims} and depths {depths} differ in length")
     self.dims = dims
     self.image_size = image_size
     self.stem_conv = _conv(3, dims[0], 4, stride=4, dtype=dtype, rngs=rngs)
@@ -256,8 +256,8 @@ class ConvNeXt(nnx.Module):
   def __call__(self, images: jax.Array) -> list[jax.Array]:
     """images [B, S, S, 3] -> stage outputs [B, S/4/2^i, S/4/2^i, dims[i]]."""
     if self.image_size is not None and images.shape[1:3] != (self.image_size,) * 2:
-      raise ValueError(f'high-res images are {images.shape[1]}x{images.shape[2]}, '
-                       f'the tower expects {self.image_size}')
+      raise ValueError(f"high-res images are {images.shape[1]}x{images.shape[2]}, "
+                       f"the tower expects {self.image_size}")
     x = constrain(self.stem_norm(self.stem_conv(images)), _NHWC)
     outputs = []
     for stage in self.stages:
@@ -273,5 +273,5 @@ class ConvNeXt(nnx.Module):
     """
     outputs = self(images)
     b, h, w, _ = outputs[0].shape
-    resized = [outputs[0]] + [jax.image.resize(o, (b, h, w, o.shape[-1]), method='bilinear') for o in outputs[1:]]
+    resized = [outputs[0]] + [jax.image.resize(o, (b, h, w, o.shape[-1]), method="bilinear") for o in outputs[1:]]
     return constrain(jnp.concatenate(resized, axis=-1), _NHWC)

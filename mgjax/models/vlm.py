@@ -26,13 +26,13 @@ def image_grid(cfg: ml_collections.ConfigDict) -> tuple[int, bool]:
   (mining the high-res map downsampled by g), as MGM's HD models (e.g. MGM-7B-HD: g=2 with
   a global view). The defaults (1, False) are the plain model with one low-res view.
   """
-  grid = int(cfg.get('image_grid', 1))
-  global_view = bool(cfg.get('image_global', False))
+  grid = int(cfg.get("image_grid", 1))
+  global_view = bool(cfg.get("image_global", False))
   if grid < 1:
-    raise ValueError(f'model.image_grid={grid} must be >= 1')
+    raise ValueError(f"model.image_grid={grid} must be >= 1")
   if global_view and grid < 2:
-    raise ValueError('model.image_global=True needs model.image_grid >= 2 (as in Mini-Gemini, '
-                     'the global view is the whole image next to its grid crops)')
+    raise ValueError("model.image_global=True needs model.image_grid >= 2 (as in Mini-Gemini, "
+                     "the global view is the whole image next to its grid crops)")
   return grid, global_view
 
 
@@ -55,8 +55,8 @@ def num_image_tokens(cfg: ml_collections.ConfigDict) -> int:
   the low-res tokens of every view, (image_grid^2 + image_global) * (size / patch)^2."""
   vis = cfg.vision_lowres
   if vis.image_size % vis.patch_size:
-    raise ValueError(f'model.vision_lowres.image_size {vis.image_size} is not a multiple of '
-                     f'patch_size {vis.patch_size}')
+    raise ValueError(f"model.vision_lowres.image_size {vis.image_size} is not a multiple of "
+                     f"patch_size {vis.patch_size}")
   return num_image_views(cfg) * (vis.image_size // vis.patch_size)**2
 
 
@@ -64,25 +64,25 @@ class MiniGemini(nnx.Module):
   """The Mini-Gemini VLM, built from the `model` config section."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    dtype = jnp.dtype(cfg.get('dtype', 'float32'))
+    dtype = jnp.dtype(cfg.get("dtype", "float32"))
     self.image_token_id = int(cfg.image_token_id)
     self.num_image_tokens = num_image_tokens(cfg)
     self.image_grid, self.image_global = image_grid(cfg)
     lowres = dict(cfg.vision_lowres)
     highres = dict(cfg.vision_highres)
-    grid = lowres['image_size'] // lowres['patch_size']
+    grid = lowres["image_size"] // lowres["patch_size"]
     # Each of the image_grid^2 crops mines a 1/image_grid share of the high-res map with
     # its own grid x grid tokens.
     cells = grid * self.image_grid
-    if highres['image_size'] % 4 or (highres['image_size'] // 4) % cells:
+    if highres["image_size"] % 4 or (highres["image_size"] // 4) % cells:
       raise ValueError(f"model.vision_highres.image_size {highres['image_size']}: its 1/4 map must split into "
-                       f'the {cells}x{cells} low-res grid (e.g. {4 * cells * 2})')
+                       f"the {cells}x{cells} low-res grid (e.g. {4 * cells * 2})")
     # model.attention: the kernel for the decoder and the ViT (mgjax.models.attention).
-    attention = cfg.get('attention', 'auto')
+    attention = cfg.get("attention", "auto")
     self.vision_lowres = VisionTransformer(**lowres, dtype=dtype, attention=attention, rngs=rngs)
     self.vision_highres = ConvNeXt(**highres, dtype=dtype, rngs=rngs)
-    self.mining = PatchInfoMining(lowres['width'], self.vision_highres.feature_channels, dtype=dtype, rngs=rngs)
-    self.projector = Projector(lowres['width'], cfg.llm.hidden, dtype=dtype, rngs=rngs)
+    self.mining = PatchInfoMining(lowres["width"], self.vision_highres.feature_channels, dtype=dtype, rngs=rngs)
+    self.projector = Projector(lowres["width"], cfg.llm.hidden, dtype=dtype, rngs=rngs)
     self.llm = DecoderLM(vocab_size=cfg.vocab_size, **dict(cfg.llm), attention=attention, dtype=dtype, rngs=rngs)
 
   def encode_images(self, images_lowres: jax.Array, images_highres: jax.Array) -> jax.Array:
@@ -101,8 +101,8 @@ class MiniGemini(nnx.Module):
       return self.projector(self.mining(lowres, highres))
     n, v = images_lowres.shape[:2]
     if v != g * g + int(self.image_global):
-      raise ValueError(f'{v} low-res views per image; image_grid={g}, image_global='
-                       f'{self.image_global} make {g * g + int(self.image_global)}')
+      raise ValueError(f"{v} low-res views per image; image_grid={g}, image_global="
+                       f"{self.image_global} make {g * g + int(self.image_global)}")
     # One tower call for every view of every image (MGM batches crops and global views too).
     lowres = self.vision_lowres(images_lowres.reshape(n * v, *images_lowres.shape[2:]))
     lowres = lowres.reshape(n, v, *lowres.shape[1:])  # [N, V, tokens, W]
@@ -140,7 +140,7 @@ class MiniGemini(nnx.Module):
       # Running count of image tokens = which visual feature each one takes.
       index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, feats.shape[1] - 1)
       placed = jnp.take_along_axis(feats, index[..., None], axis=1)
-      embeds = constrain(jnp.where(is_image[..., None], placed, embeds), ('batch', None, None))
+      embeds = constrain(jnp.where(is_image[..., None], placed, embeds), ("batch", None, None))
     return embeds
 
   def __call__(self, input_ids: jax.Array, images_lowres: jax.Array, images_highres: jax.Array, *,
@@ -169,11 +169,11 @@ def _cheap_tracer_errors():
   try:
     from jax._src.interpreters import partial_eval
     tracer = partial_eval.DynamicJaxprTracer
-    getattr(tracer, '_origin_msg')  # the attribute this patch replaces must exist
+    getattr(tracer, "_origin_msg")  # the attribute this patch replaces must exist
   except (ImportError, AttributeError):  # another jax: build the slow way
     yield
     return
-  with mock.patch.object(tracer, '_origin_msg', lambda self: ''):
+  with mock.patch.object(tracer, "_origin_msg", lambda self: ""):
     yield
 
 

@@ -105,7 +105,7 @@ def _tree_threads(tree: Any, where: str, path: str, source: str, category: str |
     return
   lang = prompt.get("lang")
   if lang is not None and not isinstance(lang, str):
-    yield reject(f"root prompt lang is {_show(lang)}, expected a language code such as \"en\"", "bad_schema")
+    yield reject(f'root prompt lang is {_show(lang)}, expected a language code such as "en"', "bad_schema")
     return
   if langs is not None and lang not in langs:
     yield reject(f"root prompt language {lang!r} not in {sorted(langs)} (reader option lang)", "language")
