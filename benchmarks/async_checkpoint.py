@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mgjax import checkpoint, config as mgjax_config, optim, train
+from mgjax import checkpoint, config as mgjax_config, optim, step as train_step
 from mgjax.models import vlm
 
 
@@ -45,7 +45,7 @@ def main() -> None:
   optim_cfg = mgjax_config.base_config().optim
   tx, _ = optim.make(optim_cfg, 1000, params)
   opt_state = tx.init(params)
-  step_fn, _ = train.make_train_step(graphdef, tx, lambda trainable, frozen: trainable, accum=1)
+  step_fn, _ = train_step.make_train_step(graphdef, tx, lambda trainable, frozen: trainable, accum=1)
   step_fn = jax.jit(step_fn, donate_argnums=(0, 1))
 
   rng = np.random.default_rng(0)
@@ -53,20 +53,15 @@ def main() -> None:
   ids = rng.integers(16, cfg.vocab_size, (b, t)).astype(np.int32)
   ids[:, 1:1 + n] = cfg.image_token_id
   batch = {
-      "input_ids":
-          ids,
-      "targets":
-          np.roll(ids, -1, axis=1),
-      "loss_mask":
-          np.ones((b, t), np.float32),
-      "segment_ids":
-          np.ones((b, t), np.int32),
-      "positions":
-          np.tile(np.arange(t, dtype=np.int32), (b, 1)),
-      "images_lowres":
-          rng.normal(size=(b, 1, cfg.vision_lowres.image_size, cfg.vision_lowres.image_size, 3)).astype(np.float32),
-      "images_highres":
-          rng.normal(size=(b, 1, cfg.vision_highres.image_size, cfg.vision_highres.image_size, 3)).astype(np.float32),
+      "input_ids": ids,
+      "targets": np.roll(ids, -1, axis=1),
+      "loss_mask": np.ones((b, t), np.float32),
+      "segment_ids": np.ones((b, t), np.int32),
+      "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+      "images_lowres": rng.normal(size=(b, 1, cfg.vision_lowres.image_size, cfg.vision_lowres.image_size, 3)
+                                 ).astype(np.float32),
+      "images_highres": rng.normal(size=(b, 1, cfg.vision_highres.image_size, cfg.vision_highres.image_size, 3)
+                                  ).astype(np.float32),
   }
   batch = jax.device_put(batch)
   num_params = sum(x.size for x in jax.tree.leaves(params))

@@ -24,7 +24,8 @@ import numpy as np
 import transformers
 from flax import nnx
 
-from mgjax import config as mgjax_config, optim, train
+from mgjax import config as mgjax_config, optim, step as train_step
+from mgjax import workdir as workdirs
 from mgjax.data import build, images, pipeline
 from mgjax.models import vlm
 
@@ -42,7 +43,7 @@ def sample_headroom(data_dir: str, num_batches: int) -> dict[str, float]:
   config.data.data_dir = data_dir
   dataset = build.ensure_built(config.data.recipe, data_dir)
   tokenizer = transformers.AutoTokenizer.from_pretrained(dataset.tokenizer_dir)
-  model_cfg = train.resolve_model_config(config.model, tokenizer)
+  model_cfg = workdirs.resolve_model_config(config.model, tokenizer)
   encoder = pipeline.make_encoder(tokenizer, config.data, model_cfg, vlm.num_image_tokens(model_cfg))
   source = build.open_split(dataset, "train")
 
@@ -60,7 +61,7 @@ def sample_headroom(data_dir: str, num_batches: int) -> dict[str, float]:
   params = state.to_pure_dict()
   tx, _ = optim.make(config.optim, config.train.steps, params)
   opt_state = tx.init(params)
-  step, _ = train.make_train_step(graphdef, tx, lambda trainable, frozen: trainable, accum=1)
+  step, _ = train_step.make_train_step(graphdef, tx, lambda trainable, frozen: trainable, accum=1)
   step = jax.jit(step, donate_argnums=(0, 1))
   batch = jax.device_put(first)
   params, opt_state, m = step(params, opt_state, None, batch)  # compile

@@ -88,7 +88,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mgjax import train  # noqa: E402
+from mgjax import step as train_step  # noqa: E402
 from mgjax.models import attention as mg_attention  # noqa: E402
 from mgjax.models import llm as mg_llm  # noqa: E402
 
@@ -245,7 +245,7 @@ VARIANTS_HELP = f'attention one of {sorted(ATTENTION)}, optionally followed by +
 
 
 class TextOnly(nnx.Module):
-  """MiniGemini's call signature around the bare DecoderLM, so train.make_loss_fn runs as is."""
+  """MiniGemini's call signature around the bare DecoderLM, so step.make_loss_fn runs as is."""
 
   def __init__(self, llm: mg_llm.DecoderLM):
     self.llm = llm
@@ -253,6 +253,11 @@ class TextOnly(nnx.Module):
   def hidden_states(self, input_ids, images_lowres, images_highres, *, positions=None, segment_ids=None):
     del images_lowres, images_highres  # text only: no image tokens
     return self.llm.hidden_states(input_ids, positions=positions, segment_ids=segment_ids)
+
+  def embed_inputs(self, input_ids, images_lowres, images_highres):
+    """What the loss of a decoder with experts feeds its hidden_states (text only: the embeddings)."""
+    del images_lowres, images_highres
+    return self.llm.embed(input_ids)
 
 
 def make_batch(a: argparse.Namespace) -> dict[str, np.ndarray]:
@@ -288,7 +293,7 @@ class JaxStep:
           mg_llm.DecoderLM(vocab_size=a.vocab, hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
                            head_dim=a.head_dim, mlp=a.mlp, dtype=jnp.float32, rngs=nnx.Rngs(0)))
       graphdef, params = nnx.split(model, nnx.Param)
-      loss_fn = train.make_loss_fn(graphdef)
+      loss_fn = train_step.make_loss_fn(graphdef)
       tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
 
       def step(params, opt_state, batch):
