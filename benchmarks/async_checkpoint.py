@@ -1,12 +1,16 @@
-"""Step time while an asynchronous checkpoint is written, against the normal step.
+"""Step time while an asynchronous checkpoint is written, against the step with no save in flight.
 
-  python benchmarks/async_checkpoint.py [--hidden=512 --layers=8 --rounds=5]
+  python benchmarks/async_checkpoint.py [--rounds=5 --steps=6 --hidden=512 --layers=8]
 
-The trainer's own pieces: the sample Mini-Gemini with a larger LLM (so the checkpoint,
-weights plus Adam state, is big enough to take a while to write), mgjax.train's step and
-mgjax.checkpoint.Checkpoints (orbax, async). Each round times steps with no save in flight,
-then starts a save and times the steps that run while it is being written. Reports the
-median step time of each and their ratio (target: at most 1.1x).
+Uses the trainer's own pieces: the sample Mini-Gemini with a larger LLM (--hidden, --layers; so that
+the checkpoint, weights plus Adam state, takes a while to write), mgjax.train's step and
+mgjax.checkpoint.Checkpoints (orbax, async). Each of --rounds rounds times --steps steps with no save
+in flight, then starts a save and times the steps that run while it is being written; only steps that
+run before the write finishes count as "during".
+
+Prints the model size and checkpoint size, a table of the median step time with no save in flight and
+while a save is written and their ratio (target: at most 1.1x), and the medians of save()'s blocking
+part (copying arrays off the devices) and of the whole write. Results: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -4,12 +4,17 @@
 
 Two measurements in one run, on this machine:
   1. The stage-1 recipe on the bundled sample (packed rows, 4 image slots): the pipeline alone
-     (tokenise, template, decode and resize images, pack) against the compiled train step
-     alone on a batch it produced. Headroom = pipeline examples/s / step examples/s (target 3x).
+     (tokenise, template, decode and resize images, pack) over --batches batches, against the
+     compiled train step alone on a batch it produced. Headroom = pipeline examples/s / step
+     examples/s (target 3x).
   2. Mini-Gemini's image sizes: decoding and preprocessing the real photos in
      ../shared/data/images into the 336 px / 768 px pair (mgjax.data.images.mgm_pair) on one
-     core, against what one accelerator running MGM-8B consumes (from the FLOPs per example
-     and a stated MFU): how many host cores each accelerator needs to keep 3x headroom.
+     core, against what one accelerator running MGM-8B at 45% MFU consumes (from the FLOPs per
+     packed row): how many host cores each accelerator needs to keep 3x headroom.
+
+Prints a table of the two rates and the headroom, then, per accelerator (H100, TPU v5p, TPU v5e),
+the images/s it consumes and the host cores 3x headroom needs. Part 2 is skipped when the photos are
+absent. Results: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
