@@ -3,7 +3,7 @@
   python benchmarks/async_checkpoint.py [--rounds=5 --steps=6 --hidden=512 --layers=8]
 
 Uses the trainer's own pieces: the sample Mini-Gemini with a larger LLM (--hidden, --layers; so that
-the checkpoint, weights plus Adam state, takes a while to write), mgjax.train's step and
+the checkpoint, weights plus Adam state, takes a while to write), mgjax.step's train step and
 mgjax.checkpoint.Checkpoints (orbax, async). Each of --rounds rounds times --steps steps with no save
 in flight, then starts a save and times the steps that run while it is being written; only steps that
 run before the write finishes count as "during".
