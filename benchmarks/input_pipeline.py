@@ -7,8 +7,8 @@ Two measurements in one run, on this machine:
      (tokenise, template, decode and resize images, pack) over --batches batches, against the
      compiled train step alone on a batch it produced. Headroom = pipeline examples/s / step
      examples/s (target 3x).
-  2. Mini-Gemini's image sizes: decoding and preprocessing the real photos in
-     ../shared/data/images into the 336 px / 768 px pair (mgjax.data.images.mgm_pair) on one
+  2. Mini-Gemini's image sizes: decoding and preprocessing a folder of real photos
+     (--photos) into the 336 px / 768 px pair (mgjax.data.images.mgm_pair) on one
      core, against what one accelerator running MGM-8B at 45% MFU consumes (from the FLOPs per
      packed row): how many host cores each accelerator needs to keep 3x headroom.
 
@@ -35,6 +35,7 @@ from mgjax.data import build, images, pipeline
 from mgjax.models import vlm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Real photos for part 2 (--photos): by default the test photos kept beside the repository.
 PHOTOS = os.path.join(REPO, "..", "shared", "data", "images")
 
 
@@ -87,11 +88,11 @@ def sample_headroom(data_dir: str, num_batches: int) -> dict[str, float]:
   }
 
 
-def photo_rate(repeats: int) -> float | None:
+def photo_rate(photos: str, repeats: int) -> float | None:
   """Images/s on one core: JPEG decode + Mini-Gemini's 768 px and 336 px inputs."""
-  if not os.path.isdir(PHOTOS):
+  if not os.path.isdir(photos):
     return None
-  files = [open(os.path.join(PHOTOS, f), "rb").read() for f in sorted(os.listdir(PHOTOS))]
+  files = [open(os.path.join(photos, f), "rb").read() for f in sorted(os.listdir(photos))]
   start = time.perf_counter()
   for _ in range(repeats):
     for data in files:
@@ -104,6 +105,7 @@ def main() -> None:
   parser.add_argument("--data_dir", default="/tmp/mgjax-bench-data")
   parser.add_argument("--batches", type=int, default=40)
   parser.add_argument("--photo_repeats", type=int, default=20)
+  parser.add_argument("--photos", default=PHOTOS, help="a folder of JPEG/PNG photos for part 2")
   args = parser.parse_args()
 
   r = sample_headroom(args.data_dir, args.batches)
@@ -115,9 +117,9 @@ def main() -> None:
   print(f"| train step alone (same cores) | {r['step_examples_per_s']:.0f} |")
   print(f"| headroom | {r['headroom']:.1f}x |")
 
-  rate = photo_rate(args.photo_repeats)
+  rate = photo_rate(args.photos, args.photo_repeats)
   if rate is None:
-    print(f"(no photos at {PHOTOS}: part 2 skipped)")
+    print(f"(no photos at {args.photos}: part 2 skipped)")
     return
   # MGM-8B: ~8.4B parameters trained (LLM + projector + mining; towers frozen: forward only,
   # ~0.5B at 2 FLOPs/param/token over their own inputs, small next to the LLM), a packed
