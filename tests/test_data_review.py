@@ -27,7 +27,8 @@ _LONG = ("The river bends twice before it reaches the old mill, where the water 
 
 def _extra_source(root: pathlib.Path) -> dict:
   """Records that exercise every part of the page: a near-duplicate, a record the language
-  filter drops, a generation answer without a prompt and one whose prompt ignores the request."""
+  filter drops, a generation answer without a prompt, one whose prompt ignores the request,
+  and one that cannot be trained on (a blank answer)."""
   rows = [
       ("mill", [("user", "Describe the mill by the river."), ("assistant", _LONG)]),
       ("mill_again", [("user", "Describe the mill by the river."), ("assistant", _LONG.replace("sunflowers",
@@ -38,6 +39,7 @@ def _extra_source(root: pathlib.Path) -> dict:
       ("no_prompt", [("user", "Draw a green hexagon. <GEN>"), ("assistant", "Here is a hexagon for you.")]),
       ("off_prompt", [("user", "Draw a purple elephant wearing a tall hat. <GEN>"),
                       ("assistant", "<h>A red circle on a plain white background, simple vector illustration.</h>")]),
+      ("blank_answer", [("user", "Anything to add?"), ("assistant", "   ")]),
   ]
   (root / "extra").mkdir(parents=True, exist_ok=True)
   (root / "extra/messages.jsonl").write_text("".join(
@@ -111,6 +113,8 @@ def test_build_keeps_the_turns_and_ids_the_page_needs(built):
   assert rejected["extra:mill_again"]["messages"][1]["content"].endswith("roses.")
   assert rejected["extra:french"]["kind"] == "language" and rejected["extra:french"]["messages"][0]["role"] == "user"
   assert rejected["extra:no_prompt"]["kind"] == "bad_generation"
+  assert rejected["extra:blank_answer"]["kind"] == "empty_turn"
+  assert rejected["extra:blank_answer"]["messages"][0]["content"] == "Anything to add?"
   card = json.loads(pathlib.Path(dataset.data_card).read_text())
   g = card["generation_prompts"]
   assert g["requests"] == 16 + 1 and g["missing_prompt"] == 0  # the one without a prompt was rejected
@@ -134,6 +138,8 @@ def test_page_in_a_browser_exports_verdicts_that_the_next_build_applies(built, b
   assert {"language", "bad_generation", "near_duplicate"} <= kinds
   assert "no <h>...</h> prompt" in browser.find_element(By.CSS_SELECTOR, '.kind[data-kind="bad_generation"]').text
   assert browser.find_element(By.CSS_SELECTOR, "mark.prompt").text.startswith("<h>")
+  blank = _record(browser, "extra:blank_answer")  # shown, but no verdict can overrule a structural problem
+  assert "Anything to add?" in blank.text and not blank.find_elements(By.CSS_SELECTOR, "button")
   assert "0 low" not in browser.find_element(By.ID, "prompt-summary").text  # the off-prompt request counts
   flagged = browser.find_element(By.ID, "flagged").find_element(By.XPATH, "..").text
   assert "extra:off_prompt" in flagged
@@ -163,49 +169,65 @@ def test_page_in_a_browser_exports_verdicts_that_the_next_build_applies(built, b
       },
   ]
 
-  # The next build: the config names the file (plus a verdict on an id that no longer exists).
+  # The next build: the config names the file, with three more verdicts written by hand: keep
+  # a near-duplicate, keep a record that cannot be trained on, drop an id that no longer exists.
   review_file = tmp_path / "review.jsonl"
-  review_file.write_text(exported + json.dumps({"id": "extra:gone", "source": "extra", "verdict": "drop"}) + "\n")
+  more = [("extra:mill_again", "keep"), ("extra:blank_answer", "keep"), ("extra:gone", "drop")]
+  review_file.write_text(exported +
+                         "".join(json.dumps({
+                             "id": i,
+                             "source": "extra",
+                             "verdict": v
+                         }) + "\n" for i, v in more))
   cfg.review = str(review_file)
   with pytest.raises(ValueError, match=r"differs in \['review'\]"):  # the old build no longer matches
     build.load_built(cfg, dataset.data_dir)
   again = build.build(cfg, dataset.data_dir)
   before, after = _ids(dataset), _ids(again)
-  assert after == (before | {"extra:french"}) - {"extra:off_prompt"}
+  assert after == (before | {"extra:french", "extra:mill_again"}) - {"extra:off_prompt"}
   by_id = {r["id"]: r for r in _rejected(again) if r["id"]}
   assert by_id["extra:off_prompt"]["kind"] == "review"
   assert by_id["extra:off_prompt"]["reason"] == "dropped in review: prompt ignores the request"
-  assert "extra:french" not in by_id
+  assert "extra:french" not in by_id and "extra:mill_again" not in by_id
+  assert by_id["extra:blank_answer"]["kind"] == "empty_turn"  # a keep verdict cannot overrule that
   card = json.loads(pathlib.Path(again.data_card).read_text())
   extra = card["sources"]["extra"]
-  assert extra["rejected"] == {"bad_generation": 1, "review": 1} and extra["duplicates"] == 1
+  assert extra["rejected"] == {"bad_generation": 1, "empty_turn": 1, "review": 1} and extra["duplicates"] == 0
   assert extra["read"] == extra["kept"] + sum(extra["rejected"].values()) + extra["duplicates"]
   assert card["review"] == {
       "file": str(review_file),
-      "verdicts": 3,
-      "keep": 1,
+      "verdicts": 5,
+      "keep": 3,
       "drop": 2,
       "applied": {
           "dropped": 1,
-          "kept": 1
+          "kept": 2
       },
       "kept_against": {
-          "language": 1
+          "language": 1,
+          "near_duplicate": 1
       },
-      "refused": [],
+      "refused": [{
+          "id": "extra:blank_answer",
+          "source": "extra",
+          "kind": "empty_turn",
+          "reason": "turn 1: empty assistant turn"
+      }],
       "not_found": 1,
       "not_found_ids": ["extra:gone"],
   }
   assert build.load_built(cfg, dataset.data_dir) is not None
   md = (pathlib.Path(again.dataset_dir) / "data_card.md").read_text()
-  assert "applied: 1 dropped (rejected as `review`), 1 kept (against language: 1)" in md
+  assert "applied: 1 dropped (rejected as `review`), 2 kept (against language: 1, near_duplicate: 1); 1 keep verdicts " \
+         "refused" in md
   assert "1 ids no longer found: `extra:gone`" in md
 
   # The page of the new build shows what the review did and starts from its verdicts.
   page = review.write(cfg, dataset.data_dir, str(tmp_path / "review2.html"), per_group=3)
   browser.get(pathlib.Path(page).as_uri())
-  assert "dropped 1, kept 1 (against language: 1)" in browser.find_element(By.ID, "review-report").text
-  assert browser.find_element(By.ID, "count").text == "3"
+  assert "dropped 1, kept 2 (against language: 1, near_duplicate: 1)" in browser.find_element(By.ID,
+                                                                                              "review-report").text
+  assert browser.find_element(By.ID, "count").text == "5"
   kinds = {k.get_attribute("data-kind") for k in browser.find_elements(By.CSS_SELECTOR, ".kind")}
   assert "review" in kinds and "language" not in kinds
 

@@ -240,8 +240,9 @@ class Page:
               kind,
           "total":
               total,
+          # A record dropped in review can be kept again; one with a structural problem cannot.
           "overridable":
-              kind in verdicts.OVERRIDABLE,
+              kind in verdicts.OVERRIDABLE or kind == verdicts.REVIEW_KIND,
           "records": [
               self._view(r["id"], r["source"], None, r["messages"], [], where=f"{r['file']}: {r['record']}",
                          reason=r["reason"], kind=kind) for r in pick
@@ -398,8 +399,8 @@ language {% if c.language is none %}not judged{% else %}<span class="{{ 'ok' if 
 <div class="grid">{% for r in g.records %}{{ rec(r) }}{% endfor %}</div>{% endfor %}
 
 <h2 id="rejected">Rejected records, by kind</h2>
-{% for k in rejected %}<div class="kind" data-kind="{{ k.kind }}"><h3>{{ k.kind }} <small>({{ k.records|length }} of {{ k.total }}{% if not k.overridable %}; a keep verdict cannot overrule this kind{% endif %})</small></h3>
-<div class="grid">{% for r in k.records %}{{ rec(r) }}{% endfor %}</div></div>{% else %}<p>None.</p>{% endfor %}
+{% for k in rejected %}<div class="kind" data-kind="{{ k.kind }}"><h3>{{ k.kind }} <small>({{ k.records|length }} of {{ k.total }}{% if not k.overridable %}; a structural problem: no verdict overrules it{% endif %})</small></h3>
+<div class="grid">{% for r in k.records %}{{ rec(r, k.overridable) }}{% endfor %}</div></div>{% else %}<p>None.</p>{% endfor %}
 
 <h2 id="duplicates">Duplicate clusters</h2>
 {% for c in clusters %}<div class="cluster"><div><h3>kept: {{ c.first }}</h3>{% if c.kept %}{{ rec(c.kept) }}{% else %}<p class="meta">not in the built splits (mixed out)</p>{% endif %}</div>
