@@ -169,6 +169,14 @@ def test_page_in_a_browser_exports_verdicts_that_the_next_build_applies(built, b
       },
   ]
 
+  # Verdicts survive a reload (kept in the browser), a cleared one too.
+  browser.refresh()
+  assert browser.find_element(By.ID, "count").text == "2"
+  _record(browser, "extra:off_prompt").find_element(By.CSS_SELECTOR, "button.drop").click()  # a second click clears
+  browser.refresh()
+  assert browser.find_element(By.ID, "count").text == "1"
+  assert "v-keep" in _record(browser, "extra:french").get_attribute("class")
+
   # The next build: the config names the file, with three more verdicts written by hand: keep
   # a near-duplicate, keep a record that cannot be trained on, drop an id that no longer exists.
   review_file = tmp_path / "review.jsonl"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import hashlib
 import io
 import json
 import random
@@ -117,6 +118,12 @@ class Page:
     review_path = verdicts.path(data_cfg)
     self.prior = verdicts.read(review_path) if review_path and epath.Path(review_path).exists() else {}
     self._sources: dict[str, Any] = {}
+
+  def _prior_digest(self) -> str:
+    review_path = verdicts.path(self.cfg)
+    if not review_path or not epath.Path(review_path).exists():
+      return "none"
+    return hashlib.sha256(epath.Path(review_path).read_bytes()).hexdigest()[:16]
 
   def _stale(self) -> str | None:
     """Why the build does not reflect the config's review file (set or edited since), or None."""
@@ -292,7 +299,9 @@ class Page:
         "flagged": self.flagged(),
         "prior": [vars(v) for v in self.prior.values()],
         "review_path": verdicts.path(self.cfg),
-        "storage_key": f"mgjax-review/{self.card['name']}/{self.card['version']}",
+        # Work in progress is kept in the browser per dataset and starting review file: a page
+        # made after the file changed starts from the new file, not from older work.
+        "storage_key": f"mgjax-review/{self.card['name']}/{self.card['version']}/{self._prior_digest()}",
         "low_key": f"below_{prompts.LOW_COVERAGE}",
     }
 
@@ -414,10 +423,9 @@ language {% if c.language is none %}not judged{% else %}<span class="{{ 'ok' if 
 const PRIOR = {{ prior|tojson }};
 const KEY = {{ storage_key|tojson }};
 const verdicts = new Map();  // id -> {id, source, verdict, note}
-for (const v of PRIOR) verdicts.set(v.id, v);
-try {
-  for (const v of JSON.parse(localStorage.getItem(KEY) || "[]")) verdicts.set(v.id, v);
-} catch (e) { /* storage off (some file:// setups): verdicts live in the page only */ }
+let saved = null;  // this page's verdicts from an earlier visit (they started from PRIOR)
+try { saved = JSON.parse(localStorage.getItem(KEY)); } catch (e) { /* storage off: verdicts live in the page only */ }
+for (const v of (saved || PRIOR)) verdicts.set(v.id, v);
 
 function save() {
   try { localStorage.setItem(KEY, JSON.stringify([...verdicts.values()])); } catch (e) {}
