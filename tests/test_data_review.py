@@ -190,6 +190,7 @@ def test_page_in_a_browser_exports_verdicts_that_the_next_build_applies(built, b
   cfg.review = str(review_file)
   with pytest.raises(ValueError, match=r"differs in \['review'\]"):  # the old build no longer matches
     build.load_built(cfg, dataset.data_dir)
+  assert "not the one this build applied; rebuild" in review.Page(cfg, dataset.data_dir).stale
   again = build.build(cfg, dataset.data_dir)
   before, after = _ids(dataset), _ids(again)
   assert after == (before | {"extra:french", "extra:mill_again"}) - {"extra:off_prompt"}
@@ -235,7 +236,7 @@ def test_page_in_a_browser_exports_verdicts_that_the_next_build_applies(built, b
   browser.get(pathlib.Path(page).as_uri())
   assert "dropped 1, kept 2 (against language: 1, near_duplicate: 1)" in browser.find_element(By.ID,
                                                                                               "review-report").text
-  assert browser.find_element(By.ID, "count").text == "5"
+  assert browser.find_element(By.ID, "count").text == "5" and not browser.find_elements(By.ID, "stale")
   kinds = {k.get_attribute("data-kind") for k in browser.find_elements(By.CSS_SELECTOR, ".kind")}
   assert "review" in kinds and "language" not in kinds
 
