@@ -173,11 +173,11 @@ class Page:
         key = " ".join((c["prompt"] or "").lower().split())
         c["repeats"] = len(requests_of.get(key, ()))
 
-  def record(self, rid: str, **extra) -> dict[str, Any]:
+  def record(self, rid: str) -> dict[str, Any]:
     """A kept record as the template renders it."""
     split, index = self.where[rid]
     r = self._read(split, index)
-    return self._view(r["id"], r["source"], r["category"], r["messages"], r["images"], where=split, **extra)
+    return self._view(r["id"], r["source"], r["category"], r["messages"], r["images"], where=split)
 
   def _view(self, rid, source, category, messages, images, *, where, reason=None, kind=None):
     checks = self.checks.get(rid) if rid else None

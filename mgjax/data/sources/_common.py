@@ -93,7 +93,8 @@ def load_images(record: Record, file: str, where: str) -> Record | Rejection:
       return Rejection(record.source, file, where, f"image file not found: {image} (check image_root and the "
                        "'image' path)", kind="missing_image", id=record.id, messages=record.messages)
     except OSError as e:
-      return Rejection(record.source, file, where, f"cannot read image {image}: {e}", kind="missing_image", id=record.id, messages=record.messages)
+      return Rejection(record.source, file, where, f"cannot read image {image}: {e}", kind="missing_image",
+                       id=record.id, messages=record.messages)
     # Decoded in full, not just header-checked: a truncated download passes verify() and
     # would only fail in the middle of training.
     try:
