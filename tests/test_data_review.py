@@ -226,6 +226,16 @@ def test_page_in_a_browser_exports_verdicts_that_the_next_build_applies(built, b
       "not_found_ids": ["extra:gone"],
   }
   assert build.load_built(cfg, dataset.data_dir) is not None
+  # The file's content decides, not its path: a moved copy still matches, an edited one does not.
+  moved = tmp_path / "moved.jsonl"
+  moved.write_bytes(review_file.read_bytes())
+  cfg.review = str(moved)
+  assert build.load_built(cfg, dataset.data_dir) is not None
+  with moved.open("a") as f:
+    f.write(json.dumps({"id": "extra:mill", "source": "extra", "verdict": "drop"}) + "\n")
+  with pytest.raises(ValueError, match=r"differs in \['review'\]"):
+    build.load_built(cfg, dataset.data_dir)
+  cfg.review = str(review_file)
   md = (pathlib.Path(again.dataset_dir) / "data_card.md").read_text()
   assert "applied: 1 dropped (rejected as `review`), 2 kept (against language: 1, near_duplicate: 1); 1 keep verdicts " \
          "refused" in md
