@@ -1,12 +1,16 @@
-"""Step time while an asynchronous checkpoint is written, against the normal step.
+"""Step time while an asynchronous checkpoint is written, against the step with no save in flight.
 
-  python benchmarks/async_checkpoint.py [--hidden=512 --layers=8 --rounds=5]
+  python benchmarks/async_checkpoint.py [--rounds=5 --steps=6 --hidden=512 --layers=8]
 
-The trainer's own pieces: the sample Mini-Gemini with a larger LLM (so the checkpoint,
-weights plus Adam state, is big enough to take a while to write), mgjax.train's step and
-mgjax.checkpoint.Checkpoints (orbax, async). Each round times steps with no save in flight,
-then starts a save and times the steps that run while it is being written. Reports the
-median step time of each and their ratio (target: at most 1.1x).
+Uses the trainer's own pieces: the sample Mini-Gemini with a larger LLM (--hidden, --layers; so that
+the checkpoint, weights plus Adam state, takes a while to write), mgjax.step's train step and
+mgjax.checkpoint.Checkpoints (orbax, async). Each of --rounds rounds times --steps steps with no save
+in flight, then starts a save and times the steps that run while it is being written; only steps that
+run before the write finishes count as "during".
+
+Prints the model size and checkpoint size, a table of the median step time with no save in flight and
+while a save is written and their ratio (target: at most 1.1x), and the medians of save()'s blocking
+part (copying arrays off the devices) and of the whole write. Results: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mgjax import checkpoint, config as mgjax_config, optim, train
+from mgjax import checkpoint, config as mgjax_config, optim, step as train_step
 from mgjax.models import vlm
 
 
@@ -45,7 +49,7 @@ def main() -> None:
   optim_cfg = mgjax_config.base_config().optim
   tx, _ = optim.make(optim_cfg, 1000, params)
   opt_state = tx.init(params)
-  step_fn, _ = train.make_train_step(graphdef, tx, lambda trainable, frozen: trainable, accum=1)
+  step_fn, _ = train_step.make_train_step(graphdef, tx, lambda trainable, frozen: trainable, accum=1)
   step_fn = jax.jit(step_fn, donate_argnums=(0, 1))
 
   rng = np.random.default_rng(0)
@@ -53,20 +57,15 @@ def main() -> None:
   ids = rng.integers(16, cfg.vocab_size, (b, t)).astype(np.int32)
   ids[:, 1:1 + n] = cfg.image_token_id
   batch = {
-      "input_ids":
-          ids,
-      "targets":
-          np.roll(ids, -1, axis=1),
-      "loss_mask":
-          np.ones((b, t), np.float32),
-      "segment_ids":
-          np.ones((b, t), np.int32),
-      "positions":
-          np.tile(np.arange(t, dtype=np.int32), (b, 1)),
-      "images_lowres":
-          rng.normal(size=(b, 1, cfg.vision_lowres.image_size, cfg.vision_lowres.image_size, 3)).astype(np.float32),
-      "images_highres":
-          rng.normal(size=(b, 1, cfg.vision_highres.image_size, cfg.vision_highres.image_size, 3)).astype(np.float32),
+      "input_ids": ids,
+      "targets": np.roll(ids, -1, axis=1),
+      "loss_mask": np.ones((b, t), np.float32),
+      "segment_ids": np.ones((b, t), np.int32),
+      "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+      "images_lowres": rng.normal(size=(b, 1, cfg.vision_lowres.image_size, cfg.vision_lowres.image_size, 3)
+                                 ).astype(np.float32),
+      "images_highres": rng.normal(size=(b, 1, cfg.vision_highres.image_size, cfg.vision_highres.image_size, 3)
+                                  ).astype(np.float32),
   }
   batch = jax.device_put(batch)
   num_params = sum(x.size for x in jax.tree.leaves(params))

@@ -1,19 +1,20 @@
-"""Build throughput (records/s per core) and peak memory, without and with images.
+"""Build throughput (records/s per core) and peak memory of a whole data build, without and with images.
 
   python benchmarks/data_build.py --records=200000 --workers=2
 
-Writes a messages_jsonl corpus (benchmarks/data_corpus.py: 5% exact and 10% near
-duplicates planted) and runs the whole build on it (read, read and decode-check images,
-normalise, filter incl. language detection, exact + MinHash-LSH dedup, hold-out, mix,
-TFDS array_record write, data card), twice, each in a fresh process:
+Writes a messages_jsonl corpus (benchmarks/data_corpus.py: 5% exact and 10% near duplicates
+planted) and runs the whole build on it (read, read and decode-check images, normalise, filter incl.
+language detection, exact + MinHash-LSH dedup, hold-out, mix, array_record write, data card), twice,
+each in a fresh process so that peak RSS is that variant's own:
 
   text    the corpus as it is;
-  images  the same corpus where every 4th record (not a generation request) has its own
-          96x96 noise PNG (about 28 KB; noise does not compress).
+  images  the same corpus where every --image_every-th record (4; not a generation request) has its
+          own 96x96 noise PNG (about 28 KB; noise does not compress).
 
-Reports wall time, records/s, records/s per core and peak RSS of the main process and of
-the largest worker. Bounded memory shows as the main process's peak barely moving while
-the images add GBs: kept records wait on disk, not in memory.
+Prints one JSON line per variant as it finishes, then both together: wall time, records/s, records/s
+per core, peak RSS of the main process and of the largest worker, kept, rejected and duplicate counts,
+and the split sizes. Memory is bounded when the main process's peak barely moves while the images add
+GBs: kept records wait on disk, not in memory (target: under 5%). Results: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

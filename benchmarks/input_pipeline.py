@@ -4,12 +4,17 @@
 
 Two measurements in one run, on this machine:
   1. The stage-1 recipe on the bundled sample (packed rows, 4 image slots): the pipeline alone
-     (tokenise, template, decode and resize images, pack) against the compiled train step
-     alone on a batch it produced. Headroom = pipeline examples/s / step examples/s (target 3x).
+     (tokenise, template, decode and resize images, pack) over --batches batches, against the
+     compiled train step alone on a batch it produced. Headroom = pipeline examples/s / step
+     examples/s (target 3x).
   2. Mini-Gemini's image sizes: decoding and preprocessing the real photos in
      ../shared/data/images into the 336 px / 768 px pair (mgjax.data.images.mgm_pair) on one
-     core, against what one accelerator running MGM-8B consumes (from the FLOPs per example
-     and a stated MFU): how many host cores each accelerator needs to keep 3x headroom.
+     core, against what one accelerator running MGM-8B at 45% MFU consumes (from the FLOPs per
+     packed row): how many host cores each accelerator needs to keep 3x headroom.
+
+Prints a table of the two rates and the headroom, then, per accelerator (H100, TPU v5p, TPU v5e),
+the images/s it consumes and the host cores 3x headroom needs. Part 2 is skipped when the photos are
+absent. Results: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import numpy as np
 import transformers
 from flax import nnx
 
-from mgjax import config as mgjax_config, optim, train
+from mgjax import config as mgjax_config, optim, step as train_step
+from mgjax import workdir as workdirs
 from mgjax.data import build, images, pipeline
 from mgjax.models import vlm
 
@@ -42,7 +48,7 @@ def sample_headroom(data_dir: str, num_batches: int) -> dict[str, float]:
   config.data.data_dir = data_dir
   dataset = build.ensure_built(config.data.recipe, data_dir)
   tokenizer = transformers.AutoTokenizer.from_pretrained(dataset.tokenizer_dir)
-  model_cfg = train.resolve_model_config(config.model, tokenizer)
+  model_cfg = workdirs.resolve_model_config(config.model, tokenizer)
   encoder = pipeline.make_encoder(tokenizer, config.data, model_cfg, vlm.num_image_tokens(model_cfg))
   source = build.open_split(dataset, "train")
 
@@ -60,7 +66,7 @@ def sample_headroom(data_dir: str, num_batches: int) -> dict[str, float]:
   params = state.to_pure_dict()
   tx, _ = optim.make(config.optim, config.train.steps, params)
   opt_state = tx.init(params)
-  step, _ = train.make_train_step(graphdef, tx, lambda trainable, frozen: trainable, accum=1)
+  step, _ = train_step.make_train_step(graphdef, tx, lambda trainable, frozen: trainable, accum=1)
   step = jax.jit(step, donate_argnums=(0, 1))
   batch = jax.device_put(first)
   params, opt_state, m = step(params, opt_state, None, batch)  # compile

@@ -1,6 +1,6 @@
 """Packing vs padding: the share of token slots that hold real tokens, on a Mini-Gemini-like mix.
 
-  python benchmarks/packing.py [--seq_len=2048] [--examples=20000]
+  python benchmarks/packing.py [--seq_len=2048] [--examples=20000] [--max_images=4] [--batch_size=16]
 
 Lengths are drawn from a mix shaped like Mini-Gemini's fine-tuning set: understanding
 conversations (one image = 576 tokens, plus 1-10 question/answer turns), long text-only
@@ -9,7 +9,11 @@ examples is batched three ways, side by side:
   - padded to seq_len (fixed shapes, what an unpacked trainer compiles once);
   - padded to the longest in each batch (a dynamic-shape baseline: a new compile per length);
   - packed by mgjax's pipeline (grain's first-fit packer, mgjax.data.pipeline.pack) into
-    fixed seq_len rows with up to `max_images` image slots, for several bin counts.
+    fixed seq_len rows with up to `max_images` image slots, for 16 (--batch_size), 64, 256
+    and 1024 bins.
+
+Prints the mix's median and p90 length, then a table of non-pad share, rows and packing seconds
+per batching (target: non-pad share >= 0.95). Results: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -2,17 +2,23 @@
 
   python benchmarks/tpu_compile.py [--cases=llama2_7b_v5p8,mgm_8b_v5p8,...] [--out=DIR]
 
-Each case runs `python -m mgjax.plan --target=...` in its own process (the figures are the TPU
-compiler's: per-device memory, FLOPs and its cost model's step time; a scanned decoder's cost
-figures come from unscanned twins, see mgjax/plan.py) and writes DIR/<case>.json; the table
-at the end is what benchmarks/RESULTS.md records. Per-device batch 2 x 2048 tokens throughout,
-as MaxText's train_compile figures it is compared with (MaxText 0.2.5, its defaults: splash
-attention, remat full, scanned layers, bf16 activations, float32 weights and AdamW moments,
-FSDP over all devices).
+Cases: llama2_7b_v5p8, llama2_7b_v5e8, mgm_8b_v5p8, mgm_8b_v6e8. Each runs
+`python -m mgjax.plan --target=...` in its own process (the figures are the TPU compiler's:
+per-device memory, FLOPs and its cost model's step time; a scanned decoder's cost figures come
+from unscanned twins, see mgjax/plan.py) and writes DIR/<case>.json with the command and wall
+time added. Per-device batch 2 x 2048 tokens throughout, full FSDP, as MaxText's train_compile
+figures it is compared with (MaxText 0.2.5, its defaults: splash attention, remat full, scanned
+layers, bf16 activations, float32 weights and AdamW moments, FSDP over all devices). This script
+does not run MaxText.
 
 llama2_7b_*: mgjax's decoder alone at the Llama-2-7B configuration (vocab 32000, hidden 4096,
 32 layers, 32 heads, MLP 11008): the mgm_7b preset (Vicuna-7B is Llama-2-7B's shape) with
 no image slot and the sample's tiny vision towers, so the decoder is what is compiled.
+
+Prints each plan's own output, then a table (one row per case: per-device batch, weights +
+optimizer, temporaries, peak, FLOPs/device, modelled step, modelled FLOP utilisation, compile
+time of the main program and of the whole plan; a case the compiler refuses says so). The
+targets it is held to and the recorded figures are in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

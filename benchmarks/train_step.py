@@ -4,15 +4,25 @@ One run measures, interleaved round by round so that a change in the machine's l
 side alike:
   * the float32 matmul peak in JAX and in torch (square matmuls, before and after every round),
   * a full jitted, donated JAX training step (forward, backward, AdamW) of mgjax's DecoderLM,
-    one entry per --variants name (attention formulation x loss formulation),
+    one entry per --variants name (an attention formulation, optionally +rope_concat),
   * Hugging Face transformers' LlamaForCausalLM PyTorch step (AdamW) of the same config.
-Medians over the rounds are reported, as step time, tokens/s, GFLOP/s (one analytic FLOP count
-for both sides, see `analytic_flops`), the ratio to the matmul peak and the JAX/torch speed ratio.
+Each round runs --steps_per_round consecutive steps of each side and times the last. Defaults:
+110M parameters (hidden 768, 12 layers, vocab 32000), float32, batch 1 x seq 1024, 5 rounds.
 
-  python benchmarks/train_step.py                       # defaults: batch 1, seq 1024, 5 rounds
-  python benchmarks/train_step.py --variants=einsum,bhtd --rounds=3 --json=/tmp/r.json
-  python benchmarks/train_step.py --xla_flags='--xla_cpu_use_thunk_runtime=false'
-  python benchmarks/train_step.py --profile=/tmp/trace   # per-op trace of one step per variant
+  python benchmarks/train_step.py                       # the trainer vs torch, 5 rounds
+  python benchmarks/train_step.py --variants=einsum5d,bhtd,trainer --rounds=3 --json=/tmp/r.json
+  python benchmarks/train_step.py --variants=trainer --no_torch --xla_flags=--xla_cpu_use_onednn=true
+  python benchmarks/train_step.py --micro=15 --variants=einsum5d,bhtd_causal8,trainer  # attention alone
+  python benchmarks/train_step.py --profile=/tmp/trace   # perfetto trace + compiled HLO of one step
+
+Prints a header (CPU, cores, XLA_FLAGS, GLIBC_TUNABLES, parameter counts, analytic GFLOP per
+step, each variant's compile time and XLA's FLOP count), one line per round, then the JAX and
+torch matmul peaks (median, min, max) and one row per side: median step seconds, tokens/s,
+GFLOP/s (one analytic FLOP count for both sides, see `analytic_flops`), ratio to the JAX matmul
+peak, speed relative to torch, loss, and the process's page faults and kernel CPU seconds during
+the timed step. --json also writes every round's values. --micro instead times one layer's
+attention forward + backward per variant, as median ms and the ratio to the first variant.
+Targets (>= 0.8 of the matmul peak, >= 1.0x torch) and results: benchmarks/RESULTS.md.
 
 Both sides run with the process settings of `python -m mgjax.main` (mgjax/runtime.py): its XLA:CPU
 flags and its glibc malloc tunable. XLA flags and malloc tunables are read once when the process
@@ -88,7 +98,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mgjax import train  # noqa: E402
+from mgjax import step as train_step  # noqa: E402
 from mgjax.models import attention as mg_attention  # noqa: E402
 from mgjax.models import llm as mg_llm  # noqa: E402
 
@@ -150,8 +160,7 @@ def torch_matmul_peak(n: int, reps: int = 5) -> float:
 
 
 def attention_einsum_5d(q, k, v, mask=None):
-  """The trainer's first formulation (kept here as the baseline): grouped 5-D einsums,
-  scores laid out [B, K, G, T, S]."""
+  """The baseline formulation: grouped 5-D einsums, scores laid out [B, K, G, T, S]."""
   b, t, h, d = q.shape
   kv_heads = k.shape[2]
   q = q.reshape(b, t, kv_heads, h // kv_heads, d)
@@ -211,7 +220,7 @@ def causal_blocks(base, blocks: int):
 
 
 ATTENTION = {
-    "trainer": None,  # whatever mgjax.models.attention.causal_attention is now (XLA on CPU)
+    "trainer": None,  # mgjax.models.attention.causal_attention, as the trainer calls it (XLA on CPU)
     "einsum5d": attention_einsum_5d,
     "jax_nn": attention_jax_nn,
     "bhtd": attention_bhtd,
@@ -226,8 +235,8 @@ ATTENTION = {
 
 
 def apply_rope_concat(x, positions, theta=10000.0, *, inv_freq=None):
-  """The trainer's RoPE before the flip formulation (kept as the baseline): the halves sliced
-  and concatenated back, which XLA:CPU runs as pad/concatenate fusions forward and backward."""
+  """RoPE as a baseline to the trainer's flip formulation: the halves sliced and concatenated
+  back, which XLA:CPU runs as pad/concatenate fusions forward and backward."""
   half = x.shape[-1] // 2
   if inv_freq is None:
     inv_freq = mg_llm.rope_frequencies(x.shape[-1], theta)
@@ -240,12 +249,12 @@ def apply_rope_concat(x, positions, theta=10000.0, *, inv_freq=None):
 
 # Parts of the model a variant can swap in after a '+', e.g. 'trainer+rope_concat'.
 ROPE = {"rope_concat": apply_rope_concat}
-# A variant is attention[+rope]: an attention formulation, optionally an older RoPE.
+# A variant is attention[+rope]: an attention formulation, optionally a baseline RoPE.
 VARIANTS_HELP = f'attention one of {sorted(ATTENTION)}, optionally followed by +{"|+".join(sorted(ROPE))}'
 
 
 class TextOnly(nnx.Module):
-  """MiniGemini's call signature around the bare DecoderLM, so train.make_loss_fn runs as is."""
+  """MiniGemini's call signature around the bare DecoderLM, so step.make_loss_fn runs as is."""
 
   def __init__(self, llm: mg_llm.DecoderLM):
     self.llm = llm
@@ -253,6 +262,11 @@ class TextOnly(nnx.Module):
   def hidden_states(self, input_ids, images_lowres, images_highres, *, positions=None, segment_ids=None):
     del images_lowres, images_highres  # text only: no image tokens
     return self.llm.hidden_states(input_ids, positions=positions, segment_ids=segment_ids)
+
+  def embed_inputs(self, input_ids, images_lowres, images_highres):
+    """What the loss of a decoder with experts feeds its hidden_states (text only: the embeddings)."""
+    del images_lowres, images_highres
+    return self.llm.embed(input_ids)
 
 
 def make_batch(a: argparse.Namespace) -> dict[str, np.ndarray]:
@@ -288,7 +302,7 @@ class JaxStep:
           mg_llm.DecoderLM(vocab_size=a.vocab, hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
                            head_dim=a.head_dim, mlp=a.mlp, dtype=jnp.float32, rngs=nnx.Rngs(0)))
       graphdef, params = nnx.split(model, nnx.Param)
-      loss_fn = train.make_loss_fn(graphdef)
+      loss_fn = train_step.make_loss_fn(graphdef)
       tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
 
       def step(params, opt_state, batch):

@@ -10,13 +10,32 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pathlib
+import sys
 
 import ml_collections
 
 # CLIP's normalisation constants; both towers of Mini-Gemini use them.
 from mgjax.data.images import CLIP_MEAN, CLIP_STD  # noqa: E402,F401  (re-exported)
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+def _configs_dir() -> str:
+  """configs/ beside the package in a checkout (or an editable install), else the copy an
+  installed package ships in PREFIX/share/mgjax/configs (setup.cfg's data_files), found from the
+  package's own place (PREFIX/lib/pythonX.Y/site-packages/mgjax) so venvs, --user and --prefix
+  installs all work."""
+  package = pathlib.Path(__file__).resolve().parent
+  checkout = package.parent / "configs"
+  if (checkout / "stage1.py").exists():
+    return str(checkout)
+  for prefix in (package.parents[3], pathlib.Path(sys.prefix)):
+    shipped = prefix / "share" / "mgjax" / "configs"
+    if (shipped / "stage1.py").exists():
+      return str(shipped)
+  return str(checkout)  # nowhere: the error names the path a checkout would have
+
+
+CONFIGS_DIR = _configs_dir()
 
 
 def parse_arg(arg: str | None, **defaults: str) -> ml_collections.ConfigDict:

@@ -16,7 +16,6 @@ generation convention (a request ending in " <GEN>" is answered with "<h>prompt<
 from __future__ import annotations
 
 import functools
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import transformers
 from etils import epath
 from flax import nnx
 
 from mgjax import checkpoint
+from mgjax import workdir as workdirs
 from mgjax.data import pipeline
 from mgjax.data.records import PROMPT_CLOSE, PROMPT_OPEN
 from mgjax.models import vlm
@@ -321,18 +320,6 @@ def _untrained_message(workdir: str) -> str:
       f"`python -m mgjax.main --config=configs/stage2.py --config.init_from={workdir} --workdir=WORKDIR2` (stage 2)")
 
 
-def _load_tokenizer(directory: epath.Path):
-  if not (directory / "tokenizer_config.json").exists():
-    raise FileNotFoundError(f"{directory} holds no tokenizer: `python -m mgjax.main` saves one in every workdir; "
-                            "for an older workdir, save the dataset's tokenizer there with save_pretrained")
-  if "://" not in str(directory):
-    return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-  with tempfile.TemporaryDirectory() as local:  # from_pretrained reads local files only
-    for f in directory.iterdir():
-      (epath.Path(local) / f.name).write_bytes(f.read_bytes())
-    return transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
-
-
 def load_workdir(workdir: str, **generator_kwargs: Any) -> tuple[Generator, ml_collections.ConfigDict]:
   """A Generator for a workdir's result checkpoint, its params on one device, and the run's config.
 
@@ -347,16 +334,14 @@ def load_workdir(workdir: str, **generator_kwargs: Any) -> tuple[Generator, ml_c
     checkpoint.CheckpointError: nothing trained there (the message says what to run).
     FileNotFoundError: the workdir has no saved tokenizer.
   """
-  from mgjax import train  # not at the top: train imports this module
-
   try:
     run_dir, step = checkpoint.locate(workdir)
   except checkpoint.CheckpointError as e:
     raise checkpoint.CheckpointError(_untrained_message(workdir)) from e
   ckpts = checkpoint.Checkpoints(run_dir, read_only=True)
   config = ml_collections.ConfigDict(ckpts.meta(step)["config"])
-  tokenizer = _load_tokenizer(epath.Path(run_dir) / "tokenizer")
-  model_cfg = train.resolve_model_config(config.model, tokenizer)
+  tokenizer = workdirs.load_tokenizer(epath.Path(run_dir) / "tokenizer")
+  model_cfg = workdirs.resolve_model_config(config.model, tokenizer)
 
   with nnx.use_eager_sharding(False):
     abstract_model = nnx.eval_shape(lambda: vlm.MiniGemini(model_cfg, rngs=nnx.Rngs(0)))

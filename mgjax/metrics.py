@@ -12,12 +12,17 @@ from etils import epath
 
 
 class MetricsWriter:
-  """Writes scalars from process 0; other processes hold an inert writer."""
+  """Writes scalars from process 0; other processes hold an inert writer.
 
-  def __init__(self, workdir: str, *, resume_step: int | None = None):
+  metrics.jsonl counts this stage's steps; TensorBoard counts on from the stages before
+  (`tensorboard_offset`, their steps), so a recipe's stages line up one after the other.
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int | None = None, tensorboard_offset: int = 0):
     self._active = jax.process_index() == 0
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self._tb = None
+    self._offset = int(tensorboard_offset)
     if not self._active:
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,7 +43,7 @@ class MetricsWriter:
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
     for name, value in scalars.items():
-      self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
+      self._tb.add_scalar(f"{split}/{name}", float(value), self._offset + int(step))
 
   def close(self) -> None:
     if self._tb is not None:

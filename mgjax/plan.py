@@ -153,80 +153,38 @@ def tpu_devices(accelerator_type: str) -> list:
 @dataclasses.dataclass
 class CompiledStep:
   compiled: object
-  params: object
-  opt_state: object
+  setup: object  # mgjax.step.StepSetup
+  trainable: object  # what the optimizer trains (abstract): the weights, or LoRA adapters
+  frozen: object  # LoRA's base weights (abstract), else None
   batch: dict
-  summed_loss: object
-  mesh: object
-  rules: tuple
   seconds: float  # lower + compile
-
-
-def abstract_batch(data_cfg, model_cfg, batch_sharding=None) -> dict:
-  """The global training batch mgjax.data.pipeline yields, as jax.ShapeDtypeStructs: [B, T]
-  token arrays, images_lowres [B, M, l, l, 3] (or [B, M, V, l, l, 3], V low-res views per
-  image with model.image_grid >= 2) and images_highres [B, M, h, h, 3]."""
-  import jax
-  import jax.numpy as jnp
-
-  from mgjax.models import vlm
-
-  b, t, m = data_cfg.batch_size, data_cfg.seq_len, data_cfg.max_images
-  image_tokens = vlm.num_image_tokens(model_cfg)
-  if t <= image_tokens * min(m, 1):
-    raise ValueError(f"data.seq_len={t} cannot hold one image's {image_tokens} tokens; raise it, "
-                     f"e.g. --config.data.seq_len=2048")
-  lowres, highres = vlm.lowres_image_shape(model_cfg), model_cfg.vision_highres.image_size
-
-  def spec(shape, dtype):
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-
-  return {
-      "input_ids": spec((b, t), jnp.int32),
-      "targets": spec((b, t), jnp.int32),
-      "loss_mask": spec((b, t), jnp.float32),
-      "segment_ids": spec((b, t), jnp.int32),
-      "positions": spec((b, t), jnp.int32),
-      "images_lowres": spec((b, m, *lowres), jnp.float32),
-      "images_highres": spec((b, m, highres, highres, 3), jnp.float32),
-  }
 
 
 def compile_train_step(config, devices: list, *, unroll_loss: bool = False,
                        compiler_options: dict | None = None) -> CompiledStep:
-  """config's train step compiled for `devices` on abstract values (what train.run jits);
-  unroll_loss traces the chunked loss's loop as straight-line code (the cost twins)."""
+  """config's train step compiled for `devices` on abstract values: the very step train.run
+  jits (mgjax.step.setup), on the batch the pipeline yields; unroll_loss traces the chunked
+  loss's loop as straight-line code (the cost twins)."""
   import jax
   from flax import nnx
 
-  from mgjax import optim, sharding, train
-  from mgjax.models import attention, vlm
+  from mgjax import sharding, step as steps_lib
+  from mgjax.data import pipeline
+  from mgjax.models import attention
 
-  if config.lora.rank:
-    raise ValueError("mgjax.plan covers full fine-tuning (and optim.freeze); set --config.lora.rank=0")
   mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.logical_rules(config.mesh)
   model_cfg = config.model.copy_and_resolve_references()
   model_cfg.attention = attention.for_run(model_cfg.get("attention", "auto"), devices[0].platform,
                                           packed=config.data.packing)
-  abstract_model = vlm.abstract_model(model_cfg)
-  graphdef, abstract_state = nnx.split(abstract_model)
-  param_shardings = sharding.state_shardings(abstract_state, mesh, rules).to_pure_dict()
-  params = sharding.abstract_like(abstract_state.to_pure_dict(), param_shardings)
-  tx, _ = optim.make(config.optim, config.train.steps, params)
-  opt_state = sharding.abstract_optimizer_state(tx, params, mesh)
-  opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
-
-  batch = abstract_batch(config.data, model_cfg, sharding.batch_sharding(mesh))
-  train_step, summed_loss = train.make_train_step(graphdef, tx,
-                                                  lambda trainable, frozen: trainable, config.train.grad_accum_steps,
-                                                  tuple(config.optim.freeze), config.train.loss_chunk, unroll_loss)
-  step = jax.jit(train_step, donate_argnums=(0, 1),
-                 out_shardings=(param_shardings, opt_shardings, sharding.replicated(mesh)))
+  setup = steps_lib.setup(config, model_cfg, mesh, config.train.steps, unroll_loss=unroll_loss)
+  trainable = setup.trainable.abstract
+  frozen = setup.abstract_params if setup.trainable.lora else None
+  batch = pipeline.batch_spec(config.data, model_cfg, sharding.batch_sharding(mesh))
   started = time.perf_counter()
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    compiled = step.lower(params, opt_state, None, batch).compile(compiler_options=compiler_options)
-  return CompiledStep(compiled, params, opt_state, batch, summed_loss, mesh, rules, time.perf_counter() - started)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(setup.rules):
+    compiled = setup.train_step.lower(trainable, setup.abstract_opt_state, frozen,
+                                      batch).compile(compiler_options=compiler_options)
+  return CompiledStep(compiled, setup, trainable, frozen, batch, time.perf_counter() - started)
 
 
 def step_costs(step: CompiledStep, config, num_devices: int) -> dict[str, float | None]:
@@ -234,11 +192,11 @@ def step_costs(step: CompiledStep, config, num_devices: int) -> dict[str, float 
   import jax
   from flax import nnx
 
-  from mgjax import train
+  from mgjax import step as steps_lib
 
-  with jax.set_mesh(step.mesh), nnx.logical_axis_rules(step.rules):
-    flops = train.step_flops_per_device(step.compiled, step.summed_loss, step.params, None, step.batch,
-                                        config.train.grad_accum_steps, num_devices)
+  with jax.set_mesh(step.setup.mesh), nnx.logical_axis_rules(step.setup.rules):
+    flops = steps_lib.step_flops_per_device(step.compiled, step.setup.summed_loss, step.trainable, step.frozen,
+                                            step.batch, config.train.grad_accum_steps, num_devices)
   analysis = step.compiled.cost_analysis() or {}
   seconds = analysis.get("optimal_seconds")
   if seconds is not None:
@@ -298,13 +256,11 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None) -
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
   memory = step.compiled.memory_analysis()
-  num_params = sum(x.size for x in jax.tree.leaves(step.params))
+  num_params = sum(x.size for x in jax.tree.leaves(step.setup.abstract_params))
   b, t = config.data.batch_size, config.data.seq_len
   out = {
-      "mesh":
-          dict(step.mesh.shape),
-      "num_params":
-          num_params,
+      "mesh": dict(step.setup.mesh.shape),
+      "num_params": num_params,
       "batch": {
           "global": b,
           "seq_len": t,
@@ -312,35 +268,22 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None) -
           "tokens": b * t,
           "grad_accum_steps": config.train.grad_accum_steps
       },
-      "attention":
-          _attention_used(config, devices),
-      "scan_layers":
-          bool(config.model.llm.get("scan_layers", False)),
-      "remat":
-          config.model.llm.get("remat", "none"),
-      "params_bytes":
-          bytes_per_device(step.params),
-      "opt_state_bytes":
-          bytes_per_device(step.opt_state),
-      "argument_bytes":
-          memory.argument_size_in_bytes,
-      "output_bytes":
-          memory.output_size_in_bytes,
-      "alias_bytes":
-          memory.alias_size_in_bytes,
-      "temp_bytes":
-          memory.temp_size_in_bytes,
-      "host_temp_bytes":
-          memory.host_temp_size_in_bytes,
+      "attention": _attention_used(config, devices),
+      "scan_layers": bool(config.model.llm.get("scan_layers", False)),
+      "remat": config.model.llm.get("remat", "none"),
+      "params_bytes": bytes_per_device(step.setup.abstract_params),
+      "opt_state_bytes": bytes_per_device(step.setup.abstract_opt_state),
+      "argument_bytes": memory.argument_size_in_bytes,
+      "output_bytes": memory.output_size_in_bytes,
+      "alias_bytes": memory.alias_size_in_bytes,
+      "temp_bytes": memory.temp_size_in_bytes,
+      "host_temp_bytes": memory.host_temp_size_in_bytes,
       # Donated inputs alias outputs: they are only counted once.
-      "peak_bytes":
-          memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes +
-          memory.temp_size_in_bytes,
-      "compile_seconds":
-          step.seconds,
+      "peak_bytes": memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes +
+                    memory.temp_size_in_bytes,
+      "compile_seconds": step.seconds,
       # Pallas kernels in the program (splash attention on TPU).
-      "pallas_kernels":
-          step.compiled.as_text().count('custom_call_target="tpu_custom_call"'),
+      "pallas_kernels": step.compiled.as_text().count('custom_call_target="tpu_custom_call"'),
       **costs,
   }
   if target:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import platform
 import sys
@@ -60,17 +61,28 @@ def thp_mode() -> str:
     return ""
 
 
+def has_accelerator() -> bool:
+  """Whether this host has a TPU (/dev/accel*, /dev/vfio on v5e and later) or an NVIDIA GPU:
+  its train step keeps temporaries on the device, and the malloc tunable would change nothing."""
+  return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*") or glob.glob("/dev/nvidia[0-9]*"))
+
+
 def restart_with_malloc_tunables() -> None:
-  """Re-executes this process once with `malloc_tunables`' setting, where it has one.
+  """Re-executes this process once with `malloc_tunables`' setting, where it has one and the
+  host has no accelerator; says so in one line on stderr.
 
   glibc reads GLIBC_TUNABLES only when a process starts, so a training program calls this first
   in its `__main__` block, before flags are parsed and JAX starts; never from library code, which
-  would restart its host (pytest, a notebook kernel). The process keeps its PID, arguments and
-  open files.
+  would restart its host (pytest, a notebook kernel): `import mgjax...` never calls it. The
+  process keeps its PID, arguments and open files. Opt out with
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=0.
   """
   tunables = malloc_tunables(dict(os.environ), thp_mode(), platform.libc_ver())
-  if tunables is None:
+  if tunables is None or has_accelerator():
     return
+  print(
+      f"mgjax: restarting with GLIBC_TUNABLES={tunables} (huge pages for XLA:CPU's step temporaries; "
+      "GLIBC_TUNABLES=glibc.malloc.hugetlb=0 opts out)", file=sys.stderr)
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, sys.orig_argv, {**os.environ, "GLIBC_TUNABLES": tunables})

@@ -66,7 +66,30 @@ def load_init_params(init_from: str, abstract_params: Any) -> tuple[Any, dict]:
       "step": step,
       "checkpoint": str(source.directory / str(step)),
       "stage": meta.get("stage"),
+      # Where the stage after it starts counting on TensorBoard: after every step before.
+      "global_step": int(meta.get("global_step_offset", 0)) + step,
   }
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+  """The checkpoint a stage hands on (report.json's result), and why that one."""
+  step: int
+  checkpoint: str
+  why: str
+
+
+def choose_result(config: ml_collections.ConfigDict, early_stop: EarlyStopping, stop_reason: str | None, last_step: int,
+                  init_from: dict | None, ckpts: checkpoint.Checkpoints) -> Result:
+  """The best in-bounds evaluation under early stopping or after a drift rollback (stage 2's
+  own start is a candidate: stage 2 must not make things worse), else the last step."""
+  step, why = last_step, "last step"
+  keep_best = config.early_stop.patience > 0 or stop_reason == "drift_rollback"
+  if keep_best and early_stop.best_step is not None:
+    step, why = early_stop.best_step, f"best {early_stop.split} loss within the drift bounds"
+  if step == 0:
+    return Result(0, init_from["checkpoint"], "no step improved on the checkpoint this stage started from")
+  return Result(step, str(ckpts.directory / str(step)), why)
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Dense bf16 TFLOP/s of one JAX device, matched against `device.device_kind` (first match).
 # A TPU v4/v5p chip is one device (megacore); v5e/v6e ("lite") chips have one TensorCore.
@@ -105,3 +106,55 @@ def rates(*, steps: int, seconds: float, tokens: float, flops_per_device: float 
     if peak_tflops:
       out["mfu"] = tflops / peak_tflops
   return out
+
+
+class Window:
+  """The steps since the last log line: their losses, real tokens and token slots, and time.
+
+  Losses stay device arrays until `close`, so the loop never waits for the device between
+  logs; time spent compiling or evaluating is left out (`reset_clock`, `exclude`), so rates
+  measure training alone.
+  """
+
+  def __init__(self, num_processes: int = 1):
+    self.num_processes = num_processes
+    self.restart()
+
+  def restart(self) -> None:
+    self.losses, self.router_losses, self.tokens, self.slots = [], [], 0.0, 0
+    self.started = time.time()
+
+  def exclude(self, seconds: float) -> None:
+    self.started += seconds
+
+  def reset_clock(self) -> None:
+    """Times from now on (after compiling), keeping the steps and tokens counted so far."""
+    self.started = time.time()
+
+  def add_batch(self, local_batch: dict[str, np.ndarray]) -> None:
+    """This process's batch: every process feeds the same number of rows."""
+    self.tokens += float(local_batch["segment_ids"].astype(bool).sum()) * self.num_processes
+    self.slots += local_batch["segment_ids"].size * self.num_processes
+
+  def add_metrics(self, step_metrics: dict[str, Any]) -> None:
+    self.losses.append(step_metrics["loss"])
+    if "router_aux_loss" in step_metrics:
+      self.router_losses.append(step_metrics["router_aux_loss"])
+
+  def close(self, *, flops_per_device: float | None, peak_tflops: float | None, num_devices: int) -> dict[str, float]:
+    """The window's train metrics (mean loss, rates, token efficiency); starts the next window."""
+    losses = [float(l) for l in self.losses]  # waits for the device: timing is honest
+    elapsed = time.time() - self.started
+    out = {
+        "loss": float(np.mean(losses)),
+        "last_loss": losses[-1],
+        "tokens_per_s": self.tokens / elapsed,
+        "steps_per_s": len(losses) / elapsed,
+        # the share of token slots holding real tokens (not padding)
+        "token_efficiency": self.tokens / max(self.slots, 1),
+        **rates(steps=len(losses), seconds=elapsed, tokens=self.tokens, flops_per_device=flops_per_device, peak_tflops=peak_tflops, num_devices=num_devices),
+    }
+    if self.router_losses:
+      out["router_aux_loss"] = float(np.mean([float(r) for r in self.router_losses]))
+    self.restart()
+    return out

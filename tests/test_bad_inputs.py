@@ -65,11 +65,9 @@ def _llava(k, **over):
 
 def _tree(k, **prompt_over):
   return {
-      "message_tree_id":
-          f"t{k}",
-      "prompt":
-          _msg(f"p{k}", "prompter", _text("Question"), replies=[_msg(f"a{k}", "assistant", _text("Answer"), rank=0)],
-               **prompt_over)
+      "message_tree_id": f"t{k}",
+      "prompt": _msg(f"p{k}", "prompter", _text("Question"),
+                     replies=[_msg(f"a{k}", "assistant", _text("Answer"), rank=0)], **prompt_over)
   }
 
 
@@ -194,12 +192,10 @@ CASES = {
          _lines(
              json.dumps(_tree(0)),
              json.dumps({
-                 "message_tree_id":
-                     "t1",
-                 "prompt":
-                     _msg("p", "prompter", "Q",
-                          replies=[_msg("a", "assistant", "A", rank=0),
-                                   _msg("b", "assistant", "B", rank="1")])
+                 "message_tree_id": "t1",
+                 "prompt": _msg("p", "prompter", "Q",
+                                replies=[_msg("a", "assistant", "A", rank=0),
+                                         _msg("b", "assistant", "B", rank="1")])
              }), json.dumps(_tree(2))), {}, [("line 2 (tree t1)", "bad_schema")], 2),
     "oasst_3000_deep_tree": ("oasst_trees", "deep.jsonl", None, {}, [("line 2", "invalid_json")], 2),
     "oasst_flat_parent_list":

@@ -31,10 +31,8 @@ def test_mgm_mix_config_builds_with_its_mixing_targets(tmp_path):
   png = sample.draw([("circle", "red", "center")])
   (root / "MiniGemini-Finetune/coco/train2017/000000000001.jpg").write_bytes(png)
   mgm = [{
-      "id":
-          f"u{i}",
-      "image":
-          "coco/train2017/000000000001.jpg",
+      "id": f"u{i}",
+      "image": "coco/train2017/000000000001.jpg",
       "conversations": [{
           "from": "human",
           "value": f"<image>\nQuestion {i} about the picture?"
@@ -44,8 +42,7 @@ def test_mgm_mix_config_builds_with_its_mixing_targets(tmp_path):
       }]
   } for i in range(12)]
   mgm += [{
-      "id":
-          f"g{i}",
+      "id": f"g{i}",
       "conversations": [{
           "from": "human",
           "value": f"Draw scene {i} with {i + 2} lanterns. <GEN>"

@@ -40,32 +40,24 @@ def test_quality_rules_name_their_kind():
   q = _quality(max_turn_tokens=60, max_conversation_tokens=100, min_turn_tokens=2)
   assert q.problem(_rec("ok", "What happened at the meeting?", PROSE)) == (None, None)
   cases = {
-      "turn_too_short":
-          _rec("a", "Why?", "No"),
-      "turn_too_long":
-          _rec("b", "Tell me.", PROSE + " " + PROSE),
-      "conversation_too_long":
-          _rec("c", "Tell me.", PROSE, "And then?", PROSE),
-      "repetition":
-          _rec("d", "Sing.", " ".join(["la la la la la land"] * 9)),
-      "language":
-          _rec("e", "Was ist heute passiert?",
-               "Der Ausschuss hat sich am Dienstag getroffen, um den Haushalt zu besprechen."),
-      "bad_generation":
-          _rec("f", "Draw a cat. <GEN>", "A cat sitting on a mat."),
-      "empty_turn":
-          _rec("g", "Hello?", " \u200b \n "),  # empty only once normalised
-      "bad_alternation":
-          Record("h", "s", "text", [{
-              "role": "user",
-              "content": "Hi there friend"
-          }, {
-              "role": "user",
-              "content": "Anyone here?"
-          }, {
-              "role": "assistant",
-              "content": "Yes, hello."
-          }]),
+      "turn_too_short": _rec("a", "Why?", "No"),
+      "turn_too_long": _rec("b", "Tell me.", PROSE + " " + PROSE),
+      "conversation_too_long": _rec("c", "Tell me.", PROSE, "And then?", PROSE),
+      "repetition": _rec("d", "Sing.", " ".join(["la la la la la land"] * 9)),
+      "language": _rec("e", "Was ist heute passiert?",
+                       "Der Ausschuss hat sich am Dienstag getroffen, um den Haushalt zu besprechen."),
+      "bad_generation": _rec("f", "Draw a cat. <GEN>", "A cat sitting on a mat."),
+      "empty_turn": _rec("g", "Hello?", " \u200b \n "),  # empty only once normalised
+      "bad_alternation": Record("h", "s", "text", [{
+          "role": "user",
+          "content": "Hi there friend"
+      }, {
+          "role": "user",
+          "content": "Anyone here?"
+      }, {
+          "role": "assistant",
+          "content": "Yes, hello."
+      }]),
   }
   for kind, record in cases.items():
     reason, got = q.problem(filters.normalize(record))

@@ -251,37 +251,34 @@ def _msg(mid, role, text, rank=None, replies=(), **kw):
 
 def test_oasst_follows_best_rank_and_drops_deleted_reviewed_and_foreign(tmp_path):
   tree1 = {
-      "message_tree_id":
-          "t1",
-      "prompt":
-          _msg(
-              "p",
-              "prompter",
-              "Q1",
-              replies=[
-                  _msg("a1", "assistant", "second best", rank=1),
-                  _msg("a0del", "assistant", "spam", rank=0, deleted=True),  # deleted: its rank 0 does not count
-                  _msg(
-                      "a0", "assistant", "best", rank=0, replies=[
-                          _msg(
-                              "p2", "prompter", "Q2", replies=[
-                                  _msg("b_unranked", "assistant", "unranked"),
-                                  _msg("b_bad", "assistant", "failed review", rank=0, review_result=False),
-                                  _msg("b1", "assistant", "ranked", rank=1)
-                              ])
-                      ]),
-              ])
+      "message_tree_id": "t1",
+      "prompt": _msg(
+          "p",
+          "prompter",
+          "Q1",
+          replies=[
+              _msg("a1", "assistant", "second best", rank=1),
+              _msg("a0del", "assistant", "spam", rank=0, deleted=True),  # deleted: its rank 0 does not count
+              _msg(
+                  "a0", "assistant", "best", rank=0, replies=[
+                      _msg(
+                          "p2", "prompter", "Q2", replies=[
+                              _msg("b_unranked", "assistant", "unranked"),
+                              _msg("b_bad", "assistant", "failed review", rank=0, review_result=False),
+                              _msg("b1", "assistant", "ranked", rank=1)
+                          ])
+                  ]),
+          ])
   }
   tree2 = {
       "message_tree_id": "t2",
       "prompt": _msg("p", "prompter", "Hallo", lang="de", replies=[_msg("x", "assistant", "Hi", rank=0)])
   }
   tree3 = {
-      "message_tree_id":
-          "t3",
-      "prompt":
-          _msg("p", "prompter", "Q",
-               replies=[_msg("a", "assistant", "A", rank=0, replies=[_msg("q", "prompter", "unanswered follow-up")])])
+      "message_tree_id": "t3",
+      "prompt": _msg(
+          "p", "prompter", "Q",
+          replies=[_msg("a", "assistant", "A", rank=0, replies=[_msg("q", "prompter", "unanswered follow-up")])])
   }
   tree4 = {
       "message_tree_id": "t4",

@@ -164,8 +164,7 @@ def _valid_source(fmt, rng) -> bytes:
   if fmt == "messages_jsonl":
     return "".join(
         json.dumps({
-            "id":
-                k,
+            "id": k,
             "messages": [{
                 "role": "user" if i % 2 == 0 else "assistant",
                 "content": t

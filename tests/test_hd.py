@@ -23,12 +23,13 @@ import transformers
 from flax import nnx
 from PIL import Image
 
-from mgjax import config as mgjax_config, plan
+from mgjax import config as mgjax_config
 from mgjax.convert import vision as convert_vision
 from mgjax.data import build, images, pipeline
 from mgjax.models import vlm
 from mgjax.models.mining import downsample_bilinear
-from mgjax.train import make_loss_fn, resolve_model_config
+from mgjax.step import make_loss_fn
+from mgjax.workdir import resolve_model_config
 from test_vision_parity import _perturb, _state  # the towers' torch helpers
 
 torch = pytest.importorskip("torch")
@@ -346,10 +347,10 @@ def test_plan_batch_for_an_hd_config():
   config = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage2.py"), "data=sample:tiny")
   config.data.seq_len = 256
   b, m = config.data.batch_size, config.data.max_images
-  assert plan.abstract_batch(config.data, config.model)["images_lowres"].shape == (b, m, 32, 32, 3)
+  assert pipeline.batch_spec(config.data, config.model)["images_lowres"].shape == (b, m, 32, 32, 3)
   model_cfg = ml_collections.ConfigDict(config.model.to_dict())
   model_cfg.image_grid, model_cfg.image_global = 2, True
-  batch = plan.abstract_batch(config.data, model_cfg)
+  batch = pipeline.batch_spec(config.data, model_cfg)
   assert batch["images_lowres"].shape == (b, m, 5, 32, 32, 3)
   assert batch["images_highres"].shape == (b, m, 64, 64, 3)
   assert batch["input_ids"].shape == (b, 256)
@@ -358,7 +359,7 @@ def test_plan_batch_for_an_hd_config():
   assert total.shape == count.shape == ()
   config.data.seq_len = 80  # 5 views x 16 tokens: no room for the text
   with pytest.raises(ValueError, match="cannot hold one image's 80 tokens"):
-    plan.abstract_batch(config.data, model_cfg)
+    pipeline.batch_spec(config.data, model_cfg)
   model_cfg.vision_highres.image_size = 48  # a 12x12 map cannot split into 2 x 4x4 windows
   with pytest.raises(ValueError, match="must split into the 8x8 low-res grid"):
     vlm.abstract_model(model_cfg)

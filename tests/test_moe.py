@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from configs.models.sample import get_config  # noqa: E402
 from mgjax import config as mgjax_config  # noqa: E402
-from mgjax import train  # noqa: E402
+from mgjax import step as train_step  # noqa: E402
 from mgjax.convert import ConversionError, files, import_hf_llm, load_hf_lm  # noqa: E402
 from mgjax.convert import llm as convert_llm  # noqa: E402
 from mgjax.models import logical_shardings, vlm  # noqa: E402
@@ -273,7 +273,7 @@ def test_train_step_adds_the_router_loss():
   }
   batch["loss_mask"][1, 6:] = 0
   batch["segment_ids"][1, 8:] = 0
-  step, summed_loss = train.make_train_step(graph, optax.sgd(1.0), lambda t, f: t, accum=1)
+  step, summed_loss = train_step.make_train_step(graph, optax.sgd(1.0), lambda t, f: t, accum=1)
 
   @jax.jit
   def run(params):

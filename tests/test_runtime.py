@@ -63,10 +63,24 @@ def test_train_entry_point_restarts_once_with_the_tunable(tmp_path, user_setting
                           text=True, timeout=120)
   assert "no workdir" in result.stderr, result.stderr[-2000:]
   starts = seen.read_text().splitlines()
-  if runtime.malloc_tunables(env, runtime.thp_mode(), platform.libc_ver()) is None:
+  if runtime.malloc_tunables(env, runtime.thp_mode(), platform.libc_ver()) is None or runtime.has_accelerator():
     assert starts == [user_setting or "-"]
+    assert "mgjax: restarting" not in result.stderr
   else:
     assert starts == ["glibc.malloc.hugetlb=1"]
+    # One line says so, once.
+    assert result.stderr.count("mgjax: restarting with GLIBC_TUNABLES=glibc.malloc.hugetlb=1") == 1
+
+
+def test_library_use_never_restarts_the_process():
+  # What a notebook or a test does: import an entry point and call into it. A restart would
+  # re-run this command from the start and print its line.
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  for entry in ("mgjax.main", "mgjax.recipe"):
+    code = f"import os, {entry}, mgjax.train; print(os.environ.get('GLIBC_TUNABLES', '-'))"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "-" and "mgjax: restarting" not in result.stderr
 
 
 CLIS = ("mgjax.main", "mgjax.recipe", "mgjax.plan", "mgjax.predict", "mgjax.data.build", "mgjax.convert")
@@ -76,9 +90,8 @@ def test_every_cli_help_exits_zero(tmp_path):
   """--help is a success, not an error, for scripts that check it (and from any directory)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   procs = {
-      m:
-          subprocess.Popen([sys.executable, "-m", m, "--help"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True) for m in CLIS
+      m: subprocess.Popen([sys.executable, "-m", m, "--help"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) for m in CLIS
   }
   for module, proc in procs.items():
     out, _ = proc.communicate(timeout=120)
@@ -114,3 +127,35 @@ def test_a_data_config_of_your_own_from_anywhere_on_disk(tmp_path):
   assert c.data.recipe.name == "my_mix"
   with pytest.raises(ValueError, match="my_other_mix.py does not exist"):
     mgjax_config.load_config_file(os.path.join(mgjax_config.CONFIGS_DIR, "stage1.py"), "data=my_other_mix.py")
+
+
+def test_an_installed_package_finds_its_configs_from_any_directory(tmp_path):
+  # A wheel installed into a prefix of its own (as a venv or `pip install --user` would), run
+  # from a directory with no checkout in sight. --ignore-installed: pip would otherwise
+  # uninstall the environment's own (editable) mgjax first.
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  build = subprocess.run([
+      sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", repo, "-w",
+      str(tmp_path / "wheel")
+  ], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+  assert build.returncode == 0, build.stderr[-2000:]
+  wheel = next((tmp_path / "wheel").glob("mgjax-*.whl"))
+  prefix = tmp_path / "prefix"
+  install = subprocess.run([
+      sys.executable, "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", "--prefix",
+      str(prefix),
+      str(wheel)
+  ], capture_output=True, text=True, timeout=300)
+  assert install.returncode == 0, install.stderr[-2000:]
+  site = next(prefix.glob("lib/python*/site-packages"))
+  code = ("import mgjax, sys; from mgjax import config, runtime; print(mgjax.__file__); print(config.CONFIGS_DIR); "
+          "print(config.preset('models', 'mgm_7b').llm.layers); "
+          "print(runtime.resolve_config_paths(['p', '--config=configs/stage2.py:model=sample'])[1])")
+  env = dict(os.environ, PYTHONPATH=str(site))
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                        env=env)
+  assert done.returncode == 0, done.stderr[-2000:]
+  package, configs, layers, resolved = done.stdout.split()
+  assert package.startswith(str(site)) and configs == str(prefix / "share" / "mgjax" / "configs")
+  assert layers == "32"
+  assert resolved == f"--config={prefix / 'share' / 'mgjax' / 'configs' / 'stage2.py'}:model=sample"

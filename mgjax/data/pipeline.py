@@ -287,3 +287,32 @@ def _empty_like(example: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
   if example is None:
     raise ValueError("cannot pad an eval batch: this process has no records of the split")
   return {k: np.zeros_like(v) for k, v in example.items()}
+
+
+def batch_spec(data_cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict,
+               batch_sharding: jax.sharding.Sharding | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global training batch `train_iterator` yields (over all processes), as shapes: [B, T]
+  token arrays, images_lowres [B, M, l, l, 3] (or [B, M, V, l, l, 3], V low-res views per
+  image with model.image_grid >= 2) and images_highres [B, M, h, h, 3]. For compiling the
+  train step ahead of time (mgjax.plan)."""
+  from mgjax.models import vlm  # the image shapes are the model's
+
+  b, t, m = data_cfg.batch_size, data_cfg.seq_len, data_cfg.max_images
+  image_tokens = vlm.num_image_tokens(model_cfg)
+  if t <= image_tokens * min(m, 1):
+    raise ValueError(f"data.seq_len={t} cannot hold one image's {image_tokens} tokens; raise it, "
+                     f"e.g. --config.data.seq_len=2048")
+  lowres, highres = vlm.lowres_image_shape(model_cfg), model_cfg.vision_highres.image_size
+
+  def spec(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+
+  return {
+      "input_ids": spec((b, t), np.int32),
+      "targets": spec((b, t), np.int32),
+      "loss_mask": spec((b, t), np.float32),
+      "segment_ids": spec((b, t), np.int32),
+      "positions": spec((b, t), np.int32),
+      "images_lowres": spec((b, m, *lowres), np.float32),
+      "images_highres": spec((b, m, highres, highres, 3), np.float32),
+  }

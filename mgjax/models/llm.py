@@ -22,7 +22,7 @@ The config section `model.llm` (with `model.vocab_size` beside it):
   num_experts     mixtral: experts per layer (8); `mlp` is each expert's hidden size
   experts_per_token   mixtral: experts each token is routed to (2)
   router_aux_loss_coef  mixtral: weight of the router load-balancing loss in the training
-                  loss (train.make_train_step); 0 (the default, as MGM-8x7B trained: see
+                  loss (mgjax.step.make_train_step); 0 (the default, as MGM-8x7B trained: see
                   DEFAULT_ROUTER_AUX_LOSS_COEF) leaves it out, logged all the same
   remat           what a layer keeps for the backward pass (REMAT_POLICIES): 'none' | 'full' |
                   'dots' | 'qkv' | 'qkv_out' | 'qkv_offloaded' | 'dots_offloaded'
@@ -322,22 +322,14 @@ def cache_attention_mask(valid: jax.Array, index: jax.Array, num_new: int) -> ja
 #   dots_offloaded  as 'dots', with the matmul outputs kept in host memory
 _OFFLOAD = dict(offload_src="device", offload_dst="pinned_host")
 REMAT_POLICIES = {
-    "none":
-        None,
-    "full":
-        jax.checkpoint_policies.nothing_saveable,
-    "dots":
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "qkv":
-        jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
-    "qkv_out":
-        jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj", "out_proj"),
-    "qkv_offloaded":
-        jax.checkpoint_policies.save_and_offload_only_these_names(
-            names_which_can_be_saved=[], names_which_can_be_offloaded=["query_proj", "key_proj", "value_proj"],
-            **_OFFLOAD),
-    "dots_offloaded":
-        jax.checkpoint_policies.offload_dot_with_no_batch_dims(**_OFFLOAD),
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "qkv": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+    "qkv_out": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj", "out_proj"),
+    "qkv_offloaded": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["query_proj", "key_proj", "value_proj"], **_OFFLOAD),
+    "dots_offloaded": jax.checkpoint_policies.offload_dot_with_no_batch_dims(**_OFFLOAD),
 }
 
 

@@ -1,0 +1,92 @@
+"""Data flows one way through mgjax: no module imports, directly or through others, a module
+that imports it back (function-level imports count too: they are arrows all the same)."""
+import ast
+import os
+import pathlib
+import subprocess
+import sys
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "mgjax"
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+  """mgjax module -> the mgjax modules it imports (a package's __init__ stands for `from pkg import x`
+  only when x is not a module of its own)."""
+  modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+  def owner(name: str) -> str:
+    while name not in modules:
+      name = name.rpartition(".")[0]
+    return name
+
+  graph = {}
+  for name, path in modules.items():
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        targets |= {owner(a.name) for a in node.names if a.name.startswith("mgjax")}
+      elif isinstance(node, ast.ImportFrom):
+        base = node.module or ""
+        if node.level:
+          base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+        if base.startswith("mgjax"):
+          targets |= {owner(f"{base}.{a.name}") for a in node.names}
+    graph[name] = targets - {name, "mgjax"}
+  return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+  """The strongly connected components with more than one module (Tarjan's algorithm)."""
+  index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+  def visit(v):
+    index[v] = low[v] = len(index)
+    stack.append(v)
+    on_stack.add(v)
+    for w in graph[v]:
+      if w not in index:
+        visit(w)
+        low[v] = min(low[v], low[w])
+      elif w in on_stack:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      component = []
+      while True:
+        w = stack.pop()
+        on_stack.discard(w)
+        component.append(w)
+        if w == v:
+          break
+      if len(component) > 1:
+        found.append(sorted(component))
+
+  for v in sorted(graph):
+    if v not in index:
+      visit(v)
+  return found
+
+
+def test_the_checker_finds_a_cycle():
+  assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+  assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles_in_mgjax():
+  assert cycles(import_graph()) == []
+
+
+def test_the_trainer_does_not_load_the_builder_to_read_a_dataset():
+  # Reading a built dataset needs TFDS and grain, not the builder's MinHash, language id and
+  # plots: those load only when a build has to run.
+  code = ("import sys, mgjax.train; "
+          "print(sorted(m for m in ('mgjax.data.build', 'datasketch', 'py3langid', 'matplotlib') if m in sys.modules))")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PACKAGE.parent,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.strip() == "[]"
