@@ -223,28 +223,22 @@ def write(out: epath.Path, *, name: str, version: str, sources: dict[str, Any], 
   summary = summarize(splits, tokenizer_dir, messages)
   raw_tokens = summary.pop("_raw_tokens")
   card = {
-      "name":
-          name,
-      "version":
-          version,
-      "sources":
-          sources,
+      "name": name,
+      "version": version,
+      "sources": sources,
       "splits": {
           s: len(v) for s, v in splits.items()
       },
-      "categories":
-          dict(collections.Counter(r.category for r in kept)),
+      "categories": dict(collections.Counter(r.category for r in kept)),
       "mixing": {
           "by": mix_by,
           "groups": mixing
       },
       **summary,
-      "tokenizer":
-          tokenizer_dir,
-      "plots":
-          list(PLOTS),
-      "generation_prompts":
-          prompts.report(((r.id, r.source, messages(r)) for r in kept if r.category == "generation"), qualities),
+      "tokenizer": tokenizer_dir,
+      "plots": list(PLOTS),
+      "generation_prompts": prompts.report(((r.id, r.source, messages(r)) for r in kept if r.category == "generation"),
+                                           qualities),
   }
   if review is not None:
     card["review"] = review

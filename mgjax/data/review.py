@@ -243,13 +243,10 @@ class Page:
       rest = without[kind]
       pick += self.rng.sample(rest, min(self.per_kind - len(pick), len(rest)))
       kinds.append({
-          "kind":
-              kind,
-          "total":
-              total,
+          "kind": kind,
+          "total": total,
           # A record dropped in review can be kept again; one with a structural problem cannot.
-          "overridable":
-              kind in verdicts.OVERRIDABLE or kind == verdicts.REVIEW_KIND,
+          "overridable": kind in verdicts.OVERRIDABLE or kind == verdicts.REVIEW_KIND,
           "records": [
               self._view(r["id"], r["source"], None, r["messages"], [], where=f"{r['file']}: {r['record']}",
                          reason=r["reason"], kind=kind) for r in pick
@@ -259,10 +256,8 @@ class Page:
     for first in sorted(self.rng.sample(sorted(clusters), min(self.clusters, len(clusters)))):
       kept = self.record(first) if first in self.where else None
       shown.append({
-          "first":
-              first,
-          "kept":
-              kept,
+          "first": first,
+          "kept": kept,
           "dropped": [
               self._view(r["id"], r["source"], kept["category"] if kept else None, r["messages"], [],
                          where=f"{r['file']}: {r['record']}", reason=r["reason"], kind=r["kind"])
