@@ -8,6 +8,7 @@ import re
 from PIL import Image
 
 from mgjax.data import sample, sources
+from mgjax.data.records import Record, Rejection
 
 SIZES = dict(n_understanding=40, n_generation=30, n_text=40)
 
@@ -67,14 +68,14 @@ def test_generation_prompt_is_a_function_of_the_request(tmp_path):
 def test_readers_apply_their_rules_to_the_sample(tmp_path):
   paths = sample.write_sample_sources(str(tmp_path), seed=0, n_understanding=2, n_generation=2, n_text=200)
   items = list(sources.read(paths["oasst"], format="oasst_trees", source="oasst"))
-  rejected = [r for r in items if not hasattr(r, "messages")]
+  rejected = [r for r in items if isinstance(r, Rejection)]
   assert {r.kind for r in rejected} == {"language"} and len(rejected) == 2  # trees 13 and 63 are German
-  texts = [m["content"] for r in items if hasattr(r, "messages") for m in r.messages]
+  texts = [m["content"] for r in items if isinstance(r, Record) for m in r.messages]
   assert "[spam removed by moderators]" not in texts and "Whatever." not in texts
   assert not any(t in ("I am not sure.", "I don't know, sorry.") for t in texts)  # rank-1 alternatives
   raw = pathlib.Path(paths["oasst"]).read_text()
   assert '"deleted": true' in raw and '"rank": 1' in raw and '"review_result": false' in raw
 
   lima = list(sources.read(paths["lima"], format="lima", source="lima"))
-  assert all(hasattr(r, "messages") and r.messages[-1]["role"] == "assistant" for r in lima)
+  assert all(isinstance(r, Record) and r.messages[-1]["role"] == "assistant" for r in lima)
   assert "One more question" in pathlib.Path(paths["lima"]).read_text()  # dropped unanswered turns exist

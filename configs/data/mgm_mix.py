@@ -55,6 +55,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dedup = ml_collections.ConfigDict(dict(exact=True, near=True, threshold=0.8, num_perm=128))
   c.mixture = ml_collections.ConfigDict(dict(by="category", counts=dict(text=6000, generation=13000)))
 
+  # A review.jsonl of a person's verdicts ({"id", "source", "verdict": "keep"|"drop", "note"} a line),
+  # exported by `python -m mgjax.data.review`; the build drops and keeps those records. "" for none.
+  c.review = ""
+
   if arg == "gen_weighted":
     c.name = "mgm_mix_gen_weighted"
     c.mixture = ml_collections.ConfigDict(dict(by="category", weights=dict(text=1, generation=2)))

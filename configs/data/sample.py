@@ -40,6 +40,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # no LLM whose tokenizer it could borrow); otherwise `path` names a saved tokenizer.
   c.tokenizer = ml_collections.ConfigDict(dict(train=True, vocab_size=1024, path=""))
 
+  # A review.jsonl of a person's verdicts ({"id", "source", "verdict": "keep"|"drop", "note"} a line),
+  # exported by `python -m mgjax.data.review`; the build drops and keeps those records. "" for none.
+  c.review = ""
+
   if arg == "tiny":  # seconds to build: for tests and smoke runs
     c.name = "sample_tiny"  # its own dataset folder: never mistaken for the full sample
     c.sample.update(n_understanding=96, n_generation=64, n_text=64, n_caption=48)

@@ -34,7 +34,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from mgjax import locks
-from mgjax.data import builder, card, dedup, filters, mixture, sample, sources, spill, tokenizer
+from mgjax.data import builder, card, dedup, filters, mixture, prompts, sample, sources, spill, tokenizer, verdicts
 from mgjax.data.records import Record, Rejection
 from mgjax.data.sources import _common
 
@@ -42,7 +42,7 @@ _SOURCE_KEYS = {"name", "format", "path", "image_root", "category", "options", "
 # The config fields that decide the built content; a stage config may embed the data
 # config beside pipeline keys (sequence length, batch size) that must not force rebuilds.
 _CONTENT_KEYS = ("name", "version", "seed", "val_per_category", "sample", "sources", "tokenizer", "filters", "dedup",
-                 "mixture")
+                 "mixture", "review")
 _LOGGED_REJECTIONS = 20  # per source; the rest are counted and in rejected.jsonl
 _BATCH = 256  # records per task sent to a worker process
 
@@ -72,7 +72,10 @@ def dataset_dir(data_cfg: ml_collections.ConfigDict, data_dir: str) -> epath.Pat
 
 def _content(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   d = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)
-  return json.loads(json.dumps({k: d.get(k) for k in _CONTENT_KEYS}, sort_keys=True))
+  # The review file by its digest: editing it must rebuild. Absent when unset, so builds
+  # from before `review` existed still match their config.
+  d["review"] = verdicts.fingerprint(data_cfg)
+  return json.loads(json.dumps({k: d.get(k) for k in _CONTENT_KEYS if k != "review" or d[k]}, sort_keys=True))
 
 
 def _sources_root(data_cfg: ml_collections.ConfigDict, data_dir: str) -> epath.Path:
@@ -127,22 +130,26 @@ class Preparer:
   worker process (pool or Beam); returns the kept record's Entry or the Rejection."""
 
   def __init__(self, tokenizer_dir: str | None, dedup_cfg: dedup.DedupConfig,
-               qualities: dict[str, filters.QualityConfig], spill_dir: str):
+               qualities: dict[str, filters.QualityConfig], spill_dir: str, review: verdicts.Verdicts | None = None):
     count_tokens = filters.tokenizer_counter(tokenizer_dir) if tokenizer_dir else filters.pretoken_counter()
     self._quality = {name: filters.Quality(q, count_tokens) for name, q in qualities.items()}
     self._dedup = dedup_cfg
     self.spill_dir = spill_dir
     self.writer = spill.Writer(spill_dir)
+    self._review = review or verdicts.Verdicts()
 
   def __call__(self, item: Record | Rejection) -> tuple[spill.Entry | Rejection, dedup.Signature | None]:
     if isinstance(item, Record):
+      item = self._review.dropped(item)
+    if isinstance(item, Record):
       item = sources.load_images(item)
+    overrode = None
     if isinstance(item, Record):
       file, where = item.origin.split("\t", 1)
-      item = self._quality[item.source](item, file, where)
+      item, overrode = self._review.checked(item, self._quality[item.source](item, file, where))
     if isinstance(item, Rejection):
       return item, None
-    return self.writer.add(item), dedup.signature(item, self._dedup)
+    return dataclasses.replace(self.writer.add(item), overrode=overrode), dedup.signature(item, self._dedup)
 
 
 def read_source(indexed_spec: tuple[int, dict[str, Any]]) -> Iterator[tuple[tuple[int, int], Record | Rejection]]:
@@ -226,7 +233,8 @@ def _prepare_locally(specs, preparer_args, workers: int):
 
 
 def _clean(data_cfg, root: epath.Path, tokenizer_dir: str | None, spill_dir: str, beam_runner: str | None,
-           beam_options: Sequence[str]) -> tuple[list[spill.Entry], list[Rejection], dict[str, Any]]:
+           beam_options: Sequence[str],
+           tally: verdicts.Tally) -> tuple[list[spill.Entry], list[Rejection], dict[str, Any]]:
   """Reads, normalises, filters and de-duplicates every source.
 
   Returns the kept records' entries (the records are in the spill shards), every dropped
@@ -237,7 +245,7 @@ def _clean(data_cfg, root: epath.Path, tokenizer_dir: str | None, spill_dir: str
   if tokenizer_dir:
     tokenizer.check_local(tokenizer_dir)  # here, once, before workers try to load it
   dedup_cfg = dedup.DedupConfig.from_dict(data_cfg.get("dedup"))
-  preparer_args = (tokenizer_dir, dedup_cfg, {s["name"]: s["quality"] for s in specs}, spill_dir)
+  preparer_args = (tokenizer_dir, dedup_cfg, {s["name"]: s["quality"] for s in specs}, spill_dir, tally.verdicts)
   if beam_runner:
     from mgjax.data import beam_build  # apache-beam is optional
     prepared = beam_build.prepare(specs, preparer_args, spill_dir, beam_runner, beam_options)
@@ -262,28 +270,33 @@ def _clean(data_cfg, root: epath.Path, tokenizer_dir: str | None, spill_dir: str
   for item, sig in tqdm.tqdm(prepared, desc="cleaning", unit=" records", mininterval=2, disable=None):
     c = counts[item.source]
     c["read"] += 1
-    if isinstance(item, spill.Entry) and item.id in seen_ids:
+    entry = item if isinstance(item, spill.Entry) else None  # a rejected entry's turns are read back if sampled
+    if entry is not None and item.id in seen_ids:
       file, where = item.origin.split("\t", 1)
-      item = Rejection(item.source, file, where, "duplicate id; ids must be unique across sources", kind="duplicate_id")
+      item = Rejection(item.source, file, where, "duplicate id; ids must be unique across sources", kind="duplicate_id",
+                       id=item.id)
     if isinstance(item, Rejection):
       if c["rejected"].total() < _LOGGED_REJECTIONS:
         logging.warning("rejected: %s", item)
       c["rejected"][item.kind] += 1
-      dropped.append(item)
+      dropped.append(tally.rejected(item, entry))
       continue
     seen_ids.add(item.id)
     dup = index.add(item.id, sig)
+    if dup is not None and tally.keeps(item):  # a person kept it: no automatic rule drops it
+      item, dup = dataclasses.replace(item, overrode=dup[0]), None
     if dup is not None:
       kind, first, similarity = dup
       file, where = item.origin.split("\t", 1)
       dropped.append(
-          Rejection(item.source, file, where, f"{kind.replace('_', ' ')} of {first} (similarity {similarity:.2f})",
-                    kind=kind, duplicate_of=first))
+          tally.rejected(
+              Rejection(item.source, file, where, f"{kind.replace('_', ' ')} of {first} (similarity {similarity:.2f})",
+                        kind=kind, duplicate_of=first, id=item.id), item))
       c["duplicates"] += 1
       c["duplicate_kinds"][kind] += 1
       continue
     c["kept"] += 1
-    kept.append(item)
+    kept.append(tally.kept(item))
   for name, c in counts.items():
     logging.info("source %s: read %d, kept %d, rejected %d %s, duplicates %d", name, c["read"], c["kept"],
                  c["rejected"].total(), dict(c["rejected"]), c["duplicates"])
@@ -373,14 +386,15 @@ def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, bea
   # Lengths are counted in the configured tokenizer's tokens; one the build trains does not
   # exist yet while filtering, so its lengths are counted in pre-tokens (see filters).
   length_tokenizer = None if tok_cfg.get("train") else (tok_cfg.get("path") or None)
+  reader = spill.Reader()
+  tally = verdicts.Tally(verdicts.path(data_cfg), verdicts.load(data_cfg), data_cfg.seed, reader)
   entries, rejected, source_card = _clean(data_cfg, _sources_root(data_cfg, data_dir), length_tokenizer,
-                                          str(spill_root), beam_runner, beam_options)
+                                          str(spill_root), beam_runner, beam_options, tally)
   if not entries:
     raise ValueError(f"no record survived reading: {_why_none(source_card, rejected)}")
   splits, mix_report = mixture.split(entries, data_cfg.val_per_category, data_cfg.seed,
                                      mixture.MixConfig.from_dict(data_cfg.get("mixture")))
 
-  reader = spill.Reader()
   if tok_cfg.get("train"):
     tokenizer_dir = str(epath.Path(data_dir) / "tokenizers" / data_cfg.name)
     # Train text only: validation must not shape the vocabulary it is scored with.
@@ -408,7 +422,8 @@ def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, bea
   # Written last: the presence of data_card.json marks a complete build (see ensure_built).
   card.write(out, name=f"{builder.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version, sources=source_card,
              splits=splits, mixing=mix_report, mix_by=mixture.MixConfig.from_dict(data_cfg.get("mixture")).by,
-             kept=entries, tokenizer_dir=tokenizer_dir, messages=lambda e: reader.record(e, images=False).messages)
+             kept=entries, tokenizer_dir=tokenizer_dir, messages=lambda e: reader.record(e, images=False).messages,
+             review=tally.report(), qualities=prompts.qualities(data_cfg))
   reader.close()
   logging.info("built %s: splits %s; %d rejected or duplicate (see %s)", out, sizes, len(rejected),
                out / "rejected.jsonl")

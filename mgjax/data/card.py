@@ -3,6 +3,8 @@
   data_card.json   {"sources": {name: {"read", "kept", "rejected": {kind: n}, "duplicates", ...}},
                     "splits": {split: n}, "mixing": ..., "composition": ..., "tokens": ..., "turns": ...}
                    with read = kept + sum(rejected) + duplicates for every source
+                   "generation_prompts": the checks of mgjax.data.prompts over the kept generation samples,
+                   "review": what the data config's review file did (mgjax.data.verdicts), when it names one
   data_card.md     the same as tables, with the plots
   records_by_source.png, token_lengths.png, turns_per_conversation.png
 
@@ -20,7 +22,7 @@ from etils import epath
 from matplotlib.figure import Figure
 import numpy as np
 
-from mgjax.data import filters
+from mgjax.data import filters, prompts
 from mgjax.data.records import CATEGORIES
 
 PLOTS = ("records_by_source.png", "token_lengths.png", "turns_per_conversation.png")
@@ -173,6 +175,7 @@ def _markdown(card: dict[str, Any]) -> str:
     for c, st in cats.items():
       lines.append(f"| {split} | {c} | {st['n']} | {st.get('mean', '')} | {st.get('p50', '')} | "
                    f"{st.get('p95', '')} | {st.get('max', '')} |")
+  lines += _markdown_checks(card)
   lines += [
       "", "![records by source](records_by_source.png)", "", "![token lengths](token_lengths.png)", "",
       "![turns per conversation](turns_per_conversation.png)", ""
@@ -180,12 +183,42 @@ def _markdown(card: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def _markdown_checks(card: dict[str, Any]) -> list[str]:
+  """The generation prompt checks and the review's effect, as Markdown lines."""
+  g = card["generation_prompts"]
+  cov = g["coverage"]
+  lines = [
+      "", "## Generation prompts", "",
+      f"{g['requests']} image requests in the kept generation samples: {g['missing_prompt']} without a "
+      f"`<h>...</h>` prompt, {g['empty_prompt']} with an empty one; language checked on {g['language']['checked']}, "
+      f"unexpected on {g['language']['unexpected']}; coverage of the request's content words: mean {cov['mean']}, "
+      f"p10 {cov['p10']}, {cov[f'below_{prompts.LOW_COVERAGE}']} below {prompts.LOW_COVERAGE}; "
+      f"{g['repeated']['prompts']} prompts answer {g['repeated']['min_requests']}+ different requests "
+      f"({g['repeated']['records']} records)."
+  ]
+  review = card.get("review")
+  if review:
+    lines += [
+        "", "## Review", "",
+        f"`{review['file']}`: {review['verdicts']} verdicts ({review['keep']} keep, {review['drop']} drop); "
+        f"applied: {review['applied']['dropped']} dropped (rejected as `review`), {review['applied']['kept']} kept" +
+        (" (against " + ", ".join(f"{k}: {v}" for k, v in review["kept_against"].items()) +
+         ")" if review["kept_against"] else "") + f"; {len(review['refused'])} keep verdicts refused (structural "
+        f"problems); {review['not_found']} ids no longer found" +
+        (": " + ", ".join(f"`{i}`" for i in review["not_found_ids"][:10]) if review["not_found"] else "") + "."
+    ]
+  return lines
+
+
 def write(out: epath.Path, *, name: str, version: str, sources: dict[str, Any], splits: dict[str, Sequence[Any]],
           mixing: dict[str, Any], mix_by: str, kept: Sequence[Any], tokenizer_dir: str | None,
-          messages: Callable[[Any], list[dict[str, str]]]) -> dict[str, Any]:
+          messages: Callable[[Any], list[dict[str, str]]], review: dict[str, Any] | None = None,
+          qualities: dict[str, filters.QualityConfig] | None = None) -> dict[str, Any]:
   """Writes the plots, data_card.md and, last, data_card.json (which marks a finished build).
 
-  `splits` and `kept` hold records or spill entries; `messages` gives one's turns."""
+  `splits` and `kept` hold records or spill entries; `messages` gives one's turns.
+  `review` is the review file's report; `qualities` the sources' filter settings (for the
+  expected language of generation prompts)."""
   out = epath.Path(out)
   summary = summarize(splits, tokenizer_dir, messages)
   raw_tokens = summary.pop("_raw_tokens")
@@ -201,9 +234,14 @@ def write(out: epath.Path, *, name: str, version: str, sources: dict[str, Any], 
           "by": mix_by,
           "groups": mixing
       },
-      **summary, "tokenizer": tokenizer_dir,
-      "plots": list(PLOTS)
+      **summary,
+      "tokenizer": tokenizer_dir,
+      "plots": list(PLOTS),
+      "generation_prompts": prompts.report(((r.id, r.source, messages(r)) for r in kept if r.category == "generation"),
+                                           qualities),
   }
+  if review is not None:
+    card["review"] = review
   for s in sources.values():
     # The promise a reader of the card relies on; a failure here is a bug in the builder.
     if s["read"] != s["kept"] + sum(s["rejected"].values()) + s["duplicates"]:

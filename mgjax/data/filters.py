@@ -152,7 +152,7 @@ class Quality:
     reason, kind = self.problem(normalize(record))
     if reason is None:
       return record
-    return Rejection(record.source, file, where, reason, kind=kind)
+    return Rejection(record.source, file, where, reason, kind=kind, id=record.id, messages=record.messages)
 
   def problem(self, record: Record) -> tuple[str | None, str | None]:
     """(reason, kind) of the first rule the (normalised) record fails, else (None, None)."""

@@ -57,6 +57,10 @@ class Rejection:
   # card counts rejections by it, since `reason` carries record-specific detail.
   kind: str = "invalid"
   duplicate_of: str | None = None  # for duplicates: the id of the record that was kept
+  id: str | None = None  # the record's id, where it got as far as having one
+  # Its normalised turns, for the review page (mgjax.data.review); the build keeps them for
+  # a seeded sample of each source's rejections of each kind (see mgjax.data.verdicts).
+  messages: list[dict[str, str]] | None = None
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)

@@ -37,6 +37,8 @@ class Entry:
   offset: int
   text_nbytes: int
   image_nbytes: int
+  # The filter kind a review's keep verdict overrode to keep this record (mgjax.data.verdicts).
+  overrode: str | None = None
 
 
 class Writer:

@@ -75,7 +75,7 @@ def finish(record: Record, file: str, where: str, category: str | None = None) -
   reason = records.check(record)
   if reason is None:
     return record
-  return Rejection(record.source, file, where, reason, kind=check_kind(reason))
+  return Rejection(record.source, file, where, reason, kind=check_kind(reason), id=record.id, messages=record.messages)
 
 
 def load_images(record: Record, file: str, where: str) -> Record | Rejection:
@@ -86,14 +86,15 @@ def load_images(record: Record, file: str, where: str) -> Record | Rejection:
     problem = not_regular_file(str(image))
     if problem is not None:
       return Rejection(record.source, file, where, f"image {problem}; image paths must name image files",
-                       kind="missing_image")
+                       kind="missing_image", id=record.id, messages=record.messages)
     try:
       data = epath.Path(image).read_bytes()
     except FileNotFoundError:
       return Rejection(record.source, file, where, f"image file not found: {image} (check image_root and the "
-                       "'image' path)", kind="missing_image")
+                       "'image' path)", kind="missing_image", id=record.id, messages=record.messages)
     except OSError as e:
-      return Rejection(record.source, file, where, f"cannot read image {image}: {e}", kind="missing_image")
+      return Rejection(record.source, file, where, f"cannot read image {image}: {e}", kind="missing_image",
+                       id=record.id, messages=record.messages)
     # Decoded in full, not just header-checked: a truncated download passes verify() and
     # would only fail in the middle of training.
     try:
@@ -101,7 +102,7 @@ def load_images(record: Record, file: str, where: str) -> Record | Rejection:
         img.load()
     except Exception as e:  # PIL raises many types for bad files
       return Rejection(record.source, file, where, f"image {image} cannot be decoded ({type(e).__name__}: {e}); "
-                       "re-download or remove it", kind="corrupt_image")
+                       "re-download or remove it", kind="corrupt_image", id=record.id, messages=record.messages)
     images.append(data)
   record.images = images
   return record
