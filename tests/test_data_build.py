@@ -164,8 +164,13 @@ def test_ensure_built_reuses_and_refuses_a_different_config(built):
   changed = _tiny_config()
   changed.sources = list(cfg.sources)
   changed.seed = 1
-  with pytest.raises(ValueError, match="different data config.*seed"):
+  with pytest.raises(build.ConfigChanged, match="different data config.*seed"):
     build.ensure_built(changed, dataset.data_dir)
+  # Building it anyway is refused too: the build already there stays as it was.
+  with pytest.raises(build.ConfigChanged, match=r"differs in \['seed'\]\); refusing to overwrite it. Bump the data "):
+    build.build(changed, dataset.data_dir)
+  assert info.stat().st_mtime_ns == before
+  assert build.load_built(cfg, dataset.data_dir) == dataset
 
 
 def test_tokenizer_is_trained_on_train_text_and_loads(built):
