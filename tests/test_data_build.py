@@ -181,6 +181,21 @@ def test_tokenizer_is_trained_on_train_text_and_loads(built):
   assert pathlib.Path(dataset.tokenizer_dir, "tokenizer.json").exists()
 
 
+def test_a_data_dir_copied_elsewhere_opens_with_its_own_tokenizer(built, tmp_path):
+  """A build copied to a bucket and mounted elsewhere reads the tokenizer beside it, not the
+  one where it was built."""
+  import shutil
+
+  from mgjax.data import tokenizer
+  cfg, dataset = built
+  moved = tmp_path / "mounted" / "data"
+  shutil.copytree(dataset.data_dir, moved)
+  there = build.load_built(cfg, str(moved))
+  assert there.tokenizer_dir == str(moved / "tokenizers" / cfg.name)
+  assert there.splits == dataset.splits and there.dataset_dir.startswith(str(moved))
+  assert len(tokenizer.load(there.tokenizer_dir)) == len(tokenizer.load(dataset.tokenizer_dir))
+
+
 def test_build_is_deterministic(built, tmp_path):
   cfg, dataset = built
   _bad_sources(tmp_path / cfg.sample.dir)
@@ -242,3 +257,37 @@ def test_big_splits_are_written_in_several_shards(built, tmp_path, monkeypatch):
   train = next(s for s in info["splits"] if s["name"] == "train")
   assert len(train["shardLengths"]) > 1 and sum(map(int, train["shardLengths"])) == sharded.splits["train"]
   assert [e["id"] for e in _read_split(sharded, "train")] == [e["id"] for e in _read_split(one_shard, "train")]
+
+
+def test_data_card_counts_conversations_longer_than_a_training_length():
+  from types import SimpleNamespace
+
+  from mgjax.data import card
+
+  words = {"a": "one two three", "b": "one two three four five six", "c": "one"}
+  items = [SimpleNamespace(id=k, category="text", source="lima") for k in words]
+  summary = card.summarize({
+      "train": items[:2],
+      "val_text": items[2:]
+  }, None, lambda r: [{
+      "role": "user",
+      "content": words[r.id]
+  }], seq_len=4)
+  # Byte-level pre-tokens of the text: 3, 6 and 1.
+  assert summary["tokens"]["train"]["text"]["max"] == 6
+  assert summary["over_seq_len"] == {
+      "train": {
+          "4": 1,
+          "512": 0,
+          "1024": 0,
+          "2048": 0,
+          "4096": 0
+      },
+      "val_text": {
+          "4": 0,
+          "512": 0,
+          "1024": 0,
+          "2048": 0,
+          "4096": 0
+      }
+  }

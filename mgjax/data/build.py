@@ -427,7 +427,7 @@ def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, bea
   card.write(out, name=f"{builder.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version, sources=source_card,
              splits=splits, mixing=mix_report, mix_by=mixture.MixConfig.from_dict(data_cfg.get("mixture")).by,
              kept=entries, tokenizer_dir=tokenizer_dir, messages=lambda e: reader.record(e, images=False).messages,
-             review=tally.report(), qualities=prompts.qualities(data_cfg))
+             review=tally.report(), qualities=prompts.qualities(data_cfg), seq_len=data_cfg.get("seq_len"))
   reader.close()
   logging.info("built %s: splits %s; %d rejected or duplicate (see %s)", out, sizes, len(rejected),
                out / "rejected.jsonl")
@@ -475,8 +475,12 @@ def load_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDatas
     raise ConfigChanged(f"{out} was built from a different data config (differs in {diff}); bump the data "
                         f"config's version, or delete {out} to rebuild it")
   card = json.loads((out / "data_card.json").read_text())
+  # A tokenizer the build trained lives in the data_dir: found there wherever the data_dir
+  # now is (copied to a bucket, mounted at another path), not where the build wrote it.
+  tokenizer_dir = (str(epath.Path(data_dir) / "tokenizers" /
+                       data_cfg.name) if data_cfg.tokenizer.get("train") else card["tokenizer"])
   return BuiltDataset(name=card["name"], version=card["version"], data_dir=str(data_dir), dataset_dir=str(out),
-                      tokenizer_dir=card["tokenizer"], splits=card["splits"])
+                      tokenizer_dir=tokenizer_dir, splits=card["splits"])
 
 
 def ensure_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDataset:
