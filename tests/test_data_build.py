@@ -291,3 +291,12 @@ def test_data_card_counts_conversations_longer_than_a_training_length():
           "4096": 0
       }
   }
+
+
+def test_training_refuses_a_gs_data_dir_naming_the_mount_to_use():
+  from mgjax.data import shared
+  with pytest.raises(
+      shared.DatasetNotShared, match=r"array_record files, which open local paths only.*"
+      r"`gcsfuse --implicit-dirs my-bucket /mnt/my-bucket`.*"
+      r"--config.data.data_dir=/mnt/my-bucket/mixes/data$"):
+    shared.open_dataset(_tiny_config(), "gs://my-bucket/mixes/data")
