@@ -142,8 +142,8 @@ def open_data(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
                                        replay_source=replay_source, replay_fraction=config.data.replay_fraction,
                                        packing=config.data.packing)
   val_sources = {split: build.open_split(dataset, split) for split in config.data.val_splits}
-  pipeline.check_lengths(config.data, encoder, {config.data.train_split: train_source, **val_sources},
-                         log=jax.process_index() == 0)
+  splits = {config.data.train_split: train_source, **val_sources}
+  pipeline.check_lengths(config.data, encoder, splits, log=jax.process_index() == 0)  # over data.seq_len
   return StageData(dataset, tokenizer, model_cfg, encoder, train_iter, len(train_source), val_sources)
 
 
