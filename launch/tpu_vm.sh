@@ -15,16 +15,19 @@ gcloud commands it runs; with --dry-run it prints them and runs nothing.
 
 Commands:
   create   create the TPU VM (--accelerator-type; --spot for a spot TPU)
-  setup    install mgjax, jax[tpu] and the gs:// libraries on every worker
+  setup    install mgjax, jax[tpu] and the gs:// libraries on every worker; with
+           --mount=BUCKET also mount gs://BUCKET at /mnt/BUCKET on every worker (gcsfuse)
   run      start `python -m mgjax.main --config=... --workdir=gs://... --distributed`
            on every worker at once, in the background (nohup), logging to
-           ~/mgjax-logs/run.log on each worker, so a dropped ssh does not stop it
+           ~/mgjax-logs/run.log on each worker, so a dropped ssh does not stop it;
+           with --then-config, the next stage starts when this one has finished
   logs     follow the log of worker 0 (or --worker=N)
   stop     send SIGTERM to the training on every worker (it checkpoints, then exits)
   watch    keep a run going on a spot TPU: start it, and whenever the TPU is
            preempted or deleted, recreate it, set it up and run the same command
            again (the trainer resumes from the latest checkpoint in the workdir);
-           ends when the run ends on a live TPU. Takes create's, setup's and run's options
+           ends when the run ends on a live TPU: exit status 0 if it finished, 1 if
+           it failed. Takes create's, setup's and run's options
   delete   delete the TPU VM
 
 Options:
@@ -40,19 +43,29 @@ Options:
                            this checkout (needs a repository the workers can reach)
   --git-ref=REF            setup, watch: the commit, branch or tag to use (default:
                            HEAD of this checkout; with --git-url, the default branch)
-  --config=FILE[:ARG]      run, watch: e.g. configs/stage2.py (relative to the repo)
+  --mount=BUCKET           setup, watch: mount gs://BUCKET at /mnt/BUCKET on every worker
+                           with Cloud Storage FUSE, for a dataset every worker reads:
+                           -- --config.data.data_dir=/mnt/BUCKET/data
+  --config=FILE[:ARG]      run, watch: e.g. configs/stage2.py (relative to the repo); a
+                           config file or a data=FILE.py outside the repo, e.g.
+                           configs/stage1.py:data=$HOME/my_mix.py, is copied to the
+                           workers with the job (to ~/mgjax-user/)
   --workdir=gs://B/PATH    run, watch: checkpoints, metrics and TensorBoard go there
+  --then-config=FILE[:ARG] run, watch: a second stage, run once the first has finished,
+                           from its result (--config.init_from=the first --workdir)
+  --then-workdir=gs://B/P  run, watch: the second stage's workdir
   --worker=N               logs: which worker's log (default 0)
   --interval=SECONDS       watch: time between two looks at the TPU (default 120)
   --dry-run                print the commands (watch: one recreate cycle), run nothing
   -h, --help               this help
-  -- MAIN_ARGS...          run, watch: more flags for mgjax.main, e.g.
+  -- MAIN_ARGS...          run, watch: more flags for mgjax.main (for every stage), e.g.
                            -- --config.init_from=gs://B/stage1 --config.train.steps=5000
 
-Example (a spot v4-32 slice; stage 2 from a stage-1 workdir on the same bucket):
-  launch/tpu_vm.sh watch --name=mgjax --zone=us-central2-b --accelerator-type=v4-32 --spot \
-    --config=configs/stage2.py --workdir=gs://my-bucket/stage2 \
-    -- --config.init_from=gs://my-bucket/stage1
+Example (a spot v5p-16 slice: stage 1 then stage 2, the dataset read from the bucket):
+  launch/tpu_vm.sh watch --name=mgjax --zone=us-east5-a --accelerator-type=v5p-16 --spot \
+    --mount=my-bucket --config=configs/stage1.py --workdir=gs://my-bucket/stage1 \
+    --then-config=configs/stage2.py --then-workdir=gs://my-bucket/stage2 \
+    -- --config.data.data_dir=/mnt/my-bucket/data
 EOF
 }
 
@@ -63,7 +76,12 @@ readonly REMOTE_PYTHON=python3.11         # setup.cfg: python_requires >= 3.11
 command=""
 name="" zone="" project="" accelerator_type="" version="" spot=0
 git_url="" git_ref="" config="" workdir="" worker=0 interval=120 jax_version=""
+mount="" then_config="" then_workdir=""
 main_args=()
+# Files outside the repository that a config names: run copies them to ~/mgjax-user/ on
+# every worker (see carry_configs), and the workers' configs name them there.
+carry_files=() remote_config="" remote_then_config=""
+readonly REMOTE_USER_DIR=mgjax-user  # in the workers' home, beside ~/mgjax
 
 set_option() {  # OPTION VALUE
   case $1 in
@@ -76,6 +94,9 @@ set_option() {  # OPTION VALUE
     --git-ref) git_ref=$2 ;;
     --config) config=$2 ;;
     --workdir) workdir=$2 ;;
+    --mount) mount=$2 ;;
+    --then-config) then_config=$2 ;;
+    --then-workdir) then_workdir=$2 ;;
     --worker) worker=$2 ;;
     --interval) interval=$2 ;;
     *) die "unknown option $1 (see --help)" ;;
@@ -118,16 +139,78 @@ validate() {
   fi
   if [[ $command == run || $command == watch ]]; then
     require_gs_workdir "$command" "$workdir"
-    if [[ -z $git_url ]]; then
-      require_config_file "$command" "$config"
-    else
-      [[ -n $config ]] || die "$command needs --config=FILE, e.g. --config=configs/stage2.py"
+    [[ -n $config ]] || die "$command needs --config=FILE, e.g. --config=configs/stage2.py"
+    if [[ -n $then_config || -n $then_workdir ]]; then
+      [[ -n $then_config && -n $then_workdir ]] || die "--then-config and --then-workdir go together"
+      require_gs_workdir "$command" "$then_workdir"
+      [[ $then_workdir != "$workdir" ]] || die "--then-workdir must differ from --workdir (each stage has its own)"
     fi
+    carry_configs
+  else
+    [[ -z $then_config && -z $then_workdir ]] || die "$command takes no --then-config/--then-workdir (only run and watch do)"
+  fi
+  if [[ -n $mount ]]; then
+    [[ $command == setup || $command == watch ]] || die "$command takes no --mount (only setup and watch do)"
+    [[ $mount =~ ^[a-z0-9][-a-z0-9_.]*[a-z0-9]$ ]] ||
+      die "--mount=$mount: the bucket's name alone, e.g. --mount=my-bucket (it is mounted at /mnt/my-bucket)"
   fi
   [[ $worker =~ ^[0-9]+$ ]] || die "--worker=$worker: a worker number, 0 for the first"
   [[ $interval =~ ^[0-9]+$ ]] || die "--interval=$interval: a number of seconds"
   if ((${#main_args[@]})) && [[ $command != run && $command != watch ]]; then
     die "$command takes no mgjax.main flags (only run and watch do)"
+  fi
+}
+
+# ---------------------------------------------------------------------------------------
+# Config files outside the repository travel with the job
+
+carried=""  # carry's answer (a global: carry must not run in a subshell, it adds to carry_files)
+carry() {  # PATH: a file in this repository stays as it is; another is copied to the workers
+  local path=$1 base
+  if [[ $path != /* && -f $REPO_ROOT/$path ]]; then
+    carried=$path
+    return
+  fi
+  [[ -f $path ]] || die "$command: no file $path (neither in $REPO_ROOT nor from here)"
+  base=$(basename "$path")
+  local f
+  for f in ${carry_files[@]+"${carry_files[@]}"}; do
+    [[ $f == "$path" ]] && { carried="../$REMOTE_USER_DIR/$base"; return; }
+    [[ $(basename "$f") != "$base" ]] || die "$command: $f and $path would both be ~/$REMOTE_USER_DIR/$base; rename one"
+  done
+  carry_files+=("$path")
+  carried="../$REMOTE_USER_DIR/$base"  # the trainer runs in ~/mgjax
+}
+
+carry_config() {  # FILE[:KEY=VALUE,...] -> carried: the config as the workers name it
+  local spec=$1 file arg="" item key value out="" items
+  file=${spec%%:*}
+  [[ $spec != *:* ]] || arg=${spec#*:}
+  carry "$file"
+  file=$carried
+  if [[ -n $arg ]]; then
+    IFS=, read -r -a items <<<"$arg"
+    for item in "${items[@]}"; do
+      key=${item%%=*}
+      value=${item#*=}
+      if [[ $item == *=* && ${value%%:*} == *.py ]]; then  # data=FILE.py[:ARG]: a config of your own
+        carry "${value%%:*}"
+        [[ $value != *:* ]] || carried+=":${value#*:}"
+        item="$key=$carried"
+      fi
+      out+="${out:+,}$item"
+    done
+    file+=":$out"
+  fi
+  carried=$file
+}
+
+carry_configs() {
+  carry_config "$config"
+  remote_config=$carried
+  if [[ -n $then_config ]]; then
+    carry_config "$then_config"
+    remote_then_config=$carried
   fi
 }
 
@@ -170,8 +253,21 @@ setup() {
   fi
   # One line: it travels as ssh's --command. TPU VM images ship an older python3, so
   # python3.11 comes from apt when missing; everything else lives in ~/mgjax-venv.
+  local mount_line=""
+  if [[ -n $mount ]]; then
+    # Google's gcsfuse install for Debian/Ubuntu, then the bucket at /mnt/BUCKET, owned by the
+    # ssh user; --implicit-dirs shows folders made by other tools (gcloud storage, TFDS).
+    mount_line="if ! command -v gcsfuse >/dev/null; then \
+echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -c -s) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && \
+curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && \
+sudo apt-get -qq -o DPkg::Lock::Timeout=600 update && \
+sudo DEBIAN_FRONTEND=noninteractive apt-get -qq -o DPkg::Lock::Timeout=600 install -y gcsfuse; fi; \
+if ! mountpoint -q /mnt/$mount; then sudo mkdir -p /mnt/$mount && sudo chown \"\$(id -u):\$(id -g)\" /mnt/$mount && \
+gcsfuse --implicit-dirs $mount /mnt/$mount; fi; \
+echo \"\$(hostname): gs://$mount mounted at /mnt/$mount\"; "
+  fi
   ssh_workers all "set -eu; \
-if ! $REMOTE_PYTHON -c \"import ensurepip\" >/dev/null 2>&1; then \
+${mount_line}if ! $REMOTE_PYTHON -c \"import ensurepip\" >/dev/null 2>&1; then \
 sudo apt-get -qq -o DPkg::Lock::Timeout=600 update && \
 sudo DEBIAN_FRONTEND=noninteractive apt-get -qq -o DPkg::Lock::Timeout=600 install -y $REMOTE_PYTHON $REMOTE_PYTHON-venv; fi; \
 $fetch; \
@@ -182,26 +278,49 @@ $REMOTE_PYTHON -m venv ~/mgjax-venv; \
 echo \"\$(hostname): mgjax installed in ~/mgjax, python in ~/mgjax-venv\""
 }
 
-# "running" when the worker's recorded training process is alive, else "stopped".
+# "running" when the worker's recorded training process is alive, else "stopped STATUS"
+# with the run's exit status (0: every stage finished), or "stopped unknown" before it has one.
 # shellcheck disable=SC2016  # expanded by the worker's shell
-readonly STATUS_SCRIPT='if [ -f ~/mgjax-logs/run.pid ] && kill -0 "$(cat ~/mgjax-logs/run.pid)" 2>/dev/null; then echo running; else echo stopped; fi'
+readonly STATUS_SCRIPT='if [ -f ~/mgjax-logs/run.pid ] && kill -0 "$(cat ~/mgjax-logs/run.pid)" 2>/dev/null; then echo running; else echo "stopped $(cat ~/mgjax-logs/run.status 2>/dev/null || echo unknown)"; fi'
+
+stage_line() {  # MAIN_ARGS...: one trainer, in the background under nohup, its pid recorded, waited for
+  printf '%s' "{ PYTHONUNBUFFERED=1 nohup ~/mgjax-venv/bin/python -m mgjax.main $(quote_command "$@") \
+>> ~/mgjax-logs/run.log 2>&1 < /dev/null & echo \$! > ~/mgjax-logs/run.pid; wait \$!; }"
+}
+
+copy_carried() {  # the config files from outside the repository, to ~/mgjax-user/ on every worker
+  ((${#carry_files[@]})) || return 0
+  ssh_workers all "mkdir -p ~/$REMOTE_USER_DIR" || return
+  execute gcloud compute tpus tpu-vm scp "${carry_files[@]}" "$name:$REMOTE_USER_DIR/" --zone="$zone" --worker=all \
+    ${project:+"--project=$project"}
+}
 
 run() {
-  local main=(--config="$config" --workdir="$workdir" --distributed ${main_args[@]+"${main_args[@]}"})
+  local stages
   # --distributed: jax.distributed.initialize() finds the other hosts of a pod slice from
-  # the TPU metadata; on a single host it is a no-op. The pid file keeps a second `run` (or
-  # watch) from starting another trainer on TPUs that one already holds.
+  # the TPU metadata; on a single host it is a no-op.
+  stages=$(stage_line --config="$remote_config" --workdir="$workdir" --distributed ${main_args[@]+"${main_args[@]}"})
+  if [[ -n $then_config ]]; then
+    # Only after the first stage finished (exit status 0), from its result. Run again after a
+    # preemption, a finished first stage returns at once and the second resumes.
+    stages+=" && $(stage_line --config="$remote_then_config" --workdir="$then_workdir" --distributed \
+      ${main_args[@]+"${main_args[@]}"} --config.init_from="$workdir")"
+  fi
+  copy_carried || return
+  # The pid file (the running stage's trainer) keeps a second `run` (or watch) from starting
+  # another trainer on TPUs that one already holds; run.status gets the exit status of the
+  # whole run when it ends, for watch. The subshell ignores SIGHUP, as nohup does, so that
+  # it outlives the ssh session to write it.
   ssh_workers all "set -eu; \
 [ -d ~/mgjax ] || { echo \"\$(hostname): ~/mgjax is missing: run launch/tpu_vm.sh setup first\" >&2; exit 1; }; \
 mkdir -p ~/mgjax-logs; \
 if [ -f ~/mgjax-logs/run.pid ] && kill -0 \"\$(cat ~/mgjax-logs/run.pid)\" 2>/dev/null; then \
 echo \"\$(hostname): mgjax is already running (pid \$(cat ~/mgjax-logs/run.pid)); stop it first: launch/tpu_vm.sh stop\" >&2; exit 1; fi; \
 cd ~/mgjax; \
+rm -f ~/mgjax-logs/run.status; \
 echo \"=== \$(date -u +%Y-%m-%dT%H:%M:%SZ) start\" >> ~/mgjax-logs/run.log; \
-PYTHONUNBUFFERED=1 nohup ~/mgjax-venv/bin/python -m mgjax.main $(quote_command "${main[@]}") \
->> ~/mgjax-logs/run.log 2>&1 < /dev/null & \
-echo \$! > ~/mgjax-logs/run.pid; \
-echo \"\$(hostname): started mgjax (pid \$!), log: ~/mgjax-logs/run.log\""
+( set +e; trap \"\" HUP; $stages; echo \$? > ~/mgjax-logs/run.status ) > /dev/null 2>&1 < /dev/null & \
+echo \"\$(hostname): started mgjax, log: ~/mgjax-logs/run.log\""
 }
 
 logs() {
@@ -234,12 +353,12 @@ tpu_state() {  # prints READY, PREEMPTED, ... or NOT_FOUND; fails on any other e
   printf '%s\n' "${state:-NOT_FOUND}"
 }
 
-training_state() {  # running | stopped | unknown (worker 0 did not answer)
+training_state() {  # running | stopped STATUS | unknown (worker 0 did not answer)
   local out
   out=$(ssh_workers 0 "$STATUS_SCRIPT" 2>/dev/null) || { echo unknown; return; }
   case $out in
     *running*) echo running ;;
-    *stopped*) echo stopped ;;
+    *stopped*) echo "stopped ${out##*stopped }" ;;
     *) echo unknown ;;
   esac
 }
@@ -256,7 +375,7 @@ watch() {
   # fresh: the TPU was just created and needs setup. started: the run was seen running
   # on this TPU, so seeing it stopped (twice, an interval apart, with the TPU still READY:
   # not a preemption in progress) means it ended.
-  local state fresh=0 started=0 stopped_seen=0
+  local state fresh=0 started=0 stopped_seen=0 training
   while true; do
     if ! state=$(tpu_state); then
       note "could not read the TPU's state; trying again in ${interval}s"
@@ -280,16 +399,22 @@ watch() {
           setup || { watch_failed "setup"; continue; }
           fresh=0
         fi
-        case $(training_state) in
+        training=$(training_state)
+        case $training in
           running) started=1 stopped_seen=0 ;;
-          stopped)
+          stopped*)
             if ((!started)); then
               run || { watch_failed "run"; continue; }
               started=1
             elif ((stopped_seen)); then
-              note "the run on $name has ended (finished, stopped or failed); read the log with:" \
-                "launch/tpu_vm.sh logs --name=$name --zone=$zone${project:+ --project=$project}"
-              return 0
+              local log_command="launch/tpu_vm.sh logs --name=$name --zone=$zone${project:+ --project=$project}"
+              if [[ $training == "stopped 0" ]]; then
+                note "the run on $name has finished; read the log with: $log_command"
+                return 0
+              fi
+              note "the run on $name has failed or was stopped (exit status ${training#stopped }); read the log" \
+                "with: $log_command"
+              return 1
             else
               stopped_seen=1
             fi

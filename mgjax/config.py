@@ -146,6 +146,13 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   c.data.train_split = "train"
   c.data.val_splits = ("val_understanding", "val_generation", "val_text")
   c.data.seq_len = 128  # the sample's longest conversation is ~75 tokens
+  # A conversation longer than seq_len: "truncate" (cut after its last whole answer that
+  # fits), "drop" (left out) or "error" (the run stops at start-up, naming the splits).
+  c.data.truncation = "truncate"
+  # At start-up the trainer counts, per split, the conversations longer than seq_len (in
+  # up to this many evenly spaced examples) and warns above this share of them.
+  c.data.length_check_examples = 1000
+  c.data.truncation_warn = 0.01
   c.data.batch_size = 16  # global, across all processes
   # Several conversations per row (first-fit packing, attention masked per conversation):
   # short conversations stop wasting most of seq_len on padding.

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 from etils import epath
@@ -105,6 +106,18 @@ def sample_tokens(logits: jax.Array, rng: jax.Array | None, *, temperature: floa
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole value of `x` as numpy, on every process.
+
+  On several hosts the decoding batch is split over every host's devices, so no process
+  can read a step's tokens alone: they are gathered from all processes (every process
+  then holds the same tokens and takes the same decisions, e.g. when to stop).
+  """
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def generate(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, Any], *, max_new_tokens: int, eos_id: int,
              pad_id: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              rng: jax.Array | None = None, num_tokens: int | None = None, use_cache: bool = True) -> np.ndarray:
@@ -112,6 +125,8 @@ def generate(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, Any], *, m
 
   Runs on whatever devices params live on; under `jax.set_mesh(mesh)` and
   `nnx.logical_axis_rules(...)` the activations and the cache are split over the batch.
+  On several hosts (params spanning every process's devices) every process passes the
+  same whole batch, as one SPMD program; each gets all rows' tokens back.
 
   Args:
     graphdef: the MiniGemini's graph (nnx.split).
@@ -153,7 +168,7 @@ def generate(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, Any], *, m
   tokens = np.full((batch_size, max_new_tokens), pad_id, np.int32)
   finished = np.zeros(batch_size, bool)
   for i in range(max_new_tokens):
-    new = np.asarray(
+    new = to_host(
         sample_tokens(logits, jax.random.fold_in(rng, i), temperature=float(temperature), top_k=int(top_k),
                       top_p=float(top_p)))
     tokens[:, i] = np.where(finished, pad_id, new)

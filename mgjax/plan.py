@@ -36,10 +36,13 @@ import json
 import math
 import os
 import re
+import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from mgjax import fit
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config, e.g. configs/stage2.py:model=mgm_8b.")
 _DEVICES = flags.DEFINE_integer(
@@ -181,9 +184,13 @@ def compile_train_step(config, devices: list, *, unroll_loss: bool = False,
   frozen = setup.abstract_params if setup.trainable.lora else None
   batch = pipeline.batch_spec(config.data, model_cfg, sharding.batch_sharding(mesh))
   started = time.perf_counter()
+  # Progress on stderr: a big model's compile takes minutes (a plan compiles up to four).
+  what = f"{int(model_cfg.llm.layers)}-layer cost twin" if unroll_loss else "train step"
+  print(f"plan: compiling the {what} for {len(devices)} x {devices[0].device_kind} ...", file=sys.stderr, flush=True)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(setup.rules):
     compiled = setup.train_step.lower(trainable, setup.abstract_opt_state, frozen,
                                       batch).compile(compiler_options=compiler_options)
+  print(f"plan: compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
   return CompiledStep(compiled, setup, trainable, frozen, batch, time.perf_counter() - started)
 
 
@@ -234,7 +241,13 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None) -
   except Exception as e:  # any error: a refusal is reported, the rest re-raised
     # The TPU compiler refuses a program that does not fit the chip's memory.
     if target and "hbm" in str(e).lower() and ("RESOURCE_EXHAUSTED" in str(e) or "exceed" in str(e).lower()):
-      return {"target": target, "topology": topology, "fits": False, "refused": _first_line_with(str(e), "hbm")}
+      return {
+          "target": target,
+          "topology": topology,
+          "fits": False,
+          "refused": _first_line_with(str(e), "hbm"),
+          "devices": len(devices)
+      }
     raise
   costs = step_costs(step, config, len(devices))
   # On v5e/v6e the compiler splits FSDP's all-gather/reduce-scatter matmuls into windowed-einsum
@@ -332,7 +345,7 @@ def format_plan(p: dict, config) -> str:
 
   if p.get("fits") is False:
     return (f"{p['target']} ({p['topology']}): does NOT fit; the TPU compiler refused the program:\n"
-            f"  {p['refused']}")
+            f"  {p['refused']}\n" + fit.format_advice(config, p["devices"]))
   batch = p["batch"]
   lines = [
       f"parameters {_count(p['num_params'])} (weights float32, compute {config.model.dtype})",
@@ -370,6 +383,9 @@ def format_plan(p: dict, config) -> str:
     fits = "fits" if p["peak_bytes"] <= 0.9 * hbm * GiB else "does NOT fit"
     timing = f"  {flops / (peak * 1e12):.3g} s, {flops / (0.4 * peak * 1e12):.3g} s" if flops else ""
     lines.append(f"  {name:<10} {hbm:>4.0f} GiB  {fits:<13}{timing}")
+  smallest = min((a for a in ACCELERATORS if p["peak_bytes"] > 0.9 * a[2] * GiB), key=lambda a: a[2], default=None)
+  if smallest:  # what would make it fit the smallest device it does not fit
+    lines.append(fit.format_advice(config, _num_devices(p), p, device=f"{smallest[0]} ({smallest[2]:.0f} GiB)"))
   return "\n".join(lines)
 
 

@@ -22,14 +22,13 @@ import time
 from typing import Any
 
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import tqdm
 from flax import nnx
 
 from mgjax import checkpoint, decode, evaluate as evaluation, metrics, report as reports
 from mgjax import locks, preemption, sharding, stages, step as steps_lib, throughput, workdir as workdirs
-from mgjax.data import build, pipeline
+from mgjax.data import build, pipeline, shared
 from mgjax.data import tokenizer as tokenizers
 from mgjax.models import attention, vlm
 
@@ -119,14 +118,8 @@ class StageData:
 def open_data(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> StageData:
   """Builds the dataset if needed (process 0; the others wait, then open it), saves the
   tokenizer into the workdir, and opens the train iterator and the validation splits."""
-  if jax.process_count() == 1:
-    dataset = build.ensure_built(config.data.recipe, config.data.data_dir)
-  else:
-    # One process builds (data_dir is shared storage on a pod); the others wait, then open it.
-    if jax.process_index() == 0:
-      build.ensure_built(config.data.recipe, config.data.data_dir)
-    multihost_utils.sync_global_devices("mgjax: dataset built")
-    dataset = build.load_built(config.data.recipe, config.data.data_dir)
+  # Process 0 builds it if missing; every process checks it sees that same build.
+  dataset = shared.open_dataset(config.data.recipe, config.data.data_dir)
   # The LLM's conversation format (model.template; '' keeps the tokenizer's own) and the
   # special tokens the pipeline needs; saved, so predict uses the same.
   tokenizer = tokenizers.apply_template(tokenizers.load(dataset.tokenizer_dir), config.model.get("template", ""))
@@ -149,6 +142,8 @@ def open_data(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
                                        replay_source=replay_source, replay_fraction=config.data.replay_fraction,
                                        packing=config.data.packing)
   val_sources = {split: build.open_split(dataset, split) for split in config.data.val_splits}
+  splits = {config.data.train_split: train_source, **val_sources}
+  pipeline.check_lengths(config.data, encoder, splits, log=jax.process_index() == 0)  # over data.seq_len
   return StageData(dataset, tokenizer, model_cfg, encoder, train_iter, len(train_source), val_sources)
 
 

@@ -223,7 +223,8 @@ def test_cli_import_init_from_export(tmp_path, llama, capsys):
   out = str(tmp_path / "imported")
   # The sample preset's LLM is not this one: without the flag the mismatch stops the import.
   assert cli(["import-llm", f"--hf_dir={folder}", f"--out={out}"]) == 1
-  assert "model.llm does not match" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "model.llm does not match" in err and "add --llm_from_checkpoint" in err
   assert cli(["import-llm", f"--hf_dir={folder}", f"--out={out}", "--llm_from_checkpoint"]) == 0
   printed = capsys.readouterr().out
   assert f"--config.init_from={out}" in printed and "--config.model.llm.hidden=32" in printed
@@ -249,3 +250,5 @@ def test_cli_import_init_from_export(tmp_path, llama, capsys):
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
   ids = random_ids()
   np.testing.assert_allclose(hf_logits(reloaded, ids)[..., :VOCAB], hf_logits(hf, ids), atol=TOLERANCE)
+  # The context length the source claims, not a made-up one.
+  assert reloaded.config.max_position_embeddings == hf.config.max_position_embeddings != 4096

@@ -164,8 +164,13 @@ def test_ensure_built_reuses_and_refuses_a_different_config(built):
   changed = _tiny_config()
   changed.sources = list(cfg.sources)
   changed.seed = 1
-  with pytest.raises(ValueError, match="different data config.*seed"):
+  with pytest.raises(build.ConfigChanged, match="different data config.*seed"):
     build.ensure_built(changed, dataset.data_dir)
+  # Building it anyway is refused too: the build already there stays as it was.
+  with pytest.raises(build.ConfigChanged, match=r"differs in \['seed'\]\); refusing to overwrite it. Bump the data "):
+    build.build(changed, dataset.data_dir)
+  assert info.stat().st_mtime_ns == before
+  assert build.load_built(cfg, dataset.data_dir) == dataset
 
 
 def test_tokenizer_is_trained_on_train_text_and_loads(built):
@@ -174,6 +179,21 @@ def test_tokenizer_is_trained_on_train_text_and_loads(built):
   tok = tokenizer.load(dataset.tokenizer_dir)
   assert tok.convert_tokens_to_ids("<image>") == 3
   assert pathlib.Path(dataset.tokenizer_dir, "tokenizer.json").exists()
+
+
+def test_a_data_dir_copied_elsewhere_opens_with_its_own_tokenizer(built, tmp_path):
+  """A build copied to a bucket and mounted elsewhere reads the tokenizer beside it, not the
+  one where it was built."""
+  import shutil
+
+  from mgjax.data import tokenizer
+  cfg, dataset = built
+  moved = tmp_path / "mounted" / "data"
+  shutil.copytree(dataset.data_dir, moved)
+  there = build.load_built(cfg, str(moved))
+  assert there.tokenizer_dir == str(moved / "tokenizers" / cfg.name)
+  assert there.splits == dataset.splits and there.dataset_dir.startswith(str(moved))
+  assert len(tokenizer.load(there.tokenizer_dir)) == len(tokenizer.load(dataset.tokenizer_dir))
 
 
 def test_build_is_deterministic(built, tmp_path):
@@ -237,3 +257,46 @@ def test_big_splits_are_written_in_several_shards(built, tmp_path, monkeypatch):
   train = next(s for s in info["splits"] if s["name"] == "train")
   assert len(train["shardLengths"]) > 1 and sum(map(int, train["shardLengths"])) == sharded.splits["train"]
   assert [e["id"] for e in _read_split(sharded, "train")] == [e["id"] for e in _read_split(one_shard, "train")]
+
+
+def test_data_card_counts_conversations_longer_than_a_training_length():
+  from types import SimpleNamespace
+
+  from mgjax.data import card
+
+  words = {"a": "one two three", "b": "one two three four five six", "c": "one"}
+  items = [SimpleNamespace(id=k, category="text", source="lima") for k in words]
+  summary = card.summarize({
+      "train": items[:2],
+      "val_text": items[2:]
+  }, None, lambda r: [{
+      "role": "user",
+      "content": words[r.id]
+  }], seq_len=4)
+  # Byte-level pre-tokens of the text: 3, 6 and 1.
+  assert summary["tokens"]["train"]["text"]["max"] == 6
+  assert summary["over_seq_len"] == {
+      "train": {
+          "4": 1,
+          "512": 0,
+          "1024": 0,
+          "2048": 0,
+          "4096": 0
+      },
+      "val_text": {
+          "4": 0,
+          "512": 0,
+          "1024": 0,
+          "2048": 0,
+          "4096": 0
+      }
+  }
+
+
+def test_training_refuses_a_gs_data_dir_naming_the_mount_to_use():
+  from mgjax.data import shared
+  with pytest.raises(
+      shared.DatasetNotShared, match=r"array_record files, which open local paths only.*"
+      r"`gcsfuse --implicit-dirs my-bucket /mnt/my-bucket`.*"
+      r"--config.data.data_dir=/mnt/my-bucket/mixes/data$"):
+    shared.open_dataset(_tiny_config(), "gs://my-bucket/mixes/data")

@@ -351,7 +351,7 @@ FAKE_GCLOUD = textwrap.dedent('''\
       state["tpu"] = "READY"
     elif verb == "delete":
       state["tpu"] = "NOT_FOUND"
-    elif verb == "ssh" and any(a.endswith("else echo stopped; fi") for a in args):
+    elif verb == "ssh" and any("run.status 2>/dev/null" in a for a in args):
       out = state["training"].pop(0) + "\\n"
     elif verb == "ssh" and state["fail_setup"] and any("pip install" in a for a in args):
       err, rc = "ERROR: pip failed on worker 0", 1
@@ -406,7 +406,7 @@ def test_watch_recreates_a_preempted_tpu_and_reruns_the_same_command(fake_gcloud
   # The run is going on a READY TPU; then the TPU is preempted; after recreation the run
   # starts again and, later, ends on a live TPU (seen stopped twice): watch returns.
   calls, result = fake_gcloud(TPU, *args, tpu="READY", describe=["READY", "PREEMPTED"],
-                              training=["running", "stopped", "stopped", "stopped"])
+                              training=["running", "stopped unknown", "stopped 0", "stopped 0"])
   verbs = [c[4] if c[1] == "compute" else c[1] for c in calls]
   assert verbs == [
       "describe",
@@ -429,7 +429,18 @@ def test_watch_recreates_a_preempted_tpu_and_reruns_the_same_command(fake_gcloud
   [run_alone] = dry_run(TPU, "run", *TPU_ARGS, *RUN_ARGS, "--", "--config.init_from=gs://my-bucket/stage1",
                         path=bare_path, tmp_path=tmp_path)
   assert run == run_alone
-  assert "the run on mgjax-test has ended" in result.stderr
+  assert "the run on mgjax-test has finished" in result.stderr
+
+
+def test_watch_exits_non_zero_when_the_run_failed(fake_gcloud):
+  args = [
+      "watch", *TPU_ARGS, "--accelerator-type=v4-8", "--git-url=https://example.com/me/mgjax.git", *RUN_ARGS,
+      "--interval=0"
+  ]
+  calls, result = fake_gcloud(TPU, *args, tpu="READY", training=["running", "stopped 1", "stopped 1"], check=False)
+  assert [c[4] for c in calls] == ["describe", "ssh", "describe", "ssh", "describe", "ssh"]
+  assert result.returncode == 1
+  assert "the run on mgjax-test has failed or was stopped (exit status 1)" in result.stderr
 
 
 def test_watch_stops_when_setup_fails_on_a_ready_tpu(fake_gcloud):
@@ -488,6 +499,12 @@ def test_worker_run_stop_lines(bare_path, tmp_path):
     assert again.returncode == 1 and "already running" in again.stderr
     on_worker(stop)
     wait_for("SIGTERM: checkpoint and exit")
+    status = home / "mgjax-logs" / "run.status"
+    for _ in range(100):  # the exit status, for watch, once the trainer has exited
+      if status.exists() and status.read_text():
+        break
+      time.sleep(0.05)
+    assert status.read_text() == "0\n"
   finally:
     pid_file = home / "mgjax-logs" / "run.pid"
     if pid_file.exists():
@@ -517,3 +534,96 @@ def test_shellcheck():
   result = subprocess.run([shellcheck, "--external-sources", *map(str, SCRIPTS)], capture_output=True, text=True,
                           cwd=REPO)
   assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _fake_trainer_home(tmp_path: Path, status: int) -> Path:
+  """A worker's HOME after setup, whose "trainer" logs its arguments and exits with `status`."""
+  home = tmp_path / "home"
+  (home / "mgjax").mkdir(parents=True)
+  venv_bin = home / "mgjax-venv" / "bin"
+  venv_bin.mkdir(parents=True)
+  (venv_bin / "python").write_text(f'#!/bin/bash\necho "argv: $*"\nexit {status}\n')
+  (venv_bin / "python").chmod(0o755)
+  return home
+
+
+def _run_on_worker(command: list[str], home: Path) -> tuple[str, str]:
+  """Runs a run line in `home` and waits for the run to end: (its log, its run.status)."""
+  subprocess.run(["bash", "-c", remote_script(command)], env={
+      **os.environ, "HOME": str(home)
+  }, check=True, capture_output=True, timeout=30)
+  status = home / "mgjax-logs" / "run.status"
+  for _ in range(200):
+    if status.exists() and status.read_text():
+      break
+    time.sleep(0.05)
+  return (home / "mgjax-logs" / "run.log").read_text(), status.read_text()
+
+
+STAGES = [
+    "--config=configs/stage1.py", "--workdir=gs://my-bucket/stage1", "--then-config=configs/stage2.py",
+    "--then-workdir=gs://my-bucket/stage2"
+]
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_run_chains_stage2_after_a_finished_stage1(bare_path, tmp_path, status):
+  [run] = dry_run(TPU, "run", *TPU_ARGS, *STAGES, "--", "--config.data.data_dir=/mnt/b/data", path=bare_path,
+                  tmp_path=tmp_path)
+  log, exit_status = _run_on_worker(run, _fake_trainer_home(tmp_path, status))
+  stage1 = ("argv: -m mgjax.main --config=configs/stage1.py --workdir=gs://my-bucket/stage1 --distributed "
+            "--config.data.data_dir=/mnt/b/data")
+  stage2 = ("argv: -m mgjax.main --config=configs/stage2.py --workdir=gs://my-bucket/stage2 --distributed "
+            "--config.data.data_dir=/mnt/b/data --config.init_from=gs://my-bucket/stage1")
+  assert stage1 in log
+  # Stage 2 only after stage 1 finished; the run's exit status is the failed stage's.
+  assert (stage2 in log) == (status == 0) and exit_status == f"{status}\n"
+
+
+def test_run_carries_a_data_recipe_from_outside_the_repository(bare_path, tmp_path):
+  recipe = tmp_path / "my_mix.py"
+  recipe.write_text("def get_config(arg=None): ...\n")
+  mkdir, scp, run = dry_run(TPU, "run", *TPU_ARGS, f"--config=configs/stage1.py:data={recipe}:small",
+                            "--workdir=gs://my-bucket/stage1", path=bare_path, tmp_path=tmp_path)
+  assert remote_script(mkdir) == "mkdir -p ~/mgjax-user" and "--worker=all" in mkdir
+  assert scp[4:7] == ["scp", str(recipe), "mgjax-test:mgjax-user/"] and "--worker=all" in scp
+  # The trainer runs in ~/mgjax: the copy is ../mgjax-user/my_mix.py there; its :ARG stays.
+  assert "--config=configs/stage1.py:data=../mgjax-user/my_mix.py:small " in remote_script(run)
+  # In the repository: nothing to carry.
+  [alone] = dry_run(TPU, "run", *TPU_ARGS, "--config=configs/stage1.py:data=configs/data/sample.py",
+                    "--workdir=gs://my-bucket/stage1", path=bare_path, tmp_path=tmp_path)
+  assert "--config=configs/stage1.py:data=configs/data/sample.py " in remote_script(alone)
+  missing = launch(TPU, "--dry-run", "run", *TPU_ARGS, f"--config=configs/stage1.py:data={tmp_path}/nope.py",
+                   "--workdir=gs://b/w", path=bare_path, check=False)
+  assert missing.returncode == 2 and f"no file {tmp_path}/nope.py" in missing.stderr
+
+
+def test_setup_mounts_the_bucket_on_every_worker(bare_path, tmp_path):
+  *_, ssh = dry_run(TPU, "setup", *TPU_ARGS, "--mount=my-bucket", path=bare_path, tmp_path=tmp_path)
+  script = remote_script(ssh)
+  assert "--worker=all" in ssh
+  assert "apt-get -qq -o DPkg::Lock::Timeout=600 install -y gcsfuse" in script
+  assert "gcsfuse --implicit-dirs my-bucket /mnt/my-bucket" in script
+  assert "if ! mountpoint -q /mnt/my-bucket" in script  # a second setup leaves the mount as it is
+  subprocess.run(["bash", "-n", "-c", script], check=True)
+  bad = launch(TPU, "--dry-run", "setup", *TPU_ARGS, "--mount=gs://my-bucket", path=bare_path, check=False)
+  assert bad.returncode == 2 and "the bucket's name alone" in bad.stderr
+
+
+def test_readme_walkthrough_prints_what_the_script_prints(bare_path, tmp_path):
+  """launch/README.md's walkthrough shows `watch --dry-run` and its output: they agree.
+  /home/me stands for the reader's home (where my_mix.py is), /home/me/mgjax for the checkout."""
+  text = (LAUNCH / "README.md").read_text()
+  start = text.index("   $ launch/tpu_vm.sh watch --dry-run")
+  block = [l[3:] for l in text[start:text.index("```", start)].splitlines()]
+  command_lines = [block.pop(0)]
+  while command_lines[-1].endswith("\\"):
+    command_lines.append(block.pop(0))
+  command_lines = [l.rstrip("\\").strip() for l in command_lines]
+  words = shlex.split(" ".join(command_lines).replace("/home/me/", f"{tmp_path}/"))
+  assert words[:2] == ["$", "launch/tpu_vm.sh"]
+  (tmp_path / "my_mix.py").write_text("def get_config(arg=None): ...\n")
+  # TMPDIR: where the archive would go; a dry run writes nothing there.
+  out = launch(TPU, *words[2:], path=bare_path, env={"TMPDIR": "/tmp"}).stdout
+  out = out.replace(str(REPO), "/home/me/mgjax").replace(str(tmp_path), "/home/me")
+  assert out.splitlines() == [l for l in block if l.strip()]

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO, cli_args, load_params
-from mgjax import metrics
+from mgjax import metrics, report as reports
 
 STEPS, CHECKPOINT_EVERY = 6, 3
+NEW_TOKENS = 8  # decoded per answer: enough to score, few steps to run
 
 
 def free_port() -> int:
@@ -29,31 +30,46 @@ def free_port() -> int:
 def command(workdir: str, data_dir: str, cache: str) -> list[str]:
   # Packed rows are filled from each process's own share of the examples, so packed
   # global batches depend on the process count (see pipeline.train_iterator).
-  return cli_args(workdir, data_dir, cache, STEPS, CHECKPOINT_EVERY) + ["--config.data.packing=False"]
+  # Decoding (the report's scores) runs too: on two hosts it is one program over both.
+  return cli_args(workdir, data_dir, cache, STEPS, CHECKPOINT_EVERY) + [
+      "--config.data.packing=False", "--config.eval.decode=True", f"--config.eval.max_new_tokens={NEW_TOKENS}",
+      "--config.eval.batch_size=8"
+  ]
 
 
-def run_processes(workdir: str, data_dir: str, cache: str, num_processes: int, devices_each: int) -> None:
+def start_processes(workdir: str, data_dirs: list[str], cache: str, devices_each: int) -> list[tuple[int, str]]:
+  """(exit status, output) of each process; process i reads data_dirs[i]."""
+  num_processes = len(data_dirs)
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}", "PYTHONUNBUFFERED": "1"}
-  args = command(workdir, data_dir, cache)
   if num_processes > 1:
     address = f"localhost:{free_port()}"
     procs = [
         subprocess.Popen(
-            args + [
+            command(workdir, data_dir, cache) + [
                 "--distributed", f"--coordinator_address={address}", f"--num_processes={num_processes}",
                 f"--process_id={i}"
             ], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(num_processes)
+        for i, data_dir in enumerate(data_dirs)
     ]
   else:
-    procs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    procs = [
+        subprocess.Popen(command(workdir, data_dirs[0], cache), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    ]
   try:
     outputs = [p.communicate(timeout=600)[0] for p in procs]
   finally:
     for p in procs:
       p.kill()
-  for i, (p, out) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f"process {i} of {num_processes} failed:\n{out[-3000:]}"
+  return [(p.returncode, out) for p, out in zip(procs, outputs)]
+
+
+def run_processes(workdir: str, data_dir: str, cache: str, num_processes: int, devices_each: int) -> None:
+  results = start_processes(workdir, [data_dir] * num_processes, cache, devices_each)
+  # Every process's output: the first to fail may be another than the first listed (one
+  # process's error ends the others at their next collective or at shutdown).
+  assert all(status == 0 for status, _ in results), "\n".join(
+      f"process {i} of {num_processes}: exit status {status}\n{out[-3000:]}" for i, (status, out) in enumerate(results))
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +99,19 @@ def test_two_processes_equal_one_process_with_the_same_devices(one_host_run, dat
   train_two = [r["loss"] for r in two if r["split"] == "train"]
   assert len(train_one) == STEPS
   np.testing.assert_allclose(train_two, train_one, rtol=2e-5)
-  val_one = {r["split"]: r["loss"] for r in one if r["split"].startswith("val_")}
-  val_two = {r["split"]: r["loss"] for r in two if r["split"].startswith("val_")}
+  val_one = {r["split"]: r["loss"] for r in one if r["split"].startswith("val_") and "loss" in r}
+  val_two = {r["split"]: r["loss"] for r in two if r["split"].startswith("val_") and "loss" in r}
   assert val_one.keys() == val_two.keys() and val_one
   for split in val_one:
     np.testing.assert_allclose(val_two[split], val_one[split], rtol=2e-5)
+
+  # Both hosts decoded the validation sets as one program: the report holds every
+  # answer's score, as the one-host run's does.
+  scores_one, scores_two = reports.read(one_host_run)["stage1"], reports.read(workdir)["stage1"]
+  for split in ("val_understanding", "val_generation"):
+    assert scores_two[split]["num_answers"] == scores_one[split]["num_answers"] > 0
+  assert 0 <= scores_two["val_understanding"]["accuracy"] <= 1
+  assert 0 <= scores_two["val_generation"]["format_rate"] <= 1
 
   params_one, _ = load_params(one_host_run, STEPS)
   params_two, _ = load_params(workdir, STEPS)
@@ -95,3 +119,16 @@ def test_two_processes_equal_one_process_with_the_same_devices(one_host_run, dat
   # (m / sqrt(v) normalises noise up to lr-sized steps), so they agree only to ~1e-6.
   for a, b in zip(jax.tree.leaves(params_one), jax.tree.leaves(params_two)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_processes_that_do_not_share_the_data_dir_are_refused(data_dir, tmp_path):
+  """Each host's own local disk as data.data_dir: process 0 finds (or builds) the dataset,
+  process 1 finds nothing there; both stop with what to mount where, not a traceback."""
+  own = [str(tmp_path / f"host{i}" / "data") for i in range(2)]
+  shutil.copytree(data_dir, own[0])  # process 0's disk holds the build; process 1's is empty
+  results = start_processes(str(tmp_path / "run"), own, str(tmp_path / "xla"), devices_each=1)
+  for i, (status, out) in enumerate(results):
+    assert status == 1, f"process {i}: exit status {status}\n{out[-3000:]}"
+    assert "Traceback" not in out, out[-3000:]
+    assert "is not one folder shared by the 2 processes" in out and "process(es) [1] find no finished build" in out
+    assert "gcsfuse" in out and "--config.data.data_dir=/mnt/BUCKET/data" in out

@@ -189,3 +189,89 @@ def test_pad_to_square_keeps_what_the_centre_crop_would_cut(setup):
   np.testing.assert_array_equal(padded["images_lowres"][0], expected_low)
   red = lambda x: (x[..., 0] > 1.0) & (x[..., 1] < 0)  # normalised: red high, green low
   assert red(padded["images_highres"][0]).any() and not red(cropped["images_highres"][0]).any()
+
+
+def _conversation(turns: list[tuple[str, str]], id_: str = "long") -> dict:
+  """A text example as a built split holds it."""
+  roles = [r for _ in turns for r in (b"user", b"assistant")]
+  contents = [t.encode() for turn in turns for t in turn]
+  return {"id": id_.encode(), "category": b"text", "messages": {"role": roles, "content": contents}, "images": []}
+
+
+def _with(setup, **data_overrides) -> pipeline.ConversationEncoder:
+  config, _, tokenizer, _, n = setup
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  data.update(data_overrides)
+  return pipeline.make_encoder(tokenizer, data, resolve_model_config(config.model, tokenizer), n)
+
+
+TURNS = [("what is one plus one", "two"), ("and two plus two", "four, of course"),
+         ("and three plus three", "six, which is three times two")]
+
+
+def test_a_conversation_longer_than_seq_len_per_truncation(setup):
+  _, _, tokenizer, encoder, _ = setup
+  example = _conversation(TURNS)
+  length = encoder.length(example)
+  assert length > 30  # three turns of the sample tokenizer's tokens, template included
+  # Two tokens short: the last answer does not fit whole, so it is not trained on at all;
+  # the first two answers are, whole (a plain cut would train on half of the third).
+  cut = _with(setup, seq_len=length - 2).unpadded(example)
+  trained = tokenizer.decode(cut["targets"][cut["loss_mask"] > 0]).replace(" ", "")
+  assert trained == f"two{tokenizer.eos_token}four,ofcourse{tokenizer.eos_token}"
+  assert len(cut["input_ids"]) < length - 2
+  # Not even the first answer fits: cut at seq_len, as before.
+  assert len(_with(setup, seq_len=8).unpadded(example)["input_ids"]) == 8
+  # drop: left out (None), and what fits is kept as it is.
+  dropping = _with(setup, seq_len=length - 2, truncation="drop")
+  assert dropping(example) is None and dropping.unpadded(example) is None
+  assert dropping(_conversation(TURNS[:1]))["segment_ids"].sum() == encoder.length(_conversation(TURNS[:1]))
+  with pytest.raises(ValueError, match=f"example 'long' is {length} tokens long, more than data.seq_len={length - 2}"):
+    _with(setup, seq_len=length - 2, truncation="error").unpadded(example)
+  with pytest.raises(ValueError, match="data.truncation='cut': one of"):
+    _with(setup, truncation="cut")
+
+
+def test_startup_length_check_counts_warns_and_refuses(setup, capsys):
+  _, _, _, encoder, _ = setup
+  long, short = _conversation(TURNS), _conversation(TURNS[:1], "short")
+  length = encoder.length(long)
+  sources = {"train": [long, short, short, short], "val_text": [short]}
+  config = _with(setup, seq_len=length - 2)
+  data = ml_collections.ConfigDict({"truncation_warn": 0.2})
+  report = pipeline.check_lengths(data, config, sources)
+  assert report["train"] == {
+      "examples": 4,
+      "checked": 4,
+      "over": 1,
+      "fraction": 0.25,
+      "p95_length": int(np.percentile([length] + [encoder.length(short)] * 3, 95)),
+      "max_length": length,
+      "median_excess": 2,
+      "max_excess": 2
+  }
+  assert report["val_text"]["over"] == 0
+  err = capsys.readouterr().err
+  assert "more than data.truncation_warn=20% of the conversations of ['train'] are longer" in err
+  assert f"train: 1 of 4 conversations (25.0%) are longer than data.seq_len={length - 2}" in err
+  # Below the threshold: counted, no warning.
+  pipeline.check_lengths(ml_collections.ConfigDict({"truncation_warn": 0.5}), config, sources)
+  assert "warning" not in capsys.readouterr().err
+  # A big split is estimated from evenly spaced examples (here the first and the last).
+  sampled = pipeline.length_report({"train": [long, short, short, short, long]}, config, max_examples=2)
+  assert sampled["train"]["checked"] == 2 and sampled["train"]["over"] == 2
+  with pytest.raises(ValueError, match=r"data.truncation='error'.*\n  train: 1 of 4 conversations"):
+    pipeline.check_lengths(data, _with(setup, seq_len=length - 2, truncation="error"), sources)
+
+
+def test_drop_trains_on_exactly_the_conversations_that_fit(setup):
+  _, dataset, _, encoder, _ = setup
+  source = build.open_split(dataset, "train")
+  lengths = [encoder.length(source[i]) for i in range(len(source))]
+  seq_len = int(np.median(lengths))
+  fitting = sorted(n for n in lengths if n <= seq_len)
+  assert 0 < len(fitting) < len(lengths)
+  dropping = _with(setup, seq_len=seq_len, truncation="drop")
+  rows = pipeline.train_iterator(source, dropping, batch_size=1, seed=0)
+  # The first epoch: every conversation that fits, whole, and none of the others.
+  assert sorted(int(next(rows)["segment_ids"].sum()) for _ in fitting) == fitting

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 from flax import nnx
 
-from mgjax import config as mgjax_config, optim, plan, sharding
+from mgjax import config as mgjax_config, fit, optim, plan, sharding
 from mgjax.models import abstract_model
 
 
@@ -40,6 +40,21 @@ def test_fsdp_splits_weights_and_optimizer_state_over_the_devices():
   # A train step's FLOPs are at least 6 per parameter per token slot of the LLM part.
   tokens = split["batch"]["tokens"]
   assert split["flops_per_device"] * 8 > 2 * tokens * split["num_params"]
+
+  # The default mesh keeps a whole copy per device: plan's advice names FSDP first, and
+  # its estimate of the state per device is what the FSDP plan above measured.
+  whole = plan.plan(sample_config(data=-1, fsdp=1), 8)
+  advice = fit.advice(sample_config(data=-1, fsdp=1), 8, whole)
+  estimate = (whole["params_bytes"] + whole["opt_state_bytes"]) / 8
+  assert advice[0] == ("shard weights and optimizer state over all 8 devices (FSDP): --config.mesh.fsdp=-1 "
+                       f"--config.mesh.data=1: weights and optimizer state "
+                       f"{fit.size(8 * estimate)} -> about {fit.size(estimate)}")
+  np.testing.assert_allclose(split["params_bytes"] + split["opt_state_bytes"], estimate, rtol=0.05)
+  rows = whole["batch"]["global"] // 8
+  assert any(f"--config.train.grad_accum_steps=2 keeps the global batch of {whole['batch']['global']} but puts "
+             f"{math.ceil(rows / 2)} row(s) per device at a time instead of {rows}" in line for line in advice)
+  # Already sharded over everything: FSDP is not advised again.
+  assert not any("FSDP" in line for line in fit.advice(sample_config(data=1, fsdp=-1), 8, split))
 
 
 def test_cli_sets_up_its_own_devices_and_prints_the_fit():

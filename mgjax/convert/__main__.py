@@ -99,7 +99,12 @@ def import_llm(argv: Sequence[str]) -> int:
     overrides = _overrides("model.llm", model["llm"], found)
     model["llm"] = found
   else:
-    llm.check_config_matches(model["llm"], found, what=f"{args.hf_dir}/config.json")
+    try:
+      llm.check_config_matches(model["llm"], found, what=f"{args.hf_dir}/config.json")
+    except llm.ConversionError as e:
+      raise llm.ConversionError(
+          f"{e}\nTo import the checkpoint's LLM as it is, add --llm_from_checkpoint: it takes model.llm from "
+          "config.json and prints the --config overrides to train with") from None
   vocab_size = args.vocab_size or max(hf_vocab, int(model["vocab_size"]))
   if vocab_size != model["vocab_size"]:
     overrides.append(f"--config.model.vocab_size={vocab_size}")
@@ -109,7 +114,9 @@ def import_llm(argv: Sequence[str]) -> int:
   full = workdir.graft(workdir.fresh_params(ml_collections.ConfigDict(model), args.seed), "llm", params)
   saved = config.to_dict()
   saved["model"] = model
-  folder = workdir.write_init_checkpoint(args.out, full, saved, {"llm": os.path.abspath(args.hf_dir)})
+  context = llm.text_config(files.read_config(args.hf_dir)).get("max_position_embeddings")
+  folder = workdir.write_init_checkpoint(args.out, full, saved, {"llm": os.path.abspath(args.hf_dir)},
+                                         {"max_position_embeddings": context} if context else None)
   print(f'wrote {folder}: model.llm ({found["family"]}, {found["layers"]} layers) from {args.hf_dir}, '
         f'vocab {hf_vocab}' + (f" padded to {vocab_size}" if vocab_size > hf_vocab else ""))
   if _copy_tokenizer(args.hf_dir, os.path.join(args.out, "tokenizer")):
@@ -135,8 +142,10 @@ def export_llm(argv: Sequence[str]) -> int:
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
   parser.add_argument("--max_shard_size", type=_bytes, default=_bytes("5GB"),
                       help="shard the weights above this size (with model.safetensors.index.json)")
-  parser.add_argument("--max_position_embeddings", type=int, default=4096,
-                      help="written into config.json (the context length the model claims)")
+  parser.add_argument(
+      "--max_position_embeddings", type=int, default=0,
+      help=("written into config.json (the context length the model claims); default: the imported LLM's "
+            "(import-llm records it), else the length the run trained at (data.seq_len)"))
   args = parser.parse_args(argv)
 
   from mgjax import checkpoint
@@ -146,6 +155,8 @@ def export_llm(argv: Sequence[str]) -> int:
     raise checkpoint.CheckpointError(f"{folder} holds no LLM params or no model.llm config to export")
   llm_cfg = config["model"]["llm"]
   run_dir = checkpoint.locate(args.workdir)[0]
+  context = (args.max_position_embeddings or workdir.hf_llm_config(folder).get("max_position_embeddings") or
+             (config.get("data") or {}).get("seq_len") or 4096)
   extra = {}
   if _copy_tokenizer(os.path.join(run_dir, "tokenizer"), args.out):
     import transformers
@@ -155,7 +166,7 @@ def export_llm(argv: Sequence[str]) -> int:
                           ("pad_token_id", tok.pad_token_id)) if v is not None
     }
   written = llm.export_hf_llm(params["llm"], llm_cfg, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
-                              max_position_embeddings=args.max_position_embeddings, extra_config=extra)
+                              max_position_embeddings=int(context), extra_config=extra)
   print(f'wrote {len(written)} file(s) to {args.out} from {folder} ({llm_cfg.get("family", "llama")}, '
         f'{args.dtype}); load with transformers.AutoModelForCausalLM.from_pretrained({args.out!r})')
   return 0

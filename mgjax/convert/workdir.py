@@ -61,8 +61,8 @@ def graft(params: dict[str, Any], part: str, imported: Mapping[str, Any]) -> dic
   return {**params, part: jax.tree.map(lambda x: np.asarray(x, np.float32), imported)}
 
 
-def write_init_checkpoint(out: str, params: Mapping[str, Any], config: Mapping[str, Any],
-                          imported: Mapping[str, str]) -> str:
+def write_init_checkpoint(out: str, params: Mapping[str, Any], config: Mapping[str, Any], imported: Mapping[str, str],
+                          hf_llm_config: Mapping[str, Any] | None = None) -> str:
   """Saves params as OUT/checkpoints/0 for `--config.init_from=OUT`; returns that folder.
 
   Args:
@@ -70,6 +70,8 @@ def write_init_checkpoint(out: str, params: Mapping[str, Any], config: Mapping[s
     params: the whole model's params.
     config: the training config (a dict) the params are for, recorded in meta.
     imported: which parts came from where, e.g. {"llm": "/models/vicuna-7b-v1.5"}.
+    hf_llm_config: config.json values of the imported LLM that mgjax's model config does not
+      hold (max_position_embeddings), for export-llm to write back (see `hf_llm_config`).
   """
   root = os.path.abspath(out)
   directory = os.path.join(root, "checkpoints")
@@ -78,10 +80,37 @@ def write_init_checkpoint(out: str, params: Mapping[str, Any], config: Mapping[s
   handlers = {"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True),
                              item_handlers=handlers) as manager:
-    meta = {"stage": 0, "step": 0, "config": dict(config), "imported": dict(imported), "init_from": None}
+    meta = {
+        "stage": 0,
+        "step": 0,
+        "config": dict(config),
+        "imported": dict(imported),
+        "init_from": None,
+        "hf_llm_config": dict(hf_llm_config or {})
+    }
     manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(dict(params)), meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
   return os.path.join(directory, "0")
+
+
+def hf_llm_config(path: str) -> dict[str, Any]:
+  """The config.json values import-llm recorded for the LLM a checkpoint descends from,
+  following each stage's init_from back to the imported checkpoint; {} for a model trained
+  from scratch (or when a checkpoint on the way is gone)."""
+  seen = set()
+  while path and path not in seen:
+    seen.add(path)
+    try:
+      workdir, step = checkpoint.locate(path)
+      ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+      meta = ckpts.meta(step)
+      ckpts.close()
+    except checkpoint.CheckpointError:
+      return {}
+    if meta.get("hf_llm_config"):
+      return dict(meta["hf_llm_config"])
+    path = (meta.get("init_from") or {}).get("checkpoint")
+  return {}
 
 
 def read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:

@@ -346,7 +346,10 @@ def spill_dir(data_cfg: ml_collections.ConfigDict, data_dir: str, beam: bool = F
 
 def build(data_cfg: ml_collections.ConfigDict, data_dir: str, *, beam_runner: str | None = None,
           beam_options: Sequence[str] = ()) -> BuiltDataset:
-  """Builds (or rebuilds, replacing any previous build of this name/version) the dataset.
+  """Builds the dataset (or rebuilds it, replacing a build of this very config).
+
+  A build of the same name/version from a different config is refused
+  (`refuse_changed_config`): one name and version always mean one content.
 
   With `beam_runner` ("DirectRunner", "DataflowRunner", ...) the per-record work and the
   writing run as Apache Beam pipelines with `beam_options` (command-line style flags,
@@ -355,6 +358,7 @@ def build(data_cfg: ml_collections.ConfigDict, data_dir: str, *, beam_runner: st
   """
   data_dir = str(data_dir)
   out = dataset_dir(data_cfg, data_dir)
+  refuse_changed_config(data_cfg, data_dir)
   spill_root = spill_dir(data_cfg, data_dir, beam=bool(beam_runner))
   # One build of a name/version into a data_dir at a time: each starts by deleting the
   # spill folder, which would be the other's records.
@@ -423,12 +427,37 @@ def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, bea
   card.write(out, name=f"{builder.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version, sources=source_card,
              splits=splits, mixing=mix_report, mix_by=mixture.MixConfig.from_dict(data_cfg.get("mixture")).by,
              kept=entries, tokenizer_dir=tokenizer_dir, messages=lambda e: reader.record(e, images=False).messages,
-             review=tally.report(), qualities=prompts.qualities(data_cfg))
+             review=tally.report(), qualities=prompts.qualities(data_cfg), seq_len=data_cfg.get("seq_len"))
   reader.close()
   logging.info("built %s: splits %s; %d rejected or duplicate (see %s)", out, sizes, len(rejected),
                out / "rejected.jsonl")
   return BuiltDataset(name=f"{builder.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version, data_dir=data_dir,
                       dataset_dir=str(out), tokenizer_dir=tokenizer_dir, splits=sizes)
+
+
+class ConfigChanged(ValueError):
+  """A build of this name and version exists in data_dir, made from another data config."""
+
+
+def _changed_keys(data_cfg: ml_collections.ConfigDict, out: epath.Path) -> list[str]:
+  """The content keys in which `out`'s build differs from data_cfg (none: no build there)."""
+  stored_file = out / "build_config.json"
+  if not stored_file.exists():
+    return []
+  stored, wanted = json.loads(stored_file.read_text()), _content(data_cfg)
+  return sorted(k for k in _CONTENT_KEYS if stored.get(k) != wanted.get(k))
+
+
+def refuse_changed_config(data_cfg: ml_collections.ConfigDict, data_dir: str) -> None:
+  """Raises ValueError if data_dir holds a build of data_cfg's name and version made from
+  another config: overwriting it would change what that version means under every run,
+  checkpoint and report that names it."""
+  out = dataset_dir(data_cfg, data_dir)
+  diff = _changed_keys(data_cfg, out)
+  if diff:
+    raise ConfigChanged(f"{out} holds a build of {data_cfg.name} {data_cfg.version} from a different data config "
+                        f"(differs in {diff}); refusing to overwrite it. Bump the data config's version "
+                        f"(--config.version=...), build into another --data_dir, or delete {out} to rebuild it")
 
 
 def load_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDataset | None:
@@ -443,11 +472,15 @@ def load_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDatas
   stored = json.loads((out / "build_config.json").read_text())
   if stored != _content(data_cfg):
     diff = sorted(k for k in _CONTENT_KEYS if stored.get(k) != _content(data_cfg).get(k))
-    raise ValueError(f"{out} was built from a different data config (differs in {diff}); bump the data "
-                     f"config's version, or delete {out} to rebuild it")
+    raise ConfigChanged(f"{out} was built from a different data config (differs in {diff}); bump the data "
+                        f"config's version, or delete {out} to rebuild it")
   card = json.loads((out / "data_card.json").read_text())
+  # A tokenizer the build trained lives in the data_dir: found there wherever the data_dir
+  # now is (copied to a bucket, mounted at another path), not where the build wrote it.
+  tokenizer_dir = (str(epath.Path(data_dir) / "tokenizers" /
+                       data_cfg.name) if data_cfg.tokenizer.get("train") else card["tokenizer"])
   return BuiltDataset(name=card["name"], version=card["version"], data_dir=str(data_dir), dataset_dir=str(out),
-                      tokenizer_dir=card["tokenizer"], splits=card["splits"])
+                      tokenizer_dir=tokenizer_dir, splits=card["splits"])
 
 
 def ensure_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDataset:
@@ -502,8 +535,11 @@ if __name__ == "__main__":
 
   def main(argv):
     del argv
-    built = build(_CONFIG.value, _DATA_DIR.value, beam_runner=_BEAM_RUNNER.value,
-                  beam_options=[f"--{o}" for o in _BEAM_OPTIONS.value])
+    try:
+      built = build(_CONFIG.value, _DATA_DIR.value, beam_runner=_BEAM_RUNNER.value,
+                    beam_options=[f"--{o}" for o in _BEAM_OPTIONS.value])
+    except ConfigChanged as e:
+      sys.exit(f"error: {e}")
     print(f"dataset   {built.name}:{built.version} at {built.dataset_dir}")
     print(f"splits    {built.splits}")
     print(f"tokenizer {built.tokenizer_dir}")

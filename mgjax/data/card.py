@@ -26,6 +26,9 @@ from mgjax.data import filters, prompts
 from mgjax.data.records import CATEGORIES
 
 PLOTS = ("records_by_source.png", "token_lengths.png", "turns_per_conversation.png")
+# Training lengths the card counts longer conversations against (data.seq_len's usual
+# values), beside the data config's own `seq_len` when it names one.
+SEQ_LENS = (512, 1024, 2048, 4096)
 _CHUNK = 1024  # records whose text is counted at once
 
 
@@ -48,9 +51,19 @@ def _stats(values: list[int]) -> dict[str, float]:
   }
 
 
+def over_seq_len(tokens: dict[str, dict[str, list[int]]], seq_lens: Sequence[int]) -> dict[str, dict[str, int]]:
+  """{split: {seq_len: conversations longer than it}} from the card's per-record lengths."""
+  return {
+      split: {
+          str(n): sum(length > n for lengths in cats.values() for length in lengths) for n in seq_lens
+      } for split, cats in tokens.items()
+  }
+
+
 def summarize(splits: dict[str, Sequence[Any]], tokenizer_dir: str | None,
-              messages: Callable[[Any], list[dict[str, str]]]) -> dict[str, Any]:
-  """Composition, token lengths and turn counts of the splits.
+              messages: Callable[[Any], list[dict[str, str]]], seq_len: int | None = None) -> dict[str, Any]:
+  """Composition, token lengths and turn counts of the splits, and how many conversations
+  are longer than each of SEQ_LENS and `seq_len` (the length training will cut at).
 
   Split items need `category` and `source`; `messages(item)` gives an item's turns (read
   from disk in a build, a chunk at a time, so no split's text is held whole).
@@ -85,6 +98,7 @@ def summarize(splits: dict[str, Sequence[Any]], tokenizer_dir: str | None,
               c: dict(sorted(collections.Counter(v).items())) for c, v in sorted(cats.items())
           } for s, cats in turns.items()
       },
+      "over_seq_len": over_seq_len(tokens, sorted({*SEQ_LENS, *([int(seq_len)] if seq_len else [])})),
       "_raw_tokens": tokens,
   }
 
@@ -175,6 +189,14 @@ def _markdown(card: dict[str, Any]) -> str:
     for c, st in cats.items():
       lines.append(f"| {split} | {c} | {st['n']} | {st.get('mean', '')} | {st.get('p50', '')} | "
                    f"{st.get('p95', '')} | {st.get('max', '')} |")
+  lengths = list(next(iter(card["over_seq_len"].values()), {}))
+  lines += [
+      "", "Conversations longer than a training length (data.seq_len) are cut or dropped (data.truncation); "
+      "these counts are of the text alone: the chat template and image tokens come on top.", "",
+      "| split | " + " | ".join(f"> {n}" for n in lengths) + " |", "| --- |" + " ---: |" * len(lengths)
+  ]
+  for split, over in card["over_seq_len"].items():
+    lines.append(f"| {split} | " + " | ".join(str(over[n]) for n in lengths) + " |")
   lines += _markdown_checks(card)
   lines += [
       "", "![records by source](records_by_source.png)", "", "![token lengths](token_lengths.png)", "",
@@ -213,14 +235,15 @@ def _markdown_checks(card: dict[str, Any]) -> list[str]:
 def write(out: epath.Path, *, name: str, version: str, sources: dict[str, Any], splits: dict[str, Sequence[Any]],
           mixing: dict[str, Any], mix_by: str, kept: Sequence[Any], tokenizer_dir: str | None,
           messages: Callable[[Any], list[dict[str, str]]], review: dict[str, Any] | None = None,
-          qualities: dict[str, filters.QualityConfig] | None = None) -> dict[str, Any]:
+          qualities: dict[str, filters.QualityConfig] | None = None, seq_len: int | None = None) -> dict[str, Any]:
   """Writes the plots, data_card.md and, last, data_card.json (which marks a finished build).
 
   `splits` and `kept` hold records or spill entries; `messages` gives one's turns.
   `review` is the review file's report; `qualities` the sources' filter settings (for the
-  expected language of generation prompts)."""
+  expected language of generation prompts); `seq_len` (the data config's, if any) a
+  training length the conversations' lengths are compared with."""
   out = epath.Path(out)
-  summary = summarize(splits, tokenizer_dir, messages)
+  summary = summarize(splits, tokenizer_dir, messages, seq_len)
   raw_tokens = summary.pop("_raw_tokens")
   card = {
       "name": name,

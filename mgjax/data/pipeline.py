@@ -19,6 +19,8 @@ A batch (per process) is a dict of numpy arrays:
 
 from __future__ import annotations
 
+import logging
+import sys
 from typing import Any
 
 import grain
@@ -44,8 +46,14 @@ class ConversationEncoder:
 
   def __init__(self, tokenizer, *, seq_len: int, num_image_tokens: int, max_images: int, lowres_size: int,
                highres_size: int, image_mean: tuple, image_std: tuple, pad_to_square: bool = False, image_grid: int = 1,
-               image_global: bool = False):
+               image_global: bool = False, truncation: str = "truncate"):
     self.tokenizer = tokenizer
+    if truncation not in TRUNCATION:
+      raise ValueError(f"data.truncation={truncation!r}: one of {TRUNCATION}")
+    # What a conversation longer than seq_len becomes (data.truncation): "truncate" cuts it
+    # after its last whole assistant turn that fits (mid-turn only when not even the first
+    # fits), "drop" leaves it out (the encoder returns None), "error" stops the run.
+    self.truncation = truncation
     # Mini-Gemini's HD layout (model.image_grid / image_global): several low-res views per image.
     self.image_grid, self.image_global = int(image_grid), bool(image_global)
     if self.image_grid < 1 or (self.image_global and self.image_grid < 2):
@@ -75,9 +83,12 @@ class ConversationEncoder:
     m = example["messages"]
     return [{"role": _text(r), "content": _text(c)} for r, c in zip(m["role"], m["content"])]
 
-  def __call__(self, example: dict) -> dict[str, np.ndarray]:
-    """One example as one fixed-shape row (padded to seq_len and max_images)."""
+  def __call__(self, example: dict) -> dict[str, np.ndarray] | None:
+    """One example as one fixed-shape row (padded to seq_len and max_images); None when
+    data.truncation is "drop" and it is longer than seq_len."""
     out = self.unpadded(example)
+    if out is None:
+      return None
     n, k = len(out["input_ids"]), len(out["images_lowres"])
     row = {
         "input_ids": np.full(self.seq_len, self.pad_id, np.int32),
@@ -96,14 +107,31 @@ class ConversationEncoder:
     row["images_highres"][:k] = out["images_highres"]
     return row
 
-  def unpadded(self, example: dict) -> dict[str, np.ndarray]:
-    """One example at its own length (what the packer packs): input_ids, targets, loss_mask
-    [n <= seq_len] and images_lowres/highres [k <= max_images, ...] for its k whole images."""
+  def _encode(self, example: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The whole conversation's ids (images expanded) and assistant mask, uncut."""
     encoded = self.tokenizer.apply_chat_template(self.messages(example), tokenize=True, return_dict=True,
                                                  return_assistant_tokens_mask=True)
-    ids, assistant = self._expand_images(encoded["input_ids"], encoded["assistant_masks"])
+    return self._expand_images(encoded["input_ids"], encoded["assistant_masks"])
+
+  def length(self, example: dict) -> int:
+    """The tokens the whole conversation takes as model input (compare with seq_len)."""
+    return len(self._encode(example)[0]) - 1
+
+  def unpadded(self, example: dict) -> dict[str, np.ndarray] | None:
+    """One example at its own length (what the packer packs): input_ids, targets, loss_mask
+    [n <= seq_len] and images_lowres/highres [k <= max_images, ...] for its k whole images.
+    None when it is longer than seq_len and data.truncation is "drop"."""
+    ids, assistant = self._encode(example)
     # Predict token t+1 from tokens <= t; train only where t+1 is an assistant token.
-    ids, assistant = ids[:self.seq_len + 1], assistant[:self.seq_len + 1]
+    if len(ids) > self.seq_len + 1:
+      if self.truncation == "drop":
+        return None
+      if self.truncation == "error":
+        raise ValueError(f"example {_text(example.get('id', '?'))!r} is {len(ids) - 1} tokens long, more than "
+                         f"data.seq_len={self.seq_len}, and data.truncation='error'; raise data.seq_len or set "
+                         "data.truncation to 'truncate' or 'drop'")
+      cut = whole_turns_cut(assistant, self.seq_len + 1)
+      ids, assistant = ids[:cut], assistant[:cut]
     ids, assistant = self._drop_partial_image(ids, assistant)
     ids, assistant = self._drop_images_beyond(self.max_images, ids, assistant)
     num_images = int((ids[:-1] == self.image_token_id).sum()) // self.num_image_tokens
@@ -187,6 +215,19 @@ class ConversationEncoder:
     return {"images_lowres": lowres, "images_highres": highres}
 
 
+TRUNCATION = ("truncate", "drop", "error")
+
+
+def whole_turns_cut(assistant: np.ndarray, limit: int) -> int:
+  """Where to cut a conversation to at most `limit` tokens: after its last assistant turn
+  that ends within the limit, so no answer is cut in half; `limit` itself when not even the
+  first assistant turn fits (the conversation would otherwise train on nothing)."""
+  mask = np.asarray(assistant[:limit + 1]) > 0
+  ends = np.nonzero(mask[:-1] & ~mask[1:])[0] + 1  # one past each assistant span's last token
+  ends = ends[ends <= limit]
+  return int(ends[-1]) if len(ends) else limit
+
+
 def make_encoder(tokenizer, data_cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict,
                  num_image_tokens: int) -> ConversationEncoder:
   return ConversationEncoder(tokenizer, seq_len=data_cfg.seq_len, num_image_tokens=num_image_tokens,
@@ -194,7 +235,8 @@ def make_encoder(tokenizer, data_cfg: ml_collections.ConfigDict, model_cfg: ml_c
                              highres_size=model_cfg.vision_highres.image_size, image_mean=data_cfg.image_mean,
                              image_std=data_cfg.image_std, pad_to_square=bool(data_cfg.get("pad_to_square", False)),
                              image_grid=int(model_cfg.get("image_grid",
-                                                          1)), image_global=bool(model_cfg.get("image_global", False)))
+                                                          1)), image_global=bool(model_cfg.get("image_global", False)),
+                             truncation=data_cfg.get("truncation", "truncate"))
 
 
 def _this_process(ds: grain.MapDataset) -> grain.MapDataset:
@@ -224,6 +266,11 @@ def train_iterator(source, encoder: ConversationEncoder, *, batch_size: int, see
     replay = grain.MapDataset.source(replay_source).shuffle(seed=seed + 1).repeat(None)
     ds = grain.MapDataset.mix([ds, replay], weights=[1 - replay_fraction, replay_fraction])
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+  if not packing and encoder.truncation == "drop":
+    # Dropped examples leave holes, so each process batches what is left of its own share
+    # (as packing does): global batches then depend on the process count.
+    local = _this_process(ds.map(encoder)).to_iter_dataset(options)  # None (dropped) is skipped
+    return iter(local.batch(batch_size, drop_remainder=True))
   if not packing:
     # Global batch g is local batches g*P .. g*P+P-1, process p reading the p-th: the global
     # batch (rows of process 0, then 1, ...) is the same for any process count P, so a
@@ -316,3 +363,71 @@ def batch_spec(data_cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Co
       "images_lowres": spec((b, m, *lowres), np.float32),
       "images_highres": spec((b, m, highres, highres, 3), np.float32),
   }
+
+
+def length_report(sources: dict[str, Any], encoder: ConversationEncoder, *,
+                  max_examples: int = 1000) -> dict[str, dict[str, Any]]:
+  """Per split: how many examples are longer than the encoder's seq_len, and by how much.
+
+  Lengths are model input tokens (chat template and expanded images included). A split
+  of more than `max_examples` is estimated from that many evenly spaced examples
+  ("checked" < "examples").
+  """
+  report = {}
+  for split, source in sources.items():
+    n = len(source)
+    if not n:
+      continue
+    picked = range(n) if n <= max_examples else np.unique(np.linspace(0, n - 1, max_examples).astype(int))
+    lengths = np.array([encoder.length(source[int(i)]) for i in picked])
+    excess = lengths[lengths > encoder.seq_len] - encoder.seq_len
+    report[split] = {
+        "examples": n,
+        "checked": len(lengths),
+        "over": int(excess.size),
+        "fraction": float(excess.size / len(lengths)),
+        "p95_length": int(np.percentile(lengths, 95)),
+        "max_length": int(lengths.max()),
+        "median_excess": int(np.median(excess)) if excess.size else 0,
+        "max_excess": int(excess.max()) if excess.size else 0,
+    }
+  return report
+
+
+def check_lengths(data_cfg: ml_collections.ConfigDict, encoder: ConversationEncoder, sources: dict[str, Any], *,
+                  log: bool = True) -> dict[str, dict[str, Any]]:
+  """The trainer's start-up look at conversation lengths against data.seq_len.
+
+  Prints (with `log`) one line per split with conversations longer than seq_len, and a
+  warning when a split's share of them is above data.truncation_warn; with
+  data.truncation='error' any such conversation stops the run here, on every process.
+  """
+  report = length_report(sources, encoder, max_examples=int(data_cfg.get("length_check_examples", 1000)))
+  seq_len, mode = encoder.seq_len, encoder.truncation
+  action = {"truncate": "cut after their last whole answer that fits", "drop": "left out", "error": "an error"}[mode]
+  threshold = float(data_cfg.get("truncation_warn", 0.01))
+  lines, warnings = [], []
+  for split, r in report.items():
+    if not r["over"]:
+      continue
+    of = f"{r['checked']} checked of {r['examples']}" if r["checked"] < r["examples"] else str(r["examples"])
+    lines.append(f"{split}: {r['over']} of {of} conversations ({r['fraction']:.1%}) are longer than data.seq_len="
+                 f"{seq_len} (by {r['median_excess']} tokens at the median, {r['max_excess']} at most; "
+                 f"p95 length {r['p95_length']}); data.truncation={mode!r}: they are {action}")
+    if r["fraction"] > threshold:
+      warnings.append(split)
+  if mode == "error" and lines:
+    raise ValueError("data.truncation='error' and conversations are longer than data.seq_len:\n  " +
+                     "\n  ".join(lines) + "\nraise data.seq_len, or set data.truncation to 'truncate' or 'drop'")
+  if log:
+    for line in lines:
+      logging.info("lengths: %s", line)
+    if warnings:
+      print(
+          f"warning: more than data.truncation_warn={threshold:.0%} of the conversations of {warnings} are "
+          f"longer than data.seq_len={seq_len}:\n  " + "\n  ".join(lines) +
+          "\n  raise --config.data.seq_len (to about the p95 length), or choose --config.data.truncation",
+          file=sys.stderr, flush=True)
+    elif not lines:
+      logging.info("lengths: every conversation checked fits data.seq_len=%d", seq_len)
+  return report

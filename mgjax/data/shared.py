@@ -1,0 +1,102 @@
+"""One dataset for every process of a run: what the trainer opens, built once.
+
+On a pod slice every worker must read the same built dataset, so `data.data_dir` must be
+storage every worker sees at the same path: the usual way on Cloud TPU is a Cloud Storage
+bucket mounted with Cloud Storage FUSE (gcsfuse) on every worker (`launch/tpu_vm.sh setup
+--mount=BUCKET`), as grain and array_record users do; array_record itself opens local
+paths only, so a `gs://` data_dir is refused with the same advice.
+
+Process 0 builds what is missing (or finds the build made beforehand, e.g. with the
+Beam/Dataflow path); the others wait at a barrier, then open the build and check that it
+is the one process 0 built: same name, version and fingerprint (a hash of the data card,
+which holds every split's size and content statistics). If any process finds no build or
+another one, every process stops with `DatasetNotShared`, which says what to mount where.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import jax
+from jax.experimental import multihost_utils
+from etils import epath
+import ml_collections
+import numpy as np
+
+from mgjax.data import build
+
+_MOUNT_ADVICE = ("Every process must read the same dataset: put data.data_dir on storage every host mounts at the "
+                 "same path, e.g. a Cloud Storage bucket mounted with gcsfuse on every worker (launch/tpu_vm.sh "
+                 "setup --mount=BUCKET mounts gs://BUCKET at /mnt/BUCKET) and "
+                 "--config.data.data_dir=/mnt/BUCKET/data; see launch/README.md")
+
+
+class DatasetNotShared(RuntimeError):
+  """The processes of a run do not all see the dataset process 0 built."""
+
+
+def fingerprint(dataset: build.BuiltDataset) -> str:
+  """sha256 of the build's data card: equal builds of one config have equal cards."""
+  return hashlib.sha256(epath.Path(dataset.data_card).read_bytes()).hexdigest()
+
+
+def _check_local(data_dir: str) -> None:
+  if "://" in str(data_dir):
+    bucket = str(data_dir).split("://", 1)[1].split("/", 1)[0]
+    raise DatasetNotShared(f"data.data_dir={data_dir}: the trainer reads array_record files, which open local paths "
+                           f"only. Mount the bucket with Cloud Storage FUSE and point data.data_dir at the mount, e.g. "
+                           f"`gcsfuse --implicit-dirs {bucket} /mnt/{bucket}` (on every worker of a pod: "
+                           f"launch/tpu_vm.sh setup --mount={bucket}) and --config.data.data_dir=/mnt/{bucket}/"
+                           f"{str(data_dir).split('://', 1)[1].partition('/')[2]}")
+
+
+def _digest(dataset: build.BuiltDataset | None) -> np.ndarray:
+  """33 bytes: 1 when a build was found, then its fingerprint (zeros when none)."""
+  if dataset is None:
+    return np.zeros(33, np.uint8)
+  return np.frombuffer(b"\x01" + bytes.fromhex(fingerprint(dataset)), np.uint8)
+
+
+def open_dataset(data_cfg: ml_collections.ConfigDict, data_dir: str) -> build.BuiltDataset:
+  """The dataset for data_cfg under data_dir, built by process 0 if missing, the same on
+  every process (see the module docstring). Every process must call it.
+
+  Raises:
+    DatasetNotShared: a gs:// data_dir, or a process that does not see process 0's build.
+  """
+  _check_local(data_dir)
+  if jax.process_count() == 1:
+    return build.ensure_built(data_cfg, data_dir)
+  failed = None
+  if jax.process_index() == 0:
+    try:
+      build.ensure_built(data_cfg, data_dir)
+    except Exception as e:  # any error: the others must hear of it instead of waiting forever
+      failed = e
+  # The barrier: nobody opens the dataset before process 0 has finished building it.
+  built = int(multihost_utils.broadcast_one_to_all(np.int32(failed is None)))
+  if failed is not None:
+    raise failed
+  if not built:
+    raise RuntimeError(f"process 0 could not build the dataset {data_cfg.name} {data_cfg.version} in {data_dir}: "
+                       "see its log for why")
+
+  try:
+    dataset, problem = build.load_built(data_cfg, data_dir), None
+  except ValueError as e:  # a build of the same name/version from another config
+    dataset, problem = None, str(e)
+  digests = np.asarray(multihost_utils.process_allgather(_digest(dataset)))
+  missing = [p for p in range(len(digests)) if not digests[p, 0]]
+  different = [p for p in range(len(digests)) if digests[p, 0] and not np.array_equal(digests[p], digests[0])]
+  if missing or different:
+    where = build.dataset_dir(data_cfg, data_dir)
+    parts = []
+    if missing:
+      parts.append(f"process(es) {missing} find no finished build at {where}")
+    if different:
+      parts.append(f"process(es) {different} find another build at {where} (its data card differs)")
+    raise DatasetNotShared(
+        f"data.data_dir={data_dir} is not one folder shared by the {jax.process_count()} processes of this run: "
+        f"process 0 has the build of {data_cfg.name} {data_cfg.version} there, but " + " and ".join(parts) +
+        (f" ({problem})" if problem else "") + f". {_MOUNT_ADVICE}.")
+  return dataset
