@@ -31,7 +31,7 @@ from flax import nnx
 
 from mgjax import config as mgjax_config, optim, step as train_step
 from mgjax import workdir as workdirs
-from mgjax.data import build, images, pipeline
+from mgjax.data import build, datasets, images, pipeline
 from mgjax.models import vlm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,7 @@ def sample_headroom(data_dir: str, num_batches: int) -> dict[str, float]:
   tokenizer = transformers.AutoTokenizer.from_pretrained(dataset.tokenizer_dir)
   model_cfg = workdirs.resolve_model_config(config.model, tokenizer)
   encoder = pipeline.make_encoder(tokenizer, config.data, model_cfg, vlm.num_image_tokens(model_cfg))
-  source = build.open_split(dataset, "train")
+  source = datasets.open_split(dataset, "train")
 
   it = pipeline.train_iterator(source, encoder, batch_size=config.data.batch_size, seed=0,
                                num_threads=config.data.num_threads, prefetch=config.data.prefetch,

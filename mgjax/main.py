@@ -44,10 +44,10 @@ def main(argv: list[str]) -> None:
   if not workdir:
     raise app.UsageError("no workdir: pass --workdir=DIR")
   from mgjax import locks, preemption, stages
-  from mgjax.data import build, shared
+  from mgjax.data import datasets, shared
   try:
     summary = train.run(config, workdir)
-  except (stages.GuardTripped, locks.LockHeld, shared.DatasetNotShared, build.ConfigChanged) as e:
+  except (stages.GuardTripped, locks.LockHeld, shared.DatasetNotShared, datasets.ConfigChanged) as e:
     # Not a crash: the run stopped on purpose; say why and what to change, exit non-zero.
     sys.exit(f"error: {e}")
   except preemption.Preempted as e:

@@ -28,7 +28,7 @@ from flax import nnx
 
 from mgjax import checkpoint, decode, evaluate as evaluation, metrics, report as reports
 from mgjax import locks, preemption, sharding, stages, step as steps_lib, throughput, workdir as workdirs
-from mgjax.data import build, pipeline, shared
+from mgjax.data import datasets, pipeline, shared
 from mgjax.data import tokenizer as tokenizers
 from mgjax.models import attention, vlm
 
@@ -106,7 +106,7 @@ class StopTraining(Exception):
 @dataclasses.dataclass
 class StageData:
   """The built dataset and what the run reads from it."""
-  dataset: build.BuiltDataset
+  dataset: datasets.BuiltDataset
   tokenizer: Any
   model_cfg: ml_collections.ConfigDict  # config.model resolved for this tokenizer and platform
   encoder: pipeline.ConversationEncoder
@@ -135,13 +135,13 @@ def open_data(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
   if local_batch % accum or (config.data.batch_size // accum) % sharding.batch_shards(mesh):
     raise ValueError(f"train.grad_accum_steps={accum} must split data.batch_size={config.data.batch_size} into "
                      f"micro-batches that still divide over the {sharding.batch_shards(mesh)} batch shards of the mesh")
-  train_source = build.open_split(dataset, config.data.train_split)
-  replay_source = (build.open_split(dataset, config.data.replay_split) if config.data.replay_fraction > 0 else None)
+  train_source = datasets.open_split(dataset, config.data.train_split)
+  replay_source = (datasets.open_split(dataset, config.data.replay_split) if config.data.replay_fraction > 0 else None)
   train_iter = pipeline.train_iterator(train_source, encoder, batch_size=local_batch, seed=config.seed,
                                        num_threads=config.data.num_threads, prefetch=config.data.prefetch,
                                        replay_source=replay_source, replay_fraction=config.data.replay_fraction,
                                        packing=config.data.packing)
-  val_sources = {split: build.open_split(dataset, split) for split in config.data.val_splits}
+  val_sources = {split: datasets.open_split(dataset, split) for split in config.data.val_splits}
   splits = {config.data.train_split: train_source, **val_sources}
   pipeline.check_lengths(config.data, encoder, splits, log=jax.process_index() == 0)  # over data.seq_len
   return StageData(dataset, tokenizer, model_cfg, encoder, train_iter, len(train_source), val_sources)
@@ -177,7 +177,7 @@ class Evaluator:
     """Losses plus decoded scores (format rate, prompt F1, accuracy) of `params`."""
     eval_cfg, dataset = self.config.eval, self.data.dataset
     if self._chance_answers is None and dataset.splits.get("train") and eval_cfg.decode and eval_cfg.accuracy_splits:
-      self._chance_answers = evaluation.majority_answers(build.open_split(dataset, "train"))
+      self._chance_answers = evaluation.majority_answers(datasets.open_split(dataset, "train"))
     generator = decode.Generator(self.setup.graphdef, params, self.data.tokenizer, self.data.encoder,
                                  max_batch_size=eval_cfg.batch_size)
     scores = evaluation.evaluate(generator, self.data.val_sources, losses, eval_cfg, majority=self._chance_answers)

@@ -27,7 +27,7 @@ import pytest
 from mgjax import locks
 from mgjax.convert import files
 from mgjax.convert.files import WeightsError
-from mgjax.data import build, sources
+from mgjax.data import build, datasets, sources
 from test_data_sources import _msg  # an OpenAssistant message, as the reader tests write them
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -331,7 +331,7 @@ def test_built_splits_hold_the_good_records(table_build):
   _, built, _, _, _ = table_build
   ids = set()
   for split in ("train", "val_understanding"):
-    ids |= {e["id"].decode() for e in build.open_split(built, split)}
+    ids |= {e["id"].decode() for e in datasets.open_split(built, split)}
   assert {
       "lima_lone_surrogate:1", "lima_lone_surrogate:3", "llava_100k_deep:ok0", "llava_100k_deep:ok2",
       "llava_fifo_image:ok0", "oasst_flat_3000_deep:c0"

@@ -10,7 +10,7 @@ import grain
 import pytest
 
 from mgjax import config as mgjax_config
-from mgjax.data import build
+from mgjax.data import build, datasets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def built(tmp_path_factory):
 
 
 def _read_split(dataset, split):
-  source = build.open_split(dataset, split)
+  source = datasets.open_split(dataset, split)
   ds = grain.MapDataset.source(source)
   return [ds[i] for i in range(len(ds))]
 
@@ -164,13 +164,14 @@ def test_ensure_built_reuses_and_refuses_a_different_config(built):
   changed = _tiny_config()
   changed.sources = list(cfg.sources)
   changed.seed = 1
-  with pytest.raises(build.ConfigChanged, match="different data config.*seed"):
+  with pytest.raises(datasets.ConfigChanged, match="different data config.*seed"):
     build.ensure_built(changed, dataset.data_dir)
   # Building it anyway is refused too: the build already there stays as it was.
-  with pytest.raises(build.ConfigChanged, match=r"differs in \['seed'\]\); refusing to overwrite it. Bump the data "):
+  with pytest.raises(datasets.ConfigChanged,
+                     match=r"differs in \['seed'\]\); refusing to overwrite it. Bump the data "):
     build.build(changed, dataset.data_dir)
   assert info.stat().st_mtime_ns == before
-  assert build.load_built(cfg, dataset.data_dir) == dataset
+  assert datasets.load_built(cfg, dataset.data_dir) == dataset
 
 
 def test_tokenizer_is_trained_on_train_text_and_loads(built):
@@ -190,7 +191,7 @@ def test_a_data_dir_copied_elsewhere_opens_with_its_own_tokenizer(built, tmp_pat
   cfg, dataset = built
   moved = tmp_path / "mounted" / "data"
   shutil.copytree(dataset.data_dir, moved)
-  there = build.load_built(cfg, str(moved))
+  there = datasets.load_built(cfg, str(moved))
   assert there.tokenizer_dir == str(moved / "tokenizers" / cfg.name)
   assert there.splits == dataset.splits and there.dataset_dir.startswith(str(moved))
   assert len(tokenizer.load(there.tokenizer_dir)) == len(tokenizer.load(dataset.tokenizer_dir))

@@ -7,7 +7,7 @@ import random
 import ml_collections
 import pytest
 
-from mgjax.data import build, dedup, filters, mixture, sample
+from mgjax.data import build, datasets, dedup, filters, mixture, sample
 from mgjax.data.records import Record
 
 GOOD_PNG = sample.draw([("square", "blue", "center")])
@@ -262,7 +262,7 @@ def test_bad_input_build_keeps_every_good_record_and_explains_every_bad_one(tmp_
   assert "../secret.png" in by_kind["image_path_escapes_root"]["reason"]
 
   good = {f"chat:{line.split()[1]}" for line, kind in expected.items() if kind is None}
-  built_ids = {e["id"].decode() for e in build.open_split(dataset, "train")}
+  built_ids = {e["id"].decode() for e in datasets.open_split(dataset, "train")}
   assert built_ids == good
   card = json.loads(pathlib.Path(dataset.data_card).read_text())
   chat = card["sources"]["chat"]

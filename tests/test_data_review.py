@@ -15,7 +15,7 @@ import grain
 import pytest
 
 from mgjax import config as mgjax_config
-from mgjax.data import build, prompts, review, verdicts
+from mgjax.data import build, datasets, prompts, review, verdicts
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -74,7 +74,7 @@ def built(tmp_path_factory):
 def _ids(dataset) -> set[str]:
   out = set()
   for split in build.builder.SPLITS:
-    ds = grain.MapDataset.source(build.open_split(dataset, split))
+    ds = grain.MapDataset.source(datasets.open_split(dataset, split))
     out |= {ds[i]["id"].decode() for i in range(len(ds))}
   return out
 
@@ -189,7 +189,7 @@ def test_page_in_a_browser_exports_verdicts_that_the_next_build_applies(built, b
                          }) + "\n" for i, v in more))
   cfg.review = str(review_file)
   with pytest.raises(ValueError, match=r"differs in \['review'\]"):  # the old build no longer matches
-    build.load_built(cfg, dataset.data_dir)
+    datasets.load_built(cfg, dataset.data_dir)
   assert "not the one this build applied; rebuild" in review.Page(cfg, dataset.data_dir).stale
   again = build.build(cfg, dataset.data_dir)
   before, after = _ids(dataset), _ids(again)
@@ -225,16 +225,16 @@ def test_page_in_a_browser_exports_verdicts_that_the_next_build_applies(built, b
       "not_found": 1,
       "not_found_ids": ["extra:gone"],
   }
-  assert build.load_built(cfg, dataset.data_dir) is not None
+  assert datasets.load_built(cfg, dataset.data_dir) is not None
   # The file's content decides, not its path: a moved copy still matches, an edited one does not.
   moved = tmp_path / "moved.jsonl"
   moved.write_bytes(review_file.read_bytes())
   cfg.review = str(moved)
-  assert build.load_built(cfg, dataset.data_dir) is not None
+  assert datasets.load_built(cfg, dataset.data_dir) is not None
   with moved.open("a") as f:
     f.write(json.dumps({"id": "extra:mill", "source": "extra", "verdict": "drop"}) + "\n")
   with pytest.raises(ValueError, match=r"differs in \['review'\]"):
-    build.load_built(cfg, dataset.data_dir)
+    datasets.load_built(cfg, dataset.data_dir)
   cfg.review = str(review_file)
   md = (pathlib.Path(again.dataset_dir) / "data_card.md").read_text()
   assert "applied: 1 dropped (rejected as `review`), 2 kept (against language: 1, near_duplicate: 1); 1 keep verdicts " \

@@ -25,7 +25,7 @@ from PIL import Image
 
 from mgjax import config as mgjax_config
 from mgjax.convert import vision as convert_vision
-from mgjax.data import build, images, pipeline
+from mgjax.data import build, datasets, images, pipeline
 from mgjax.models import vlm
 from mgjax.models.mining import downsample_bilinear
 from mgjax.step import make_loss_fn
@@ -390,7 +390,7 @@ def _example(source, category: bytes, with_images: bool):
 
 def test_hd_forward_and_loss_through_the_pipeline(hd_setup):
   config, dataset, tokenizer, model_cfg, encoder = hd_setup
-  source = build.open_split(dataset, "train")
+  source = datasets.open_split(dataset, "train")
   example = _example(source, b"understanding", with_images=True)
   n = vlm.num_image_tokens(model_cfg)
   assert n == 5 * 16 and encoder.num_image_tokens == n

@@ -13,7 +13,7 @@ import transformers
 from flax import nnx
 
 from mgjax import config as mgjax_config
-from mgjax.data import build, pipeline
+from mgjax.data import build, datasets, pipeline
 from mgjax.models import vlm
 from mgjax.step import make_loss_fn
 from mgjax.workdir import resolve_model_config
@@ -41,7 +41,7 @@ def find(source, category: bytes, with_images: bool):
 
 def test_loss_only_on_assistant_tokens(setup):
   _, dataset, tokenizer, encoder, _ = setup
-  example = find(build.open_split(dataset, "train"), b"text", with_images=False)
+  example = find(datasets.open_split(dataset, "train"), b"text", with_images=False)
   out = encoder(example)
   answers = [
       c.decode() for r, c in zip(example["messages"]["role"], example["messages"]["content"]) if r == b"assistant"
@@ -59,7 +59,7 @@ def test_loss_only_on_assistant_tokens(setup):
 
 def test_image_slot_expanded_and_pixels_for_both_towers(setup):
   config, dataset, tokenizer, encoder, n = setup
-  example = find(build.open_split(dataset, "train"), b"understanding", with_images=True)
+  example = find(datasets.open_split(dataset, "train"), b"understanding", with_images=True)
   out = encoder(example)
   image_id = tokenizer.convert_tokens_to_ids("<image>")
   positions = np.nonzero(out["input_ids"] == image_id)[0]
@@ -76,13 +76,13 @@ def test_image_slot_expanded_and_pixels_for_both_towers(setup):
 
 def test_text_only_example_has_empty_image_slots(setup):
   _, dataset, _, encoder, _ = setup
-  out = encoder(find(build.open_split(dataset, "train"), b"generation", with_images=False))
+  out = encoder(find(datasets.open_split(dataset, "train"), b"generation", with_images=False))
   assert not out["images_lowres"].any() and not out["images_highres"].any()
 
 
 def test_train_iterator_is_seeded_and_resumable(setup):
   _, dataset, _, encoder, _ = setup
-  source = build.open_split(dataset, "train")
+  source = datasets.open_split(dataset, "train")
 
   def batches(it, k):
     return [next(it)["input_ids"] for _ in range(k)]
@@ -102,7 +102,7 @@ def test_train_iterator_is_seeded_and_resumable(setup):
 
 def test_eval_batches_cover_the_split_once(setup):
   _, dataset, _, encoder, _ = setup
-  source = build.open_split(dataset, "val_text")
+  source = datasets.open_split(dataset, "val_text")
   batches = list(pipeline.eval_batches(source, encoder, batch_size=3))
   assert len(batches) == -(-len(source) // 3)
   rows = np.concatenate([b["segment_ids"].any(axis=1) for b in batches])
@@ -113,7 +113,7 @@ def test_eval_batches_cover_the_split_once(setup):
 
 def test_replay_draws_its_fraction_from_the_stage1_mix(setup):
   _, dataset, _, encoder, n = setup
-  generation, mix = build.open_split(dataset, "train_generation"), build.open_split(dataset, "train")
+  generation, mix = datasets.open_split(dataset, "train_generation"), datasets.open_split(dataset, "train")
   stream = pipeline.train_iterator(generation, encoder, batch_size=8, seed=0, replay_source=mix, replay_fraction=0.25)
   batches = [next(stream) for _ in range(16)]
   # Generation requests have no images; the replayed mix brings understanding examples that do.
@@ -138,7 +138,7 @@ def test_packed_rows_give_the_same_per_token_loss(setup):
   data_cfg.update(max_images=4)
   model_cfg = resolve_model_config(config.model, tokenizer)
   encoder = pipeline.make_encoder(tokenizer, ml_collections.ConfigDict(data_cfg), model_cfg, n)
-  source = build.open_split(dataset, "train")
+  source = datasets.open_split(dataset, "train")
   examples = [source[i] for i in range(24)]
   rows = list(
       pipeline.pack(grain.MapDataset.source(examples).map(encoder.unpadded).to_iter_dataset(), encoder, num_bins=4))
@@ -176,7 +176,7 @@ def test_pad_to_square_keeps_what_the_centre_crop_would_cut(setup):
   pixels[:, :20] = (255, 0, 0)  # a red band at the left edge: a centre crop cuts it away
   buffer = io.BytesIO()
   Image.fromarray(pixels).save(buffer, format="PNG")
-  example = dict(find(build.open_split(dataset, "train"), b"understanding", with_images=True))
+  example = dict(find(datasets.open_split(dataset, "train"), b"understanding", with_images=True))
   example["images"] = [buffer.getvalue()]
   model_cfg = resolve_model_config(config.model, tokenizer)
   padded_cfg = ml_collections.ConfigDict({**config.data.to_dict(), "pad_to_square": True})
@@ -266,7 +266,7 @@ def test_startup_length_check_counts_warns_and_refuses(setup, capsys):
 
 def test_drop_trains_on_exactly_the_conversations_that_fit(setup):
   _, dataset, _, encoder, _ = setup
-  source = build.open_split(dataset, "train")
+  source = datasets.open_split(dataset, "train")
   lengths = [encoder.length(source[i]) for i in range(len(source))]
   seq_len = int(np.median(lengths))
   fitting = sorted(n for n in lengths if n <= seq_len)

@@ -23,20 +23,21 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from etils import epath
 
-from mgjax.data import build, spill
+from mgjax.data import spill
+from mgjax.data.prepare import Preparer, read_source
 
 _CHUNK = 10_000  # entries per file listing a split for the write pipeline
 
 
 class _Prepare(beam.DoFn):
-  """Runs build.Preparer over a bundle; the results go to one file per bundle, sorted by
+  """Runs Preparer over a bundle; the results go to one file per bundle, sorted by
   position, written under a temporary name and renamed when complete."""
 
   def __init__(self, preparer_args: tuple[Any, ...]):
     self._args = preparer_args
 
   def setup(self):
-    self._preparer = build.Preparer(*self._args)
+    self._preparer = Preparer(*self._args)
 
   def start_bundle(self):
     self._preparer.writer = spill.Writer(self._preparer.spill_dir)
@@ -60,7 +61,7 @@ def prepare(specs: list[dict[str, Any]], preparer_args: tuple[Any, ...], spill_d
   """Runs the prepare pipeline, then yields (entry or rejection, signature) in source order."""
   with beam.Pipeline(runner=runner, options=PipelineOptions(list(options))) as p:
     _ = (
-        p | "Sources" >> beam.Create(list(enumerate(specs))) | "Read" >> beam.FlatMap(build.read_source)
+        p | "Sources" >> beam.Create(list(enumerate(specs))) | "Read" >> beam.FlatMap(read_source)
         # Reading a source is one sequential pass; the per-record work is spread after it.
         | "Spread" >> beam.Reshuffle() | "Prepare" >> beam.ParDo(_Prepare(preparer_args)))
   files = sorted(p for p in epath.Path(spill_dir).glob("prepared-*") if not p.name.endswith(".tmp"))

@@ -12,7 +12,7 @@ Memory holds one small entry per kept record, never the records' text or images.
 per-record work runs on every core (a process pool), or with --beam_runner as Apache
 Beam pipelines (DirectRunner here, DataflowRunner for inputs beyond one machine).
 
-The trainer calls `ensure_built(cfg.data, data_dir)` and opens splits with `open_split`.
+The trainer calls `ensure_built(cfg.data, data_dir)` and opens splits with `datasets.open_split`.
 """
 
 from __future__ import annotations
@@ -21,61 +21,24 @@ import collections
 import contextlib
 import dataclasses
 import json
-import multiprocessing
 import os
 import sys
 import tempfile
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from absl import app, flags, logging
 from etils import epath
 import ml_collections
-import tensorflow_datasets as tfds
 import tqdm
 
 from mgjax import locks
-from mgjax.data import builder, card, dedup, filters, mixture, prompts, sample, sources, spill, tokenizer, verdicts
-from mgjax.data.records import Record, Rejection
+from mgjax.data import builder, card, datasets, dedup, filters, mixture, prepare, prompts, sample, sources, spill
+from mgjax.data import tokenizer, verdicts
+from mgjax.data.records import Rejection
 from mgjax.data.sources import _common
 
 _SOURCE_KEYS = {"name", "format", "path", "image_root", "category", "options", "filters"}
-# The config fields that decide the built content; a stage config may embed the data
-# config beside pipeline keys (sequence length, batch size) that must not force rebuilds.
-_CONTENT_KEYS = ("name", "version", "seed", "val_per_category", "sample", "sources", "tokenizer", "filters", "dedup",
-                 "mixture", "review")
 _LOGGED_REJECTIONS = 20  # per source; the rest are counted and in rejected.jsonl
-_BATCH = 256  # records per task sent to a worker process
-
-
-@dataclasses.dataclass(frozen=True)
-class BuiltDataset:
-  """Where a built dataset lives and what it holds."""
-  name: str  # "mgjax_instructions/<config name>", as tfds.data_source names it
-  version: str
-  data_dir: str  # the TFDS data_dir (DIR)
-  dataset_dir: str  # DIR/mgjax_instructions/<config name>/<version>
-  tokenizer_dir: str | None  # load with mgjax.data.tokenizer.load
-  splits: dict[str, int]  # every split in builder.SPLITS, empty ones with 0
-
-  @property
-  def data_card(self) -> str:
-    return f"{self.dataset_dir}/data_card.json"
-
-  @property
-  def rejected(self) -> str:
-    return f"{self.dataset_dir}/rejected.jsonl"
-
-
-def dataset_dir(data_cfg: ml_collections.ConfigDict, data_dir: str) -> epath.Path:
-  return epath.Path(data_dir) / builder.BUILDER_NAME / data_cfg.name / data_cfg.version
-
-
-def _content(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  d = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)
-  # The review file by its digest: editing it must rebuild. Absent when unset, so builds
-  # from before `review` existed still match their config.
-  d["review"] = verdicts.fingerprint(data_cfg)
-  return json.loads(json.dumps({k: d.get(k) for k in _CONTENT_KEYS if k != "review" or d[k]}, sort_keys=True))
 
 
 def _sources_root(data_cfg: ml_collections.ConfigDict, data_dir: str) -> epath.Path:
@@ -124,114 +87,6 @@ def _check_specs(data_cfg, root: epath.Path) -> list[dict[str, Any]]:
   return specs
 
 
-class Preparer:
-  """The per-record work of cleaning: read the images, normalise, filter, store the record
-  if it passes (in this process's spill shard) and sign it for de-duplication. One per
-  worker process (pool or Beam); returns the kept record's Entry or the Rejection."""
-
-  def __init__(self, tokenizer_dir: str | None, dedup_cfg: dedup.DedupConfig,
-               qualities: dict[str, filters.QualityConfig], spill_dir: str, review: verdicts.Verdicts | None = None):
-    count_tokens = filters.tokenizer_counter(tokenizer_dir) if tokenizer_dir else filters.pretoken_counter()
-    self._quality = {name: filters.Quality(q, count_tokens) for name, q in qualities.items()}
-    self._dedup = dedup_cfg
-    self.spill_dir = spill_dir
-    self.writer = spill.Writer(spill_dir)
-    self._review = review or verdicts.Verdicts()
-
-  def __call__(self, item: Record | Rejection) -> tuple[spill.Entry | Rejection, dedup.Signature | None]:
-    if isinstance(item, Record):
-      item = self._review.dropped(item)
-    if isinstance(item, Record):
-      item = sources.load_images(item)
-    overrode = None
-    if isinstance(item, Record):
-      file, where = item.origin.split("\t", 1)
-      item, overrode = self._review.checked(item, self._quality[item.source](item, file, where))
-    if isinstance(item, Rejection):
-      return item, None
-    return dataclasses.replace(self.writer.add(item), overrode=overrode), dedup.signature(item, self._dedup)
-
-
-def read_source(indexed_spec: tuple[int, dict[str, Any]]) -> Iterator[tuple[tuple[int, int], Record | Rejection]]:
-  """Every item of one source with its position (source index, item index): the order in
-  which de-duplication must see them, whichever process prepared them."""
-  i, spec = indexed_spec
-  items = sources.read(spec["path"], format=spec["format"], source=spec["name"], image_root=spec["image_root"],
-                       category=spec.get("category"), lazy_images=True, **dict(spec.get("options") or {}))
-  for k, item in enumerate(items):
-    yield (i, k), item
-
-
-# A pool worker's Preparer, made once per process by _init_worker so tasks ship only records.
-_worker: Preparer | None = None
-_worker_error: str | None = None  # why _init_worker could not make it
-
-
-def _init_worker(*args) -> None:
-  """Makes this process's Preparer. A failure is kept for the first task to raise: raised
-  here, it would make the pool start another worker that fails the same way, forever."""
-  global _worker, _worker_error
-  try:
-    _worker = Preparer(*args)
-  except Exception as e:  # any error: re-raised by _prepare_batch
-    _worker_error = f"{type(e).__name__}: {e}"
-    if multiprocessing.parent_process() is None:  # this process: raise as is
-      raise
-
-
-def _prepare_batch(batch: list[Record | Rejection]) -> list[tuple[spill.Entry | Rejection, dedup.Signature | None]]:
-  if _worker is None:
-    raise RuntimeError(f"a build worker process could not start: {_worker_error}")
-  out = [_worker(item) for item in batch]
-  _worker.writer.flush()  # the main process may hand these entries to the writer next
-  return out
-
-
-def _batches(specs: list[dict[str, Any]]):
-  """Reader output of every source in order, in batches for the workers."""
-  batch = []
-  for indexed in enumerate(specs):
-    for _, item in read_source(indexed):
-      batch.append(item)
-      if len(batch) == _BATCH:
-        yield batch
-        batch = []
-  if batch:
-    yield batch
-
-
-def _ordered_map(pool, fn, items, window: int):
-  """pool.imap with at most `window` tasks in flight: imap reads its input ahead without
-  limit, which would hold a whole corpus (images included) in memory."""
-  pending = collections.deque()
-  for x in items:
-    pending.append(pool.apply_async(fn, (x,)))
-    if len(pending) >= window:
-      yield pending.popleft().get()
-  while pending:
-    yield pending.popleft().get()
-
-
-def _prepare_locally(specs, preparer_args, workers: int):
-  """Prepared items in source order, from a pool of `workers` processes (or this one)."""
-  if workers <= 1:
-    _init_worker(*preparer_args)
-    for batch in _batches(specs):
-      yield from _prepare_batch(batch)
-    _worker.writer.close()
-    return
-  # Forking a process in which jax already started its threads can deadlock (the trainer
-  # builds after starting jax): spawn then. Otherwise fork, which starts in milliseconds
-  # and does not re-import the caller's main script.
-  context = multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
-  pool = context.Pool(workers, _init_worker, preparer_args)
-  try:
-    for batch in _ordered_map(pool, _prepare_batch, _batches(specs), window=2 * workers):
-      yield from batch
-  finally:
-    pool.terminate()  # every batch was flushed to its shard before it came back
-
-
 def _clean(data_cfg, root: epath.Path, tokenizer_dir: str | None, spill_dir: str, beam_runner: str | None,
            beam_options: Sequence[str],
            tally: verdicts.Tally) -> tuple[list[spill.Entry], list[Rejection], dict[str, Any]]:
@@ -250,7 +105,7 @@ def _clean(data_cfg, root: epath.Path, tokenizer_dir: str | None, spill_dir: str
     from mgjax.data import beam_build  # apache-beam is optional
     prepared = beam_build.prepare(specs, preparer_args, spill_dir, beam_runner, beam_options)
   else:
-    prepared = _prepare_locally(specs, preparer_args, data_cfg.get("num_workers") or os.cpu_count() or 1)
+    prepared = prepare.prepare_locally(specs, preparer_args, data_cfg.get("num_workers") or os.cpu_count() or 1)
 
   # De-duplication sees records in config order (the first of a group is kept), one at a
   # time: it alone needs every kept record's signature, and holds nothing else.
@@ -345,7 +200,7 @@ def spill_dir(data_cfg: ml_collections.ConfigDict, data_dir: str, beam: bool = F
 
 
 def build(data_cfg: ml_collections.ConfigDict, data_dir: str, *, beam_runner: str | None = None,
-          beam_options: Sequence[str] = ()) -> BuiltDataset:
+          beam_options: Sequence[str] = ()) -> datasets.BuiltDataset:
   """Builds the dataset (or rebuilds it, replacing a build of this very config).
 
   A build of the same name/version from a different config is refused
@@ -357,7 +212,7 @@ def build(data_cfg: ml_collections.ConfigDict, data_dir: str, *, beam_runner: st
   mixing stay here. Both ways build the same dataset.
   """
   data_dir = str(data_dir)
-  out = dataset_dir(data_cfg, data_dir)
+  out = datasets.dataset_dir(data_cfg, data_dir)
   refuse_changed_config(data_cfg, data_dir)
   spill_root = spill_dir(data_cfg, data_dir, beam=bool(beam_runner))
   # One build of a name/version into a data_dir at a time: each starts by deleting the
@@ -385,7 +240,7 @@ def build(data_cfg: ml_collections.ConfigDict, data_dir: str, *, beam_runner: st
 
 
 def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, beam_runner: str | None,
-           beam_options: Sequence[str]) -> BuiltDataset:
+           beam_options: Sequence[str]) -> datasets.BuiltDataset:
   tok_cfg = data_cfg.tokenizer
   # Lengths are counted in the configured tokenizer's tokens; one the build trains does not
   # exist yet while filtering, so its lengths are counted in pre-tokens (see filters).
@@ -409,7 +264,7 @@ def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, bea
 
   if out.exists():
     out.rmtree()
-  # TFDS cannot write an empty split; the trainer learns of one through open_split.
+  # TFDS cannot write an empty split; the trainer learns of one through datasets.open_split.
   nonempty = {k: v for k, v in splits.items() if v}
   description = f"mgjax instruction mix from data config {data_cfg.name!r}"
   if beam_runner:
@@ -422,7 +277,7 @@ def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, bea
   with (out / "rejected.jsonl").open("w") as f:
     for rej in rejected:
       f.write(_rejection_line(rej) + "\n")
-  (out / "build_config.json").write_text(json.dumps(_content(data_cfg), indent=1, sort_keys=True))
+  (out / "build_config.json").write_text(json.dumps(datasets.content_of(data_cfg), indent=1, sort_keys=True))
   # Written last: the presence of data_card.json marks a complete build (see ensure_built).
   card.write(out, name=f"{builder.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version, sources=source_card,
              splits=splits, mixing=mix_report, mix_by=mixture.MixConfig.from_dict(data_cfg.get("mixture")).by,
@@ -431,89 +286,31 @@ def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, bea
   reader.close()
   logging.info("built %s: splits %s; %d rejected or duplicate (see %s)", out, sizes, len(rejected),
                out / "rejected.jsonl")
-  return BuiltDataset(name=f"{builder.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version, data_dir=data_dir,
-                      dataset_dir=str(out), tokenizer_dir=tokenizer_dir, splits=sizes)
-
-
-class ConfigChanged(ValueError):
-  """A build of this name and version exists in data_dir, made from another data config."""
-
-
-def _changed_keys(data_cfg: ml_collections.ConfigDict, out: epath.Path) -> list[str]:
-  """The content keys in which `out`'s build differs from data_cfg (none: no build there)."""
-  stored_file = out / "build_config.json"
-  if not stored_file.exists():
-    return []
-  stored, wanted = json.loads(stored_file.read_text()), _content(data_cfg)
-  return sorted(k for k in _CONTENT_KEYS if stored.get(k) != wanted.get(k))
+  return datasets.BuiltDataset(name=f"{builder.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version,
+                               data_dir=data_dir, dataset_dir=str(out), tokenizer_dir=tokenizer_dir, splits=sizes)
 
 
 def refuse_changed_config(data_cfg: ml_collections.ConfigDict, data_dir: str) -> None:
   """Raises ValueError if data_dir holds a build of data_cfg's name and version made from
   another config: overwriting it would change what that version means under every run,
   checkpoint and report that names it."""
-  out = dataset_dir(data_cfg, data_dir)
-  diff = _changed_keys(data_cfg, out)
+  out = datasets.dataset_dir(data_cfg, data_dir)
+  diff = datasets.changed_keys(data_cfg, out)
   if diff:
-    raise ConfigChanged(f"{out} holds a build of {data_cfg.name} {data_cfg.version} from a different data config "
-                        f"(differs in {diff}); refusing to overwrite it. Bump the data config's version "
-                        f"(--config.version=...), build into another --data_dir, or delete {out} to rebuild it")
+    raise datasets.ConfigChanged(
+        f"{out} holds a build of {data_cfg.name} {data_cfg.version} from a different data config "
+        f"(differs in {diff}); refusing to overwrite it. Bump the data config's version "
+        f"(--config.version=...), build into another --data_dir, or delete {out} to rebuild it")
 
 
-def load_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDataset | None:
-  """The finished build for this config, None if there is none.
-
-  Raises if a build of the same name/version was made from a different config: reusing
-  it would silently train on other data than the config says.
-  """
-  out = dataset_dir(data_cfg, data_dir)
-  if not (out / "data_card.json").exists():
-    return None
-  stored = json.loads((out / "build_config.json").read_text())
-  if stored != _content(data_cfg):
-    diff = sorted(k for k in _CONTENT_KEYS if stored.get(k) != _content(data_cfg).get(k))
-    raise ConfigChanged(f"{out} was built from a different data config (differs in {diff}); bump the data "
-                        f"config's version, or delete {out} to rebuild it")
-  card = json.loads((out / "data_card.json").read_text())
-  # A tokenizer the build trained lives in the data_dir: found there wherever the data_dir
-  # now is (copied to a bucket, mounted at another path), not where the build wrote it.
-  tokenizer_dir = (str(epath.Path(data_dir) / "tokenizers" /
-                       data_cfg.name) if data_cfg.tokenizer.get("train") else card["tokenizer"])
-  return BuiltDataset(name=card["name"], version=card["version"], data_dir=str(data_dir), dataset_dir=str(out),
-                      tokenizer_dir=tokenizer_dir, splits=card["splits"])
-
-
-def ensure_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDataset:
+def ensure_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> datasets.BuiltDataset:
   """The dataset for data_cfg under data_dir, building it first if it is missing.
 
   A build refuses to start while another of the same config into the same data_dir
   runs (mgjax.locks.LockHeld): on multi-host runs call it on process 0, then wait at a
-  barrier before the others call `load_built`.
+  barrier before the others call `datasets.load_built`.
   """
-  return load_built(data_cfg, data_dir) or build(data_cfg, data_dir)
-
-
-def open_split(dataset: BuiltDataset, split: str) -> Sequence[dict[str, Any]]:
-  """A random-access source (len, [i]) over one split, for `grain.MapDataset.source`.
-
-  Reads the files directly (`tfds.builder_from_directory`), so it never looks anything
-  up on the network. Each example is a dict of plain Python values:
-    {"id": bytes, "source": bytes, "category": bytes,
-     "messages": {"role": [bytes, ...], "content": [bytes, ...]}, "images": [bytes, ...]}
-  (strings come back UTF-8 encoded; images are the encoded PNG/JPEG files). A split
-  that had no records (TFDS cannot store empty splits) opens as an empty tuple.
-  With only data_dir and the data config at hand: `open_split(load_built(cfg, dir), split)`.
-  """
-  if split not in builder.SPLITS:
-    raise ValueError(f"unknown split {split!r}; known: {builder.SPLITS}")
-  out = epath.Path(dataset.dataset_dir)
-  if not (out / "dataset_info.json").exists():
-    raise FileNotFoundError(f"no dataset at {out}; build it with `python -m mgjax.data.build "
-                            f"--config=<data config> --data_dir={dataset.data_dir}` or call ensure_built")
-  b = tfds.builder_from_directory(str(out))
-  if split not in b.info.splits:
-    return ()
-  return b.as_data_source(split=split)
+  return datasets.load_built(data_cfg, data_dir) or build(data_cfg, data_dir)
 
 
 # ---------------------------------------------------------------------------------------
@@ -536,14 +333,14 @@ if __name__ == "__main__":
   def main(argv):
     del argv
     try:
-      built = build(_CONFIG.value, _DATA_DIR.value, beam_runner=_BEAM_RUNNER.value,
-                    beam_options=[f"--{o}" for o in _BEAM_OPTIONS.value])
-    except ConfigChanged as e:
+      dataset = build(_CONFIG.value, _DATA_DIR.value, beam_runner=_BEAM_RUNNER.value,
+                      beam_options=[f"--{o}" for o in _BEAM_OPTIONS.value])
+    except datasets.ConfigChanged as e:
       sys.exit(f"error: {e}")
-    print(f"dataset   {built.name}:{built.version} at {built.dataset_dir}")
-    print(f"splits    {built.splits}")
-    print(f"tokenizer {built.tokenizer_dir}")
-    print(f"card      {built.data_card}\nrejected  {built.rejected}")
+    print(f"dataset   {dataset.name}:{dataset.version} at {dataset.dataset_dir}")
+    print(f"splits    {dataset.splits}")
+    print(f"tokenizer {dataset.tokenizer_dir}")
+    print(f"card      {dataset.data_card}\nrejected  {dataset.rejected}")
 
   from mgjax import runtime
   app.run(main, flags_parser=runtime.parse_flags)

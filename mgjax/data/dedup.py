@@ -20,7 +20,6 @@ import hashlib
 import re
 from typing import Any, Mapping
 
-import datasketch
 import numpy as np
 
 from mgjax.data.records import Record
@@ -89,6 +88,8 @@ _PERMUTATIONS: dict[tuple[int, int], Any] = {}
 def _permutations(num_perm: int, seed: int):
   # datasketch draws num_perm random permutations in each MinHash it creates; drawing
   # them once per process makes a signature ~10x cheaper.
+  import datasketch  # ~2 s to import: loaded where MinHash runs, not by every reader of this module
+
   key = (num_perm, seed)
   if key not in _PERMUTATIONS:
     _PERMUTATIONS[key] = datasketch.MinHash(num_perm=num_perm, seed=seed, scheme=_SCHEME).permutations
@@ -101,6 +102,8 @@ def signature(record: Record, config: DedupConfig) -> Signature:
   exact = hashlib.blake2b(images + "\x00".join(tokens).encode("utf-8"), digest_size=16).digest()
   if not config.near:
     return Signature(exact, None)
+  import datasketch
+
   m = datasketch.MinHash(num_perm=config.num_perm, seed=config.seed, scheme=_SCHEME,
                          permutations=_permutations(config.num_perm, config.seed))
   m.update_batch(list(shingles(tokens, config.shingle_words, images)))
@@ -111,6 +114,8 @@ class Index:
   """The signatures of the records kept so far; `add` says whether a new one duplicates one."""
 
   def __init__(self, config: DedupConfig):
+    import datasketch
+
     self.config = config
     self._exact: dict[bytes, str] = {}
     # The bands are tuned a little below the threshold: LSH misses some pairs just above
@@ -125,6 +130,8 @@ class Index:
       if first is not None:
         return "exact_duplicate", first, 1.0
     if sig.minhash is not None:
+      import datasketch
+
       lean = datasketch.LeanMinHash(seed=self.config.seed, hashvalues=sig.minhash, scheme=_SCHEME)
       best = None
       for other in self._lsh.query(lean):

@@ -41,7 +41,7 @@ import markupsafe
 import ml_collections
 from PIL import Image
 
-from mgjax.data import build, builder, prompts, verdicts
+from mgjax.data import builder, datasets, prompts, verdicts
 from mgjax.data.records import GEN_MARKER, IMAGE_PLACEHOLDER
 
 _COPY = re.compile(r"#\d+$")  # mixing's ids for repeated copies
@@ -105,14 +105,14 @@ class Page:
     self.cfg, self.data_dir = data_cfg, str(data_dir)
     self.rng = random.Random(seed)
     self.per_group, self.per_kind, self.clusters, self.n_flagged, self.thumb = per_group, per_kind, clusters, flagged, thumb
-    self.dir = build.dataset_dir(data_cfg, data_dir)
+    self.dir = datasets.dataset_dir(data_cfg, data_dir)
     if not (self.dir / "data_card.json").exists():
       raise FileNotFoundError(f"no finished build at {self.dir}; build it first: python -m mgjax.data.build "
                               f"--config=<this data config> --data_dir={data_dir}")
     self.card = json.loads((self.dir / "data_card.json").read_text())
-    self.dataset = build.BuiltDataset(name=self.card["name"], version=self.card["version"], data_dir=self.data_dir,
-                                      dataset_dir=str(self.dir), tokenizer_dir=self.card["tokenizer"],
-                                      splits=self.card["splits"])
+    self.dataset = datasets.BuiltDataset(name=self.card["name"], version=self.card["version"], data_dir=self.data_dir,
+                                         dataset_dir=str(self.dir), tokenizer_dir=self.card["tokenizer"],
+                                         splits=self.card["splits"])
     self.stale = self._stale()
     self.qualities = prompts.qualities(data_cfg)
     review_path = verdicts.path(data_cfg)
@@ -137,7 +137,7 @@ class Page:
 
   def _split(self, split: str):
     if split not in self._sources:
-      self._sources[split] = build.open_split(self.dataset, split)
+      self._sources[split] = datasets.open_split(self.dataset, split)
     return self._sources[split]
 
   def _read(self, split: str, index: int) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from etils import epath
 import ml_collections
 import numpy as np
 
-from mgjax.data import build
+from mgjax.data import datasets
 
 _MOUNT_ADVICE = ("Every process must read the same dataset: put data.data_dir on storage every host mounts at the "
                  "same path, e.g. a Cloud Storage bucket mounted with gcsfuse on every worker (launch/tpu_vm.sh "
@@ -35,7 +35,7 @@ class DatasetNotShared(RuntimeError):
   """The processes of a run do not all see the dataset process 0 built."""
 
 
-def fingerprint(dataset: build.BuiltDataset) -> str:
+def fingerprint(dataset: datasets.BuiltDataset) -> str:
   """sha256 of the build's data card: equal builds of one config have equal cards."""
   return hashlib.sha256(epath.Path(dataset.data_card).read_bytes()).hexdigest()
 
@@ -50,14 +50,24 @@ def _check_local(data_dir: str) -> None:
                            f"{str(data_dir).split('://', 1)[1].partition('/')[2]}")
 
 
-def _digest(dataset: build.BuiltDataset | None) -> np.ndarray:
+def _digest(dataset: datasets.BuiltDataset | None) -> np.ndarray:
   """33 bytes: 1 when a build was found, then its fingerprint (zeros when none)."""
   if dataset is None:
     return np.zeros(33, np.uint8)
   return np.frombuffer(b"\x01" + bytes.fromhex(fingerprint(dataset)), np.uint8)
 
 
-def open_dataset(data_cfg: ml_collections.ConfigDict, data_dir: str) -> build.BuiltDataset:
+def _ensure_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> datasets.BuiltDataset:
+  """The built dataset, built first when missing. The builder (filters, MinHash, language id,
+  plots) is imported only then: opening a built dataset needs none of it."""
+  dataset = datasets.load_built(data_cfg, data_dir)
+  if dataset is None:
+    from mgjax.data import build
+    dataset = build.ensure_built(data_cfg, data_dir)
+  return dataset
+
+
+def open_dataset(data_cfg: ml_collections.ConfigDict, data_dir: str) -> datasets.BuiltDataset:
   """The dataset for data_cfg under data_dir, built by process 0 if missing, the same on
   every process (see the module docstring). Every process must call it.
 
@@ -66,11 +76,11 @@ def open_dataset(data_cfg: ml_collections.ConfigDict, data_dir: str) -> build.Bu
   """
   _check_local(data_dir)
   if jax.process_count() == 1:
-    return build.ensure_built(data_cfg, data_dir)
+    return _ensure_built(data_cfg, data_dir)
   failed = None
   if jax.process_index() == 0:
     try:
-      build.ensure_built(data_cfg, data_dir)
+      _ensure_built(data_cfg, data_dir)
     except Exception as e:  # any error: the others must hear of it instead of waiting forever
       failed = e
   # The barrier: nobody opens the dataset before process 0 has finished building it.
@@ -82,14 +92,14 @@ def open_dataset(data_cfg: ml_collections.ConfigDict, data_dir: str) -> build.Bu
                        "see its log for why")
 
   try:
-    dataset, problem = build.load_built(data_cfg, data_dir), None
+    dataset, problem = datasets.load_built(data_cfg, data_dir), None
   except ValueError as e:  # a build of the same name/version from another config
     dataset, problem = None, str(e)
   digests = np.asarray(multihost_utils.process_allgather(_digest(dataset)))
   missing = [p for p in range(len(digests)) if not digests[p, 0]]
   different = [p for p in range(len(digests)) if digests[p, 0] and not np.array_equal(digests[p], digests[0])]
   if missing or different:
-    where = build.dataset_dir(data_cfg, data_dir)
+    where = datasets.dataset_dir(data_cfg, data_dir)
     parts = []
     if missing:
       parts.append(f"process(es) {missing} find no finished build at {where}")

@@ -1,0 +1,130 @@
+"""The per-record work of a build, shared by the local process pool and Apache Beam.
+
+  read_source      every item of one source with its position, in source order
+  Preparer         one record: read its images, normalise, filter, keep it in this process's
+                   spill shard and sign it for de-duplication (or return its Rejection)
+  prepare_locally  every source through a pool of worker processes (or this one), in order
+
+mgjax.data.build drives it; mgjax.data.beam_build runs the same Preparer in Beam workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import multiprocessing
+import sys
+from typing import Any, Iterator
+
+from mgjax.data import dedup, filters, sources, spill, verdicts
+from mgjax.data.records import Record, Rejection
+
+_BATCH = 256  # records per task sent to a worker process
+
+
+class Preparer:
+  """The per-record work of cleaning: read the images, normalise, filter, store the record
+  if it passes (in this process's spill shard) and sign it for de-duplication. One per
+  worker process (pool or Beam); returns the kept record's Entry or the Rejection."""
+
+  def __init__(self, tokenizer_dir: str | None, dedup_cfg: dedup.DedupConfig,
+               qualities: dict[str, filters.QualityConfig], spill_dir: str, review: verdicts.Verdicts | None = None):
+    count_tokens = filters.tokenizer_counter(tokenizer_dir) if tokenizer_dir else filters.pretoken_counter()
+    self._quality = {name: filters.Quality(q, count_tokens) for name, q in qualities.items()}
+    self._dedup = dedup_cfg
+    self.spill_dir = spill_dir
+    self.writer = spill.Writer(spill_dir)
+    self._review = review or verdicts.Verdicts()
+
+  def __call__(self, item: Record | Rejection) -> tuple[spill.Entry | Rejection, dedup.Signature | None]:
+    if isinstance(item, Record):
+      item = self._review.dropped(item)
+    if isinstance(item, Record):
+      item = sources.load_images(item)
+    overrode = None
+    if isinstance(item, Record):
+      file, where = item.origin.split("\t", 1)
+      item, overrode = self._review.checked(item, self._quality[item.source](item, file, where))
+    if isinstance(item, Rejection):
+      return item, None
+    return dataclasses.replace(self.writer.add(item), overrode=overrode), dedup.signature(item, self._dedup)
+
+
+def read_source(indexed_spec: tuple[int, dict[str, Any]]) -> Iterator[tuple[tuple[int, int], Record | Rejection]]:
+  """Every item of one source with its position (source index, item index): the order in
+  which de-duplication must see them, whichever process prepared them."""
+  i, spec = indexed_spec
+  items = sources.read(spec["path"], format=spec["format"], source=spec["name"], image_root=spec["image_root"],
+                       category=spec.get("category"), lazy_images=True, **dict(spec.get("options") or {}))
+  for k, item in enumerate(items):
+    yield (i, k), item
+
+
+# A pool worker's Preparer, made once per process by _init_worker so tasks ship only records.
+_worker: Preparer | None = None
+_worker_error: str | None = None  # why _init_worker could not make it
+
+
+def _init_worker(*args) -> None:
+  """Makes this process's Preparer. A failure is kept for the first task to raise: raised
+  here, it would make the pool start another worker that fails the same way, forever."""
+  global _worker, _worker_error
+  try:
+    _worker = Preparer(*args)
+  except Exception as e:  # any error: re-raised by _prepare_batch
+    _worker_error = f"{type(e).__name__}: {e}"
+    if multiprocessing.parent_process() is None:  # this process: raise as is
+      raise
+
+
+def _prepare_batch(batch: list[Record | Rejection]) -> list[tuple[spill.Entry | Rejection, dedup.Signature | None]]:
+  if _worker is None:
+    raise RuntimeError(f"a build worker process could not start: {_worker_error}")
+  out = [_worker(item) for item in batch]
+  _worker.writer.flush()  # the main process may hand these entries to the writer next
+  return out
+
+
+def _batches(specs: list[dict[str, Any]]):
+  """Reader output of every source in order, in batches for the workers."""
+  batch = []
+  for indexed in enumerate(specs):
+    for _, item in read_source(indexed):
+      batch.append(item)
+      if len(batch) == _BATCH:
+        yield batch
+        batch = []
+  if batch:
+    yield batch
+
+
+def _ordered_map(pool, fn, items, window: int):
+  """pool.imap with at most `window` tasks in flight: imap reads its input ahead without
+  limit, which would hold a whole corpus (images included) in memory."""
+  pending = collections.deque()
+  for x in items:
+    pending.append(pool.apply_async(fn, (x,)))
+    if len(pending) >= window:
+      yield pending.popleft().get()
+  while pending:
+    yield pending.popleft().get()
+
+
+def prepare_locally(specs, preparer_args, workers: int):
+  """Prepared items in source order, from a pool of `workers` processes (or this one)."""
+  if workers <= 1:
+    _init_worker(*preparer_args)
+    for batch in _batches(specs):
+      yield from _prepare_batch(batch)
+    _worker.writer.close()
+    return
+  # Forking a process in which jax already started its threads can deadlock (the trainer
+  # builds after starting jax): spawn then. Otherwise fork, which starts in milliseconds
+  # and does not re-import the caller's main script.
+  context = multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
+  pool = context.Pool(workers, _init_worker, preparer_args)
+  try:
+    for batch in _ordered_map(pool, _prepare_batch, _batches(specs), window=2 * workers):
+      yield from batch
+  finally:
+    pool.terminate()  # every batch was flushed to its shard before it came back
