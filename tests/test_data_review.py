@@ -191,7 +191,10 @@ def test_page_in_a_browser_exports_verdicts_that_the_next_build_applies(built, b
   with pytest.raises(ValueError, match=r"differs in \['review'\]"):  # the old build no longer matches
     datasets.load_built(cfg, dataset.data_dir)
   assert "not the one this build applied; rebuild" in review.Page(cfg, dataset.data_dir).stale
-  again = build.build(cfg, dataset.data_dir)
+  # New verdicts change the content: replacing the build takes an explicit overwrite.
+  with pytest.raises(datasets.ConfigChanged, match=r"differs in \['review'\]\); refusing to overwrite it"):
+    build.build(cfg, dataset.data_dir)
+  again = build.build(cfg, dataset.data_dir, overwrite=True)
   before, after = _ids(dataset), _ids(again)
   assert after == (before | {"extra:french", "extra:mill_again"}) - {"extra:off_prompt"}
   by_id = {r["id"]: r for r in _rejected(again) if r["id"]}

@@ -200,11 +200,13 @@ def spill_dir(data_cfg: ml_collections.ConfigDict, data_dir: str, beam: bool = F
 
 
 def build(data_cfg: ml_collections.ConfigDict, data_dir: str, *, beam_runner: str | None = None,
-          beam_options: Sequence[str] = ()) -> datasets.BuiltDataset:
+          beam_options: Sequence[str] = (), overwrite: bool = False) -> datasets.BuiltDataset:
   """Builds the dataset (or rebuilds it, replacing a build of this very config).
 
   A build of the same name/version from a different config is refused
-  (`refuse_changed_config`): one name and version always mean one content.
+  (`refuse_changed_config`): one name and version always mean one content. `overwrite`
+  replaces it anyway: for a curator's next round of review verdicts on a version nothing
+  was trained on yet.
 
   With `beam_runner` ("DirectRunner", "DataflowRunner", ...) the per-record work and the
   writing run as Apache Beam pipelines with `beam_options` (command-line style flags,
@@ -213,7 +215,8 @@ def build(data_cfg: ml_collections.ConfigDict, data_dir: str, *, beam_runner: st
   """
   data_dir = str(data_dir)
   out = datasets.dataset_dir(data_cfg, data_dir)
-  refuse_changed_config(data_cfg, data_dir)
+  if not overwrite:
+    refuse_changed_config(data_cfg, data_dir)
   spill_root = spill_dir(data_cfg, data_dir, beam=bool(beam_runner))
   # One build of a name/version into a data_dir at a time: each starts by deleting the
   # spill folder, which would be the other's records.
@@ -300,7 +303,8 @@ def refuse_changed_config(data_cfg: ml_collections.ConfigDict, data_dir: str) ->
     raise datasets.ConfigChanged(
         f"{out} holds a build of {data_cfg.name} {data_cfg.version} from a different data config "
         f"(differs in {diff}); refusing to overwrite it. Bump the data config's version "
-        f"(--config.version=...), build into another --data_dir, or delete {out} to rebuild it")
+        f"(--config.version=...), build into another --data_dir, or replace it on purpose with "
+        f"`python -m mgjax.data.build ... --overwrite` (runs trained on it then no longer match it)")
 
 
 def ensure_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> datasets.BuiltDataset:
@@ -328,13 +332,16 @@ if __name__ == "__main__":
   _BEAM_OPTIONS = flags.DEFINE_list(
       "beam_options", [], "Beam pipeline flags without the leading dashes, comma-separated, e.g. "
       "project=P,region=R,temp_location=gs://B/tmp,requirements_file=req.txt.")
+  _OVERWRITE = flags.DEFINE_bool(
+      "overwrite", False, "Replace a build of the same name/version made from another config "
+      "(e.g. after new review verdicts), instead of refusing.")
   flags.mark_flags_as_required(["config", "data_dir"])
 
   def main(argv):
     del argv
     try:
       dataset = build(_CONFIG.value, _DATA_DIR.value, beam_runner=_BEAM_RUNNER.value,
-                      beam_options=[f"--{o}" for o in _BEAM_OPTIONS.value])
+                      beam_options=[f"--{o}" for o in _BEAM_OPTIONS.value], overwrite=_OVERWRITE.value)
     except datasets.ConfigChanged as e:
       sys.exit(f"error: {e}")
     print(f"dataset   {dataset.name}:{dataset.version} at {dataset.dataset_dir}")

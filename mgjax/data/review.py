@@ -132,8 +132,9 @@ class Page:
       return None
     if json.loads(stored_path.read_text()).get("review") == verdicts.fingerprint(self.cfg):
       return None
-    return (f"the review file ({verdicts.path(self.cfg) or 'none'}) is not the one this build applied; rebuild "
-            "(python -m mgjax.data.build) to apply it. Its verdicts are loaded below.")
+    return (
+        f"the review file ({verdicts.path(self.cfg) or 'none'}) is not the one this build applied; rebuild "
+        "(python -m mgjax.data.build with a new version, or --overwrite) to apply it. Its verdicts are loaded below.")
 
   def _split(self, split: str):
     if split not in self._sources:
