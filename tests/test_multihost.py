@@ -61,6 +61,10 @@ def start_processes(workdir: str, data_dirs: list[str], cache: str, devices_each
   finally:
     for p in procs:
       p.kill()
+  # Whole outputs beside the workdir (a failure message shows only their ends).
+  for i, out in enumerate(outputs):
+    with open(f"{workdir}.process{i}.log", "a") as f:
+      f.write(out)
   return [(p.returncode, out) for p, out in zip(procs, outputs)]
 
 
