@@ -120,3 +120,20 @@ def abstract_optimizer_state(tx: optax.GradientTransformation, abstract_trainabl
 
   shapes = jax.eval_shape(tx.init, abstract_trainable)
   return abstract_like(shapes, jax.tree_util.tree_map_with_path(layout, shapes))
+
+
+def wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:
+  """A barrier over every process of the run, through the coordinator's key-value store (not
+  a collective); nothing on a single process. `name` must be unique within the run.
+
+  On CPU, a collective over a device group the run has not used yet first sets up a gloo
+  context, and gives every process only 30 s to get there: processes that finished compiling
+  a program far apart (a loaded host, a resumed run with no evaluation before its first step)
+  then fail with "GetKeyValue() timed out". Meeting here first, after compiling, gives them
+  `timeout_s` instead.
+  """
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost  # the distributed client's barrier, with a timeout
+
+  multihost.sync_global_processes(name, timeout=timeout_s, processes=set(range(jax.process_count())))

@@ -380,6 +380,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
         if compiled_step is None:
           compiled_step = setup.train_step.lower(trainable, opt_state, frozen, batch).compile()
           flops_per_device = setup.flops_per_device(compiled_step, trainable, frozen, batch)
+          sharding.wait_for_all_processes("mgjax: train step compiled")  # before its first collective
           window.reset_clock()  # rates measure training, not compiling
         trainable, opt_state, step_metrics = compiled_step(trainable, opt_state, frozen, batch)
         window.add_metrics(step_metrics)
