@@ -57,6 +57,17 @@ def test_fsdp_splits_weights_and_optimizer_state_over_the_devices():
   assert not any("FSDP" in line for line in fit.advice(sample_config(data=1, fsdp=-1), 8, split))
 
 
+def test_a_lora_run_is_planned_with_the_adapters_alone_in_the_optimizer():
+  # The step train.run would run (mgjax.step.setup): frozen weights in, adapters trained.
+  config = sample_config(data=1, fsdp=-1)
+  config.lora.rank = 4
+  lora_plan = plan.plan(config, 8)
+  # Full fine-tuning keeps two moments of every weight (2x params_bytes); rank-4 adapters of
+  # the sample's small kernels, a small fraction of that.
+  assert 0 < lora_plan["opt_state_bytes"] < 0.5 * lora_plan["params_bytes"]
+  assert lora_plan["peak_bytes"] > lora_plan["params_bytes"] + lora_plan["opt_state_bytes"]
+
+
 def test_cli_sets_up_its_own_devices_and_prints_the_fit():
   env = {**os.environ, "XLA_FLAGS": ""}  # the CLI asks for its own device count
   result = subprocess.run([
