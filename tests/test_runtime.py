@@ -2,6 +2,7 @@
 
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -132,10 +133,18 @@ def test_a_data_config_of_your_own_from_anywhere_on_disk(tmp_path):
 def test_an_installed_package_finds_its_configs_from_any_directory(tmp_path):
   # A wheel installed into a prefix of its own (as a venv or `pip install --user` would), run
   # from a directory with no checkout in sight. --ignore-installed: pip would otherwise
-  # uninstall the environment's own (editable) mgjax first.
+  # uninstall the environment's own (editable) mgjax first. Built from a copy of what the
+  # wheel is made of: an in-place build would leave build/ and egg-info in the checkout.
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  source = tmp_path / "source"
+  source.mkdir()
+  for name in ("setup.cfg", "pyproject.toml", "README.md"):
+    shutil.copy(os.path.join(repo, name), source / name)
+  for name in ("mgjax", "configs"):
+    shutil.copytree(os.path.join(repo, name), source / name, ignore=shutil.ignore_patterns("__pycache__"))
   build = subprocess.run([
-      sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", repo, "-w",
+      sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+      str(source), "-w",
       str(tmp_path / "wheel")
   ], capture_output=True, text=True, timeout=300, cwd=tmp_path)
   assert build.returncode == 0, build.stderr[-2000:]
