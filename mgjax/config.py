@@ -263,24 +263,9 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   c.mesh.tensor = 1
   # How many of the devices to use (0: all of them).
   c.mesh.num_devices = 0
-  # Logical axis names (on every weight) -> mesh axes, MaxText style.
-  c.mesh.rules = (
-      ("batch", ("data", "fsdp")),
-      ("vocab", "tensor"),
-      ("embed", "fsdp"),
-      ("mlp", "tensor"),
-      ("heads", "tensor"),
-      ("kv_heads", "tensor"),
-      ("head_dim", None),
-      ("norm", None),
-      ("vision_embed", "fsdp"),
-      ("vision_mlp", "tensor"),
-      ("vision_heads", "tensor"),
-      ("conv_in", None),
-      ("conv_out", "fsdp"),
-      ("conv_kernel", None),
-      ("pos", None),
-      ("layers", None),  # the stacked layer axis of model.llm.scan_layers
-      ("expert", None),  # mixtral's experts; e.g. "tensor" (with mlp: None) splits them over devices
-  )
+  # Logical axis names (on every weight) -> mesh axes, MaxText style: the models' own default
+  # table, overridable here.
+  from mgjax.models import axes  # the models (jax, flax) load only for a training config
+
+  c.mesh.rules = axes.DEFAULT_LOGICAL_AXIS_RULES
   return c

@@ -30,7 +30,8 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("conv_out", "fsdp"),
     ("conv_kernel", None),
     ("pos", None),
-    ("layers", None),
+    ("layers", None),  # the stacked layer axis of model.llm.scan_layers
+    ("expert", None),  # mixtral's experts; e.g. "tensor" (with mlp: None) splits them over devices
 )
 
 
