@@ -28,7 +28,7 @@ def _configs_dir() -> str:
   checkout = package.parent / "configs"
   if (checkout / "stage1.py").exists():
     return str(checkout)
-  for prefix in (package.parents[3], pathlib.Path(sys.prefix)):
+  for prefix in (*package.parents[3:4], pathlib.Path(sys.prefix)):  # parents[3]: PREFIX
     shipped = prefix / "share" / "mgjax" / "configs"
     if (shipped / "stage1.py").exists():
       return str(shipped)
