@@ -58,12 +58,12 @@ def _digest(dataset: datasets.BuiltDataset | None) -> np.ndarray:
 
 
 def _ensure_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> datasets.BuiltDataset:
-  """The built dataset, built first when missing. The builder (filters, MinHash, language id,
-  plots) is imported only then: opening a built dataset needs none of it."""
+  """build.ensure_built, with the builder (filters, MinHash, language id, plots) imported only
+  when a build must run: opening a built dataset needs none of it."""
   dataset = datasets.load_built(data_cfg, data_dir)
   if dataset is None:
     from mgjax.data import build
-    dataset = build.ensure_built(data_cfg, data_dir)
+    dataset = build.build(data_cfg, data_dir)
   return dataset
 
 
