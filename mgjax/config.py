@@ -229,6 +229,12 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   c.eval.accuracy_splits = ("val_understanding",)
   # Splits of generation requests (" <GEN>" -> "<h>prompt</h>"): format rate and prompt F1.
   c.eval.generation_splits = ("val_generation",)
+  # Decode the weights a stage starts from too (the "before" of stage 2's report and its
+  # paired differences); losses are always measured.
+  c.eval.score_start = True
+  # A stage "held" a score when the 95% interval of its paired difference to where the stage
+  # started rules out a drop larger than this (mgjax.stats.verdict).
+  c.eval.hold_margin = 0.02
 
   # Keeps the best checkpoint of `split` (lowest loss) as the run's result; with patience
   # > 0 also stops after that many evaluations without an improvement of min_delta.

@@ -2,13 +2,19 @@
 
   generation     asked with " <GEN>", does the answer carry a well-formed <h>...</h>
                  prompt (format_rate), and how close is that prompt to the reference
-                 (prompt_f1: SQuAD-style token F1, 0 for a missing prompt)?
+                 (prompt_f1: SQuAD-style token F1, 0 for a missing prompt; prompt_exact:
+                 the share that equal it, case, punctuation and spacing aside)?
   understanding  on short checkable answers (the sample's), exact-match accuracy of
                  every assistant turn given the reference conversation before it; beside
                  it `chance`: what answering every question with its most common training
                  answer would score (a random one of them when tied), i.e. a model that
                  never looks at the image.
                  `spurious_prompt_rate`: answers that wrongly hold a <h> prompt.
+
+Every score comes with a 95% bootstrap interval over records (mgjax.stats), and `compare`
+gives the paired difference between two evaluations of the same answers (stage 2 against
+the stage-1 weights it started from) with its interval and a verdict: a score "held" when
+no drop larger than `eval.hold_margin` is inside the interval.
 
 Losses come from the trainer's own evaluation; this module only decodes and scores.
 """
@@ -22,8 +28,11 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from mgjax import decode
+from mgjax import decode, stats
 from mgjax.data.records import IMAGE_PLACEHOLDER
+
+# Decoded scores where a rise is a regression.
+LOWER_IS_BETTER = frozenset({"spurious_prompt_rate"})
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -104,43 +113,66 @@ def chance(turns: list[tuple[list[dict], str]], majority: dict[str, tuple[str, .
 
 
 def _answer_every_turn(generator: decode.Generator, source, max_new_tokens: int):
-  """Every assistant turn of `source` with the model's own answer in its place."""
-  items = list(assistant_turns(source))
+  """Every assistant turn of `source` with the model's own answer in its place, and the
+  index of the record each turn belongs to (the bootstrap's groups)."""
+  items, records = [], []
+  for i in range(len(source)):
+    for item in assistant_turns([source[i]]):
+      items.append(item)
+      records.append(i)
   answers = generator.generate([p for p, _, _ in items], [im for _, im, _ in items], max_new_tokens=max_new_tokens)
-  return items, answers
+  return items, answers, records
 
 
-def score_generation(generator: decode.Generator, source, *, max_new_tokens: int) -> dict[str, float]:
-  items, answers = _answer_every_turn(generator, source, max_new_tokens)
+def _with_intervals(per_answer: dict[str, list[float]], records: list[int]) -> dict[str, Any]:
+  """Each score's mean and 95% interval, and the per-answer values a paired comparison
+  (stage 2 against where it started) resamples."""
+  scores: dict[str, Any] = {"num_answers": len(records)}
+  for name, values in per_answer.items():
+    scores[name] = float(np.mean(values)) if values else float("nan")
+    scores[f"{name}_ci95"] = list(stats.interval(values, records))
+  scores["per_answer"] = {"record": records, **per_answer}
+  return scores
+
+
+def score_generation(generator: decode.Generator, source, *, max_new_tokens: int) -> dict[str, Any]:
+  items, answers, records = _answer_every_turn(generator, source, max_new_tokens)
   prompts = [decode.extract_image_prompt(a) for a in answers]
   references = [decode.extract_image_prompt(ref) or ref for _, _, ref in items]
-  return {
-      "format_rate": float(np.mean([p is not None for p in prompts])),
-      "prompt_f1": float(np.mean([token_f1(p, r) if p is not None else 0.0 for p, r in zip(prompts, references)])),
-      "num_answers": len(items),
-  }
+  return _with_intervals(
+      {
+          "format_rate": [float(p is not None) for p in prompts],
+          "prompt_f1": [token_f1(p, r) if p is not None else 0.0 for p, r in zip(prompts, references)],
+          # Every attribute carried over, in the reference's words: stricter than F1, where
+          # the words every prompt shares already score.
+          "prompt_exact": [
+              float(p is not None and normalize_answer(p) == normalize_answer(r)) for p, r in zip(prompts, references)
+          ],
+      },
+      records)
 
 
 def score_accuracy(generator: decode.Generator, source, *, max_new_tokens: int,
-                   majority: dict[str, tuple[str, ...]] | None = None) -> dict[str, float]:
-  items, answers = _answer_every_turn(generator, source, max_new_tokens)
-  correct = [normalize_answer(a) == normalize_answer(ref) for a, (_, _, ref) in zip(answers, items)]
-  scores = {
-      "accuracy": float(np.mean(correct)),
-      "spurious_prompt_rate": float(np.mean([decode.extract_image_prompt(a) is not None for a in answers])),
-      "num_answers": len(items),
-  }
+                   majority: dict[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
+  items, answers, records = _answer_every_turn(generator, source, max_new_tokens)
+  scores = _with_intervals(
+      {
+          "accuracy": [float(normalize_answer(a) == normalize_answer(ref)) for a, (_, _, ref) in zip(answers, items)],
+          "spurious_prompt_rate": [float(decode.extract_image_prompt(a) is not None) for a in answers],
+      }, records)
   if majority is not None:
     scores["chance"] = chance([(prefix, ref) for prefix, _, ref in items], majority)
   return scores
 
 
 def evaluate(generator: decode.Generator, val_sources: dict[str, Any], losses: dict[str, float], eval_cfg,
-             majority: dict[str, tuple[str, ...]] | None = None) -> dict[str, dict[str, float]]:
+             majority: dict[str, tuple[str, ...]] | None = None) -> dict[str, dict[str, Any]]:
   """{split: {"loss": ..., and the split's scores}} for every validation split.
 
-  `majority` (from `majority_answers` over the training mix) adds the chance level to
-  the accuracy splits; it depends on the data only, so a run computes it once.
+  Each decoded score comes with its 95% interval (`NAME_ci95`, over records) and the
+  per-answer values behind it (`per_answer`). `majority` (from `majority_answers` over the
+  training mix) adds the chance level to the accuracy splits; it depends on the data only,
+  so a run computes it once.
   """
   results = {}
   for split, source in val_sources.items():
@@ -153,3 +185,21 @@ def evaluate(generator: decode.Generator, val_sources: dict[str, Any], losses: d
       results[split].update(score_accuracy(generator, source, max_new_tokens=eval_cfg.max_new_tokens,
                                            majority=majority))
   return results
+
+
+def compare(after: dict[str, dict[str, Any]], before: dict[str, dict[str, Any]],
+            margin: float) -> dict[str, dict[str, dict[str, Any]]]:
+  """{split: {score: {"difference", "ci95", "verdict"}}}: the paired difference of every
+  decoded score both evaluations have, answer by answer (see `stats.verdict`)."""
+  compared = {}
+  for split in sorted(set(after) & set(before)):
+    a, b = after[split].get("per_answer"), before[split].get("per_answer")
+    if not a or not b or a["record"] != b["record"]:
+      continue  # not decoded on both sides, or not the same answers
+    for score in a:
+      if score != "record" and score in b:
+        diff = stats.paired_difference(a[score], b[score], a["record"])
+        lo, hi = diff["ci95"]
+        diff["verdict"] = stats.verdict((-hi, -lo) if score in LOWER_IS_BETTER else (lo, hi), margin)
+        compared.setdefault(split, {})[score] = diff
+  return compared

@@ -62,14 +62,23 @@ def run(configs: dict[str, ml_collections.ConfigDict], workdir: str) -> list:
 
 
 def scores_table(report: dict) -> str:
-  """Stage 1 and stage 2 side by side, per capability (from stage 2's report.json)."""
-  rows = [f"{'split':<18}{'score':<22}{'stage 1':>10}{'stage 2':>10}"]
+  """Stage 1 and stage 2 side by side, per capability (from stage 2's report.json): each
+  decoded score with its 95% interval, and stage 2's paired difference to stage 1."""
+  cell = lambda scores, name: (f"{scores[name]:.3f}" + (f" [{scores[name + '_ci95'][0]:.3f}, "
+                                                        f"{scores[name + '_ci95'][1]:.3f}]"
+                                                        if name + "_ci95" in scores else "")
+                               if isinstance(scores.get(name), float) else "-")
+  rows = [f"{'split':<18}{'score':<22}{'stage 1':>22}{'stage 2':>22}   stage 2 - stage 1 [95%]"]
+  compared = report.get("compared") or {}
   for split, scores in report["stage2"].items():
-    for name in sorted(scores, key=lambda n: (n != "loss", n)):
-      if name.startswith("num_"):
-        continue
-      before = report["stage1"].get(split, {}).get(name, float("nan"))
-      rows.append(f"{split:<18}{name:<22}{before:>10.3f}{scores[name]:>10.3f}")
+    names = [n for n, v in scores.items() if isinstance(v, float)]
+    for name in sorted(names, key=lambda n: (n != "loss", n)):
+      row = f"{split:<18}{name:<22}{cell(report['stage1'].get(split, {}), name):>22}{cell(scores, name):>22}"
+      diff = compared.get(split, {}).get(name)
+      if diff:
+        row += (f"   {diff['difference']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}] "
+                f"{diff['verdict']}")
+      rows.append(row)
   return "\n".join(rows)
 
 

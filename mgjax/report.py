@@ -24,10 +24,12 @@ from typing import Any
 
 from etils import epath
 
+from mgjax import metrics
+
 # Which scores to show per capability, in this order.
 _SHOWN = {
     "val_understanding": ("accuracy", "chance", "spurious_prompt_rate", "loss"),
-    "val_generation": ("format_rate", "prompt_f1", "loss"),
+    "val_generation": ("format_rate", "prompt_f1", "prompt_exact", "loss"),
     "val_text": ("loss",),
     "val_caption": ("loss",),  # the pretraining phase's
 }
@@ -39,7 +41,7 @@ def write(workdir: str, report: dict[str, Any]) -> None:
   root.mkdir(parents=True, exist_ok=True)
   (root / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
   columns = [c for c in ("start", "stage0", "stage1", "stage2") if c in report]
-  (root / "report.png").write_bytes(chart(report, columns))
+  (root / "report.png").write_bytes(chart(report, columns, workdir))
   (root / "report.md").write_text(markdown(report, columns))
 
 
@@ -48,8 +50,10 @@ def read(workdir: str) -> dict[str, Any] | None:
   return json.loads(path.read_text()) if path.exists() else None
 
 
-def _cell(value: Any) -> str:
-  return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+def _cell(value: Any, ci95: Any = None) -> str:
+  if not isinstance(value, (int, float)):
+    return "-"
+  return f"{value:.3f}" + (f" [{ci95[0]:.3f}, {ci95[1]:.3f}]" if ci95 else "")
 
 
 def markdown(report: dict[str, Any], columns: list[str]) -> str:
@@ -66,15 +70,31 @@ def markdown(report: dict[str, Any], columns: list[str]) -> str:
   splits += sorted({s for c in columns for s in report[c]} - set(splits))
   for split in splits:
     for score in _SHOWN.get(split, ("loss",)):
-      values = [report[c].get(split, {}).get(score) for c in columns]
-      if any(v is not None for v in values):
-        lines.append(f"| {split} | {score} | " + " | ".join(_cell(v) for v in values) + " |")
+      cells = [(report[c].get(split, {}).get(score), report[c].get(split, {}).get(f"{score}_ci95")) for c in columns]
+      if any(v is not None for v, _ in cells):
+        lines.append(f"| {split} | {score} | " + " | ".join(_cell(v, ci) for v, ci in cells) + " |")
   lines += [
-      "", "`chance`: answering each question with its most common training answer, without "
+      "", "Decoded scores show their 95% bootstrap interval over records in brackets. "
+      "`chance`: answering each question with its most common training answer, without "
       "looking at the image. `format_rate`: share of generation requests answered with a "
       "well-formed `<h>...</h>` prompt; `prompt_f1`: token F1 of that prompt against the "
-      "reference. `spurious_prompt_rate`: understanding answers that hold a `<h>` prompt.", ""
+      "reference; `prompt_exact`: share of prompts equal to it. `spurious_prompt_rate`: understanding answers that hold a `<h>` prompt.",
+      ""
   ]
+  compared = report.get("compared") or {}
+  if compared:
+    start = columns[0]
+    lines += [
+        f"Paired difference to `{start}` on the same answers (this stage minus where it started), "
+        f"95% interval over records; a score held when no drop beyond {report.get('hold_margin', 0.02):.2f} "
+        "is inside the interval:", "", "| split | score | difference | 95% interval | verdict |",
+        "| --- | --- | --- | --- | --- |"
+    ]
+    for split, scores in compared.items():
+      for score, d in scores.items():
+        lo, hi = d["ci95"]
+        lines.append(f"| {split} | {score} | {d['difference']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {d['verdict']} |")
+    lines.append("")
   drift = report.get("drift") or []
   if drift:
     lines += ["Drift of the guarded splits from where this stage started:", ""]
@@ -83,40 +103,100 @@ def markdown(report: dict[str, Any], columns: list[str]) -> str:
         ("" if d["within_bounds"] else " (out of bounds)") for d in drift
     ]
     lines.append("")
-  lines += ["![scores per capability](report.png)", ""]
+  lines += ["![validation curves and scores](report.png)", ""]
   return "\n".join(lines)
 
 
-def chart(report: dict[str, Any], columns: list[str]) -> bytes:
-  """A PNG: one panel per capability, the columns' scores as grouped bars."""
+def stage_chain(workdir: str, report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+  """(workdir, report) of this stage and of every stage it started from, oldest first,
+  as far back as their report.json files can be read."""
+  chain, seen = [(workdir, report)], {str(workdir)}
+  while (previous := chain[0][1].get("init_from_workdir")) and str(previous) not in seen:
+    seen.add(str(previous))
+    earlier = read(previous)
+    if not earlier:
+      break
+    chain.insert(0, (previous, earlier))
+  return chain
+
+
+def chart(report: dict[str, Any], columns: list[str], workdir: str | None = None) -> bytes:
+  """A PNG, one panel per validation split: its loss over the steps of this stage and the
+  stages before it on one step axis (as TensorBoard counts them), the decoded scores with
+  their 95% intervals where they were measured, the drift bounds, and the result
+  checkpoint of each stage."""
   import io
 
   # A bare Figure, not pyplot: no display needed (TPU VMs, CI) and no global backend
   # switched under a notebook that is showing its own plots.
   from matplotlib.figure import Figure
 
-  panels = [(split, [s
-                     for s in scores
-                     if any(report[c].get(split, {}).get(s) is not None
-                            for c in columns)])
-            for split, scores in _SHOWN.items()]
-  panels = [(split, scores) for split, scores in panels if scores]
-  fig = Figure(figsize=(4.2 * len(panels), 3.6))
-  axes = fig.subplots(1, len(panels), squeeze=False)
-  width = 0.8 / max(len(columns), 1)
-  for ax, (split, scores) in zip(axes[0], panels):
-    for i, column in enumerate(columns):
-      values = [report[column].get(split, {}).get(s) for s in scores]
-      xs = [j + (i - (len(columns) - 1) / 2) * width for j in range(len(scores))]
-      bars = ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=column)
-      for bar, v in zip(bars, values):
-        if v is not None:
-          ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                      fontsize=7)
-    ax.set_xticks(range(len(scores)), scores, fontsize=8)
+  chain = stage_chain(workdir, report) if workdir else [("", report)]
+  losses: dict[str, list[tuple[int, float, int]]] = {}  # split -> (global step, loss, stage)
+  for stage_dir, stage_report in chain:
+    offset = int(stage_report.get("global_step_offset", 0))
+    for record in metrics.read(stage_dir) if stage_dir else []:
+      if record["split"] != "train" and "loss" in record:
+        losses.setdefault(record["split"], []).append((offset + record["step"], record["loss"], stage_report["stage"]))
+  splits = [s for s in _SHOWN if s in losses or any(s in r.get(c, {}) for _, r in chain for c in columns)]
+  splits += sorted(set(losses) - set(splits))
+  fig = Figure(figsize=(4.6 * max(len(splits), 1), 3.8))
+  axes = fig.subplots(1, max(len(splits), 1), squeeze=False)[0]
+  markers = {
+      "accuracy": "o",
+      "chance": "_",
+      "format_rate": "s",
+      "prompt_f1": "D",
+      "prompt_exact": "^",
+      "spurious_prompt_rate": "x"
+  }
+  for ax, split in zip(axes, splits):
+    points = losses.get(split, [])
+    for stage in sorted({p[2] for p in points}):
+      xs, ys = zip(*[(x, y) for x, y, s in points if s == stage])
+      ax.plot(xs, ys, marker=".", label=f"loss, {stage_name(stage)}")
+    ax.set_xlabel("step (all stages)")
+    ax.set_ylabel("validation loss (log scale)")
+    if points:
+      ax.set_yscale("log")  # a stage's first loss is many times its last: stage 2's detail stays visible
     ax.set_title(split.removeprefix("val_"))
-  axes[0][0].legend(fontsize=8)
+    scored = ax.twinx()
+    scored.set_ylim(-0.02, 1.02)
+    scored.set_ylabel("decoded score")
+    for stage_dir, stage_report in chain:
+      del stage_dir
+      offset = int(stage_report.get("global_step_offset", 0))
+      stage = stage_report["stage"]
+      result_step = offset + int((stage_report.get("result") or {}).get("step", 0))
+      ax.axvline(result_step, color="grey", linestyle=":", linewidth=1)
+      ax.annotate(f"{stage_name(stage)} result", (result_step, 1), xycoords=("data", "axes fraction"), rotation=90,
+                  va="top", ha="right", fontsize=6, color="grey")
+      bound = (stage_report.get("drift_bounds") or {}).get(split)
+      if bound is not None:
+        end = offset + int(stage_report.get("steps_trained", 0))
+        ax.hlines(bound, offset, end, colors="red", linestyles="--", linewidth=1, label="drift bound")
+      ends = [(offset, k) for k in stage_report if k in ("start", f"stage{stage - 1}")
+             ] + [(result_step, f"stage{stage}")]
+      for x, column in ends:
+        for name, value in stage_report.get(column, {}).get(split, {}).items():
+          if name in markers and isinstance(value, float):
+            ci = stage_report[column][split].get(f"{name}_ci95")
+            err = [[value - ci[0]], [ci[1] - value]] if ci else None
+            scored.errorbar([x], [value], yerr=err, fmt=markers[name], color="black", capsize=3, markersize=4)
+    names = sorted({
+        n for _, r in chain for c in r if c.startswith(("stage", "start")) and isinstance(r[c], dict)
+        for n in r[c].get(split, {}) if n in markers
+    })
+    if names:
+      scored.annotate(", ".join(f"{markers[n]} {n}" for n in names), (0.02, 0.02), xycoords="axes fraction", fontsize=6)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=6, loc="upper right")
   fig.tight_layout()
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=100)
   return buffer.getvalue()
+
+
+def stage_name(stage: int) -> str:
+  """'pretraining' for stage 0 (configs/pretrain.py), else 'stage N'."""
+  return "pretraining" if stage == 0 else f"stage {stage}"

@@ -15,6 +15,8 @@ Every stage runs through `run`; what makes stage 2 a stage 2 (params-only start 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
@@ -31,11 +33,6 @@ from mgjax import locks, preemption, sharding, stages, step as steps_lib, throug
 from mgjax.data import datasets, pipeline, shared
 from mgjax.data import tokenizer as tokenizers
 from mgjax.models import attention, vlm
-
-
-def stage_name(stage: int) -> str:
-  """'pretraining' for stage 0 (configs/pretrain.py), else 'stage N'."""
-  return "pretraining" if stage == 0 else f"stage {stage}"
 
 
 @dataclasses.dataclass
@@ -57,7 +54,7 @@ class Summary:
 
   def format(self) -> str:
     lines = [
-        f"{stage_name(self.stage)}: {self.steps} steps in {self.seconds:.0f}s, "
+        f"{reports.stage_name(self.stage)}: {self.steps} steps in {self.seconds:.0f}s, "
         f"{self.num_trainable:,} of {self.num_params:,} params trained",
         f"  final train loss {self.train_loss:.4f}",
     ]
@@ -149,6 +146,9 @@ def open_data(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
 
 # ------------------------------------------------------------------------------ Evaluation
 
+# The evaluation settings that decide the decoded answers (not, e.g., eval.score_start).
+_DECODING_KEYS = ("decode", "max_new_tokens", "batch_size", "accuracy_splits", "generation_splits")
+
 
 class Evaluator:
   """Validation losses of every val split, and the decoded scores of a set of weights."""
@@ -173,6 +173,55 @@ class Evaluator:
       self.writer.write(step, split, loss=losses[split])
     return losses
 
+  def fingerprint(self) -> str:
+    """What decides the decoded answers besides the weights: the validation data, the
+    tokenizer (the dataset's), the decoding settings, the model's numerics and the mesh
+    (its split decides the order of reductions). Greedy decoding is deterministic, so two
+    evaluations with the same fingerprint and the same weights give the same answers."""
+    config = self.config
+    return hashlib.sha256(
+        json.dumps(
+            {
+                "dataset": [str(self.data.dataset.dataset_dir), self.data.dataset.version],
+                "val_splits": list(config.data.val_splits),
+                "seq_len": config.data.seq_len,
+                "eval": {
+                    k: config.eval[k] for k in _DECODING_KEYS
+                },
+                "eval_batch_size": config.train.eval_batch_size,
+                "model": self.data.model_cfg.to_dict(),
+                "mesh": dict(self.setup.mesh.shape),
+            }, sort_keys=True, default=str).encode()).hexdigest()
+
+  def previous_scores(self, init_from: dict) -> dict | None:
+    """The decoded scores the stage this one starts from reported for the very checkpoint
+    it handed on, when they were decoded with this stage's fingerprint (else None: they
+    must be measured)."""
+    previous = reports.read(init_from["workdir"]) or {}
+    column = previous.get(f"stage{previous.get('stage')}")
+    if not (previous.get("complete") and column and previous.get("eval_fingerprint") == self.fingerprint()):
+      return None
+    if (previous.get("result") or {}).get("step") != init_from["step"]:
+      return None  # started from another of its checkpoints
+    return column
+
+  def start_scores(self, params: Any, losses: dict[str, float], init_from: dict) -> dict[str, dict[str, Any]]:
+    """The scores of the weights this stage starts from: the previous stage's own report of
+    them when it holds the same evaluation (saves decoding every validation set again),
+    else measured."""
+    previous = self.previous_scores(init_from)
+    if previous is None or set(previous) != set(losses):
+      return self.scores(0, params, losses)
+    scores = {split: {**previous[split], "loss": losses[split]} for split in losses}
+    self._log(0, scores)
+    return scores
+
+  def _log(self, step: int, scores: dict[str, dict[str, Any]]) -> None:
+    for split, values in scores.items():
+      extra = {k: v for k, v in values.items() if k != "loss" and isinstance(v, float)}
+      if extra:
+        self.writer.write(step, split, **extra)
+
   def scores(self, step: int, params: Any, losses: dict[str, float]) -> dict[str, dict[str, float]]:
     """Losses plus decoded scores (format rate, prompt F1, accuracy) of `params`."""
     eval_cfg, dataset = self.config.eval, self.data.dataset
@@ -181,10 +230,7 @@ class Evaluator:
     generator = decode.Generator(self.setup.graphdef, params, self.data.tokenizer, self.data.encoder,
                                  max_batch_size=eval_cfg.batch_size)
     scores = evaluation.evaluate(generator, self.data.val_sources, losses, eval_cfg, majority=self._chance_answers)
-    for split, values in scores.items():
-      extra = {k: v for k, v in values.items() if k != "loss" and not k.startswith("num_")}
-      if extra:
-        self.writer.write(step, split, **extra)
+    self._log(step, scores)
     return scores
 
 
@@ -348,11 +394,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     if start.step == 0:
       val_start = evaluator.losses(0, trainable, frozen)
       # Stage 2's starting point is stage 1's result: score it in full, as the "before".
-      start_scores = (evaluator.scores(0, start.params, val_start) if init_from else {
-          split: {
-              "loss": loss
-          } for split, loss in val_start.items()
-      })
+      start_scores = (evaluator.start_scores(start.params, val_start, init_from)
+                      if init_from and config.eval.score_start else {
+                          split: {
+                              "loss": loss
+                          } for split, loss in val_start.items()
+                      })
     else:
       # The guards' reference and the evaluations so far come from the checkpoint, so they
       # survive a lost or truncated metrics.jsonl (older checkpoints: from the metrics).
@@ -368,7 +415,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
                   if start.step else float("nan"))
     window = throughput.Window(jax.process_count())
     progress = tqdm.tqdm(total=steps, initial=start.step, disable=jax.process_index() != 0,
-                         desc=stage_name(config.stage), dynamic_ncols=True)
+                         desc=reports.stage_name(config.stage), dynamic_ncols=True)
     step, compiled_step, flops_per_device, stop = start.step, None, None, None
     pending = None  # the previous step's metrics, checked once the next step is dispatched
     try:
@@ -445,7 +492,18 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
       "drift": validation.drift_log,
       "steps_trained": step,
       _start_key(config.stage, init_from): start_scores,
+      "eval_fingerprint": evaluator.fingerprint(),
   }
+  if init_from:  # stage 2 against stage 1's weights, answer by answer
+    report["compared"] = evaluation.compare(end_scores, start_scores, config.eval.hold_margin)
+    report["hold_margin"] = config.eval.hold_margin
+    # Where report.png finds the stages before this one, and where it puts them.
+    report["init_from_workdir"] = init_from["workdir"]
+    report["global_step_offset"] = global_offset
+    if validation.drift.action in ("stop", "rollback"):  # bounds that end the run (report.png draws them)
+      report["drift_bounds"] = {
+          s: validation.drift.reference[s] * (1 + validation.drift.threshold) for s in validation.drift.splits
+      }
   if jax.process_index() == 0:
     reports.write(workdir, report)
   ckpts.close()
@@ -474,7 +532,7 @@ def _stopped_error(config, stop: StopTraining, steps: int, ckpts: checkpoint.Che
   if stop.reason == "preempted":
     saved = str(ckpts.directory / str(stop.step))
     return preemption.Preempted(
-        f"{stage_name(config.stage)} stopped by {signal_name} after step {stop.step} of {steps}; "
+        f"{reports.stage_name(config.stage)} stopped by {signal_name} after step {stop.step} of {steps}; "
         f"checkpoint {saved} holds everything needed: run the same command again to resume.", step=stop.step,
         checkpoint=saved, signal_name=signal_name)
   last = stop.last_good_checkpoint

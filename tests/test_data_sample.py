@@ -65,6 +65,24 @@ def test_generation_prompt_is_a_function_of_the_request(tmp_path):
   assert len(by_what) > 50
 
 
+def test_generation_prompts_are_composed_not_copied(tmp_path):
+  # A colour asked for by any of its names is written with its one canonical name, which
+  # a model can only do by mapping it, not by copying the request's words.
+  paths = sample.write_sample_sources(str(tmp_path), seed=0, n_understanding=1, n_generation=400, n_text=2)
+  mapped = 0
+  for rec in json.loads(pathlib.Path(paths["generation"]).read_text()):
+    user, answer = rec["conversations"][0]["value"], rec["conversations"][1]["value"]
+    for colour, names in sample._COLOUR_WORDS.items():
+      for name in names:
+        if re.search(rf"\b{re.escape(name)}\b", user.replace("sky-blue", "")):
+          assert re.search(rf"\b{colour}\b", answer), (user, answer)
+          if name != colour:
+            mapped += 1
+            assert name not in answer, (user, answer)
+    assert answer.endswith(tuple(f"{style}.</h>" for style in sample._STYLES)), answer
+  assert mapped > 100
+
+
 def test_readers_apply_their_rules_to_the_sample(tmp_path):
   paths = sample.write_sample_sources(str(tmp_path), seed=0, n_understanding=2, n_generation=2, n_text=200)
   items = list(sources.read(paths["oasst"], format="oasst_trees", source="oasst"))

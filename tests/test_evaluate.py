@@ -100,7 +100,7 @@ def test_report_writes_json_markdown_and_a_png(tmp_path):
   md = (tmp_path / "report.md").read_text()
   assert "| val_generation | format_rate | 0.500 | 1.000 |" in md
   assert "| val_understanding | accuracy | 0.900 | 0.890 |" in md
-  assert "val_understanding +2.0%" in md and "![scores per capability](report.png)" in md
+  assert "val_understanding +2.0%" in md and "![validation curves and scores](report.png)" in md
   with Image.open(tmp_path / "report.png") as png:
     assert png.format == "PNG" and png.width > 600
     assert np.asarray(png.convert("L")).std() > 10  # something was drawn

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import load_params, tiny_config
-from mgjax import checkpoint, metrics, stages, train
+from mgjax import checkpoint, metrics, report as reports, stages, train
 
 
 def checkpoint_params(path: str):
@@ -205,11 +205,32 @@ def test_stage2_report_holds_both_stages_side_by_side(stage1, data_dir, tmp_path
     assert set(u) >= {"loss", "accuracy", "chance"} and set(g) >= {"loss", "format_rate", "prompt_f1"}
     assert set(t) >= {"loss"}
     assert 0 <= u["accuracy"] <= 1 and 0 <= g["format_rate"] <= 1 and 0 <= g["prompt_f1"] <= 1
-  # Stage 2's "before" column is stage 1's result, measured again on the same sets.
+  # Every decoded score has its 95% interval, around it.
+  for split, score in (("val_understanding", "accuracy"), ("val_generation", "prompt_f1")):
+    lo, hi = report["stage2"][split][f"{score}_ci95"]
+    assert lo <= report["stage2"][split][score] <= hi
+  # Stage 2's "before" column is stage 1's result as stage 1's report scored it: the same
+  # weights decoded with the same settings (the fingerprint) give the same answers.
   stage1_report = json.loads(open(os.path.join(stage1.workdir, "report.json")).read())
+  assert report["eval_fingerprint"] == stage1_report["eval_fingerprint"]
   for split in ("val_understanding", "val_generation"):
-    for score, value in stage1_report["stage1"][split].items():
-      assert report["stage1"][split][score] == pytest.approx(value, rel=1e-5), (split, score)
+    assert report["stage1"][split]["loss"] == pytest.approx(stage1_report["stage1"][split]["loss"], rel=1e-5)
+    assert {**report["stage1"][split], "loss": 0} == {**stage1_report["stage1"][split], "loss": 0}
+  # Measured again (another decoding batch size, so another fingerprint): the same answers.
+  measured_config = stage2_config(stage1, data_dir, steps=2, decode=True)
+  measured_config.eval.batch_size = 3
+  measured = train.run(measured_config, str(tmp_path / "measured")).report
+  for split in ("val_understanding", "val_generation"):
+    assert measured["stage1"][split]["per_answer"] == report["stage1"][split]["per_answer"]
+  # The paired difference to stage 1, answer by answer, with a verdict.
+  compared = report["compared"]["val_understanding"]["accuracy"]
+  assert compared["ci95"][0] <= compared["difference"] <= compared["ci95"][1]
+  assert compared["verdict"] in ("improved", "held", "dropped", "undecided")
+  assert "Paired difference to `stage1`" in (tmp_path / "report.md").read_text()
+  # report.png draws stage 1 and stage 2 on one step axis: it finds stage 1's metrics.
+  assert report["init_from_workdir"] == stage1.workdir and report["global_step_offset"] == 60
+  assert [r["stage"] for _, r in reports.stage_chain(str(tmp_path), report)] == [1, 2]
+  assert set(report["drift_bounds"]) == {"val_understanding", "val_text"}
   assert (tmp_path / "report.png").stat().st_size > 5000
   assert "| val_generation | format_rate |" in (tmp_path / "report.md").read_text()
   assert summary.report == report

@@ -119,6 +119,24 @@ def start_and_wait_for(workdir: str, data_dir: str, cache: str, ready) -> subpro
   return proc
 
 
+def test_two_runs_at_once_log_the_bit_identical_losses_of_a_run_alone(reference_run, data_dir, tmp_path):
+  # The machine is loaded by the two runs themselves: thread timing must not change a bit.
+  reference, cache = reference_run
+  workdirs = [str(tmp_path / f"run{i}") for i in range(2)]
+  procs = [
+      subprocess.Popen(cli_args(w, data_dir, cache, RESUME_STEPS, RESUME_EVERY), cwd=REPO, env=os.environ.copy(),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for w in workdirs
+  ]
+  for proc in procs:
+    _, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-3000:]
+  losses = lambda workdir: [(r["step"], r["split"], r["loss"]) for r in metrics.read(workdir) if "loss" in r]
+  alone = losses(reference)
+  assert len(alone) > RESUME_STEPS
+  for workdir in workdirs:
+    assert losses(workdir) == alone  # exact: the same floats, not merely close
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(reference_run, data_dir, tmp_path):
   reference, cache = reference_run
   killed = str(tmp_path / "killed")

@@ -183,9 +183,47 @@ def _captions(n: int, rng: random.Random, images_dir: epath.Path) -> list[dict[s
 # Generation requests in the Mini-Gemini convention
 # ---------------------------------------------------------------------------------------
 
-_REQUESTS = ("Draw {what} on a white background.", "Create an image of {what}.", "Generate a picture showing {what}.",
-             "Please paint {what}.", "Make a simple drawing with {what}.",
-             "I would like to see {what}. Can you draw it?")
+# A request names what to draw in one of several wordings, in any order; the prompt says
+# the same in one canonical wording and order. Getting every attribute right means
+# composing the prompt (mapping "crimson" to red, "a pair of" to two, "B to the right of A"
+# to "A on the left and B on the right", a style nobody named to the default), not copying.
+_COLOUR_WORDS = {
+    "red": ("red", "crimson", "scarlet"),
+    "green": ("green", "emerald", "grass-green"),
+    "blue": ("blue", "navy", "azure"),
+    "yellow": ("yellow", "lemon", "golden"),
+    "purple": ("purple", "violet", "plum"),
+    "orange": ("orange", "tangerine", "amber")
+}
+# (singular, plural) wordings per shape.
+_SHAPE_WORDS = {
+    "circle": (("circle", "circles"), ("disc", "discs"), ("round dot", "round dots")),
+    "square": (("square", "squares"), ("box", "boxes"), ("square tile", "square tiles")),
+    "triangle": (("triangle", "triangles"), ("three-sided shape", "three-sided shapes"), ("wedge", "wedges"))
+}
+_COUNT_WORDS = {1: ("a", "one", "a single"), 2: ("two", "a pair of"), 3: ("three", "a trio of"), 4: ("four",)}
+# Prompt background -> how a request may ask for it; white is the default when none is asked.
+_BACKGROUNDS = {
+    "white": ("white", "snow-white"),
+    "black": ("black", "jet-black"),
+    "grey": ("grey", "gray"),
+    "beige": ("beige", "sand-coloured"),
+    "light blue": ("light blue", "sky-blue")
+}
+_BACKGROUND_FRAMES = ("on a {} background", "against a {} backdrop", "with a {} background")
+# Prompt style -> how a request may ask for it; a vector illustration is the default.
+_STYLES = {
+    "simple vector illustration": ("as a flat vector illustration", "in clip-art style"),
+    "watercolour painting": ("as a watercolour", "in watercolor"),
+    "pencil sketch": ("as a pencil sketch", "drawn in graphite"),
+    "pixel art": ("as pixel art", "in an 8-bit pixel style"),
+    "3D render": ("as a 3D render", "rendered in CGI"),
+    "oil painting": ("as an oil painting", "painted in oils")
+}
+_REQUESTS = ("Draw {what}.", "Create an image of {what}.", "Generate a picture showing {what}.", "Please paint {what}.",
+             "Make a simple drawing with {what}.", "I would like to see {what}. Can you draw it?",
+             "Could you show me {what}?")
+_CORNERS = ("top left", "top right", "bottom left", "bottom right")
 
 
 def _plural(shape: str, n: int) -> str:
@@ -215,25 +253,44 @@ def _generation(n: int, rng: random.Random) -> list[dict[str, Any]]:
   return records
 
 
+def _group(rng: random.Random, count: int | None = None) -> tuple[str, str]:
+  """One group of like shapes: (the request's wording, the prompt's)."""
+  shape, colour = rng.choice(SHAPES), rng.choice(sorted(COLOURS))
+  k = count or rng.randint(1, 4)
+  words = rng.choice(_SHAPE_WORDS[shape])[0 if k == 1 else 1]
+  asked = f"{rng.choice(_COUNT_WORDS[k])} {rng.choice(_COLOUR_WORDS[colour])} {words}"
+  return asked, f"{NUMBERS[k]} {colour} {_plural(shape, k)}"
+
+
 def _generation_request(rng: random.Random) -> tuple[str, str]:
-  """A request in one of several phrasings and the prompt it should produce."""
-  kind = rng.choice(("count", "count", "place", "pair"))
-  if kind == "count":
-    shape, colour, k = rng.choice(SHAPES), rng.choice(sorted(COLOURS)), rng.randint(1, 4)
-    what = f"{'a' if k == 1 else NUMBERS[k]} {colour} {_plural(shape, k)}"
-    layout = "centered" if k == 1 else "evenly spaced"
-    prompt = (f"{NUMBERS[k].capitalize()} flat {colour} {_plural(shape, k)} {layout} on a plain "
-              f"white background, simple vector illustration")
-  elif kind == "place":
-    shape, colour, pos = rng.choice(SHAPES), rng.choice(sorted(COLOURS)), rng.choice(sorted(POSITIONS))
-    where = "in the center" if pos == "center" else f"in the {pos} corner" if " " in pos else f"at the {pos}"
-    what = f"a {colour} {shape} {where}"
-    prompt = f"A single flat {colour} {shape} {where} of a plain white canvas, simple vector illustration"
-  else:
-    (s1, s2), (c1, c2) = rng.sample(SHAPES, 2), rng.sample(sorted(COLOURS), 2)
-    what = f"a {c1} {s1} next to a {c2} {s2}"
-    prompt = (f"A flat {c1} {s1} on the left and a flat {c2} {s2} on the right, plain white "
-              f"background, simple vector illustration")
+  """A request in one of many wordings and the prompt it should produce."""
+  layout = rng.choice(("group", "group", "corner", "pair"))
+  if layout == "group":  # one group of like shapes
+    what, objects = _group(rng)
+  elif layout == "corner":  # a single shape in a corner
+    corner = rng.choice(_CORNERS)
+    asked, shown = _group(rng, count=1)
+    what = f"{asked} in the {rng.choice((corner, corner.replace(' ', '-')))} corner"
+    objects = f"{shown} in the {corner} corner"
+  else:  # two groups side by side or one above the other, named in either order
+    (a_asked, a), (b_asked, b) = _group(rng, rng.randint(1, 2)), _group(rng, rng.randint(1, 2))
+    if rng.random() < 0.5:
+      what = rng.choice((f"{a_asked} to the left of {b_asked}", f"{b_asked} to the right of {a_asked}"))
+      objects = f"{a} on the left and {b} on the right"
+    else:
+      what = rng.choice((f"{a_asked} above {b_asked}", f"{b_asked} below {a_asked}"))
+      objects = f"{a} at the top and {b} at the bottom"
+  background, style = "white", "simple vector illustration"
+  extras = []
+  if rng.random() < 0.7:
+    background = rng.choice(sorted(_BACKGROUNDS))
+    extras.append(rng.choice(_BACKGROUND_FRAMES).format(rng.choice(_BACKGROUNDS[background])))
+  if rng.random() < 0.7:
+    style = rng.choice(sorted(_STYLES))
+    extras.append(rng.choice(_STYLES[style]))
+  rng.shuffle(extras)
+  what = " ".join([what] + extras)
+  prompt = f"{objects[0].upper()}{objects[1:]}, on a plain {background} background, {style}"
   return rng.choice(_REQUESTS).format(what=what), prompt
 
 
