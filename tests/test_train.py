@@ -87,13 +87,25 @@ RESUME_STEPS, RESUME_EVERY = 40, 10
 
 
 @pytest.fixture(scope="module")
-def reference_run(data_dir, tmp_path_factory):
-  """An uninterrupted CLI run, to compare interrupted-and-resumed runs with."""
+def reference_runs(data_dir, tmp_path_factory):
+  """Two uninterrupted CLI runs of the same command, started at once (each loads the machine
+  for the other), to compare interrupted-and-resumed runs and each other with."""
   root = tmp_path_factory.mktemp("reference")
-  cache, workdir = str(root / "xla"), str(root / "run")
+  cache, workdirs = str(root / "xla"), [str(root / "run"), str(root / "twin")]
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-  subprocess.run(cli_args(workdir, data_dir, cache, RESUME_STEPS, RESUME_EVERY), cwd=REPO, env=env, check=True,
-                 capture_output=True)
+  procs = [
+      subprocess.Popen(cli_args(w, data_dir, cache, RESUME_STEPS, RESUME_EVERY), cwd=REPO, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for w in workdirs
+  ]
+  for proc in procs:
+    _, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-3000:]
+  return workdirs, cache
+
+
+@pytest.fixture(scope="module")
+def reference_run(reference_runs):
+  (workdir, _), cache = reference_runs
   return workdir, cache
 
 
@@ -119,22 +131,12 @@ def start_and_wait_for(workdir: str, data_dir: str, cache: str, ready) -> subpro
   return proc
 
 
-def test_two_runs_at_once_log_the_bit_identical_losses_of_a_run_alone(reference_run, data_dir, tmp_path):
-  # The machine is loaded by the two runs themselves: thread timing must not change a bit.
-  reference, cache = reference_run
-  workdirs = [str(tmp_path / f"run{i}") for i in range(2)]
-  procs = [
-      subprocess.Popen(cli_args(w, data_dir, cache, RESUME_STEPS, RESUME_EVERY), cwd=REPO, env=os.environ.copy(),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for w in workdirs
-  ]
-  for proc in procs:
-    _, stderr = proc.communicate(timeout=900)
-    assert proc.returncode == 0, stderr[-3000:]
+def test_two_runs_at_once_log_bit_identical_losses(reference_runs):
+  # Each run loaded the machine for the other: thread timing must not change a bit.
+  (one, two), _ = reference_runs
   losses = lambda workdir: [(r["step"], r["split"], r["loss"]) for r in metrics.read(workdir) if "loss" in r]
-  alone = losses(reference)
-  assert len(alone) > RESUME_STEPS
-  for workdir in workdirs:
-    assert losses(workdir) == alone  # exact: the same floats, not merely close
+  assert len(losses(one)) > RESUME_STEPS
+  assert losses(one) == losses(two)  # exact: the same floats, not merely close
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(reference_run, data_dir, tmp_path):
