@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mgjax import recipe, report as reports, runtime  # noqa: E402  (after the path above)
+from mgjax import recipe, report as reports, runtime, stages  # noqa: E402  (after the path above)
 
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (config.seed); each gets its own pretraining.")
 _ARMS = flags.DEFINE_list(
@@ -84,6 +84,10 @@ def run_configs(seed: int, data: str, data_dir: str | None, steps: dict[str, int
   direct = recipe.phase_configs(data, data_dir, steps)["stage1"]
   direct.data.train_split = "train_generation"
   direct.train.steps = s1 + s2
+  # At stage 1's learning rate the generation subset alone is memorised within these steps
+  # (training loss under 1e-4, where the collapse guard would end the run): the arm is to
+  # show where direct specialisation ends up, so that guard is off here (NaN still stops it).
+  direct.guard.collapse_loss = 0.0
   configs["b_direct"] = direct
 
   longer = recipe.phase_configs(data, data_dir, steps)["stage1"]
@@ -122,35 +126,60 @@ def runs_needed(arms: list[str]) -> list[str]:
 
 
 def run_seed(seed: int, arms: list[str], workdir: str, data: str, data_dir: str | None,
-             steps: dict[str, int | None]) -> tuple[dict[str, dict], int]:
-  """Trains (or finds finished) every run of one seed; returns ({run: its report}, how many
-  runs it trained)."""
+             steps: dict[str, int | None]) -> dict[str, dict]:
+  """Trains (or finds finished) every run of one seed; returns {run: its report}."""
   from mgjax import train
 
   configs = run_configs(seed, data, data_dir, steps)
-  out, trained = {}, 0
+  out = {}
   for run in runs_needed(arms):
-    config = configs[run]
+    config, run_dir = configs[run], os.path.join(workdir, run)
     if run in _NEEDS:
+      if "failed" in out[_NEEDS[run]]:
+        out[run] = {"failed": f"{_NEEDS[run]} failed"}
+        continue
       config.init_from = os.path.join(workdir, _NEEDS[run])
-    finished = (reports.read(os.path.join(workdir, run)) or {}).get("complete")
-    trained += not finished
+    finished = (reports.read(run_dir) or {}).get("complete")
     started = time.time()
-    summary = train.run(config, os.path.join(workdir, run))
-    print(f"seed {seed} {run}: {summary.steps} steps, {time.time() - started:.0f} s", flush=True)
+    try:
+      summary = train.run(config, run_dir)
+    except stages.GuardTripped as e:  # a finding of the study, not a reason to stop it
+      print(f"seed {seed} {run}: {e}", flush=True)
+      out[run] = {"failed": str(e).splitlines()[0]}
+      continue
+    seconds = time.time() - started
+    print(f"seed {seed} {run}: {summary.steps} steps, {seconds:.0f} s", flush=True)
+    if not finished:  # the study's compute time is the sum of its runs'
+      with open(os.path.join(run_dir, "study_seconds.txt"), "w") as f:
+        f.write(f"{seconds:.0f}\n")
     out[run] = summary.report
-  return out, trained
+  return out
+
+
+def run_seconds(workdir: str, seeds: list[str], arms: list[str]) -> float:
+  """The study's compute time: the sum of the seconds each of its runs took to train."""
+  total = 0.0
+  for seed in seeds:
+    for run in runs_needed(arms):
+      path = os.path.join(workdir, f"seed{seed}", run, "study_seconds.txt")
+      if os.path.exists(path):
+        with open(path) as f:
+          total += float(f.read())
+  return total
 
 
 def arm_scores(report: dict) -> dict[str, float]:
-  """An arm's scores: its last run's own column (the result checkpoint's evaluation)."""
-  column = report[f"stage{report['stage']}"]
+  """An arm's scores: its last run's own column (the result checkpoint's evaluation); NaN
+  for a run a guard stopped."""
+  column = report[f"stage{report['stage']}"] if "failed" not in report else {}
   return {f"{split}/{score}": column.get(split, {}).get(score, float("nan")) for split, score, _ in SCORES}
 
 
 def mean_interval(values: list[float]) -> dict[str, float]:
   """Mean, 95% t-interval over seeds, and the seeds' range."""
   x = np.asarray(values, np.float64)
+  if not np.isfinite(x).all():
+    return {k: float("nan") for k in ("mean", "lo", "hi", "min", "max")}
   half = _T95.get(x.size - 1, 1.96) * x.std(ddof=1) / np.sqrt(x.size) if x.size > 1 else float("nan")
   return {
       "mean": float(x.mean()),
@@ -195,7 +224,7 @@ def _direction(interval: dict[str, float] | None, higher: bool, margin: float | 
   """What the 95% interval of (arm - other) over seeds says about a claim, oriented so that
   "better" is positive: better (margin None) when it is all above 0; no worse (a margin)
   when no loss beyond the margin is inside it."""
-  if interval is None:
+  if interval is None or not np.isfinite(interval["mean"]):
     return "not measured"
   lo, hi = (interval["lo"], interval["hi"]) if higher else (-interval["hi"], -interval["lo"])
   if margin is None:
@@ -271,7 +300,8 @@ def markdown(study: dict, seconds: float) -> str:
 
 
 def chart(study: dict) -> bytes:
-  """One panel per score: each arm's seeds as dots, their mean and 95% t-interval as a bar."""
+  """One panel per score: each arm's mean with its 95% t-interval over seeds, and the seeds
+  themselves as dots beside it."""
   import io
 
   from matplotlib.figure import Figure
@@ -283,10 +313,11 @@ def chart(study: dict) -> bytes:
     key = f"{split}/{score}"
     for i, arm in enumerate(arms):
       m = study["table"][arm][key]
-      ax.bar(i, m["mean"], color="tab:blue" if arm != "a1" else "tab:gray", alpha=0.6)
-      ax.errorbar(i, m["mean"], yerr=[[m["mean"] - m["lo"]], [m["hi"] - m["mean"]]], color="black", capsize=3)
+      # Points, not bars: the axis zooms to the arms' differences instead of starting at 0.
+      ax.errorbar(i, m["mean"], yerr=[[m["mean"] - m["lo"]], [m["hi"] - m["mean"]]], fmt="o",
+                  color="tab:gray" if arm == "a1" else "tab:blue", capsize=4)
       seeds = [study["per_seed"][arm][s][key] for s in study["seeds"]]
-      ax.plot([i] * len(seeds), seeds, "k.", markersize=4)
+      ax.plot([i + 0.15] * len(seeds), seeds, "k.", markersize=3)
     ax.set_xticks(range(len(arms)), arms)
     ax.set_title(f"{split.removeprefix('val_')} {score}" + (" (higher better)" if higher else " (lower better)"),
                  fontsize=8)
@@ -308,19 +339,13 @@ def main(argv: list[str]) -> None:
       "stage1": flags.FLAGS.stage1_steps,
       "stage2": flags.FLAGS.stage2_steps
   }
-  started = time.time()
-  reports_by_seed, trained = {}, 0
-  for seed in _SEEDS.value:
-    reports_by_seed[int(seed)], n = run_seed(int(seed), arms, os.path.join(workdir, f"seed{seed}"), flags.FLAGS.data,
-                                             flags.FLAGS.data_dir, steps)
-    trained += n
-  seconds = time.time() - started
+  reports_by_seed = {
+      int(seed): run_seed(int(seed), arms, os.path.join(workdir, f"seed{seed}"), flags.FLAGS.data, flags.FLAGS.data_dir,
+                          steps) for seed in _SEEDS.value
+  }
   study = summarise(reports_by_seed, arms)
   os.makedirs(workdir, exist_ok=True)
-  earlier = os.path.join(workdir, "study.json")
-  if not trained and os.path.exists(earlier):
-    with open(earlier) as f:
-      seconds = json.load(f).get("seconds", seconds)  # summarised again: keep the training time
+  seconds = run_seconds(workdir, _SEEDS.value, arms)
   study["seconds"] = seconds
   with open(os.path.join(workdir, "study.json"), "w") as f:
     json.dump(study, f, indent=2, sort_keys=True)
