@@ -296,7 +296,32 @@ def markdown(study: dict, seconds: float) -> str:
     else:
       shown = "-"
     lines.append(f"| {c['claim']} | {c['measured']} | {shown} | {c['verdict']} |")
+  if "a1" in study["table"]:
+    lines += ["", quickstart_table(study)]
   return "\n".join(lines) + "\n"
+
+
+def quickstart_table(study: dict) -> str:
+  """Arm a is the quickstart (seed 0 is its default): stage 1 and stage 2 over the seeds, as
+  the README shows them, with each seed's paired difference from its own report."""
+  seeds = study["seeds"]
+  by_seed = {int(k): v for k, v in study["stage2_paired"].items()}  # JSON keys are strings
+  span = lambda m: f"{m['mean']:.3f} ({m['min']:.3f}-{m['max']:.3f})"
+  lines = [
+      f"The recipe (arm a) over seeds {', '.join(map(str, seeds))}: mean (lowest-highest seed), and stage 2 "
+      "minus stage 1 on the same answers per seed, with its 95% bootstrap interval over validation records:", "",
+      "| split | score | stage 1 | stage 2 | stage 2 - stage 1, per seed |", "| --- | --- | --- | --- | --- |"
+  ]
+  for split, score, _ in SCORES:
+    key = f"{split}/{score}"
+    paired = ""
+    if score in ("prompt_f1", "prompt_exact", "accuracy"):
+      paired = "; ".join(f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] {d['verdict']}"
+                         for d in (by_seed[s][score] for s in seeds)
+                         if d)
+    lines.append(f"| {split} | {score} | {span(study['table']['a1'][key])} | {span(study['table']['a'][key])} | "
+                 f"{paired} |")
+  return "\n".join(lines)
 
 
 def chart(study: dict) -> bytes:

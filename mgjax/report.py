@@ -190,7 +190,7 @@ def chart(report: dict[str, Any], columns: list[str], workdir: str | None = None
     if names:
       scored.annotate(", ".join(f"{markers[n]} {n}" for n in names), (0.02, 0.02), xycoords="axes fraction", fontsize=6)
     if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=6, loc="upper right")
+      ax.legend(fontsize=6, loc="center right")
   fig.tight_layout()
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=100)
