@@ -7,8 +7,12 @@ data and exercises their rules (ranked alternatives, a deleted message, a non-En
 tree, LIMA rows with an unanswered last turn).
 
   understanding: 128x128 PNGs with 1-3 shapes; questions with short checkable answers.
-  generation:    "Draw two red circles ... <GEN>" -> "<h>text-to-image prompt</h>", the
-                 prompt a fixed function of what was requested, whatever the phrasing.
+  generation:    "Please paint a pair of crimson discs against a jet-black backdrop as a
+                 watercolour. <GEN>" -> "<h>Two red circles, on a plain black background,
+                 watercolour painting.</h>": up to two groups of shapes (count, colour,
+                 shape, a corner, left/right or above/below in either order), a background
+                 and a style, each named in one of several wordings; the prompt says the
+                 same in one canonical wording and order, so it must be composed, not copied.
   text:          arithmetic, spelling, counting and colour/shape facts, multi-turn.
   caption:       128x128 PNGs with a one-sentence description, asked for in one of
                  LLaVA's pretraining phrasings (the image before or after the request):
