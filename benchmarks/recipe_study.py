@@ -316,9 +316,7 @@ def quickstart_table(study: dict) -> str:
     key = f"{split}/{score}"
     paired = ""
     if score in ("prompt_f1", "prompt_exact", "accuracy"):
-      paired = "; ".join(f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] {d['verdict']}"
-                         for d in (by_seed[s][score] for s in seeds)
-                         if d)
+      paired = "; ".join(reports.format_difference(d) for d in (by_seed[s][score] for s in seeds) if d)
     lines.append(f"| {split} | {score} | {span(study['table']['a1'][key])} | {span(study['table']['a'][key])} | "
                  f"{paired} |")
   return "\n".join(lines)

@@ -64,10 +64,9 @@ def run(configs: dict[str, ml_collections.ConfigDict], workdir: str) -> list:
 def scores_table(report: dict) -> str:
   """Stage 1 and stage 2 side by side, per capability (from stage 2's report.json): each
   decoded score with its 95% interval, and stage 2's paired difference to stage 1."""
-  cell = lambda scores, name: (f"{scores[name]:.3f}" + (f" [{scores[name + '_ci95'][0]:.3f}, "
-                                                        f"{scores[name + '_ci95'][1]:.3f}]"
-                                                        if name + "_ci95" in scores else "")
-                               if isinstance(scores.get(name), float) else "-")
+  from mgjax import report as reports  # after training: the report module loads jax and matplotlib's users
+
+  cell = lambda scores, name: reports.format_score(scores.get(name), scores.get(f"{name}_ci95"))
   rows = [f"{'split':<18}{'score':<22}{'stage 1':>22}{'stage 2':>22}   stage 2 - stage 1 [95%]"]
   compared = report.get("compared") or {}
   for split, scores in report["stage2"].items():
@@ -76,8 +75,7 @@ def scores_table(report: dict) -> str:
       row = f"{split:<18}{name:<22}{cell(report['stage1'].get(split, {}), name):>22}{cell(scores, name):>22}"
       diff = compared.get(split, {}).get(name)
       if diff:
-        row += (f"   {diff['difference']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}] "
-                f"{diff['verdict']}")
+        row += f"   {reports.format_difference(diff)}"
       rows.append(row)
   return "\n".join(rows)
 

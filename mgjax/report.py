@@ -50,10 +50,17 @@ def read(workdir: str) -> dict[str, Any] | None:
   return json.loads(path.read_text()) if path.exists() else None
 
 
-def _cell(value: Any, ci95: Any = None) -> str:
+def format_score(value: Any, ci95: Any = None) -> str:
+  """A score with its 95% interval when it has one: "0.537 [0.517, 0.557]"; "-" for none."""
   if not isinstance(value, (int, float)):
     return "-"
   return f"{value:.3f}" + (f" [{ci95[0]:.3f}, {ci95[1]:.3f}]" if ci95 else "")
+
+
+def format_difference(d: dict[str, Any]) -> str:
+  """A paired difference with its 95% interval and verdict: "+0.012 [+0.008, +0.016] improved"."""
+  lo, hi = d["ci95"]
+  return f"{d['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] {d['verdict']}"
 
 
 def markdown(report: dict[str, Any], columns: list[str]) -> str:
@@ -72,7 +79,7 @@ def markdown(report: dict[str, Any], columns: list[str]) -> str:
     for score in _SHOWN.get(split, ("loss",)):
       cells = [(report[c].get(split, {}).get(score), report[c].get(split, {}).get(f"{score}_ci95")) for c in columns]
       if any(v is not None for v, _ in cells):
-        lines.append(f"| {split} | {score} | " + " | ".join(_cell(v, ci) for v, ci in cells) + " |")
+        lines.append(f"| {split} | {score} | " + " | ".join(format_score(v, ci) for v, ci in cells) + " |")
   lines += [
       "", "Decoded scores show their 95% bootstrap interval over records in brackets. "
       "`chance`: answering each question with its most common training answer, without "
@@ -163,8 +170,7 @@ def chart(report: dict[str, Any], columns: list[str], workdir: str | None = None
     scored = ax.twinx()
     scored.set_ylim(-0.02, 1.02)
     scored.set_ylabel("decoded score")
-    for stage_dir, stage_report in chain:
-      del stage_dir
+    for _, stage_report in chain:
       offset = int(stage_report.get("global_step_offset", 0))
       stage = stage_report["stage"]
       result_step = offset + int((stage_report.get("result") or {}).get("step", 0))

@@ -477,7 +477,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     result_params = (setup.merged(trainable, frozen) if result.step == step else stages.load_init_params(
         result.checkpoint, setup.abstract_params)[0])
     val_result = validation.history.get(result.step) or metrics.val_losses_at(workdir, result.step)
-    end_scores = evaluator.scores(result.step, result_params, val_result)
+    # A stage that never beat its start hands the start on: its scores are already measured.
+    decoded_start = init_from and config.eval.score_start
+    end_scores = (start_scores if result.step == 0 and decoded_start else evaluator.scores(
+        result.step, result_params, val_result))
 
   report = {
       "stage": config.stage,

@@ -61,27 +61,17 @@ def test_verdicts_read_the_interval_against_the_margin(ci, verdict):
 
 def test_compare_pairs_the_same_answers_and_flips_lower_is_better_scores():
   records = [0, 0, 1, 2, 3, 4, 5, 6]
-  before = {
+  evaluation = lambda spurious: {
       "val_understanding": {
           "per_answer": {
               "record": records,
               "accuracy": [1, 0, 1, 0, 1, 0, 1, 1],
-              "spurious_prompt_rate": [0] * 8
+              "spurious_prompt_rate": [spurious] * 8
           }
       }
   }
-  after = {
-      "val_understanding": {
-          "per_answer": {
-              "record": records,
-              "accuracy": [1, 0, 1, 0, 1, 0, 1, 1],
-              "spurious_prompt_rate": [1] * 8
-          }
-      },
-      "val_text": {
-          "loss": 1.0
-      }
-  }
+  before = evaluation(0)
+  after = {**evaluation(1), "val_text": {"loss": 1.0}}
   compared = evaluate.compare(after, before, margin=0.02)
   assert set(compared) == {"val_understanding"}
   assert compared["val_understanding"]["accuracy"] == {"difference": 0.0, "ci95": [0.0, 0.0], "verdict": "held"}
