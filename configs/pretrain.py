@@ -5,8 +5,10 @@ As Mini-Gemini's first phase runs it (`--tune_mm_mlp_adapter True` in its script
 in LLaVA JSON (the data config's `caption` sources: splits train_caption and val_caption),
 the model preset's pretraining template (`plain` for Vicuna, Mixtral and Yi: the image, then
 the caption, loss on the caption; MGM-2B and MGM-8B pretrain in their chat templates),
-learning rate 1e-3 on a cosine to 0 with 3% warmup, no weight decay. Stage 1 then starts from
-this phase's weights:
+learning rate 1e-3 on a cosine to 0 with 3% warmup, no weight decay. The optimizer, batch and
+length of the run come from the model preset's `training["pretrain"]` (mgjax.config.apply_training;
+an mgm preset: its script's AdamW, global batch 256, one epoch); the values below are the
+defaults for a preset without them. Stage 1 then starts from this phase's weights:
 
   python -m mgjax.main --config=configs/pretrain.py --workdir=runs/pretrain
   python -m mgjax.main --config=configs/stage1.py --workdir=runs/stage1 --config.init_from=runs/pretrain
@@ -31,6 +33,7 @@ def get_config(arg=None):
   c.data.max_images = 4
   # Everything but mining and the projector: the LLM and both towers stay as they are.
   c.optim.freeze = ("llm/.*", "vision_lowres/.*", "vision_highres/.*")
+  # Mini-Gemini's pretraining optimizer, for a preset that names none in model.training.
   c.optim.lr = 1e-3
   c.optim.lr_multipliers = ()  # a preset's multipliers are for fine-tuning (MGM: --lr_multi there only)
   c.optim.end_lr_factor = 0.0
@@ -45,5 +48,6 @@ def get_config(arg=None):
   c.eval.generation_splits = ()
   c.early_stop.split = "val_caption"
   c.guard.drift_splits = ()
+  mgjax_config.apply_training(c, "pretrain")
   c.lock()
   return c

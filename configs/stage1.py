@@ -1,5 +1,10 @@
 """Stage 1: fine-tune the whole VLM on the whole instruction mix (split `train`).
 
+Mini-Gemini's fine-tuning (its scripts' second phase). The optimizer, batch and length of the
+run come from the model preset's `training["stage1"]` (mgjax.config.apply_training; an mgm
+preset: its script's learning rate and AdamW, global batch 128, one epoch); the values here and
+in base_config are the defaults for a preset without them.
+
   python -m mgjax.main --config=configs/stage1.py --workdir=runs/stage1
   python -m mgjax.main --config=configs/stage1.py:model=sample --config.train.steps=100
 """
@@ -20,5 +25,6 @@ def get_config(arg=None):
   # Pretraining's result has only learnt to caption: asked the validation questions it
   # answers nonsense until max_new_tokens, so decoding it costs much and tells nothing.
   c.eval.score_start = False
+  mgjax_config.apply_training(c, "stage1")
   c.lock()
   return c

@@ -316,13 +316,27 @@ def finished(workdir: str) -> bool:
   return report.exists() and bool(json.loads(report.read_text()).get("complete"))
 
 
-def locate(path: str, *, require_finished: bool = False, step: int = 0) -> tuple[str, int]:
+def imported(workdir: str, step: int) -> bool:
+  """Whether checkpoint `step` of `workdir` was written by an import (python -m mgjax.convert
+  import-llm / import-mgm): whole weights to start a stage from, not a run cut short."""
+  try:
+    ckpts = Checkpoints(workdir, read_only=True)
+    try:
+      return bool(ckpts.meta(step).get("imported"))
+    finally:
+      ckpts.close()
+  except Exception:  # noqa: BLE001  (an unreadable meta is simply not an import)
+    return False
+
+
+def locate(path: str, *, require_finished: bool = False, step: int = -1) -> tuple[str, int]:
   """Finds (workdir, step) for a workdir, its checkpoints/ folder, or one checkpoints/<step> folder.
 
   For a workdir: the run's result checkpoint (the best one when early stopping or a
   rollback chose it, as report.json says), else its latest checkpoint. With
   `require_finished` (starting the next stage from it) a run that has not finished is
-  refused unless `step` names the checkpoint to take instead (init_from_step).
+  refused unless `step` (>= 0) names the checkpoint to take instead (init_from_step). An
+  imported checkpoint (`python -m mgjax.convert import-*`, meta "imported") is a finished start.
   """
   p = epath.Path(path)
   if p.name.isdigit() and p.parent.name == "checkpoints":
@@ -330,7 +344,7 @@ def locate(path: str, *, require_finished: bool = False, step: int = 0) -> tuple
       raise CheckpointError(f"checkpoint {p} does not exist")
     return str(p.parent.parent), int(p.name)
   workdir = p.parent if p.name == "checkpoints" else p
-  if step:
+  if step is not None and step >= 0:
     return locate(str(workdir / "checkpoints" / str(step)))
   result = result_checkpoint(str(workdir))
   if result and epath.Path(result).exists():
@@ -341,7 +355,7 @@ def locate(path: str, *, require_finished: bool = False, step: int = 0) -> tuple
                           f"it: run that stage with --workdir={workdir} first (e.g. `python -m mgjax.main "
                           f"--config=configs/stage1.py --workdir={workdir}`), or point --config.init_from at a workdir "
                           "(or checkpoints/<step> folder) that holds one.")
-  if require_finished and not finished(str(workdir)):
+  if require_finished and not finished(str(workdir)) and not imported(str(workdir), latest):
     raise CheckpointError(
         f"the run in {workdir} has not finished (no complete report.json; its latest checkpoint is step "
         f"{latest}), so it has no result to start from. Finish it (run its command again: it resumes), "

@@ -77,7 +77,70 @@ def preset(kind: str, name: str) -> ml_collections.ConfigDict:
   return load_config_file(path, arg or None)
 
 
-def mini_gemini(*, llm: dict, vocab_size: int, template: str, pretrain_template: str = "plain",
+# The optimizer of every Mini-Gemini training script (scripts/*/train/*.sh): --weight_decay 0.,
+# --warmup_ratio 0.03, --lr_scheduler_type cosine (linear warmup, then cosine to 0); no script
+# sets the betas, so Hugging Face's AdamW defaults hold (0.9, 0.999; eps 1e-8, optax's too).
+# No clipping: every script runs under DeepSpeed, where the Trainer leaves clipping to DeepSpeed
+# (accelerate's clip_grad_norm_ does nothing) and HF's max_grad_norm (1.0) reaches it only by
+# filling a gradient_clipping "auto" entry, which MGM's configs (scripts/zero2.json,
+# zero2_offload.json, zero3.json) lack: DeepSpeed's default, 0.0 (off), applies. grad_clip 0
+# is optim's "no clipping".
+MGM_OPTIM = dict(weight_decay=0.0, warmup_ratio=0.03, end_lr_factor=0.0, b1=0.9, b2=0.999, grad_clip=0.0)
+# Global batches (per-device batch x gradient accumulation x 32 GPUs in the scripts).
+MGM_PRETRAIN_BATCH, MGM_FINETUNE_BATCH = 256, 128
+
+
+def mgm_training(lr: float, lr_multipliers: tuple = ()) -> dict:
+  """A Mini-Gemini preset's `training` (see apply_training): the three phases as its scripts
+  train them, stage 2 (mgjax's own, not in MGM's scripts) relative to stage 1.
+
+  lr: the fine-tuning learning rate (MGM's stage-2 --learning_rate: mgjax's stage 1).
+  lr_multipliers: optim.lr_multipliers of fine-tuning (MGM's --lr_multi, passed there only).
+  """
+
+  def phase(rate: float, multipliers: tuple, batch_size: int) -> dict:
+    # One epoch (--num_train_epochs 1) of one conversation per row: MGM does not pack, and with
+    # packing data.batch_size and train.epochs would count rows of several conversations.
+    return dict(optim=dict(MGM_OPTIM, lr=rate, lr_multipliers=multipliers),
+                data=dict(batch_size=batch_size, packing=False, max_images=1), train=dict(epochs=1.0))
+
+  return dict(
+      # --tune_mm_mlp_adapter: only mining and the projector train, at 1e-3, no --lr_multi.
+      pretrain=phase(1e-3, (), MGM_PRETRAIN_BATCH),
+      stage1=phase(lr, lr_multipliers, MGM_FINETUNE_BATCH),
+      # Stage 2 starts a fresh Adam, whose first updates are full-size in every direction, from
+      # stage 1's weights, whose cosine ended at 0: in the sample runs, starting stage 2 above
+      # stage 1's final rate shook understanding loose. Half stage 1's peak, warmed up, keeps the
+      # first steps small while still moving on the generation subset (~13K conversations, ~1%
+      # of the stage-1 mix, so one epoch of it is short by construction); early stopping and
+      # the drift guard (configs/stage2.py) watch the rest.
+      stage2=phase(lr / 2, lr_multipliers, MGM_FINETUNE_BATCH),
+  )
+
+
+def apply_training(c: ml_collections.ConfigDict, phase: str) -> ml_collections.ConfigDict:
+  """Sets what the model preset's `training[phase]` names (phase: pretrain, stage1, stage2):
+  `{section: {key: value}}` over the same keys of the config, e.g.
+  `stage1=dict(optim=dict(lr=2e-5), data=dict(batch_size=128), train=dict(epochs=1.0))`.
+
+  The stage files call it last, so a preset's values win over the stage's generic defaults,
+  and --config.* flags (applied after get_config) over both. A preset without `training`
+  (or without this phase) keeps the defaults.
+  """
+  phases = c.model.get("training") or {}
+  for section, values in (phases.get(phase) or {}).items():
+    if section not in c or not isinstance(c[section], ml_collections.ConfigDict):
+      raise ValueError(f"model.training.{phase}.{section}: the config has no section {section!r}")
+    for key, value in values.items():
+      if key not in c[section]:
+        raise ValueError(f"model.training.{phase}.{section}.{key}: the config has no field {section}.{key}")
+      if isinstance(c[section][key], tuple):  # lists (from a dict literal or JSON) become tuples
+        value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+      c[section][key] = value
+  return c
+
+
+def mini_gemini(*, llm: dict, vocab_size: int, template: str, pretrain_template: str = "plain", lr: float = 2e-5,
                 lr_multipliers: tuple = ()) -> ml_collections.ConfigDict:
   """A released Mini-Gemini's `model` section (configs/models/mgm_*.py): its LLM, and what
   every Mini-Gemini shares, as its training scripts (scripts/*/train/*.sh) set it up.
@@ -87,6 +150,7 @@ def mini_gemini(*, llm: dict, vocab_size: int, template: str, pretrain_template:
     multiple of 128 shards evenly; the importers pad the embedding to it).
   template: the fine-tuning conversation template (MGM's --version); pretrain_template the
     one its pretraining phase used (`plain` except where the script names the chat template).
+  lr: the fine-tuning learning rate (MGM's --learning_rate of its fine-tuning: mgjax's stage 1).
   lr_multipliers: optim.lr_multipliers of its fine-tuning (MGM's --lr_multi).
   """
   return ml_collections.ConfigDict(
@@ -101,7 +165,12 @@ def mini_gemini(*, llm: dict, vocab_size: int, template: str, pretrain_template:
           dtype="bfloat16",  # compute dtype; params stay float32, logits are always float32
           template=template,
           pretrain_template=pretrain_template,
-          lr_multipliers=lr_multipliers,
+          training=mgm_training(lr, lr_multipliers),
+          # Every Mini-Gemini has >= 2.5B parameters, 12 bytes each in float32 weights and Adam
+          # moments (30 GB for the smallest): weights and optimizer state are split over every
+          # device (FSDP, as MaxText defaults to; MGM's DeepSpeed runs use ZeRO-2/3). The batch is
+          # split over data x fsdp either way, so data.batch_size divides as before.
+          mesh=dict(data=1, fsdp=-1),
           llm=dict(llm, remat="full", scan_layers=True),
           # openai/clip-vit-large-patch14-336, penultimate layer, no class token: 576 x 1024 per view.
           vision_lowres=dict(kind="clip", image_size=336, patch_size=14, width=1024, layers=24, heads=16, mlp=4096,
@@ -134,8 +203,9 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   # The run whose params this stage starts from (stage 1: pretraining's, stage 2: stage 1's):
   # a finished run's workdir (its result checkpoint), or one checkpoints/<step> folder.
   c.init_from = ""
-  # > 0: start from init_from's checkpoint of this step even though that run has not finished.
-  c.init_from_step = 0
+  # >= 0: start from init_from's checkpoint of this step even though that run has not finished
+  # (0 is a step like any other: an import's checkpoint); -1: its result.
+  c.init_from_step = -1
   # Used when --workdir is not given.
   c.workdir = ""
 
@@ -174,6 +244,10 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   # The attention kernel (mgjax.models.attention): auto | xla | splash | cudnn. auto takes
   # splash on TPU, cuDNN on GPU when rows are not packed, XLA otherwise.
   c.model.attention = c.model.get("attention", "auto")
+  # The LLM's own tokenizer, a local folder (an imported LLM: its Hugging Face folder, or the
+  # readied copy `import-llm` saves in OUT/tokenizer); '' takes the built dataset's (the sample
+  # trains a small one for its tiny model).
+  c.model.tokenizer = c.model.get("tokenizer", "")
   # A preset may name the sequence length its model is fine-tuned at (Mini-Gemini's
   # model_max_length, 2048); --config.data.seq_len still overrides it.
   if "seq_len" in c.model:
@@ -181,6 +255,7 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   if "pad_to_square" in c.model:
     c.data.pad_to_square = c.model.pad_to_square
 
+  # Generic defaults (the sample's stage 1); a preset's model.training sets its own per phase.
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 50
@@ -190,13 +265,17 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   c.optim.weight_decay = 0.01
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
-  c.optim.grad_clip = 1.0
+  c.optim.grad_clip = 1.0  # clip the gradients' global norm to this; <= 0: no clipping
+  # Adam's first moment in this dtype (optax's mu_dtype): "bfloat16" takes a quarter off the
+  # optimizer state; the second moment stays float32 (its small values underflow in bf16).
+  c.optim.mu_dtype = "float32"
   # Regexes over parameter paths like "vision_lowres/encoder/layers/0/mlp/fc1/kernel";
   # matching parameters are not updated (and get no optimizer state).
   # A model preset may name what its recipe freezes (Mini-Gemini: both vision towers).
   c.optim.freeze = tuple(c.model.get("freeze", ()))
   # ((regex, factor), ...): parameters whose path matches train at factor * the learning rate
-  # (first match wins). A preset may name them (MGM-8x7B and MGM-34B: mining and projector x2).
+  # (first match wins). A preset may name them here, or per phase in model.training (MGM-8x7B and
+  # MGM-34B: mining and projector x2 when fine-tuning).
   c.optim.lr_multipliers = tuple(tuple(m) for m in c.model.get("lr_multipliers", ()))
 
   c.train = ml_collections.ConfigDict()
@@ -269,6 +348,9 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   c.mesh.tensor = 1
   # How many of the devices to use (0: all of them).
   c.mesh.num_devices = 0
+  # A preset may name its own axis sizes (the mgm presets: FSDP over every device).
+  for axis, size in (c.model.get("mesh") or {}).items():
+    c.mesh[axis] = size
   # Logical axis names (on every weight) -> mesh axes, MaxText style: the models' own default
   # table, overridable here.
   from mgjax.models import axes  # the models (jax, flax) load only for a training config

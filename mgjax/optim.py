@@ -1,4 +1,4 @@
-"""The optimizer: AdamW with warmup + cosine decay, global-norm clipping, regex freezing."""
+"""The optimizer: AdamW with warmup + cosine decay, global-norm clipping (optional), regex freezing."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -38,16 +39,20 @@ def make(optim_cfg: ml_collections.ConfigDict, total_steps: int,
          params: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns the optimizer for `params` (a tree of arrays or shapes) and its LR schedule."""
   lr = schedule(optim_cfg, total_steps)
-  trainable = optax.chain(
-      optax.clip_by_global_norm(optim_cfg.grad_clip),
-      optax.adamw(
-          lr,
-          b1=optim_cfg.b1,
-          b2=optim_cfg.b2,
-          weight_decay=optim_cfg.weight_decay,
-          # Decay matrices only; norms' scales and biases are left alone.
-          mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
-  )
+  adamw = optax.adamw(
+      lr,
+      b1=optim_cfg.b1,
+      b2=optim_cfg.b2,
+      weight_decay=optim_cfg.weight_decay,
+      mu_dtype=jnp.dtype(optim_cfg.get("mu_dtype", "float32")),
+      # Decay matrices only; norms' scales and biases are left alone.
+      mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+  # grad_clip <= 0 means no clipping, as Mini-Gemini's runs have none (its DeepSpeed configs
+  # set no gradient_clipping, whose default is 0): clip_by_global_norm(0) would not skip
+  # clipping but scale every gradient to zero. identity() has the same (empty) state, so a
+  # checkpoint's optimizer state restores whichever the run used.
+  clip = optax.clip_by_global_norm(optim_cfg.grad_clip) if optim_cfg.grad_clip > 0 else optax.identity()
+  trainable = optax.chain(clip, adamw)
   labels = frozen_labels(params, tuple(optim_cfg.freeze))
   if "trainable" not in jax.tree.leaves(labels):
     raise ValueError(f"optim.freeze={tuple(optim_cfg.freeze)} freezes every parameter: nothing would train")

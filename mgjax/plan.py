@@ -246,7 +246,10 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None) -
           "topology": topology,
           "fits": False,
           "refused": _first_line_with(str(e), "hbm"),
-          "devices": len(devices)
+          "devices": len(devices),
+          "chips": chips,
+          "device_hbm_gib": gen.hbm_gib * chips / len(devices),
+          "required_bytes": _required_bytes(str(e)),
       }
     raise
   costs = step_costs(step, config, len(devices))
@@ -323,6 +326,16 @@ def _attention_used(config, devices) -> str:
                           packed=config.data.packing)
 
 
+def _required_bytes(message: str) -> int:
+  """The memory per device a refused TPU compile says the program needs (0: it does not say):
+  "...the total memory required for HLO temporaries (32.58G) exceeds available HBM (15.75G)"
+  (which counts the arguments too: 33.0 GiB peak on a v5p that fits the same program), or
+  "Used 15.80G of 15.75G hbm"."""
+  match = (re.search(r"total memory required for HLO temporaries \(([\d.]+)([KMGT])\)", message) or
+           re.search(r"Used ([\d.]+)([KMGT]) of [\d.]+[KMGT] hbm", message))
+  return round(float(match.group(1)) * 1024**("KMGT".index(match.group(2)) + 1)) if match else 0
+
+
 def _first_line_with(text: str, word: str) -> str:
   lines = [line.strip() for line in text.splitlines() if word in line.lower()]
   return lines[0] if lines else text.strip().splitlines()[0]
@@ -345,7 +358,8 @@ def format_plan(p: dict, config) -> str:
 
   if p.get("fits") is False:
     return (f"{p['target']} ({p['topology']}): does NOT fit; the TPU compiler refused the program:\n"
-            f"  {p['refused']}\n" + fit.format_advice(config, p["devices"]))
+            f"  {p['refused']}\n" + fit.format_advice(config, p["devices"], p, device_bytes=p["device_hbm_gib"] * GiB,
+                                                      slice_name=lambda n: slice_name(p["target"], p["devices"], n)))
   batch = p["batch"]
   lines = [
       f"parameters {_count(p['num_params'])} (weights float32, compute {config.model.dtype})",
@@ -385,12 +399,23 @@ def format_plan(p: dict, config) -> str:
     lines.append(f"  {name:<10} {hbm:>4.0f} GiB  {fits:<13}{timing}")
   smallest = min((a for a in ACCELERATORS if p["peak_bytes"] > 0.9 * a[2] * GiB), key=lambda a: a[2], default=None)
   if smallest:  # what would make it fit the smallest device it does not fit
-    lines.append(fit.format_advice(config, _num_devices(p), p, device=f"{smallest[0]} ({smallest[2]:.0f} GiB)"))
+    lines.append(
+        fit.format_advice(config, _num_devices(p), p, device=f"{smallest[0]} ({smallest[2]:.0f} GiB)",
+                          device_bytes=smallest[2] * GiB))
   return "\n".join(lines)
 
 
 def _num_devices(p: dict) -> int:
   return math.prod(p["mesh"].values())
+
+
+def slice_name(target: str, num_devices: int, n: int) -> str:
+  """The accelerator type of the slice of `target`'s generation with n devices, as `target` has
+  num_devices: slice_name("v5p-8", 4, 16) == "v5p-32"."""
+  gen, _, chips = tpu_topology(target)
+  name = target.strip().lower().rsplit("-", 1)[0]
+  n_chips = max(round(n * chips / num_devices), 4 if gen.dims == 3 else 1)
+  return f"{name}-{n_chips * gen.cores_per_chip_in_name}"
 
 
 def main(argv: list[str]) -> None:

@@ -41,9 +41,9 @@ class GuardTripped(RuntimeError):
     self.checkpoint = checkpoint
 
 
-def init_checkpoint(init_from: str, init_from_step: int = 0) -> str:
+def init_checkpoint(init_from: str, init_from_step: int = -1) -> str:
   """The checkpoint folder a stage starts from: `init_from`'s result when it names a
-  finished run (or its checkpoints/ folder), its checkpoint `init_from_step` when given, or
+  finished run (or its checkpoints/ folder), its checkpoint `init_from_step` when given (>= 0), or
   the checkpoints/<step> folder it names. Cheap (no arrays read), so a run checks it before
   any data work. Raises checkpoint.CheckpointError saying what to run or pass otherwise."""
   workdir, step = checkpoint.locate(init_from, require_finished=True, step=init_from_step)

@@ -115,11 +115,16 @@ class StageData:
 def open_data(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> StageData:
   """Builds the dataset if needed (process 0; the others wait, then open it), saves the
   tokenizer into the workdir, and opens the train iterator and the validation splits."""
+  # The LLM's conversation format (model.template; '' keeps the tokenizer's own) and the
+  # special tokens the pipeline needs; saved, so predict uses the same. The LLM's own
+  # tokenizer (model.tokenizer) is readied before any data work, so a template that cannot
+  # train stops the run at once.
+  template = config.model.get("template", "")
+  own = tokenizers.apply_template(tokenizers.load(config.model.tokenizer),
+                                  template) if config.model.get("tokenizer") else None
   # Process 0 builds it if missing; every process checks it sees that same build.
   dataset = shared.open_dataset(config.data.recipe, config.data.data_dir)
-  # The LLM's conversation format (model.template; '' keeps the tokenizer's own) and the
-  # special tokens the pipeline needs; saved, so predict uses the same.
-  tokenizer = tokenizers.apply_template(tokenizers.load(dataset.tokenizer_dir), config.model.get("template", ""))
+  tokenizer = own or tokenizers.apply_template(tokenizers.load(dataset.tokenizer_dir), template)
   if jax.process_index() == 0:
     workdirs.save_tokenizer(tokenizer, workdir)
   model_cfg = workdirs.resolve_model_config(config.model, tokenizer)
@@ -357,7 +362,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     return _summary_from_report(config, workdir, finished, started)  # nothing to train: report what it made
   # The checkpoint this stage starts from, checked before any data work; a resumed run
   # takes it from its own checkpoint's meta instead.
-  init_checkpoint = (stages.init_checkpoint(config.init_from, config.get("init_from_step", 0))
+  init_checkpoint = (stages.init_checkpoint(config.init_from, config.get("init_from_step", -1))
                      if config.init_from and not checkpoint.has_checkpoints(workdir) else None)
   mesh = sharding.make_mesh(config.mesh)
   logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), mesh.size, jax.process_count())

@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -41,18 +42,21 @@ def test_fsdp_splits_weights_and_optimizer_state_over_the_devices():
   tokens = split["batch"]["tokens"]
   assert split["flops_per_device"] * 8 > 2 * tokens * split["num_params"]
 
-  # The default mesh keeps a whole copy per device: plan's advice names FSDP first, and
-  # its estimate of the state per device is what the FSDP plan above measured.
+  # The default mesh keeps a whole copy per device: plan's advice says so first, then names
+  # FSDP, and its estimate of the state per device is what the FSDP plan above measured.
   whole = plan.plan(sample_config(data=-1, fsdp=1), 8)
   advice = fit.advice(sample_config(data=-1, fsdp=1), 8, whole)
+  assert advice[0].startswith(f"weights {fit.size(whole['params_bytes'])} and optimizer state "
+                              f"{fit.size(whole['opt_state_bytes'])} per device")
   estimate = (whole["params_bytes"] + whole["opt_state_bytes"]) / 8
-  assert advice[0] == ("shard weights and optimizer state over all 8 devices (FSDP): --config.mesh.fsdp=-1 "
+  assert advice[1] == ("shard weights and optimizer state over all 8 devices (FSDP): --config.mesh.fsdp=-1 "
                        f"--config.mesh.data=1: weights and optimizer state "
                        f"{fit.size(8 * estimate)} -> about {fit.size(estimate)}")
   np.testing.assert_allclose(split["params_bytes"] + split["opt_state_bytes"], estimate, rtol=0.05)
-  rows = whole["batch"]["global"] // 8
-  assert any(f"--config.train.grad_accum_steps=2 keeps the global batch of {whole['batch']['global']} but puts "
-             f"{math.ceil(rows / 2)} row(s) per device at a time instead of {rows}" in line for line in advice)
+  # The abstract state (what the advice works from when a refused compile gives no sizes) is
+  # the plan's whole copy on each device of the data-parallel mesh.
+  state = fit.state_bytes(sample_config())
+  assert (state["params"], state["opt_state"]) == (whole["params_bytes"], whole["opt_state_bytes"])
   # Already sharded over everything: FSDP is not advised again.
   assert not any("FSDP" in line for line in fit.advice(sample_config(data=1, fsdp=-1), 8, split))
 
@@ -110,3 +114,84 @@ def test_optimizer_moments_are_laid_out_like_their_weights_also_when_some_are_fr
   assert per_device < 1.05 * 2 * trainable / 8
   embedding = [x for name, x in moments if "embed_tokens" in name]
   assert embedding and all(x.sharding == params["llm"]["embed_tokens"]["embedding"].sharding for x in embedding)
+
+
+def _flags_exist(config, lines):
+  """Every --config.X=... an advice line names is a field of the config: no invented levers."""
+  for line in lines:
+    for flag in re.findall(r"--config\.([\w.]+)=", line):
+      *sections, key = flag.split(".")
+      node = config
+      for section in sections:
+        node = node[section]
+      assert key in node, (flag, line)
+
+
+def test_advice_starts_with_the_state_and_the_smallest_slice_that_holds_it():
+  # Shapes only (the abstract model), plan figures made up: nothing is compiled.
+  c = sample_config(data=1, fsdp=-1)
+  state = fit.state_bytes(c)
+  # Stage 2 trains every weight: two Adam moments of each (and a few step counters).
+  assert state["gradients"] == state["params"] and 0 <= state["opt_state"] - 2 * state["gradients"] < 1024
+  # The sample computes in float32 (no weight copy): weights, moments and gradients split over n.
+  sharded = state["params"] + state["opt_state"] + state["gradients"]
+  figures = {"mesh": {"data": 1, "fsdp": 2, "tensor": 1}, "temp_bytes": state["gradients"] / 2}
+  # A device that holds an eighth of it, and nothing in the temporaries but the gradients.
+  device = sharded / 8 / fit.FIT_SHARE * 1.01
+  lines = fit.advice(c, 2, figures, device_bytes=device, slice_name=lambda n: plan.slice_name("v5p-8", 4, n))
+  assert lines[0].startswith(f"weights {fit.size(state['params'] / 2)} and optimizer state "
+                             f"{fit.size(state['opt_state'] / 2)} per device")
+  assert f"the smallest slice that holds the run: 8 devices of {fit.size(device)}, v5p-16 (" in lines[0]
+  # Enough already with FSDP over this slice; a refused compile with no figures: a lower bound.
+  lines = fit.advice(sample_config(data=-1, fsdp=1), 8, {}, device_bytes=device)
+  assert "alone need at least 8 devices" in lines[0] and "so this slice does with FSDP over all of it" in lines[0]
+  assert "FSDP" in lines[1]
+  # A refused compile that says what it needed: the temporaries are what the state leaves
+  # (here three times the gradients: a smaller batch halves the two that are activations).
+  grads = state["gradients"] / 2
+  needed = {"required_bytes": (state["params"] + state["opt_state"]) / 2 + 3 * grads, "mesh": figures["mesh"]}
+  lines = fit.advice(c, 2, needed)
+  assert any(f"temporaries {fit.size(3 * grads)} -> roughly {fit.size(2 * grads)}" in line for line in lines)
+
+
+def test_advice_names_only_levers_that_exist_and_lower_memory():
+  c = sample_config(data=1, fsdp=-1)  # stage 2 of the sample: batch 16, the whole LLM trains
+  state = fit.state_bytes(c)
+  grads = state["gradients"] / 8
+  mesh = {"mesh": {"data": 1, "fsdp": 8, "tensor": 1}}
+  # Temporaries mostly activations (2 rows per device): one micro-batch to two halves them,
+  # and the estimate, accumulator included, falls.
+  big = fit.advice(c, 8, {**mesh, "temp_bytes": grads + 10 * grads})
+  accumulate = [line for line in big if "--config.train.grad_accum_steps=2" in line]
+  assert accumulate and f"temporaries {fit.size(11 * grads)} -> roughly {fit.size(7 * grads)}" in accumulate[0]
+  assert any("--config.data.batch_size=8, 1 row(s) per device" in line for line in big)
+  # Temporaries mostly the gradients: a second micro-batch would add more than it saves.
+  small = fit.advice(c, 8, {**mesh, "temp_bytes": grads + grads})
+  assert not any("grad_accum_steps" in line for line in small)
+  # Already accumulating: neither more micro-batches nor fewer rows in each (a smaller batch).
+  c.train.grad_accum_steps = 2
+  lines = fit.advice(c, 8, {**mesh, "temp_bytes": grads + 10 * grads})
+  assert not any("--config.train.grad_accum_steps" in line or "--config.data.batch_size" in line for line in lines)
+  assert lines[-1].startswith("not advised: fewer rows per micro-batch than 1")
+  # The optimizer-state levers the config has: a bf16 first moment and LoRA; no host offload.
+  lora = [line for line in big if "--config.lora.rank=16" in line]
+  assert lora and "changes the recipe" in lora[0]
+  moment = [line for line in big if "--config.optim.mu_dtype=bfloat16" in line]
+  opt_state = state["opt_state"] / 8
+  assert moment and f"{fit.size(opt_state)} -> about {fit.size(opt_state * 0.75)}" in moment[0]
+  assert not any("offload" in line for line in big)
+  for lines_ in (big, small, lines):
+    _flags_exist(c, lines_)
+  # Pretraining trains no LLM weight: no LoRA there.
+  pretrain = mgjax_config.load_config_file(os.path.join(REPO, "configs", "pretrain.py"), "data=sample:tiny")
+  assert not any("lora" in line for line in fit.advice(pretrain, 8, mesh))
+
+
+def test_tpu_slice_names_and_refusals():
+  assert plan.slice_name("v5p-8", 4, 16) == "v5p-32" and plan.slice_name("v5p-8", 4, 1) == "v5p-8"
+  assert plan.slice_name("v5e-4", 4, 16) == "v5e-16" and plan.slice_name("v5litepod-8", 8, 64) == "v5litepod-64"
+  # The TPU compiler's refusals, as it words them (both count the arguments too).
+  assert plan._required_bytes("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                              "temporaries (32.58G) exceeds available HBM (15.75G).") == round(32.58 * 2**30)
+  assert plan._required_bytes("Used 15.80G of 15.75G hbm. Exceeded hbm capacity by 52.5M.") == round(15.8 * 2**30)
+  assert plan._required_bytes("out of memory") == 0

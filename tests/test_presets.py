@@ -102,3 +102,158 @@ def test_visual_tokens_have_the_published_shapes():
   assert lowres.shape == (1, 576, 1024)
   assert highres.shape == (1, 192, 192, 2880)
   assert tokens.shape == (1, 576, 2048)
+
+
+# Each preset's optimizer, sequence length and global batch, as Mini-Gemini's training scripts
+# (dvlab-research/MGM, scripts/<family>/train/*.sh) set them. Every script: --weight_decay 0.,
+# --warmup_ratio 0.03, --lr_scheduler_type cosine (to 0: end_lr_factor 0), no betas (HF
+# AdamW's 0.9, 0.999), and no clipping (DeepSpeed's gradient_clipping, absent from its
+# zero*.json, defaults to 0, so HF's max_grad_norm never applies): grad_clip 0. Global batch:
+# per-device batch x gradient accumulation x 32 GPUs, 256 to pretrain, 128 to fine-tune.
+# An HD model reuses its base's pretraining (--pretrain_mm_mlp_adapter of the 768 px run);
+# pretraining with the HD preset itself needs its 4096 tokens: 5 x 576 image tokens exceed 2048.
+X2 = (("(mining|projector)/.*", 2.0),)  # --lr_multi "model.mm_projector:2,model.vlm_uni:2"
+# yapf: disable
+MGM_TRAINING = [
+    # preset, phase, MGM script, lr, lr_multipliers, weight_decay, warmup_ratio, end_lr_factor, b1, b2, grad_clip,
+    # data.seq_len (model_max_length), data.batch_size (global)
+    ("mgm_2b", "pretrain", "scripts/gemma/train/stage_1_2_full_gemma_v2b_336_hr_768.sh", 1e-3, (), 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 2048, 256),
+    ("mgm_2b", "stage1", "scripts/gemma/train/stage_1_2_full_gemma_v2b_336_hr_768.sh", 2e-5, (), 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 2048, 128),
+    ("mgm_2b_hd", "pretrain", "scripts/gemma/train/stage_1_2_full_gemma_v2b_336_hr_768.sh", 1e-3, (), 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 4096, 256),
+    ("mgm_2b_hd", "stage1", "scripts/gemma/train/stage_2_full_gemma_v2b_672_hr_1536.sh", 2e-5, (), 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 4096, 128),
+    ("mgm_7b", "pretrain", "scripts/llama/train/stage_1_2_full_v7b_336_hr_768.sh", 1e-3, (), 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 2048, 256),
+    ("mgm_7b", "stage1", "scripts/llama/train/stage_1_2_full_v7b_336_hr_768.sh", 2e-5, (), 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 2048, 128),
+    ("mgm_7b_hd", "pretrain", "scripts/llama/train/stage_1_2_full_v7b_336_hr_768.sh", 1e-3, (), 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 4096, 256),
+    ("mgm_7b_hd", "stage1", "scripts/llama/train/stage_2_full_v7b_672_hr_1536.sh", 2e-5, (), 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 4096, 128),
+    ("mgm_13b", "pretrain", "scripts/llama/train/stage_1_2_full_v13b_336_hr_768.sh", 1e-3, (), 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 2048, 256),
+    ("mgm_13b", "stage1", "scripts/llama/train/stage_1_2_full_v13b_336_hr_768.sh", 2e-5, (), 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 2048, 128),
+    ("mgm_13b_hd", "pretrain", "scripts/llama/train/stage_1_2_full_v13b_336_hr_768.sh", 1e-3, (), 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 4096, 256),
+    ("mgm_13b_hd", "stage1", "scripts/llama/train/stage_2_full_v13b_672_hr_1536.sh", 2e-5, (), 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 4096, 128),
+    ("mgm_8b", "pretrain", "scripts/llama3/train/stage_1_2_full_v8b_336_hr_768.sh", 1e-3, (), 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 2048, 256),
+    ("mgm_8b", "stage1", "scripts/llama3/train/stage_1_2_full_v8b_336_hr_768.sh", 2e-5, (), 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 2048, 128),
+    ("mgm_8b_hd", "pretrain", "scripts/llama3/train/stage_1_2_full_v8b_336_hr_768.sh", 1e-3, (), 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 4096, 256),
+    ("mgm_8b_hd", "stage1", "scripts/llama3/train/stage_2_full_v8b_672_hr_1536.sh", 2e-5, (), 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 4096, 128),
+    ("mgm_8x7b", "pretrain", "scripts/mixtral/train/stage_1_2_full_mixtral_8x7b_336_hr_768.sh", 1e-3, (), 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 2048, 256),
+    ("mgm_8x7b", "stage1", "scripts/mixtral/train/stage_1_2_full_mixtral_8x7b_336_hr_768.sh", 1e-5, X2, 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 2048, 128),
+    ("mgm_8x7b_hd", "pretrain", "scripts/mixtral/train/stage_1_2_full_mixtral_8x7b_336_hr_768.sh", 1e-3, (), 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 4096, 256),
+    ("mgm_8x7b_hd", "stage1", "scripts/mixtral/train/stage_2_full_mixtral_8x7b_672_hr_1536.sh", 1e-5, X2, 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 4096, 128),
+    ("mgm_34b", "pretrain", "scripts/yi/train/stage_1_2_full_yi34b_336_hr_768.sh", 1e-3, (), 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 2048, 256),
+    ("mgm_34b", "stage1", "scripts/yi/train/stage_1_2_full_yi34b_336_hr_768.sh", 1e-5, X2, 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 2048, 128),
+    ("mgm_34b_hd", "pretrain", "scripts/yi/train/stage_1_2_full_yi34b_336_hr_768.sh", 1e-3, (), 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 4096, 256),
+    ("mgm_34b_hd", "stage1", "scripts/yi/train/stage_2_full_yi34b_672_hr_1536.sh", 1e-5, X2, 0.0, 0.03, 0.0, 0.9, 0.999, 0.0, 4096, 128),
+]
+# yapf: enable
+FIELDS = ("optim.lr", "optim.lr_multipliers", "optim.weight_decay", "optim.warmup_ratio", "optim.end_lr_factor",
+          "optim.b1", "optim.b2", "optim.grad_clip", "data.seq_len", "data.batch_size")
+
+
+def _stage_config(phase: str, preset: str):
+  return mgjax_config.load_config_file(os.path.join(REPO, "configs", f"{phase}.py"), f"model={preset}")
+
+
+def _values(c, fields=FIELDS) -> dict:
+  return {f: c[f.split(".")[0]][f.split(".")[1]] for f in fields}
+
+
+def test_the_table_covers_every_preset_and_phase():
+  assert sorted({(row[0], row[1]) for row in MGM_TRAINING}) == sorted(
+      (name, phase) for name in PRESETS for phase in ("pretrain", "stage1"))
+
+
+@pytest.mark.parametrize("row", MGM_TRAINING, ids=[f"{row[0]}-{row[1]}" for row in MGM_TRAINING])
+def test_presets_train_as_mini_geminis_scripts(row):
+  preset, phase, script, *expected = row
+  c = _stage_config(phase, preset)
+  assert _values(c) == dict(zip(FIELDS, expected)), script
+  # --num_train_epochs 1, one conversation a row (MGM does not pack, so batch and epoch count
+  # conversations), and weights and optimizer state split over every device.
+  assert (c.train.epochs, c.data.packing, c.data.max_images) == (1.0, False, 1), script
+  assert (c.mesh.data, c.mesh.fsdp, c.mesh.tensor) == (1, -1, 1)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_stage_2_runs_at_half_stage_1s_rate_on_its_schedule(preset):
+  stage1, stage2 = _stage_config("stage1", preset), _stage_config("stage2", preset)
+  assert stage2.optim.lr == stage1.optim.lr / 2
+  same = [f for f in FIELDS if f != "optim.lr"] + ["train.epochs", "data.packing", "data.max_images"]
+  assert _values(stage2, same) == _values(stage1, same)
+  assert stage2.data.train_split == "train_generation" and stage2.train.epochs == 1.0
+  # What keeps the short run from undoing stage 1: early stopping and the drift guard.
+  assert stage2.early_stop.patience > 0 and stage2.guard.drift_action == "rollback"
+
+
+def test_the_sample_keeps_its_tuned_values_and_a_preset_without_training_the_defaults(tmp_path):
+  sample = {
+      phase: _values(_stage_config(phase, "sample"), FIELDS + ("optim.warmup_steps",))
+      for phase in ("pretrain", "stage1", "stage2")
+  }
+  assert sample["pretrain"] == {
+      **sample["pretrain"], "optim.lr": 1e-3,
+      "optim.end_lr_factor": 0.0,
+      "optim.weight_decay": 0.0,
+      "optim.warmup_ratio": 0.03
+  }
+  tuned = {
+      "optim.lr": 1e-3,
+      "optim.warmup_steps": 50,
+      "optim.warmup_ratio": 0.0,
+      "optim.end_lr_factor": 0.1,
+      "optim.weight_decay": 0.01,
+      "optim.b1": 0.9,
+      "optim.b2": 0.95,
+      "optim.grad_clip": 1.0,
+      "data.batch_size": 16
+  }
+  assert sample["stage1"] == {**sample["stage1"], **tuned}
+  assert sample["stage2"] == {**sample["stage2"], **tuned, "optim.lr": 1e-4, "optim.warmup_steps": 10}
+  # A preset of one's own without `training` trains on base_config's and the stage files' defaults.
+  own = tmp_path / "own.py"
+  own.write_text(
+      "from mgjax import config\n\n\ndef get_config(arg=None):\n  model = config.preset('models', 'sample')\n"
+      "  del model['training']\n  return model\n")
+  for phase in ("pretrain", "stage1", "stage2"):
+    assert _values(_stage_config(phase, str(own)), FIELDS + ("optim.warmup_steps",)) == sample[phase]
+
+
+def test_a_training_value_the_config_does_not_have_is_an_error():
+  c = _stage_config("stage1", "sample")
+  c.unlock()
+  c.model.training.stage1.optim.lrr = 1e-5
+  with pytest.raises(ValueError, match=r"model.training.stage1.optim.lrr: the config has no field optim.lrr"):
+    mgjax_config.apply_training(c, "stage1")
+
+
+def test_grad_clip_zero_leaves_the_gradients_unclipped():
+  """Mini-Gemini's runs are not clipped (grad_clip 0): the updates are AdamW's own, not zeros."""
+  from mgjax import optim
+
+  params = {"w": jax.numpy.ones((4, 4))}
+  grads = {"w": jax.numpy.full((4, 4), 100.0)}
+  c = _stage_config("stage1", "mgm_7b").optim
+  updates = {}
+  for clip in (0.0, -1.0, 1.0):
+    c.grad_clip = clip
+    tx, _ = optim.make(c, 100, params)
+    state = tx.init(params)
+    for _ in range(3):  # past the warmup's zero first rate
+      update, state = tx.update(grads, state, params)
+    updates[clip] = np.asarray(update["w"])
+  assert np.abs(updates[0.0]).min() > 0
+  np.testing.assert_array_equal(updates[0.0], updates[-1.0])
+  # Adam's update does not depend on the gradient's scale: clipping to 1 changes nothing but
+  # eps's share, so unclipped and clipped agree closely; with clip_by_global_norm(0) they were 0.
+  np.testing.assert_allclose(updates[0.0], updates[1.0], rtol=1e-4)
+
+
+def test_real_size_presets_split_their_state_over_every_device_and_their_batches_divide():
+  """Every mgm preset (>= 2.5B parameters) runs FSDP over all devices without mesh flags; the
+  batch is split over data x fsdp, so its global batches still divide over any slice up to
+  their size. The sample stays data parallel."""
+  from mgjax import sharding
+
+  for preset in PRESETS:
+    for phase in ("pretrain", "stage1", "stage2"):
+      c = _stage_config(phase, preset)
+      for n in (1, 2, 4, 8, 16, 32, 64, 128):
+        assert sharding.mesh_shape(c.mesh, n) == (1, n, 1) and c.data.batch_size % n == 0, (preset, phase, n)
+  assert sharding.mesh_shape(_stage_config("stage1", "sample").mesh, 8) == (8, 1, 1)

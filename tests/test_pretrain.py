@@ -72,7 +72,8 @@ def test_lr_multipliers_scale_the_matching_updates_exactly():
   assert c.optim.lr_multipliers == (("(mining|projector)/.*", 2.0),)
   params = {"projector": {"kernel": jax.numpy.ones((4, 4))}, "llm": {"kernel": jax.numpy.ones((4, 4))}}
   grads = jax.tree.map(lambda p: p * 0.1, params)
-  plain = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage1.py")).optim
+  plain = c.optim.copy_and_resolve_references()  # the same optimizer without the multipliers
+  plain.lr_multipliers = ()
   updates = {}
   for name, optim_cfg in (("plain", plain), ("x2", c.optim)):
     tx, _ = optim.make(optim_cfg, 100, params)
@@ -83,3 +84,29 @@ def test_lr_multipliers_scale_the_matching_updates_exactly():
   np.testing.assert_array_equal(updates["x2"]["projector"]["kernel"], 2 * updates["plain"]["projector"]["kernel"])
   np.testing.assert_array_equal(updates["x2"]["llm"]["kernel"], updates["plain"]["llm"]["kernel"])
   assert float(jax.numpy.abs(updates["plain"]["projector"]["kernel"]).max()) > 0
+
+
+def test_mgm_optimizer_does_not_clip_and_a_bf16_first_moment_keeps_the_updates():
+  """grad_clip 0 (Mini-Gemini's runs are not clipped) still trains; a bfloat16 first moment
+  (optim.mu_dtype) is stored in bf16 and moves the weights as float32 does, to bf16's precision."""
+  from mgjax import optim
+
+  c = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage1.py"), "model=mgm_7b")
+  assert c.optim.grad_clip == 0.0 and c.optim.mu_dtype == "float32"
+  rng = np.random.default_rng(0)
+  params = {"llm": {"kernel": jax.numpy.asarray(rng.normal(size=(8, 8)), jax.numpy.float32)}}
+  grads = jax.tree.map(lambda p: 100.0 * p, params)  # global norm far above 1
+  updates = {}
+  for mu_dtype in ("float32", "bfloat16"):
+    optim_cfg = c.optim.copy_and_resolve_references()
+    optim_cfg.mu_dtype = mu_dtype
+    tx, _ = optim.make(optim_cfg, 100, params)
+    state = tx.init(params)
+    moments = {x.dtype for x in jax.tree.leaves(state) if x.ndim == 2}
+    assert moments == {jax.numpy.dtype(mu_dtype), jax.numpy.dtype("float32")}
+    for _ in range(3):
+      u, state = tx.update(grads, state, params)
+    updates[mu_dtype] = np.asarray(u["llm"]["kernel"])
+  np.testing.assert_allclose(updates["bfloat16"], updates["float32"], rtol=2e-2)
+  # No clipping is not clipping to zero: the weights move (clip_by_global_norm(0) would stop them).
+  assert np.abs(updates["float32"]).min() > 0

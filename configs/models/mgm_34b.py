@@ -11,7 +11,9 @@ from mgjax import config as mgjax_config
 def get_config(arg: str | None = None):
   del arg  # one preset; the argument keeps the big_vision get_config(arg) signature
   return mgjax_config.mini_gemini(
-      # --lr_multi "model.mm_projector:2,model.vlm_uni:2" in its fine-tuning scripts.
+      # Fine-tuning as scripts/yi/train/stage_1_2_full_yi34b_336_hr_768.sh:
+      # --learning_rate 1e-5, --lr_multi "model.mm_projector:2,model.vlm_uni:2".
+      lr=1e-5,
       lr_multipliers=(("(mining|projector)/.*", 2.0),),
       vocab_size=64128,
       template="chatml_direct",

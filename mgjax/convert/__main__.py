@@ -50,6 +50,25 @@ def _copy_tokenizer(src: str, dst: str) -> bool:
   return True
 
 
+def _readied_tokenizer(hf_dir: str, template: str):
+  """(the folder's tokenizer readied for training with `template`, the template used), or (None,
+  template) for a folder without one. A tokenizer whose own chat template marks no answers gets
+  mgjax's template of the same layout (the caller prints it as an override)."""
+  from mgjax.convert import llm
+  from mgjax.data import tokenizer as tokenizers
+  if not os.path.exists(os.path.join(hf_dir, "tokenizer_config.json")):
+    return None, template
+  tok = tokenizers.load(hf_dir)
+  if not template and "{% generation %}" not in (tok.chat_template or ""):
+    layout = (tokenizers.matching_templates(tok) or (None,))[0]
+    if layout is None:
+      raise llm.ConversionError(
+          tokenizers.own_template_refusal(tok) + "; import with a --config whose model.template "
+          "is set")
+    template = layout
+  return tokenizers.apply_template(tok, template), template
+
+
 def _bytes(text: str) -> int:
   """'5GB', '500MB', '20KB' or a plain number of bytes."""
   match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", text.upper())
@@ -82,8 +101,9 @@ def import_llm(argv: Sequence[str]) -> int:
             "train with the printed --config overrides"))
   parser.add_argument(
       "--vocab_size", type=int, default=0,
-      help=("rows of the embedding; more than the checkpoint has makes room for added tokens such as "
-            "<image> (default: the larger of the checkpoint's and the config's model.vocab_size)"))
+      help=("rows of the embedding; more than the checkpoint has makes room for the tokens the template and "
+            "<image> add (default: the larger of the config's model.vocab_size and the readied tokenizer's "
+            "length rounded up to a multiple of 128)"))
   parser.add_argument("--seed", type=int, default=0, help="initialises the parts not imported")
   parser.add_argument("--allow_pickle", action="store_true",
                       help="also read .bin/.pt/.pth checkpoints (unpickling can run code)")
@@ -109,7 +129,17 @@ def import_llm(argv: Sequence[str]) -> int:
       raise llm.ConversionError(
           f"{e}\nTo import the checkpoint's LLM as it is, add --llm_from_checkpoint: it takes model.llm from "
           "config.json and prints the --config overrides to train with") from None
-  vocab_size = args.vocab_size or max(hf_vocab, int(model["vocab_size"]))
+  # The tokenizer as the trainer will use it: the config's template applied, its special
+  # tokens and <image> added. Its length is the least vocabulary the model may have.
+  tokenizer, template = _readied_tokenizer(args.hf_dir, model.get("template", ""))
+  if template != model.get("template", ""):
+    overrides.append(f"--config.model.template={template}")
+    model["template"] = template
+  needed = len(tokenizer) if tokenizer is not None else hf_vocab
+  vocab_size = args.vocab_size or max(int(model["vocab_size"]), -(-max(needed, hf_vocab) // 128) * 128)
+  if vocab_size < needed:
+    raise llm.ConversionError(f"--vocab_size={vocab_size} is smaller than the tokenizer of {args.hf_dir} with the "
+                              f"template's tokens and <image> added ({needed} tokens); leave --vocab_size out")
   if vocab_size != model["vocab_size"]:
     overrides.append(f"--config.model.vocab_size={vocab_size}")
     model["vocab_size"] = vocab_size
@@ -123,8 +153,13 @@ def import_llm(argv: Sequence[str]) -> int:
                                          {"max_position_embeddings": context} if context else None)
   print(f'wrote {folder}: model.llm ({found["family"]}, {found["layers"]} layers) from {args.hf_dir}, '
         f'vocab {hf_vocab}' + (f" padded to {vocab_size}" if vocab_size > hf_vocab else ""))
-  if _copy_tokenizer(args.hf_dir, os.path.join(args.out, "tokenizer")):
-    print(f'copied its tokenizer to {os.path.join(args.out, "tokenizer")}')
+  if tokenizer is not None:
+    from mgjax import workdir as run_files
+    run_files.save_tokenizer(tokenizer, args.out)
+    print(f'saved its tokenizer to {os.path.join(args.out, "tokenizer")} ({len(tokenizer)} tokens with the '
+          f'{template or "its own"} template and <image>)')
+    if not config.model.get("tokenizer"):
+      overrides.append(f'--config.model.tokenizer={os.path.join(args.out, "tokenizer")}')
   if unused:
     print(f"{len(unused)} tensor(s) outside the decoder were not read (e.g. {unused[0]}): vision "
           "parts are imported by their own subcommands")

@@ -97,9 +97,9 @@ def fetch_smollm2(out_dir: str) -> str:
 
 def gguf_to_hf_command(argv: Sequence[str]) -> int:
   """gguf-to-hf: see the module docstring."""
-  parser = argparse.ArgumentParser(prog="python -m mgjax.convert gguf-to-hf",
-                                   description="A GGUF file -> a float32 Hugging Face folder (needs torch: " +
-                                   _NEEDS + ")")
+  parser = argparse.ArgumentParser(
+      prog="python -m mgjax.convert gguf-to-hf",
+      description="A GGUF file -> a float32 Hugging Face folder (needs torch: " + _NEEDS + ")")
   parser.add_argument("--gguf", required=True, help="the .gguf file")
   parser.add_argument("--out", required=True, help="folder to write")
   args = parser.parse_args(argv)

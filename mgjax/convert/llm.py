@@ -24,6 +24,7 @@ Mixtral, under the names its released checkpoints (and transformers' save_pretra
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -234,6 +235,8 @@ def check_config_matches(wanted: Mapping[str, Any], found: Mapping[str, Any], *,
       w = moe_defaults[k]  # DecoderLM's default for the family
     if isinstance(w, Mapping) or isinstance(f, Mapping):
       w, f = dict(w or {}), dict(f or {})
+    if isinstance(w, float) and isinstance(f, float) and math.isclose(w, f, rel_tol=1e-6):
+      continue  # a value that went through float32 on the way (GGUF keeps 1e-5 as 9.9999997e-06)
     if w != f:
       diffs.append(f"{k}: config {w!r} vs {what} {f!r}")
   if diffs:

@@ -57,7 +57,8 @@ CHATML_SYSTEM = "Answer the questions."
 
 
 def _chat_template(*, start: str, system: str | None, system_turn: str, user_turn: str, assistant_prefix: str,
-                   assistant_turn: str, system_in_first_user: str = "system + '\\n\\n' + content") -> str:
+                   assistant_turn: str, system_in_first_user: str = "system + '\\n\\n' + content",
+                   assistant_suffix: str = "") -> str:
   """A Jinja chat template from its pieces. No whitespace control anywhere: the template has no
   layout whitespace to strip, and every space and newline in it is part of the format.
 
@@ -68,6 +69,7 @@ def _chat_template(*, start: str, system: str | None, system_turn: str, user_tur
   assistant_prefix: the text before an answer, also the generation prompt.
   assistant_turn: the supervised part, with `content` in scope; it goes inside
   {% generation %} so the assistant mask covers it exactly.
+  assistant_suffix: text after the answer that is not supervised (a newline between turns).
   """
   head = ("{% if messages and messages[0]['role'] == 'system' %}"
           "{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
@@ -84,8 +86,7 @@ def _chat_template(*, start: str, system: str | None, system_turn: str, user_tur
   return (head + opening + "{% for message in turns %}"
           "{% set content = message['content'] %}" + IMAGES_FIRST + "{% if message['role'] == 'user' %}" + first_user +
           user_turn + "{% elif message['role'] == 'assistant' %}" + assistant_prefix + "{% generation %}" +
-          assistant_turn + "{% endgeneration %}"
-          "{% else %}"
+          assistant_turn + "{% endgeneration %}" + assistant_suffix + "{% else %}"
           "{{ raise_exception('role ' + message['role'] + ' where user or assistant was expected') }}"
           "{% endif %}"
           "{% endfor %}"
@@ -130,6 +131,22 @@ CHATML = _chat_template(start="", system=CHATML_SYSTEM, system_turn="<|im_start|
                         user_turn="<|im_start|>user\n{{ content }}<|im_end|>",
                         assistant_prefix="<|im_start|>assistant\n", assistant_turn="{{ content }}<|im_end|>")
 
+# smollm2 (SmolLM2-Instruct, the mgm_smol preset): SmolLM2's own ChatML, as its tokenizer's chat
+# template writes it: every turn ends "<|im_end|>\n", and a conversation without a system turn
+# gets SmolLM2's default system prompt. Supervised: the answer and its <|im_end|>; the newline
+# after it is not (the model stops at <|im_end|>).
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+SMOLLM2 = _chat_template(
+    start="",
+    system=SMOLLM2_SYSTEM,
+    system_turn="<|im_start|>system\n{{ content }}<|im_end|>\n",
+    user_turn="<|im_start|>user\n{{ content }}<|im_end|>\n",
+    assistant_prefix="<|im_start|>assistant\n",
+    assistant_turn="{{ content }}<|im_end|>",
+    # An expression: transformers renders with trim_blocks, which would drop a
+    # newline written right after {% endgeneration %}.
+    assistant_suffix="{{ '\\n' }}")
+
 # mistral_instruct (MGM-8x7B on Mixtral-8x7B-Instruct): LLaVA's llama_2 separator style with no
 # system prompt, each question opened by <s>: "<s>[INST] q [/INST] a </s><s>[INST] q2 [/INST] a2 </s>".
 # Supervised as MGM's preprocess_llama_2 labels it: " a </s>" (the space after [/INST] goes with
@@ -169,6 +186,7 @@ TEMPLATES: dict[str, tuple[str, tuple[str, ...], str | None]] = {
     "chatml": (CHATML, ("<|im_start|>", "<|im_end|>"), "<|im_end|>"),
     # MGM's --version name for the same layout.
     "chatml_direct": (CHATML, ("<|im_start|>", "<|im_end|>"), "<|im_end|>"),
+    "smollm2": (SMOLLM2, ("<|im_start|>", "<|im_end|>"), "<|im_end|>"),
     # [INST] and [/INST] are plain text to Mixtral's tokenizer, as in MGM's training.
     "mistral_instruct": (MISTRAL_INSTRUCT, (), None),
     "plain": (PLAIN, (), None),

@@ -101,12 +101,16 @@ def apply_template(tokenizer: transformers.PreTrainedTokenizerBase,
   import-llm --vocab_size` pads an imported embedding).
 
   Raises:
-    ValueError: an unknown template name, or a tokenizer without a fast backend (assistant
-      masks need its character offsets).
+    ValueError: an unknown template name; name '' for a tokenizer whose own chat template
+      marks no answers ({% generation %} blocks: the loss mask would be empty), naming the
+      template to use; or a tokenizer without a fast backend (assistant masks need its
+      character offsets).
   """
   if name and name not in templates.TEMPLATES:
     raise ValueError(f"model.template={name!r}: unknown; known: {sorted(templates.TEMPLATES)} "
                      "(or '' for the tokenizer's own)")
+  if not name and "{% generation %}" not in (tokenizer.chat_template or ""):
+    raise ValueError(own_template_refusal(tokenizer))
   if not tokenizer.is_fast:
     raise ValueError(f"tokenizer {tokenizer.name_or_path} is not a fast tokenizer: the assistant "
                      "loss mask needs character offsets; load it with use_fast=True")
@@ -122,3 +126,26 @@ def apply_template(tokenizer: transformers.PreTrainedTokenizerBase,
   if end_of_answer and tokenizer.eos_token != end_of_answer:
     tokenizer.eos_token = end_of_answer
   return tokenizer
+
+
+# A marker in a tokenizer's own chat template -> mgjax's templates of that layout.
+_LAYOUT_HINTS = (("<|im_start|>", ("smollm2", "chatml")), ("<|start_header_id|>", ("llama_3_instruct", "llama_3")),
+                 ("<start_of_turn>", ("gemma",)), ("[INST]", ("mistral_instruct",)), ("USER:", ("vicuna_v1",)))
+
+
+def matching_templates(tokenizer: transformers.PreTrainedTokenizerBase) -> tuple[str, ...]:
+  """mgjax's templates (best first) with the layout of the tokenizer's own chat template."""
+  own = tokenizer.chat_template or ""
+  return next((names for marker, names in _LAYOUT_HINTS if marker in own), ())
+
+
+def own_template_refusal(tokenizer: transformers.PreTrainedTokenizerBase) -> str:
+  """Why a tokenizer's own chat template cannot train (it marks no answers), and the
+  model.template to set instead."""
+  own = tokenizer.chat_template or ""
+  hints = matching_templates(tokenizer)
+  what = ("has no chat template" if not own else
+          "has a chat template that marks no answers (no {% generation %} blocks), so the loss mask would be empty")
+  suggestion = (f"its layout is that of {' or '.join(repr(n) for n in hints)}: set --config.model.template="
+                f"{hints[0]}" if hints else "set --config.model.template to the LLM's conversation format")
+  return (f"tokenizer {tokenizer.name_or_path} {what}; {suggestion} (known: {sorted(templates.TEMPLATES)})")
