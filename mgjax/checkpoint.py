@@ -325,7 +325,7 @@ def imported(workdir: str, step: int) -> bool:
       return bool(ckpts.meta(step).get("imported"))
     finally:
       ckpts.close()
-  except Exception:  # noqa: BLE001  (an unreadable meta is simply not an import)
+  except (FileNotFoundError, KeyError, ValueError):  # no meta, or not one an import wrote
     return False
 
 

@@ -98,23 +98,27 @@ def mgm_training(lr: float, lr_multipliers: tuple = ()) -> dict:
   lr_multipliers: optim.lr_multipliers of fine-tuning (MGM's --lr_multi, passed there only).
   """
 
-  def phase(rate: float, multipliers: tuple, batch_size: int) -> dict:
+  def phase(rate: float, multipliers: tuple, batch_size: int, every: int) -> dict:
     # One epoch (--num_train_epochs 1) of one conversation per row: MGM does not pack, and with
     # packing data.batch_size and train.epochs would count rows of several conversations.
-    return dict(optim=dict(MGM_OPTIM, lr=rate, lr_multipliers=multipliers),
-                data=dict(batch_size=batch_size, packing=False, max_images=1), train=dict(epochs=1.0))
+    # Thousands of steps: a checkpoint (84 GB for a 7B with its Adam moments) and a decoded
+    # evaluation every `every` steps, not the sample's every 100 (MGM's fine-tuning saves
+    # every 1000 steps, --save_steps 1000; it evaluates nothing during training).
+    return dict(optim=dict(MGM_OPTIM, lr=rate,
+                           lr_multipliers=multipliers), data=dict(batch_size=batch_size, packing=False, max_images=1),
+                train=dict(epochs=1.0, eval_every=every, checkpoint_every=every))
 
   return dict(
       # --tune_mm_mlp_adapter: only mining and the projector train, at 1e-3, no --lr_multi.
-      pretrain=phase(1e-3, (), MGM_PRETRAIN_BATCH),
-      stage1=phase(lr, lr_multipliers, MGM_FINETUNE_BATCH),
+      pretrain=phase(1e-3, (), MGM_PRETRAIN_BATCH, 1000),
+      stage1=phase(lr, lr_multipliers, MGM_FINETUNE_BATCH, 1000),
       # Stage 2 starts a fresh Adam, whose first updates are full-size in every direction, from
       # stage 1's weights, whose cosine ended at 0: in the sample runs, starting stage 2 above
       # stage 1's final rate shook understanding loose. Half stage 1's peak, warmed up, keeps the
       # first steps small while still moving on the generation subset (~13K conversations, ~1%
       # of the stage-1 mix, so one epoch of it is short by construction); early stopping and
       # the drift guard (configs/stage2.py) watch the rest.
-      stage2=phase(lr / 2, lr_multipliers, MGM_FINETUNE_BATCH),
+      stage2=phase(lr / 2, lr_multipliers, MGM_FINETUNE_BATCH, 25),
   )
 
 

@@ -120,11 +120,18 @@ def open_data(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
   # tokenizer (model.tokenizer) is readied before any data work, so a template that cannot
   # train stops the run at once.
   template = config.model.get("template", "")
-  own = tokenizers.apply_template(tokenizers.load(config.model.tokenizer),
-                                  template) if config.model.get("tokenizer") else None
+  own = None
+  if config.model.get("tokenizer"):
+    if not os.path.isdir(config.model.tokenizer):
+      raise FileNotFoundError(
+          f"model.tokenizer={config.model.tokenizer!r} is not a folder: it is the LLM's own tokenizer, read from "
+          "disk. Point --config.model.tokenizer at the LLM's Hugging Face folder or at OUT/tokenizer of "
+          "`python -m mgjax.convert import-llm --out=OUT` (for mgm_smol: `python -m mgjax.convert fetch-smollm2` "
+          "writes models/SmolLM2-135M-Instruct)")
+    own = tokenizers.apply_template(tokenizers.load(config.model.tokenizer), template)
   # Process 0 builds it if missing; every process checks it sees that same build.
   dataset = shared.open_dataset(config.data.recipe, config.data.data_dir)
-  tokenizer = own or tokenizers.apply_template(tokenizers.load(dataset.tokenizer_dir), template)
+  tokenizer = own if own is not None else tokenizers.apply_template(tokenizers.load(dataset.tokenizer_dir), template)
   if jax.process_index() == 0:
     workdirs.save_tokenizer(tokenizer, workdir)
   model_cfg = workdirs.resolve_model_config(config.model, tokenizer)
@@ -180,7 +187,7 @@ class Evaluator:
 
   def fingerprint(self) -> str:
     """What decides the decoded answers besides the weights: the validation data, the
-    tokenizer (the dataset's), the decoding settings, the model's numerics and the mesh
+    tokenizer (model.tokenizer's, else the dataset's), the decoding settings, the model's numerics and the mesh
     (its split decides the order of reductions). Greedy decoding is deterministic, so two
     evaluations with the same fingerprint and the same weights give the same answers."""
     config = self.config

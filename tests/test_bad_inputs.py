@@ -584,3 +584,17 @@ def test_a_malicious_pickle_is_refused_even_when_pickles_are_allowed(tmp_path):
   garbage.write_bytes(b"not a checkpoint at all")
   with pytest.raises(WeightsError, match="garbage.bin"):
     files.load_tensors(str(garbage), allow_pickle=True)
+
+
+def test_a_missing_llm_tokenizer_names_the_field_and_what_writes_it(tmp_path):
+  """model.tokenizer (an imported LLM's own) that is not there stops the run at once, before
+  any data work, saying which field and what command writes that folder."""
+  from conftest import tiny_config
+  from mgjax import train
+
+  config = tiny_config(1, str(tmp_path / "data"), steps=1)
+  config.model.tokenizer = "models/SmolLM2-135M-Instruct"
+  with pytest.raises(FileNotFoundError, match=r"model\.tokenizer='models/SmolLM2-135M-Instruct' is not a folder.*"
+                     r"fetch-smollm2"):
+    train.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "data").exists()

@@ -53,8 +53,17 @@ EXPECTED = {
                f"<|im_start|>assistant\n{ANSWER2}<|im_end|>", [f"{ANSWER}<|im_end|>", f"{ANSWER2}<|im_end|>"]),
     "mistral_instruct": (f"<s>[INST] {QUESTION} [/INST] {ANSWER} </s><s>[INST] {QUESTION2} [/INST] {ANSWER2} </s>",
                          [f" {ANSWER} </s>", f" {ANSWER2} </s>"]),
+    # SmolLM2-Instruct's own layout (tests/test_real_llm.py checks it against its tokenizer's template).
+    "smollm2": (f"<|im_start|>system\n{templates.SMOLLM2_SYSTEM}<|im_end|>\n<|im_start|>user\n{QUESTION}<|im_end|>\n"
+                f"<|im_start|>assistant\n{ANSWER}<|im_end|>\n<|im_start|>user\n{QUESTION2}<|im_end|>\n"
+                f"<|im_start|>assistant\n{ANSWER2}<|im_end|>\n", [f"{ANSWER}<|im_end|>", f"{ANSWER2}<|im_end|>"]),
 }
-END_OF_ANSWER = {"llama_3": "<|eot_id|>", "llama_3_instruct": "<|eot_id|>", "chatml": "<|im_end|>"}
+END_OF_ANSWER = {
+    "llama_3": "<|eot_id|>",
+    "llama_3_instruct": "<|eot_id|>",
+    "chatml": "<|im_end|>",
+    "smollm2": "<|im_end|>"
+}
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +138,22 @@ def test_unknown_template_and_role(base_dir):
 def test_empty_name_keeps_the_tokenizers_own_template(base_dir):
   tok = _prepared(base_dir, "")
   assert tok.chat_template == templates.SAMPLE_CHAT_TEMPLATE and tok.eos_token == "</s>"
+
+
+@pytest.mark.parametrize("own, suggested", [
+    ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}", "chatml"),
+    ("{{ 'You are SmolLM' }}{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}", "smollm2"),
+    ("{% for m in messages %}<|start_header_id|>{{ m['content'] }}<|eot_id|>{% endfor %}", "llama_3_instruct"),
+    ("{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}", "mistral_instruct"),
+])
+def test_an_own_template_that_marks_no_answers_is_refused_with_the_template_to_use(base_dir, own, suggested):
+  tok = tokenizer_lib.load(base_dir)
+  tok.chat_template = own
+  with pytest.raises(ValueError, match=rf"marks no answers .* --config\.model\.template={suggested} "):
+    tokenizer_lib.apply_template(tok, "")
+  tok.chat_template = None
+  with pytest.raises(ValueError, match="has no chat template; set --config.model.template to the LLM's"):
+    tokenizer_lib.apply_template(tok, "")
 
 
 @pytest.mark.parametrize("name", ["gemma", "llama_3"])

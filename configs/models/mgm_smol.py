@@ -3,8 +3,10 @@
 SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0): a Llama of 30 layers, hidden 576, 9 heads
 with 3 KV heads, vocabulary 49152 (tied embeddings), spoken to in its own ChatML (the `smollm2`
 template). The vision towers, mining and projector are the sample preset's, small enough for a
-laptop; they start untrained, which is what the pretraining phase is for. The LLM comes from
-import-llm, its tokenizer from the folder below:
+laptop. Unlike a released Mini-Gemini's CLIP and ConvNeXt they start from random weights, so
+they are not frozen: pretraining aligns mining and the projector to the LLM (towers and LLM
+fixed, as Mini-Gemini's first phase), and stages 1 and 2 train the towers with the rest, as the
+sample preset does. The LLM comes from import-llm, its tokenizer from the folder below:
 
   python -m mgjax.convert fetch-smollm2                     # -> models/SmolLM2-135M-Instruct
   python -m mgjax.convert import-llm --hf_dir=models/SmolLM2-135M-Instruct --out=runs/smol \\
@@ -44,7 +46,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           # A SmolLM2 conversation of the sample is its system prompt (~20 tokens), the turns and
           # 16 visual tokens an image: at most ~120 tokens.
           seq_len=160,
-          freeze=("vision_lowres/.*", "vision_highres/.*"),
           llm=dict(
               family="llama",
               hidden=576,

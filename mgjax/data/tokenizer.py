@@ -129,7 +129,8 @@ def apply_template(tokenizer: transformers.PreTrainedTokenizerBase,
 
 
 # A marker in a tokenizer's own chat template -> mgjax's templates of that layout.
-_LAYOUT_HINTS = (("<|im_start|>", ("smollm2", "chatml")), ("<|start_header_id|>", ("llama_3_instruct", "llama_3")),
+_LAYOUT_HINTS = (("SmolLM", ("smollm2", "chatml")), ("<|im_start|>", ("chatml",)), ("<|start_header_id|>",
+                                                                                    ("llama_3_instruct", "llama_3")),
                  ("<start_of_turn>", ("gemma",)), ("[INST]", ("mistral_instruct",)), ("USER:", ("vicuna_v1",)))
 
 
