@@ -119,15 +119,14 @@ def heldout_threads(tokenizer) -> list[tuple[list[int], list[int]]]:
   return threads
 
 
-def heldout_loss(path: str) -> dict:
+def heldout_loss(generator) -> dict:
   """Mean loss per assistant token on the held-out threads, with a 95% interval over threads."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
-  from mgjax import decode, stats
+  from mgjax import stats
 
-  generator, _ = decode.load_workdir(path)
   llm = nnx.merge(generator.graphdef, generator.params).llm
   threads = heldout_threads(generator.tokenizer)
   pad = generator.encoder.pad_id
@@ -153,10 +152,7 @@ def heldout_loss(path: str) -> dict:
   return {"loss": float(np.mean(values)), "ci95": [low, high], "threads": len(threads), "tokens": len(values)}
 
 
-def answers(path: str) -> list[str]:
-  from mgjax import decode
-
-  generator, _ = decode.load_workdir(path)
+def answers(generator) -> list[str]:
   return generator.generate([[{"role": "user", "content": q}] for q in QUESTIONS], max_new_tokens=40)
 
 
@@ -178,8 +174,11 @@ def decoded_scores(run_dir: str, stage: int) -> dict:
 
 
 def measure(path: str) -> dict:
+  from mgjax import decode
+
   started = time.time()
-  out = {"heldout": heldout_loss(path), "answers": answers(path)}
+  generator, _ = decode.load_workdir(path)  # the checkpoint, restored once for both measurements
+  out = {"heldout": heldout_loss(generator), "answers": answers(generator)}
   print(f"{path}: held-out loss {out['heldout']['loss']:.3f} ({time.time() - started:.0f} s)", flush=True)
   return out
 

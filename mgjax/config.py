@@ -86,7 +86,7 @@ def preset(kind: str, name: str) -> ml_collections.ConfigDict:
 # zero2_offload.json, zero3.json) lack: DeepSpeed's default, 0.0 (off), applies. grad_clip 0
 # is optim's "no clipping".
 MGM_OPTIM = dict(weight_decay=0.0, warmup_ratio=0.03, end_lr_factor=0.0, b1=0.9, b2=0.999, grad_clip=0.0)
-# Global batches (per-device batch x gradient accumulation x 32 GPUs in the scripts).
+# Global batches (per-device batch x gradient accumulation x the scripts' 8, 16 or 32 GPUs).
 MGM_PRETRAIN_BATCH, MGM_FINETUNE_BATCH = 256, 128
 
 

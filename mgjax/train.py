@@ -122,13 +122,15 @@ def open_data(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
   template = config.model.get("template", "")
   own = None
   if config.model.get("tokenizer"):
-    if not os.path.isdir(config.model.tokenizer):
+    try:
+      own = tokenizers.load(config.model.tokenizer)
+    except FileNotFoundError as e:  # tokenizers.check_local's reason, with the field and the fix
       raise FileNotFoundError(
-          f"model.tokenizer={config.model.tokenizer!r} is not a folder: it is the LLM's own tokenizer, read from "
-          "disk. Point --config.model.tokenizer at the LLM's Hugging Face folder or at OUT/tokenizer of "
-          "`python -m mgjax.convert import-llm --out=OUT` (for mgm_smol: `python -m mgjax.convert fetch-smollm2` "
-          "writes models/SmolLM2-135M-Instruct)")
-    own = tokenizers.apply_template(tokenizers.load(config.model.tokenizer), template)
+          f"model.tokenizer={config.model.tokenizer!r} is not a folder holding the LLM's own tokenizer. Point "
+          "--config.model.tokenizer at the LLM's Hugging Face folder or at OUT/tokenizer of `python -m "
+          "mgjax.convert import-llm --out=OUT` (for mgm_smol: `python -m mgjax.convert fetch-smollm2` writes "
+          f"models/SmolLM2-135M-Instruct). ({e})") from None
+    own = tokenizers.apply_template(own, template)
   # Process 0 builds it if missing; every process checks it sees that same build.
   dataset = shared.open_dataset(config.data.recipe, config.data.data_dir)
   tokenizer = own if own is not None else tokenizers.apply_template(tokenizers.load(dataset.tokenizer_dir), template)

@@ -59,7 +59,7 @@ def _readied_tokenizer(hf_dir: str, template: str):
   if not os.path.exists(os.path.join(hf_dir, "tokenizer_config.json")):
     return None, template
   tok = tokenizers.load(hf_dir)
-  if not template and "{% generation %}" not in (tok.chat_template or ""):
+  if not template and not tokenizers.marks_answers(tok):
     layout = (tokenizers.matching_templates(tok) or (None,))[0]
     if layout is None:
       raise llm.ConversionError(

@@ -109,7 +109,7 @@ def apply_template(tokenizer: transformers.PreTrainedTokenizerBase,
   if name and name not in templates.TEMPLATES:
     raise ValueError(f"model.template={name!r}: unknown; known: {sorted(templates.TEMPLATES)} "
                      "(or '' for the tokenizer's own)")
-  if not name and "{% generation %}" not in (tokenizer.chat_template or ""):
+  if not name and not marks_answers(tokenizer):
     raise ValueError(own_template_refusal(tokenizer))
   if not tokenizer.is_fast:
     raise ValueError(f"tokenizer {tokenizer.name_or_path} is not a fast tokenizer: the assistant "
@@ -132,6 +132,12 @@ def apply_template(tokenizer: transformers.PreTrainedTokenizerBase,
 _LAYOUT_HINTS = (("SmolLM", ("smollm2", "chatml")), ("<|im_start|>", ("chatml",)), ("<|start_header_id|>",
                                                                                     ("llama_3_instruct", "llama_3")),
                  ("<start_of_turn>", ("gemma",)), ("[INST]", ("mistral_instruct",)), ("USER:", ("vicuna_v1",)))
+
+
+def marks_answers(tokenizer: transformers.PreTrainedTokenizerBase) -> bool:
+  """Whether the tokenizer's own chat template marks its answers ({% generation %} blocks), as
+  the assistant loss mask needs."""
+  return "{% generation %}" in (tokenizer.chat_template or "")
 
 
 def matching_templates(tokenizer: transformers.PreTrainedTokenizerBase) -> tuple[str, ...]:
