@@ -14,7 +14,9 @@ Train mgjax on a Cloud TPU VM, single host or pod slice. Every command prints th
 gcloud commands it runs; with --dry-run it prints them and runs nothing.
 
 Commands:
-  create   create the TPU VM (--accelerator-type; --spot for a spot TPU)
+  create   request the TPU VM as a queued resource (--accelerator-type; --spot for
+           a spot TPU, --flex-start=DURATION for flex-start) and wait until it is
+           ACTIVE: the request waits in Google's queue for capacity, no retrying
   setup    install mgjax, jax[tpu] and the gs:// libraries on every worker; with
            --mount=BUCKET also mount gs://BUCKET at /mnt/BUCKET on every worker (gcsfuse)
   run      start `python -m mgjax.main --config=... --workdir=gs://... --distributed`
@@ -28,7 +30,7 @@ Commands:
            again (the trainer resumes from the latest checkpoint in the workdir);
            ends when the run ends on a live TPU: exit status 0 if it finished, 1 if
            it failed. Takes create's, setup's and run's options
-  delete   delete the TPU VM
+  delete   delete the TPU VM and its queued resource
 
 Options:
   --name=NAME              the TPU VM's name (every command)
@@ -39,6 +41,9 @@ Options:
                            v2/v3/v4 tpu-ubuntu2204-base, v5litepod v2-alpha-tpuv5-lite,
                            v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e
   --spot                   create, watch: a spot TPU (cheaper; may be preempted)
+  --flex-start=DURATION    create, watch: a flex-start TPU (Dynamic Workload Scheduler) that
+                           runs for at most DURATION (e.g. 24h; up to 7d); only some zones
+                           offer it, e.g. v6e in us-east5-a, v5e (training) in us-west4-a
   --git-url=URL            setup, watch: clone URL on the workers instead of copying
                            this checkout (needs a repository the workers can reach)
   --git-ref=REF            setup, watch: the commit, branch or tag to use (default:
@@ -74,7 +79,7 @@ readonly REMOTE_TARBALL=mgjax-src.tar.gz  # relative: scp puts it in the home di
 readonly REMOTE_PYTHON=python3.11         # setup.cfg: python_requires >= 3.11
 
 command=""
-name="" zone="" project="" accelerator_type="" version="" spot=0
+name="" zone="" project="" accelerator_type="" version="" spot=0 flex_start=""
 git_url="" git_ref="" config="" workdir="" worker=0 interval=120 jax_version=""
 mount="" then_config="" then_workdir=""
 main_args=()
@@ -99,6 +104,7 @@ set_option() {  # OPTION VALUE
     --then-workdir) then_workdir=$2 ;;
     --worker) worker=$2 ;;
     --interval) interval=$2 ;;
+    --flex-start) flex_start=$2 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 }
@@ -148,6 +154,14 @@ validate() {
     carry_configs
   else
     [[ -z $then_config && -z $then_workdir ]] || die "$command takes no --then-config/--then-workdir (only run and watch do)"
+  fi
+  if [[ -n $flex_start ]]; then
+    [[ $command == create || $command == watch ]] || die "$command takes no --flex-start (only create and watch do)"
+    ((!spot)) || die "--spot and --flex-start are two ways to rent a TPU: pass one"
+    [[ $flex_start =~ ^[1-9][0-9]*[mhd]$ ]] ||
+      die "--flex-start=$flex_start: how long the TPU may run, e.g. --flex-start=24h (m, h or d; at most 7d)"
+  elif ((spot)) && [[ $command != create && $command != watch ]]; then
+    die "$command takes no --spot (only create and watch do)"
   fi
   if [[ -n $mount ]]; then
     [[ $command == setup || $command == watch ]] || die "$command takes no --mount (only setup and watch do)"
@@ -227,14 +241,43 @@ ssh_workers() {  # WORKER SCRIPT: run a shell command line on one worker or on a
   tpu ssh --worker="$1" --command="$2"
 }
 
-create() {
-  local spot_flag=()
-  ((spot)) && spot_flag=(--spot)
-  tpu create --accelerator-type="$accelerator_type" --version="$version" ${spot_flag[@]+"${spot_flag[@]}"}
+# TPUs are requested as queued resources, as Google recommends: the request (named like
+# the TPU VM it makes) waits in Google's queue until there is capacity, instead of a create
+# that fails when there is none. Flex-start is only in the alpha command group.
+queued_resource() {  # VERB ARGS...: gcloud [alpha] compute tpus queued-resources VERB NAME --zone=Z ARGS...
+  local verb=$1 alpha=()
+  shift
+  [[ $verb != create || -z $flex_start ]] || alpha=(alpha)
+  execute gcloud ${alpha[@]+"${alpha[@]}"} compute tpus queued-resources "$verb" "$name" --zone="$zone" "$@" \
+    ${project:+"--project=$project"}
 }
 
-delete() {
-  tpu delete --quiet
+request() {  # queue the request; it turns ACTIVE (the TPU VM exists) when capacity is found
+  local tier=()
+  ((spot)) && tier=(--spot)
+  [[ -z $flex_start ]] || tier=(--provisioning-model=flex-start --max-run-duration="$flex_start")
+  queued_resource create --node-id="$name" --accelerator-type="$accelerator_type" --runtime-version="$version" \
+    ${tier[@]+"${tier[@]}"}
+}
+
+create() {
+  request
+  ((DRY_RUN)) && { queued_resource describe --format='value(state.state)'; return; }
+  note "queued; waiting for the TPU (looking every ${interval}s; Ctrl-C stops waiting, the request stays queued)"
+  local state
+  while true; do
+    state=$(request_state) || state=unknown
+    case $state in
+      ACTIVE) note "TPU $name is ACTIVE"; return 0 ;;
+      FAILED | SUSPENDED | NOT_FOUND)
+        die "the request for TPU $name is $state; see why with: gcloud compute tpus queued-resources describe $name --zone=$zone" ;;
+    esac
+    sleep "$interval"
+  done
+}
+
+delete() {  # --force: the TPU VM goes with its request
+  queued_resource delete --force --quiet
 }
 
 setup() {
@@ -336,10 +379,11 @@ else echo \"\$(hostname): mgjax is not running\"; fi"
 # ---------------------------------------------------------------------------------------
 # watch: the preemption loop
 
-tpu_state() {  # prints READY, PREEMPTED, ... or NOT_FOUND; fails on any other error
+request_state() {  # the queued resource's state: ACTIVE, WAITING_FOR_RESOURCES, SUSPENDED, ... or
+  # NOT_FOUND; fails on any other error
   local state err rc=0
   err=$(mktemp)
-  state=$(tpu describe --format='value(state)' 2>"$err") || rc=$?
+  state=$(queued_resource describe --format='value(state.state)' 2>"$err") || rc=$?
   if ((rc)); then
     if grep -qiE 'NOT_FOUND|not found' "$err"; then
       state=NOT_FOUND
@@ -364,37 +408,39 @@ training_state() {  # running | stopped STATUS | unknown (worker 0 did not answe
 }
 
 watch_dry_run() {  # what one recreate cycle runs
-  tpu describe --format='value(state)'
+  queued_resource describe --format='value(state.state)'
   delete
-  create
+  request
   setup
   run
 }
 
 watch() {
-  # fresh: the TPU was just created and needs setup. started: the run was seen running
-  # on this TPU, so seeing it stopped (twice, an interval apart, with the TPU still READY:
-  # not a preemption in progress) means it ended.
+  # fresh: the TPU was just requested and needs setup once ACTIVE. started: the run was
+  # seen running on this TPU, so seeing it stopped (twice, an interval apart, with the
+  # request still ACTIVE: not a preemption in progress) means it ended.
   local state fresh=0 started=0 stopped_seen=0 training
   while true; do
-    if ! state=$(tpu_state); then
+    if ! state=$(request_state); then
       note "could not read the TPU's state; trying again in ${interval}s"
       sleep "$interval"
       continue
     fi
     case $state in
-      NOT_FOUND | PREEMPTED | TERMINATED)
-        note "TPU $name is $state: recreating it"
+      # SUSPENDED: a spot TPU was preempted (or a flex-start one reached its duration);
+      # FAILED: the request could not be met. Either way: delete it and queue a new one.
+      NOT_FOUND | SUSPENDED | FAILED)
+        note "TPU $name is $state: requesting it again"
         if [[ $state != NOT_FOUND ]] && ! delete; then
           note "delete failed; trying again in ${interval}s"
-        elif create; then
+        elif request; then
           fresh=1 started=0 stopped_seen=0
           continue
         else
-          note "create failed (no capacity?); trying again in ${interval}s"
+          note "the request failed; trying again in ${interval}s"
         fi
         ;;
-      READY)
+      ACTIVE)
         if ((fresh)); then
           setup || { watch_failed "setup"; continue; }
           fresh=0
@@ -422,19 +468,16 @@ watch() {
           unknown) note "worker 0 did not answer; looking again in ${interval}s" ;;
         esac
         ;;
-      STOPPED)
-        die "TPU $name was stopped by someone; start or delete it, then watch again"
-        ;;
-      *) note "TPU $name is $state; waiting" ;;
+      *) note "TPU $name is $state; waiting" ;;  # WAITING_FOR_RESOURCES, PROVISIONING, SUSPENDING, ...
     esac
     sleep "$interval"
   done
 }
 
-watch_failed() {  # STEP: a failure during a preemption is expected; on a READY TPU it is not
+watch_failed() {  # STEP: a failure during a preemption is expected; on an ACTIVE TPU it is not
   local state
-  state=$(tpu_state) || state=unknown
-  [[ $state != READY ]] || die "$1 failed on TPU $name, which is READY: fix the cause and watch again"
+  state=$(request_state) || state=unknown
+  [[ $state != ACTIVE ]] || die "$1 failed on TPU $name, which is ACTIVE: fix the cause and watch again"
   note "$1 failed while TPU $name is $state; carrying on"
 }
 

@@ -83,28 +83,43 @@ def option(words: list[str], flag: str) -> str:
 # tpu_vm.sh
 
 
-def test_tpu_create_single_host(bare_path, tmp_path):
-  [create] = dry_run(TPU, "create", *TPU_ARGS, "--accelerator-type=v5litepod-8", path=bare_path, tmp_path=tmp_path)
+def test_tpu_create_queues_a_request_and_waits_for_it(bare_path, tmp_path):
+  """create is a queued resource (Google's recommended way to get TPUs), then a look at its state."""
+  create, describe = dry_run(TPU, "create", *TPU_ARGS, "--accelerator-type=v5litepod-8", path=bare_path,
+                             tmp_path=tmp_path)
   assert create == [
-      "gcloud", "compute", "tpus", "tpu-vm", "create", "mgjax-test", "--zone=us-central2-b",
-      "--accelerator-type=v5litepod-8", "--version=v2-alpha-tpuv5-lite"
+      "gcloud", "compute", "tpus", "queued-resources", "create", "mgjax-test", "--zone=us-central2-b",
+      "--node-id=mgjax-test", "--accelerator-type=v5litepod-8", "--runtime-version=v2-alpha-tpuv5-lite"
+  ]
+  assert describe == [
+      "gcloud", "compute", "tpus", "queued-resources", "describe", "mgjax-test", "--zone=us-central2-b",
+      "--format=value(state.state)"
   ]
 
 
 def test_tpu_create_pod_slice_spot_with_project(bare_path, tmp_path):
-  [create] = dry_run(TPU, "create", *TPU_ARGS, "--accelerator-type=v4-32", "--spot", "--project=my-project",
-                     path=bare_path, tmp_path=tmp_path)
-  assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "mgjax-test"]
+  create, _ = dry_run(TPU, "create", *TPU_ARGS, "--accelerator-type=v4-32", "--spot", "--project=my-project",
+                      path=bare_path, tmp_path=tmp_path)
+  assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "mgjax-test"]
   assert option(create, "--accelerator-type") == "v4-32"
-  assert option(create, "--version") == "tpu-ubuntu2204-base"
+  assert option(create, "--runtime-version") == "tpu-ubuntu2204-base"
   assert option(create, "--project") == "my-project"
   assert "--spot" in create
 
 
+def test_tpu_create_flex_start(bare_path, tmp_path):
+  """Flex-start exists only in gcloud's alpha group, with a maximum run time."""
+  create, _ = dry_run(TPU, "create", "--name=mgjax-test", "--zone=us-east5-a", "--accelerator-type=v6e-8",
+                      "--flex-start=24h", path=bare_path, tmp_path=tmp_path)
+  assert create[:6] == ["gcloud", "alpha", "compute", "tpus", "queued-resources", "create"]
+  assert option(create, "--provisioning-model") == "flex-start"
+  assert option(create, "--max-run-duration") == "24h" and "--spot" not in create
+
+
 def test_tpu_create_explicit_version(bare_path, tmp_path):
-  [create] = dry_run(TPU, "create", *TPU_ARGS, "--accelerator-type", "v5p-64", "--version", "my-runtime",
-                     path=bare_path, tmp_path=tmp_path)
-  assert option(create, "--version") == "my-runtime" and "--spot" not in create
+  create, _ = dry_run(TPU, "create", *TPU_ARGS, "--accelerator-type", "v5p-64", "--version", "my-runtime",
+                      path=bare_path, tmp_path=tmp_path)
+  assert option(create, "--runtime-version") == "my-runtime" and "--spot" not in create
 
 
 def remote_script(command: list[str]) -> str:
@@ -155,15 +170,18 @@ def test_tpu_logs_stop_delete(bare_path, tmp_path):
   [stop] = dry_run(TPU, "stop", *TPU_ARGS, path=bare_path, tmp_path=tmp_path)
   assert "--worker=all" in stop and "kill -TERM" in remote_script(stop)
   [delete] = dry_run(TPU, "delete", *TPU_ARGS, path=bare_path, tmp_path=tmp_path)
-  assert delete == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "mgjax-test", "--zone=us-central2-b", "--quiet"]
+  assert delete == [
+      "gcloud", "compute", "tpus", "queued-resources", "delete", "mgjax-test", "--zone=us-central2-b", "--force",
+      "--quiet"
+  ]
 
 
 def test_tpu_watch_dry_run_prints_one_recreate_cycle(bare_path, tmp_path):
   commands = dry_run(TPU, "watch", *TPU_ARGS, "--accelerator-type=v4-32", "--spot", *RUN_ARGS, path=bare_path,
                      tmp_path=tmp_path)
   describe, delete, create, archive, scp, setup, run = commands
-  assert describe[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "mgjax-test"]
-  assert option(describe, "--format") == "value(state)"
+  assert describe[:6] == ["gcloud", "compute", "tpus", "queued-resources", "describe", "mgjax-test"]
+  assert option(describe, "--format") == "value(state.state)"
   assert delete[4] == "delete" and "--quiet" in delete
   assert create[4] == "create" and "--spot" in create
   assert archive[0] == "git" and scp[4] == "scp" and "pip install" in remote_script(setup)
@@ -201,6 +219,9 @@ def test_quoting_survives_the_shell_twice(bare_path, tmp_path):
         (["delete", *TPU_ARGS, "--", "--config.x=1"], "takes no mgjax.main flags"),
         (["create", *TPU_ARGS, "--zone"], "--zone needs a value"),
         (["create", *TPU_ARGS, "--zone", "--accelerator-type=v4-8"], "--zone needs a value"),
+        (["create", *TPU_ARGS, "--accelerator-type=v6e-8", "--spot", "--flex-start=1d"], "pass one"),
+        (["create", *TPU_ARGS, "--accelerator-type=v6e-8", "--flex-start=forever"], "e.g. --flex-start=24h"),
+        (["run", *TPU_ARGS, *RUN_ARGS, "--flex-start=1d"], "takes no --flex-start"),
         (["run", *TPU_ARGS, *RUN_ARGS, "--", "--dry-run"], "--dry-run goes before --"),
     ],
 )
@@ -331,24 +352,25 @@ def test_help(script, bare_path):
 
 FAKE_GCLOUD = textwrap.dedent('''\
     #!{python}
-    """Records argv; plays a TPU VM: describe/create/delete, and ssh answers for the run status."""
+    """Records argv; plays a TPU's queued resource (describe/create/delete) and ssh answers for the run status."""
     import json, os, sys
     state_file = os.path.join(os.environ["FAKE_GCLOUD_DIR"], "state.json")
     with open(state_file) as f:
       state = json.load(f)
     args = sys.argv[1:]
     state["calls"].append(args)
-    verb = args[3] if args[:3] == ["compute", "tpus", "tpu-vm"] else None
+    group = args[2:4] if args[0] == "alpha" else args[1:3]
+    verb = args[args.index(group[1]) + 1] if group[0] == "tpus" else None
     out, err, rc = "", "", 0
     if verb == "describe":
       if state["describe"]:
         state["tpu"] = state["describe"].pop(0)
       if state["tpu"] == "NOT_FOUND":
-        err, rc = "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource not found", 1
+        err, rc = "ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: Resource not found", 1
       else:
         out = state["tpu"] + "\\n"
-    elif verb == "create":
-      state["tpu"] = "READY"
+    elif verb == "create":  # queued; the next describe sees it ACTIVE unless the test says otherwise
+      state["tpu"] = "ACTIVE"
     elif verb == "delete":
       state["tpu"] = "NOT_FOUND"
     elif verb == "ssh" and any("run.status 2>/dev/null" in a for a in args):
@@ -370,7 +392,7 @@ def fake_gcloud(tmp_path, bare_path):
   (fake_dir / "gcloud").write_text(FAKE_GCLOUD.format(python=sys.executable))
   (fake_dir / "gcloud").chmod(0o755)
 
-  def play(script: Path, *args: str, tpu: str = "READY", describe=(), training=(), fail_setup=False, check=True):
+  def play(script: Path, *args: str, tpu: str = "ACTIVE", describe=(), training=(), fail_setup=False, check=True):
     (fake_dir / "state.json").write_text(
         json.dumps({
             "tpu": tpu,
@@ -403,21 +425,21 @@ def test_watch_recreates_a_preempted_tpu_and_reruns_the_same_command(fake_gcloud
       "watch", *TPU_ARGS, "--accelerator-type=v4-32", "--spot", *source, *RUN_ARGS, "--interval=0", "--",
       "--config.init_from=gs://my-bucket/stage1"
   ]
-  # The run is going on a READY TPU; then the TPU is preempted; after recreation the run
+  # The run is going on a ACTIVE TPU; then the TPU is preempted (its request SUSPENDED); after recreation the run
   # starts again and, later, ends on a live TPU (seen stopped twice): watch returns.
-  calls, result = fake_gcloud(TPU, *args, tpu="READY", describe=["READY", "PREEMPTED"],
+  calls, result = fake_gcloud(TPU, *args, tpu="ACTIVE", describe=["ACTIVE", "SUSPENDED"],
                               training=["running", "stopped unknown", "stopped 0", "stopped 0"])
   verbs = [c[4] if c[1] == "compute" else c[1] for c in calls]
   assert verbs == [
       "describe",
-      "ssh",  # READY, running
+      "ssh",  # ACTIVE, running
       "describe",
       "delete",
-      "create",  # PREEMPTED: recreate
+      "create",  # SUSPENDED: recreate
       "describe",
       "ssh",
       "ssh",
-      "ssh",  # READY: setup, status (stopped), run
+      "ssh",  # ACTIVE: setup, status (stopped), run
       "describe",
       "ssh",
       "describe",
@@ -437,7 +459,7 @@ def test_watch_exits_non_zero_when_the_run_failed(fake_gcloud):
       "watch", *TPU_ARGS, "--accelerator-type=v4-8", "--git-url=https://example.com/me/mgjax.git", *RUN_ARGS,
       "--interval=0"
   ]
-  calls, result = fake_gcloud(TPU, *args, tpu="READY", training=["running", "stopped 1", "stopped 1"], check=False)
+  calls, result = fake_gcloud(TPU, *args, tpu="ACTIVE", training=["running", "stopped 1", "stopped 1"], check=False)
   assert [c[4] for c in calls] == ["describe", "ssh", "describe", "ssh", "describe", "ssh"]
   assert result.returncode == 1
   assert "the run on mgjax-test has failed or was stopped (exit status 1)" in result.stderr
@@ -452,7 +474,7 @@ def test_watch_stops_when_setup_fails_on_a_ready_tpu(fake_gcloud):
   calls, result = fake_gcloud(TPU, *args, tpu="NOT_FOUND", fail_setup=True, check=False)
   verbs = [c[4] for c in calls]
   assert verbs == ["describe", "create", "describe", "ssh", "describe"]
-  assert result.returncode == 2 and "setup failed on TPU mgjax-test, which is READY" in result.stderr
+  assert result.returncode == 2 and "setup failed on TPU mgjax-test, which is ACTIVE" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------
