@@ -278,14 +278,16 @@ def test_sharded_forward_equals_single_device():
     assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max() + 1e-7, "/".join(map(str, path))
 
 
-# The two XLA SPMD bugs (jax 0.10.2, CPU) the model works around, in plain JAX. They are
-# expected to fail; when one passes, its workaround (axes.constrain pins, DepthwiseConv)
-# may be revisited.
+# The two XLA SPMD bugs (jax 0.10.2, CPU) the model works around, in plain JAX. Strict: they
+# fail today, and the day a jax upgrade fixes one its test passes and the suite fails (XPASS),
+# saying its workaround (axes.constrain pins, DepthwiseConv) may go; then drop the mark. Only a
+# wrong result counts as the bug: any other error (an API change) fails the test.
 def _upstream_mesh():
   return jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
-@pytest.mark.xfail(reason="XLA SPMD miscompile without activation pins (jax 0.10.2)", strict=False)
+@pytest.mark.xfail(reason="XLA SPMD miscompile without activation pins (jax 0.10.2)", strict=True,
+                   raises=AssertionError)
 def test_upstream_chained_matmuls_then_residual_without_pins():
   mesh = _upstream_mesh()
   keys = jax.random.split(jax.random.key(0), 4)
@@ -302,7 +304,8 @@ def test_upstream_chained_matmuls_then_residual_without_pins():
   _close(out, jax.jit(f)(x, w1, w2, w3), atol=1e-4)
 
 
-@pytest.mark.xfail(reason="XLA SPMD scales grouped-conv weight gradients (jax 0.10.2)", strict=False)
+@pytest.mark.xfail(reason="XLA SPMD scales grouped-conv weight gradients (jax 0.10.2)", strict=True,
+                   raises=AssertionError)
 def test_upstream_grouped_conv_weight_gradient_under_batch_split():
   mesh = _upstream_mesh()
   x = jax.random.normal(jax.random.key(0), (8, 16, 16, 16))
