@@ -13,12 +13,14 @@ lowest `score` passed to `save`), which early stopping and the drift guard's rol
 hand on as the run's result. The result is named in WORKDIR/report.json; `locate`
 returns it.
 
-Integrity: orbax stores no checksums, so `save` puts a fingerprint of every array item in
-`meta` (per item, the wrapping uint32 sum of the arrays' bit patterns: any one flipped bit
-changes it) and `restore` recomputes and compares it. `restore_latest_intact` resumes from
-the newest checkpoint that restores and matches, and moves each one that does not (a
-truncated or missing file, a flipped bit, an empty meta, a missing item or data-iterator
-state) to WORKDIR/corrupt_checkpoints/<step>, kept for a post-mortem, never deleted.
+Integrity: orbax stores no checksums, so `save` puts a checksum of every array item in
+`meta` ("checksums": per item, 64 bits of a keyed sum over every element's bit pattern and
+its place in the tree; a changed, swapped or moved element changes it) and `restore`
+recomputes and compares it. `restore_latest_intact` resumes from the newest checkpoint that
+restores and matches, and moves each one that does not (any truncated, garbled or missing
+file, orbax's own metadata included; a changed element; an empty meta; a missing item or
+data-iterator state) to WORKDIR/corrupt_checkpoints/<step>, kept for a post-mortem, never
+deleted.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-# Array items saved with a fingerprint (see the module docstring).
-_FINGERPRINTED = ("params", "opt_state", "adapters")
+from mgjax import sharding
+
+# Array items saved with a checksum (see the module docstring).
+_CHECKSUMMED = ("params", "opt_state", "adapters")
 
 
 def _not_read_only_notice(record) -> bool:
@@ -57,27 +61,66 @@ class CheckpointCorrupt(CheckpointError):
   """A checkpoint whose files cannot be read back as they were written."""
 
 
+def _mix(x: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: a bijection of uint32 that spreads every input bit over
+  the output (uint32 products wrap, as the hash wants)."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def _words(leaf: jax.Array) -> jax.Array:
+  """A leaf's bit patterns as uint32 words (64-bit elements as two)."""
+  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    leaf = jax.random.key_data(leaf)
+  if leaf.dtype == jnp.bool_:
+    return leaf.astype(jnp.uint32)
+  bits = leaf.dtype.itemsize * 8
+  if bits in (8, 16, 32):
+    return jax.lax.bitcast_convert_type(leaf, getattr(jnp, f"uint{bits}")).astype(jnp.uint32)
+  return jax.lax.bitcast_convert_type(leaf, jnp.uint32)
+
+
 @jax.jit
-def _fingerprint(tree: Any) -> jax.Array:
-  """The wrapping uint32 sum of every element's bit pattern (integer sums are exact in any
-  order, so the result does not depend on how the arrays are sharded)."""
-  total = jnp.uint32(0)
-  for leaf in jax.tree.leaves(tree):
-    if not hasattr(leaf, "dtype"):
-      continue
-    bits = leaf.dtype.itemsize * 8
-    if leaf.dtype == jnp.bool_:
-      words = leaf.astype(jnp.uint32)
-    elif bits in (8, 16, 32):
-      words = jax.lax.bitcast_convert_type(leaf, getattr(jnp, f"uint{bits}")).astype(jnp.uint32)
-    else:  # 64-bit: both halves
-      words = jax.lax.bitcast_convert_type(leaf, jnp.uint32)
-    total = total + jnp.sum(words, dtype=jnp.uint32)
-  return total
+def _checksum(tree: Any) -> jax.Array:
+  """Two 32-bit lanes, each the wrapping sum over every element of _mix(its bits ^ a key of its
+  place: leaf number and index within the leaf). For a fixed place _mix is a bijection, so any
+  one changed element always changes both sums; a swap or move changes them unless the
+  mixed values collide (about 2**-64). A sum is the same in any order, so it does not depend
+  on how the arrays are sharded (save and restore may shard them differently)."""
+  lanes = jnp.zeros(2, jnp.uint32)
+  for n, leaf in enumerate(x for x in jax.tree.leaves(tree) if hasattr(x, "dtype")):
+    words = _words(leaf).ravel()
+    place = _mix(jnp.arange(words.size, dtype=jnp.uint32) ^ _mix(jnp.uint32(n + 1) * jnp.uint32(0x9E3779B9)))
+    first = _mix(words ^ place)
+    second = _mix(first ^ jnp.uint32(0x5BD1E995) ^ (place >> 7))
+    lanes = lanes + jnp.stack([jnp.sum(first, dtype=jnp.uint32), jnp.sum(second, dtype=jnp.uint32)])
+  return lanes
 
 
-def fingerprint(tree: Any) -> int:
-  return int(np.asarray(_fingerprint(tree)))
+_barriers = 0  # barrier names must be unique within a run; every process counts the same calls
+
+
+def checksum(tree: Any) -> str:
+  """The checksum of an array tree as 16 hex digits (see _checksum).
+
+  With several processes the sum is one program over every process's shards. Its reduction
+  is the first collective of a resumed run, and gloo gives a new device group only 30 s to
+  meet: processes that restored at different speeds timed out there. So each compiles it
+  first, then all meet at the coordinator's barrier (mgjax.sharding), then run it together.
+  """
+  if jax.process_count() == 1:
+    lanes = _checksum(tree)
+  else:
+    global _barriers
+    compiled = _checksum.lower(tree).compile()
+    _barriers += 1
+    sharding.wait_for_all_processes(f"mgjax: checkpoint checksum {_barriers}")
+    lanes = compiled(tree)
+  first, second = (int(x) for x in np.asarray(lanes))
+  return f"{first:08x}{second:08x}"
 
 
 def path_str(path: tuple) -> str:
@@ -140,7 +183,7 @@ class Checkpoints:
     drift guard's bounds) ranks the checkpoint for the keep-the-best retention.
     """
     arrays = {"params": params, "opt_state": opt_state, "adapters": adapters}
-    meta = dict(meta, fingerprints={k: fingerprint(v) for k, v in arrays.items() if v is not None})
+    meta = dict(meta, checksums={k: checksum(v) for k, v in arrays.items() if v is not None})
     items = dict(
         params=ocp.args.StandardSave(params),
         opt_state=ocp.args.StandardSave(opt_state),
@@ -173,7 +216,7 @@ class Checkpoints:
     meta = restored["meta"]
     if not isinstance(meta, dict) or "step" not in meta:
       raise CheckpointCorrupt(f"checkpoint {self.directory / str(step)}: its meta item is empty or not a dict")
-    _check_fingerprints(self.directory / str(step), meta, restored)
+    _check_checksums(self.directory / str(step), meta, restored)
     return (restored["params"], restored["opt_state"], meta,
             restored["adapters"] if abstract_adapters is not None else None)
 
@@ -181,15 +224,31 @@ class Checkpoints:
     """`restore` of the newest checkpoint that reads back intact, as (step, params, opt_state,
     meta, adapters); (None, ...) when there is none. Each corrupt one on the way is moved to
     WORKDIR/corrupt_checkpoints/<step> and a warning says so. A checkpoint that does not fit
-    the model (a config change, not damage) still stops the run."""
+    the model stops the run (a config change, not damage) unless one before it fits: the
+    checkpoints of one run share their model, so then its metadata was damaged."""
     for step in sorted(self.all_steps(), reverse=True):
       try:
         return (step, *self.restore(step, **restore_args))
       except CheckpointCorrupt as e:
-        moved = self.set_aside(step)
-        logging.warning("%s; moved it to %s and resuming from the checkpoint before it", e, moved)
-        print(f"warning: {e}\n  moved to {moved}; resuming from the checkpoint before it", flush=True)
+        problem = str(e)
+      except CheckpointError:
+        if not self._an_earlier_one_fits(step, restore_args["abstract_params"]):
+          raise
+        problem = (f"checkpoint {self.directory / str(step)}: its metadata no longer matches the model the "
+                   "checkpoints before it fit (damaged after it was written)")
+      moved = self.set_aside(step)
+      logging.warning("%s; moved it to %s and resuming from the checkpoint before it", problem, moved)
+      print(f"warning: {problem}\n  moved to {moved}; resuming from the checkpoint before it", flush=True)
     return (None, None, None, None, None)
+
+  def _an_earlier_one_fits(self, step: int, abstract_params: Any) -> bool:
+    for earlier in sorted((s for s in self.all_steps() if s < step), reverse=True):
+      try:
+        check_params_fit(self, earlier, abstract_params)
+        return True
+      except CheckpointError:  # does not fit either, or its own metadata is damaged
+        continue
+    return False
 
   def set_aside(self, step: int) -> epath.Path:
     """Moves checkpoints/<step> to corrupt_checkpoints/<step> (a numbered suffix when taken)."""
@@ -208,19 +267,37 @@ class Checkpoints:
 
   def restore_params(self, step: int, abstract_params: Any) -> tuple[Any, dict]:
     """Params and meta of one checkpoint (the next stage's start, predict, export), checked
-    against the fingerprint they were saved with."""
+    against the checksum they were saved with."""
     check_params_fit(self, step, abstract_params)
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
-    _check_fingerprints(self.directory / str(step), restored["meta"] or {}, {"params": restored["params"]})
+    where = self.directory / str(step)
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # whatever orbax or tensorstore raise for unreadable files
+      raise CheckpointCorrupt(f"checkpoint {where} cannot be read: {type(e).__name__}: {_first_line(e)}") from e
+    _check_checksums(where, restored["meta"] or {}, {"params": restored["params"]})
     return restored["params"], restored["meta"]
 
   def param_metadata(self, step: int) -> Any:
     """The saved params' tree of ArrayMetadata (shape, dtype, sharding), read without loading."""
-    return self._manager.item_metadata(step)["params"]
+    try:
+      metadata = self._manager.item_metadata(step)["params"]
+    except Exception as e:  # a truncated or garbled _METADATA, _sharding, ...: orbax raises what its parser does
+      raise CheckpointCorrupt(f"checkpoint {self.directory / str(step)}: its metadata cannot be read: "
+                              f"{type(e).__name__}: {_first_line(e)}") from e
+    if metadata is None:
+      raise CheckpointCorrupt(f"checkpoint {self.directory / str(step)}: its params item is missing")
+    return metadata
 
   def meta(self, step: int) -> dict:
-    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:
+      raise CheckpointCorrupt(f"checkpoint {self.directory / str(step)}: its meta item cannot be read: "
+                              f"{type(e).__name__}: {_first_line(e)}") from e
+    if not isinstance(meta, dict):
+      raise CheckpointCorrupt(f"checkpoint {self.directory / str(step)}: its meta item is empty or not a dict")
+    return meta
 
   def param_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
     metadata = self.param_metadata(step)
@@ -241,18 +318,15 @@ def _first_line(e: BaseException) -> str:
   return (str(e).strip().splitlines() or [""])[0][:300]
 
 
-def _check_fingerprints(where: epath.Path, meta: dict, restored: Any) -> None:
-  """Raises CheckpointCorrupt when a restored item's fingerprint differs from the saved one
-  (checkpoints written before fingerprints existed are not checked). One process only: with
-  several, the check's reductions left a resumed run's collectives out of step between the
-  processes (gloo timed out), so multi-host runs restore unchecked for now."""
-  if jax.process_count() > 1:
-    return
-  for item, saved in (meta.get("fingerprints") or {}).items():
-    if item in _FINGERPRINTED and restored.get(item) is not None:
-      found = fingerprint(restored[item])
+def _check_checksums(where: epath.Path, meta: dict, restored: Any) -> None:
+  """Raises CheckpointCorrupt when a restored item's checksum differs from the saved one.
+  Checkpoints written before these checksums existed (none, or the older "fingerprints")
+  are not checked. Every process gets the same sums, so all of them agree on the verdict."""
+  for item, saved in sorted((meta.get("checksums") or {}).items()):
+    if item in _CHECKSUMMED and restored.get(item) is not None:
+      found = checksum(restored[item])
       if found != saved:
-        raise CheckpointCorrupt(f"checkpoint {where}: {item} reads back changed (fingerprint "
+        raise CheckpointCorrupt(f"checkpoint {where}: {item} reads back changed (checksum "
                                 f"{found}, saved {saved}): a file was damaged after it was written")
 
 
