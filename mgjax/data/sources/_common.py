@@ -147,26 +147,62 @@ def open_binary(path: str) -> Iterator[IO[bytes]]:
       yield raw
 
 
+# The longest line a jsonl reader takes. A record is a few KB (an OpenAssistant tree, the
+# largest kind, well under 1 MB); lines are read at most this much at a time, so a
+# damaged or hostile file (a gzip of a few MB can hold a 2 GB line) costs no more memory.
+MAX_LINE_BYTES = 32 << 20
+
+
+def _lines(f: IO[bytes]) -> Iterator[tuple[bytes, bool]]:
+  """The file's lines, each with whether it was cut at MAX_LINE_BYTES (its rest is read
+  past in bounded pieces and dropped). A UTF-8 byte-order mark before the first is dropped."""
+  first = True
+  while True:
+    line = f.readline(MAX_LINE_BYTES + 1)
+    if first:
+      line, first = line.removeprefix(b"\xef\xbb\xbf"), False
+    if not line:
+      return
+    if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+      yield line, False
+      continue
+    rest = line
+    while rest and not rest.endswith(b"\n"):
+      rest = f.readline(1 << 20)
+    yield line[:64], True
+
+
 def iter_jsonl(path: str, source: str) -> Iterator[tuple[int, Any] | Rejection]:
   """Yields (line number, parsed object), or a Rejection for a line that is not JSON.
 
   Lines are numbered from 1 as editors show them; blank lines are skipped silently.
-  Undecodable bytes (not UTF-8) and JSON nested too deeply to parse reject only their own
+  Undecodable bytes (not UTF-8), JSON nested too deeply to parse, numbers Python does not
+  read (more than 4300 digits) and lines longer than MAX_LINE_BYTES reject only their own
   line; a compressed file that is damaged or cut short yields its lines up to the damage,
-  then one Rejection for the rest.
+  then one Rejection for the rest. A UTF-8 byte-order mark is skipped.
   """
   with open_binary(path) as f:
     lineno = 0
-    lines = iter(f)
+    lines = _lines(f)
     while True:
       try:
-        raw = next(lines, None)
+        raw, cut = next(lines, (None, False))
       except READ_ERRORS as e:
         yield unreadable(source, path, f"after line {lineno}" if lineno else "whole file", e)
         return
       if raw is None:
         return
       lineno += 1
+      if lineno == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        yield Rejection(source, str(path), "whole file", "the file is UTF-16 (it starts with a UTF-16 byte-order "
+                        "mark); re-encode it as UTF-8", kind="not_utf8")
+        return
+      if cut:
+        yield Rejection(
+            source, str(path), f"line {lineno}",
+            f"longer than {MAX_LINE_BYTES >> 20} MiB (it starts {raw!r}); no record is that long: the "
+            "file is damaged or not jsonl (one JSON object a line)", kind="line_too_long")
+        continue
       try:
         line = raw.decode("utf-8")
       except UnicodeDecodeError as e:
@@ -184,6 +220,9 @@ def iter_jsonl(path: str, source: str) -> Iterator[tuple[int, Any] | Rejection]:
         yield Rejection(source, str(path), f"line {lineno}",
                         "JSON nested too deeply to parse (about 1000 levels or more); no real record "
                         "is shaped so", kind="invalid_json")
+      except ValueError as e:  # a number of more than 4300 digits, Python's limit for reading one
+        yield Rejection(source, str(path), f"line {lineno}", f"a value Python's json cannot read ({e}); fix or "
+                        "drop the line", kind="invalid_json")
 
 
 def unreadable(source: str, path: str, where: str, error: BaseException) -> Rejection:
