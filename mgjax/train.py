@@ -28,7 +28,7 @@ import ml_collections
 import tqdm
 from flax import nnx
 
-from mgjax import checkpoint, decode, evaluate as evaluation, metrics, report as reports
+from mgjax import checkpoint, config as config_lib, decode, evaluate as evaluation, metrics, report as reports
 from mgjax import locks, preemption, sharding, stages, step as steps_lib, throughput, workdir as workdirs
 from mgjax.data import datasets, pipeline, shared
 from mgjax.data import tokenizer as tokenizers
@@ -53,9 +53,10 @@ class Summary:
   report: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def format(self) -> str:
+    # A report written before it recorded the parameter counts has none to show.
+    counts = f", {self.num_trainable:,} of {self.num_params:,} params trained" if self.num_params else ""
     lines = [
-        f"{reports.stage_name(self.stage)}: {self.steps} steps in {self.seconds:.0f}s, "
-        f"{self.num_trainable:,} of {self.num_params:,} params trained",
+        f"{reports.stage_name(self.stage)}: {self.steps} steps in {self.seconds:.0f}s{counts}",
         f"  final train loss {self.train_loss:.4f}",
     ]
     for split, end in self.val_loss_end.items():
@@ -158,6 +159,31 @@ def open_data(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
   return StageData(dataset, tokenizer, model_cfg, encoder, train_iter, len(train_source), val_sources)
 
 
+def drop_empty_val_splits(config: ml_collections.ConfigDict, data: StageData) -> None:
+  """Validation splits the dataset holds no records of are not evaluated (an empty split's
+  loss would read 0 and its scores nan), and the run says so. Raises ValueError before
+  training when the empty one is early_stop.split and it decides the result (early stopping,
+  or the drift guard's rollback)."""
+  empty = [split for split, source in data.val_sources.items() if not len(source)]
+  if not empty:
+    return
+  where = f"dataset {data.dataset.name} {data.dataset.version} ({data.dataset.dataset_dir})"
+  decides = config.early_stop.patience > 0 or config.guard.drift_action == "rollback"
+  if config.early_stop.split in empty and decides:
+    raise ValueError(
+        f"early_stop.split={config.early_stop.split!r} holds no records in {where}, so early stopping "
+        "and the drift guard's rollback have nothing to pick the result by. Name a validation split with "
+        f"records (--config.early_stop.split=...), turn them off (--config.early_stop.patience=0 and a "
+        "guard.drift_action other than rollback), or give the data recipe records of that category.")
+  for split in empty:
+    del data.val_sources[split]
+  if jax.process_index() == 0:
+    message = (f"{', '.join(empty)} of {where} hold(s) no records: not evaluated (no loss, no scores"
+               f"{', and the drift guard does not watch it' if set(empty) & set(config.guard.drift_splits) else ''})")
+    logging.warning("%s", message)
+    print(f"warning: {message}", flush=True)
+
+
 # ------------------------------------------------------------------------------ Evaluation
 
 # The evaluation settings that decide the decoded answers (not, e.g., eval.score_start).
@@ -211,7 +237,10 @@ class Evaluator:
     """The decoded scores the stage this one starts from reported for the very checkpoint
     it handed on, when they were decoded with this stage's fingerprint (else None: they
     must be measured)."""
-    previous = reports.read(init_from["workdir"]) or {}
+    try:
+      previous = reports.read(init_from["workdir"]) or {}
+    except reports.ReportDamaged:
+      return None  # measured instead
     column = previous.get(f"stage{previous.get('stage')}")
     if not (previous.get("complete") and column and previous.get("eval_fingerprint") == self.fingerprint()):
       return None
@@ -288,7 +317,7 @@ class Validation:
       else:
         stop = StopTraining(f"drift_{self.drift.action}", step, message)
     tqdm.tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()))
-    return stop, losses[self.early_stop.split] if checked.within_bounds else None
+    return stop, losses.get(self.early_stop.split) if checked.within_bounds else None
 
   def state(self) -> dict[str, Any]:
     return {
@@ -356,19 +385,39 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   """Trains one stage in `workdir` (resuming what a killed run left there) and reports it.
 
   Process 0 holds the workdir's lock for the whole run (mgjax.locks): a second run on the
-  same workdir is refused with locks.LockHeld naming the first.
+  same workdir is refused with locks.LockHeld naming the first. A finished run only reports
+  what it made, without the lock or any write, so a read-only workdir still answers; an
+  unfinished one there is refused with workdirs.NotWritable.
   """
-  if jax.process_index() != 0:
-    return _run(config, workdir)
-  with locks.exclusive(workdir, "mgjax_run", f"workdir {workdir}"):
-    return _run(config, workdir)
-
-
-def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
+  config_lib.check_train(config)  # before any data work or compiling
   started = time.time()
-  finished = reports.read(workdir)
+  try:
+    finished = reports.read(workdir)
+  except reports.ReportDamaged:
+    finished = None  # rebuilt: _run sets it aside and finishes the run from its checkpoints
   if finished and finished.get("complete"):
     return _summary_from_report(config, workdir, finished, started)  # nothing to train: report what it made
+  if jax.process_index() != 0:
+    return _run(config, workdir, started)
+  try:
+    with locks.exclusive(workdir, "mgjax_run", f"workdir {workdir}"):
+      return _run(config, workdir, started)
+  except OSError as e:
+    refused = workdirs.not_writable(e, workdir)
+    if refused is None:
+      raise
+    raise refused from None
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, started: float) -> Summary:
+  if jax.process_index() == 0:
+    try:
+      reports.read(workdir)
+    except reports.ReportDamaged as e:
+      moved = reports.set_aside(workdir)
+      logging.warning("%s", e)
+      print(f"warning: {workdir}/report.json is damaged: moved to {moved}; finishing the run from its checkpoints to "
+            "write it again", flush=True)
   # The checkpoint this stage starts from, checked before any data work; a resumed run
   # takes it from its own checkpoint's meta instead.
   init_checkpoint = (stages.init_checkpoint(config.init_from, config.get("init_from_step", -1))
@@ -376,6 +425,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   mesh = sharding.make_mesh(config.mesh)
   logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), mesh.size, jax.process_count())
   data = open_data(config, workdir, mesh)
+  drop_empty_val_splits(config, data)
   steps = total_steps(config, data.train_records)
   setup = steps_lib.setup(config, data.model_cfg, mesh, steps)
   ckpts = checkpoint.Checkpoints(workdir, max_to_keep=config.train.max_to_keep)
@@ -431,9 +481,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     progress = tqdm.tqdm(total=steps, initial=start.step, disable=jax.process_index() != 0,
                          desc=reports.stage_name(config.stage), dynamic_ncols=True)
     step, compiled_step, flops_per_device, stop = start.step, None, None, None
+    # A run killed after early stopping or the drift guard ended it, before it reported: the
+    # same command finishes it as it was ending, without training past the stop.
+    ended = start.saved.get("stopped") or {}
+    if ended.get("reason") in ("early_stop", "drift_stop", "drift_rollback"):
+      stop = StopTraining(ended["reason"], ended["step"], ended["message"])
     pending = None  # the previous step's metrics, checked once the next step is dispatched
     try:
-      while step < steps:
+      while step < steps and not stop:
         step += 1
         local = next(data.train_iter)
         window.add_batch(local)
@@ -474,7 +529,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
           ckpts.save(step, params=setup.merged(trainable, frozen), opt_state=opt_state, data_iter=data.train_iter,
                      adapters=setup.trainable.adapters(trainable), score=score, meta={
                          **meta, "step": step,
-                         **validation.state(), "train_loss": train_loss
+                         **validation.state(), "train_loss": train_loss,
+                         "stopped": stop.as_dict() if stop else None
                      })
         if stop:
           raise stop
@@ -508,6 +564,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
       "stopped": stop.as_dict() if stop else None,
       "drift": validation.drift_log,
       "steps_trained": step,
+      "params": {
+          "total": int(num_params),
+          "trained": int(num_trainable)
+      },
       _start_key(config.stage, init_from): start_scores,
       "eval_fingerprint": evaluator.fingerprint(),
   }
@@ -516,6 +576,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     report["hold_margin"] = config.eval.hold_margin
     # Where report.png finds the stages before this one, and where it puts them.
     report["init_from_workdir"] = init_from["workdir"]
+    report["init_from"] = init_from["checkpoint"]
     report["global_step_offset"] = global_offset
     if validation.drift.action in ("stop", "rollback"):  # bounds that end the run (report.png draws them)
       report["drift_bounds"] = {
@@ -574,5 +635,6 @@ def _summary_from_report(config, workdir: str, report: dict, started: float) -> 
                      s: v["loss"] for s, v in start_scores.items()
                  }, val_loss_end={
                      s: v["loss"] for s, v in stage_scores.items()
-                 }, checkpoint=result["checkpoint"], num_params=0, num_trainable=0, seconds=time.time() - started,
-                 init_from=None, report=report)
+                 }, checkpoint=result["checkpoint"], num_params=(report.get("params") or {}).get("total", 0),
+                 num_trainable=(report.get("params") or {}).get("trained", 0), seconds=time.time() - started,
+                 init_from=report.get("init_from"), report=report)

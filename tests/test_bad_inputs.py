@@ -169,11 +169,27 @@ CASES = {
         ("llava_json", "deep.json", ("[" + json.dumps(_llava(0)) + ', {"id": "deep", "conversations": ' +
                                      "[" * 100_000 + "]" * 100_000 + "}, " + json.dumps(_llava(2)) + "]").encode(), {},
          [("record 1", "bad_schema")], 2),
+    # 1 x 100000 pixels: a few hundred bytes, billions of pixels once resized for a tower.
+    "llava_strip_image": ("llava_json", "strip.json",
+                          json.dumps([_llava(0, image="good.png"),
+                                      _llava(1, image="strip.png"),
+                                      _llava(2)]).encode(), {
+                                          "image_root": "images"
+                                      }, [("record 1 (id=ok1)", "bad_image_size")], 2),
+    # Valid JSON as Python writes it: a BOM, NaN, Infinity and integers past 64 bits lose nothing.
+    "llava_nan_and_big_ints":
+        ("llava_json", "nan.json", b"\xef\xbb\xbf" +
+         json.dumps([_llava(0, score=float("nan")),
+                     _llava(1, n=2**64, m=[float("inf"), -float("inf")]),
+                     _llava(2)]).encode(), {}, [], 3),
     "llava_not_gzip":
         ("llava_json", "plain.json.gz", json.dumps([_llava(0)]).encode(), {}, [("whole file", "unreadable_file")], 0),
     "lima_lone_surrogate": ("lima", "surrogate.jsonl",
                             _lines(_lima_line(0), '{"conversations": ["bad \\ud800", "answer"]}',
                                    _lima_line(2)), {}, [("line 2", "not_utf8")], 2),
+    "lima_4301_digits": ("lima", "digits.jsonl",
+                         _lines(_lima_line(0), '{"conversations": ["Q", "A"], "n": ' + "9" * 4301 + "}",
+                                _lima_line(2)), {}, [("line 2", "invalid_json")], 2),
     "lima_not_gzip": ("lima", "plain.jsonl.gz", _lines(_lima_line(0)), {}, [("whole file", "unreadable_file")], 0),
     "lima_truncated_gzip": ("lima", "cut.jsonl.gz", gzip.compress(_lines(*[_lima_line(k) for k in range(400)]))[:2000],
                             {}, None, None),  # checked below: the lines before the cut are kept
@@ -267,6 +283,7 @@ def _config(root, specs, **over):
   c.sources = specs
   c.tokenizer = ml_collections.ConfigDict(dict(train=False, path=""))
   c.num_workers = 1
+  c.min_kept_share = 0  # most of each source is bad on purpose
   c.update(over)
   return c
 
@@ -276,6 +293,7 @@ def table_build(tmp_path_factory):
   root = tmp_path_factory.mktemp("sources")
   (root / "images").mkdir()
   _png(root / "images/good.png")
+  Image.new("L", (1, 100_000)).save(root / "images/strip.png")
   os.mkfifo(root / "images/pipe.png")
   specs = [_write_case(root, name) for name in CASES]
   data_dir = tmp_path_factory.mktemp("data")
@@ -325,6 +343,8 @@ def test_rejection_reasons_say_what_is_wrong(table_build):
   assert "rank is '1'" in reason["oasst_mixed_rank"]
   assert "parent_id is ['fp0']" in reason["oasst_flat_parent_list"]
   assert "not in its format" in reason["lima_not_gzip"] and "gzip -t" in reason["lima_not_gzip"]
+  assert "aspect ratio of 100000:1" in reason["llava_strip_image"]
+  assert "4300 digits" in reason["lima_4301_digits"]
 
 
 def test_built_splits_hold_the_good_records(table_build):
@@ -334,7 +354,7 @@ def test_built_splits_hold_the_good_records(table_build):
     ids |= {e["id"].decode() for e in datasets.open_split(built, split)}
   assert {
       "lima_lone_surrogate:1", "lima_lone_surrogate:3", "llava_100k_deep:ok0", "llava_100k_deep:ok2",
-      "llava_fifo_image:ok0", "oasst_flat_3000_deep:c0"
+      "llava_fifo_image:ok0", "oasst_flat_3000_deep:c0", "llava_nan_and_big_ints:ok1", "llava_strip_image:ok0"
   } <= ids
 
 

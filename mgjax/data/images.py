@@ -15,7 +15,12 @@
   (row-major), plus, with image_global, that resized image resized again to the low-res
   size; the views in MGM's order [crops..., global].
 
-Arrays are HWC float32 (the models take NHWC).
+Arrays are HWC float32 (the models take NHWC). 16-bit grayscale images (PNG's, which PIL
+opens as mode I;16) keep their intensities, scaled to 8 bits as PIL scales 16-bit colour.
+
+`size_problem` is the build's check that an image is one training can afford: resizing
+the shorter side to the tower's size makes an extreme strip (a 1 x 100000 PNG of a few
+hundred bytes) billions of pixels long.
 """
 
 from __future__ import annotations
@@ -30,10 +35,50 @@ from PIL import Image
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# Limits on an image the build accepts. Pixels: PIL's own decompression-bomb limit (it
+# warns above it, refuses above twice it). Aspect ratio: at 20:1, a 768 px tower resizes an
+# image to 768 x 15360 (12M pixels, as much as a 12 MP photo); real photos, pages, charts
+# and banners (728 x 90 is 8:1) stay well inside. Side: WebP's own limit; with
+# image_aspect_ratio='pad' an image becomes a square of its longer side.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+MAX_ASPECT_RATIO = 20
+MAX_SIDE = 16383
+
+
+def size_problem(width: int, height: int) -> str | None:
+  """Why an image of this size cannot be trained on, or None when it can."""
+  if width < 1 or height < 1:
+    return f"is {width} x {height} pixels, an empty image"
+  if width * height > MAX_PIXELS:
+    return (f"is {width} x {height} pixels ({width * height / 1e6:.1f}M), more than {MAX_PIXELS / 1e6:.1f}M; "
+            "downscale it (training sees it at the towers' size, at most 1536 px)")
+  ratio = max(width, height) / min(width, height)
+  if ratio > MAX_ASPECT_RATIO:
+    return (f"is {width} x {height} pixels, an aspect ratio of {ratio:.0f}:1, more than {MAX_ASPECT_RATIO}:1 "
+            "(training resizes its shorter side to the tower's size, so its longer side would be "
+            f"{ratio:.0f} times that); crop it into parts or drop the record")
+  if max(width, height) > MAX_SIDE:
+    return f"is {width} x {height} pixels, longer than {MAX_SIDE} px on a side; downscale it"
+  return None
+
+
+# PIL's modes of a 16-bit grayscale image (PNG gives I;16; older PIL gave I, 32-bit).
+_SIXTEEN_BIT_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """An RGB image of any PIL image. PIL's own convert("RGB") clips 16-bit gray values to
+  255, turning nearly all of a 16-bit grayscale PNG white; those are scaled to 8 bits
+  instead (the high byte, as PIL reduces 16-bit colour PNGs)."""
+  if image.mode in _SIXTEEN_BIT_GRAY:
+    pixels = np.clip(np.asarray(image), 0, 65535).astype(np.uint16)
+    image = Image.fromarray((pixels >> 8).astype(np.uint8))
+  return image.convert("RGB")
+
 
 def decode(data: bytes) -> Image.Image:
   """Encoded image bytes (JPEG, PNG, ...) -> an RGB PIL image."""
-  return Image.open(io.BytesIO(data)).convert("RGB")
+  return to_rgb(Image.open(io.BytesIO(data)))
 
 
 def resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
@@ -64,7 +109,7 @@ def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
 def clip_preprocess(image: Image.Image, size: int, mean: Sequence[float] = CLIP_MEAN,
                     std: Sequence[float] = CLIP_STD) -> np.ndarray:
   """CLIPImageProcessor(size={'shortest_edge': size}, crop_size=size) -> [size, size, 3]."""
-  resized = np.asarray(resize_shortest_side(image.convert("RGB"), size))
+  resized = np.asarray(resize_shortest_side(to_rgb(image), size))
   return normalize(center_crop(resized, size), mean, std)
 
 
@@ -109,7 +154,7 @@ def mgm_pair(image: Image.Image, lowres_size: int, highres_size: int, mean: Sequ
              std: Sequence[float] = CLIP_STD, *, pad_to_square: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Mini-Gemini's (low-res, high-res) inputs of one image: [l, l, 3], [h, h, 3]."""
   if pad_to_square:
-    image = expand_to_square(image.convert("RGB"), mean)
+    image = expand_to_square(to_rgb(image), mean)
   highres = clip_preprocess(image, highres_size, mean, std)
   return bilinear_resize(highres, lowres_size), highres
 
@@ -139,7 +184,7 @@ def mgm_views(image: Image.Image, lowres_size: int, highres_size: int, mean: Seq
   if grid < 2:
     raise ValueError(f"image_global needs image_grid >= 2 (got image_grid={grid})")
   if pad_to_square:
-    image = expand_to_square(image.convert("RGB"), mean)
+    image = expand_to_square(to_rgb(image), mean)
   highres = clip_preprocess(image, highres_size, mean, std)
   raw = bilinear_resize(highres, lowres_size * grid)
   views = grid_crops(raw, grid)

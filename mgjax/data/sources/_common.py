@@ -9,13 +9,14 @@ import io
 import json
 import os
 import stat
+import warnings
 import zlib
 from typing import IO, Any, Iterator
 
 from etils import epath
 from PIL import Image
 
-from mgjax.data import records
+from mgjax.data import images as image_checks, records
 from mgjax.data.records import Record, Rejection
 
 # Short, stable names for why a record was dropped: the data card counts by these, while
@@ -95,14 +96,24 @@ def load_images(record: Record, file: str, where: str) -> Record | Rejection:
     except OSError as e:
       return Rejection(record.source, file, where, f"cannot read image {image}: {e}", kind="missing_image",
                        id=record.id, messages=record.messages)
-    # Decoded in full, not just header-checked: a truncated download passes verify() and
-    # would only fail in the middle of training.
+    # Its size is checked from the header, before decoding (a few hundred bytes of PNG can
+    # decode to gigabytes); then it is decoded in full, not just header-checked: a truncated
+    # download passes verify() and would only fail in the middle of training.
     try:
-      with Image.open(io.BytesIO(data)) as img:
-        img.load()
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # size_problem says it
+        with Image.open(io.BytesIO(data)) as img:
+          problem = image_checks.size_problem(*img.size)
+          if problem is None:
+            img.load()
+    except Image.DecompressionBombError as e:  # more than twice PIL's limit: refused by open
+      problem = f"is too large to decode ({e}); downscale it"
     except Exception as e:  # PIL raises many types for bad files
       return Rejection(record.source, file, where, f"image {image} cannot be decoded ({type(e).__name__}: {e}); "
                        "re-download or remove it", kind="corrupt_image", id=record.id, messages=record.messages)
+    if problem is not None:
+      return Rejection(record.source, file, where, f"image {image} {problem}", kind="bad_image_size", id=record.id,
+                       messages=record.messages)
     images.append(data)
   record.images = images
   return record
