@@ -170,11 +170,10 @@ def drop_empty_val_splits(config: ml_collections.ConfigDict, data: StageData) ->
   where = f"dataset {data.dataset.name} {data.dataset.version} ({data.dataset.dataset_dir})"
   decides = config.early_stop.patience > 0 or config.guard.drift_action == "rollback"
   if config.early_stop.split in empty and decides:
-    raise ValueError(
-        f"early_stop.split={config.early_stop.split!r} holds no records in {where}, so early stopping "
-        "and the drift guard's rollback have nothing to pick the result by. Name a validation split with "
-        f"records (--config.early_stop.split=...), turn them off (--config.early_stop.patience=0 and a "
-        "guard.drift_action other than rollback), or give the data recipe records of that category.")
+    raise ValueError(f"early_stop.split={config.early_stop.split!r} holds no records in {where}, so early stopping "
+                     "and the drift guard's rollback have nothing to pick the result by. Name a validation split with "
+                     "records (--config.early_stop.split=...), turn them off (--config.early_stop.patience=0 and a "
+                     "guard.drift_action other than rollback), or give the data recipe records of that category.")
   for split in empty:
     del data.val_sources[split]
   if jax.process_index() == 0:
@@ -416,8 +415,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, started: float) -> Sum
     except reports.ReportDamaged as e:
       moved = reports.set_aside(workdir)
       logging.warning("%s", e)
-      print(f"warning: {workdir}/report.json is damaged: moved to {moved}; finishing the run from its checkpoints to "
-            "write it again", flush=True)
+      print(f"warning: {workdir}/report.json is damaged: moved to {moved}; rewriting it", flush=True)
   # The checkpoint this stage starts from, checked before any data work; a resumed run
   # takes it from its own checkpoint's meta instead.
   init_checkpoint = (stages.init_checkpoint(config.init_from, config.get("init_from_step", -1))

@@ -83,7 +83,7 @@ def test_notebook_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
   nb = read_notebook()
   workdir = tmp_path / "runs"
   inject_parameters(nb, DATA_PRESET="sample:tiny", DATA_DIR=str(tmp_path / "data"), WORKDIR=str(workdir), BATCH_SIZE=8,
-                    STEPS_STAGE1=6, STEPS_STAGE2=3, MAX_NEW_TOKENS=8, CONFIG_OVERRIDES={
+                    STEPS_PRETRAIN=3, STEPS_STAGE1=6, STEPS_STAGE2=3, MAX_NEW_TOKENS=8, CONFIG_OVERRIDES={
                         "train.eval_batch_size": 8,
                         "train.log_every": 1,
                         "eval.max_new_tokens": 8
@@ -96,7 +96,7 @@ def test_notebook_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
   executed = os.path.join(tmp_path, "executed.ipynb")
   nbformat.write(nb, executed)  # kept beside the run for a look when an assertion below fails
 
-  for stage in ("stage1", "stage2"):
+  for stage in ("pretrain", "stage1", "stage2"):
     for name in ("report.json", "report.md", "report.png", "metrics.jsonl"):
       assert (workdir / stage / name).exists(), f"{stage}/{name} missing (see {executed})"
   report = json.loads((workdir / "stage2" / "report.json").read_text())
@@ -107,11 +107,13 @@ def test_notebook_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
   assert "mgjax is already installed" in text
   # The sizing cell kept the injected values.
   text, _ = outputs_of(cell_containing(nb, "BACKEND = jax.default_backend()"))
-  assert "backend cpu" in text and "stage 1: batch 8, 6 steps" in text and "stage 2: batch 8, 3 steps" in text
+  assert "backend cpu" in text and "pretraining: batch 8, 3 steps" in text and "stage 1: batch 8, 6 steps" in text and "stage 2: batch 8, 3 steps" in text
   # The sample records, with an image.
   text, rich = outputs_of(cell_containing(nb, "def read_record"))
   assert "<GEN>" in text and "<image>" in text and rich.get("image/png")
-  # Both stages ran their steps.
+  # All three phases ran their steps, each from the one before (stage 1 from pretraining).
+  assert "pretraining: 3 steps" in outputs_of(cell_containing(nb, "pretrain = train.run"))[0]
+  assert json.loads((workdir / "stage1" / "report.json").read_text())["init_from_workdir"] == str(workdir / "pretrain")
   assert "stage 1: 6 steps" in outputs_of(cell_containing(nb, "stage1 = train.run"))[0]
   assert "stage 2: " in outputs_of(cell_containing(nb, "stage2 = train.run"))[0]
   # The report: report.md's table as markdown, report.png as an image.
