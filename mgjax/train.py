@@ -524,12 +524,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str, started: float) -> Sum
           stop = eval_stop or stop
           window.exclude(time.time() - eval_started)  # the next log's rates exclude evaluating
         if is_eval or step % config.train.checkpoint_every == 0 or stop:
-          ckpts.save(step, params=setup.merged(trainable, frozen), opt_state=opt_state, data_iter=data.train_iter,
-                     adapters=setup.trainable.adapters(trainable), score=score, meta={
-                         **meta, "step": step,
-                         **validation.state(), "train_loss": train_loss,
-                         "stopped": stop.as_dict() if stop else None
-                     })
+          ckpts.save(
+              step, params=setup.merged(trainable, frozen), opt_state=opt_state, data_iter=data.train_iter,
+              adapters=setup.trainable.adapters(trainable), score=score, meta={
+                  **meta, "step": step,
+                  **validation.state(), "train_loss": train_loss,
+                  "stopped": stop.as_dict() if stop else None
+              })
         if stop:
           raise stop
     except StopTraining as e:

@@ -6,6 +6,7 @@ import random
 
 import ml_collections
 import pytest
+import regex
 
 from mgjax.data import build, datasets, dedup, filters, mixture, sample
 from mgjax.data.records import Record
@@ -29,6 +30,17 @@ def _quality(**overrides):
 def test_normalize_text():
   assert filters.normalize_text("  Cafe\u0301\u00a0au\u200b lait \r\n\r\n\r\n\r\n  indented  \r\nend\ufeff ") == \
       "Caf\u00e9 au lait\n\n  indented\nend"
+
+
+def test_normalising_removes_every_bidi_control():
+  # Unicode's own list (the regex module knows the property), all of it below U+3000.
+  controls = regex.findall(r"\p{Bidi_Control}", "".join(map(chr, range(0x10000))))
+  assert len(controls) == 12 and "\u202e" in controls and "\u2066" in controls
+  # "Trojan Source" text: an override and isolates make it display in another order than
+  # it reads.
+  text = "access = \u202e\u2066 if admin \u2069\u2066 granted" + "".join(controls)
+  assert filters.normalize_text(text) == "access =  if admin  granted"
+  assert filters.normalize_text("\u05e9\u05dc\u05d5\u05dd (Hebrew)") == "\u05e9\u05dc\u05d5\u05dd (Hebrew)"
 
 
 PROSE = ("The committee met on Tuesday to discuss next year's budget, and after a long debate about "

@@ -32,9 +32,12 @@ from mgjax.data.sources import _common
 # Unicode spaces that editors and scrapers leave in text; tokenizers treat each as its
 # own rare symbol.
 _ODD_SPACES = re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
-# C0/C1 control characters except tab and newline, the BOM and zero-width space: invisible,
-# and never meant as content.
-_INVISIBLE = re.compile("[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f\ufeff\u200b]")
+# C0/C1 control characters except tab and newline, the BOM, zero-width space and the bidi
+# controls (Unicode's Bidi_Control: marks, embeddings, overrides, isolates): invisible, and
+# never meant as content. An override (U+202E) makes text display other than it reads, so
+# a reviewer would see one thing and the model learn another.
+_INVISIBLE = re.compile("[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f\ufeff\u200b"
+                        "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _BLANK_LINES = re.compile(r"\n{3,}")
 _MARKUP = re.compile(re.escape(records.IMAGE_PLACEHOLDER) + "|" + re.escape(records.GEN_MARKER) + "|</?h>")
 _WORD = re.compile(r"\w+", re.UNICODE)
