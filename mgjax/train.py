@@ -161,7 +161,7 @@ def open_data(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
 
 def drop_empty_val_splits(config: ml_collections.ConfigDict, data: StageData) -> None:
   """Validation splits the dataset holds no records of are not evaluated (an empty split's
-  loss would read 0 and its scores nan), and the run says so. Raises ValueError before
+  loss would read 0 and its scores nan), and the run says so. Raises ConfigError before
   training when the empty one is early_stop.split and it decides the result (early stopping,
   or the drift guard's rollback)."""
   empty = [split for split, source in data.val_sources.items() if not len(source)]
@@ -170,10 +170,11 @@ def drop_empty_val_splits(config: ml_collections.ConfigDict, data: StageData) ->
   where = f"dataset {data.dataset.name} {data.dataset.version} ({data.dataset.dataset_dir})"
   decides = config.early_stop.patience > 0 or config.guard.drift_action == "rollback"
   if config.early_stop.split in empty and decides:
-    raise ValueError(f"early_stop.split={config.early_stop.split!r} holds no records in {where}, so early stopping "
-                     "and the drift guard's rollback have nothing to pick the result by. Name a validation split with "
-                     "records (--config.early_stop.split=...), turn them off (--config.early_stop.patience=0 and a "
-                     "guard.drift_action other than rollback), or give the data recipe records of that category.")
+    raise config_lib.ConfigError(
+        f"early_stop.split={config.early_stop.split!r} holds no records in {where}, so early stopping "
+        "and the drift guard's rollback have nothing to pick the result by. Name a validation split with "
+        "records (--config.early_stop.split=...), turn them off (--config.early_stop.patience=0 and a "
+        "guard.drift_action other than rollback), or give the data recipe records of that category.")
   for split in empty:
     del data.val_sources[split]
   if jax.process_index() == 0:

@@ -29,7 +29,7 @@ __all__ = [
 def load_hf_lm(path: str, *, dtype: Any = jnp.float32, allow_pickle: bool = False) -> DecoderLM:
   """A DecoderLM holding the weights of a local Hugging Face causal-LM folder.
 
-  The folder is what `huggingface-cli download` or `save_pretrained` leaves: config.json and
+  The folder is what `hf download REPO_ID --local-dir=DIR` or `save_pretrained` leaves: config.json and
   model.safetensors (or shards with model.safetensors.index.json) of a Llama, Gemma or Qwen2
   model, or a Mini-Gemini checkpoint (its decoder is read, its vision parts are ignored).
   Nothing is fetched from the network.
