@@ -148,6 +148,13 @@ def open_data(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
     raise ValueError(f"train.grad_accum_steps={accum} must split data.batch_size={config.data.batch_size} into "
                      f"micro-batches that still divide over the {sharding.batch_shards(mesh)} batch shards of the mesh")
   train_source = datasets.open_split(dataset, config.data.train_split)
+  if not len(train_source):  # else the first batch ends the run in a bare StopIteration
+    recipe, split = config.data.recipe, config.data.train_split
+    why = ("pretraining trains on image-caption pairs, and the recipe names no source with category='caption' "
+           "(add one, e.g. dict(name=..., format='llava_json', path=..., image_root=..., category='caption'), and "
+           "bump its version), or start stage 1 from the LLM instead"
+           if split == "train_caption" else f"its sources left nothing for it (see {dataset.data_card})")
+    raise ValueError(f"data recipe {recipe.name!r} (version {recipe.version}) has no {split} records: {why}")
   replay_source = (datasets.open_split(dataset, config.data.replay_split) if config.data.replay_fraction > 0 else None)
   train_iter = pipeline.train_iterator(train_source, encoder, batch_size=local_batch, seed=config.seed,
                                        num_threads=config.data.num_threads, prefetch=config.data.prefetch,

@@ -20,6 +20,7 @@ from mgjax.data import build, datasets, prompts, review, verdicts
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
+_ODD_ID = "sep\u2028line\u2029para\u0085end"
 _LONG = ("The river bends twice before it reaches the old mill, where the water slows and turns green under the "
          "willows. Children fish there in summer, and in winter the pond freezes thick enough to skate on. The "
          "miller's house has a red door, a slate roof and a garden of beans, onions and tall yellow sunflowers.")
@@ -40,6 +41,10 @@ def _extra_source(root: pathlib.Path) -> dict:
       ("off_prompt", [("user", "Draw a purple elephant wearing a tall hat. <GEN>"),
                       ("assistant", "<h>A red circle on a plain white background, simple vector illustration.</h>")]),
       ("blank_answer", [("user", "Anything to add?"), ("assistant", "   ")]),
+      # Ids a person may well have: one ending in "#<n>" like mixing's copies, one holding
+      # the line and paragraph separators JSON.stringify leaves as they are.
+      ("post#2", [("user", "What colour is a ripe tomato?"), ("assistant", "A ripe tomato is red.")]),
+      (_ODD_ID, [("user", "How many legs does a spider have?"), ("assistant", "A spider has eight legs.")]),
   ]
   (root / "extra").mkdir(parents=True, exist_ok=True)
   (root / "extra/messages.jsonl").write_text("".join(
@@ -50,7 +55,8 @@ def _extra_source(root: pathlib.Path) -> dict:
               "content": c
           } for r, c in turns]
       }) + "\n" for rid, turns in rows))
-  return dict(name="extra", format="messages_jsonl", path="extra/messages.jsonl")
+  # Bad records on purpose: the build must not stop for the share it rejects.
+  return dict(name="extra", format="messages_jsonl", path="extra/messages.jsonl", min_kept_share=0)
 
 
 def _config():
@@ -140,7 +146,7 @@ def test_page_in_a_browser_exports_verdicts_that_the_next_build_applies(built, b
   assert browser.find_element(By.CSS_SELECTOR, "mark.prompt").text.startswith("<h>")
   blank = _record(browser, "extra:blank_answer")  # shown, but no verdict can overrule a structural problem
   assert "Anything to add?" in blank.text and not blank.find_elements(By.CSS_SELECTOR, "button")
-  assert "0 low" not in browser.find_element(By.ID, "prompt-summary").text  # the off-prompt request counts
+  assert "0 below 0.5" not in browser.find_element(By.ID, "prompt-summary").text  # the off-prompt request counts
   flagged = browser.find_element(By.ID, "flagged").find_element(By.XPATH, "..").text
   assert "extra:off_prompt" in flagged
 
@@ -208,6 +214,7 @@ def test_page_in_a_browser_exports_verdicts_that_the_next_build_applies(built, b
   assert extra["read"] == extra["kept"] + sum(extra["rejected"].values()) + extra["duplicates"]
   assert card["review"] == {
       "file": str(review_file),
+      "copy": "review.jsonl",
       "verdicts": 5,
       "keep": 3,
       "drop": 2,
@@ -254,13 +261,38 @@ def test_page_in_a_browser_exports_verdicts_that_the_next_build_applies(built, b
   assert "review" in kinds and "language" not in kinds
 
 
+def test_ids_with_a_hash_number_or_line_separators_show_and_export_exactly(built, browser, tmp_path):
+  from selenium.webdriver.common.by import By
+
+  cfg, dataset = built
+  page = review.write(cfg, dataset.data_dir, str(tmp_path / "odd.html"), per_group=100)
+  browser.get(pathlib.Path(page).as_uri())
+  browser.execute_script("localStorage.clear()")  # another test's work on this dataset
+  browser.refresh()
+  assert "ripe tomato" in _record(browser, "extra:post#2").text
+  odd = browser.execute_script(
+      "return [...document.querySelectorAll('.record')].find((e) => e.dataset.id === arguments[0]);",
+      "extra:" + _ODD_ID)
+  assert odd is not None and "spider" in odd.text
+  odd.find_element(By.CSS_SELECTOR, "button.keep").click()
+  note = "legs\u2029counted\u0085twice\u2028"
+  browser.execute_script(
+      "const n = arguments[0].querySelector('input.note'); n.value = arguments[1];"
+      "n.dispatchEvent(new Event('input', {bubbles: true}));", odd, note)
+  browser.find_element(By.ID, "export-btn").click()
+  exported = browser.find_element(By.ID, "export").get_attribute("value")
+  read_back = verdicts.parse(exported.encode(), "review.jsonl")  # every line, the odd one too
+  assert read_back[("extra", "extra:" + _ODD_ID)] == verdicts.Verdict("extra:" + _ODD_ID, "extra", "keep", note)
+  assert len(read_back) == len(exported.split("\n")) - 1
+
+
 def test_review_file_errors_name_the_line_and_the_fix(tmp_path):
   bad = tmp_path / "review.jsonl"
   bad.write_text('{"id": "a", "source": "s", "verdict": "keep"}\n{"id": "b", "source": "s", "verdict": "maybe"}\n')
   with pytest.raises(ValueError, match=r"review.jsonl: line 2: verdict 'maybe' is not one of \('keep', 'drop'\)"):
     verdicts.read(str(bad))
   bad.write_text('{"id": "a", "source": "s", "verdict": "keep"}\n{"id": "a", "source": "s", "verdict": "drop"}\n')
-  with pytest.raises(ValueError, match="line 2: id 'a' is marked drop here and keep on line 1"):
+  with pytest.raises(ValueError, match="line 2: id 'a' of source 's' is marked drop here and keep on line 1"):
     verdicts.read(str(bad))
   with pytest.raises(FileNotFoundError, match="no such file"):
     verdicts.read(str(tmp_path / "missing.jsonl"))

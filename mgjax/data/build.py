@@ -250,6 +250,7 @@ def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, bea
   length_tokenizer = None if tok_cfg.get("train") else (tok_cfg.get("path") or None)
   reader = spill.Reader()
   tally = verdicts.Tally(verdicts.path(data_cfg), verdicts.load(data_cfg), data_cfg.seed, reader)
+  prompt_checks = prompts.settings(data_cfg)  # a mistake there fails now, not after reading
   entries, rejected, source_card = _clean(data_cfg, _sources_root(data_cfg, data_dir), length_tokenizer,
                                           str(spill_root), beam_runner, beam_options, tally)
   if not entries:
@@ -280,12 +281,14 @@ def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, bea
   with (out / "rejected.jsonl").open("w") as f:
     for rej in rejected:
       f.write(_rejection_line(rej) + "\n")
+  verdicts.keep_copy(data_cfg, tally.verdicts, out)
   (out / "build_config.json").write_text(json.dumps(datasets.content_of(data_cfg), indent=1, sort_keys=True))
   # Written last: the presence of data_card.json marks a complete build (see ensure_built).
   card.write(out, name=f"{builder.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version, sources=source_card,
              splits=splits, mixing=mix_report, mix_by=mixture.MixConfig.from_dict(data_cfg.get("mixture")).by,
              kept=entries, tokenizer_dir=tokenizer_dir, messages=lambda e: reader.record(e, images=False).messages,
-             review=tally.report(), qualities=prompts.qualities(data_cfg), seq_len=data_cfg.get("seq_len"))
+             review=tally.report(), qualities=prompts.qualities(data_cfg), seq_len=data_cfg.get("seq_len"),
+             prompt_checks=prompt_checks)
   reader.close()
   logging.info("built %s: splits %s; %d rejected or duplicate (see %s)", out, sizes, len(rejected),
                out / "rejected.jsonl")

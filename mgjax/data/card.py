@@ -209,12 +209,13 @@ def _markdown_checks(card: dict[str, Any]) -> list[str]:
   """The generation prompt checks and the review's effect, as Markdown lines."""
   g = card["generation_prompts"]
   cov = g["coverage"]
+  low, n_low = prompts.low_count(cov)
   lines = [
       "", "## Generation prompts", "",
       f"{g['requests']} image requests in the kept generation samples: {g['missing_prompt']} without a "
       f"`<h>...</h>` prompt, {g['empty_prompt']} with an empty one; language checked on {g['language']['checked']}, "
       f"unexpected on {g['language']['unexpected']}; coverage of the request's content words: mean {cov['mean']}, "
-      f"p10 {cov['p10']}, {cov[f'below_{prompts.LOW_COVERAGE}']} below {prompts.LOW_COVERAGE}; "
+      f"p10 {cov['p10']}, {n_low} below {low}; "
       f"{g['repeated']['prompts']} prompts answer {g['repeated']['min_requests']}+ different requests "
       f"({g['repeated']['records']} records)."
   ]
@@ -235,7 +236,8 @@ def _markdown_checks(card: dict[str, Any]) -> list[str]:
 def write(out: epath.Path, *, name: str, version: str, sources: dict[str, Any], splits: dict[str, Sequence[Any]],
           mixing: dict[str, Any], mix_by: str, kept: Sequence[Any], tokenizer_dir: str | None,
           messages: Callable[[Any], list[dict[str, str]]], review: dict[str, Any] | None = None,
-          qualities: dict[str, filters.QualityConfig] | None = None, seq_len: int | None = None) -> dict[str, Any]:
+          qualities: dict[str, filters.QualityConfig] | None = None, seq_len: int | None = None,
+          prompt_checks: prompts.Settings | None = None) -> dict[str, Any]:
   """Writes the plots, data_card.md and, last, data_card.json (which marks a finished build).
 
   `splits` and `kept` hold records or spill entries; `messages` gives one's turns.
@@ -261,7 +263,7 @@ def write(out: epath.Path, *, name: str, version: str, sources: dict[str, Any], 
       "tokenizer": tokenizer_dir,
       "plots": list(PLOTS),
       "generation_prompts": prompts.report(((r.id, r.source, messages(r)) for r in kept if r.category == "generation"),
-                                           qualities),
+                                           qualities, prompt_checks),
   }
   if review is not None:
     card["review"] = review

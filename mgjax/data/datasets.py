@@ -45,11 +45,12 @@ def dataset_dir(data_cfg: ml_collections.ConfigDict, data_dir: str) -> epath.Pat
   return epath.Path(data_dir) / builder.BUILDER_NAME / data_cfg.name / data_cfg.version
 
 
-def content_of(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+def content_of(data_cfg: ml_collections.ConfigDict, built: epath.Path | None = None) -> dict[str, Any]:
   d = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)
   # The review file by its digest: editing it must rebuild. Absent when unset, so builds
-  # from before `review` existed still match their config.
-  d["review"] = verdicts.fingerprint(data_cfg)
+  # from before `review` existed still match their config. `built`'s copy of the verdicts
+  # stands in for a file this machine does not have.
+  d["review"] = verdicts.fingerprint(data_cfg, built)
   return json.loads(json.dumps({k: d.get(k) for k in CONTENT_KEYS if k != "review" or d[k]}, sort_keys=True))
 
 
@@ -62,7 +63,7 @@ def changed_keys(data_cfg: ml_collections.ConfigDict, out: epath.Path) -> list[s
   stored_file = out / "build_config.json"
   if not stored_file.exists():
     return []
-  stored, wanted = json.loads(stored_file.read_text()), content_of(data_cfg)
+  stored, wanted = json.loads(stored_file.read_text()), content_of(data_cfg, out)
   return sorted(k for k in CONTENT_KEYS if stored.get(k) != wanted.get(k))
 
 
@@ -76,8 +77,9 @@ def load_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDatas
   if not (out / "data_card.json").exists():
     return None
   stored = json.loads((out / "build_config.json").read_text())
-  if stored != content_of(data_cfg):
-    diff = sorted(k for k in CONTENT_KEYS if stored.get(k) != content_of(data_cfg).get(k))
+  wanted = content_of(data_cfg, out)
+  if stored != wanted:
+    diff = sorted(k for k in CONTENT_KEYS if stored.get(k) != wanted.get(k))
     raise ConfigChanged(f"{out} was built from a different data config (differs in {diff}); bump the data "
                         f"config's version, or delete {out} to rebuild it")
   card = json.loads((out / "data_card.json").read_text())

@@ -34,7 +34,7 @@ import random
 import re
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 from etils import epath
 import jinja2
 import markupsafe
@@ -44,7 +44,7 @@ from PIL import Image
 from mgjax.data import builder, datasets, prompts, verdicts
 from mgjax.data.records import GEN_MARKER, IMAGE_PLACEHOLDER
 
-_COPY = re.compile(r"#\d+$")  # mixing's ids for repeated copies
+_COPY = re.compile(r"(.*)#\d+", re.DOTALL)  # mixing's ids for repeated copies: `<id>#<k>`
 
 
 def _thumbnail(data: bytes, size: int) -> str:
@@ -81,6 +81,16 @@ def _turn_html(text: str) -> markupsafe.Markup:
   return markupsafe.Markup("").join(parts)
 
 
+def _content_digest(example: dict[str, Any]) -> bytes:
+  """What makes two split examples the same record: source, turns and images."""
+  h = hashlib.blake2b(digest_size=16)
+  m = example["messages"]
+  for part in [example["source"], *m["role"], *m["content"], *example["images"]]:
+    h.update(len(part).to_bytes(8, "little"))
+    h.update(part)
+  return h.digest()
+
+
 def _decode(example: dict[str, Any]) -> dict[str, Any]:
   """A split example (UTF-8 bytes) as plain strings."""
   text = lambda b: b.decode("utf-8", "surrogateescape") if isinstance(b, bytes) else str(b)
@@ -115,22 +125,39 @@ class Page:
                                          splits=self.card["splits"])
     self.stale = self._stale()
     self.qualities = prompts.qualities(data_cfg)
-    review_path = verdicts.path(data_cfg)
-    self.prior = verdicts.read(review_path) if review_path and epath.Path(review_path).exists() else {}
+    # The config's settings as they are now: a new threshold or synonym shows on the next
+    # page without a rebuild (the card keeps the build's).
+    self.prompt_checks = prompts.settings(data_cfg)
+    self.lexicon = prompts.Lexicon(self.prompt_checks.synonyms)
+    self.prior_bytes = self._prior_bytes()
+    self.prior = verdicts.parse(self.prior_bytes, self._prior_name) if self.prior_bytes else {}
     self._sources: dict[str, Any] = {}
 
-  def _prior_digest(self) -> str:
+  def _prior_bytes(self) -> bytes | None:
+    """The verdicts the page starts from: the config's review file, or where this machine
+    does not have it, the copy the build applied."""
     review_path = verdicts.path(self.cfg)
-    if not review_path or not epath.Path(review_path).exists():
-      return "none"
-    return hashlib.sha256(epath.Path(review_path).read_bytes()).hexdigest()[:16]
+    copy = self.dir / verdicts.COPY
+    self._prior_name = review_path
+    if not review_path:
+      return None
+    if not epath.Path(review_path).exists() and copy.is_file():
+      self._prior_name = str(copy)
+      return copy.read_bytes()
+    return verdicts.read_bytes(review_path) if epath.Path(review_path).exists() else None
+
+  def _prior_digest(self) -> str:
+    return verdicts.digest(self.prior_bytes)[:16] if self.prior_bytes else "none"
 
   def _stale(self) -> str | None:
     """Why the build does not reflect the config's review file (set or edited since), or None."""
     stored_path = self.dir / "build_config.json"
     if not stored_path.exists():
       return None
-    if json.loads(stored_path.read_text()).get("review") == verdicts.fingerprint(self.cfg):
+    review_path = verdicts.path(self.cfg)
+    if review_path and not epath.Path(review_path).exists() and not (self.dir / verdicts.COPY).is_file():
+      return f"the review file {review_path} does not exist; no verdicts are loaded"
+    if json.loads(stored_path.read_text()).get("review") == verdicts.fingerprint(self.cfg, self.dir):
       return None
     return (
         f"the review file ({verdicts.path(self.cfg) or 'none'}) is not the one this build applied; rebuild "
@@ -146,11 +173,13 @@ class Page:
 
   def scan(self) -> None:
     """One pass over the splits: where each record is, by source and category, and the
-    checks of every generation sample."""
+    checks of every generation sample. Mixing's repeated copies (`<id>#<k>`, the same
+    record as `<id>`) are shown once, as their original; a record whose own id ends in
+    `#<k>` is shown like any other."""
     self.where: dict[str, tuple[str, int]] = {}
-    self.groups: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
+    kinds: dict[str, tuple[str, str]] = {}  # id -> (source, category)
     self.checks: dict[str, list[dict[str, Any]]] = {}
-    requests_of = collections.defaultdict(set)
+    maybe_copies: dict[str, tuple[str, bytes]] = {}  # id -> (the id it would copy, its content's digest)
     for split in builder.SPLITS:
       if split == "train_generation":  # the generation part of train, read there
         continue
@@ -158,17 +187,33 @@ class Page:
       for i in range(len(source)):
         ex = source[i]
         rid = ex["id"].decode("utf-8", "surrogateescape")
-        if _COPY.search(rid) or rid in self.where:
+        if rid in self.where:
           continue
         self.where[rid] = (split, i)
         src, cat = ex["source"].decode("utf-8", "surrogateescape"), ex["category"].decode("utf-8", "surrogateescape")
-        self.groups[(src, cat)].append(rid)
+        kinds[rid] = (src, cat)
+        copy = _COPY.fullmatch(rid)
+        if copy:
+          maybe_copies[rid] = (copy.group(1), _content_digest(ex))
         if cat == "generation":
-          r = _decode(ex)
-          self.checks[rid] = prompts.check(r["messages"], self.qualities.get(src))
-          for c in self.checks[rid]:
-            if c["prompt"] and c["prompt"].strip():
-              requests_of[" ".join(c["prompt"].lower().split())].add(" ".join(c["request"].lower().split()))
+          self.checks[rid] = prompts.check(_decode(ex)["messages"], self.qualities.get(src), self.lexicon)
+    originals: dict[str, bytes | None] = {}
+    for rid, (first, content) in maybe_copies.items():
+      if first not in self.where or kinds[first][0] != kinds[rid][0]:
+        continue
+      if first not in originals:
+        originals[first] = _content_digest(self._split(self.where[first][0])[self.where[first][1]])
+      if originals[first] == content:
+        del self.where[rid], kinds[rid]
+        self.checks.pop(rid, None)
+    self.groups: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
+    for rid, key in kinds.items():
+      self.groups[key].append(rid)
+    requests_of = collections.defaultdict(set)
+    for cs in self.checks.values():
+      for c in cs:
+        if c["prompt"] and c["prompt"].strip():
+          requests_of[" ".join(c["prompt"].lower().split())].add(" ".join(c["request"].lower().split()))
     for cs in self.checks.values():
       for c in cs:
         key = " ".join((c["prompt"] or "").lower().split())
@@ -183,7 +228,7 @@ class Page:
   def _view(self, rid, source, category, messages, images, *, where, reason=None, kind=None):
     checks = self.checks.get(rid) if rid else None
     if checks is None and messages and prompts.pairs(messages):
-      checks = prompts.check(messages, self.qualities.get(source))
+      checks = prompts.check(messages, self.qualities.get(source), self.lexicon)
     return {
         "id": rid,
         "source": source,
@@ -197,8 +242,8 @@ class Page:
         } for m in messages or []],
         "images": [_thumbnail(b, self.thumb) for b in images],
         "checks": checks or [],
-        "repeated_min": prompts.REPEATED_MIN_REQUESTS,
-        "low_coverage": prompts.LOW_COVERAGE,
+        "repeated_min": self.prompt_checks.repeated_min_requests,
+        "low_coverage": self.prompt_checks.low_coverage,
     }
 
   def kept(self) -> list[dict[str, Any]]:
@@ -272,14 +317,18 @@ class Page:
     low, lang, repeated = [], [], []
     for rid, cs in self.checks.items():
       for c in cs:
-        if c["coverage"] is not None and c["coverage"] < prompts.LOW_COVERAGE:
+        if c["coverage"] is not None and c["coverage"] < self.prompt_checks.low_coverage:
           low.append((c["coverage"], rid))
         if c["language_ok"] is False:
           lang.append((0, rid))
-        if c["repeats"] >= prompts.REPEATED_MIN_REQUESTS:
+        if c["repeats"] >= self.prompt_checks.repeated_min_requests:
           repeated.append((-c["repeats"], rid))
     pick = lambda xs: [self.record(rid) for _, rid in sorted(set(xs))[:self.n_flagged]]
-    return {"low coverage": pick(low), "unexpected language": pick(lang), "repeated prompt": pick(repeated)}
+    return {
+        f"low coverage (below {self.prompt_checks.low_coverage})": pick(low),
+        "unexpected language": pick(lang),
+        "repeated prompt": pick(repeated)
+    }
 
   def context(self) -> dict[str, Any]:
     self.scan()
@@ -298,7 +347,8 @@ class Page:
         # Work in progress is kept in the browser per dataset and starting review file: a page
         # made after the file changed starts from the new file, not from older work.
         "storage_key": f"mgjax-review/{self.card['name']}/{self.card['version']}/{self._prior_digest()}",
-        "low_key": f"below_{prompts.LOW_COVERAGE}",
+        "low": prompts.low_count(self.card["generation_prompts"]["coverage"])
+               if "generation_prompts" in self.card else None,
     }
 
 
@@ -377,7 +427,7 @@ dropped {{ r.applied.dropped }}, kept {{ r.applied.kept }}{% if r.kept_against %
 <h3>Generation prompts</h3>
 <p id="prompt-summary">{{ g.requests }} image requests: {{ g.missing_prompt }} without a prompt, {{ g.empty_prompt }} empty;
 language checked on {{ g.language.checked }}, unexpected on {{ g.language.unexpected }};
-coverage of request words mean {{ g.coverage.mean }}, p10 {{ g.coverage.p10 }}, {{ g.coverage[low_key] }} low;
+coverage of request words mean {{ g.coverage.mean }}, p10 {{ g.coverage.p10 }}, {{ low[1] }} below {{ low[0] }};
 {{ g.repeated.prompts }} prompts answer {{ g.repeated.min_requests }}+ different requests ({{ g.repeated.records }} records).</p>
 {% endif %}
 <div class="plots">{% for name, uri in plots %}<img src="{{ uri }}" alt="{{ name }}">{% endfor %}</div>
@@ -418,10 +468,12 @@ language {% if c.language is none %}not judged{% else %}<span class="{{ 'ok' if 
 <script>
 const PRIOR = {{ prior|tojson }};
 const KEY = {{ storage_key|tojson }};
-const verdicts = new Map();  // id -> {id, source, verdict, note}
+// By source and id: two sources may hold records of the same id.
+const keyOf = (source, id) => JSON.stringify([source, id]);
+const verdicts = new Map();  // keyOf(source, id) -> {id, source, verdict, note}
 let saved = null;  // this page's verdicts from an earlier visit (they started from PRIOR)
 try { saved = JSON.parse(localStorage.getItem(KEY)); } catch (e) { /* storage off: verdicts live in the page only */ }
-for (const v of (saved || PRIOR)) verdicts.set(v.id, v);
+for (const v of (Array.isArray(saved) ? saved : PRIOR)) verdicts.set(keyOf(v.source, v.id), v);
 
 function save() {
   try { localStorage.setItem(KEY, JSON.stringify([...verdicts.values()])); } catch (e) {}
@@ -430,7 +482,7 @@ function save() {
 }
 function paint() {
   for (const el of document.querySelectorAll(".record[data-id]")) {
-    const v = verdicts.get(el.dataset.id);
+    const v = verdicts.get(keyOf(el.dataset.source, el.dataset.id));
     el.classList.toggle("v-keep", !!v && v.verdict === "keep");
     el.classList.toggle("v-drop", !!v && v.verdict === "drop");
     const keep = el.querySelector("button.keep"), drop = el.querySelector("button.drop"), note = el.querySelector("input.note");
@@ -444,10 +496,10 @@ document.addEventListener("click", (e) => {
   if (!b) return;
   const el = b.closest(".record");
   const verdict = b.classList.contains("keep") ? "keep" : "drop";
-  const old = verdicts.get(el.dataset.id);
-  if (old && old.verdict === verdict) verdicts.delete(el.dataset.id);  // a second click clears it
-  else verdicts.set(el.dataset.id, {id: el.dataset.id, source: el.dataset.source, verdict: verdict,
-                                    note: el.querySelector("input.note").value});
+  const key = keyOf(el.dataset.source, el.dataset.id), old = verdicts.get(key);
+  if (old && old.verdict === verdict) verdicts.delete(key);  // a second click clears it
+  else verdicts.set(key, {id: el.dataset.id, source: el.dataset.source, verdict: verdict,
+                          note: el.querySelector("input.note").value});
   save();
 });
 document.addEventListener("input", (e) => {
@@ -457,13 +509,13 @@ document.addEventListener("input", (e) => {
     return;
   }
   if (!e.target.classList.contains("note")) return;
-  const el = e.target.closest(".record"), v = verdicts.get(el.dataset.id);
+  const el = e.target.closest(".record"), v = verdicts.get(keyOf(el.dataset.source, el.dataset.id));
   if (v) { v.note = e.target.value; save(); }
 });
 document.getElementById("export-btn").addEventListener("click", () => {
-  const ids = [...verdicts.keys()].sort();
-  const text = ids.map((i) => { const v = verdicts.get(i);
-    return JSON.stringify({id: v.id, source: v.source, verdict: v.verdict, note: v.note || ""}); }).join("\n") + (ids.length ? "\n" : "");
+  const keys = [...verdicts.keys()].sort();
+  const text = keys.map((k) => { const v = verdicts.get(k);
+    return JSON.stringify({id: v.id, source: v.source, verdict: v.verdict, note: v.note || ""}); }).join("\n") + (keys.length ? "\n" : "");
   document.getElementById("export").value = text;
   const a = document.createElement("a");
   a.href = URL.createObjectURL(new Blob([text], {type: "application/jsonl"}));
@@ -495,6 +547,9 @@ if __name__ == "__main__":
 
   def main(argv):
     del argv
+    # TFDS logs every split it opens at INFO (and that its module name differs from the
+    # writer's); the page is the output.
+    logging.set_verbosity(logging.WARNING)
     out = write(_CONFIG.value, _DATA_DIR.value, _OUT.value, seed=_SEED.value, per_group=_PER_GROUP.value,
                 per_kind=_PER_KIND.value, clusters=_CLUSTERS.value, flagged=_FLAGGED.value, thumb=_THUMB.value)
     print(f"review page {out}")

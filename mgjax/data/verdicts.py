@@ -29,7 +29,9 @@ import collections
 import dataclasses
 import hashlib
 import json
+import os
 import random
+import stat
 from typing import Any
 
 from absl import logging
@@ -59,61 +61,117 @@ class Verdict:
   note: str = ""
 
 
+COPY = "review.jsonl"  # the build's copy of the verdicts it applied, beside its data card
+_FIX = 'each line must be {"id": str, "source": str, "verdict": "keep"|"drop", "note": str}'
+# Byte-order marks of encodings a text editor may save a review file in.
+_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"), (b"\xfe\xff",
+                                                                                                     "UTF-16"))
+
+
 def path(data_cfg: ml_collections.ConfigDict) -> str | None:
   """The review file the data config names (`review`), or None."""
   return data_cfg.get("review") or None
 
 
-def read(review_path: str) -> dict[str, Verdict]:
-  """The verdicts of a review.jsonl, by id; a malformed line fails with its file and line."""
+def read_bytes(review_path: str) -> bytes:
+  """The review file's bytes. Only a regular file is read: a FIFO or a device would block
+  the build forever, a directory has no bytes."""
   p = epath.Path(review_path)
   if not p.exists():
-    raise FileNotFoundError(f"data config review={review_path!r}: no such file; export it from the review page "
-                            "(python -m mgjax.data.review) or unset `review`")
-  out: dict[str, Verdict] = {}
-  where: dict[str, int] = {}
-  for n, line in enumerate(p.read_text().splitlines(), 1):
+    raise FileNotFoundError(f"data config review={review_path!r}: no such file (a relative path is taken from "
+                            f"the current folder, {os.getcwd()}); export it from the review page (python -m "
+                            "mgjax.data.review) or unset `review`")
+  # By its mode, before opening: epath takes anything but a directory for a file, and
+  # opening a FIFO waits for a writer.
+  mode = None if "://" in review_path else os.stat(review_path).st_mode
+  if p.is_dir() or (mode is not None and not stat.S_ISREG(mode)):
+    what = "a directory" if p.is_dir() else "not a regular file (a pipe, socket or device)"
+    raise ValueError(f"data config review={review_path!r} is {what}; name the review.jsonl the review page "
+                     "exported")
+  return p.read_bytes()
+
+
+def _text(data: bytes, review_path: str) -> str:
+  """The file as text: UTF-8, with or without a byte-order mark."""
+  try:
+    return data.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    bom = next((name for mark, name in _BOMS if data.startswith(mark)), None)
+    what = f"{bom} (it starts with a {bom} byte-order mark)" if bom else f"not UTF-8 (byte {e.start})"
+    raise ValueError(f"{review_path}: the review file is {what}; save it as UTF-8, as the review page "
+                     "exports it") from None
+
+
+def parse(data: bytes, review_path: str) -> dict[tuple[str, str], Verdict]:
+  """The verdicts of a review.jsonl's bytes, by (source, id); a malformed line fails with
+  its file and line."""
+  out: dict[tuple[str, str], Verdict] = {}
+  where: dict[tuple[str, str], int] = {}
+  # Lines end at "\n" only: the page's JSON.stringify leaves U+2028, U+2029 and U+0085 in
+  # ids and notes as they are, and str.splitlines would cut a line there.
+  for n, line in enumerate(_text(data, review_path).split("\n"), 1):
     if not line.strip():
       continue
-    fix = 'each line must be {"id": str, "source": str, "verdict": "keep"|"drop", "note": str}'
     try:
       d = json.loads(line)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{review_path}: line {n}: not JSON ({e.msg}); {fix}") from None
+      raise ValueError(f"{review_path}: line {n}: not JSON ({e.msg}); {_FIX}") from None
+    except ValueError as e:  # e.g. an integer past Python's digit limit
+      raise ValueError(f"{review_path}: line {n}: {e}; {_FIX}") from None
     if not isinstance(d, dict) or not {"id", "source", "verdict"} <= set(d) or set(d) - _KEYS:
-      raise ValueError(f"{review_path}: line {n}: {line[:200]!r}; {fix}")
+      raise ValueError(f"{review_path}: line {n}: {line[:200]!r}; {_FIX}")
     if not isinstance(d["id"], str) or not d["id"] or not isinstance(d["source"], str):
-      raise ValueError(f"{review_path}: line {n}: id and source must be strings (id non-empty); {fix}")
-    if d["verdict"] not in VERDICTS:
+      raise ValueError(f"{review_path}: line {n}: id and source must be strings (id non-empty); {_FIX}")
+    if not isinstance(d["verdict"], str) or d["verdict"] not in VERDICTS:
       raise ValueError(f"{review_path}: line {n}: verdict {d['verdict']!r} is not one of {VERDICTS}")
-    v = Verdict(d["id"], d["source"], d["verdict"], str(d.get("note") or ""))
-    if v.id in out and out[v.id].verdict != v.verdict:
-      raise ValueError(f"{review_path}: line {n}: id {v.id!r} is marked {v.verdict} here and "
-                       f"{out[v.id].verdict} on line {where[v.id]}; keep one of the two lines")
-    out[v.id], where[v.id] = v, n
+    if d.get("note") is not None and not isinstance(d["note"], str):
+      raise ValueError(f"{review_path}: line {n}: note must be a string; {_FIX}")
+    v = Verdict(d["id"], d["source"], d["verdict"], d.get("note") or "")
+    key = (v.source, v.id)
+    if key in out and out[key].verdict != v.verdict:
+      raise ValueError(f"{review_path}: line {n}: id {v.id!r} of source {v.source!r} is marked {v.verdict} here "
+                       f"and {out[key].verdict} on line {where[key]}; keep one of the two lines")
+    out[key], where[key] = v, n
   return out
 
 
-def fingerprint(data_cfg: ml_collections.ConfigDict) -> dict[str, Any] | None:
+def read(review_path: str) -> dict[tuple[str, str], Verdict]:
+  """The verdicts of a review.jsonl, by (source, id): records of two sources may share an
+  id, and a verdict on one says nothing of the other."""
+  return parse(read_bytes(review_path), review_path)
+
+
+def digest(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(data_cfg: ml_collections.ConfigDict, built: epath.Path | None = None) -> dict[str, Any] | None:
   """What of the review file decides a build's content: its digest (not its path, so a moved
-  file does not force a rebuild, and an edited one does). None without a review file."""
+  file does not force a rebuild, and an edited one does). None without a review file.
+
+  `built`, a build's folder: where the file is not on this machine (a pod worker gets the
+  recipe, not the files it names), the copy of the verdicts that build applied stands in
+  for it, so the build is still recognised; an edited file that is here still differs."""
   review_path = path(data_cfg)
   if review_path is None:
     return None
-  if not epath.Path(review_path).exists():
-    read(review_path)  # raises, naming the fix
-  return {"sha256": hashlib.sha256(epath.Path(review_path).read_bytes()).hexdigest()}
+  if built is not None and not epath.Path(review_path).exists() and (epath.Path(built) / COPY).is_file():
+    copy = epath.Path(built) / COPY
+    logging.warning("review file %s is not on this machine; taking the copy of the verdicts %s applied (%s)",
+                    review_path, built, copy)
+    return {"sha256": digest(copy.read_bytes())}
+  return {"sha256": digest(read_bytes(review_path))}
 
 
 class Verdicts:
   """The verdicts as the per-record work applies them (in worker processes, so picklable)."""
 
-  def __init__(self, verdicts: dict[str, Verdict] | None = None):
-    self.by_id = verdicts or {}
+  def __init__(self, verdicts: dict[tuple[str, str], Verdict] | None = None, data: bytes | None = None):
+    self.by_key = verdicts or {}
+    self.data = data  # the file's bytes as read, for the build's copy
 
   def get(self, record_id: str, source: str) -> Verdict | None:
-    v = self.by_id.get(record_id)
-    return v if v is not None and v.source == source else None
+    return self.by_key.get((source, record_id))
 
   def dropped(self, record: Record) -> Record | Rejection:
     """The record, or its `review` Rejection where a verdict drops it."""
@@ -146,7 +204,7 @@ class Tally:
     self._reader = reader  # a spill.Reader, for the turns of sampled duplicates
     self._seen = collections.Counter()  # (source, kind) -> rejections so far
     self._sample: dict[tuple[str, str], list[Rejection]] = collections.defaultdict(list)
-    self._found: set[str] = set()
+    self._found: set[tuple[str, str]] = set()
     self.applied = collections.Counter()  # "dropped", "kept"
     self.overrode = collections.Counter()  # rule kind -> records kept against it
     self.refused: list[dict[str, str]] = []
@@ -161,7 +219,7 @@ class Tally:
     overrode = overrode or entry.overrode
     v = self.verdicts.get(entry.id, entry.source)
     if v is not None:
-      self._found.add(entry.id)
+      self._found.add((v.source, v.id))
       if v.verdict == "keep":
         self.applied["kept"] += 1
         if overrode:
@@ -173,7 +231,7 @@ class Tally:
     `entry` back from the spill only then), else drops them."""
     v = self.verdicts.get(rejection.id, rejection.source) if rejection.id is not None else None
     if v is not None:
-      self._found.add(rejection.id)
+      self._found.add((v.source, v.id))
       if v.verdict == "drop" and rejection.kind == REVIEW_KIND:
         self.applied["dropped"] += 1
       elif v.verdict == "keep":
@@ -198,13 +256,14 @@ class Tally:
     """The card's `review` section; None without a review file."""
     if self.path is None:
       return None
-    by_id = self.verdicts.by_id
-    missing = sorted(i for i in by_id if i not in self._found)
+    by_key = self.verdicts.by_key
+    missing = sorted(key for key in by_key if key not in self._found)
     return {
         "file": self.path,
-        "verdicts": len(by_id),
-        "keep": sum(v.verdict == "keep" for v in by_id.values()),
-        "drop": sum(v.verdict == "drop" for v in by_id.values()),
+        "copy": COPY,
+        "verdicts": len(by_key),
+        "keep": sum(v.verdict == "keep" for v in by_key.values()),
+        "drop": sum(v.verdict == "drop" for v in by_key.values()),
         "applied": {
             "dropped": self.applied["dropped"],
             "kept": self.applied["kept"]
@@ -212,11 +271,30 @@ class Tally:
         "kept_against": dict(sorted(self.overrode.items())),
         "refused": self.refused,
         "not_found": len(missing),
-        "not_found_ids": missing[:50],
+        "not_found_ids": [i for _, i in missing[:50]],
     }
 
 
 def load(data_cfg: ml_collections.ConfigDict) -> Verdicts:
-  """The data config's verdicts (none without `review`)."""
+  """The data config's verdicts (none without `review`), read once: what the build applies
+  is what it copies into the dataset."""
   review_path = path(data_cfg)
-  return Verdicts(read(review_path) if review_path else None)
+  if not review_path:
+    return Verdicts()
+  data = read_bytes(review_path)
+  return Verdicts(parse(data, review_path), data)
+
+
+def keep_copy(data_cfg: ml_collections.ConfigDict, applied: Verdicts, out: epath.Path) -> None:
+  """Writes the verdicts a build applied into its folder (COPY), so a machine without the
+  review file (a pod worker) still recognises the build; refuses a review file that changed
+  while the build ran, whose digest would name verdicts the build did not apply."""
+  review_path = path(data_cfg)
+  if not review_path:
+    return
+  if read_bytes(review_path) != applied.data:
+    raise ValueError(f"review file {review_path} changed while the build ran; build again (with --overwrite) to "
+                     "apply what it holds now")
+  tmp = epath.Path(out) / (COPY + ".tmp")
+  tmp.write_bytes(applied.data)
+  tmp.rename(epath.Path(out) / COPY)
