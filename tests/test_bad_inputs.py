@@ -396,6 +396,18 @@ def test_a_source_of_only_rejected_records_lists_them(tmp_path):
     build.build(_one_source(tmp_path, tmp_path / "bad.jsonl"), str(tmp_path / "data"))
 
 
+def test_a_source_named_with_dollar_signs_builds_its_card(tmp_path):
+  # matplotlib reads "$...$" as math; this is math it cannot parse.
+  name = r"prices in $ and $\frac{$"
+  (tmp_path / "ok.jsonl").write_bytes(_lines(*[_lima_line(k) for k in range(4)]))
+  cfg = _one_source(tmp_path, tmp_path / "ok.jsonl")
+  cfg.sources[0]["name"] = name
+  built = build.build(cfg, str(tmp_path / "data"))
+  card = json.loads(pathlib.Path(built.data_card).read_text())
+  assert card["sources"][name]["kept"] == 4
+  assert all((pathlib.Path(built.data_card).parent / plot).stat().st_size > 1000 for plot in card["plots"])
+
+
 @pytest.mark.parametrize("path", ["gpt2", "meta-llama/Llama-3-8B", "/no/such/tokenizer"])
 def test_a_tokenizer_not_on_disk_stops_the_build_with_what_to_download(tmp_path, path):
   (tmp_path / "ok.jsonl").write_bytes(_lines(_lima_line(0)))

@@ -112,8 +112,11 @@ def _plot_records(out: epath.Path, composition: dict[str, dict[str, dict[str, in
     n = np.array([
         sum(composition[s].get(cat, {}).get(src, 0) for s in composition if s != "train_generation") for src in sources
     ])
-    ax.barh(sources, n, left=left, label=cat)
+    ax.barh(np.arange(len(sources)), n, left=left, label=cat)
     left += n
+  # Names as written: matplotlib would read "$...$" in a source's name as math, and stop
+  # the build on math it cannot parse.
+  ax.set_yticks(np.arange(len(sources)), sources, parse_math=False)
   ax.set_xlabel("records (train, with mixing, + validation)")
   ax.set_title("Records by source and category")
   ax.legend(loc="lower right")
@@ -128,7 +131,7 @@ def _plot_tokens(out: epath.Path, tokens: dict[str, dict[str, list[int]]], unit:
     values = [n for s, cats in tokens.items() if s != "train_generation" for n in cats.get(cat, [])]
     if values:
       ax.hist(values, bins=40, alpha=0.6, label=f"{cat} (n={len(values)})")
-  ax.set_xlabel(f"conversation length ({unit})")
+  ax.set_xlabel(f"conversation length ({unit})", parse_math=False)  # the unit names a tokenizer's path
   ax.set_ylabel("records")
   ax.set_title("Token lengths by category")
   ax.legend()
