@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import ml_collections
 import tqdm
+from etils import epath
 from flax import nnx
 
 from mgjax import checkpoint, config as config_lib, decode, evaluate as evaluation, metrics, report as reports
@@ -111,11 +112,14 @@ class StageData:
   train_iter: Any
   train_records: int
   val_sources: dict[str, Any]
+  tokenizer_record: dict[str, Any]  # checkpoints' meta "tokenizer" (_tokenizer_record)
 
 
-def open_data(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> StageData:
-  """Builds the dataset if needed (process 0; the others wait, then open it), saves the
-  tokenizer into the workdir, and opens the train iterator and the validation splits."""
+def open_data(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+              init_checkpoint: str | None = None) -> StageData:
+  """Builds the dataset if needed (process 0; the others wait, then open it), checks the
+  tokenizer is the one the checkpoints resumed or started from were trained with, saves it
+  into the workdir, and opens the train iterator and the validation splits."""
   # The LLM's conversation format (model.template; '' keeps the tokenizer's own) and the
   # special tokens the pipeline needs; saved, so predict uses the same. The LLM's own
   # tokenizer (model.tokenizer) is readied before any data work, so a template that cannot
@@ -135,6 +139,8 @@ def open_data(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
   # Process 0 builds it if missing; every process checks it sees that same build.
   dataset = shared.open_dataset(config.data.recipe, config.data.data_dir)
   tokenizer = own if own is not None else tokenizers.apply_template(tokenizers.load(dataset.tokenizer_dir), template)
+  record = _tokenizer_record(tokenizer, config.model.get("tokenizer") or dataset.tokenizer_dir, template, dataset)
+  _refuse_other_tokenizer(record, workdir, init_checkpoint)  # before the workdir's copy is replaced
   if jax.process_index() == 0:
     workdirs.save_tokenizer(tokenizer, workdir)
   model_cfg = workdirs.resolve_model_config(config.model, tokenizer)
@@ -163,7 +169,58 @@ def open_data(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
   val_sources = {split: datasets.open_split(dataset, split) for split in config.data.val_splits}
   splits = {config.data.train_split: train_source, **val_sources}
   pipeline.check_lengths(config.data, encoder, splits, log=jax.process_index() == 0)  # over data.seq_len
-  return StageData(dataset, tokenizer, model_cfg, encoder, train_iter, len(train_source), val_sources)
+  return StageData(dataset, tokenizer, model_cfg, encoder, train_iter, len(train_source), val_sources, record)
+
+
+def _tokenizer_record(tokenizer, source: str, template: str, dataset: datasets.BuiltDataset) -> dict[str, Any]:
+  return {
+      "fingerprint": tokenizers.fingerprint(tokenizer),
+      "path": str(source),
+      "template": template,
+      "dataset": f"{dataset.name} {dataset.version}"
+  }
+
+
+def _recorded_tokenizer(workdir: str, step: int) -> dict[str, Any] | None:
+  """The tokenizer record in a checkpoint's meta; None for a checkpoint without one (older,
+  imported) or whose meta does not read (the restore decides what to do with that one)."""
+  ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+  try:
+    return ckpts.meta(step).get("tokenizer")
+  except checkpoint.CheckpointError:
+    return None
+  finally:
+    ckpts.close()
+
+
+def _refuse_other_tokenizer(record: dict[str, Any], workdir: str, init_checkpoint: str | None) -> None:
+  """Raises ValueError when the checkpoint a run resumes (the newest with a record) or starts
+  from (init_checkpoint) was trained with another tokenizer: its token ids would be read as
+  other text, and training would go on with exit 0 and a different loss."""
+  if checkpoint.has_checkpoints(workdir):
+    steps = checkpoint.Checkpoints(workdir, read_only=True)
+    candidates = [(workdir, step) for step in sorted(steps.all_steps(), reverse=True)]
+    steps.close()
+    fix = ("resume with the data version and model.tokenizer/model.template it was trained with (e.g. "
+           "--config.data.recipe.version=...), or train this stage from its start in a new --workdir")
+  elif init_checkpoint:
+    folder = epath.Path(init_checkpoint)
+    candidates = [(str(folder.parent.parent), int(folder.name))]
+    fix = ("start from a checkpoint trained with this run's tokenizer, or train with the data version and "
+           "model.tokenizer/model.template that checkpoint used (e.g. --config.data.recipe.version=...)")
+  else:
+    return
+  for where, step in candidates:
+    saved = _recorded_tokenizer(where, step)
+    if saved is None:
+      continue
+    if saved["fingerprint"] != record["fingerprint"]:
+      describe = lambda r: (f"{r['path']} (data {r['dataset']}, template {r['template'] or 'its own'!r}, "
+                            f"fingerprint {r['fingerprint'][:12]})")
+      raise ValueError(f"checkpoint {epath.Path(where) / 'checkpoints' / str(step)} was trained with tokenizer "
+                       f"{describe(saved)}, but this run's tokenizer is {describe(record)}: the same token ids "
+                       f"would mean other text. To continue from it, {fix}")
+    return
 
 
 def drop_empty_val_splits(config: ml_collections.ConfigDict, data: StageData) -> None:
@@ -430,7 +487,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, started: float) -> Sum
                      if config.init_from and not checkpoint.has_checkpoints(workdir) else None)
   mesh = sharding.make_mesh(config.mesh)
   logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), mesh.size, jax.process_count())
-  data = open_data(config, workdir, mesh)
+  data = open_data(config, workdir, mesh, init_checkpoint)
   drop_empty_val_splits(config, data)
   steps = total_steps(config, data.train_records)
   setup = steps_lib.setup(config, data.model_cfg, mesh, steps)
@@ -449,6 +506,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, started: float) -> Sum
       "stage": config.stage,
       "config": config.to_dict(),
       "init_from": init_from,
+      "tokenizer": data.tokenizer_record,
       "global_step_offset": global_offset,
       "dataset": {
           "name": data.dataset.name,

@@ -53,9 +53,10 @@ def _bad_sources(root: pathlib.Path) -> list[dict]:
               }]
           },
       ]))
+  # Mostly bad on purpose: min_kept_share=0 lets these sources keep what they can.
   return [
-      dict(name="bad_lima", format="lima", path="bad/lima.jsonl"),
-      dict(name="bad_llava", format="llava_json", path="bad/llava.json", image_root="images")
+      dict(name="bad_lima", format="lima", path="bad/lima.jsonl", min_kept_share=0),
+      dict(name="bad_llava", format="llava_json", path="bad/llava.json", image_root="images", min_kept_share=0)
   ]
 
 
@@ -192,7 +193,7 @@ def test_a_data_dir_copied_elsewhere_opens_with_its_own_tokenizer(built, tmp_pat
   moved = tmp_path / "mounted" / "data"
   shutil.copytree(dataset.data_dir, moved)
   there = datasets.load_built(cfg, str(moved))
-  assert there.tokenizer_dir == str(moved / "tokenizers" / cfg.name)
+  assert there.tokenizer_dir == str(moved / f"mgjax_instructions/{cfg.name}/{cfg.version}/tokenizer")
   assert there.splits == dataset.splits and there.dataset_dir.startswith(str(moved))
   assert len(tokenizer.load(there.tokenizer_dir)) == len(tokenizer.load(dataset.tokenizer_dir))
 
@@ -216,7 +217,7 @@ def test_command_line(tmp_path):
   assert "val_text': 4" in proc.stdout
   version = mgjax_config.preset("data", "sample:tiny").version
   assert (tmp_path / f"mgjax_instructions/sample_tiny/{version}/data_card.json").exists()
-  assert (tmp_path / "tokenizers/sample_tiny/tokenizer.json").exists()
+  assert (tmp_path / f"mgjax_instructions/sample_tiny/{version}/tokenizer/tokenizer.json").exists()
 
 
 def test_spill_is_removed_after_the_build(built):

@@ -260,7 +260,8 @@ def test_bad_input_build_keeps_every_good_record_and_explains_every_bad_one(tmp_
   cfg = ml_collections.ConfigDict(
       dict(name="bad_input", version="1.0.0", seed=0, sources_root=str(sources_dir), val_per_category=0, num_workers=2,
            sources=[dict(name="chat", format="messages_jsonl", path="chat.jsonl",
-                         image_root="images")], tokenizer=dict(train=True, vocab_size=400, path="")))
+                         image_root="images")], tokenizer=dict(train=True, vocab_size=400, path=""),
+           min_kept_share=0))  # three in four records are bad on purpose
   dataset = build.build(cfg, str(tmp_path / "data"))
 
   rejected = [json.loads(l) for l in pathlib.Path(dataset.rejected).read_text().splitlines()]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -37,22 +38,20 @@ from mgjax.data import tokenizer, verdicts
 from mgjax.data.records import Rejection
 from mgjax.data.sources import _common
 
-_SOURCE_KEYS = {"name", "format", "path", "image_root", "category", "options", "filters"}
+_SOURCE_KEYS = {"name", "format", "path", "image_root", "category", "options", "filters", "min_kept_share"}
 _LOGGED_REJECTIONS = 20  # per source; the rest are counted and in rejected.jsonl
+# The share of a source's records (those a reviewer did not drop) the build must keep, unless
+# the data config (min_kept_share) or the source's spec says otherwise: a wrong image_root or
+# a renamed field loses most or all of a source, which must stop the build, not thin the mix.
+MIN_KEPT_SHARE = 0.5
 
 
-def _sources_root(data_cfg: ml_collections.ConfigDict, data_dir: str) -> epath.Path:
-  if data_cfg.get("sample") and data_cfg.sample.get("generate"):
-    return epath.Path(data_dir) / data_cfg.sample.dir
-  return epath.Path(data_cfg.get("sources_root") or ".")
+class SourceLost(ValueError):
+  """A source kept no records, or fewer than its min_kept_share of them."""
 
 
-def _resolve(path: str | None, root: epath.Path) -> str | None:
-  if not path:
-    return None
-  if "://" in path or path.startswith("/"):
-    return path
-  return str(root / path)
+class SourceChangedDuringBuild(RuntimeError):
+  """A source file changed while the build read it."""
 
 
 def _check_specs(data_cfg, root: epath.Path) -> list[dict[str, Any]]:
@@ -70,8 +69,8 @@ def _check_specs(data_cfg, root: epath.Path) -> list[dict[str, Any]]:
     names.add(spec["name"])
     if spec["format"] not in sources.READERS:
       raise ValueError(f"source {spec['name']!r}: unknown format {spec['format']!r}; known: {sorted(sources.READERS)}")
-    spec["path"] = _resolve(spec["path"], root)
-    spec["image_root"] = _resolve(spec.get("image_root"), root)
+    spec["path"] = datasets.resolve(spec["path"], root)
+    spec["image_root"] = datasets.resolve(spec.get("image_root"), root)
     if not epath.Path(spec["path"]).exists():
       raise FileNotFoundError(f"source {spec['name']!r}: {spec['path']} does not exist; fix 'path' in the data "
                               f"config (relative paths resolve under {root})")
@@ -79,6 +78,11 @@ def _check_specs(data_cfg, root: epath.Path) -> list[dict[str, Any]]:
     problem = _common.not_regular_file(spec["path"])
     if problem is not None:
       raise ValueError(f"source {spec['name']!r}: {problem}; 'path' must name the source's data file")
+    share = spec.get("min_kept_share", data_cfg.get("min_kept_share", MIN_KEPT_SHARE))
+    if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 <= share <= 1:
+      raise ValueError(f"source {spec['name']!r}: min_kept_share={share!r}; it is a share of the source's records, "
+                       "from 0 (never stop the build) to 1")
+    spec["min_kept_share"] = float(share)
     spec["quality"] = filters.QualityConfig.from_dict({
         **dict(data_cfg.get("filters") or {}),
         **dict(spec.get("filters") or {})
@@ -87,7 +91,7 @@ def _check_specs(data_cfg, root: epath.Path) -> list[dict[str, Any]]:
   return specs
 
 
-def _clean(data_cfg, root: epath.Path, tokenizer_dir: str | None, spill_dir: str, beam_runner: str | None,
+def _clean(data_cfg, specs: list[dict[str, Any]], tokenizer_dir: str | None, spill_dir: str, beam_runner: str | None,
            beam_options: Sequence[str],
            tally: verdicts.Tally) -> tuple[list[spill.Entry], list[Rejection], dict[str, Any]]:
   """Reads, normalises, filters and de-duplicates every source.
@@ -96,7 +100,6 @@ def _clean(data_cfg, root: epath.Path, tokenizer_dir: str | None, spill_dir: str
   record as a Rejection (duplicates included, with the id they duplicate), and
   per-source counts where read = kept + rejected + duplicates.
   """
-  specs = _check_specs(data_cfg, root)
   if tokenizer_dir:
     tokenizer.check_local(tokenizer_dir)  # here, once, before workers try to load it
   dedup_cfg = dedup.DedupConfig.from_dict(data_cfg.get("dedup"))
@@ -173,6 +176,56 @@ def _why_none(counts: dict[str, dict[str, Any]], rejected: list[Rejection]) -> s
   return "; ".join(parts) + (". First rejections:\n" + "\n".join(examples) if examples else "")
 
 
+def _refuse_lost_sources(specs: list[dict[str, Any]], counts: dict[str, dict[str, Any]],
+                         rejected: list[Rejection]) -> None:
+  """Raises SourceLost naming every source that kept nothing, or under its min_kept_share of
+  the records a reviewer did not drop (a share above 0 also refuses a source that kept
+  nothing), with its commonest reason and one example of it. A share of 0 turns it off."""
+  problems = []
+  for spec in specs:
+    name, c = spec["name"], counts[spec["name"]]
+    reviewed = c["rejected"].get(verdicts.REVIEW_KIND, 0)
+    judged = c["read"] - reviewed  # a person's drops are decisions, not losses
+    if not spec["min_kept_share"]:
+      continue
+    if not c["read"]:
+      problems.append(f"source {name!r} ({c['path']}): no records at all (an empty file, or only blank lines)")
+      continue
+    if not judged or c["kept"] >= spec["min_kept_share"] * judged:
+      continue
+    reasons = collections.Counter({k: n for k, n in c["rejected"].items() if k != verdicts.REVIEW_KIND})
+    reasons.update(c["duplicate_kinds"])
+    commonest = reasons.most_common(3)
+    kind = commonest[0][0]
+    example = next((r for r in rejected if r.source == name and r.kind == kind), None)
+    problems.append(f"source {name!r} ({c['path']}): read {c['read']}, rejected {c['rejected']}, duplicates "
+                    f"{c['duplicates']}: kept {c['kept']} ({c['kept'] / judged:.0%}"
+                    f"{f' of the {judged} not dropped in review' if reviewed else ''}; min_kept_share "
+                    f"{spec['min_kept_share']:g}). Commonest reasons: " +
+                    ", ".join(f"{k} ({n})" for k, n in commonest) + (f", e.g. {example}" if example else ""))
+  if problems:
+    raise SourceLost(
+        "sources lost most or all of their records, which usually means a wrong image_root, path or format, not "
+        "bad data:\n  " + "\n  ".join(problems) + "\nFix the source's spec in the data config (see rejected "
+        "records by kind with `python -m mgjax.data.review` once it builds); where losing that share is expected, "
+        "lower min_kept_share for that source (its spec's min_kept_share, or the data config's for all; 0 turns the "
+        "check off)")
+
+
+def _check_unchanged(before: dict[str, dict[str, Any]], specs: list[dict[str, Any]]) -> None:
+  """Raises SourceChangedDuringBuild when a source file is not what the build started reading:
+  the records read would mix two versions of it."""
+  changed = []
+  for spec in specs:
+    now = datasets.file_state(spec["path"])
+    if now != before[spec["name"]]:
+      changed.append(f"source {spec['name']!r} ({spec['path']}): {datasets.describe_change(before[spec['name']], now)}")
+  if changed:
+    raise SourceChangedDuringBuild(f"sources changed while the build read them ({'; '.join(changed)}); what was read "
+                                   "mixes two versions of them, so nothing was written. Rerun the build once they "
+                                   "are no longer being written")
+
+
 def _rejection_line(rejection: Rejection) -> str:
   """One line of rejected.jsonl. Text UTF-8 cannot encode (a lone surrogate a record's id
   spelled) is written as JSON escapes rather than failing the build."""
@@ -225,9 +278,9 @@ def build(data_cfg: ml_collections.ConfigDict, data_dir: str, *, beam_runner: st
                          f"data_dir {data_dir} (a build of {data_cfg.name} {data_cfg.version})"):
       if data_cfg.get("sample") and data_cfg.sample.get("generate"):
         s = data_cfg.sample
-        sample.write_sample_sources(str(_sources_root(data_cfg,
-                                                      data_dir)), seed=data_cfg.seed, n_understanding=s.n_understanding,
-                                    n_generation=s.n_generation, n_text=s.n_text, n_caption=s.get("n_caption", 0))
+        sample.write_sample_sources(str(datasets.sources_root(data_cfg, data_dir)), seed=data_cfg.seed,
+                                    n_understanding=s.n_understanding, n_generation=s.n_generation, n_text=s.n_text,
+                                    n_caption=s.get("n_caption", 0))
       if spill_root.exists():
         spill_root.rmtree()  # left by a build that was killed
       spill_root.mkdir(parents=True)
@@ -251,18 +304,28 @@ def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, bea
   reader = spill.Reader()
   tally = verdicts.Tally(verdicts.path(data_cfg), verdicts.load(data_cfg), data_cfg.seed, reader)
   prompt_checks = prompts.settings(data_cfg)  # a mistake there fails now, not after reading
-  entries, rejected, source_card = _clean(data_cfg, _sources_root(data_cfg, data_dir), length_tokenizer,
-                                          str(spill_root), beam_runner, beam_options, tally)
+  specs = _check_specs(data_cfg, datasets.sources_root(data_cfg, data_dir))
+  # Each source as the build starts reading it, compared when reading is done (before
+  # anything is written) and kept beside the build, so reusing it notices later edits.
+  states = {s["name"]: datasets.file_state(s["path"]) for s in specs}
+  entries, rejected, source_card = _clean(data_cfg, specs, length_tokenizer, str(spill_root), beam_runner, beam_options,
+                                          tally)
+  _check_unchanged(states, specs)
+  _refuse_lost_sources(specs, source_card, rejected)
   if not entries:
     raise ValueError(f"no record survived reading: {_why_none(source_card, rejected)}")
   splits, mix_report = mixture.split(entries, data_cfg.val_per_category, data_cfg.seed,
                                      mixture.MixConfig.from_dict(data_cfg.get("mixture")))
 
+  trained = None
   if tok_cfg.get("train"):
-    tokenizer_dir = str(epath.Path(data_dir) / "tokenizers" / data_cfg.name)
+    # Trained beside the spill (local, even for a gs:// data_dir: save_pretrained writes local
+    # files), then moved into the version's folder, which is replaced below.
+    trained = spill_root / datasets.TOKENIZER
     # Train text only: validation must not shape the vocabulary it is scored with.
     texts = (m["content"] for e in splits["train"] for m in reader.record(e, images=False).messages)
-    tokenizer.train_sample_tokenizer(texts, tokenizer_dir, vocab_size=tok_cfg.vocab_size)
+    tokenizer.train_sample_tokenizer(texts, str(trained), vocab_size=tok_cfg.vocab_size)
+    tokenizer_dir = str(out / datasets.TOKENIZER)
   else:
     tokenizer_dir = tok_cfg.get("path") or None
 
@@ -277,6 +340,11 @@ def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, bea
   else:
     builder.write_local(out, data_cfg.version, nonempty, description)
 
+  if trained is not None:
+    (out / datasets.TOKENIZER).mkdir()
+    for f in trained.iterdir():
+      (out / datasets.TOKENIZER / f.name).write_bytes(f.read_bytes())
+  (out / datasets.SOURCE_FILES).write_text(json.dumps(states, indent=1, sort_keys=True))
   sizes = {k: len(v) for k, v in splits.items()}
   with (out / "rejected.jsonl").open("w") as f:
     for rej in rejected:
@@ -301,6 +369,13 @@ def refuse_changed_config(data_cfg: ml_collections.ConfigDict, data_dir: str) ->
   another config: overwriting it would change what that version means under every run,
   checkpoint and report that names it."""
   out = datasets.dataset_dir(data_cfg, data_dir)
+  changed = datasets.changed_sources(data_cfg, data_dir, out)
+  if changed:
+    raise datasets.SourcesChanged(
+        f"{out} holds a build of {data_cfg.name} {data_cfg.version} read from sources that have changed since "
+        f"({'; '.join(changed)}); rebuilding would give this version another content. Bump the data config's "
+        f"version (--config.version=...) to build the edited sources, or replace this version on purpose with "
+        f"`python -m mgjax.data.build ... --overwrite` (runs trained on it then no longer match it)")
   diff = datasets.changed_keys(data_cfg, out)
   if diff:
     raise datasets.ConfigChanged(
@@ -318,6 +393,19 @@ def ensure_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> datasets
   barrier before the others call `datasets.load_built`.
   """
   return datasets.load_built(data_cfg, data_dir) or build(data_cfg, data_dir)
+
+
+def cli_message(e: OSError, data_dir: str) -> str:
+  """One line for a build that could not write: what, where, and what to do."""
+  where = e.filename or data_dir
+  if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    return (f"cannot write {where} ({e.strerror}): the build writes into --data_dir={data_dir}; pass one this "
+            "user can write, or fix its permissions")
+  if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    return (f"no space left writing {where} ({e.strerror}): free space on the disk of --data_dir={data_dir} (a "
+            "build needs about its sources' size again, for the spill and the dataset) or pass one on a larger disk, "
+            "then rerun; the unfinished build has no data_card.json, so nothing uses it")
+  return str(e)
 
 
 # ---------------------------------------------------------------------------------------
@@ -345,7 +433,9 @@ if __name__ == "__main__":
     try:
       dataset = build(_CONFIG.value, _DATA_DIR.value, beam_runner=_BEAM_RUNNER.value,
                       beam_options=[f"--{o}" for o in _BEAM_OPTIONS.value], overwrite=_OVERWRITE.value)
-    except datasets.ConfigChanged as e:
+    except OSError as e:
+      sys.exit(f"error: {cli_message(e, _DATA_DIR.value)}")
+    except (ValueError, RuntimeError, locks.LockHeld) as e:  # what the build says is wrong, and the fix
       sys.exit(f"error: {e}")
     print(f"dataset   {dataset.name}:{dataset.version} at {dataset.dataset_dir}")
     print(f"splits    {dataset.splits}")

@@ -7,9 +7,12 @@ the trainer opens datasets through here and loads mgjax.data.build only when a b
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 from typing import Any, Sequence
 
+from absl import logging
 import ml_collections
 import tensorflow_datasets as tfds
 from etils import epath
@@ -20,6 +23,10 @@ from mgjax.data import builder, verdicts
 # config beside pipeline keys (sequence length, batch size) that must not force rebuilds.
 CONTENT_KEYS = ("name", "version", "seed", "val_per_category", "sample", "sources", "tokenizer", "filters", "dedup",
                 "mixture", "review")
+# Beside a build: each source file's size, mtime and sha256 as the build read it.
+SOURCE_FILES = "source_files.json"
+# A tokenizer the build trains lives in the version's folder: one version, one tokenizer.
+TOKENIZER = "tokenizer"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +65,77 @@ class ConfigChanged(ValueError):
   """A build of this name and version exists in data_dir, made from another data config."""
 
 
+class SourcesChanged(ConfigChanged):
+  """A source file differs from what a build of this name and version read."""
+
+
+def sources_root(data_cfg: ml_collections.ConfigDict, data_dir: str) -> epath.Path:
+  """Where relative source paths resolve: the generated sample's folder in the data_dir, else
+  the config's sources_root."""
+  if data_cfg.get("sample") and data_cfg.sample.get("generate"):
+    return epath.Path(data_dir) / data_cfg.sample.dir
+  return epath.Path(data_cfg.get("sources_root") or ".")
+
+
+def resolve(path: str | None, root: epath.Path) -> str | None:
+  if not path:
+    return None
+  if "://" in path or path.startswith("/"):
+    return path
+  return str(root / path)
+
+
+def file_state(path: str) -> dict[str, Any]:
+  """A file's size, mtime (ns) and sha256, read in 1 MB pieces (sources may be many GB)."""
+  if "://" in path:
+    st = epath.Path(path).stat()
+    size, mtime_ns = st.length, int(st.mtime * 1e9)
+  else:
+    st = os.stat(path)
+    size, mtime_ns = st.st_size, st.st_mtime_ns
+  h = hashlib.sha256()
+  with epath.Path(path).open("rb") as f:
+    while chunk := f.read(1 << 20):
+      h.update(chunk)
+  return {"path": path, "size": size, "mtime_ns": mtime_ns, "sha256": h.hexdigest()}
+
+
+def describe_change(before: dict[str, Any], after: dict[str, Any]) -> str:
+  parts = [f"{k} {before[k]} -> {after[k]}" for k in ("size", "sha256") if before[k] != after[k]]
+  return ", ".join(parts) or f"mtime_ns {before['mtime_ns']} -> {after['mtime_ns']}"
+
+
+def changed_sources(data_cfg: ml_collections.ConfigDict, data_dir: str, out: epath.Path) -> list[str]:
+  """Each source file that differs from what `out`'s build read, as "source NAME (PATH): what
+  changed"; none when `out` has no record (no build, or one from before records were kept).
+
+  A file that is not here is not compared: a pod worker sees the built dataset, not its
+  sources. A file whose size and mtime match is taken as unchanged without reading it; one
+  that was only touched or copied (same content) still matches. Generated sample sources are
+  a function of the config (seed and sizes), which build_config.json already pins; a build of
+  another sample version in the same data_dir rewrites them, so they are not compared here.
+  """
+  record_file = out / SOURCE_FILES
+  if not record_file.exists() or (data_cfg.get("sample") and data_cfg.sample.get("generate")):
+    return []
+  recorded = json.loads(record_file.read_text())
+  root = sources_root(data_cfg, data_dir)
+  changed = []
+  for spec in data_cfg.sources:
+    before = recorded.get(spec["name"])
+    path = resolve(spec["path"], root)
+    if before is None or not epath.Path(path).is_file():
+      continue
+    if "://" not in path:
+      st = os.stat(path)
+      if (st.st_size, st.st_mtime_ns) == (before["size"], before["mtime_ns"]):
+        continue
+    now = file_state(path)
+    if now["sha256"] != before["sha256"]:
+      changed.append(f"source {spec['name']!r} ({path}): {describe_change(before, now)}")
+  return changed
+
+
 def changed_keys(data_cfg: ml_collections.ConfigDict, out: epath.Path) -> list[str]:
   """The content keys in which `out`'s build differs from data_cfg (none: no build there)."""
   stored_file = out / "build_config.json"
@@ -82,13 +160,37 @@ def load_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDatas
     diff = sorted(k for k in CONTENT_KEYS if stored.get(k) != wanted.get(k))
     raise ConfigChanged(f"{out} was built from a different data config (differs in {diff}); bump the data "
                         f"config's version, or delete {out} to rebuild it")
+  changed = changed_sources(data_cfg, data_dir, out)
+  if changed:
+    raise SourcesChanged(f"{out} holds {data_cfg.name} {data_cfg.version} as read from sources that have changed "
+                         f"since ({'; '.join(changed)}); training on it would not be the content its sources now "
+                         "say, and rebuilding would give this version another content. Bump the data config's "
+                         "version (in a training config, --config.data.recipe.version=...) to build the edited "
+                         "sources, or restore the sources to what was built")
   card = json.loads((out / "data_card.json").read_text())
-  # A tokenizer the build trained lives in the data_dir: found there wherever the data_dir
-  # now is (copied to a bucket, mounted at another path), not where the build wrote it.
-  tokenizer_dir = (str(epath.Path(data_dir) / "tokenizers" /
-                       data_cfg.name) if data_cfg.tokenizer.get("train") else card["tokenizer"])
+  tokenizer_dir = trained_tokenizer(data_cfg, data_dir) if data_cfg.tokenizer.get("train") else card["tokenizer"]
   return BuiltDataset(name=card["name"], version=card["version"], data_dir=str(data_dir), dataset_dir=str(out),
                       tokenizer_dir=tokenizer_dir, splits=card["splits"])
+
+
+def trained_tokenizer(data_cfg: ml_collections.ConfigDict, data_dir: str) -> str:
+  """The tokenizer a build of data_cfg trained: in its version's folder, found there wherever
+  the data_dir now is (copied to a bucket, mounted at another path), not where the build wrote it.
+
+  Builds made before tokenizers were kept per version have it in DATA_DIR/tokenizers/<name>,
+  shared by every version of the name (a later version's build replaced it); that folder is
+  used, with a warning, until the version is rebuilt with --overwrite.
+  """
+  own = dataset_dir(data_cfg, data_dir) / TOKENIZER
+  if (own / "tokenizer.json").exists():
+    return str(own)
+  shared = epath.Path(data_dir) / "tokenizers" / data_cfg.name
+  logging.warning(
+      "%s has no tokenizer of its own (built before tokenizers were kept per version); using %s, which "
+      "every version of %s shared and the latest build of any of them wrote. Rebuild it (python -m "
+      "mgjax.data.build ... --overwrite) to give this version its own", dataset_dir(data_cfg, data_dir), shared,
+      data_cfg.name)
+  return str(shared)
 
 
 def open_split(dataset: BuiltDataset, split: str) -> Sequence[dict[str, Any]]:

@@ -10,6 +10,8 @@ no user text can spell them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Iterable
 
@@ -156,3 +158,19 @@ def own_template_refusal(tokenizer: transformers.PreTrainedTokenizerBase) -> str
   suggestion = (f"its layout is that of {' or '.join(repr(n) for n in hints)}: set --config.model.template="
                 f"{hints[0]}" if hints else "set --config.model.template to the LLM's conversation format")
   return (f"tokenizer {tokenizer.name_or_path} {what}; {suggestion} (known: {sorted(templates.TEMPLATES)})")
+
+
+def fingerprint(tokenizer: transformers.PreTrainedTokenizerBase) -> str:
+  """sha256 of what decides a tokenizer's ids and the text around them: its vocabulary and
+  merges with every added token (the fast backend's saved form), special tokens and chat
+  template. Equal for a tokenizer saved and loaded back; a checkpoint's ids mean the same
+  text only under a tokenizer with the same fingerprint."""
+  backend = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else json.dumps(
+      sorted(tokenizer.get_vocab().items()))
+  return hashlib.sha256(
+      json.dumps(
+          {
+              "backend": backend,
+              "special_tokens": tokenizer.special_tokens_map,
+              "chat_template": tokenizer.chat_template,
+          }, sort_keys=True, default=str).encode()).hexdigest()
