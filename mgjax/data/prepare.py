@@ -11,6 +11,7 @@ mgjax.data.build drives it; mgjax.data.beam_build runs the same Preparer in Beam
 from __future__ import annotations
 
 import collections
+from concurrent import futures
 import dataclasses
 import multiprocessing
 import sys
@@ -98,20 +99,53 @@ def _batches(specs: list[dict[str, Any]]):
     yield batch
 
 
-def _ordered_map(pool, fn, items, window: int):
-  """pool.imap with at most `window` tasks in flight: imap reads its input ahead without
-  limit, which would hold a whole corpus (images included) in memory."""
-  pending = collections.deque()
-  for x in items:
-    pending.append(pool.apply_async(fn, (x,)))
-    if len(pending) >= window:
-      yield pending.popleft().get()
-  while pending:
-    yield pending.popleft().get()
+class WorkerDied(RuntimeError):
+  """A build worker process ended in the middle of the build (killed, most often by the
+  out-of-memory killer); the build stops rather than wait for its results forever."""
+
+
+def _where(item: Record | Rejection) -> str:
+  if isinstance(item, Record):
+    return item.origin.replace("\t", ": ", 1)
+  return f"{item.file}: {item.record}"
+
+
+def _ordered_map(executor, fn, batches, window: int):
+  """fn(batch) of each batch in order, at most `window` batches in flight: executor.map
+  would submit its whole input at once, holding a whole corpus (images included) in memory.
+
+  Raises:
+    WorkerDied: a worker process died; names the records in flight.
+  """
+  pending = collections.deque()  # [batch, its future], oldest first
+
+  def take():
+    out = pending[0][1].result()
+    pending.popleft()
+    return out
+
+  try:
+    for batch in batches:
+      pending.append([batch, None])
+      pending[-1][1] = executor.submit(fn, batch)
+      if len(pending) >= window:
+        yield take()
+    while pending:
+      yield take()
+  except futures.process.BrokenProcessPool:
+    first, last = _where(pending[0][0][0]), _where(pending[-1][0][-1])
+    raise WorkerDied(f"a build worker process died (killed, most often by the out-of-memory killer: see `dmesg`) "
+                     f"while preparing the records from {first} to {last}; nothing was written. Build again with "
+                     f"fewer workers (the data config's num_workers) or more memory; if it dies on the same "
+                     "records again, one of them (an image?) is the cause: remove it") from None
 
 
 def prepare_locally(specs, preparer_args, workers: int):
-  """Prepared items in source order, from a pool of `workers` processes (or this one)."""
+  """Prepared items in source order, from a pool of `workers` processes (or this one).
+
+  Raises:
+    WorkerDied: a worker process was killed (the build stops instead of waiting forever).
+  """
   if workers <= 1:
     _init_worker(*preparer_args)
     for batch in _batches(specs):
@@ -122,9 +156,14 @@ def prepare_locally(specs, preparer_args, workers: int):
   # builds after starting jax): spawn then. Otherwise fork, which starts in milliseconds
   # and does not re-import the caller's main script.
   context = multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
-  pool = context.Pool(workers, _init_worker, preparer_args)
+  # concurrent.futures' pool, not multiprocessing's: when a worker is killed, its task's
+  # result never comes, and multiprocessing.Pool would wait for it forever; this one
+  # notices the death and fails every pending task with BrokenProcessPool.
+  executor = futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=preparer_args)
   try:
-    for batch in _ordered_map(pool, _prepare_batch, _batches(specs), window=2 * workers):
-      yield from batch
+    for out in _ordered_map(executor, _prepare_batch, _batches(specs), window=2 * workers):
+      yield from out
   finally:
-    pool.terminate()  # every batch was flushed to its shard before it came back
+    # Workers finish the batch in hand (every batch was flushed to its shard before it
+    # came back) and exit; a broken pool's are gone already.
+    executor.shutdown(wait=False, cancel_futures=True)
