@@ -7,6 +7,7 @@ is downloaded.
 
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -318,3 +319,51 @@ def test_command_line_help_exits_zero():
   result = subprocess.run([sys.executable, "-m", "mgjax.data.review", "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 0 and "--per_group" in result.stdout
+
+
+def test_command_line_prints_the_page_and_nothing_else(data_dir, tmp_path):
+  cfg = mgjax_config.load_config_file(str(REPO / "configs/data/sample.py"), "tiny")
+  build.ensure_built(cfg, data_dir)
+  out = tmp_path / "page.html"
+  result = subprocess.run([
+      sys.executable, "-m", "mgjax.data.review", "--config=configs/data/sample.py:tiny", f"--data_dir={data_dir}",
+      f"--out={out}"
+  ], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout == f"review page {out}\n" and out.exists()
+  # Nothing of TFDS's opening of each split ("Load dataset info", "fields info differ").
+  assert "dataset_info" not in result.stderr and "differ" not in result.stderr, result.stderr
+
+
+def test_page_folds_mixing_copies_and_keeps_ids_that_only_look_like_copies(tmp_path):
+  cfg = _config()
+  cfg.name = "sample_review_mixed"
+  cfg.mixture = dict(by="category", counts=dict(text=30))  # the text left for train, repeated
+  root = tmp_path / "data"
+  (root / cfg.sample.dir / "extra").mkdir(parents=True)
+  rows = [("post", "What colour is a ripe tomato?", "A ripe tomato is red."),
+          ("post#1", "What colour is a ripe lemon?", "A ripe lemon is yellow.")]
+  (root / cfg.sample.dir / "extra/messages.jsonl").write_text("".join(
+      json.dumps({
+          "id": rid,
+          "messages": [{
+              "role": "user",
+              "content": q
+          }, {
+              "role": "assistant",
+              "content": a
+          }]
+      }) + "\n" for rid, q, a in rows))
+  cfg.sources = list(cfg.sources) + [dict(name="extra", format="messages_jsonl", path="extra/messages.jsonl")]
+  dataset = build.build(cfg, str(root))
+  train = datasets.open_split(dataset, "train")
+  in_train = [train[i]["id"].decode() for i in range(len(train))]
+  # Mixing named tomato's copy extra:post#1, as the lemon record is named: both are there.
+  assert in_train.count("extra:post#1") == 2 and "extra:post#1#1" in in_train
+  ids = _ids(dataset)
+  originals = {i for i in ids if not re.search(r"#\d+$", i)} | {"extra:post#1"}
+  page = review.Page(cfg, str(root))
+  page.scan()
+  assert set(page.where) == originals  # each record once, as itself, copies folded
+  assert "lemon" in page.record("extra:post#1")["turns"][0]["html"]
+  assert "tomato" in page.record("extra:post")["turns"][0]["html"]

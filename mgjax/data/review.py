@@ -179,7 +179,15 @@ class Page:
     self.where: dict[str, tuple[str, int]] = {}
     kinds: dict[str, tuple[str, str]] = {}  # id -> (source, category)
     self.checks: dict[str, list[dict[str, Any]]] = {}
-    maybe_copies: dict[str, tuple[str, bytes]] = {}  # id -> (the id it would copy, its content's digest)
+
+    def add(rid, split, i, src, cat, ex):
+      self.where[rid], kinds[rid] = (split, i), (src, cat)
+      if cat == "generation":
+        self.checks[rid] = prompts.check(_decode(ex)["messages"], self.qualities.get(src), self.lexicon)
+
+    # Ids of the form `<id>#<k>`, decided once all is read: a copy has its original's content.
+    # (A record's own id can equal a copy's name; then both are in the split.)
+    maybe_copies: dict[str, list[tuple[str, int, str, str, bytes]]] = collections.defaultdict(list)
     for split in builder.SPLITS:
       if split == "train_generation":  # the generation part of train, read there
         continue
@@ -187,25 +195,22 @@ class Page:
       for i in range(len(source)):
         ex = source[i]
         rid = ex["id"].decode("utf-8", "surrogateescape")
-        if rid in self.where:
-          continue
-        self.where[rid] = (split, i)
         src, cat = ex["source"].decode("utf-8", "surrogateescape"), ex["category"].decode("utf-8", "surrogateescape")
-        kinds[rid] = (src, cat)
-        copy = _COPY.fullmatch(rid)
-        if copy:
-          maybe_copies[rid] = (copy.group(1), _content_digest(ex))
-        if cat == "generation":
-          self.checks[rid] = prompts.check(_decode(ex)["messages"], self.qualities.get(src), self.lexicon)
-    originals: dict[str, bytes | None] = {}
-    for rid, (first, content) in maybe_copies.items():
-      if first not in self.where or kinds[first][0] != kinds[rid][0]:
-        continue
-      if first not in originals:
-        originals[first] = _content_digest(self._split(self.where[first][0])[self.where[first][1]])
-      if originals[first] == content:
-        del self.where[rid], kinds[rid]
-        self.checks.pop(rid, None)
+        if _COPY.fullmatch(rid):
+          maybe_copies[rid].append((split, i, src, cat, _content_digest(ex)))
+        elif rid not in self.where:
+          add(rid, split, i, src, cat, ex)
+    digests: dict[str, bytes] = {}
+    for rid in sorted(maybe_copies, key=len):  # an original named like a copy comes before its own copies
+      first = _COPY.fullmatch(rid).group(1)
+      for split, i, src, cat, content in maybe_copies[rid]:
+        if first in self.where and kinds[first][0] == src:
+          if first not in digests:
+            digests[first] = _content_digest(self._split(self.where[first][0])[self.where[first][1]])
+          if digests[first] == content:
+            continue
+        add(rid, split, i, src, cat, self._split(split)[i])
+        break
     self.groups: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
     for rid, key in kinds.items():
       self.groups[key].append(rid)
