@@ -96,3 +96,16 @@ def test_8_bit_images_decode_as_pil_converts_them():
     image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=None).convert(mode)
     data = _png(image)
     np.testing.assert_array_equal(np.asarray(images.decode(data)), np.asarray(image.convert("RGB")))
+
+
+def test_the_review_page_shows_a_16_bit_png_as_training_sees_it():
+  """The review page's thumbnail is the decoded picture, not PIL's white clip."""
+  import base64
+
+  from mgjax.data import review
+
+  data, ramp = _gray16()
+  uri = review._thumbnail(data, 64)
+  thumb = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("L"), dtype=float)
+  # JPEG is lossy: the ramp's mean and its spread survive, a white page would not.
+  assert abs(thumb.mean() - (ramp >> 8).mean()) < 4 and thumb.std() > 50

@@ -41,7 +41,7 @@ import markupsafe
 import ml_collections
 from PIL import Image
 
-from mgjax.data import builder, datasets, prompts, verdicts
+from mgjax.data import builder, datasets, images, prompts, verdicts
 from mgjax.data.records import GEN_MARKER, IMAGE_PLACEHOLDER
 
 _COPY = re.compile(r"(.*)#\d+", re.DOTALL)  # mixing's ids for repeated copies: `<id>#<k>`
@@ -50,7 +50,7 @@ _COPY = re.compile(r"(.*)#\d+", re.DOTALL)  # mixing's ids for repeated copies: 
 def _thumbnail(data: bytes, size: int) -> str:
   """A small JPEG of an encoded image, as a data URI."""
   with Image.open(io.BytesIO(data)) as img:
-    img = img.convert("RGB")
+    img = images.to_rgb(img)  # as training sees it (a 16-bit PNG is not clipped to white)
     img.thumbnail((size, size))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
