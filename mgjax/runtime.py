@@ -6,6 +6,7 @@ import glob
 import os
 import platform
 import sys
+import traceback
 
 from absl import flags
 
@@ -77,6 +78,8 @@ def restart_with_malloc_tunables() -> None:
   process keeps its PID, arguments and open files. Opt out with
   GLIBC_TUNABLES=glibc.malloc.hugetlb=0.
   """
+  if any(a in HELP_FLAGS for a in sys.argv[1:]):
+    return  # help trains nothing: no restart, and no line about one
   tunables = malloc_tunables(dict(os.environ), thp_mode(), platform.libc_ver())
   if tunables is None or has_accelerator():
     return
@@ -86,6 +89,23 @@ def restart_with_malloc_tunables() -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, sys.orig_argv, {**os.environ, "GLIBC_TUNABLES": tunables})
+
+
+def cpu_only_without_accelerator() -> None:
+  """JAX_PLATFORMS=cpu on a host with no TPU or GPU, unless the user set JAX_PLATFORMS.
+
+  With libtpu installed (the test and tpu extras) JAX tries the TPU backend on every host, and
+  on one without a TPU libtpu prints errors about TPU_ACCELERATOR_TYPE and TPU_WORKER_HOSTNAMES
+  before JAX falls back to the CPU. Called by the entry points while they parse flags (before
+  any backend starts); the environment variable carries it to the processes they start.
+  Library use (a notebook, a test) is left alone, as is `mgjax.plan --target`, which loads
+  libtpu by itself to compile for a TPU.
+  """
+  if "JAX_PLATFORMS" in os.environ or has_accelerator():
+    return
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  if "jax" in sys.modules:  # jax read the variable when it was imported: tell it too
+    sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
 def set_xla_flags() -> None:
@@ -134,18 +154,112 @@ def resolve_config_paths(argv: list[str]) -> list[str]:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, with a plain message for a --config.KEY the config does not have, and
-  status 0 after printing help (absl exits 1 there, which reads as a failure to scripts)."""
+  """absl's parser, with one line (and exit status 1) for what a user gets wrong: a config file
+  that is missing or fails to load, a --config.KEY the config does not have, a bad flag value;
+  and status 0 after printing help (absl exits 1 there, which reads as a failure to scripts)."""
+  cpu_only_without_accelerator()
   argv = resolve_config_paths(argv)
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except SystemExit as e:
     if e.code == 1 and any(a in HELP_FLAGS for a in argv[1:]):
       sys.exit(0)
     raise
-  except (AttributeError, KeyError) as e:  # what ml_collections raises for an unknown key
-    detail = " ".join(str(e.args[0] if e.args else e).replace("\\n", "\n").replace("\\'", "'").split())
-    sys.exit(f"error: unknown config key in the command line: {detail}\n"
-             "Every --config.KEY=VALUE must name a field the config file defines (README: Configs).")
-  except flags.Error as e:
-    sys.exit(f"error: {e}\nRun with --helpfull to list the flags.")
+  except Exception as e:  # any error: reported in one line, or re-raised where it is not the user's
+    # A --config.KEY=VALUE after a config file that did not open fails on that file.
+    _refuse_unloaded_configs(argv)
+    message = _config_file_error(e, argv) or _unknown_key_error(e)
+    if message:
+      sys.exit(message)
+    if isinstance(e, flags.Error):
+      sys.exit(f"error: {e}\nRun with --helpfull to list the flags.")
+    raise
+  _refuse_unloaded_configs(argv)
+  return rest
+
+
+def _chain(e: BaseException | None) -> list[BaseException]:
+  """e and the exceptions it was raised from or while handling, outermost first."""
+  out = []
+  while e is not None and e not in out:
+    out.append(e)
+    e = e.__cause__ or e.__context__
+  return out
+
+
+def _flag_value(argv: list[str], name: str = "config") -> str:
+  values = [a.partition("=")[2] for a in argv[1:] if a.partition("=")[0] in (f"--{name}", f"-{name}")]
+  return values[-1] if values else "?"
+
+
+def _config_file_error(e: BaseException, argv: list[str]) -> str | None:
+  """The one-line error for an exception raised while a config file ran (None: another error).
+
+  ml_collections re-raises a config's TypeError or ValueError as a new one holding the
+  traceback's text, wrapped in absl's flag error; the original is in the chain, with the
+  config file's line in its traceback."""
+  chain = _chain(e)
+  if any(
+      isinstance(x, OSError) and any(f.name == "_LoadConfigModule"
+                                     for f in traceback.extract_tb(x.__traceback__))
+      for x in chain):  # the file did not open; a --config.KEY=VALUE after it found that out
+    return _unopened_config("config", _flag_value(argv).partition(":")[0], chain[-1])
+  ran_config = [
+      x for x in chain if isinstance(x, SyntaxError) or any(frame.name == "get_config"
+                                                            for frame in traceback.extract_tb(x.__traceback__))
+  ]
+  if not ran_config:
+    return None
+  root = chain[-1]
+  if isinstance(root, SyntaxError):
+    where = f"{root.filename}, line {root.lineno}"
+    detail = f"SyntaxError: {root.msg}"
+  else:
+    # The innermost line of a config file (not of mgjax or a library it calls): the line to fix.
+    package = os.path.dirname(os.path.abspath(__file__))
+    frames = [
+        f for f in traceback.extract_tb(root.__traceback__) if not os.path.abspath(f.filename).startswith(package) and
+        "site-packages" not in f.filename and not f.filename.startswith("<")
+    ]
+    where = f"{frames[-1].filename}, line {frames[-1].lineno}" if frames else "?"
+    # mgjax's own config errors (ValueError) are sentences; other errors need their type.
+    detail = str(root) if type(root) is ValueError else f"{type(root).__name__}: {root}"
+  return f"error: --config={_flag_value(argv)} failed to load ({where}): {' '.join(detail.split())}"
+
+
+def _unknown_key_error(e: BaseException) -> str | None:
+  """The one-line error for a --config.KEY=VALUE naming a field the config does not have
+  (what ml_collections raises for it: an AttributeError or KeyError)."""
+  if not isinstance(e, (AttributeError, KeyError)):
+    return None
+  detail = " ".join(str(e.args[0] if e.args else e).replace("\\n", "\n").replace("\\'", "'").split())
+  return (f"error: unknown config key in the command line: {detail}\n"
+          "Every --config.KEY=VALUE must name a field the config file defines (README: Configs).")
+
+
+def _refuse_unloaded_configs(argv: list[str]) -> None:
+  """ml_collections defers a config file it could not open (missing, unreadable) to the first
+  use of the config, deep in the program, as an IOError: refuse it now, in one line."""
+  from ml_collections import config_flags
+
+  for name in list(flags.FLAGS):
+    flag = flags.FLAGS[name]
+    try:
+      path = config_flags.get_config_filename(flag)
+    except TypeError:  # not a config file's flag
+      continue
+    except flags.Error:  # the parse failed before absl marked the flag parsed
+      path = _flag_value(argv, name).partition(":")[0]
+    if flag.value is None:
+      continue
+    try:
+      getattr(flag.value, "keys", None)
+    except OSError as e:
+      sys.exit(_unopened_config(name, path, _chain(e)[-1]))
+
+
+def _unopened_config(name: str, path: str, error: BaseException) -> str:
+  if not os.path.exists(path):
+    return (f"error: --{name}: no config file {path} (a path from the working directory, or from the "
+            "repository's root, as configs/stage1.py)")
+  return f"error: --{name}: config file {path} failed to load: {' '.join(str(error).split())}"

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from conftest import REPO
 from mgjax import runtime
 
 GLIBC = ("glibc", "2.36")
@@ -88,8 +89,9 @@ CLIS = ("mgjax.main", "mgjax.recipe", "mgjax.plan", "mgjax.predict", "mgjax.data
 
 
 def test_every_cli_help_exits_zero(tmp_path):
-  """--help is a success, not an error, for scripts that check it (and from any directory)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  """--help is a success, not an error, for scripts that check it (and from any directory);
+  it restarts nothing and says nothing about restarting."""
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   procs = {
       m: subprocess.Popen([sys.executable, "-m", m, "--help"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True) for m in CLIS
@@ -98,6 +100,83 @@ def test_every_cli_help_exits_zero(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, f"{module} --help exited {proc.returncode}:\n{out[-2000:]}"
     assert "usage" in out.lower() or "flags" in out.lower(), out[-500:]
+    assert "restarting" not in out and "GLIBC_TUNABLES" not in out, out[:500]
+
+
+# What a config that fails to load says: (--config value, its file's text or None, the one line).
+BAD_CONFIGS = [
+    ("configs/nope.py", None, "error: --config: no config file configs/nope.py (a path from the working directory"),
+    ("configs/nope.py --config.train.steps=3", None, "error: --config: no config file configs/nope.py"),
+    ("configs/stage1.py:data=nope", None, "error: --config=configs/stage1.py:data=nope failed to load "
+     "(configs/stage1.py, line 17): no data preset 'nope': "),
+    ("{dir}/mine.py", "def get_config(:\n", "error: --config={dir}/mine.py failed to load ({dir}/mine.py, line 1): "
+     "SyntaxError: invalid syntax"),
+    ("{dir}/mine.py", "def get_config():\n  return {}['train']\n",
+     "error: --config={dir}/mine.py failed to load ({dir}/mine.py, line 2): KeyError: 'train'"),
+    ("{dir}", None, "error: --config: config file {dir} failed to load: [Errno 21] Is a directory"),
+]
+
+
+def test_a_config_that_fails_to_load_is_one_line_naming_the_file(tmp_path):
+  """A missing config file or preset, or a config file that fails while it runs: one line on
+  stderr, naming the file and line, exit status 1; never a traceback through absl's flags."""
+  env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}  # one process: no restart line
+  procs = []
+  for i, (value, text, expected) in enumerate(BAD_CONFIGS):
+    folder = tmp_path / str(i)
+    folder.mkdir()
+    if text is not None:
+      (folder / "mine.py").write_text(text)
+    config, *overrides = value.format(dir=folder).split()
+    for module in ("mgjax.main", "mgjax.data.build"):
+      procs.append((module, expected.format(dir=folder),
+                    subprocess.Popen([sys.executable, "-m", module, f"--config={config}", *overrides], cwd=REPO,
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+  for module, expected, proc in procs:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, (module, proc.returncode, err[-2000:])
+    assert len(err.splitlines()) == 1 and err.startswith(expected), (module, expected, err[-2000:])
+
+
+def test_no_tpu_errors_from_a_cpu_host(tmp_path):
+  """libtpu (the test and tpu extras) prints errors about TPU_ACCELERATOR_TYPE and
+  TPU_WORKER_HOSTNAMES wherever JAX tries the TPU on a host without one; the entry points keep
+  JAX to the CPU there, unless JAX_PLATFORMS says otherwise."""
+  if runtime.has_accelerator():
+    pytest.skip("this host has a TPU or GPU: JAX is left to use it")
+  pytest.importorskip("libtpu")
+  # A config that starts JAX's backends while the entry point parses its flags, and records
+  # the platform JAX chose: what any command does later, after its flags.
+  config = tmp_path / "config.py"
+  config.write_text(
+      textwrap.dedent(f"""
+      import jax
+      import ml_collections
+
+      def get_config():
+        with open({str(tmp_path / 'platform.txt')!r}, "w") as f:
+          f.write(jax.devices()[0].platform)
+        return ml_collections.ConfigDict({{"workdir": ""}})
+      """))
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "GLIBC_TUNABLES")}
+  env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=0"
+  entry = subprocess.run([sys.executable, "-m", "mgjax.main", f"--config={config}"], env=env, capture_output=True,
+                         text=True, timeout=120)
+  assert "no workdir" in entry.stderr, entry.stderr[-2000:]
+  assert "TPU_ACCELERATOR_TYPE" not in entry.stderr and "TPU_WORKER_HOSTNAMES" not in entry.stderr, entry.stderr
+  assert (tmp_path / "platform.txt").read_text() == "cpu"
+  # What it quiets: the same JAX start from a plain script, which mgjax leaves alone.
+  plain = subprocess.run([sys.executable, "-c", "import jax; print(jax.devices()[0].platform)"], env=env,
+                         capture_output=True, text=True, timeout=120)
+  assert plain.stdout.strip() == "cpu" and "TPU_ACCELERATOR_TYPE" in plain.stderr, plain.stderr[-2000:]
+  # A user's JAX_PLATFORMS wins, even empty (JAX's "every platform").
+  chosen = subprocess.run([
+      sys.executable, "-c", "import os; from mgjax import runtime; runtime.cpu_only_without_accelerator(); "
+      "print(repr(os.environ['JAX_PLATFORMS']))"
+  ], env={
+      **env, "JAX_PLATFORMS": ""
+  }, capture_output=True, text=True, timeout=120)
+  assert chosen.stdout.strip() == "''", chosen.stderr[-2000:]
 
 
 def test_config_paths_resolve_from_any_directory(tmp_path, monkeypatch):
