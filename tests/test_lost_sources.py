@@ -63,12 +63,16 @@ def test_a_source_under_its_min_kept_share_stops_the_build_and_a_lower_share_bui
   built = build.build(cfg, str(tmp_path / "data"))
   card = json.loads(pathlib.Path(built.data_card).read_text())
   assert card["sources"]["lima"]["kept"] == 8 and card["sources"]["lima"]["rejected"] == {"empty_conversation": 10}
+  # The share decides whether a build stops, not what it holds: the same version either way.
+  del cfg.sources[2]["min_kept_share"]
+  cfg.min_kept_share = 0.4
+  assert datasets.load_built(cfg, str(tmp_path / "data")) == built
 
 
 def test_min_kept_share_must_be_a_share(tmp_path):
   cfg = _recipe(tmp_path / "sources")
   cfg.min_kept_share = 50
-  with pytest.raises(ValueError, match=r"source 'mgm_understanding': min_kept_share=50; it is a share"):
+  with pytest.raises(ValueError, match=r"source 'mgm_understanding': min_kept_share=50(\.0)?; it is a share"):
     build.build(cfg, str(tmp_path / "data"))
 
 

@@ -34,12 +34,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sources_root = "."  # relative source paths resolve here (set on the command line)
   c.num_workers = 0  # 0: one worker process per core
   c.val_per_category = ml_collections.ConfigDict(dict(understanding=1000, generation=500, text=500))
+  # A source keeping less than this share of its records stops the build (a wrong image_root
+  # rejects every image record); a source's own `min_kept_share` overrides it, 0 turns it off.
+  c.min_kept_share = 0.5
 
   finetune = "MiniGemini-Finetune"
   c.sources = [
       dict(name="lima", format="lima", path="lima/train.jsonl"),
+      # Under half of the export's trees have an English root prompt: the others are rejected
+      # as `language` on purpose, so this source may keep less than the recipe's share.
       dict(name="oasst2", format="oasst_trees", path="oasst2/2023-11-05_oasst2_ready.trees.jsonl.gz",
-           options=dict(lang="en", threads="best", drop_synthetic=True)),
+           options=dict(lang="en", threads="best", drop_synthetic=True), min_kept_share=0.2),
       # Category inferred per record: generation (user turn ends with " <GEN>"),
       # understanding (has an image), else text.
       dict(name="minigemini_instruction", format="llava_json", path=f"{finetune}/minigemini_instruction.json",

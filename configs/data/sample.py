@@ -19,6 +19,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # answers (1,400 conversations; at accuracy p the half-width is 1.96 sqrt(p(1-p)/n)).
   # 256 generation requests put prompt F1's interval near +/-0.02 as well.
   c.val_per_category = ml_collections.ConfigDict(dict(understanding=1400, generation=256, text=64, caption=64))
+  # A source keeping less than this share of its records stops the build (a wrong image_root
+  # rejects every image record); a source's own `min_kept_share` overrides it, 0 turns it off.
+  c.min_kept_share = 0.5
 
   # Generate the sample source files under DIR/<dir> before reading them.
   c.sample = ml_collections.ConfigDict(

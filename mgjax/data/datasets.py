@@ -58,6 +58,9 @@ def content_of(data_cfg: ml_collections.ConfigDict, built: epath.Path | None = N
   # from before `review` existed still match their config. `built`'s copy of the verdicts
   # stands in for a file this machine does not have.
   d["review"] = verdicts.fingerprint(data_cfg, built)
+  # A source's min_kept_share decides whether a build stops, not what it holds.
+  if d.get("sources"):
+    d["sources"] = [{k: v for k, v in dict(s).items() if k != "min_kept_share"} for s in d["sources"]]
   return json.loads(json.dumps({k: d.get(k) for k in CONTENT_KEYS if k != "review" or d[k]}, sort_keys=True))
 
 
