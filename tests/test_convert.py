@@ -245,8 +245,19 @@ def test_cli_import_init_from_export(tmp_path, llama, capsys):
   assert embedding.shape == (1024, 32)  # padded to the sample's vocab_size
   np.testing.assert_array_equal(embedding[:VOCAB], hf.model.embed_tokens.weight.detach().numpy())
 
+  # The run's tokenizer goes out with the weights (a word-level one: this LLM's vocabulary is
+  # made up).
+  import tokenizers
+  words = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "</s>": 1, "hello": 2}, unk_token="<unk>"))
+  transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>",
+                                       eos_token="</s>").save_pretrained(os.path.join(out, "tokenizer"))
   exported = str(tmp_path / "exported")
   assert cli(["export-llm", f"--workdir={out}", f"--out={exported}"]) == 0
+  # It says what it wrote: every file, weights, config and tokenizer.
+  on_disk = sorted(os.listdir(exported))
+  assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(on_disk)
+  assert f"wrote {len(on_disk)} file(s) to {exported} ({', '.join(on_disk)}) from " in capsys.readouterr().out
+  assert transformers.AutoTokenizer.from_pretrained(exported).eos_token_id == 1
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
   ids = random_ids()
   np.testing.assert_allclose(hf_logits(reloaded, ids)[..., :VOCAB], hf_logits(hf, ids), atol=TOLERANCE)

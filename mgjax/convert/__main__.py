@@ -39,15 +39,16 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
                     "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
 
 
-def _copy_tokenizer(src: str, dst: str) -> bool:
-  """Copies a tokenizer's files from folder src to dst; False when src holds none."""
+def _copy_tokenizer(src: str, dst: str) -> list[str]:
+  """Copies a tokenizer's files from folder src to dst; the files written (none when src holds
+  no tokenizer)."""
   present = [f for f in _TOKENIZER_FILES if os.path.exists(os.path.join(src, f))]
   if "tokenizer_config.json" not in present:
-    return False
+    return []
   os.makedirs(dst, exist_ok=True)
   for f in present:
     shutil.copy(os.path.join(src, f), os.path.join(dst, f))
-  return True
+  return [os.path.join(dst, f) for f in present]
 
 
 def _readied_tokenizer(hf_dir: str, template: str):
@@ -197,7 +198,8 @@ def export_llm(argv: Sequence[str]) -> int:
   context = (args.max_position_embeddings or workdir.hf_llm_config(folder).get("max_position_embeddings") or
              (config.get("data") or {}).get("seq_len") or 4096)
   extra = {}
-  if _copy_tokenizer(os.path.join(run_dir, "tokenizer"), args.out):
+  tokenizer_files = _copy_tokenizer(os.path.join(run_dir, "tokenizer"), args.out)
+  if tokenizer_files:
     import transformers
     tok = transformers.AutoTokenizer.from_pretrained(args.out, local_files_only=True)
     extra = {
@@ -206,8 +208,11 @@ def export_llm(argv: Sequence[str]) -> int:
     }
   written = llm.export_hf_llm(params["llm"], llm_cfg, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
                               max_position_embeddings=int(context), extra_config=extra)
-  print(f'wrote {len(written)} file(s) to {args.out} from {folder} ({llm_cfg.get("family", "llama")}, '
-        f'{args.dtype}); load with transformers.AutoModelForCausalLM.from_pretrained({args.out!r})')
+  # Every file written: the weights and config.json, and the run's tokenizer.
+  written = sorted(os.path.basename(f) for f in written + tokenizer_files)
+  print(f'wrote {len(written)} file(s) to {args.out} ({", ".join(written)}) from {folder} '
+        f'({llm_cfg.get("family", "llama")}, {args.dtype}); load with '
+        f'transformers.AutoModelForCausalLM.from_pretrained({args.out!r})')
   return 0
 
 
