@@ -128,9 +128,10 @@ def _with_intervals(per_answer: dict[str, list[float]], records: list[int]) -> d
   """Each score's mean and 95% interval, and the per-answer values a paired comparison
   (stage 2 against where it started) resamples."""
   scores: dict[str, Any] = {"num_answers": len(records)}
-  for name, values in per_answer.items():
-    scores[name] = float(np.mean(values)) if values else float("nan")
-    scores[f"{name}_ci95"] = list(stats.interval(values, records))
+  if records:  # none: the split holds no answer to score, and no score is shown
+    for name, values in per_answer.items():
+      scores[name] = float(np.mean(values))
+      scores[f"{name}_ci95"] = list(stats.interval(values, records, bounds=(0.0, 1.0)))
   scores["per_answer"] = {"record": records, **per_answer}
   return scores
 
@@ -160,7 +161,7 @@ def score_accuracy(generator: decode.Generator, source, *, max_new_tokens: int,
           "accuracy": [float(normalize_answer(a) == normalize_answer(ref)) for a, (_, _, ref) in zip(answers, items)],
           "spurious_prompt_rate": [float(decode.extract_image_prompt(a) is not None) for a in answers],
       }, records)
-  if majority is not None:
+  if majority is not None and items:
     scores["chance"] = chance([(prefix, ref) for prefix, _, ref in items], majority)
   return scores
 
@@ -194,8 +195,8 @@ def compare(after: dict[str, dict[str, Any]], before: dict[str, dict[str, Any]],
   compared = {}
   for split in sorted(set(after) & set(before)):
     a, b = after[split].get("per_answer"), before[split].get("per_answer")
-    if not a or not b or a["record"] != b["record"]:
-      continue  # not decoded on both sides, or not the same answers
+    if not a or not b or not a["record"] or a["record"] != b["record"]:
+      continue  # not decoded on both sides, no answers, or not the same answers
     for score in a:
       if score != "record" and score in b:
         diff = stats.paired_difference(a[score], b[score], a["record"])

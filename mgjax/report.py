@@ -20,6 +20,7 @@ stage 2 started from (stage 1's result) on the same validation sets.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from etils import epath
@@ -35,19 +36,63 @@ _SHOWN = {
 }
 
 
+class ReportDamaged(ValueError):
+  """A report.json that does not read back as a report (cut short by a kill or a full disk
+  before writes were atomic, or edited by hand)."""
+
+
 def write(workdir: str, report: dict[str, Any]) -> None:
-  """Writes report.json, report.md and report.png under `workdir` (process 0 only)."""
+  """Writes report.png, report.md and, last, report.json under `workdir` (process 0 only).
+
+  Each file is written whole to a temporary name and renamed into place, so a kill or a
+  full disk leaves the previous file or the new one, never half of one. report.json marks
+  a finished run (checkpoint.finished), so it comes last: without it the run is not
+  finished, and its command run again writes all three.
+  """
   root = epath.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
-  (root / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
   columns = [c for c in ("start", "stage0", "stage1", "stage2") if c in report]
-  (root / "report.png").write_bytes(chart(report, columns, workdir))
-  (root / "report.md").write_text(markdown(report, columns))
+  _write_atomically(root / "report.png", chart(report, columns, workdir))
+  _write_atomically(root / "report.md", markdown(report, columns).encode())
+  _write_atomically(root / "report.json", (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _write_atomically(path: epath.Path, data: bytes) -> None:
+  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+  try:
+    tmp.write_bytes(data)
+    tmp.replace(path)  # os.replace locally: the old file or the new one, never half of one
+  finally:
+    if tmp.exists():
+      tmp.unlink()
 
 
 def read(workdir: str) -> dict[str, Any] | None:
+  """WORKDIR/report.json (None when there is none yet). Raises ReportDamaged, naming the file
+  and what to run, when it does not read back as a report."""
   path = epath.Path(workdir) / "report.json"
-  return json.loads(path.read_text()) if path.exists() else None
+  if not path.exists():
+    return None
+  try:
+    report = json.loads(path.read_text())
+    if not isinstance(report, dict) or not isinstance(report.get("stage"), int):
+      raise ValueError("not a report (no stage)")
+  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+    raise ReportDamaged(
+        f"{path} is damaged ({type(e).__name__}: {e}). Run that stage's command again with "
+        f"--workdir={workdir}: it rebuilds the report from the run's checkpoints (the damaged file is kept "
+        "beside it).") from None
+  return report
+
+
+def set_aside(workdir: str) -> epath.Path:
+  """Moves a damaged WORKDIR/report.json to report.json.damaged (numbered when taken)."""
+  path = epath.Path(workdir) / "report.json"
+  target, n = path.parent / "report.json.damaged", 1
+  while target.exists():
+    target, n = path.parent / f"report.json.damaged.{n}", n + 1
+  path.rename(target)
+  return target
 
 
 def format_score(value: Any, ci95: Any = None) -> str:
@@ -120,7 +165,10 @@ def stage_chain(workdir: str, report: dict[str, Any]) -> list[tuple[str, dict[st
   chain, seen = [(workdir, report)], {str(workdir)}
   while (previous := chain[0][1].get("init_from_workdir")) and str(previous) not in seen:
     seen.add(str(previous))
-    earlier = read(previous)
+    try:
+      earlier = read(previous)
+    except ReportDamaged:  # the chart shows what can be read; the earlier stage's rerun mends it
+      break
     if not earlier:
       break
     chain.insert(0, (previous, earlier))

@@ -22,13 +22,21 @@ RESAMPLES = 2000
 LEVEL = 0.95
 
 
-def interval(values: Sequence[float], groups: Sequence[int] | None = None, *, resamples: int = RESAMPLES,
-             seed: int = 0) -> tuple[float, float]:
+def interval(values: Sequence[float], groups: Sequence[int] | None = None, *, resamples: int = RESAMPLES, seed: int = 0,
+             bounds: tuple[float, float] | None = None) -> tuple[float, float]:
   """The 95% percentile interval of mean(values), resampling the groups (records) with
-  replacement; without `groups` every value is its own group."""
+  replacement; without `groups` every value is its own group.
+
+  `bounds`: the range a value can take ((0, 1) for a score, (-1, 1) for a difference of
+  two). Then the interval reaches at least 3/n (n records) past the mean on each side, within
+  the bounds: a bootstrap only resamples what the records show, so two answers alike give
+  [x, x], while by the rule of three n records cannot rule out an effect shown by fewer than
+  3/n of all records at 95%. Large sets are unaffected (their spread is wider); a handful
+  of answers reads as what it is, too few to tell.
+  """
   values = np.asarray(values, np.float64)
   if values.size == 0:
-    return float("nan"), float("nan")
+    raise ValueError("an interval needs at least one value")
   groups = np.arange(values.size) if groups is None else np.asarray(groups)
   if groups.shape != values.shape:
     raise ValueError(f"{values.size} values but {groups.size} group labels")
@@ -38,20 +46,20 @@ def interval(values: Sequence[float], groups: Sequence[int] | None = None, *, re
   draws = np.random.default_rng(seed).integers(0, sums.size, size=(resamples, sums.size))
   means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
   lo, hi = np.quantile(means, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+  if bounds is not None:
+    mean, reach = sums.sum() / counts.sum(), 3.0 / sums.size
+    lo, hi = max(bounds[0], min(lo, mean - reach)), min(bounds[1], max(hi, mean + reach))
   return float(lo), float(hi)
 
 
 def paired_difference(after: Sequence[float], before: Sequence[float], groups: Sequence[int] | None = None,
                       **kwargs) -> dict[str, float | list[float]]:
-  """mean(after - before) on the same examples and its 95% interval."""
+  """mean(after - before) on the same examples (scores in [0, 1]) and its 95% interval."""
   after, before = np.asarray(after, np.float64), np.asarray(before, np.float64)
   if after.shape != before.shape:
     raise ValueError(f"a paired difference needs the same examples: {after.size} against {before.size}")
   diff = after - before
-  return {
-      "difference": float(diff.mean()) if diff.size else float("nan"),
-      "ci95": list(interval(diff, groups, **kwargs))
-  }
+  return {"difference": float(diff.mean()), "ci95": list(interval(diff, groups, bounds=(-1.0, 1.0), **kwargs))}
 
 
 def verdict(ci95: Sequence[float], margin: float) -> str:

@@ -60,7 +60,7 @@ def test_chance_shares_credit_between_tied_answers_whatever_their_order():
   assert evaluate.chance([(question, "One."), (question, "Three.")], majority) == 0.25
 
 
-def test_report_writes_json_markdown_and_a_png(tmp_path):
+def _report_data(acc: float = 0.89):
   scores = lambda acc, fmt: {
       "val_understanding": {
           "loss": 0.5,
@@ -79,7 +79,7 @@ def test_report_writes_json_markdown_and_a_png(tmp_path):
   data = {
       "stage": 2,
       "stage1": scores(0.9, 0.5),
-      "stage2": scores(0.89, 1.0),
+      "stage2": scores(acc, 1.0),
       "complete": True,
       "result": {
           "step": 50,
@@ -95,6 +95,11 @@ def test_report_writes_json_markdown_and_a_png(tmp_path):
           "within_bounds": True
       }]
   }
+  return data
+
+
+def test_report_writes_json_markdown_and_a_png(tmp_path):
+  data = _report_data()
   report.write(str(tmp_path), data)
   assert json.loads((tmp_path / "report.json").read_text()) == data
   md = (tmp_path / "report.md").read_text()
@@ -104,3 +109,39 @@ def test_report_writes_json_markdown_and_a_png(tmp_path):
   with Image.open(tmp_path / "report.png") as png:
     assert png.format == "PNG" and png.width > 600
     assert np.asarray(png.convert("L")).std() > 10  # something was drawn
+
+
+def test_a_report_written_part_way_leaves_no_report_json_and_no_half_file(tmp_path):
+  """report.json marks a finished run, so it is written last, and each file whole or not at
+  all: a write that fails (here report.md cannot take the place of a folder of that name)
+  leaves the files as they were."""
+  report.write(str(tmp_path), _report_data(0.5))
+  before = {f: (tmp_path / f).read_bytes() for f in ("report.json", "report.md", "report.png")}
+  (tmp_path / "report.md").unlink()
+  (tmp_path / "report.md").mkdir()
+  with pytest.raises(OSError):
+    report.write(str(tmp_path), _report_data(0.9))
+  assert (tmp_path / "report.json").read_bytes() == before["report.json"]  # still the old, whole one
+  with Image.open(tmp_path / "report.png") as png:
+    png.load()  # whole: a PNG cut short does not decode
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md", "report.png"]  # no temp left
+
+  (tmp_path / "report.md").rmdir()
+  (tmp_path / "report.json").unlink()
+  report.write(str(tmp_path), _report_data(0.9))
+  assert report.read(str(tmp_path)) == _report_data(0.9)
+
+
+@pytest.mark.parametrize("text", ['{"stage": 2, "stage1": {"val_te', "", "[1, 2]", '{"complete": true}', "\xff\xfe"])
+def test_a_damaged_report_json_is_named_with_what_to_run(tmp_path, text):
+  (tmp_path / "report.json").write_bytes(text.encode("latin-1"))
+  with pytest.raises(
+      report.ReportDamaged, match=rf"^{tmp_path}/report.json is damaged \(.*\)\. Run that stage's "
+      rf"command again with --workdir={tmp_path}: it rebuilds the report from the run's checkpoints"):
+    report.read(str(tmp_path))
+
+
+def test_scores_of_a_split_without_answers_are_absent_not_nan():
+  scores = evaluate._with_intervals({"accuracy": []}, [])
+  assert scores == {"num_answers": 0, "per_answer": {"record": [], "accuracy": []}}
+  assert evaluate.compare({"v": scores}, {"v": scores}, margin=0.02) == {}

@@ -74,9 +74,34 @@ def test_compare_pairs_the_same_answers_and_flips_lower_is_better_scores():
   after = {**evaluation(1), "val_text": {"loss": 1.0}}
   compared = evaluate.compare(after, before, margin=0.02)
   assert set(compared) == {"val_understanding"}
-  assert compared["val_understanding"]["accuracy"] == {"difference": 0.0, "ci95": [0.0, 0.0], "verdict": "held"}
+  # The same answers on 7 records: nothing changed, but 7 records cannot rule out a drop
+  # shown by fewer than 3 in 7 of all records (the rule of three).
+  assert compared["val_understanding"]["accuracy"] == {
+      "difference": 0.0,
+      "ci95": [-3 / 7, 3 / 7],
+      "verdict": "undecided"
+  }
   # Every answer now holds a spurious prompt: a rise in a lower-is-better score is a drop.
   assert compared["val_understanding"]["spurious_prompt_rate"]["verdict"] == "dropped"
   # Different answers (another validation set) are not compared.
   after["val_understanding"]["per_answer"]["record"] = [0, 1, 2, 3, 4, 5, 6, 7]
   assert evaluate.compare(after, before, margin=0.02) == {}
+
+
+def test_a_handful_of_answers_is_undecided_and_a_large_unchanged_set_is_held():
+  """Two evaluations that answer alike: the bootstrap alone gives [0, 0] at any size; the
+  verdict says "held" only when the records are enough to rule out a drop past the margin."""
+  for records, verdict in ((1, "undecided"), (20, "undecided"), (149, "undecided"), (151, "held")):
+    same = {"val_understanding": {"per_answer": {"record": list(range(records)), "accuracy": [1.0] * records}}}
+    diff = evaluate.compare(same, same, margin=0.02)["val_understanding"]["accuracy"]
+    assert diff["difference"] == 0.0 and diff["verdict"] == verdict, (records, diff)
+    assert diff["ci95"] == pytest.approx([-3 / records, 3 / records] if records > 3 else [-1.0, 1.0])
+
+
+def test_a_score_of_a_few_answers_has_an_interval_as_wide_as_they_leave_it():
+  # One right answer: [1.0, 1.0] by the bootstrap alone; the rule of three leaves [0, 1].
+  assert stats.interval([1.0], bounds=(0.0, 1.0)) == (0.0, 1.0)
+  assert stats.interval([1.0] * 30, bounds=(0.0, 1.0)) == pytest.approx((0.9, 1.0))
+  # A large set's own spread is wider than 3/n: unchanged.
+  values = np.random.default_rng(0).integers(0, 2, 2000).astype(float)
+  assert stats.interval(values, bounds=(0.0, 1.0)) == stats.interval(values)
