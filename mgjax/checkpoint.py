@@ -25,7 +25,6 @@ deleted.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
@@ -38,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from mgjax import sharding
+from mgjax import report as reports, sharding
 
 # Array items saved with a checksum (see the module docstring).
 _CHECKSUMMED = ("params", "opt_state", "adapters")
@@ -59,6 +58,10 @@ class CheckpointError(ValueError):
 
 class CheckpointCorrupt(CheckpointError):
   """A checkpoint whose files cannot be read back as they were written."""
+
+
+class ResultMissing(CheckpointError):
+  """A run's report.json names a result checkpoint that is no longer there."""
 
 
 def _mix(x: jax.Array) -> jax.Array:
@@ -367,10 +370,10 @@ def result_checkpoint(workdir: str) -> str | None:
   stage-1 checkpoint it started from. A relative path (what reports store) is taken
   relative to the workdir.
   """
-  report = epath.Path(workdir) / "report.json"
-  if not report.exists():
+  report = reports.read(workdir)
+  if report is None:
     return None
-  path = (json.loads(report.read_text()).get("result") or {}).get("checkpoint")
+  path = (report.get("result") or {}).get("checkpoint")
   if not path or "://" in path or os.path.isabs(path):
     return path
   if "://" in str(workdir):
@@ -386,8 +389,7 @@ def has_checkpoints(workdir: str) -> bool:
 
 def finished(workdir: str) -> bool:
   """Whether the run in `workdir` completed (its report.json says so)."""
-  report = epath.Path(workdir) / "report.json"
-  return report.exists() and bool(json.loads(report.read_text()).get("complete"))
+  return bool((reports.read(workdir) or {}).get("complete"))
 
 
 def imported(workdir: str, step: int) -> bool:
@@ -421,9 +423,24 @@ def locate(path: str, *, require_finished: bool = False, step: int = -1) -> tupl
   if step is not None and step >= 0:
     return locate(str(workdir / "checkpoints" / str(step)))
   result = result_checkpoint(str(workdir))
+  steps = []
+  if (workdir / "checkpoints").exists():
+    ckpts = Checkpoints(str(workdir), read_only=True)
+    steps = sorted(ckpts.all_steps())
+    ckpts.close()
   if result and epath.Path(result).exists():
     return locate(result)
-  latest = Checkpoints(str(workdir), read_only=True).latest_step() if (workdir / "checkpoints").exists() else None
+  if result:
+    # Taking another checkpoint would silently change what the next stage (or predict)
+    # starts from: the user decides which.
+    others = f"its checkpoints: steps {', '.join(map(str, steps))}" if steps else "it holds no other checkpoint"
+    pick = steps[-1] if steps else "N"
+    raise ResultMissing(
+        f"{workdir / 'report.json'} names {result} as the run's result, but that checkpoint is gone ({others}). "
+        f"To start a stage from another one anyway, add --config.init_from_step={pick}; to predict or export "
+        f"with it, pass {workdir / 'checkpoints' / str(pick)} instead of the workdir. Or rerun the stage in a new "
+        "workdir to get its result back.")
+  latest = steps[-1] if steps else None
   if latest is None:
     raise CheckpointError(f"no checkpoint found under {workdir / 'checkpoints'}. Each stage starts from the one before "
                           f"it: run that stage with --workdir={workdir} first (e.g. `python -m mgjax.main "

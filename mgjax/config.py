@@ -38,6 +38,36 @@ def _configs_dir() -> str:
 CONFIGS_DIR = _configs_dir()
 
 
+class ConfigError(ValueError):
+  """Config values that cannot run, named with what each must be."""
+
+
+def check_train(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming every train, early_stop or guard value a run cannot use, before
+  any data work or compiling (else a step count of 0 ends in a ZeroDivisionError after
+  minutes of compiling, and steps <= 0 in a TypeError)."""
+  t, problems = c.train, []
+  if t.epochs < 0:
+    problems.append(f"train.epochs={t.epochs} must be 0 (count train.steps) or more")
+  if not t.epochs and t.steps < 1:
+    problems.append(f"train.steps={t.steps} must be at least 1 (or set train.epochs)")
+  for key, what in (("eval_every", "to evaluate only at the end, set it to train.steps"),
+                    ("checkpoint_every", "checkpoints also come with every evaluation"),
+                    ("log_every", "the last step is always logged"), ("max_to_keep", "checkpoints kept"),
+                    ("grad_accum_steps", "1: no accumulation"), ("eval_batch_size", "rows per evaluation batch")):
+    if t[key] < 1:
+      problems.append(f"train.{key}={t[key]} must be at least 1 ({what})")
+  if c.early_stop.patience < 0:
+    problems.append(f"early_stop.patience={c.early_stop.patience} must be 0 (never stop) or more")
+  # The split picks the result checkpoint under early stopping or a drift rollback.
+  if ((c.early_stop.patience > 0 or c.guard.drift_action == "rollback") and
+      c.early_stop.split not in c.data.val_splits):
+    problems.append(
+        f"early_stop.split={c.early_stop.split!r} must be one of data.val_splits {tuple(c.data.val_splits)}")
+  if problems:
+    raise ConfigError("config cannot run: " + "; ".join(problems) + ". Fix them with --config.<field>=VALUE.")
+
+
 def parse_arg(arg: str | None, **defaults: str) -> ml_collections.ConfigDict:
   """Parses "key=value,key=value" from `--config=FILE:ARG` over the given defaults."""
   values = dict(defaults)

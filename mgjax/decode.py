@@ -351,6 +351,8 @@ def load_workdir(workdir: str, **generator_kwargs: Any) -> tuple[Generator, ml_c
   """
   try:
     run_dir, step = checkpoint.locate(workdir)
+  except checkpoint.ResultMissing:
+    raise  # trained, but its result is gone: the message says which and what to pass
   except checkpoint.CheckpointError as e:
     raise checkpoint.CheckpointError(_untrained_message(workdir)) from e
   ckpts = checkpoint.Checkpoints(run_dir, read_only=True)

@@ -7,11 +7,32 @@ export need nothing but the workdir; `resolve_model_config` fills in what the to
 
 from __future__ import annotations
 
+import errno
+import os
 import tempfile
 
 import ml_collections
 import transformers
 from etils import epath
+
+
+class NotWritable(PermissionError):
+  """A run that must write its workdir cannot."""
+
+
+def not_writable(error: OSError, workdir: str) -> NotWritable | None:
+  """`error` as NotWritable when it says the workdir (or a file in it) cannot be written: a
+  read-only mount, missing permissions. None for any other error."""
+  if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or "://" in str(workdir):
+    return None
+  root = os.path.abspath(workdir)
+  where = os.path.abspath(error.filename) if error.filename else ""
+  if not (where == root or where.startswith(root + os.sep) or root.startswith(where + os.sep)):
+    return None
+  return NotWritable(f"workdir {workdir} cannot be written ({os.strerror(error.errno)}: {error.filename}). An "
+                     "unfinished run writes its checkpoints, metrics and report there: make it writable, or copy it "
+                     "to a writable place and pass that as --workdir (a finished run only reads it: its summary "
+                     "needs no write access).")
 
 
 def resolve_model_config(model_cfg: ml_collections.ConfigDict, tokenizer) -> ml_collections.ConfigDict:
