@@ -231,7 +231,7 @@ def drop_empty_val_splits(config: ml_collections.ConfigDict, data: StageData) ->
   empty = [split for split, source in data.val_sources.items() if not len(source)]
   if not empty:
     return
-  where = f"dataset {data.dataset.name} {data.dataset.version} ({data.dataset.dataset_dir})"
+  where = f"the dataset at {data.dataset.dataset_dir}"
   decides = config.early_stop.patience > 0 or config.guard.drift_action == "rollback"
   if config.early_stop.split in empty and decides:
     raise config_lib.ConfigError(
@@ -242,8 +242,9 @@ def drop_empty_val_splits(config: ml_collections.ConfigDict, data: StageData) ->
   for split in empty:
     del data.val_sources[split]
   if jax.process_index() == 0:
+    guarded = config.init_from and config.guard.drift_action != "off" and set(empty) & set(config.guard.drift_splits)
     message = (f"{', '.join(empty)} of {where} hold(s) no records: not evaluated (no loss, no scores"
-               f"{', and the drift guard does not watch it' if set(empty) & set(config.guard.drift_splits) else ''})")
+               f"{', and the drift guard does not watch it' if guarded else ''})")
     logging.warning("%s", message)
     print(f"warning: {message}", flush=True)
 
