@@ -321,3 +321,23 @@ def test_default_filters_keep_every_real_openassistant_thread():
   ]
   assert len(threads) == 564
   assert [(r.id, q.problem(filters.normalize(r))) for r in threads if q.problem(filters.normalize(r))[0]] == []
+
+
+def test_mixing_copies_never_take_the_id_of_a_record_of_the_same_source():
+  """A source holding both `post` and `post#1`: repeating it names every copy uniquely."""
+  import collections
+
+  from mgjax.data import mixture
+  from mgjax.data.records import Record
+
+  pool = [
+      Record(id=rid, source="forum", category="text", messages=[{"role": "user", "content": rid}])
+      for rid in ("post", "post#1", "reply")
+  ]
+  train, report = mixture.mix(pool, mixture.MixConfig.from_dict({"by": "source", "counts": {"forum": 8}}), seed=0)
+  ids = [r.id for r in train]
+  assert len(ids) == 8 and len(set(ids)) == 8, ids
+  assert report["forum"]["taken"] == 8
+  # 8 of 3 records: each twice, two of them a third time; copies keep their original's content.
+  counts = collections.Counter(r.messages[0]["content"] for r in train)
+  assert set(counts) == {"post", "post#1", "reply"} and sorted(counts.values()) == [2, 3, 3]

@@ -118,6 +118,17 @@ def mix(pool: list[Record], config: MixConfig, seed: int) -> tuple[list[Record],
   if missing:
     raise ValueError(f"mixture targets {missing} but no training records of that {config.by} survived; "
                      f"known: {sorted(groups)}. Fix mixture in the data config or the sources")
+  # Copies are named <id>#<k>; a source may already hold a record of that name, so a copy's
+  # name takes another #<k> until it is unique (a split never holds one id twice).
+  used = {(r.source, r.id) for r in pool}
+
+  def copy(r: Record, k: int) -> Record:
+    rid = f"{r.id}#{k}"
+    while (r.source, rid) in used:
+      rid += f"#{k}"
+    used.add((r.source, rid))
+    return dataclasses.replace(r, id=rid)
+
   train, report = [], {}
   for g in sorted(groups):
     recs = sorted(groups[g], key=lambda r: r.id)
@@ -125,9 +136,9 @@ def mix(pool: list[Record], config: MixConfig, seed: int) -> tuple[list[Record],
     whole, rest = divmod(target, len(recs))
     taken = []
     for k in range(whole):
-      taken += recs if k == 0 else [dataclasses.replace(r, id=f"{r.id}#{k}") for r in recs]
+      taken += recs if k == 0 else [copy(r, k) for r in recs]
     extra = rng.sample(recs, rest)
-    taken += extra if whole == 0 else [dataclasses.replace(r, id=f"{r.id}#{whole}") for r in extra]
+    taken += extra if whole == 0 else [copy(r, whole) for r in extra]
     train += taken
     report[g] = {
         "available": len(recs),
