@@ -278,5 +278,9 @@ def write(out: epath.Path, *, name: str, version: str, sources: dict[str, Any], 
   _plot_tokens(out, raw_tokens, summary["token_unit"])
   _plot_turns(out, summary["turns"])
   (out / "data_card.md").write_text(_markdown(card))
-  (out / "data_card.json").write_text(json.dumps(card, indent=1))
+  # Whole or not at all (a temporary name renamed into place): a card cut short would mark a
+  # finished build that no one can read.
+  tmp = out / ".data_card.json.tmp"
+  tmp.write_text(json.dumps(card, indent=1))
+  tmp.replace(out / "data_card.json")
   return card

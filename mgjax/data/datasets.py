@@ -170,7 +170,14 @@ def load_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDatas
                          "say, and rebuilding would give this version another content. Bump the data config's "
                          "version (in a training config, --config.data.recipe.version=...) to build the edited "
                          "sources, or restore the sources to what was built")
-  card = json.loads((out / "data_card.json").read_text())
+  try:
+    card = json.loads((out / "data_card.json").read_text())
+    if not isinstance(card, dict) or not {"name", "version", "splits"} <= set(card):
+      raise ValueError("not a data card (no name, version or splits)")
+  except (ValueError, UnicodeDecodeError) as e:  # a card cut short (a kill or a full disk), or edited by hand
+    raise ValueError(f"{out / 'data_card.json'} is damaged ({type(e).__name__}: {e}). Rebuild the version: "
+                     f"`python -m mgjax.data.build --config=<its data config> --data_dir={data_dir} --overwrite` "
+                     "(the same config and sources build the same content)") from None
   tokenizer_dir = trained_tokenizer(data_cfg, data_dir) if data_cfg.tokenizer.get("train") else card["tokenizer"]
   return BuiltDataset(name=card["name"], version=card["version"], data_dir=str(data_dir), dataset_dir=str(out),
                       tokenizer_dir=tokenizer_dir, splits=card["splits"])
