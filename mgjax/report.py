@@ -184,6 +184,7 @@ def chart(report: dict[str, Any], columns: list[str], workdir: str | None = None
 
   # A bare Figure, not pyplot: no display needed (TPU VMs, CI) and no global backend
   # switched under a notebook that is showing its own plots.
+  from matplotlib import lines, ticker
   from matplotlib.figure import Figure
 
   chain = stage_chain(workdir, report) if workdir else [("", report)]
@@ -195,7 +196,7 @@ def chart(report: dict[str, Any], columns: list[str], workdir: str | None = None
         losses.setdefault(record["split"], []).append((offset + record["step"], record["loss"], stage_report["stage"]))
   splits = [s for s in _SHOWN if s in losses or any(s in r.get(c, {}) for _, r in chain for c in columns)]
   splits += sorted(set(losses) - set(splits))
-  fig = Figure(figsize=(4.6 * max(len(splits), 1), 3.8))
+  fig = Figure(figsize=(4.6 * max(len(splits), 1), 4.4))
   axes = fig.subplots(1, max(len(splits), 1), squeeze=False)[0]
   markers = {
       "accuracy": "o",
@@ -205,6 +206,7 @@ def chart(report: dict[str, Any], columns: list[str], workdir: str | None = None
       "prompt_exact": "^",
       "spurious_prompt_rate": "x"
   }
+  result_styles = (":", "-.", "--", (0, (1, 3)))  # one per stage of the chain
   for ax, split in zip(axes, splits):
     points = losses.get(split, [])
     for stage in sorted({p[2] for p in points}):
@@ -214,17 +216,19 @@ def chart(report: dict[str, Any], columns: list[str], workdir: str | None = None
     ax.set_ylabel("validation loss (log scale)")
     if points:
       ax.set_yscale("log")  # a stage's first loss is many times its last: stage 2's detail stays visible
+      ax.yaxis.set_major_locator(ticker.FixedLocator(loss_ticks(min(p[1] for p in points), max(p[1] for p in points))))
+      ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
+      ax.yaxis.set_minor_locator(ticker.NullLocator())
     ax.set_title(split.removeprefix("val_"))
     scored = ax.twinx()
     scored.set_ylim(-0.02, 1.02)
     scored.set_ylabel("decoded score")
-    for _, stage_report in chain:
+    for i, (_, stage_report) in enumerate(chain):
       offset = int(stage_report.get("global_step_offset", 0))
       stage = stage_report["stage"]
       result_step = offset + int((stage_report.get("result") or {}).get("step", 0))
-      ax.axvline(result_step, color="grey", linestyle=":", linewidth=1)
-      ax.annotate(f"{stage_name(stage)} result", (result_step, 1), xycoords=("data", "axes fraction"), rotation=90,
-                  va="top", ha="right", fontsize=6, color="grey")
+      ax.axvline(result_step, color="grey", linestyle=result_styles[i % len(result_styles)], linewidth=1,
+                 label=f"{stage_name(stage)} result")
       bound = (stage_report.get("drift_bounds") or {}).get(split)
       if bound is not None:
         end = offset + int(stage_report.get("steps_trained", 0))
@@ -241,14 +245,29 @@ def chart(report: dict[str, Any], columns: list[str], workdir: str | None = None
         n for _, r in chain for c in r if c.startswith(("stage", "start")) and isinstance(r[c], dict)
         for n in r[c].get(split, {}) if n in markers
     })
-    if names:
-      scored.annotate(", ".join(f"{markers[n]} {n}" for n in names), (0.02, 0.02), xycoords="axes fraction", fontsize=6)
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=6, loc="center right")
+    # One legend under the panel, outside the data: the loss curves, the bounds, the result
+    # checkpoints and the score markers (black, on the right axis).
+    handles, labels = ax.get_legend_handles_labels()
+    for n in names:
+      handles.append(lines.Line2D([], [], marker=markers[n], color="black", linestyle="none", markersize=4))
+      labels.append(f"{n} (right axis)")
+    if handles:
+      ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
   fig.tight_layout()
   buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=100)
+  fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")  # the legends below the panels included
   return buffer.getvalue()
+
+
+def loss_ticks(lo: float, hi: float) -> list[float]:
+  """Plain-number ticks for a log-scale loss axis from lo to hi: about five, evenly spaced on
+  the log scale, rounded to two digits (three where two would repeat). A log axis's default
+  ticks are powers of ten, none of which may fall inside a range like 4.3-7.0."""
+  import numpy as np
+
+  spaced = np.geomspace(lo, hi, 5) if hi > lo > 0 else [lo]
+  ticks = sorted({float(f"{t:.2g}") for t in spaced})
+  return ticks if len(ticks) >= 3 or hi <= lo else sorted({float(f"{t:.3g}") for t in spaced})
 
 
 def stage_name(stage: int) -> str:

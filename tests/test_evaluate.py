@@ -145,3 +145,12 @@ def test_scores_of_a_split_without_answers_are_absent_not_nan():
   scores = evaluate._with_intervals({"accuracy": []}, [])
   assert scores == {"num_answers": 0, "per_answer": {"record": [], "accuracy": []}}
   assert evaluate.compare({"v": scores}, {"v": scores}, margin=0.02) == {}
+
+
+@pytest.mark.parametrize("lo, hi", [(4.37, 6.92), (6.70, 6.97), (0.052, 3.1), (2.0, 2.0)])
+def test_report_chart_labels_the_loss_axis_with_plain_numbers_inside_the_losses_range(lo, hi):
+  """report.png's log-scale loss axis: a handful of ticks where the losses are, not powers of ten."""
+  ticks = report.loss_ticks(lo, hi)
+  inside = [t for t in ticks if lo * 0.99 <= t <= hi * 1.01]
+  assert len(inside) >= (1 if lo == hi else 3), ticks
+  assert all(len(f"{t:g}") <= 5 for t in ticks), ticks  # 4.4, 6.75, 0.052: no 10^0 notation
