@@ -331,8 +331,10 @@ def test_mixing_copies_never_take_the_id_of_a_record_of_the_same_source():
   from mgjax.data.records import Record
 
   pool = [
-      Record(id=rid, source="forum", category="text", messages=[{"role": "user", "content": rid}])
-      for rid in ("post", "post#1", "reply")
+      Record(id=rid, source="forum", category="text", messages=[{
+          "role": "user",
+          "content": rid
+      }]) for rid in ("post", "post#1", "reply")
   ]
   train, report = mixture.mix(pool, mixture.MixConfig.from_dict({"by": "source", "counts": {"forum": 8}}), seed=0)
   ids = [r.id for r in train]
