@@ -243,4 +243,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  from mgjax import runtime
+  runtime.cpu_only_without_accelerator()  # as the other entry points: no libtpu errors on a CPU host
   sys.exit(main())
