@@ -143,6 +143,12 @@ def test_early_stopping_hands_on_the_best_checkpoint(stage1, data_dir, tmp_path)
   if best:
     assert best in kept  # kept past max_to_keep=2 because it is the best
     np.testing.assert_allclose(summary.val_loss_end["val_generation"], val[best], rtol=1e-6)
+  # Killed after the stop's checkpoint, before the report: the same command finishes the run
+  # as it was ending, without training past the stop.
+  os.remove(tmp_path / "report.json")
+  again = train.run(c, str(tmp_path))
+  assert again.steps == stop and again.report == report
+  assert max(r["step"] for r in metrics.read(str(tmp_path))) == stop
 
 
 # ------------------------------------------------------------------ training features
