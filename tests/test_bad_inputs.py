@@ -9,6 +9,7 @@ tokenizer that is not on disk) stop the build at once, saying what to fix.
 import gzip
 import itertools
 import json
+import logging
 import os
 import pathlib
 import pickle
@@ -297,22 +298,40 @@ def table_build(tmp_path_factory):
   os.mkfifo(root / "images/pipe.png")
   specs = [_write_case(root, name) for name in CASES]
   data_dir = tmp_path_factory.mktemp("data")
+  # What the build logs, as a UTF-8 log file or terminal would have to take it.
+  logged = []
+  handler = logging.Handler(level=logging.WARNING)
+  handler.emit = lambda record: logged.append(record.getMessage())
+  logging.getLogger().addHandler(handler)
   start = time.time()
-  built = build.build(_config(root, specs), str(data_dir))
+  try:
+    built = build.build(_config(root, specs), str(data_dir))
+  finally:
+    logging.getLogger().removeHandler(handler)
   elapsed = time.time() - start
   rejected = [json.loads(line) for line in pathlib.Path(built.rejected).read_text().splitlines()]
   card = json.loads(pathlib.Path(built.data_card).read_text())
-  return root, built, rejected, card, elapsed
+  return root, built, rejected, card, elapsed, logged
+
+
+def test_rejection_warnings_can_be_written_as_utf8(table_build):
+  """Records spelling lone surrogates (JSON's "\\ud800") are logged as escapes: a UTF-8 log
+  file, terminal or pytest-xdist's report channel takes every line."""
+  *_, logged = table_build
+  rejections = [m for m in logged if m.startswith("rejected: ")]
+  assert rejections and any("\\ud800" in m or "\\udc00" in m for m in rejections)
+  for message in logged:
+    message.encode("utf-8")  # raises UnicodeEncodeError on a lone surrogate
 
 
 def test_the_table_builds_within_seconds(table_build):
-  *_, elapsed = table_build
+  *_, elapsed, _ = table_build
   assert elapsed < 60
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_record_is_rejected_and_the_good_ones_kept(table_build, name):
-  root, _, rejected, card, _ = table_build
+  root, _, rejected, card, _, _ = table_build
   _, file, _, _, expected, kept = CASES[name]
   mine = [r for r in rejected if r["source"] == name]
   counts = card["sources"][name]
@@ -327,13 +346,13 @@ def test_bad_record_is_rejected_and_the_good_ones_kept(table_build, name):
 
 
 def test_parent_cycles_are_counted_line_by_line(table_build):
-  _, _, _, card, _ = table_build
+  _, _, _, card, _, _ = table_build
   # 8 lines: 2 threads kept, the 4 messages no root leads to rejected.
   assert card["sources"]["oasst_flat_cycles"]["read"] == 6
 
 
 def test_rejection_reasons_say_what_is_wrong(table_build):
-  _, _, rejected, _, _ = table_build
+  _, _, rejected, _, _, _ = table_build
   reason = {r["source"]: r["reason"] for r in rejected}
   assert "'from' is ['human']" in reason["llava_from_list"]
   assert "NUL byte" in reason["llava_nul_image_path"]
@@ -348,7 +367,7 @@ def test_rejection_reasons_say_what_is_wrong(table_build):
 
 
 def test_built_splits_hold_the_good_records(table_build):
-  _, built, _, _, _ = table_build
+  _, built, _, _, _, _ = table_build
   ids = set()
   for split in ("train", "val_understanding"):
     ids |= {e["id"].decode() for e in datasets.open_split(built, split)}

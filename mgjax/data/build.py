@@ -135,7 +135,9 @@ def _clean(data_cfg, specs: list[dict[str, Any]], tokenizer_dir: str | None, spi
                        id=item.id)
     if isinstance(item, Rejection):
       if c["rejected"].total() < _LOGGED_REJECTIONS:
-        logging.warning("rejected: %s", item)
+        # A record's text may hold lone surrogates (JSON's "\ud800"): written as escapes, so
+        # that a UTF-8 log, terminal or test report can take the line.
+        logging.warning("rejected: %s", str(item).encode("utf-8", "backslashreplace").decode("utf-8"))
       c["rejected"][item.kind] += 1
       dropped.append(tally.rejected(item, entry))
       continue
