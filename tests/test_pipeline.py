@@ -22,9 +22,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(data_dir):
   config = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage1.py"), "data=sample:tiny")
-  dataset = build.ensure_built(config.data.recipe, str(tmp_path_factory.mktemp("data")))
+  dataset = build.ensure_built(config.data.recipe, data_dir)  # conftest: built once a session
   tokenizer = transformers.AutoTokenizer.from_pretrained(dataset.tokenizer_dir)
   model_cfg = resolve_model_config(config.model, tokenizer)
   n = vlm.num_image_tokens(model_cfg)
