@@ -358,8 +358,10 @@ def test_page_folds_mixing_copies_and_keeps_ids_that_only_look_like_copies(tmp_p
   dataset = build.build(cfg, str(root))
   train = datasets.open_split(dataset, "train")
   in_train = [train[i]["id"].decode() for i in range(len(train))]
-  # Mixing named tomato's copy extra:post#1, as the lemon record is named: both are there.
-  assert in_train.count("extra:post#1") == 2 and "extra:post#1#1" in in_train
+  # Mixing names no copy after another record: tomato's copy is extra:post#1#1 beside the
+  # lemon record extra:post#1, whose own copy is extra:post#1#1#1.
+  assert in_train.count("extra:post#1") == 1 and len(in_train) == len(set(in_train))
+  assert {"extra:post#1#1", "extra:post#1#1#1"} <= set(in_train)
   ids = _ids(dataset)
   originals = {i for i in ids if not re.search(r"#\d+$", i)} | {"extra:post#1"}
   page = review.Page(cfg, str(root))

@@ -201,16 +201,24 @@ class Page:
         elif rid not in self.where:
           add(rid, split, i, src, cat, ex)
     digests: dict[str, bytes] = {}
+
+    def copy_of(rid: str, src: str, content: bytes) -> bool:
+      # Mixing names a copy <id>#<k>, adding #<k> again where a record already has that
+      # name (post's copy is post#1#1 beside a record post#1): any shorter name may be its original.
+      while match := _COPY.fullmatch(rid):
+        rid = match.group(1)
+        if rid in self.where and kinds[rid][0] == src:
+          if rid not in digests:
+            digests[rid] = _content_digest(self._split(self.where[rid][0])[self.where[rid][1]])
+          if digests[rid] == content:
+            return True
+      return False
+
     for rid in sorted(maybe_copies, key=len):  # an original named like a copy comes before its own copies
-      first = _COPY.fullmatch(rid).group(1)
       for split, i, src, cat, content in maybe_copies[rid]:
-        if first in self.where and kinds[first][0] == src:
-          if first not in digests:
-            digests[first] = _content_digest(self._split(self.where[first][0])[self.where[first][1]])
-          if digests[first] == content:
-            continue
-        add(rid, split, i, src, cat, self._split(split)[i])
-        break
+        if not copy_of(rid, src, content):
+          add(rid, split, i, src, cat, self._split(split)[i])
+          break
     self.groups: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
     for rid, key in kinds.items():
       self.groups[key].append(rid)
