@@ -297,4 +297,4 @@ def keep_copy(data_cfg: ml_collections.ConfigDict, applied: Verdicts, out: epath
                      "apply what it holds now")
   tmp = epath.Path(out) / (COPY + ".tmp")
   tmp.write_bytes(applied.data)
-  tmp.rename(epath.Path(out) / COPY)
+  tmp.replace(epath.Path(out) / COPY)  # whole or not at all, over an older copy too
