@@ -52,6 +52,24 @@ def tiny_config(stage: int, data_dir: str, *, decode: bool = False, **train_over
   return c
 
 
+def sample_recipe_over_files(root: str, name: str):
+  """configs/data/sample.py:tiny reading sample source files written to `root` (not generated
+  by the build), without captions, with two validation records per category: a small recipe
+  whose source files a test can edit, move or break."""
+  from mgjax import config as mgjax_config
+  from mgjax.data import sample
+
+  sample.write_sample_sources(str(root), seed=0, n_understanding=16, n_generation=16, n_text=16)
+  cfg = mgjax_config.load_config_file(os.path.join(REPO, "configs", "data", "sample.py"), "tiny")
+  cfg.name = name
+  cfg.sample.generate = False
+  cfg.sources_root = str(root)
+  cfg.sources = [s for s in cfg.sources if s["name"] != "mgm_captions"]
+  cfg.val_per_category = dict(understanding=2, generation=2, text=2)
+  cfg.num_workers = 1
+  return cfg
+
+
 def cli_args(workdir: str, data_dir: str, cache: str, steps: int, checkpoint_every: int) -> list[str]:
   """The same run as tiny_config(1, ...) with those steps, as a user types it."""
   return [

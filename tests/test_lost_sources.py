@@ -13,23 +13,14 @@ import sys
 
 import pytest
 
-from mgjax import config as mgjax_config
-from mgjax.data import build, datasets, sample
+from conftest import sample_recipe_over_files
+from mgjax.data import build, datasets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _recipe(root: pathlib.Path):
-  """A small recipe over sample source files of its own."""
-  sample.write_sample_sources(str(root), seed=0, n_understanding=16, n_generation=16, n_text=16)
-  cfg = mgjax_config.load_config_file(str(REPO / "configs/data/sample.py"), "tiny")
-  cfg.name = "lost"
-  cfg.sample.generate = False
-  cfg.sources_root = str(root)
-  cfg.sources = [s for s in cfg.sources if s["name"] != "mgm_captions"]
-  cfg.val_per_category = dict(understanding=2, generation=2, text=2)
-  cfg.num_workers = 1
-  return cfg
+  return sample_recipe_over_files(root, "lost")
 
 
 def test_a_wrong_image_root_stops_the_build_naming_the_source_and_the_reason(tmp_path):
