@@ -20,12 +20,11 @@ stage 2 started from (stage 1's result) on the same validation sets.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from etils import epath
 
-from mgjax import metrics
+from mgjax import atomic, metrics
 
 # Which scores to show per capability, in this order.
 _SHOWN = {
@@ -52,19 +51,9 @@ def write(workdir: str, report: dict[str, Any]) -> None:
   root = epath.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
   columns = [c for c in ("start", "stage0", "stage1", "stage2") if c in report]
-  _write_atomically(root / "report.png", chart(report, columns, workdir))
-  _write_atomically(root / "report.md", markdown(report, columns).encode())
-  _write_atomically(root / "report.json", (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
-
-
-def _write_atomically(path: epath.Path, data: bytes) -> None:
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-  try:
-    tmp.write_bytes(data)
-    tmp.replace(path)  # os.replace locally: the old file or the new one, never half of one
-  finally:
-    if tmp.exists():
-      tmp.unlink()
+  atomic.write_bytes(root / "report.png", chart(report, columns, workdir))
+  atomic.write_bytes(root / "report.md", markdown(report, columns).encode())
+  atomic.write_bytes(root / "report.json", (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read(workdir: str) -> dict[str, Any] | None:

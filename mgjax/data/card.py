@@ -22,6 +22,7 @@ from etils import epath
 from matplotlib.figure import Figure
 import numpy as np
 
+from mgjax import atomic
 from mgjax.data import filters, prompts
 from mgjax.data.records import CATEGORIES
 
@@ -278,9 +279,6 @@ def write(out: epath.Path, *, name: str, version: str, sources: dict[str, Any], 
   _plot_tokens(out, raw_tokens, summary["token_unit"])
   _plot_turns(out, summary["turns"])
   (out / "data_card.md").write_text(_markdown(card))
-  # Whole or not at all (a temporary name renamed into place): a card cut short would mark a
-  # finished build that no one can read.
-  tmp = out / ".data_card.json.tmp"
-  tmp.write_text(json.dumps(card, indent=1))
-  tmp.replace(out / "data_card.json")
+  # Whole or not at all: a card cut short would mark a finished build that no one can read.
+  atomic.write_bytes(out / "data_card.json", json.dumps(card, indent=1).encode())
   return card

@@ -38,6 +38,7 @@ from absl import logging
 from etils import epath
 import ml_collections
 
+from mgjax import atomic
 from mgjax.data import filters
 from mgjax.data.records import Record, Rejection
 
@@ -295,6 +296,4 @@ def keep_copy(data_cfg: ml_collections.ConfigDict, applied: Verdicts, out: epath
   if read_bytes(review_path) != applied.data:
     raise ValueError(f"review file {review_path} changed while the build ran; build again (with --overwrite) to "
                      "apply what it holds now")
-  tmp = epath.Path(out) / (COPY + ".tmp")
-  tmp.write_bytes(applied.data)
-  tmp.replace(epath.Path(out) / COPY)  # whole or not at all, over an older copy too
+  atomic.write_bytes(epath.Path(out) / COPY, applied.data)
