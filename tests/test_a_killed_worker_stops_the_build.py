@@ -6,6 +6,8 @@ import json
 import multiprocessing
 import os
 import pathlib
+import pickle
+import select
 import signal
 import subprocess
 import sys
@@ -27,7 +29,7 @@ def _no_hang():
     raise TimeoutError("the build hung after its worker was killed")
 
   previous = signal.signal(signal.SIGALRM, alarm)
-  signal.alarm(150)
+  signal.alarm(300)
   yield
   signal.alarm(0)
   signal.signal(signal.SIGALRM, previous)
@@ -58,6 +60,22 @@ def test_a_killed_worker_fails_the_prepared_records_naming_them(tmp_path):
   assert "a build worker process died (killed, most often by the out-of-memory killer" in message
   assert f"while preparing the records from {tmp_path / 'train.jsonl'}: line " in message
   assert "fewer workers (the data config's num_workers) or more memory" in message
+
+
+def test_a_workers_result_crosses_the_pipe_in_one_write(tmp_path):
+  """A result the pool reads in several pieces hangs the build for good when its worker is
+  killed between two of them: the pool's reader waits for the rest. Pipe writes up to
+  PIPE_BUF bytes are whole, so what a worker sends back must stay under it."""
+  _lima(tmp_path / "train.jsonl", 300)
+  specs = [dict(name="src", format="lima", path=str(tmp_path / "train.jsonl"), image_root=None)]
+  prepare._init_worker(None, dedup.DedupConfig(), {"src": filters.QualityConfig(languages=None)}, str(tmp_path), None)
+  batch = next(prepare._batches(specs))
+  sent = prepare._prepare_batch_to_file(batch)
+  assert len(pickle.dumps(sent)) < select.PIPE_BUF
+  prepared = prepare._load_prepared(sent)
+  assert len(prepared) == len(batch) == 256
+  assert [entry.origin for entry, _ in prepared] == [record.origin for record in batch]
+  assert all(signature is not None for _, signature in prepared)
 
 
 _CONFIG = """

@@ -13,7 +13,10 @@ from __future__ import annotations
 import collections
 from concurrent import futures
 import dataclasses
+import itertools
 import multiprocessing
+import os
+import pickle
 import sys
 from typing import Any, Iterator
 
@@ -86,6 +89,28 @@ def _prepare_batch(batch: list[Record | Rejection]) -> list[tuple[spill.Entry | 
   return out
 
 
+_results = itertools.count()  # this worker's result files, numbered
+
+
+def _prepare_batch_to_file(batch: list[Record | Rejection]) -> str:
+  """_prepare_batch in a pool worker, its output handed over in a file named by the short
+  string it returns. A pool worker's result of hundreds of KB crosses the pipe in several
+  writes; a worker killed between two of them leaves the pool's reader waiting forever for
+  the rest (the pool never notices the death). A short name is written whole or not at all."""
+  out = _prepare_batch(batch)
+  path = os.path.join(_worker.spill_dir, f"pool-result-{os.getpid()}-{next(_results)}.pickle")
+  with open(path, "wb") as f:
+    pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
+  return path
+
+
+def _load_prepared(path: str) -> list[tuple[spill.Entry | Rejection, dedup.Signature | None]]:
+  with open(path, "rb") as f:
+    out = pickle.load(f)  # written by this build's own worker just now
+  os.remove(path)
+  return out
+
+
 def _batches(specs: list[dict[str, Any]]):
   """Reader output of every source in order, in batches for the workers."""
   batch = []
@@ -111,8 +136,9 @@ def _where(item: Record | Rejection) -> str:
 
 
 def _ordered_map(executor, fn, batches, window: int):
-  """fn(batch) of each batch in order, at most `window` batches in flight: executor.map
-  would submit its whole input at once, holding a whole corpus (images included) in memory.
+  """fn(batch) of each batch in order (fn returns the file holding its output), at most
+  `window` batches in flight: executor.map would submit its whole input at once, holding a
+  whole corpus (images included) in memory.
 
   Raises:
     WorkerDied: a worker process died; names the records in flight.
@@ -120,7 +146,7 @@ def _ordered_map(executor, fn, batches, window: int):
   pending = collections.deque()  # [batch, its future], oldest first
 
   def take():
-    out = pending[0][1].result()
+    out = _load_prepared(pending[0][1].result())
     pending.popleft()
     return out
 
@@ -161,7 +187,7 @@ def prepare_locally(specs, preparer_args, workers: int):
   # notices the death and fails every pending task with BrokenProcessPool.
   executor = futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=preparer_args)
   try:
-    for out in _ordered_map(executor, _prepare_batch, _batches(specs), window=2 * workers):
+    for out in _ordered_map(executor, _prepare_batch_to_file, _batches(specs), window=2 * workers):
       yield from out
   finally:
     # Workers finish the batch in hand (every batch was flushed to its shard before it
