@@ -3,7 +3,7 @@
   python benchmarks/async_checkpoint.py [--rounds=5 --steps=6 --hidden=512 --layers=8]
 
 Uses the trainer's own pieces: the sample Mini-Gemini with a larger LLM (--hidden, --layers; so that
-the checkpoint, weights plus Adam state, takes a while to write), mgjax.step's train step and
+the checkpoint, weights plus Adam state, takes a while to write), mgjax.train_step's train step and
 mgjax.checkpoint.Checkpoints (orbax, async). Each of --rounds rounds times --steps steps with no save
 in flight, then starts a save and times the steps that run while it is being written; only steps that
 run before the write finishes count as "during".
@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mgjax import checkpoint, config as mgjax_config, optim, step as train_step
+from mgjax import checkpoint, config as mgjax_config, optim, train_step
 from mgjax.models import vlm
 
 

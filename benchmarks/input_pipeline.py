@@ -29,8 +29,8 @@ import numpy as np
 import transformers
 from flax import nnx
 
-from mgjax import config as mgjax_config, optim, step as train_step
-from mgjax import workdir as workdirs
+from mgjax import config as mgjax_config, optim, train_step
+from mgjax import run_files
 from mgjax.data import build, datasets, images, pipeline
 from mgjax.models import vlm
 
@@ -49,7 +49,7 @@ def sample_headroom(data_dir: str, num_batches: int) -> dict[str, float]:
   config.data.data_dir = data_dir
   dataset = build.ensure_built(config.data.recipe, data_dir)
   tokenizer = transformers.AutoTokenizer.from_pretrained(dataset.tokenizer_dir)
-  model_cfg = workdirs.resolve_model_config(config.model, tokenizer)
+  model_cfg = run_files.resolve_model_config(config.model, tokenizer)
   encoder = pipeline.make_encoder(tokenizer, config.data, model_cfg, vlm.num_image_tokens(model_cfg))
   source = datasets.open_split(dataset, "train")
 

@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mgjax import recipe, report as reports, runtime, stages  # noqa: E402  (after the path above)
+from mgjax import recipe, reports, runtime, stages  # noqa: E402  (after the path above)
 
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (config.seed); each gets its own pretraining.")
 _ARMS = flags.DEFINE_list(

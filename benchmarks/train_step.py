@@ -98,7 +98,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mgjax import step as train_step  # noqa: E402
+from mgjax import train_step  # noqa: E402
 from mgjax.models import attention as mg_attention  # noqa: E402
 from mgjax.models import llm as mg_llm  # noqa: E402
 

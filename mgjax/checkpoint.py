@@ -37,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from mgjax import report as reports, sharding
+from mgjax import reports, sharding
 
 # Array items saved with a checksum (see the module docstring).
 _CHECKSUMMED = ("params", "opt_state", "adapters")

@@ -28,7 +28,7 @@ from etils import epath
 from flax import nnx
 
 from mgjax import checkpoint
-from mgjax import workdir as workdirs
+from mgjax import run_files
 from mgjax.data import pipeline
 from mgjax.data.records import PROMPT_CLOSE, PROMPT_OPEN
 from mgjax.models import vlm
@@ -357,8 +357,8 @@ def load_workdir(workdir: str, **generator_kwargs: Any) -> tuple[Generator, ml_c
     raise checkpoint.CheckpointError(_untrained_message(workdir)) from e
   ckpts = checkpoint.Checkpoints(run_dir, read_only=True)
   config = ml_collections.ConfigDict(ckpts.meta(step)["config"])
-  tokenizer = workdirs.load_tokenizer(epath.Path(run_dir) / "tokenizer")
-  model_cfg = workdirs.resolve_model_config(config.model, tokenizer)
+  tokenizer = run_files.load_tokenizer(epath.Path(run_dir) / "tokenizer")
+  model_cfg = run_files.resolve_model_config(config.model, tokenizer)
 
   with nnx.use_eager_sharding(False):
     abstract_model = nnx.eval_shape(lambda: vlm.MiniGemini(model_cfg, rngs=nnx.Rngs(0)))

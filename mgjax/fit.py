@@ -43,11 +43,11 @@ def state_bytes(config) -> dict[str, int]:
   import jax
   import ml_collections
 
-  from mgjax import optim, sharding, step as steps_lib
+  from mgjax import optim, sharding, train_step
   from mgjax.checkpoint import path_str
 
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
-  setup = steps_lib.setup(config, config.model.copy_and_resolve_references(), mesh, max(int(config.train.steps), 1))
+  setup = train_step.setup(config, config.model.copy_and_resolve_references(), mesh, max(int(config.train.steps), 1))
   nbytes = lambda leaves: sum(x.size * x.dtype.itemsize for x in leaves)
   view = setup.trainable
   labels = jax.tree.leaves(optim.frozen_labels(view.abstract, view.freeze))

@@ -43,12 +43,12 @@ def main(argv: list[str]) -> None:
   workdir = _WORKDIR.value or config.workdir
   if not workdir:
     raise app.UsageError("no workdir: pass --workdir=DIR")
-  from mgjax import checkpoint, config as config_lib, locks, preemption, report, stages, workdir as workdirs
+  from mgjax import checkpoint, config as config_lib, locks, preemption, reports, stages, run_files
   from mgjax.data import datasets, shared
   try:
     summary = train.run(config, workdir)
   except (stages.GuardTripped, locks.LockHeld, shared.DatasetNotShared, datasets.ConfigChanged, config_lib.ConfigError,
-          workdirs.NotWritable, report.ReportDamaged, checkpoint.ResultMissing) as e:
+          run_files.NotWritable, reports.ReportDamaged, checkpoint.ResultMissing) as e:
     # Not a crash: the run stopped on purpose; say why and what to change, exit non-zero.
     sys.exit(f"error: {e}")
   except preemption.Preempted as e:

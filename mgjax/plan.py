@@ -156,7 +156,7 @@ def tpu_devices(accelerator_type: str) -> list:
 @dataclasses.dataclass
 class CompiledStep:
   compiled: object
-  setup: object  # mgjax.step.StepSetup
+  setup: object  # mgjax.train_step.StepSetup
   trainable: object  # what the optimizer trains (abstract): the weights, or LoRA adapters
   frozen: object  # LoRA's base weights (abstract), else None
   batch: dict
@@ -166,12 +166,12 @@ class CompiledStep:
 def compile_train_step(config, devices: list, *, unroll_loss: bool = False,
                        compiler_options: dict | None = None) -> CompiledStep:
   """config's train step compiled for `devices` on abstract values: the very step train.run
-  jits (mgjax.step.setup), on the batch the pipeline yields; unroll_loss traces the chunked
+  jits (mgjax.train_step.setup), on the batch the pipeline yields; unroll_loss traces the chunked
   loss's loop as straight-line code (the cost twins)."""
   import jax
   from flax import nnx
 
-  from mgjax import sharding, step as steps_lib
+  from mgjax import sharding, train_step
   from mgjax.data import pipeline
   from mgjax.models import attention
 
@@ -179,7 +179,7 @@ def compile_train_step(config, devices: list, *, unroll_loss: bool = False,
   model_cfg = config.model.copy_and_resolve_references()
   model_cfg.attention = attention.for_run(model_cfg.get("attention", "auto"), devices[0].platform,
                                           packed=config.data.packing)
-  setup = steps_lib.setup(config, model_cfg, mesh, config.train.steps, unroll_loss=unroll_loss)
+  setup = train_step.setup(config, model_cfg, mesh, config.train.steps, unroll_loss=unroll_loss)
   trainable = setup.trainable.abstract
   frozen = setup.abstract_params if setup.trainable.lora else None
   batch = pipeline.batch_spec(config.data, model_cfg, sharding.batch_sharding(mesh))
@@ -199,11 +199,11 @@ def step_costs(step: CompiledStep, config, num_devices: int) -> dict[str, float 
   import jax
   from flax import nnx
 
-  from mgjax import step as steps_lib
+  from mgjax import train_step
 
   with jax.set_mesh(step.setup.mesh), nnx.logical_axis_rules(step.setup.rules):
-    flops = steps_lib.step_flops_per_device(step.compiled, step.setup.summed_loss, step.trainable, step.frozen,
-                                            step.batch, config.train.grad_accum_steps, num_devices)
+    flops = train_step.step_flops_per_device(step.compiled, step.setup.summed_loss, step.trainable, step.frozen,
+                                             step.batch, config.train.grad_accum_steps, num_devices)
   analysis = step.compiled.cost_analysis() or {}
   seconds = analysis.get("optimal_seconds")
   if seconds is not None:

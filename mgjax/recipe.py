@@ -64,7 +64,7 @@ def run(configs: dict[str, ml_collections.ConfigDict], workdir: str) -> list:
 def scores_table(report: dict) -> str:
   """Stage 1 and stage 2 side by side, per capability (from stage 2's report.json): each
   decoded score with its 95% interval, and stage 2's paired difference to stage 1."""
-  from mgjax import report as reports  # after training: the report module loads jax and matplotlib's users
+  from mgjax import reports  # after training: the report module loads jax and matplotlib's users
 
   cell = lambda scores, name: reports.format_score(scores.get(name), scores.get(f"{name}_ci95"))
   rows = [f"{'split':<18}{'score':<22}{'stage 1':>22}{'stage 2':>22}   stage 2 - stage 1 [95%]"]

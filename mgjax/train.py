@@ -29,8 +29,8 @@ import tqdm
 from etils import epath
 from flax import nnx
 
-from mgjax import checkpoint, config as config_lib, decode, evaluate as evaluation, metrics, report as reports
-from mgjax import locks, preemption, sharding, stages, step as steps_lib, throughput, workdir as workdirs
+from mgjax import checkpoint, config as config_lib, decode, evaluate as evaluation, metrics, reports
+from mgjax import locks, preemption, sharding, stages, train_step, throughput, run_files
 from mgjax.data import datasets, pipeline, shared
 from mgjax.data import tokenizer as tokenizers
 from mgjax.models import attention, vlm
@@ -142,8 +142,8 @@ def open_data(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
   record = _tokenizer_record(tokenizer, config.model.get("tokenizer") or dataset.tokenizer_dir, template, dataset)
   _refuse_other_tokenizer(record, workdir, init_checkpoint)  # before the workdir's copy is replaced
   if jax.process_index() == 0:
-    workdirs.save_tokenizer(tokenizer, workdir)
-  model_cfg = workdirs.resolve_model_config(config.model, tokenizer)
+    run_files.save_tokenizer(tokenizer, workdir)
+  model_cfg = run_files.resolve_model_config(config.model, tokenizer)
   # The attention kernel for this platform and row layout (cuDNN's takes unpacked rows only).
   model_cfg.attention = attention.for_run(model_cfg.get("attention", "auto"), mesh.devices.flat[0].platform,
                                           packed=config.data.packing)
@@ -258,7 +258,7 @@ _DECODING_KEYS = ("decode", "max_new_tokens", "batch_size", "accuracy_splits", "
 class Evaluator:
   """Validation losses of every val split, and the decoded scores of a set of weights."""
 
-  def __init__(self, config: ml_collections.ConfigDict, data: StageData, setup: steps_lib.StepSetup,
+  def __init__(self, config: ml_collections.ConfigDict, data: StageData, setup: train_step.StepSetup,
                writer: metrics.MetricsWriter):
     self.config, self.data, self.setup, self.writer = config, data, setup, writer
     self.batch_size = sharding.batch_size_per_process(config.train.eval_batch_size, setup.mesh)
@@ -411,7 +411,7 @@ class Start:
   saved: dict  # the resumed checkpoint's meta ({} for a fresh start)
 
 
-def init_or_restore(setup: steps_lib.StepSetup, ckpts: checkpoint.Checkpoints, data: StageData,
+def init_or_restore(setup: train_step.StepSetup, ckpts: checkpoint.Checkpoints, data: StageData,
                     init_checkpoint: str | None) -> Start:
   """A killed run restarted with the same command continues exactly where it stopped, from
   the newest checkpoint that reads back intact (damaged ones are moved aside); a fresh run
@@ -452,7 +452,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   Process 0 holds the workdir's lock for the whole run (mgjax.locks): a second run on the
   same workdir is refused with locks.LockHeld naming the first. A finished run only reports
   what it made, without the lock or any write, so a read-only workdir still answers; an
-  unfinished one there is refused with workdirs.NotWritable.
+  unfinished one there is refused with run_files.NotWritable.
   """
   config_lib.check_train(config)  # before any data work or compiling
   started = time.time()
@@ -468,7 +468,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     with locks.exclusive(workdir, "mgjax_run", f"workdir {workdir}"):
       return _run(config, workdir, started)
   except OSError as e:
-    refused = workdirs.not_writable(e, workdir)
+    refused = run_files.not_writable(e, workdir)
     if refused is None:
       raise
     raise refused from None
@@ -491,7 +491,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, started: float) -> Sum
   data = open_data(config, workdir, mesh, init_checkpoint)
   drop_empty_val_splits(config, data)
   steps = total_steps(config, data.train_records)
-  setup = steps_lib.setup(config, data.model_cfg, mesh, steps)
+  setup = train_step.setup(config, data.model_cfg, mesh, steps)
   ckpts = checkpoint.Checkpoints(workdir, max_to_keep=config.train.max_to_keep)
   start = init_or_restore(setup, ckpts, data, init_checkpoint)
   trainable, opt_state, frozen, init_from = start.trainable, start.opt_state, start.frozen, start.init_from

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mgjax import evaluate, report
+from mgjax import evaluate, reports
 
 
 def example(category, *turns, images=()):
@@ -100,7 +100,7 @@ def _report_data(acc: float = 0.89):
 
 def test_report_writes_json_markdown_and_a_png(tmp_path):
   data = _report_data()
-  report.write(str(tmp_path), data)
+  reports.write(str(tmp_path), data)
   assert json.loads((tmp_path / "report.json").read_text()) == data
   md = (tmp_path / "report.md").read_text()
   assert "| val_generation | format_rate | 0.500 | 1.000 |" in md
@@ -115,12 +115,12 @@ def test_a_report_written_part_way_leaves_no_report_json_and_no_half_file(tmp_pa
   """report.json marks a finished run, so it is written last, and each file whole or not at
   all: a write that fails (here report.md cannot take the place of a folder of that name)
   leaves the files as they were."""
-  report.write(str(tmp_path), _report_data(0.5))
+  reports.write(str(tmp_path), _report_data(0.5))
   before = {f: (tmp_path / f).read_bytes() for f in ("report.json", "report.md", "report.png")}
   (tmp_path / "report.md").unlink()
   (tmp_path / "report.md").mkdir()
   with pytest.raises(OSError):
-    report.write(str(tmp_path), _report_data(0.9))
+    reports.write(str(tmp_path), _report_data(0.9))
   assert (tmp_path / "report.json").read_bytes() == before["report.json"]  # still the old, whole one
   with Image.open(tmp_path / "report.png") as png:
     png.load()  # whole: a PNG cut short does not decode
@@ -128,17 +128,17 @@ def test_a_report_written_part_way_leaves_no_report_json_and_no_half_file(tmp_pa
 
   (tmp_path / "report.md").rmdir()
   (tmp_path / "report.json").unlink()
-  report.write(str(tmp_path), _report_data(0.9))
-  assert report.read(str(tmp_path)) == _report_data(0.9)
+  reports.write(str(tmp_path), _report_data(0.9))
+  assert reports.read(str(tmp_path)) == _report_data(0.9)
 
 
 @pytest.mark.parametrize("text", ['{"stage": 2, "stage1": {"val_te', "", "[1, 2]", '{"complete": true}', "\xff\xfe"])
 def test_a_damaged_report_json_is_named_with_what_to_run(tmp_path, text):
   (tmp_path / "report.json").write_bytes(text.encode("latin-1"))
   with pytest.raises(
-      report.ReportDamaged, match=rf"^{tmp_path}/report.json is damaged \(.*\)\. Run that stage's "
+      reports.ReportDamaged, match=rf"^{tmp_path}/report.json is damaged \(.*\)\. Run that stage's "
       rf"command again with --workdir={tmp_path}: it rebuilds the report from the run's checkpoints"):
-    report.read(str(tmp_path))
+    reports.read(str(tmp_path))
 
 
 def test_scores_of_a_split_without_answers_are_absent_not_nan():
@@ -150,7 +150,7 @@ def test_scores_of_a_split_without_answers_are_absent_not_nan():
 @pytest.mark.parametrize("lo, hi", [(4.37, 6.92), (6.70, 6.97), (0.052, 3.1), (2.0, 2.0)])
 def test_report_chart_labels_the_loss_axis_with_plain_numbers_inside_the_losses_range(lo, hi):
   """report.png's log-scale loss axis: a handful of ticks where the losses are, not powers of ten."""
-  ticks = report.loss_ticks(lo, hi)
+  ticks = reports.loss_ticks(lo, hi)
   inside = [t for t in ticks if lo * 0.99 <= t <= hi * 1.01]
   assert len(inside) >= (1 if lo == hi else 3), ticks
   assert all(len(f"{t:g}") <= 5 for t in ticks), ticks  # 4.4, 6.75, 0.052: no 10^0 notation

@@ -28,8 +28,8 @@ from mgjax.convert import vision as convert_vision
 from mgjax.data import build, datasets, images, pipeline
 from mgjax.models import vlm
 from mgjax.models.mining import downsample_bilinear
-from mgjax.step import make_loss_fn
-from mgjax.workdir import resolve_model_config
+from mgjax.train_step import make_loss_fn
+from mgjax.run_files import resolve_model_config
 from test_vision_parity import _perturb, _state  # the towers' torch helpers
 
 torch = pytest.importorskip("torch")

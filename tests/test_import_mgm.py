@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from mgjax.convert import files, workdir
+from mgjax.convert import checkpoints, files
 from mgjax.convert.__main__ import main
 
 torch = pytest.importorskip("torch")
@@ -72,7 +72,7 @@ def test_import_mgm_writes_every_part(tmp_path):
   tensors = _mgm_folder(mgm, with_towers=True)
   out = str(tmp_path / "out")
   assert main(["import-mgm", f"--mgm_dir={mgm}", f"--out={out}", f"--config={CONFIG}"]) == 0
-  params, config, _ = workdir.read_checkpoint(out)
+  params, config, _ = checkpoints.read_checkpoint(out)
   np.testing.assert_array_equal(_at(params, "mining/value_projector/linear/kernel"),
                                 tensors["model.vlm_uni_val_projector.1.weight"].T)
   np.testing.assert_array_equal(_at(params, "projector/linear_2/kernel"), tensors["model.mm_projector.2.weight"].T)
@@ -144,7 +144,7 @@ def test_import_mgm_reads_each_family(tmp_path, family):
   out = str(tmp_path / "out")
   assert main(["import-mgm", f"--mgm_dir={mgm}", f"--out={out}",
                f"--config={REPO}/configs/stage1.py:model={preset}"]) == 0
-  params, config, _ = workdir.read_checkpoint(out)
+  params, config, _ = checkpoints.read_checkpoint(out)
   assert config["model"]["llm"]["family"] == family
   np.testing.assert_array_equal(_at(params, "llm/embed_tokens/embedding")[:1024], tensors["model.embed_tokens.weight"])
   np.testing.assert_array_equal(_at(params, "projector/linear_2/kernel"), tensors["model.mm_projector.2.weight"].T)

@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from configs.models.sample import get_config  # noqa: E402
 from mgjax import config as mgjax_config  # noqa: E402
-from mgjax import step as train_step  # noqa: E402
+from mgjax import train_step  # noqa: E402
 from mgjax.convert import ConversionError, files, import_hf_llm, load_hf_lm  # noqa: E402
 from mgjax.convert import llm as convert_llm  # noqa: E402
 from mgjax.models import logical_shardings, vlm  # noqa: E402

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, cli_args, load_params
-from mgjax import metrics, report as reports
+from mgjax import metrics, reports
 
 STEPS, CHECKPOINT_EVERY = 6, 3
 NEW_TOKENS = 8  # decoded per answer: enough to score, few steps to run

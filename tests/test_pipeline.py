@@ -15,8 +15,8 @@ from flax import nnx
 from mgjax import config as mgjax_config
 from mgjax.data import build, datasets, pipeline
 from mgjax.models import vlm
-from mgjax.step import make_loss_fn
-from mgjax.workdir import resolve_model_config
+from mgjax.train_step import make_loss_fn
+from mgjax.run_files import resolve_model_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -68,7 +68,7 @@ def test_fsdp_splits_weights_and_optimizer_state_over_the_devices():
 
 
 def test_a_lora_run_is_planned_with_the_adapters_alone_in_the_optimizer():
-  # The step train.run would run (mgjax.step.setup): frozen weights in, adapters trained.
+  # The step train.run would run (mgjax.train_step.setup): frozen weights in, adapters trained.
   config = sample_config(data=1, fsdp=-1)
   config.lora.rank = 4
   lora_plan = plan.plan(config, 8)

@@ -8,7 +8,7 @@ from flax import nnx
 
 from conftest import REPO, load_params
 from mgjax import checkpoint, config as mgjax_config, recipe
-from mgjax import workdir as workdirs
+from mgjax import run_files
 from mgjax.data import build
 from mgjax.data import tokenizer as tokenizers
 from mgjax.models import vlm
@@ -53,7 +53,7 @@ def test_recipe_runs_three_phases_and_pretraining_moves_only_mining_and_projecto
   c = configs["pretrain"]
   dataset = build.ensure_built(c.data.recipe, data_dir)
   tok = tokenizers.apply_template(tokenizers.load(dataset.tokenizer_dir), "plain")
-  model_cfg = workdirs.resolve_model_config(c.model, tok)
+  model_cfg = run_files.resolve_model_config(c.model, tok)
   initial = jax.jit(lambda: nnx.split(vlm.MiniGemini(model_cfg, rngs=nnx.Rngs(c.seed)))[1].to_pure_dict())()
   trained, _ = load_params(str(tmp_path / "pretrain"), 2)
   flat = lambda tree: {checkpoint.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}

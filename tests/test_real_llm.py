@@ -181,7 +181,7 @@ def test_import_with_another_config_prints_overrides_that_work(smollm2_dir, tmp_
   needs: a vocabulary with room for <image>, a template that marks answers, the tokenizer."""
   import ml_collections
 
-  from mgjax import checkpoint, config as mgjax_config, decode, stages, workdir as run_files
+  from mgjax import checkpoint, config as mgjax_config, decode, stages, run_files
   from mgjax.convert.__main__ import main as convert
   from mgjax.data import tokenizer as tokenizers
 

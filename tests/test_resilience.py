@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import REPO, tiny_config
-from mgjax import checkpoint, config as config_lib, decode, locks, preemption, report as reports, stages, train
+from mgjax import checkpoint, config as config_lib, decode, locks, preemption, reports, stages, train
 
 HOLD = """
 import sys, time

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import load_params, tiny_config
-from mgjax import checkpoint, metrics, report as reports, stages, train
+from mgjax import checkpoint, metrics, reports, stages, train
 
 
 def checkpoint_params(path: str):

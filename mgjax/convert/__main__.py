@@ -112,7 +112,7 @@ def import_llm(argv: Sequence[str]) -> int:
 
   import ml_collections
   from mgjax import config as mgjax_config
-  from mgjax.convert import files, llm, workdir
+  from mgjax.convert import checkpoints, files, llm
   path, _, arg = args.config.partition(":")
   config = mgjax_config.load_config_file(path, arg or None)
   model = config.model.to_dict()
@@ -146,16 +146,16 @@ def import_llm(argv: Sequence[str]) -> int:
     model["vocab_size"] = vocab_size
   params, _, _, unused = llm.import_hf_llm(args.hf_dir, allow_pickle=args.allow_pickle, llm=model["llm"],
                                            pad_vocab_to=vocab_size)
-  full = workdir.graft(workdir.fresh_params(ml_collections.ConfigDict(model), args.seed), "llm", params)
+  full = checkpoints.graft(checkpoints.fresh_params(ml_collections.ConfigDict(model), args.seed), "llm", params)
   saved = config.to_dict()
   saved["model"] = model
   context = llm.text_config(files.read_config(args.hf_dir)).get("max_position_embeddings")
-  folder = workdir.write_init_checkpoint(args.out, full, saved, {"llm": os.path.abspath(args.hf_dir)},
-                                         {"max_position_embeddings": context} if context else None)
+  folder = checkpoints.write_init_checkpoint(args.out, full, saved, {"llm": os.path.abspath(args.hf_dir)},
+                                             {"max_position_embeddings": context} if context else None)
   print(f'wrote {folder}: model.llm ({found["family"]}, {found["layers"]} layers) from {args.hf_dir}, '
         f'vocab {hf_vocab}' + (f" padded to {vocab_size}" if vocab_size > hf_vocab else ""))
   if tokenizer is not None:
-    from mgjax import workdir as run_files
+    from mgjax import run_files
     run_files.save_tokenizer(tokenizer, args.out)
     print(f'saved its tokenizer to {os.path.join(args.out, "tokenizer")} ({len(tokenizer)} tokens with the '
           f'{template or "its own"} template and <image>)')
@@ -189,13 +189,13 @@ def export_llm(argv: Sequence[str]) -> int:
   args = parser.parse_args(argv)
 
   from mgjax import checkpoint
-  from mgjax.convert import llm, workdir
-  params, config, folder = workdir.read_checkpoint(args.workdir)
+  from mgjax.convert import checkpoints, llm
+  params, config, folder = checkpoints.read_checkpoint(args.workdir)
   if "llm" not in params or "llm" not in (config.get("model") or {}):
     raise checkpoint.CheckpointError(f"{folder} holds no LLM params or no model.llm config to export")
   llm_cfg = config["model"]["llm"]
   run_dir = checkpoint.locate(args.workdir)[0]
-  context = (args.max_position_embeddings or workdir.hf_llm_config(folder).get("max_position_embeddings") or
+  context = (args.max_position_embeddings or checkpoints.hf_llm_config(folder).get("max_position_embeddings") or
              (config.get("data") or {}).get("seq_len") or 4096)
   extra = {}
   tokenizer_files = _copy_tokenizer(os.path.join(run_dir, "tokenizer"), args.out)

@@ -45,7 +45,7 @@ def import_mgm(argv: Sequence[str]) -> int:
   import numpy as np
   from flax import nnx
   from mgjax import config as mgjax_config
-  from mgjax.convert import files, llm, workdir
+  from mgjax.convert import checkpoints, files, llm
   from mgjax.models.vlm import MiniGemini
   path, _, arg = args.config.partition(":")
   config = mgjax_config.load_config_file(path, arg or None)
@@ -81,10 +81,10 @@ def import_mgm(argv: Sequence[str]) -> int:
       imported["mining"] = imported["projector"] = os.path.abspath(args.mgm_dir)
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.split(model)[1]))
   del model
-  params = workdir.graft(params, "llm", llm_params)
+  params = checkpoints.graft(params, "llm", llm_params)
   saved = config.to_dict()
   saved["model"] = model_cfg
-  folder = workdir.write_init_checkpoint(args.out, params, saved, imported)
+  folder = checkpoints.write_init_checkpoint(args.out, params, saved, imported)
   for part, src in imported.items():
     print(f"{part:<15} from {src}")
   fresh = sorted({"mining", "projector"} - set(imported))

@@ -22,7 +22,7 @@ The config section `model.llm` (with `model.vocab_size` beside it):
   num_experts     mixtral: experts per layer (8); `mlp` is each expert's hidden size
   experts_per_token   mixtral: experts each token is routed to (2)
   router_aux_loss_coef  mixtral: weight of the router load-balancing loss in the training
-                  loss (mgjax.step.make_train_step); 0 (the default, as MGM-8x7B trained: see
+                  loss (mgjax.train_step.make_train_step); 0 (the default, as MGM-8x7B trained: see
                   DEFAULT_ROUTER_AUX_LOSS_COEF) leaves it out, logged all the same
   remat           what a layer keeps for the backward pass (REMAT_POLICIES): 'none' | 'full' |
                   'dots' | 'qkv' | 'qkv_out' | 'qkv_offloaded' | 'dots_offloaded'

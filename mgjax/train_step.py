@@ -291,7 +291,7 @@ def setup(config: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDic
 
   Args:
     config: the run's config (optim, lora, train.grad_accum_steps, train.loss_chunk, seed).
-    model_cfg: its `model`, resolved (mgjax.workdir.resolve_model_config, the attention kernel).
+    model_cfg: its `model`, resolved (mgjax.run_files.resolve_model_config, the attention kernel).
     mesh: the device mesh; weights and optimizer state are laid out over it by the config's rules.
     total_steps: the schedule's length.
     unroll_loss: trace the chunked loss's loop as straight-line code (mgjax.plan's cost twins).
