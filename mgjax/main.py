@@ -43,12 +43,15 @@ def main(argv: list[str]) -> None:
   workdir = _WORKDIR.value or config.workdir
   if not workdir:
     raise app.UsageError("no workdir: pass --workdir=DIR")
-  from mgjax import checkpoint, config as config_lib, locks, preemption, reports, stages, run_files
-  from mgjax.data import datasets, shared
+  from mgjax import base_config, checkpoint, locks, preemption, reports, stages, run_files
+  from mgjax.data import build, datasets, prepare, shared_build
   try:
+    train.check_before_data(config)  # what would stop the run, before minutes of building
+    build.build_if_missing(config.data.recipe, config.data.data_dir)  # the trainer only opens built data
     summary = train.run(config, workdir)
-  except (stages.GuardTripped, locks.LockHeld, shared.DatasetNotShared, datasets.ConfigChanged, config_lib.ConfigError,
-          run_files.NotWritable, reports.ReportDamaged, checkpoint.ResultMissing) as e:
+  except (stages.GuardTripped, locks.LockHeld, shared_build.DatasetNotShared, shared_build.DatasetMissing,
+          prepare.WorkerDied, datasets.ConfigChanged, base_config.ConfigError, run_files.NotWritable,
+          reports.ReportDamaged, checkpoint.ResultMissing) as e:
     # Not a crash: the run stopped on purpose; say why and what to change, exit non-zero.
     sys.exit(f"error: {e}")
   except preemption.Preempted as e:

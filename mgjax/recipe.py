@@ -17,7 +17,7 @@ import os
 from absl import app, flags
 import ml_collections
 
-from mgjax import config as mgjax_config, runtime
+from mgjax import config_files, runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/sample",
                                "Parent folder: the phases go to WORKDIR/pretrain, WORKDIR/stage1 and WORKDIR/stage2.")
@@ -36,7 +36,7 @@ def phase_configs(data: str = "sample", data_dir: str | None = None,
   """The three phases' configs (configs/pretrain.py, stage1.py, stage2.py) on one dataset."""
   configs = {}
   for phase in PHASES:
-    c = mgjax_config.load_config_file(os.path.join(mgjax_config.CONFIGS_DIR, f"{phase}.py"), f"data={data}")
+    c = config_files.load_config_file(os.path.join(config_files.CONFIGS_DIR, f"{phase}.py"), f"data={data}")
     if data_dir:
       c.data.data_dir = data_dir
     if (steps or {}).get(phase):
@@ -47,9 +47,12 @@ def phase_configs(data: str = "sample", data_dir: str | None = None,
 
 def run(configs: dict[str, ml_collections.ConfigDict], workdir: str) -> list:
   """Trains the phases in order, each starting from the one before's result; returns their
-  train.Summary objects."""
+  train.Summary objects. Builds each phase's dataset first where it is missing."""
   from mgjax import train
+  from mgjax.data import build
 
+  for phase in PHASES:  # what would stop a phase, before any phase builds or trains
+    train.check_before_data(configs[phase])
   summaries = []
   previous = None
   for phase in PHASES:
@@ -57,6 +60,7 @@ def run(configs: dict[str, ml_collections.ConfigDict], workdir: str) -> list:
     if previous is not None:
       config.init_from = previous
     previous = os.path.join(workdir, phase)
+    build.build_if_missing(config.data.recipe, config.data.data_dir)
     summaries.append(train.run(config, previous))
   return summaries
 

@@ -29,10 +29,10 @@ import tqdm
 from etils import epath
 from flax import nnx
 
-from mgjax import checkpoint, config as config_lib, decode, evaluate as evaluation, metrics, reports
+from mgjax import base_config, checkpoint, decode, evaluate as evaluation, metrics, reports
 from mgjax import locks, preemption, sharding, stages, train_step, throughput, run_files
-from mgjax.data import datasets, pipeline, shared
-from mgjax.data import tokenizer as tokenizers
+from mgjax.data import datasets, pipeline, shared_build
+from mgjax.data import chat_tokenizers
 from mgjax.models import attention, vlm
 
 
@@ -117,28 +117,15 @@ class StageData:
 
 def open_data(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
               init_checkpoint: str | None = None) -> StageData:
-  """Builds the dataset if needed (process 0; the others wait, then open it), checks the
-  tokenizer is the one the checkpoints resumed or started from were trained with, saves it
-  into the workdir, and opens the train iterator and the validation splits."""
-  # The LLM's conversation format (model.template; '' keeps the tokenizer's own) and the
-  # special tokens the pipeline needs; saved, so predict uses the same. The LLM's own
-  # tokenizer (model.tokenizer) is readied before any data work, so a template that cannot
-  # train stops the run at once.
+  """Opens the built dataset (the same on every process), checks the tokenizer is the one
+  the checkpoints resumed or started from were trained with, saves it into the workdir, and
+  opens the train iterator and the validation splits."""
   template = config.model.get("template", "")
-  own = None
-  if config.model.get("tokenizer"):
-    try:
-      own = tokenizers.load(config.model.tokenizer)
-    except FileNotFoundError as e:  # tokenizers.check_local's reason, with the field and the fix
-      raise FileNotFoundError(
-          f"model.tokenizer={config.model.tokenizer!r} is not a folder holding the LLM's own tokenizer. Point "
-          "--config.model.tokenizer at the LLM's Hugging Face folder or at OUT/tokenizer of `python -m "
-          "mgjax.convert import-llm --out=OUT` (for mgm_smol: `python -m mgjax.convert fetch-smollm2` writes "
-          f"models/SmolLM2-135M-Instruct). ({e})") from None
-    own = tokenizers.apply_template(own, template)
-  # Process 0 builds it if missing; every process checks it sees that same build.
-  dataset = shared.open_dataset(config.data.recipe, config.data.data_dir)
-  tokenizer = own if own is not None else tokenizers.apply_template(tokenizers.load(dataset.tokenizer_dir), template)
+  own = llm_tokenizer(config)
+  # Built before the run (mgjax.main builds a missing one); every process checks it sees the same build.
+  dataset = shared_build.open_shared_build(config.data.recipe, config.data.data_dir)
+  tokenizer = own if own is not None else chat_tokenizers.apply_template(chat_tokenizers.load(dataset.tokenizer_dir),
+                                                                         template)
   record = _tokenizer_record(tokenizer, config.model.get("tokenizer") or dataset.tokenizer_dir, template, dataset)
   _refuse_other_tokenizer(record, workdir, init_checkpoint)  # before the workdir's copy is replaced
   if jax.process_index() == 0:
@@ -172,9 +159,35 @@ def open_data(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
   return StageData(dataset, tokenizer, model_cfg, encoder, train_iter, len(train_source), val_sources, record)
 
 
+def llm_tokenizer(config: ml_collections.ConfigDict):
+  """The LLM's own tokenizer (model.tokenizer) with the conversation format (model.template;
+  '' keeps the tokenizer's own) and the special tokens the pipeline needs, or None when the
+  dataset's trained tokenizer is used. Raises at once for a missing folder or a template that
+  cannot train, naming the field and the fix."""
+  if not config.model.get("tokenizer"):
+    return None
+  try:
+    own = chat_tokenizers.load(config.model.tokenizer)
+  except FileNotFoundError as e:  # chat_tokenizers.check_local's reason, with the field and the fix
+    raise FileNotFoundError(
+        f"model.tokenizer={config.model.tokenizer!r} is not a folder holding the LLM's own tokenizer. Point "
+        "--config.model.tokenizer at the LLM's Hugging Face folder or at OUT/tokenizer of `python -m "
+        "mgjax.convert import-llm --out=OUT` (for mgm_smol: `python -m mgjax.convert fetch-smollm2` writes "
+        f"models/SmolLM2-135M-Instruct). ({e})") from None
+  return chat_tokenizers.apply_template(own, config.model.get("template", ""))
+
+
+def check_before_data(config: ml_collections.ConfigDict) -> None:
+  """What stops a run before any data work, so mgjax.main and mgjax.recipe call it before they
+  build a missing dataset: config values that cannot run, and an LLM tokenizer or template
+  that cannot train."""
+  base_config.check_train(config)
+  llm_tokenizer(config)
+
+
 def _tokenizer_record(tokenizer, source: str, template: str, dataset: datasets.BuiltDataset) -> dict[str, Any]:
   return {
-      "fingerprint": tokenizers.fingerprint(tokenizer),
+      "fingerprint": chat_tokenizers.fingerprint(tokenizer),
       "path": str(source),
       "template": template,
       "dataset": f"{dataset.name} {dataset.version}"
@@ -234,7 +247,7 @@ def drop_empty_val_splits(config: ml_collections.ConfigDict, data: StageData) ->
   where = f"the dataset at {data.dataset.dataset_dir}"
   decides = config.early_stop.patience > 0 or config.guard.drift_action == "rollback"
   if config.early_stop.split in empty and decides:
-    raise config_lib.ConfigError(
+    raise base_config.ConfigError(
         f"early_stop.split={config.early_stop.split!r} holds no records in {where}, so early stopping "
         "and the drift guard's rollback have nothing to pick the result by. Name a validation split with "
         "records (--config.early_stop.split=...), turn them off (--config.early_stop.patience=0 and a "
@@ -454,7 +467,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   what it made, without the lock or any write, so a read-only workdir still answers; an
   unfinished one there is refused with run_files.NotWritable.
   """
-  config_lib.check_train(config)  # before any data work or compiling
+  base_config.check_train(config)  # before any data work or compiling
   started = time.time()
   try:
     finished = reports.read(workdir)

@@ -9,14 +9,14 @@ import sys
 import grain
 import pytest
 
-from mgjax import config as mgjax_config
-from mgjax.data import build, datasets
+from mgjax import config_files
+from mgjax.data import build, datasets, records
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _tiny_config():
-  cfg = mgjax_config.load_config_file(str(REPO / "configs/data/sample.py"), "tiny")
+  cfg = config_files.load_config_file(str(REPO / "configs/data/sample.py"), "tiny")
   return cfg
 
 
@@ -78,7 +78,7 @@ def _read_split(dataset, split):
 
 def test_splits_read_back_with_the_documented_types(built):
   cfg, dataset = built
-  splits = {s: _read_split(dataset, s) for s in build.builder.SPLITS}
+  splits = {s: _read_split(dataset, s) for s in records.SPLITS}
   assert {s: len(v) for s, v in splits.items()} == dataset.splits
   assert dataset.splits["val_understanding"] == dataset.splits["val_generation"] == dataset.splits["val_text"] == 8
   # tiny: 96 + 64 + 64 sample records (tree 13 of the 32 OASST trees is German), plus the
@@ -97,7 +97,7 @@ def test_splits_read_back_with_the_documented_types(built):
 
 def test_train_generation_is_the_generation_part_of_train_and_val_is_held_out(built):
   _, dataset = built
-  ids = {s: [e["id"] for e in _read_split(dataset, s)] for s in build.builder.SPLITS}
+  ids = {s: [e["id"] for e in _read_split(dataset, s)] for s in records.SPLITS}
   train = {e["id"]: e["category"] for e in _read_split(dataset, "train")}
   assert set(ids["train_generation"]) == {i for i, c in train.items() if c == b"generation"}
   held_out = set(ids["val_understanding"]) | set(ids["val_generation"]) | set(ids["val_text"])
@@ -177,8 +177,8 @@ def test_ensure_built_reuses_and_refuses_a_different_config(built):
 
 def test_tokenizer_is_trained_on_train_text_and_loads(built):
   _, dataset = built
-  from mgjax.data import tokenizer
-  tok = tokenizer.load(dataset.tokenizer_dir)
+  from mgjax.data import chat_tokenizers
+  tok = chat_tokenizers.load(dataset.tokenizer_dir)
   assert tok.convert_tokens_to_ids("<image>") == 3
   assert pathlib.Path(dataset.tokenizer_dir, "tokenizer.json").exists()
 
@@ -188,14 +188,14 @@ def test_a_data_dir_copied_elsewhere_opens_with_its_own_tokenizer(built, tmp_pat
   one where it was built."""
   import shutil
 
-  from mgjax.data import tokenizer
+  from mgjax.data import chat_tokenizers
   cfg, dataset = built
   moved = tmp_path / "mounted" / "data"
   shutil.copytree(dataset.data_dir, moved)
   there = datasets.load_built(cfg, str(moved))
   assert there.tokenizer_dir == str(moved / f"mgjax_instructions/{cfg.name}/{cfg.version}/tokenizer")
   assert there.splits == dataset.splits and there.dataset_dir.startswith(str(moved))
-  assert len(tokenizer.load(there.tokenizer_dir)) == len(tokenizer.load(dataset.tokenizer_dir))
+  assert len(chat_tokenizers.load(there.tokenizer_dir)) == len(chat_tokenizers.load(dataset.tokenizer_dir))
 
 
 def test_build_is_deterministic(built, tmp_path):
@@ -215,7 +215,7 @@ def test_command_line(tmp_path):
   ], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "val_text': 4" in proc.stdout
-  version = mgjax_config.preset("data", "sample:tiny").version
+  version = config_files.preset("data", "sample:tiny").version
   assert (tmp_path / f"mgjax_instructions/sample_tiny/{version}/data_card.json").exists()
   assert (tmp_path / f"mgjax_instructions/sample_tiny/{version}/tokenizer/tokenizer.json").exists()
 
@@ -295,10 +295,12 @@ def test_data_card_counts_conversations_longer_than_a_training_length():
   }
 
 
-def test_training_refuses_a_gs_data_dir_naming_the_mount_to_use():
-  from mgjax.data import shared
+@pytest.mark.parametrize("step", ["build before training", "open"])
+def test_training_refuses_a_gs_data_dir_naming_the_mount_to_use(step):
+  from mgjax.data import shared_build
+  call = build.build_if_missing if step == "build before training" else shared_build.open_shared_build
   with pytest.raises(
-      shared.DatasetNotShared, match=r"array_record files, which open local paths only.*"
+      shared_build.DatasetNotShared, match=r"array_record files, which open local paths only.*"
       r"`gcsfuse --implicit-dirs my-bucket /mnt/my-bucket`.*"
       r"--config.data.data_dir=/mnt/my-bucket/mixes/data$"):
-    shared.open_dataset(_tiny_config(), "gs://my-bucket/mixes/data")
+    call(_tiny_config(), "gs://my-bucket/mixes/data")

@@ -7,12 +7,12 @@ import shutil
 import pytest
 
 from conftest import tiny_config
-from mgjax.data import datasets, shared
+from mgjax.data import datasets, shared_build
 
 
 def test_a_damaged_data_card_is_named_with_the_rebuild_command(data_dir, tmp_path):
   recipe = tiny_config(1, data_dir).data.recipe
-  shared.open_dataset(recipe, data_dir)  # built once for the session
+  shared_build.open_shared_build(recipe, data_dir)  # built once for the session
   copy = str(tmp_path / "data")
   shutil.copytree(data_dir, copy)
   folder = datasets.dataset_dir(recipe, copy)

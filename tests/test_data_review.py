@@ -15,8 +15,8 @@ import sys
 import grain
 import pytest
 
-from mgjax import config as mgjax_config
-from mgjax.data import build, datasets, prompts, review, verdicts
+from mgjax import config_files
+from mgjax.data import build, datasets, prompts, records, review, verdicts
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -61,7 +61,7 @@ def _extra_source(root: pathlib.Path) -> dict:
 
 
 def _config():
-  cfg = mgjax_config.load_config_file(str(REPO / "configs/data/sample.py"), "tiny")
+  cfg = config_files.load_config_file(str(REPO / "configs/data/sample.py"), "tiny")
   cfg.name = "sample_review"  # its own dataset folder
   cfg.sample.update(n_understanding=24, n_generation=16, n_text=16, n_caption=8)
   cfg.val_per_category = dict(understanding=4, generation=4, text=4, caption=4)
@@ -80,7 +80,7 @@ def built(tmp_path_factory):
 
 def _ids(dataset) -> set[str]:
   out = set()
-  for split in build.builder.SPLITS:
+  for split in records.SPLITS:
     ds = grain.MapDataset.source(datasets.open_split(dataset, split))
     out |= {ds[i]["id"].decode() for i in range(len(ds))}
   return out
@@ -322,7 +322,7 @@ def test_command_line_help_exits_zero():
 
 
 def test_command_line_prints_the_page_and_nothing_else(data_dir, tmp_path):
-  cfg = mgjax_config.load_config_file(str(REPO / "configs/data/sample.py"), "tiny")
+  cfg = config_files.load_config_file(str(REPO / "configs/data/sample.py"), "tiny")
   build.ensure_built(cfg, data_dir)
   out = tmp_path / "page.html"
   result = subprocess.run([

@@ -3,7 +3,7 @@
 import pytest
 import transformers
 
-from mgjax.data import tokenizer
+from mgjax.data import chat_tokenizers, tokenizer_training
 
 TEXTS = [
     "What is 2 + 3?", "2 + 3 = 5.", "<image>\nWhat colour is the circle?", "Red.", "Draw a red circle. <GEN>",
@@ -37,7 +37,7 @@ CONVERSATION = [
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp("tok")
-  tokenizer.train_sample_tokenizer(TEXTS, str(out), vocab_size=300)
+  tokenizer_training.train_sample_tokenizer(TEXTS, str(out), vocab_size=300)
   return str(out)
 
 
@@ -55,12 +55,12 @@ def test_loads_offline_with_fixed_special_tokens(tok_dir):
     "text",
     ["What is 12 + 30?", "Ünïcødé and emoji 🙂 still round-trip.", "  spaces\tand\nnewlines  ", "<h>prompt</h> <GEN>"])
 def test_round_trip(tok_dir, text):
-  tok = tokenizer.load(tok_dir)
+  tok = chat_tokenizers.load(tok_dir)
   assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
 
 
 def test_assistant_mask_is_exactly_the_assistant_content_and_end_token(tok_dir):
-  tok = tokenizer.load(tok_dir)
+  tok = chat_tokenizers.load(tok_dir)
   out = tok.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
   ids, mask = out["input_ids"], out["assistant_masks"]
   assert len(ids) == len(mask)
@@ -84,6 +84,6 @@ def test_assistant_mask_is_exactly_the_assistant_content_and_end_token(tok_dir):
 
 
 def test_generation_prompt_ends_with_assistant_marker(tok_dir):
-  tok = tokenizer.load(tok_dir)
+  tok = chat_tokenizers.load(tok_dir)
   text = tok.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True)
   assert text == "<s><|system|>Answer briefly.</s><|user|><image>\nWhat colour is the circle?</s><|assistant|>"

@@ -16,9 +16,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from mgjax import config as mgjax_config
+from mgjax import base_config, config_files
 from mgjax import decode
-from mgjax.data import pipeline, tokenizer as sample_tokenizer
+from mgjax.data import pipeline, tokenizer_training
 from mgjax.data.templates import IMAGE
 from mgjax.models import DEFAULT_LOGICAL_AXIS_RULES, MiniGemini, logical_shardings, num_image_tokens
 from mgjax.models.llm import DecoderLM
@@ -32,12 +32,12 @@ EOS = 2  # the sample tokenizer's </s>
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-  return sample_tokenizer.train_sample_tokenizer(TEXTS, str(tmp_path_factory.mktemp("tok")), vocab_size=300)
+  return tokenizer_training.train_sample_tokenizer(TEXTS, str(tmp_path_factory.mktemp("tok")), vocab_size=300)
 
 
 @pytest.fixture(scope="module")
 def model_cfg(tokenizer):
-  cfg = mgjax_config.preset("models", "sample")
+  cfg = config_files.preset("models", "sample")
   cfg.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE)
   return cfg
 
@@ -211,7 +211,7 @@ def test_image_token_is_never_generated(model, model_cfg):
 
 @pytest.fixture(scope="module")
 def generator(model, model_cfg, tokenizer):
-  data_cfg = mgjax_config.base_config().data
+  data_cfg = base_config.base_config().data
   encoder = pipeline.make_encoder(tokenizer, data_cfg, model_cfg, num_image_tokens(model_cfg))
   return decode.Generator(*model, tokenizer, encoder, max_batch_size=4)
 

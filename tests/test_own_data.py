@@ -9,7 +9,7 @@ import re
 import pytest
 
 from conftest import REPO
-from mgjax import config as mgjax_config, train
+from mgjax import config_files, train
 from mgjax.data import build, datasets, verdicts
 
 README = (pathlib.Path(REPO) / "README.md").read_text()
@@ -21,7 +21,7 @@ def _section(title: str) -> str:
 
 def _recipe(name: str):
   """The tiny sample without its caption source, small enough to build in seconds."""
-  cfg = mgjax_config.load_config_file(str(pathlib.Path(REPO) / "configs/data/sample.py"), "tiny")
+  cfg = config_files.load_config_file(str(pathlib.Path(REPO) / "configs/data/sample.py"), "tiny")
   cfg.name = name
   cfg.sample.update(n_understanding=24, n_generation=16, n_text=16, n_caption=0)
   cfg.sources = [s for s in cfg.sources if s.get("category") != "caption"]
@@ -72,13 +72,14 @@ def test_a_relative_review_path_is_recognised_where_the_file_is_not(tmp_path, mo
 
 
 def test_pretraining_a_recipe_without_captions_names_the_recipe_and_the_fix(tmp_path):
-  c = mgjax_config.load_config_file(str(pathlib.Path(REPO) / "configs/pretrain.py"), "data=sample:tiny")
+  c = config_files.load_config_file(str(pathlib.Path(REPO) / "configs/pretrain.py"), "data=sample:tiny")
   recipe = _recipe("own_no_captions")
   for key in ("name", "sample", "sources", "val_per_category", "tokenizer"):
     c.data.recipe[key] = recipe[key]
   c.data.data_dir = str(tmp_path / "data")
   c.data.batch_size = c.train.eval_batch_size = 8
   c.mesh.num_devices = 1
+  build.build_if_missing(c.data.recipe, c.data.data_dir)
   with pytest.raises(ValueError) as e:
     train.run(c, str(tmp_path / "pretrain"))
   assert str(e.value) == (

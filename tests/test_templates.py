@@ -8,7 +8,7 @@ import io
 import pytest
 from PIL import Image
 
-from mgjax.data import pipeline, templates, tokenizer as tokenizer_lib
+from mgjax.data import chat_tokenizers, pipeline, templates, tokenizer_training
 
 TEXTS = [
     "What is in the picture? A red circle on a white background.",
@@ -70,12 +70,12 @@ END_OF_ANSWER = {
 def base_dir(tmp_path_factory):
   """A small byte-level BPE saved to disk; each test loads a fresh copy to prepare."""
   out = str(tmp_path_factory.mktemp("tok"))
-  tokenizer_lib.train_sample_tokenizer(TEXTS, out, vocab_size=300)
+  tokenizer_training.train_sample_tokenizer(TEXTS, out, vocab_size=300)
   return out
 
 
 def _prepared(base_dir, name):
-  return tokenizer_lib.apply_template(tokenizer_lib.load(base_dir), name)
+  return chat_tokenizers.apply_template(chat_tokenizers.load(base_dir), name)
 
 
 def _runs(ids, mask):
@@ -147,13 +147,13 @@ def test_empty_name_keeps_the_tokenizers_own_template(base_dir):
     ("{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}", "mistral_instruct"),
 ])
 def test_an_own_template_that_marks_no_answers_is_refused_with_the_template_to_use(base_dir, own, suggested):
-  tok = tokenizer_lib.load(base_dir)
+  tok = chat_tokenizers.load(base_dir)
   tok.chat_template = own
   with pytest.raises(ValueError, match=rf"marks no answers .* --config\.model\.template={suggested} "):
-    tokenizer_lib.apply_template(tok, "")
+    chat_tokenizers.apply_template(tok, "")
   tok.chat_template = None
   with pytest.raises(ValueError, match="has no chat template; set --config.model.template to the LLM's"):
-    tokenizer_lib.apply_template(tok, "")
+    chat_tokenizers.apply_template(tok, "")
 
 
 @pytest.mark.parametrize("name", ["gemma", "llama_3"])

@@ -7,13 +7,15 @@ import os
 import pytest
 
 from conftest import tiny_config
-from mgjax import config as config_lib, metrics, train
+from mgjax import base_config, metrics, train
+from mgjax.data import build
 
 
 def _without_val_text(data_dir: str, **overrides):
   config = tiny_config(1, data_dir, **overrides)
   config.data.recipe.name = "sample_tiny_no_val_text"  # its own build: another content
   config.data.recipe.val_per_category.text = 0
+  build.build_if_missing(config.data.recipe, config.data.data_dir)
   return config
 
 
@@ -35,7 +37,7 @@ def test_an_empty_early_stopping_split_is_refused_before_training(data_dir, tmp_
   config = _without_val_text(data_dir, steps=2)
   config.early_stop.split, config.early_stop.patience = "val_text", 1
   with pytest.raises(
-      config_lib.ConfigError, match=r"^early_stop\.split='val_text' holds no records in the dataset at "
+      base_config.ConfigError, match=r"^early_stop\.split='val_text' holds no records in the dataset at "
       r".*/sample_tiny_no_val_text/1\.4\.0, so early stopping .* Name a validation split with records"):
     train.run(config, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()

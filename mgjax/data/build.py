@@ -34,7 +34,7 @@ import tqdm
 
 from mgjax import locks
 from mgjax.data import builder, card, datasets, dedup, filters, mixture, prepare, prompts, sample, sources, spill
-from mgjax.data import tokenizer, verdicts
+from mgjax.data import chat_tokenizers, shared_build, tokenizer_training, verdicts
 from mgjax.data.records import Rejection
 from mgjax.data.sources import _common
 
@@ -101,7 +101,7 @@ def _clean(data_cfg, specs: list[dict[str, Any]], tokenizer_dir: str | None, spi
   per-source counts where read = kept + rejected + duplicates.
   """
   if tokenizer_dir:
-    tokenizer.check_local(tokenizer_dir)  # here, once, before workers try to load it
+    chat_tokenizers.check_local(tokenizer_dir)  # here, once, before workers try to load it
   dedup_cfg = dedup.DedupConfig.from_dict(data_cfg.get("dedup"))
   preparer_args = (tokenizer_dir, dedup_cfg, {s["name"]: s["quality"] for s in specs}, spill_dir, tally.verdicts)
   if beam_runner:
@@ -326,7 +326,7 @@ def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, bea
     trained = spill_root / datasets.TOKENIZER
     # Train text only: validation must not shape the vocabulary it is scored with.
     texts = (m["content"] for e in splits["train"] for m in reader.record(e, images=False).messages)
-    tokenizer.train_sample_tokenizer(texts, str(trained), vocab_size=tok_cfg.vocab_size)
+    tokenizer_training.train_sample_tokenizer(texts, str(trained), vocab_size=tok_cfg.vocab_size)
     tokenizer_dir = str(out / datasets.TOKENIZER)
   else:
     tokenizer_dir = tok_cfg.get("path") or None
@@ -354,7 +354,7 @@ def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, bea
   verdicts.keep_copy(data_cfg, tally.verdicts, out)
   (out / "build_config.json").write_text(json.dumps(datasets.content_of(data_cfg), indent=1, sort_keys=True))
   # Written last: the presence of data_card.json marks a complete build (see ensure_built).
-  card.write(out, name=f"{builder.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version, sources=source_card,
+  card.write(out, name=f"{datasets.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version, sources=source_card,
              splits=splits, mixing=mix_report, mix_by=mixture.MixConfig.from_dict(data_cfg.get("mixture")).by,
              kept=entries, tokenizer_dir=tokenizer_dir, messages=lambda e: reader.record(e, images=False).messages,
              review=tally.report(), qualities=prompts.qualities(data_cfg), seq_len=data_cfg.get("seq_len"),
@@ -362,7 +362,7 @@ def _build(data_cfg, data_dir: str, out: epath.Path, spill_root: epath.Path, bea
   reader.close()
   logging.info("built %s: splits %s; %d rejected or duplicate (see %s)", out, sizes, len(rejected),
                out / "rejected.jsonl")
-  return datasets.BuiltDataset(name=f"{builder.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version,
+  return datasets.BuiltDataset(name=f"{datasets.BUILDER_NAME}/{data_cfg.name}", version=data_cfg.version,
                                data_dir=data_dir, dataset_dir=str(out), tokenizer_dir=tokenizer_dir, splits=sizes)
 
 
@@ -395,6 +395,40 @@ def ensure_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> datasets
   barrier before the others call `datasets.load_built`.
   """
   return datasets.load_built(data_cfg, data_dir) or build(data_cfg, data_dir)
+
+
+def build_if_missing(data_cfg: ml_collections.ConfigDict, data_dir: str) -> None:
+  """Builds the dataset for data_cfg in data_dir unless a finished build is there, saying so
+  in one line: what mgjax.main and mgjax.recipe do before they start the trainer, which only
+  opens built datasets. On a run of several processes, process 0 builds while the others
+  wait (for as long as the build takes), and all of them stop if it fails.
+
+  Raises:
+    DatasetNotShared: a gs:// data_dir (the trainer reads local paths: mount the bucket).
+  """
+  import jax  # the run's processes; jax is running already wherever this is called
+
+  from mgjax import sharding
+
+  shared_build.check_local(data_dir)
+  failed = None
+  if jax.process_index() == 0:
+    try:
+      if datasets.load_built(data_cfg, data_dir) is None:
+        print(f"building dataset {data_cfg.name} {data_cfg.version} into {data_dir}: not built yet", flush=True)
+        build(data_cfg, data_dir)
+    except Exception as e:  # any error: the other processes must hear of it, not wait forever
+      failed = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    import numpy as np
+
+    sharding.wait_for_all_processes("mgjax: dataset built", timeout_s=7 * 24 * 3600)
+    if not int(multihost_utils.broadcast_one_to_all(np.int32(failed is None))) and failed is None:
+      raise RuntimeError(f"process 0 could not build the dataset {data_cfg.name} {data_cfg.version} in "
+                         f"{data_dir}: see its log for why")
+  if failed is not None:
+    raise failed
 
 
 def cli_message(e: OSError, data_dir: str) -> str:

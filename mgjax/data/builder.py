@@ -23,10 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import file_adapters
 
-from mgjax.data import mixture, spill
-
-BUILDER_NAME = "mgjax_instructions"
-SPLITS = mixture.SPLITS
+from mgjax.data import datasets, spill
 
 FEATURES = tfds.features.FeaturesDict({
     "id": tfds.features.Text(),
@@ -45,7 +42,7 @@ _SHARD_BYTES = 512 << 20  # a shard's records, as stored in the spill (about wha
 
 
 def _template(out) -> tfds.core.ShardedFileTemplate:
-  return tfds.core.ShardedFileTemplate(data_dir=out, dataset_name=BUILDER_NAME, filetype_suffix="array_record")
+  return tfds.core.ShardedFileTemplate(data_dir=out, dataset_name=datasets.BUILDER_NAME, filetype_suffix="array_record")
 
 
 def write_local(out, version: str, splits: dict[str, list[spill.Entry]], description: str) -> None:

@@ -17,7 +17,10 @@ import ml_collections
 import tensorflow_datasets as tfds
 from etils import epath
 
-from mgjax.data import builder, verdicts
+from mgjax.data import records, verdicts
+
+# The TFDS builder name, the first folder of every build under a data_dir.
+BUILDER_NAME = "mgjax_instructions"
 
 # The config fields that decide the built content; a stage config may embed the data
 # config beside pipeline keys (sequence length, batch size) that must not force rebuilds.
@@ -36,8 +39,8 @@ class BuiltDataset:
   version: str
   data_dir: str  # the TFDS data_dir (DIR)
   dataset_dir: str  # DIR/mgjax_instructions/<config name>/<version>
-  tokenizer_dir: str | None  # load with mgjax.data.tokenizer.load
-  splits: dict[str, int]  # every split in builder.SPLITS, empty ones with 0
+  tokenizer_dir: str | None  # load with mgjax.data.chat_tokenizers.load
+  splits: dict[str, int]  # every split in records.SPLITS, empty ones with 0
 
   @property
   def data_card(self) -> str:
@@ -49,7 +52,7 @@ class BuiltDataset:
 
 
 def dataset_dir(data_cfg: ml_collections.ConfigDict, data_dir: str) -> epath.Path:
-  return epath.Path(data_dir) / builder.BUILDER_NAME / data_cfg.name / data_cfg.version
+  return epath.Path(data_dir) / BUILDER_NAME / data_cfg.name / data_cfg.version
 
 
 def content_of(data_cfg: ml_collections.ConfigDict, built: epath.Path | None = None) -> dict[str, Any]:
@@ -214,8 +217,8 @@ def open_split(dataset: BuiltDataset, split: str) -> Sequence[dict[str, Any]]:
   that had no records (TFDS cannot store empty splits) opens as an empty tuple.
   With only data_dir and the data config at hand: `open_split(load_built(cfg, dir), split)`.
   """
-  if split not in builder.SPLITS:
-    raise ValueError(f"unknown split {split!r}; known: {builder.SPLITS}")
+  if split not in records.SPLITS:
+    raise ValueError(f"unknown split {split!r}; known: {records.SPLITS}")
   out = epath.Path(dataset.dataset_dir)
   if not (out / "dataset_info.json").exists():
     raise FileNotFoundError(f"no dataset at {out}; build it with `python -m mgjax.data.build "

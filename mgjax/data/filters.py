@@ -126,8 +126,8 @@ def pretoken_counter() -> TokenCounter:
 
 def tokenizer_counter(tokenizer_dir: str) -> TokenCounter:
   """Counts tokens of a saved Hugging Face tokenizer (loaded offline)."""
-  from mgjax.data import tokenizer
-  tok = tokenizer.load(tokenizer_dir)
+  from mgjax.data import chat_tokenizers
+  tok = chat_tokenizers.load(tokenizer_dir)
   return lambda texts: [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
 
 

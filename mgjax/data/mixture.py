@@ -27,10 +27,7 @@ from typing import Any, Mapping
 
 from absl import logging
 
-from mgjax.data.records import CATEGORIES, Record
-
-SPLITS = ("train", "train_generation", "val_understanding", "val_generation", "val_text", "train_caption",
-          "val_caption")
+from mgjax.data.records import CATEGORIES, SPLITS, Record
 
 
 def _largest_remainder(total: int, sizes: dict[str, int]) -> dict[str, int]:

@@ -42,7 +42,7 @@ class Preparer:
 
   def __call__(self, item: Record | Rejection) -> tuple[spill.Entry | Rejection, dedup.Signature | None]:
     if isinstance(item, Record):
-      item = self._review.dropped(item)
+      item = self._review.dropped(filters.normalize(item))
     if isinstance(item, Record):
       item = sources.load_images(item)
     overrode = None

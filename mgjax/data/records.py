@@ -13,6 +13,9 @@ import dataclasses
 # source names it (category="caption" in the data config); such records get their own
 # splits, train_caption and val_caption, and stay out of the instruction mix.
 CATEGORIES = ("text", "understanding", "generation", "caption")
+# The splits of every build (an empty one holds no records).
+SPLITS = ("train", "train_generation", "val_understanding", "val_generation", "val_text", "train_caption",
+          "val_caption")
 ROLES = ("system", "user", "assistant")
 IMAGE_PLACEHOLDER = "<image>"
 # Mini-Gemini's generation convention: the user turn ends with " <GEN>" and the answer

@@ -41,7 +41,7 @@ import markupsafe
 import ml_collections
 from PIL import Image
 
-from mgjax.data import builder, datasets, images, prompts, verdicts
+from mgjax.data import datasets, images, prompts, records, verdicts
 from mgjax.data.records import GEN_MARKER, IMAGE_PLACEHOLDER
 
 _COPY = re.compile(r"(.*)#\d+", re.DOTALL)  # mixing's ids for repeated copies: `<id>#<k>`
@@ -188,7 +188,7 @@ class Page:
     # Ids of the form `<id>#<k>`, decided once all is read: a copy has its original's content.
     # (A record's own id can equal a copy's name; then both are in the split.)
     maybe_copies: dict[str, list[tuple[str, int, str, str, bytes]]] = collections.defaultdict(list)
-    for split in builder.SPLITS:
+    for split in records.SPLITS:
       if split == "train_generation":  # the generation part of train, read there
         continue
       source = self._split(split)

@@ -39,7 +39,6 @@ from etils import epath
 import ml_collections
 
 from mgjax import atomic
-from mgjax.data import filters
 from mgjax.data.records import Record, Rejection
 
 VERDICTS = ("keep", "drop")
@@ -175,13 +174,14 @@ class Verdicts:
     return self.by_key.get((source, record_id))
 
   def dropped(self, record: Record) -> Record | Rejection:
-    """The record, or its `review` Rejection where a verdict drops it."""
+    """The record, or its `review` Rejection where a verdict drops it (holding its messages
+    as given: the build passes records normalised as the filters see them)."""
     v = self.get(record.id, record.source)
     if v is None or v.verdict != "drop":
       return record
     file, where = record.origin.split("\t", 1)
     return Rejection(record.source, file, where, "dropped in review" + (f": {v.note}" if v.note else ""),
-                     kind=REVIEW_KIND, id=record.id, messages=filters.normalize(record).messages)
+                     kind=REVIEW_KIND, id=record.id, messages=record.messages)
 
   def checked(self, record: Record, result: Record | Rejection) -> tuple[Record | Rejection, str | None]:
     """The filters' `result` for `record`, or the record itself and the kind of the rule a
