@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mgjax import checkpoint, config as mgjax_config, optim, train_step
+from mgjax import base_config, checkpoint, config_files, optim, train_step
 from mgjax.models import vlm
 
 
@@ -39,14 +39,14 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=6, help="steps timed per phase and round")
   args = parser.parse_args()
 
-  cfg = mgjax_config.preset("models", "sample")
+  cfg = config_files.preset("models", "sample")
   cfg.llm.hidden, cfg.llm.layers, cfg.llm.mlp = args.hidden, args.layers, 3 * args.hidden
   cfg.llm.heads, cfg.llm.kv_heads, cfg.llm.head_dim = args.hidden // 64, args.hidden // 64, 64
   cfg.vocab_size = 8192
   model = vlm.MiniGemini(cfg, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   params = state.to_pure_dict()
-  optim_cfg = mgjax_config.base_config().optim
+  optim_cfg = base_config.base_config().optim
   tx, _ = optim.make(optim_cfg, 1000, params)
   opt_state = tx.init(params)
   step_fn, _ = train_step.make_train_step(graphdef, tx, lambda trainable, frozen: trainable, accum=1)

@@ -29,7 +29,7 @@ import numpy as np
 import transformers
 from flax import nnx
 
-from mgjax import config as mgjax_config, optim, train_step
+from mgjax import config_files, optim, train_step
 from mgjax import run_files
 from mgjax.data import build, datasets, images, pipeline
 from mgjax.models import vlm
@@ -45,7 +45,7 @@ def examples_in(batch: dict[str, np.ndarray]) -> int:
 
 
 def sample_headroom(data_dir: str, num_batches: int) -> dict[str, float]:
-  config = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage1.py"))
+  config = config_files.load_config_file(os.path.join(REPO, "configs", "stage1.py"))
   config.data.data_dir = data_dir
   dataset = build.ensure_built(config.data.recipe, data_dir)
   tokenizer = transformers.AutoTokenizer.from_pretrained(dataset.tokenizer_dir)

@@ -70,9 +70,9 @@ HELD_OUT_TOKENS = 512  # each thread is cut to this many tokens
 
 def data_recipe():
   """The sample at a size whose validation sets give usable intervals in a CPU budget."""
-  from mgjax import config as mgjax_config
+  from mgjax import config_files
 
-  recipe = mgjax_config.preset("data", "sample")
+  recipe = config_files.preset("data", "sample")
   recipe.name = "sample_real_llm"
   recipe.sample.update(n_understanding=1600, n_generation=480, n_text=240, n_caption=320)
   recipe.val_per_category = dict(understanding=400, generation=96, text=32, caption=32)
@@ -80,9 +80,9 @@ def data_recipe():
 
 
 def phase_config(phase: str, arm: str | None, data_dir: str, tokenizer: str, steps: int):
-  from mgjax import config as mgjax_config
+  from mgjax import config_files
 
-  c = mgjax_config.load_config_file(os.path.join(REPO, "configs", f"{phase}.py"), "model=mgm_smol")
+  c = config_files.load_config_file(os.path.join(REPO, "configs", f"{phase}.py"), "model=mgm_smol")
   c.unlock()
   c.data.recipe = data_recipe()
   c.lock()

@@ -6,7 +6,7 @@ in LLaVA JSON (the data config's `caption` sources: splits train_caption and val
 the model preset's pretraining template (`plain` for Vicuna, Mixtral and Yi: the image, then
 the caption, loss on the caption; MGM-2B and MGM-8B pretrain in their chat templates),
 learning rate 1e-3 on a cosine to 0 with 3% warmup, no weight decay. The optimizer, batch and
-length of the run come from the model preset's `training["pretrain"]` (mgjax.config.apply_training;
+length of the run come from the model preset's `training["pretrain"]` (mgjax.presets.apply_training;
 an mgm preset: its script's AdamW, global batch 256, one epoch); the values below are the
 defaults for a preset without them. Stage 1 then starts from this phase's weights:
 
@@ -14,15 +14,15 @@ defaults for a preset without them. Stage 1 then starts from this phase's weight
   python -m mgjax.main --config=configs/stage1.py --workdir=runs/stage1 --config.init_from=runs/pretrain
 """
 
-from mgjax import config as mgjax_config
+from mgjax import base_config, config_files, presets
 
 # What the pretraining phase trains: Mini-Gemini's mm_projector and its vlm_uni_* (mining).
 TRAINED = ("mining", "projector")
 
 
 def get_config(arg=None):
-  args = mgjax_config.parse_arg(arg, model="sample", data="sample")
-  c = mgjax_config.base_config(model=args.model, data=args.data)
+  args = config_files.parse_arg(arg, model="sample", data="sample")
+  c = base_config.base_config(model=args.model, data=args.data)
   c.stage = 0
   c.workdir = "runs/pretrain"
   c.model.template = c.model.get("pretrain_template", "plain")
@@ -48,6 +48,6 @@ def get_config(arg=None):
   c.eval.generation_splits = ()
   c.early_stop.split = "val_caption"
   c.guard.drift_splits = ()
-  mgjax_config.apply_training(c, "pretrain")
+  presets.apply_training(c, "pretrain")
   c.lock()
   return c

@@ -1,7 +1,7 @@
 """Stage 1: fine-tune the whole VLM on the whole instruction mix (split `train`).
 
 Mini-Gemini's fine-tuning (its scripts' second phase). The optimizer, batch and length of the
-run come from the model preset's `training["stage1"]` (mgjax.config.apply_training; an mgm
+run come from the model preset's `training["stage1"]` (mgjax.presets.apply_training; an mgm
 preset: its script's learning rate and AdamW, global batch 128, one epoch); the values here and
 in base_config are the defaults for a preset without them.
 
@@ -9,12 +9,12 @@ in base_config are the defaults for a preset without them.
   python -m mgjax.main --config=configs/stage1.py:model=sample --config.train.steps=100
 """
 
-from mgjax import config as mgjax_config
+from mgjax import base_config, config_files, presets
 
 
 def get_config(arg=None):
-  args = mgjax_config.parse_arg(arg, model="sample", data="sample")
-  c = mgjax_config.base_config(model=args.model, data=args.data)
+  args = config_files.parse_arg(arg, model="sample", data="sample")
+  c = base_config.base_config(model=args.model, data=args.data)
   c.stage = 1
   c.workdir = "runs/stage1"
   c.data.train_split = "train"
@@ -25,6 +25,6 @@ def get_config(arg=None):
   # Pretraining's result has only learnt to caption: asked the validation questions it
   # answers nonsense until max_new_tokens, so decoding it costs much and tells nothing.
   c.eval.score_start = False
-  mgjax_config.apply_training(c, "stage1")
+  presets.apply_training(c, "stage1")
   c.lock()
   return c

@@ -3,19 +3,19 @@
 A fresh optimizer with a lower, shorter schedule: the generation subset is small and
 one-note, so a stage-1-sized schedule would overfit it and drag understanding along. The
 optimizer, batch and length come from the model preset's `training["stage2"]`
-(mgjax.config.apply_training; an mgm preset: half its stage-1 learning rate with stage 1's
+(mgjax.presets.apply_training; an mgm preset: half its stage-1 learning rate with stage 1's
 warmup and cosine to 0, one epoch of the generation subset); the values here are the defaults
 for a preset without them.
 
   python -m mgjax.main --config=configs/stage2.py --workdir=runs/stage2 --config.init_from=runs/stage1
 """
 
-from mgjax import config as mgjax_config
+from mgjax import base_config, config_files, presets
 
 
 def get_config(arg=None):
-  args = mgjax_config.parse_arg(arg, model="sample", data="sample")
-  c = mgjax_config.base_config(model=args.model, data=args.data)
+  args = config_files.parse_arg(arg, model="sample", data="sample")
+  c = base_config.base_config(model=args.model, data=args.data)
   c.stage = 2
   c.workdir = "runs/stage2"
   c.init_from = "runs/stage1"
@@ -34,6 +34,6 @@ def get_config(arg=None):
   # Understanding and text may not get >10% worse than stage 1 left them: stop and hand on
   # the best checkpoint that stayed within bounds.
   c.guard.drift_action = "rollback"
-  mgjax_config.apply_training(c, "stage2")
+  presets.apply_training(c, "stage2")
   c.lock()
   return c

@@ -140,8 +140,8 @@ def resolve_config_paths(argv: list[str]) -> list[str]:
   """`--config=configs/...` from any working directory: a config path that does not exist
   where the command runs, but does under the repository mgjax runs from, is taken from
   there (a path that exists where the command runs always wins)."""
-  from mgjax import config as mgjax_config
-  repo = os.path.dirname(mgjax_config.CONFIGS_DIR)
+  from mgjax import config_files
+  repo = os.path.dirname(config_files.CONFIGS_DIR)
   out = []
   for a in argv:
     flag, sep, value = a.partition("=")

@@ -32,9 +32,9 @@ def tiny_config(stage: int, data_dir: str, *, decode: bool = False, **train_over
   Decoding the validation sets (the report's scores) is off unless a test is about it.
   One device, unless a test sets config.mesh itself.
   """
-  from mgjax import config as mgjax_config
+  from mgjax import config_files
 
-  c = mgjax_config.load_config_file(os.path.join(REPO, "configs", f"stage{stage}.py"), "data=sample:tiny")
+  c = config_files.load_config_file(os.path.join(REPO, "configs", f"stage{stage}.py"), "data=sample:tiny")
   c.data.data_dir = data_dir
   c.data.batch_size = 8
   c.train.eval_batch_size = 8
@@ -56,11 +56,11 @@ def sample_recipe_over_files(root: str, name: str):
   """configs/data/sample.py:tiny reading sample source files written to `root` (not generated
   by the build), without captions, with two validation records per category: a small recipe
   whose source files a test can edit, move or break."""
-  from mgjax import config as mgjax_config
+  from mgjax import config_files
   from mgjax.data import sample
 
   sample.write_sample_sources(str(root), seed=0, n_understanding=16, n_generation=16, n_text=16)
-  cfg = mgjax_config.load_config_file(os.path.join(REPO, "configs", "data", "sample.py"), "tiny")
+  cfg = config_files.load_config_file(os.path.join(REPO, "configs", "data", "sample.py"), "tiny")
   cfg.name = name
   cfg.sample.generate = False
   cfg.sources_root = str(root)
@@ -168,8 +168,8 @@ def made_once(path):
 
 def tiny_sample():
   """The data config every tiny run trains on: configs/stage1.py's data=sample:tiny."""
-  from mgjax import config as mgjax_config
-  return mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage1.py"), "data=sample:tiny").data.recipe
+  from mgjax import config_files
+  return config_files.load_config_file(os.path.join(REPO, "configs", "stage1.py"), "data=sample:tiny").data.recipe
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mgjax import config as mgjax_config  # noqa: E402
+from mgjax import config_files  # noqa: E402
 from mgjax import stages  # noqa: E402
 from mgjax.convert import ConversionError, WeightsError, files, import_hf_llm, load_hf_lm  # noqa: E402
 from mgjax.convert import llm as convert_llm  # noqa: E402
@@ -231,7 +231,7 @@ def test_cli_import_init_from_export(tmp_path, llama, capsys):
 
   # What the trainer does with --config.init_from=OUT, given the printed overrides.
   meta_config = json.loads(open(os.path.join(out, "checkpoints", "0", "meta", "metadata")).read())["config"]
-  model_cfg = mgjax_config.load_config_file("configs/stage1.py").model.to_dict()
+  model_cfg = config_files.load_config_file("configs/stage1.py").model.to_dict()
   model_cfg.update(llm=meta_config["model"]["llm"], vocab_size=meta_config["model"]["vocab_size"])
   import ml_collections
   model_cfg = ml_collections.ConfigDict(model_cfg)

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from mgjax import config as mgjax_config
+from mgjax import config_files
 from mgjax.data import build, sample
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_mgm_mix_config_builds_with_its_mixing_targets(tmp_path):
   } for i in range(6)]
   (root / "MiniGemini-Finetune/minigemini_instruction.json").write_text(json.dumps(mgm))
 
-  cfg = mgjax_config.load_config_file(str(REPO / "configs/data/mgm_mix.py"))
+  cfg = config_files.load_config_file(str(REPO / "configs/data/mgm_mix.py"))
   cfg.sources_root = str(root)
   cfg.num_workers = 1
   cfg.tokenizer = dict(train=True, vocab_size=400, path="")  # no LLM tokenizer on a test machine

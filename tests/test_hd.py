@@ -23,7 +23,7 @@ import transformers
 from flax import nnx
 from PIL import Image
 
-from mgjax import config as mgjax_config
+from mgjax import config_files
 from mgjax.convert import vision as convert_vision
 from mgjax.data import build, datasets, images, pipeline
 from mgjax.models import vlm
@@ -333,7 +333,7 @@ def test_grid_one_is_the_plain_pair_and_global_needs_a_grid():
 def test_mgm_7b_hd_sizes():
   """MGM-7B-HD: CLIP-L/14 at 336 on 2x2 crops + a global view, ConvNeXt-L at 1536: 2880
   visual tokens per image."""
-  cfg = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage1.py"), "model=mgm_7b")
+  cfg = config_files.load_config_file(os.path.join(REPO, "configs", "stage1.py"), "model=mgm_7b")
   model_cfg = ml_collections.ConfigDict(cfg.model.to_dict())
   assert vlm.num_image_tokens(model_cfg) == 576 and vlm.lowres_image_shape(model_cfg) == (336, 336, 3)
   model_cfg.image_grid, model_cfg.image_global = 2, True
@@ -344,7 +344,7 @@ def test_mgm_7b_hd_sizes():
 
 def test_plan_batch_for_an_hd_config():
   """mgjax.plan's abstract batch has the pipeline's HD shapes, and the train loss takes it."""
-  config = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage2.py"), "data=sample:tiny")
+  config = config_files.load_config_file(os.path.join(REPO, "configs", "stage2.py"), "data=sample:tiny")
   config.data.seq_len = 256
   b, m = config.data.batch_size, config.data.max_images
   assert pipeline.batch_spec(config.data, config.model)["images_lowres"].shape == (b, m, 32, 32, 3)
@@ -370,7 +370,7 @@ def test_plan_batch_for_an_hd_config():
 
 @pytest.fixture(scope="module")
 def hd_setup(data_dir):
-  config = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage1.py"), "data=sample:tiny")
+  config = config_files.load_config_file(os.path.join(REPO, "configs", "stage1.py"), "data=sample:tiny")
   config.data.seq_len = 256  # a conversation plus 5 views x 16 tokens of its image
   config.data.max_images = 1  # one image slot per row keeps the CPU forward small
   dataset = build.ensure_built(config.data.recipe, data_dir)  # conftest: built once a session

@@ -21,7 +21,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from configs.models.sample import get_config  # noqa: E402
-from mgjax import config as mgjax_config  # noqa: E402
+from mgjax import base_config  # noqa: E402
 from mgjax import train_step  # noqa: E402
 from mgjax.convert import ConversionError, files, import_hf_llm, load_hf_lm  # noqa: E402
 from mgjax.convert import llm as convert_llm  # noqa: E402
@@ -201,7 +201,7 @@ def test_scanned_layers_equal_the_unrolled_stack_and_decode(scanned):
 
 # Mesh rules: experts split over 'tensor' (expert parallelism; 'mlp' then stays whole), and
 # over 'fsdp' (a batch axis: the tokens are gathered, the output scattered back).
-_BASE_RULES = dict(mgjax_config.base_config().mesh.rules)
+_BASE_RULES = dict(base_config.base_config().mesh.rules)
 EXPERT_RULES = {
     "tensor": {
         **_BASE_RULES, "expert": "tensor",

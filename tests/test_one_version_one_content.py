@@ -13,7 +13,7 @@ import pathlib
 import pytest
 
 from conftest import sample_recipe_over_files, tiny_config
-from mgjax import config as mgjax_config
+from mgjax import config_files
 from mgjax.data import build, datasets
 from mgjax.data import tokenizer as tokenizers
 
@@ -22,7 +22,7 @@ TEXT = "Draw a scarlet disc on a blue square, please."
 
 
 def _tiny(version="1.4.0", seed=0):
-  cfg = mgjax_config.load_config_file(str(REPO / "configs/data/sample.py"), "tiny")
+  cfg = config_files.load_config_file(str(REPO / "configs/data/sample.py"), "tiny")
   cfg.version, cfg.seed = version, seed
   return cfg
 

@@ -12,7 +12,7 @@ import pytest
 import transformers
 from flax import nnx
 
-from mgjax import config as mgjax_config
+from mgjax import config_files
 from mgjax.data import build, datasets, pipeline
 from mgjax.models import vlm
 from mgjax.train_step import make_loss_fn
@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def setup(data_dir):
-  config = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage1.py"), "data=sample:tiny")
+  config = config_files.load_config_file(os.path.join(REPO, "configs", "stage1.py"), "data=sample:tiny")
   dataset = build.ensure_built(config.data.recipe, data_dir)  # conftest: built once a session
   tokenizer = transformers.AutoTokenizer.from_pretrained(dataset.tokenizer_dir)
   model_cfg = resolve_model_config(config.model, tokenizer)

@@ -14,12 +14,12 @@ import pytest
 from conftest import REPO
 from flax import nnx
 
-from mgjax import config as mgjax_config, fit, optim, plan, sharding, throughput
+from mgjax import config_files, fit, optim, plan, sharding, throughput
 from mgjax.models import abstract_model
 
 
 def sample_config(**mesh):
-  c = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage2.py"), "data=sample:tiny")
+  c = config_files.load_config_file(os.path.join(REPO, "configs", "stage2.py"), "data=sample:tiny")
   for axis, size in mesh.items():
     c.mesh[axis] = size
   return c
@@ -210,7 +210,7 @@ def test_advice_names_only_levers_that_exist_and_lower_memory():
   for lines_ in (big, small, lines):
     _flags_exist(c, lines_)
   # Pretraining trains no LLM weight: no LoRA there.
-  pretrain = mgjax_config.load_config_file(os.path.join(REPO, "configs", "pretrain.py"), "data=sample:tiny")
+  pretrain = config_files.load_config_file(os.path.join(REPO, "configs", "pretrain.py"), "data=sample:tiny")
   assert not any("lora" in line for line in fit.advice(pretrain, 8, mesh))
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mgjax import config as mgjax_config
+from mgjax import config_files, presets
 from mgjax.models import abstract_model, num_image_tokens
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +59,7 @@ def _count(state) -> int:
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_builds_abstractly_at_published_size(name):
-  cfg = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage1.py"), f"model={name}")
+  cfg = config_files.load_config_file(os.path.join(REPO, "configs", "stage1.py"), f"model={name}")
   model_cfg = cfg.model
   base, hd = name.removesuffix("_hd"), name.endswith("_hd")
   # Trained as the released model: its template, padded images, model_max_length, towers.
@@ -88,7 +88,7 @@ def test_preset_builds_abstractly_at_published_size(name):
 
 def test_visual_tokens_have_the_published_shapes():
   """576 CLIP tokens of width 1024 mine 8x8 windows of a 192x192x2880 map (shapes only)."""
-  cfg = mgjax_config.preset("models", "mgm_2b")
+  cfg = config_files.preset("models", "mgm_2b")
   model = abstract_model(cfg)
   lo = jax.ShapeDtypeStruct((1, 336, 336, 3), np.float32)
   hi = jax.ShapeDtypeStruct((1, 768, 768, 3), np.float32)
@@ -148,7 +148,7 @@ FIELDS = ("optim.lr", "optim.lr_multipliers", "optim.weight_decay", "optim.warmu
 
 
 def _stage_config(phase: str, preset: str):
-  return mgjax_config.load_config_file(os.path.join(REPO, "configs", f"{phase}.py"), f"model={preset}")
+  return config_files.load_config_file(os.path.join(REPO, "configs", f"{phase}.py"), f"model={preset}")
 
 
 def _values(c, fields=FIELDS) -> dict:
@@ -209,7 +209,7 @@ def test_the_sample_keeps_its_tuned_values_and_a_preset_without_training_the_def
   # A preset of one's own without `training` trains on base_config's and the stage files' defaults.
   own = tmp_path / "own.py"
   own.write_text(
-      "from mgjax import config\n\n\ndef get_config(arg=None):\n  model = config.preset('models', 'sample')\n"
+      "from mgjax import config_files\n\n\ndef get_config(arg=None):\n  model = config_files.preset('models', 'sample')\n"
       "  del model['training']\n  return model\n")
   for phase in ("pretrain", "stage1", "stage2"):
     assert _values(_stage_config(phase, str(own)), FIELDS + ("optim.warmup_steps",)) == sample[phase]
@@ -220,7 +220,7 @@ def test_a_training_value_the_config_does_not_have_is_an_error():
   c.unlock()
   c.model.training.stage1.optim.lrr = 1e-5
   with pytest.raises(ValueError, match=r"model.training.stage1.optim.lrr: the config has no field optim.lrr"):
-    mgjax_config.apply_training(c, "stage1")
+    presets.apply_training(c, "stage1")
 
 
 def test_grad_clip_zero_leaves_the_gradients_unclipped():

@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 from conftest import REPO, load_params
-from mgjax import checkpoint, config as mgjax_config, recipe
+from mgjax import checkpoint, config_files, recipe
 from mgjax import run_files
 from mgjax.data import build
 from mgjax.data import tokenizer as tokenizers
@@ -15,7 +15,7 @@ from mgjax.models import vlm
 
 
 def _tiny(phase: str, data_dir: str, steps: int):
-  c = mgjax_config.load_config_file(os.path.join(REPO, "configs", f"{phase}.py"), "data=sample:tiny")
+  c = config_files.load_config_file(os.path.join(REPO, "configs", f"{phase}.py"), "data=sample:tiny")
   c.data.data_dir = data_dir
   c.data.batch_size = 8
   c.train.eval_batch_size = 8
@@ -27,13 +27,13 @@ def _tiny(phase: str, data_dir: str, steps: int):
 
 
 def test_pretrain_config_is_mini_gemini_phase_one():
-  c = mgjax_config.load_config_file(os.path.join(REPO, "configs", "pretrain.py"), "model=mgm_7b")
+  c = config_files.load_config_file(os.path.join(REPO, "configs", "pretrain.py"), "model=mgm_7b")
   assert c.model.template == "plain" and c.data.train_split == "train_caption"
   assert c.optim.lr == 1e-3 and c.optim.warmup_ratio == 0.03 and c.optim.end_lr_factor == 0.0
   assert set(c.optim.freeze) == {"llm/.*", "vision_lowres/.*", "vision_highres/.*"}
   # MGM-2B and MGM-8B pretrain in their own chat templates, as Mini-Gemini's scripts do.
   for name, template in (("mgm_2b", "gemma"), ("mgm_8b", "llama_3")):
-    c = mgjax_config.load_config_file(os.path.join(REPO, "configs", "pretrain.py"), f"model={name}")
+    c = config_files.load_config_file(os.path.join(REPO, "configs", "pretrain.py"), f"model={name}")
     assert c.model.template == template
 
 
@@ -68,7 +68,7 @@ def test_lr_multipliers_scale_the_matching_updates_exactly():
   """MGM-8x7B/34B fine-tune mining and the projector at twice the learning rate."""
   from mgjax import optim
 
-  c = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage1.py"), "model=mgm_34b")
+  c = config_files.load_config_file(os.path.join(REPO, "configs", "stage1.py"), "model=mgm_34b")
   assert c.optim.lr_multipliers == (("(mining|projector)/.*", 2.0),)
   params = {"projector": {"kernel": jax.numpy.ones((4, 4))}, "llm": {"kernel": jax.numpy.ones((4, 4))}}
   grads = jax.tree.map(lambda p: p * 0.1, params)
@@ -91,7 +91,7 @@ def test_mgm_optimizer_does_not_clip_and_a_bf16_first_moment_keeps_the_updates()
   (optim.mu_dtype) is stored in bf16 and moves the weights as float32 does, to bf16's precision."""
   from mgjax import optim
 
-  c = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage1.py"), "model=mgm_7b")
+  c = config_files.load_config_file(os.path.join(REPO, "configs", "stage1.py"), "model=mgm_7b")
   assert c.optim.grad_clip == 0.0 and c.optim.mu_dtype == "float32"
   rng = np.random.default_rng(0)
   params = {"llm": {"kernel": jax.numpy.asarray(rng.normal(size=(8, 8)), jax.numpy.float32)}}

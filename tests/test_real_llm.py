@@ -103,9 +103,9 @@ QUESTION = "Who wrote Romeo and Juliet?"
 
 def smol_config(phase: str, data_dir: str, tokenizer: str, init_from: str, steps: int):
   """configs/<phase>.py with the mgm_smol preset on the tiny sample, a few steps of 2 rows."""
-  from mgjax import config as mgjax_config
+  from mgjax import config_files
 
-  c = mgjax_config.load_config_file(os.path.join(REPO, "configs", f"{phase}.py"), "model=mgm_smol,data=sample:tiny")
+  c = config_files.load_config_file(os.path.join(REPO, "configs", f"{phase}.py"), "model=mgm_smol,data=sample:tiny")
   c.data.data_dir = data_dir
   c.model.tokenizer = tokenizer
   c.init_from = init_from
@@ -181,7 +181,7 @@ def test_import_with_another_config_prints_overrides_that_work(smollm2_dir, tmp_
   needs: a vocabulary with room for <image>, a template that marks answers, the tokenizer."""
   import ml_collections
 
-  from mgjax import checkpoint, config as mgjax_config, decode, stages, run_files
+  from mgjax import checkpoint, config_files, decode, stages, run_files
   from mgjax.convert.__main__ import main as convert
   from mgjax.data import tokenizer as tokenizers
 
@@ -201,7 +201,7 @@ def test_import_with_another_config_prints_overrides_that_work(smollm2_dir, tmp_
   assert checkpoint.locate(out, require_finished=True, step=0) == (out, 0)
 
   # The trainer's checks pass with the overrides applied as main applies them.
-  config = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage1.py"))
+  config = config_files.load_config_file(os.path.join(REPO, "configs", "stage1.py"))
   for key, value in overrides.items():
     *path, leaf = key[len("--config."):].split(".")
     node = config

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import REPO, tiny_config
-from mgjax import checkpoint, config as config_lib, decode, locks, preemption, reports, stages, train
+from mgjax import base_config, checkpoint, decode, locks, preemption, reports, stages, train
 
 HOLD = """
 import sys, time
@@ -130,7 +130,7 @@ def test_init_from_a_run_whose_result_checkpoint_is_gone_is_refused(stage1, tmp_
 ])
 def test_step_counts_that_cannot_run_are_refused_before_any_work(tmp_path, overrides, named):
   config = tiny_config(1, str(tmp_path / "data"), **overrides)
-  with pytest.raises(config_lib.ConfigError, match=f"^config cannot run: {__import__('re').escape(named)}"):
+  with pytest.raises(base_config.ConfigError, match=f"^config cannot run: {__import__('re').escape(named)}"):
     train.run(config, str(tmp_path / "run"))
   assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
 

@@ -180,9 +180,9 @@ def test_no_tpu_errors_from_a_cpu_host(tmp_path):
 
 
 def test_config_paths_resolve_from_any_directory(tmp_path, monkeypatch):
-  from mgjax import config as mgjax_config
+  from mgjax import config_files
 
-  repo = os.path.dirname(mgjax_config.CONFIGS_DIR)
+  repo = os.path.dirname(config_files.CONFIGS_DIR)
   monkeypatch.chdir(tmp_path)
   argv = ["prog", "--config=configs/stage2.py:model=sample", "--config.train.steps=3", "--workdir=w"]
   resolved = runtime.resolve_config_paths(argv)
@@ -195,18 +195,18 @@ def test_config_paths_resolve_from_any_directory(tmp_path, monkeypatch):
 
 
 def test_a_data_config_of_your_own_from_anywhere_on_disk(tmp_path):
-  from mgjax import config as mgjax_config
+  from mgjax import config_files
 
   mine = tmp_path / "elsewhere" / "my_mix.py"
   mine.parent.mkdir()
-  text = open(os.path.join(mgjax_config.CONFIGS_DIR, "data", "sample.py")).read()
+  text = open(os.path.join(config_files.CONFIGS_DIR, "data", "sample.py")).read()
   mine.write_text(text.replace('c.name = "sample"', 'c.name = "my_mix"'))
-  c = mgjax_config.load_config_file(os.path.join(mgjax_config.CONFIGS_DIR, "stage1.py"), f"data={mine}:tiny")
+  c = config_files.load_config_file(os.path.join(config_files.CONFIGS_DIR, "stage1.py"), f"data={mine}:tiny")
   assert c.data.recipe.name == "sample_tiny"  # its own :tiny preset applied
-  c = mgjax_config.load_config_file(os.path.join(mgjax_config.CONFIGS_DIR, "stage1.py"), f"data={mine}")
+  c = config_files.load_config_file(os.path.join(config_files.CONFIGS_DIR, "stage1.py"), f"data={mine}")
   assert c.data.recipe.name == "my_mix"
   with pytest.raises(ValueError, match="my_other_mix.py does not exist"):
-    mgjax_config.load_config_file(os.path.join(mgjax_config.CONFIGS_DIR, "stage1.py"), "data=my_other_mix.py")
+    config_files.load_config_file(os.path.join(config_files.CONFIGS_DIR, "stage1.py"), "data=my_other_mix.py")
 
 
 def test_an_installed_package_finds_its_configs_from_any_directory(tmp_path):
@@ -236,8 +236,8 @@ def test_an_installed_package_finds_its_configs_from_any_directory(tmp_path):
   ], capture_output=True, text=True, timeout=300)
   assert install.returncode == 0, install.stderr[-2000:]
   site = next(prefix.glob("lib/python*/site-packages"))
-  code = ("import mgjax, sys; from mgjax import config, runtime; print(mgjax.__file__); print(config.CONFIGS_DIR); "
-          "print(config.preset('models', 'mgm_7b').llm.layers); "
+  code = ("import mgjax, sys; from mgjax import config_files, runtime; print(mgjax.__file__); "
+          "print(config_files.CONFIGS_DIR); print(config_files.preset('models', 'mgm_7b').llm.layers); "
           "print(runtime.resolve_config_paths(['p', '--config=configs/stage2.py:model=sample'])[1])")
   env = dict(os.environ, PYTHONPATH=str(site))
   done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from mgjax import config as mgjax_config, plan
+from mgjax import config_files, plan
 
 
 @pytest.mark.parametrize("name, topology, chips", [
@@ -62,7 +62,7 @@ def test_scanned_decoder_and_chunked_loss_cost_the_same_as_the_unrolled_program(
   # A scanned decoder with remat and a chunked loss: loops whose bodies the TPU compiler's cost
   # analysis counts once. plan's figures (from loop-free twins) must equal those of the same
   # model compiled without loops. Text only (no image slot) keeps the compiles short.
-  config = mgjax_config.load_config_file(os.path.join(REPO, "configs", "stage2.py"), "data=sample:tiny")
+  config = config_files.load_config_file(os.path.join(REPO, "configs", "stage2.py"), "data=sample:tiny")
   config.mesh.data, config.mesh.fsdp, config.data.max_images = 1, -1, 0
   config.model.llm.remat, config.train.loss_chunk = "full", 32
   devices = plan.tpu_devices("v5e-4")

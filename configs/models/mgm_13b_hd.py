@@ -1,13 +1,13 @@
 """Mini-Gemini 13B HD (MGM-13B-HD): mgm_13b with a 2x2 grid of 336 px crops plus the
-global view for CLIP and the ConvNeXt at 1536 px (mgjax.config.hd_variant), as
+global view for CLIP and the ConvNeXt at 1536 px (mgjax.presets.hd_variant), as
 YanweiLi/MGM-13B-HD was trained.
 
 Select with --config=configs/stage1.py:model=mgm_13b_hd.
 """
 
-from mgjax import config as mgjax_config
+from mgjax import config_files, presets
 
 
 def get_config(arg: str | None = None):
   del arg  # one preset; the argument keeps the big_vision get_config(arg) signature
-  return mgjax_config.hd_variant(mgjax_config.preset("models", "mgm_13b"))
+  return presets.hd_variant(config_files.preset("models", "mgm_13b"))

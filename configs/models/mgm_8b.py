@@ -7,12 +7,12 @@ Weights come from `python -m mgjax.convert import-mgm`. Select with
 --config=configs/stage1.py:model=mgm_8b; its HD variant is mgm_8b_hd.
 """
 
-from mgjax import config as mgjax_config
+from mgjax import presets
 
 
 def get_config(arg: str | None = None):
   del arg  # one preset; the argument keeps the big_vision get_config(arg) signature
-  return mgjax_config.mini_gemini(
+  return presets.mini_gemini(
       # --learning_rate 2e-5 in its fine-tuning, scripts/llama3/train/stage_1_2_full_v8b_336_hr_768.sh.
       lr=2e-5,
       vocab_size=128384,

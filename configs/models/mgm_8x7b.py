@@ -5,12 +5,12 @@ Weights come from `python -m mgjax.convert import-mgm`. Select with
 --config=configs/stage1.py:model=mgm_8x7b; its HD variant is mgm_8x7b_hd.
 """
 
-from mgjax import config as mgjax_config
+from mgjax import presets
 
 
 def get_config(arg: str | None = None):
   del arg  # one preset; the argument keeps the big_vision get_config(arg) signature
-  return mgjax_config.mini_gemini(
+  return presets.mini_gemini(
       # Fine-tuning as scripts/mixtral/train/stage_1_2_full_mixtral_8x7b_336_hr_768.sh:
       # --learning_rate 1e-5, --lr_multi "model.mm_projector:2,model.vlm_uni:2".
       lr=1e-5,

@@ -13,7 +13,7 @@ sample preset does. The LLM comes from import-llm, its tokenizer from the folder
       --config=configs/stage1.py:model=mgm_smol
   python -m mgjax.main --config=configs/pretrain.py:model=mgm_smol --config.init_from=runs/smol ...
 
-Its training values are Mini-Gemini's (mgjax.config.mgm_training: pretraining at 1e-3,
+Its training values are Mini-Gemini's (mgjax.presets.mgm_training: pretraining at 1e-3,
 fine-tuning at MGM-2B/7B/8B's 2e-5, no weight decay, 3% warmup, cosine to 0, AdamW 0.9/0.999,
 no clipping), with batches and steps sized for the bundled sample on a CPU instead of 1 epoch
 of the real mix at batch 128.
@@ -21,16 +21,16 @@ of the real mix at batch 128.
 
 import ml_collections
 
-from mgjax import config as mgjax_config
+from mgjax import config_files, presets
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg  # one preset; the argument keeps the big_vision get_config(arg) signature
-  sample = mgjax_config.preset("models", "sample")
+  sample = config_files.preset("models", "sample")
   # Mini-Gemini's fine-tuning values (lr 2e-5, no weight decay, 3% warmup, cosine to 0, AdamW
   # 0.9/0.999, no clipping; stage 2 at half the rate), with the sample's batches and lengths
   # instead of a cluster's: 8 rows a step, a few hundred steps, not 1 epoch of the mix at 128.
-  training = mgjax_config.mgm_training(2e-5)
+  training = presets.mgm_training(2e-5)
   for phase, steps in (("pretrain", 100), ("stage1", 150), ("stage2", 50)):
     training[phase]["data"]["batch_size"] = 8
     training[phase]["train"] = dict(epochs=0.0, steps=steps)

@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
               scan_layers=False),
           vision_lowres=dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp=256, feature_layer=-2),
           vision_highres=dict(image_size=64, dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)),
-          # Per phase (mgjax.config.apply_training), what the sample runs were tuned with: a tiny
+          # Per phase (mgjax.presets.apply_training), what the sample runs were tuned with: a tiny
           # model trained from scratch on a few thousand conversations takes a high rate, warmed
           # up over fixed steps, with weight decay and clipping; stage 2 starts at stage 1's final
           # 1e-4 (1e-3 x 0.1). Batches and lengths stay the stage files' (16 rows, train.steps).

@@ -111,10 +111,10 @@ def import_llm(argv: Sequence[str]) -> int:
   args = parser.parse_args(argv)
 
   import ml_collections
-  from mgjax import config as mgjax_config
+  from mgjax import config_files
   from mgjax.convert import checkpoints, files, llm
   path, _, arg = args.config.partition(":")
-  config = mgjax_config.load_config_file(path, arg or None)
+  config = config_files.load_config_file(path, arg or None)
   model = config.model.to_dict()
   found, hf_vocab = llm.llm_config_from_hf(files.read_config(args.hf_dir))
   found["remat"] = model["llm"].get("remat", "none")

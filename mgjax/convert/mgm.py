@@ -44,11 +44,11 @@ def import_mgm(argv: Sequence[str]) -> int:
   import ml_collections
   import numpy as np
   from flax import nnx
-  from mgjax import config as mgjax_config
+  from mgjax import config_files
   from mgjax.convert import checkpoints, files, llm
   from mgjax.models.vlm import MiniGemini
   path, _, arg = args.config.partition(":")
-  config = mgjax_config.load_config_file(path, arg or None)
+  config = config_files.load_config_file(path, arg or None)
   model_cfg = config.model.to_dict()
   llm_dir = args.mgm_dir or args.llm_dir
   _, hf_vocab = llm.llm_config_from_hf(files.read_config(llm_dir))
