@@ -409,8 +409,8 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], llm: Mapping[str, Any], vo
                           f"({vocab_size} tokens)")
   unused = sorted(n for n in names if n not in in_decoder and not _RECOMPUTED.fullmatch(n[len(prefix):]))
   if llm.get("scan_layers", False):
-    from mgjax.models import llm as decoder
-    params = decoder.stack_layers(params)
+    from mgjax.models.llm import stack_layers
+    params = stack_layers(params)
   return params, unused
 
 
@@ -428,9 +428,9 @@ def hf_from_params(params: Mapping[str, Any], llm: Mapping[str, Any], *,
   params_from_hf), arrays cast to `dtype`."""
   e, h, d = (int(llm[x]) for x in ("hidden", "heads", "head_dim"))
   vocab_size = np.shape(params["embed_tokens"]["embedding"])[0]
-  from mgjax.models import llm as decoder
-  if decoder.is_stacked(params):
-    params = decoder.unstack_layers(params)
+  from mgjax.models.llm import is_stacked, unstack_layers
+  if is_stacked(params):
+    params = unstack_layers(params)
   out = {}
   for key, (_, path) in _layout(llm, vocab_size).items():
     node = params

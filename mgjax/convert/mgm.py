@@ -19,7 +19,7 @@ import argparse
 import os
 from collections.abc import Sequence
 
-from mgjax.convert import vision as convert_vision
+from mgjax.convert import vision
 
 
 def import_mgm(argv: Sequence[str]) -> int:
@@ -58,11 +58,10 @@ def import_mgm(argv: Sequence[str]) -> int:
   mgm = files.load_tensors(args.mgm_dir, allow_pickle=args.allow_pickle) if args.mgm_dir else {}
 
   def source_for(marker: str, fallback: str, what: str, flag: str) -> tuple[dict, str]:
-    if convert_vision.has_tensor_ending(mgm, marker):
+    if vision.has_tensor_ending(mgm, marker):
       return mgm, args.mgm_dir
     if not fallback:
-      raise convert_vision.CheckpointMismatch(
-          f'no {what}: {args.mgm_dir or "(no --mgm_dir)"} does not hold it; give {flag}')
+      raise vision.CheckpointMismatch(f'no {what}: {args.mgm_dir or "(no --mgm_dir)"} does not hold it; give {flag}')
     return files.load_tensors(fallback, allow_pickle=args.allow_pickle), fallback
 
   imported = {"llm": os.path.abspath(llm_dir)}
@@ -70,14 +69,14 @@ def import_mgm(argv: Sequence[str]) -> int:
   with jax.default_device(jax.devices("cpu")[0]), nnx.use_eager_sharding(False):
     model = MiniGemini(ml_collections.ConfigDict(model_cfg), rngs=nnx.Rngs(args.seed))
     tensors, src = source_for("embeddings.patch_embedding.weight", args.clip_dir, "low-res vision tower", "--clip_dir")
-    convert_vision.load_vit(model.vision_lowres, tensors, source=src)
+    vision.load_vit(model.vision_lowres, tensors, source=src)
     imported["vision_lowres"] = os.path.abspath(src)
     tensors, src = source_for("stem.0.weight", args.convnext, "ConvNeXt tower", "--convnext")
-    convert_vision.load_convnext(model.vision_highres, tensors, source=src)
+    vision.load_convnext(model.vision_highres, tensors, source=src)
     imported["vision_highres"] = os.path.abspath(src)
-    if convert_vision.has_tensor_ending(mgm, "vlm_uni_query_projector.0.weight"):
-      convert_vision.load_mining(model.mining, mgm, source=args.mgm_dir)
-      convert_vision.load_projector(model.projector, mgm, source=args.mgm_dir)
+    if vision.has_tensor_ending(mgm, "vlm_uni_query_projector.0.weight"):
+      vision.load_mining(model.mining, mgm, source=args.mgm_dir)
+      vision.load_projector(model.projector, mgm, source=args.mgm_dir)
       imported["mining"] = imported["projector"] = os.path.abspath(args.mgm_dir)
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.split(model)[1]))
   del model

@@ -28,7 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mgjax.data import images as image_processing
+from mgjax.data import images
 from mgjax.data.records import IMAGE_PLACEHOLDER
 
 
@@ -38,7 +38,7 @@ def _text(value: Any) -> str:
 
 def preprocess_image(data: bytes, size: int, mean: tuple, std: tuple) -> np.ndarray:
   """Decodes and preprocesses as transformers' CLIPImageProcessor at `size` (see data.images)."""
-  return image_processing.clip_preprocess(image_processing.decode(data), size, mean, std)
+  return images.clip_preprocess(images.decode(data), size, mean, std)
 
 
 class ConversationEncoder:
@@ -142,7 +142,7 @@ class ConversationEncoder:
         **self._images(example, num_slots=num_images, pad=False)
     }
 
-  def encode_prompt(self, messages: list[dict[str, str]], images: list[bytes] = ()) -> dict[str, np.ndarray]:
+  def encode_prompt(self, messages: list[dict[str, str]], image_files: list[bytes] = ()) -> dict[str, np.ndarray]:
     """A conversation up to the assistant's next turn, as the model input for generation.
 
     The same template, <image> expansion and image preprocessing as training, with the
@@ -150,7 +150,7 @@ class ConversationEncoder:
 
     Args:
       messages: [{"role": ..., "content": ...}], the last one usually the user's.
-      images: encoded image files (PNG, JPEG, ...), one per <image> in the messages, in order.
+      image_files: encoded image files (PNG, JPEG, ...), one per <image> in the messages, in order.
 
     Returns:
       input_ids [P] int32, images_lowres [max_images, l, l, 3] (with image_grid >= 2
@@ -161,13 +161,13 @@ class ConversationEncoder:
     token_ids = list(encoded["input_ids"])
     ids, _ = self._expand_images(token_ids, [0] * len(token_ids))
     num_placeholders = int((ids == self.image_token_id).sum()) // self.num_image_tokens
-    if num_placeholders != len(images):
+    if num_placeholders != len(image_files):
       raise ValueError(
-          f"the messages hold {num_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s) were given"
+          f"the messages hold {num_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(image_files)} image(s) were given"
       )
-    if len(images) > self.max_images:
-      raise ValueError(f"{len(images)} images but the model was trained with data.max_images={self.max_images}")
-    return {"input_ids": ids, **self._images({"images": images}, num_slots=len(images))}
+    if len(image_files) > self.max_images:
+      raise ValueError(f"{len(image_files)} images but the model was trained with data.max_images={self.max_images}")
+    return {"input_ids": ids, **self._images({"images": image_files}, num_slots=len(image_files))}
 
   def _expand_images(self, ids: list[int], assistant: list[int]) -> tuple[np.ndarray, np.ndarray]:
     out_ids, out_mask = [], []
@@ -201,17 +201,16 @@ class ConversationEncoder:
     return ids, assistant
 
   def _images(self, example: dict, num_slots: int, pad: bool = True) -> dict[str, np.ndarray]:
-    images = list(example["images"])[:min(num_slots, self.max_images)]
-    slots = self.max_images if pad else len(images)
+    image_files = list(example["images"])[:min(num_slots, self.max_images)]
+    slots = self.max_images if pad else len(image_files)
     lowres = np.zeros((slots, *self.lowres_shape), np.float32)
     highres = np.zeros((slots, self.highres_size, self.highres_size, 3), np.float32)
-    for i, data in enumerate(images):
+    for i, data in enumerate(image_files):
       # As Mini-Gemini: the high-res input through the CLIP processor, the low-res view(s)
       # resized down from it (data.images.mgm_views).
-      lowres[i], highres[i] = image_processing.mgm_views(image_processing.decode(data), self.lowres_size,
-                                                         self.highres_size, self.image_mean, self.image_std,
-                                                         grid=self.image_grid, global_view=self.image_global,
-                                                         pad_to_square=self.pad_to_square)
+      lowres[i], highres[i] = images.mgm_views(images.decode(data), self.lowres_size, self.highres_size,
+                                               self.image_mean, self.image_std, grid=self.image_grid,
+                                               global_view=self.image_global, pad_to_square=self.pad_to_square)
     return {"images_lowres": lowres, "images_highres": highres}
 
 
@@ -288,14 +287,14 @@ def train_iterator(source, encoder: ConversationEncoder, *, batch_size: int, see
 
 def pack(examples: grain.IterDataset, encoder: ConversationEncoder, *, num_bins: int) -> grain.IterDataset:
   """Unpadded examples (ConversationEncoder.unpadded) -> packed rows in the batch layout."""
-  tokens, images = encoder.seq_len, encoder.max_images
+  tokens, slots = encoder.seq_len, encoder.max_images
   packed = grain.experimental.FirstFitPackIterDataset(
       examples, length_struct={
           "input_ids": tokens,
           "targets": tokens,
           "loss_mask": tokens,
-          "images_lowres": images,
-          "images_highres": images
+          "images_lowres": slots,
+          "images_highres": slots
       }, num_packing_bins=num_bins, shuffle_bins=False)
 
   def to_batch_layout(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ from typing import IO, Any, Iterator
 from etils import epath
 from PIL import Image
 
-from mgjax.data import images as image_checks, records
+from mgjax.data import images, records
 from mgjax.data.records import Record, Rejection
 
 # Short, stable names for why a record was dropped: the data card counts by these, while
@@ -82,7 +82,7 @@ def finish(record: Record, file: str, where: str, category: str | None = None) -
 def load_images(record: Record, file: str, where: str) -> Record | Rejection:
   """Replaces the record's image paths by the files' bytes, each decoded once in full to
   prove it is an image; a missing or undecodable file rejects the record."""
-  images = []
+  loaded = []
   for image in record.images:
     problem = not_regular_file(str(image))
     if problem is not None:
@@ -103,7 +103,7 @@ def load_images(record: Record, file: str, where: str) -> Record | Rejection:
       with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # size_problem says it
         with Image.open(io.BytesIO(data)) as img:
-          problem = image_checks.size_problem(*img.size)
+          problem = images.size_problem(*img.size)
           if problem is None:
             img.load()
     except Image.DecompressionBombError as e:  # more than twice PIL's limit: refused by open
@@ -114,8 +114,8 @@ def load_images(record: Record, file: str, where: str) -> Record | Rejection:
     if problem is not None:
       return Rejection(record.source, file, where, f"image {image} {problem}", kind="bad_image_size", id=record.id,
                        messages=record.messages)
-    images.append(data)
-  record.images = images
+    loaded.append(data)
+  record.images = loaded
   return record
 
 
