@@ -15,7 +15,7 @@ import pytest
 from conftest import sample_recipe_over_files, tiny_config
 from mgjax import config_files
 from mgjax.data import build, datasets
-from mgjax.data import tokenizer as tokenizers
+from mgjax.data import chat_tokenizers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TEXT = "Draw a scarlet disc on a blue square, please."
@@ -48,11 +48,11 @@ def test_building_another_version_leaves_a_versions_tokenizer_as_it_was(two_vers
   assert _files(a.tokenizer_dir) == a_files
   again = datasets.load_built(_tiny(), data_dir)
   assert again.tokenizer_dir == a.tokenizer_dir
-  tok_a, tok_b = tokenizers.load(again.tokenizer_dir), tokenizers.load(b.tokenizer_dir)
+  tok_a, tok_b = chat_tokenizers.load(again.tokenizer_dir), chat_tokenizers.load(b.tokenizer_dir)
   # The seeds' texts train different vocabularies: had B replaced A's, A's text would now
   # encode to other ids.
   assert tok_a.encode(TEXT) != tok_b.encode(TEXT)
-  assert tokenizers.fingerprint(tok_a) != tokenizers.fingerprint(tok_b)
+  assert chat_tokenizers.fingerprint(tok_a) != chat_tokenizers.fingerprint(tok_b)
 
 
 def test_a_build_from_before_tokenizers_were_versioned_still_opens_with_the_shared_one(two_versions, tmp_path):
@@ -75,7 +75,7 @@ def test_a_run_refuses_a_checkpoint_trained_with_another_tokenizer(two_versions,
   workdir = str(tmp_path / "stage1")
   train.run(tiny_config(1, data_dir, steps=2), workdir)
   meta = checkpoint.Checkpoints(workdir, read_only=True).meta(2)
-  assert meta["tokenizer"]["fingerprint"] == tokenizers.fingerprint(tokenizers.load(a.tokenizer_dir))
+  assert meta["tokenizer"]["fingerprint"] == chat_tokenizers.fingerprint(chat_tokenizers.load(a.tokenizer_dir))
   assert meta["tokenizer"]["path"] == a.tokenizer_dir
   saved_tokenizer = _files(os.path.join(workdir, "tokenizer"))
 

@@ -10,7 +10,7 @@ from conftest import REPO, load_params
 from mgjax import checkpoint, config_files, recipe
 from mgjax import run_files
 from mgjax.data import build
-from mgjax.data import tokenizer as tokenizers
+from mgjax.data import chat_tokenizers
 from mgjax.models import vlm
 
 
@@ -52,7 +52,7 @@ def test_recipe_runs_three_phases_and_pretraining_moves_only_mining_and_projecto
   # Pretraining changed mining and the projector, and nothing else, bit for bit.
   c = configs["pretrain"]
   dataset = build.ensure_built(c.data.recipe, data_dir)
-  tok = tokenizers.apply_template(tokenizers.load(dataset.tokenizer_dir), "plain")
+  tok = chat_tokenizers.apply_template(chat_tokenizers.load(dataset.tokenizer_dir), "plain")
   model_cfg = run_files.resolve_model_config(c.model, tok)
   initial = jax.jit(lambda: nnx.split(vlm.MiniGemini(model_cfg, rngs=nnx.Rngs(c.seed)))[1].to_pure_dict())()
   trained, _ = load_params(str(tmp_path / "pretrain"), 2)

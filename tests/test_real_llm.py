@@ -183,7 +183,7 @@ def test_import_with_another_config_prints_overrides_that_work(smollm2_dir, tmp_
 
   from mgjax import checkpoint, config_files, decode, stages, run_files
   from mgjax.convert.__main__ import main as convert
-  from mgjax.data import tokenizer as tokenizers
+  from mgjax.data import chat_tokenizers
 
   out = str(tmp_path / "import")
   assert convert([
@@ -208,7 +208,7 @@ def test_import_with_another_config_prints_overrides_that_work(smollm2_dir, tmp_
     for part in path:
       node = node[part]
     node[leaf] = type(node[leaf])(eval(value)) if not isinstance(node[leaf], str) else value  # noqa: S307
-  tokenizer = tokenizers.apply_template(tokenizers.load(config.model.tokenizer), config.model.template)
+  tokenizer = chat_tokenizers.apply_template(chat_tokenizers.load(config.model.tokenizer), config.model.template)
   model_cfg = run_files.resolve_model_config(ml_collections.ConfigDict(config.model.to_dict()), tokenizer)
   assert model_cfg.image_token_id == 49152
 

@@ -56,18 +56,18 @@ def _readied_tokenizer(hf_dir: str, template: str):
   template) for a folder without one. A tokenizer whose own chat template marks no answers gets
   mgjax's template of the same layout (the caller prints it as an override)."""
   from mgjax.convert import llm
-  from mgjax.data import tokenizer as tokenizers
+  from mgjax.data import chat_tokenizers
   if not os.path.exists(os.path.join(hf_dir, "tokenizer_config.json")):
     return None, template
-  tok = tokenizers.load(hf_dir)
-  if not template and not tokenizers.marks_answers(tok):
-    layout = (tokenizers.matching_templates(tok) or (None,))[0]
+  tok = chat_tokenizers.load(hf_dir)
+  if not template and not chat_tokenizers.marks_answers(tok):
+    layout = (chat_tokenizers.matching_templates(tok) or (None,))[0]
     if layout is None:
       raise llm.ConversionError(
-          tokenizers.own_template_refusal(tok) + "; import with a --config whose model.template "
+          chat_tokenizers.own_template_refusal(tok) + "; import with a --config whose model.template "
           "is set")
     template = layout
-  return tokenizers.apply_template(tok, template), template
+  return chat_tokenizers.apply_template(tok, template), template
 
 
 def _bytes(text: str) -> int:
