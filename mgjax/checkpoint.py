@@ -278,8 +278,11 @@ class Checkpoints:
           step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
     except Exception as e:  # whatever orbax or tensorstore raise for unreadable files
       raise CheckpointCorrupt(f"checkpoint {where} cannot be read: {type(e).__name__}: {_first_line(e)}") from e
-    _check_checksums(where, restored["meta"] or {}, {"params": restored["params"]})
-    return restored["params"], restored["meta"]
+    meta = restored["meta"]
+    if not isinstance(meta, dict):
+      raise CheckpointCorrupt(f"checkpoint {where}: its meta item is empty or not a dict")
+    _check_checksums(where, meta, {"params": restored["params"]})
+    return restored["params"], meta
 
   def param_metadata(self, step: int) -> Any:
     """The saved params' tree of ArrayMetadata (shape, dtype, sharding), read without loading."""
@@ -322,15 +325,22 @@ def _first_line(e: BaseException) -> str:
 
 
 def _check_checksums(where: epath.Path, meta: dict, restored: Any) -> None:
-  """Raises CheckpointCorrupt when a restored item's checksum differs from the saved one.
-  Checkpoints written before these checksums existed (none, or the older "fingerprints")
-  are not checked. Every process gets the same sums, so all of them agree on the verdict."""
-  for item, saved in sorted((meta.get("checksums") or {}).items()):
-    if item in _CHECKSUMMED and restored.get(item) is not None:
-      found = checksum(restored[item])
-      if found != saved:
-        raise CheckpointCorrupt(f"checkpoint {where}: {item} reads back changed (checksum "
-                                f"{found}, saved {saved}): a file was damaged after it was written")
+  """Raises CheckpointCorrupt when a restored item's checksum differs from the one `save` put in
+  meta, or meta has none for it. An import's checkpoint (python -m mgjax.convert import-*, meta
+  "imported") is written without them, so it is not checked. Every process gets the same sums,
+  so all of them agree on the verdict."""
+  if meta.get("imported"):
+    return
+  sums = meta.get("checksums")
+  for item in sorted(k for k in _CHECKSUMMED if restored.get(k) is not None):
+    saved = sums.get(item) if isinstance(sums, dict) else None
+    if saved is None:
+      raise CheckpointCorrupt(f"checkpoint {where}: its meta holds no checksum of {item} (damaged after it "
+                              "was written)")
+    found = checksum(restored[item])
+    if found != saved:
+      raise CheckpointCorrupt(f"checkpoint {where}: {item} reads back changed (checksum "
+                              f"{found}, saved {saved}): a file was damaged after it was written")
 
 
 def check_params_fit(checkpoints: Checkpoints, step: int, abstract_params: Any) -> None:

@@ -28,6 +28,13 @@ def _truncate(path: str) -> None:
   open(path, "wb").write(data[:len(data) // 2])
 
 
+def _drop_checksums(step: str) -> None:
+  path = os.path.join(step, "meta", "metadata")
+  meta = json.loads(open(path).read())
+  del meta["checksums"]
+  open(path, "w").write(json.dumps(meta))
+
+
 CORRUPTIONS = {
     "truncated params file": lambda step: _truncate(_biggest_file(os.path.join(step, "params"))),
     "missing params file": lambda step: os.remove(_biggest_file(os.path.join(step, "params"))),
@@ -35,6 +42,8 @@ CORRUPTIONS = {
     "flipped bit in optimizer state": lambda step: _flip_bit(_biggest_file(os.path.join(step, "opt_state"))),
     "missing item": lambda step: __import__("shutil").rmtree(os.path.join(step, "opt_state")),
     "empty meta": lambda step: open(os.path.join(step, "meta", "metadata"), "w").close(),
+    # Every checkpoint `save` writes has them: without them the arrays cannot be checked.
+    "meta without checksums": _drop_checksums,
     "missing data-iterator state": lambda step: os.remove(os.path.join(step, "data", "process_0-of-1.json")),
 }
 

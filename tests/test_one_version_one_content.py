@@ -55,19 +55,6 @@ def test_building_another_version_leaves_a_versions_tokenizer_as_it_was(two_vers
   assert chat_tokenizers.fingerprint(tok_a) != chat_tokenizers.fingerprint(tok_b)
 
 
-def test_a_build_from_before_tokenizers_were_versioned_still_opens_with_the_shared_one(two_versions, tmp_path):
-  import shutil
-
-  data_dir, a, _, _ = two_versions
-  old = tmp_path / "data"
-  shutil.copytree(data_dir, old)
-  version_dir = old / "mgjax_instructions/sample_tiny/1.4.0"
-  shutil.move(version_dir / "tokenizer", old / "tokenizers/sample_tiny")  # where such builds kept it
-  legacy = datasets.load_built(_tiny(), str(old))
-  assert legacy.tokenizer_dir == str(old / "tokenizers/sample_tiny")
-  assert legacy.splits == a.splits
-
-
 def test_a_run_refuses_a_checkpoint_trained_with_another_tokenizer(two_versions, tmp_path):
   from mgjax import checkpoint, train
 

@@ -87,7 +87,6 @@ def test_threshold_and_synonyms_are_settings():
           }
       }}))
   assert prompts.report(conversations, checks=taught)["coverage"]["below_0.9"] == 0
-  assert prompts.low_count({"below_0.5": 3}) == (0.5, 3)  # a card written before the threshold was a setting
   with pytest.raises(ValueError, match=r"prompt_checks.low_coverage=2: a share of the request's words, 0 to 1"):
     prompts.Settings.from_dict({"low_coverage": 2})
   with pytest.raises(ValueError, match=r"prompt_checks: unknown keys \['low'\]"):

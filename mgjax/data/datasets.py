@@ -12,7 +12,6 @@ import json
 import os
 from typing import Any, Sequence
 
-from absl import logging
 import ml_collections
 import tensorflow_datasets as tfds
 from etils import epath
@@ -113,7 +112,7 @@ def describe_change(before: dict[str, Any], after: dict[str, Any]) -> str:
 
 def changed_sources(data_cfg: ml_collections.ConfigDict, data_dir: str, out: epath.Path) -> list[str]:
   """Each source file that differs from what `out`'s build read, as "source NAME (PATH): what
-  changed"; none when `out` has no record (no build, or one from before records were kept).
+  changed"; none when `out` has no record (no build there, or one stopped before it wrote it).
 
   A file that is not here is not compared: a pod worker sees the built dataset, not its
   sources. A file whose size and mtime match is taken as unchanged without reading it; one
@@ -181,29 +180,11 @@ def load_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> BuiltDatas
     raise ValueError(f"{out / 'data_card.json'} is damaged ({type(e).__name__}: {e}). Rebuild the version: "
                      f"`python -m mgjax.data.build --config=<its data config> --data_dir={data_dir} --overwrite` "
                      "(the same config and sources build the same content)") from None
-  tokenizer_dir = trained_tokenizer(data_cfg, data_dir) if data_cfg.tokenizer.get("train") else card["tokenizer"]
+  # A trained tokenizer is in the version's folder, found there wherever the data_dir now is (copied
+  # to a bucket, mounted at another path), not where the build wrote it (the card's path).
+  tokenizer_dir = str(out / TOKENIZER) if data_cfg.tokenizer.get("train") else card["tokenizer"]
   return BuiltDataset(name=card["name"], version=card["version"], data_dir=str(data_dir), dataset_dir=str(out),
                       tokenizer_dir=tokenizer_dir, splits=card["splits"])
-
-
-def trained_tokenizer(data_cfg: ml_collections.ConfigDict, data_dir: str) -> str:
-  """The tokenizer a build of data_cfg trained: in its version's folder, found there wherever
-  the data_dir now is (copied to a bucket, mounted at another path), not where the build wrote it.
-
-  Builds made before tokenizers were kept per version have it in DATA_DIR/tokenizers/<name>,
-  shared by every version of the name (a later version's build replaced it); that folder is
-  used, with a warning, until the version is rebuilt with --overwrite.
-  """
-  own = dataset_dir(data_cfg, data_dir) / TOKENIZER
-  if (own / "tokenizer.json").exists():
-    return str(own)
-  shared = epath.Path(data_dir) / "tokenizers" / data_cfg.name
-  logging.warning(
-      "%s has no tokenizer of its own (built before tokenizers were kept per version); using %s, which "
-      "every version of %s shared and the latest build of any of them wrote. Rebuild it (python -m "
-      "mgjax.data.build ... --overwrite) to give this version its own", dataset_dir(data_cfg, data_dir), shared,
-      data_cfg.name)
-  return str(shared)
 
 
 def open_split(dataset: BuiltDataset, split: str) -> Sequence[dict[str, Any]]:

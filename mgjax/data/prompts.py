@@ -242,9 +242,8 @@ def qualities(data_cfg: ml_collections.ConfigDict) -> dict[str, filters.QualityC
 
 
 def low_count(coverage_section: dict[str, Any]) -> tuple[float, int]:
-  """(threshold, how many fell below it) of a card's `generation_prompts.coverage`, also of
-  a card written before the threshold was a setting."""
-  threshold = coverage_section.get("threshold", LOW_COVERAGE)
+  """(threshold, how many fell below it) of a card's `generation_prompts.coverage`."""
+  threshold = coverage_section["threshold"]
   return threshold, coverage_section[f"below_{threshold}"]
 
 

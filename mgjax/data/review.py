@@ -346,7 +346,7 @@ class Page:
   def context(self) -> dict[str, Any]:
     self.scan()
     kinds, clusters = self.rejected()
-    plots = [(p, _png(self.dir / p)) for p in self.card.get("plots", []) if (self.dir / p).exists()]
+    plots = [(p, _png(self.dir / p)) for p in self.card["plots"] if (self.dir / p).exists()]
     return {
         "card": self.card,
         "stale": self.stale,
@@ -360,8 +360,7 @@ class Page:
         # Work in progress is kept in the browser per dataset and starting review file: a page
         # made after the file changed starts from the new file, not from older work.
         "storage_key": f"mgjax-review/{self.card['name']}/{self.card['version']}/{self._prior_digest()}",
-        "low": prompts.low_count(self.card["generation_prompts"]["coverage"])
-               if "generation_prompts" in self.card else None,
+        "low": prompts.low_count(self.card["generation_prompts"]["coverage"]),
     }
 
 
@@ -436,13 +435,12 @@ textarea#export{width:100%;height:90px;font-family:monospace}
 dropped {{ r.applied.dropped }}, kept {{ r.applied.kept }}{% if r.kept_against %} (against {% for k, v in r.kept_against.items() %}{{ k }}: {{ v }}{% if not loop.last %}, {% endif %}{% endfor %}){% endif %};
 {{ r.refused|length }} refused; {{ r.not_found }} ids no longer found{% if r.not_found %}: {{ r.not_found_ids|join(", ") }}{% endif %}.</p>
 {% endif %}
-{% if card.generation_prompts is defined %}{% set g = card.generation_prompts %}
+{% set g = card.generation_prompts %}
 <h3>Generation prompts</h3>
 <p id="prompt-summary">{{ g.requests }} image requests: {{ g.missing_prompt }} without a prompt, {{ g.empty_prompt }} empty;
 language checked on {{ g.language.checked }}, unexpected on {{ g.language.unexpected }};
 coverage of request words mean {{ g.coverage.mean }}, p10 {{ g.coverage.p10 }}, {{ low[1] }} below {{ low[0] }};
 {{ g.repeated.prompts }} prompts answer {{ g.repeated.min_requests }}+ different requests ({{ g.repeated.records }} records).</p>
-{% endif %}
 <div class="plots">{% for name, uri in plots %}<img src="{{ uri }}" alt="{{ name }}">{% endfor %}</div>
 
 {% macro rec(r, can=true) %}
