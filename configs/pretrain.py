@@ -14,6 +14,8 @@ defaults for a preset without them. Stage 1 then starts from this phase's weight
   python -m mgjax.main --config=configs/stage1.py --workdir=runs/stage1 --config.init_from=runs/pretrain
 """
 
+import ml_collections
+
 from mgjax import base_config, config_files, presets
 
 # What the pretraining phase trains: Mini-Gemini's mm_projector and its vlm_uni_* (mining).
@@ -44,8 +46,7 @@ def get_config(arg=None):
   c.train.checkpoint_every = 50
   # The phase is judged by its caption loss; the instruction sets' decoded scores come later.
   c.eval.decode = False
-  c.eval.accuracy_splits = ()
-  c.eval.generation_splits = ()
+  c.evals = ml_collections.ConfigDict()
   c.early_stop.split = "val_caption"
   c.guard.drift_splits = ()
   presets.apply_training(c, "pretrain")

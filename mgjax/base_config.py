@@ -36,6 +36,9 @@ def check_train(c: ml_collections.ConfigDict) -> None:
       c.early_stop.split not in c.data.val_splits):
     problems.append(
         f"early_stop.split={c.early_stop.split!r} must be one of data.val_splits {tuple(c.data.val_splits)}")
+  from mgjax.evaluators import suite  # the evaluators' names and settings (loads jax: only when checking)
+
+  problems += suite.check(c)
   if problems:
     raise ConfigError("config cannot run: " + "; ".join(problems) + ". Fix them with --config.<field>=VALUE.")
 
@@ -143,22 +146,25 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   # bf16 peak for known TPUs/GPUs, the measured matmul rate on CPU (mgjax.throughput).
   c.train.peak_tflops = 0.0
 
-  # Scores beyond loss, by decoding the validation sets with the KV cache (mgjax.evaluate):
-  # at the start and the end of each stage, into WORKDIR/report.json and report.md.
+  # Scores beyond loss, by decoding the validation sets with the KV cache: how to decode.
   c.eval = ml_collections.ConfigDict()
-  c.eval.decode = True
+  c.eval.decode = True  # False: losses only
   c.eval.max_new_tokens = 96
   c.eval.batch_size = 32
-  # Splits whose answers are short and checkable by exact match (the sample's are).
-  c.eval.accuracy_splits = ("val_understanding",)
-  # Splits of generation requests (" <GEN>" -> "<h>prompt</h>"): format rate and prompt F1.
-  c.eval.generation_splits = ("val_generation",)
-  # Decode the weights a stage starts from too (the "before" of stage 2's report and its
-  # paired differences); losses are always measured.
   c.eval.score_start = True
   # A stage "held" a score when the 95% interval of its paired difference to where the stage
   # started rules out a drop larger than this (mgjax.stats.verdict).
   c.eval.hold_margin = 0.02
+  # The decoded evaluators (mgjax/evaluators/, by name), each with its splits and how often
+  # it runs: `every` N steps (logged to metrics.jsonl and TensorBoard), and always at the
+  # stage's start and on its result (report.json and report.md, with 95% intervals).
+  c.evals = ml_collections.ConfigDict()
+  # Short answers checkable by exact match (the sample's): accuracy and its chance level.
+  c.evals.understanding = dict(splits=("val_understanding",), every=0)
+  # Generation requests (" <GEN>" -> "<h>prompt</h>"): format rate, prompt F1 and exact match.
+  c.evals.generation = dict(splits=("val_generation",), every=0)
+  # Requests and ordinary questions together: a prompt exactly when an image is asked for.
+  c.evals.generation_intent = dict(splits=("val_generation", "val_understanding", "val_text"), every=0)
 
   # Keeps the best checkpoint of `split` (lowest loss) as the run's result; with patience
   # > 0 also stops after that many evaluations without an improvement of min_delta.

@@ -32,6 +32,8 @@ _SHOWN = {
     "val_generation": ("format_rate", "prompt_f1", "prompt_exact", "loss"),
     "val_text": ("loss",),
     "val_caption": ("loss",),  # the pretraining phase's
+    # Requests and ordinary questions together (mgjax.evaluators.generation_intent).
+    "generation_intent": ("intent_precision", "intent_recall", "missed_requests", "unasked_prompts"),
 }
 
 
@@ -88,6 +90,8 @@ def format_score(value: Any, ci95: Any = None) -> str:
   """A score with its 95% interval when it has one: "0.537 [0.517, 0.557]"; "-" for none."""
   if not isinstance(value, (int, float)):
     return "-"
+  if isinstance(value, int):  # a count (generation_intent's missed_requests)
+    return str(value)
   return f"{value:.3f}" + (f" [{ci95[0]:.3f}, {ci95[1]:.3f}]" if ci95 else "")
 
 
@@ -119,8 +123,10 @@ def markdown(report: dict[str, Any], columns: list[str]) -> str:
       "`chance`: answering each question with its most common training answer, without "
       "looking at the image. `format_rate`: share of generation requests answered with a "
       "well-formed `<h>...</h>` prompt; `prompt_f1`: token F1 of that prompt against the "
-      "reference; `prompt_exact`: share of prompts equal to it. `spurious_prompt_rate`: understanding answers that hold a `<h>` prompt.",
-      ""
+      "reference; `prompt_exact`: share of prompts equal to it. `spurious_prompt_rate`: understanding answers that hold a `<h>` prompt. "
+      "`generation_intent`, over requests and ordinary questions together: `intent_precision`, the share of answers "
+      "holding a prompt whose turn asked for an image; `intent_recall`, the share of image requests answered with a "
+      "prompt; `missed_requests`, requests that got none; `unasked_prompts`, ordinary questions that got one.", ""
   ]
   compared = report.get("compared") or {}
   if compared:

@@ -23,8 +23,10 @@ import dataclasses
 import math
 from typing import Any
 
+import logging
 from etils import epath
 import ml_collections
+import tqdm
 
 from mgjax import checkpoint
 
@@ -200,4 +202,75 @@ class EarlyStopping:
         "best_step": self.best_step,
         "best_value": None if self.best_step is None else self.best_value,
         "evals_without_improvement": self.evals_without_improvement
+    }
+
+
+class StopTraining(Exception):
+  """Ends the loop before its last step. `reason`: 'guard' (a bad loss or gradient),
+  'preempted' (SIGTERM or Ctrl-C), 'early_stop', or 'drift_stop' / 'drift_rollback'."""
+
+  def __init__(self, reason: str, step: int, message: str, last_good_checkpoint: str | None = None):
+    super().__init__(message)
+    self.reason, self.step, self.message = reason, step, message
+    self.last_good_checkpoint = last_good_checkpoint
+
+  def as_dict(self) -> dict[str, Any]:
+    """As report.json records it."""
+    out = {"reason": self.reason, "step": self.step, "message": self.message}
+    if self.reason == "guard":
+      out["last_good_checkpoint"] = self.last_good_checkpoint
+    return out
+
+
+class Validation:
+  """The stage's evaluations and the rules they drive.
+
+  Holds the validation losses by step (the start's and every evaluation's), the scores the
+  stage started from, the drift guard (stage 2: understanding must not drift from where the
+  stage started) and early stopping (which also tracks the best in-bounds evaluation). All of
+  it is saved in every checkpoint's meta (`state`), so it survives a lost metrics.jsonl.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, evaluator: Any, *, has_init: bool, val_start: dict[str, float],
+               start_scores: dict, saved: dict):
+    self.evaluator = evaluator
+    self.val_start, self.start_scores = val_start, start_scores
+    self.history = {int(s): v for s, v in (saved.get("val_history") or {}).items()}
+    self.history[0] = val_start
+    self.drift = DriftGuard(config.guard, val_start if has_init else None)
+    self.early_stop = EarlyStopping(config.early_stop, saved.get("early_stop"))
+    self.drift_log = list(saved.get("drift", []))
+
+  def evaluate(self, step: int, trainable: Any, frozen: Any) -> tuple[StopTraining | None, float | None]:
+    """Evaluates at `step`: (a stop the rules call for, the checkpoint's score for keeping the best)."""
+    losses = self.history[step] = self.evaluator.losses(step, trainable, frozen)
+    checked = self.drift.check(losses)
+    if checked.changes:
+      self.drift_log.append({"step": step, "changes": checked.changes, "within_bounds": checked.within_bounds})
+    stop = None
+    if self.early_stop.update(step, losses, checked.within_bounds):
+      stop = StopTraining(
+          "early_stop", step, f"{self.early_stop.split} did not improve for {self.early_stop.patience} "
+          f"evaluation(s); best {self.early_stop.best_value:.4f} at step {self.early_stop.best_step}")
+    if not checked.within_bounds:
+      message = (f"understanding drifted past guard.drift_threshold={self.drift.threshold:.0%} from where "
+                 f"this stage started ({checked.describe()}); lower optim.lr, cap train.steps, raise "
+                 "data.replay_fraction or use LoRA (lora.rank)")
+      if self.drift.action == "warn":
+        logging.warning("step %d: %s", step, message)
+        tqdm.tqdm.write(f"warning: step {step}: {message}")
+      else:
+        stop = StopTraining(f"drift_{self.drift.action}", step, message)
+    tqdm.tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()))
+    return stop, losses.get(self.early_stop.split) if checked.within_bounds else None
+
+  def state(self) -> dict[str, Any]:
+    return {
+        "start_scores": self.start_scores,
+        "early_stop": self.early_stop.state(),
+        "drift": self.drift_log,
+        "val_start": self.val_start,
+        "val_history": {
+            str(s): v for s, v in self.history.items()
+        },
     }

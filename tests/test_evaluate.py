@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mgjax import evaluate, reports
+from mgjax import reports
+from mgjax.evaluators import compare, decoding, text, understanding
 
 
 def example(category, *turns, images=()):
@@ -22,21 +23,21 @@ def example(category, *turns, images=()):
 
 
 def test_token_f1_is_squad_style():
-  assert evaluate.token_f1("A red circle.", "a red circle") == 1.0
+  assert text.token_f1("A red circle.", "a red circle") == 1.0
   # 2 of 3 predicted words are right, 2 of 4 reference words are found: P 2/3, R 1/2.
-  assert evaluate.token_f1("red blue circle", "a red circle here") == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
-  assert evaluate.token_f1("square", "circle") == 0.0
-  assert evaluate.token_f1("", "") == 1.0
+  assert text.token_f1("red blue circle", "a red circle here") == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+  assert text.token_f1("square", "circle") == 0.0
+  assert text.token_f1("", "") == 1.0
 
 
 def test_normalize_answer_ignores_case_punctuation_and_spacing():
-  assert evaluate.normalize_answer("  Two.  ") == "two"
-  assert evaluate.normalize_answer("The red one is a  Circle!") == "the red one is a circle"
+  assert text.normalize_answer("  Two.  ") == "two"
+  assert text.normalize_answer("The red one is a  Circle!") == "the red one is a circle"
 
 
 def test_assistant_turns_give_each_answer_its_history_and_images():
   source = [example("understanding", "<image>\nHow many?", "Two.", "What colour?", "Red.", images=[b"png"])]
-  items = list(evaluate.assistant_turns(source))
+  items = list(decoding.assistant_turns(source))
   assert [ref for _, _, ref in items] == ["Two.", "Red."]
   assert [len(prefix) for prefix, _, _ in items] == [1, 3]
   assert all(images == [b"png"] for _, images, _ in items)
@@ -45,7 +46,7 @@ def test_assistant_turns_give_each_answer_its_history_and_images():
 def test_chance_is_the_most_common_training_answer_per_question():
   train = [example("understanding", "<image>\nHow many shapes are there?", a) for a in ("Two.", "Two.", "One.")]
   train.append(example("text", "How many shapes are there?", "Ten."))  # not understanding: ignored
-  majority = evaluate.majority_answers(train)
+  majority = understanding.majority_answers(train)
   assert majority == {"how many shapes are there": ("two",)}
 
 
@@ -53,11 +54,11 @@ def test_chance_shares_credit_between_tied_answers_whatever_their_order():
   answers = ("Two.", "One.", "One.", "Two.", "Three.")
   for order in (answers, answers[::-1]):
     train = [example("understanding", "<image>\nHow many shapes are there?", a) for a in order]
-    assert evaluate.majority_answers(train) == {"how many shapes are there": ("one", "two")}
-  majority = evaluate.majority_answers(train)
+    assert understanding.majority_answers(train) == {"how many shapes are there": ("one", "two")}
+  majority = understanding.majority_answers(train)
   question = [{"role": "user", "content": "<image>\nHow many shapes are there?"}]
   # "one" is one of two tied answers (half a point), "three" is not a majority answer.
-  assert evaluate.chance([(question, "One."), (question, "Three.")], majority) == 0.25
+  assert understanding.chance([(question, "One."), (question, "Three.")], majority) == 0.25
 
 
 def _report_data(acc: float = 0.89):
@@ -142,9 +143,9 @@ def test_a_damaged_report_json_is_named_with_what_to_run(tmp_path, text):
 
 
 def test_scores_of_a_split_without_answers_are_absent_not_nan():
-  scores = evaluate._with_intervals({"accuracy": []}, [])
+  scores = decoding.with_intervals({"accuracy": []}, [])
   assert scores == {"num_answers": 0, "per_answer": {"record": [], "accuracy": []}}
-  assert evaluate.compare({"v": scores}, {"v": scores}, margin=0.02) == {}
+  assert compare.compare({"v": scores}, {"v": scores}, margin=0.02) == {}
 
 
 @pytest.mark.parametrize("lo, hi", [(4.37, 6.92), (6.70, 6.97), (0.052, 3.1), (2.0, 2.0)])

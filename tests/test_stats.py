@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from mgjax import evaluate, stats
+from mgjax import stats
+from mgjax.evaluators import compare
 
 
 def test_the_interval_covers_the_true_rate_about_95_times_in_100():
@@ -72,7 +73,7 @@ def test_compare_pairs_the_same_answers_and_flips_lower_is_better_scores():
   }
   before = evaluation(0)
   after = {**evaluation(1), "val_text": {"loss": 1.0}}
-  compared = evaluate.compare(after, before, margin=0.02)
+  compared = compare.compare(after, before, margin=0.02)
   assert set(compared) == {"val_understanding"}
   # The same answers on 7 records: nothing changed, but 7 records cannot rule out a drop
   # shown by fewer than 3 in 7 of all records (the rule of three).
@@ -85,7 +86,7 @@ def test_compare_pairs_the_same_answers_and_flips_lower_is_better_scores():
   assert compared["val_understanding"]["spurious_prompt_rate"]["verdict"] == "dropped"
   # Different answers (another validation set) are not compared.
   after["val_understanding"]["per_answer"]["record"] = [0, 1, 2, 3, 4, 5, 6, 7]
-  assert evaluate.compare(after, before, margin=0.02) == {}
+  assert compare.compare(after, before, margin=0.02) == {}
 
 
 def test_a_handful_of_answers_is_undecided_and_a_large_unchanged_set_is_held():
@@ -93,7 +94,7 @@ def test_a_handful_of_answers_is_undecided_and_a_large_unchanged_set_is_held():
   verdict says "held" only when the records are enough to rule out a drop past the margin."""
   for records, verdict in ((1, "undecided"), (20, "undecided"), (149, "undecided"), (151, "held")):
     same = {"val_understanding": {"per_answer": {"record": list(range(records)), "accuracy": [1.0] * records}}}
-    diff = evaluate.compare(same, same, margin=0.02)["val_understanding"]["accuracy"]
+    diff = compare.compare(same, same, margin=0.02)["val_understanding"]["accuracy"]
     assert diff["difference"] == 0.0 and diff["verdict"] == verdict, (records, diff)
     assert diff["ci95"] == pytest.approx([-3 / records, 3 / records] if records > 3 else [-1.0, 1.0])
 
