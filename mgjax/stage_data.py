@@ -106,8 +106,8 @@ def _tokenizer_record(tokenizer, source: str, template: str, dataset: datasets.B
 
 
 def _recorded_tokenizer(workdir: str, step: int) -> dict[str, Any] | None:
-  """The tokenizer record in a checkpoint's meta; None for a checkpoint without one (older,
-  imported) or whose meta does not read (the restore decides what to do with that one)."""
+  """The tokenizer record in a checkpoint's meta; None for a checkpoint without one (an
+  import's) or whose meta does not read (the restore decides what to do with that one)."""
   ckpts = checkpoint.Checkpoints(workdir, read_only=True)
   try:
     return ckpts.meta(step).get("tokenizer")

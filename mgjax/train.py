@@ -220,17 +220,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str, started: float) -> Sum
                       })
     else:
       # The guards' reference and the evaluations so far come from the checkpoint, so they
-      # survive a lost or truncated metrics.jsonl (older checkpoints: from the metrics).
-      val_start = start.saved.get("val_start") or metrics.val_losses_at(workdir, 0)
+      # survive a lost or truncated metrics.jsonl.
+      val_start = start.saved["val_start"]
       start_scores = start.saved["start_scores"]
     validation = stages.Validation(config, evals, has_init=bool(init_from), val_start=val_start,
                                    start_scores=start_scores, saved=start.saved)
-    if start.step and start.step not in validation.history:
-      validation.history[start.step] = metrics.val_losses_at(workdir, start.step)
     if start.step == 0 and init_from:
       validation.early_stop.update(0, val_start, within_bounds=True)  # the starting point is a candidate result
-    train_loss = (start.saved.get("train_loss", metrics.train_loss_at(workdir, start.step))
-                  if start.step else float("nan"))
+    train_loss = start.saved["train_loss"] if start.step else float("nan")
     window = throughput.Window(jax.process_count())
     progress = tqdm.tqdm(total=steps, initial=start.step, disable=jax.process_index() != 0,
                          desc=reports.stage_name(config.stage), dynamic_ncols=True)
@@ -303,7 +300,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, started: float) -> Sum
     result = stages.choose_result(config, validation.early_stop, stop and stop.reason, step, init_from, ckpts)
     result_params = (setup.merged(trainable, frozen) if result.step == step else stages.load_init_params(
         result.checkpoint, setup.abstract_params)[0])
-    val_result = validation.history.get(result.step) or metrics.val_losses_at(workdir, result.step)
+    val_result = validation.history[result.step]  # the result is always an evaluated step
     # A stage that never beat its start hands the start on: its scores are already measured.
     decoded_start = init_from and config.eval.score_start
     end_scores = (start_scores if result.step == 0 and decoded_start else evals.scores(

@@ -102,6 +102,39 @@ def test_the_trainer_reaches_no_data_building_code():
   assert sorted(reachable(graph, "mgjax.train") & DATA_BUILDING) == []
 
 
+def _package(module: str) -> str:
+  """mgjax.data.sources.lima -> mgjax.data; mgjax.train -> mgjax."""
+  parts = module.split(".")
+  return ".".join(parts[:2]) if len(parts) > 1 and (PACKAGE / parts[1]).is_dir() else "mgjax"
+
+
+# What each package may import from the rest of mgjax (README: Code map). mgjax/'s own
+# modules may import every package.
+MAY_IMPORT = {
+    "mgjax.models": {"mgjax.throughput"},
+    "mgjax.data": {"mgjax.atomic", "mgjax.locks", "mgjax.runtime", "mgjax.sharding", "mgjax.models.vlm"},
+    "mgjax.evaluators": {
+        "mgjax.decode", "mgjax.stats", "mgjax.metrics", "mgjax.reports", "mgjax.sharding", "mgjax.data.datasets",
+        "mgjax.data.pipeline", "mgjax.data.records"
+    },
+    "mgjax.convert": {
+        "mgjax.checkpoint", "mgjax.run_files", "mgjax.config_files", "mgjax.runtime", "mgjax.data.chat_tokenizers",
+        "mgjax.models.*"
+    },
+}
+
+
+def _allowed(target: str, allowed: set[str]) -> bool:
+  return target in allowed or any(a.endswith(".*") and target.startswith(a[:-1]) for a in allowed)
+
+
+def test_each_package_imports_only_what_the_code_map_allows():
+  outside = sorted((module, target) for module, targets in import_graph().items() if _package(module) in MAY_IMPORT
+                   for target in targets
+                   if _package(target) != _package(module) and not _allowed(target, MAY_IMPORT[_package(module)]))
+  assert outside == []
+
+
 def test_the_checker_finds_a_cycle():
   assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
   assert cycles({"a": {"b"}, "b": set()}) == []
