@@ -24,7 +24,7 @@ from flax import nnx
 from PIL import Image
 
 from mgjax import config_files
-from mgjax.convert import vision as convert_vision
+from mgjax.convert import vision
 from mgjax.data import build, datasets, images, pipeline
 from mgjax.models import vlm
 from mgjax.models.mining import downsample_bilinear
@@ -203,16 +203,16 @@ def test_hd_encode_images_equals_mgm(grid, global_view, highres):
   tensors = {f"model.{k}": v for k, v in _state(ref).items()}
   cfg = _hd_config(grid, global_view, highres, hidden)
   model = _build(cfg, "nan")  # every weight encode_images uses is imported below
-  convert_vision.load_vit(model.vision_lowres, {
+  vision.load_vit(model.vision_lowres, {
       k[len("model.clip."):]: v for k, v in tensors.items() if k.startswith("model.clip.")
   })
-  convert_vision.load_convnext(
+  vision.load_convnext(
       model.vision_highres,
       _timm_names({
           k[len("model.convnext."):]: v for k, v in tensors.items() if k.startswith("model.convnext.")
       }))
-  convert_vision.load_mining(model.mining, tensors)
-  convert_vision.load_projector(model.projector, tensors)
+  vision.load_mining(model.mining, tensors)
+  vision.load_projector(model.projector, tensors)
 
   views = grid * grid + int(global_view)
   rng = np.random.default_rng(grid)
