@@ -68,9 +68,10 @@ UNCONTROLLED_FACTOR = 5  # d and e train this many times stage 2's steps
 REPLAY_FRACTION = 0.25  # e's share of each batch drawn from the stage-1 mix
 HOLD_MARGIN = 0.02  # "costs no understanding": no drop beyond this (configs' eval.hold_margin)
 # (split, score, higher is better) shown per arm.
-SCORES = (("val_generation", "prompt_f1", True), ("val_generation", "prompt_exact", True), ("val_generation",
-                                                                                            "format_rate", True),
-          ("val_understanding", "accuracy", True), ("val_text", "loss", False), ("val_generation", "loss", False))
+SCORES = (("val_generation", "prompt_f1", True), ("val_generation", "prompt_exact", True),
+          ("val_generation", "format_rate", True), ("val_understanding", "accuracy", True),
+          ("generation_intent", "intent_recall", True), ("generation_intent", "intent_precision", True),
+          ("val_text", "loss", False), ("val_generation", "loss", False))
 # Student's t for a two-sided 95% interval, by degrees of freedom.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -213,7 +214,8 @@ def summarise(reports_by_seed: dict[int, dict[str, dict]], arms: list[str]) -> d
         key: compared.get(split, {}).get(score) for key, (split, score) in {
             "prompt_f1": ("val_generation", "prompt_f1"),
             "prompt_exact": ("val_generation", "prompt_exact"),
-            "accuracy": ("val_understanding", "accuracy")
+            "accuracy": ("val_understanding", "accuracy"),
+            "intent_recall": ("generation_intent", "intent_recall"),
         }.items()
     }
   claims = judge_claims(difference, stage2, seeds)
@@ -315,7 +317,7 @@ def quickstart_table(study: dict) -> str:
   for split, score, _ in SCORES:
     key = f"{split}/{score}"
     paired = ""
-    if score in ("prompt_f1", "prompt_exact", "accuracy"):
+    if score in ("prompt_f1", "prompt_exact", "accuracy", "intent_recall"):
       paired = "; ".join(reports.format_difference(d) for d in (by_seed[s][score] for s in seeds) if d)
     lines.append(f"| {split} | {score} | {span(study['table']['a1'][key])} | {span(study['table']['a'][key])} | "
                  f"{paired} |")

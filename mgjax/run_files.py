@@ -58,8 +58,8 @@ def save_tokenizer(tokenizer, workdir: str) -> None:
 def load_tokenizer(directory: epath.Path):
   """The tokenizer a run saved in `directory` (WORKDIR/tokenizer), local or gs://."""
   if not (directory / "tokenizer_config.json").exists():
-    raise FileNotFoundError(f"{directory} holds no tokenizer: `python -m mgjax.main` saves one in every workdir; "
-                            "for an older workdir, save the dataset's tokenizer there with save_pretrained")
+    raise FileNotFoundError(f"{directory} holds no tokenizer: `python -m mgjax.main` saves one in every workdir "
+                            "it trains; is this the workdir of a run?")
   if "://" not in str(directory):
     return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
   with tempfile.TemporaryDirectory() as local:  # from_pretrained reads local files only

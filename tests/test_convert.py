@@ -19,7 +19,7 @@ from flax import nnx  # noqa: E402
 from mgjax import config_files  # noqa: E402
 from mgjax import stages  # noqa: E402
 from mgjax.convert import ConversionError, WeightsError, files, import_hf_llm, load_hf_lm  # noqa: E402
-from mgjax.convert import llm as convert_llm  # noqa: E402
+from mgjax.convert import llm_weights  # noqa: E402
 from mgjax.convert.__main__ import main as cli  # noqa: E402
 from mgjax.models import vlm  # noqa: E402
 from mgjax.models.llm import DecoderLM  # noqa: E402
@@ -174,7 +174,7 @@ def test_wrong_family(tmp_path, llama):
   path = _copy_with(str(tmp_path / "qwen"), tmp_path / "mislabelled", config=config)
   with pytest.raises(ConversionError, match=r"(?s)model\.layers\.0\.self_attn\.q_proj\.bias.*qwen2"):
     load_hf_lm(path)
-  wanted, _ = convert_llm.llm_config_from_hf(files.read_config(llama[1]))
+  wanted, _ = llm_weights.llm_config_from_hf(files.read_config(llama[1]))
   with pytest.raises(ConversionError, match=r"wrong family.*\n.*family: config 'llama' vs"):
     import_hf_llm(str(tmp_path / "qwen"), llm=wanted)
 
@@ -188,7 +188,7 @@ def test_export_reloads_in_transformers(tmp_path, name):
   hf.save_pretrained(tmp_path / "in")
   params, llm_cfg, _, _ = import_hf_llm(str(tmp_path / "in"))
   # Small shards: the sharded layout (with its index) is what transformers must reload.
-  written = convert_llm.export_hf_llm(params, llm_cfg, str(tmp_path / "out"), max_shard_bytes=40_000)
+  written = llm_weights.export_hf_llm(params, llm_cfg, str(tmp_path / "out"), max_shard_bytes=40_000)
   assert any(f.endswith("model.safetensors.index.json") for f in written)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
   ids = random_ids()
@@ -200,14 +200,14 @@ def test_scanned_layout_imports_and_exports_the_same_model(tmp_path, llama):
   # model.llm.scan_layers: the import stacks the layers along a leading axis, the scanned
   # decoder gives transformers' logits, and the export unstacks them for transformers again.
   hf, folder = llama
-  found, _ = convert_llm.llm_config_from_hf(files.read_config(folder))
+  found, _ = llm_weights.llm_config_from_hf(files.read_config(folder))
   params, llm_cfg, vocab, _ = import_hf_llm(folder, llm={**found, "scan_layers": True})
   assert llm_cfg["scan_layers"] and params["layers"]["self_attn"]["q_proj"]["kernel"].shape[0] == found["layers"]
   model = DecoderLM(vocab_size=vocab, **llm_cfg, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   nnx.replace_by_pure_dict(state, params)
   _assert_same_logits(nnx.merge(graphdef, state), hf)
-  convert_llm.export_hf_llm(params, llm_cfg, str(tmp_path / "out"))
+  llm_weights.export_hf_llm(params, llm_cfg, str(tmp_path / "out"))
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
   ids = random_ids()
   assert np.abs(hf_logits(reloaded, ids) - hf_logits(hf, ids)).max() < TOLERANCE

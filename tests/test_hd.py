@@ -24,7 +24,7 @@ from flax import nnx
 from PIL import Image
 
 from mgjax import config_files
-from mgjax.convert import vision
+from mgjax.convert import vision_weights
 from mgjax.data import build, datasets, images, pipeline
 from mgjax.models import vlm
 from mgjax.models.mining import downsample_bilinear
@@ -203,16 +203,16 @@ def test_hd_encode_images_equals_mgm(grid, global_view, highres):
   tensors = {f"model.{k}": v for k, v in _state(ref).items()}
   cfg = _hd_config(grid, global_view, highres, hidden)
   model = _build(cfg, "nan")  # every weight encode_images uses is imported below
-  vision.load_vit(model.vision_lowres, {
+  vision_weights.load_vit(model.vision_lowres, {
       k[len("model.clip."):]: v for k, v in tensors.items() if k.startswith("model.clip.")
   })
-  vision.load_convnext(
+  vision_weights.load_convnext(
       model.vision_highres,
       _timm_names({
           k[len("model.convnext."):]: v for k, v in tensors.items() if k.startswith("model.convnext.")
       }))
-  vision.load_mining(model.mining, tensors)
-  vision.load_projector(model.projector, tensors)
+  vision_weights.load_mining(model.mining, tensors)
+  vision_weights.load_projector(model.projector, tensors)
 
   views = grid * grid + int(global_view)
   rng = np.random.default_rng(grid)

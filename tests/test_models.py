@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs.models.sample import get_config
 from mgjax.models import DEFAULT_LOGICAL_AXIS_RULES, MiniGemini, logical_shardings, num_image_tokens
 from mgjax.models.layers import dot_product_attention
-from mgjax.models import llm as llm_module
+from mgjax.models import llm
 from mgjax.models.llm import DecoderLM, apply_rope
 from mgjax.models.mining import PatchInfoMining
 from mgjax.models.vision import ConvNeXt, DepthwiseConv, VisionTransformer
@@ -28,34 +28,34 @@ def _close(a, b, atol=1e-5):
 
 
 @pytest.fixture(scope="module")
-def llm():
+def tiny_llm():
   return DecoderLM(**LLM_KW, rngs=nnx.Rngs(0))
 
 
-def test_llm_is_causal(llm):
+def test_llm_is_causal(tiny_llm):
   ids = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
   changed = ids.at[:, 7].set((ids[:, 7] + 1) % 64)
-  a, b = _call(llm, ids), _call(llm, changed)
+  a, b = _call(tiny_llm, ids), _call(tiny_llm, changed)
   assert a.shape == (2, 12, 64) and a.dtype == jnp.float32
   _close(a[:, :7], b[:, :7], atol=0)
   assert np.abs(np.asarray(a[:, 7:] - b[:, 7:])).min(axis=-1).max() > 0
 
 
-def test_packed_segments_equal_separate_runs(llm):
+def test_packed_segments_equal_separate_runs(tiny_llm):
   ids = jax.random.randint(jax.random.key(2), (1, 16), 0, 64)
   n1, n2 = 5, 7  # two sequences then 4 padding tokens (segment 0)
   segment_ids = jnp.array([[1] * n1 + [2] * n2 + [0] * 4])
   positions = jnp.array([list(range(n1)) + list(range(n2)) + [0] * 4])
-  packed = llm(ids, positions=positions, segment_ids=segment_ids)
-  alone1 = llm(ids[:, :n1])
-  alone2 = llm(ids[:, n1:n1 + n2])
+  packed = tiny_llm(ids, positions=positions, segment_ids=segment_ids)
+  alone1 = tiny_llm(ids[:, :n1])
+  alone2 = tiny_llm(ids[:, n1:n1 + n2])
   _close(packed[:, :n1], alone1)
   _close(packed[:, n1:n1 + n2], alone2)
   assert np.isfinite(np.asarray(packed)).all()  # padding rows attend only to themselves
 
 
-def test_gqa_shapes_and_equivalence_to_repeated_heads(llm):
-  attn = llm.layers[0].self_attn
+def test_gqa_shapes_and_equivalence_to_repeated_heads(tiny_llm):
+  attn = tiny_llm.layers[0].self_attn
   assert attn.q_proj.kernel.shape == (32, 4, 8)
   assert attn.k_proj.kernel.shape == (32, 2, 8)
   assert attn.v_proj.kernel.shape == (32, 2, 8)
@@ -73,7 +73,7 @@ def test_gqa_shapes_and_equivalence_to_repeated_heads(llm):
   _close(dot_product_attention(q, k, v, mask), ref)
 
 
-def test_rope_depends_only_on_relative_position(llm):
+def test_rope_depends_only_on_relative_position(tiny_llm):
   kq, kk = jax.random.split(jax.random.key(4))
   q = jax.random.normal(kq, (1, 1, 1, 8))
   k = jax.random.normal(kk, (1, 1, 1, 8))
@@ -88,7 +88,7 @@ def test_rope_depends_only_on_relative_position(llm):
   # The whole LM is invariant to shifting every position by the same offset.
   ids = jax.random.randint(jax.random.key(5), (1, 10), 0, 64)
   shifted = jnp.arange(10)[None] + 37
-  _close(llm(ids), llm(ids, positions=shifted), atol=1e-4)
+  _close(tiny_llm(ids), tiny_llm(ids, positions=shifted), atol=1e-4)
 
 
 def test_llm_tied_embeddings_and_bf16_compute():
@@ -330,8 +330,8 @@ def test_scanned_layers_equal_the_unrolled_stack(remat):
   scanned = DecoderLM(**LLM_KW, scan_layers=True, remat=remat, rngs=nnx.Rngs(1))
   plain_graph, plain_params = nnx.split(plain)
   scan_graph, scan_state = nnx.split(scanned)
-  stacked = llm_module.stack_layers(plain_params.to_pure_dict())
-  assert llm_module.is_stacked(stacked) and not llm_module.is_stacked(plain_params.to_pure_dict())
+  stacked = llm.stack_layers(plain_params.to_pure_dict())
+  assert llm.is_stacked(stacked) and not llm.is_stacked(plain_params.to_pure_dict())
   nnx.replace_by_pure_dict(scan_state, stacked)
   q_kernel = scan_state["layers"]["self_attn"]["q_proj"]["kernel"]
   assert q_kernel.shape == (2, 32, 4, 8)
@@ -344,11 +344,11 @@ def test_scanned_layers_equal_the_unrolled_stack(remat):
   plain_loss, plain_grads = loss(plain_graph)(plain_params)
   scan_loss, scan_grads = loss(scan_graph)(scan_state)
   _close(scan_loss, plain_loss, atol=1e-6)
-  expected = llm_module.stack_layers(jax.tree.map(np.asarray, plain_grads.to_pure_dict()))
+  expected = llm.stack_layers(jax.tree.map(np.asarray, plain_grads.to_pure_dict()))
   for a, b in zip(jax.tree.leaves(scan_grads.to_pure_dict()), jax.tree.leaves(expected)):
     _close(a, b, atol=1e-6)
   # Unstacking gives the per-layer weights back.
-  for a, b in zip(jax.tree.leaves(llm_module.unstack_layers(stacked)), jax.tree.leaves(plain_params.to_pure_dict())):
+  for a, b in zip(jax.tree.leaves(llm.unstack_layers(stacked)), jax.tree.leaves(plain_params.to_pure_dict())):
     _close(a, b, atol=0)
   # Prefill and one decode step through the stacked cache.
   model = nnx.merge(scan_graph, scan_state)

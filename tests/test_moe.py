@@ -24,9 +24,9 @@ from configs.models.sample import get_config  # noqa: E402
 from mgjax import base_config  # noqa: E402
 from mgjax import train_step  # noqa: E402
 from mgjax.convert import ConversionError, files, import_hf_llm, load_hf_lm  # noqa: E402
-from mgjax.convert import llm as convert_llm  # noqa: E402
+from mgjax.convert import llm_weights  # noqa: E402
 from mgjax.models import logical_shardings, vlm  # noqa: E402
-from mgjax.models import llm as llm_module  # noqa: E402
+from mgjax.models import llm  # noqa: E402
 from mgjax.models import moe  # noqa: E402
 from mgjax.models.llm import DecoderLM  # noqa: E402
 
@@ -78,7 +78,7 @@ def test_checkpoint_names_and_config(mixtral):
   names = files.load_tensors(folder)
   # The released checkpoints' names, which transformers' save_pretrained writes too.
   assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in names
-  llm_cfg, vocab = convert_llm.llm_config_from_hf(files.read_config(folder))
+  llm_cfg, vocab = llm_weights.llm_config_from_hf(files.read_config(folder))
   assert (llm_cfg["family"], llm_cfg["num_experts"], llm_cfg["experts_per_token"]) == ("mixtral", EXPERTS, 2)
   assert llm_cfg["router_aux_loss_coef"] == COEF and model.router_aux_loss_coef == COEF
   w1 = model.layers[1].block_sparse_moe.experts.w1
@@ -86,11 +86,11 @@ def test_checkpoint_names_and_config(mixtral):
   np.testing.assert_array_equal(np.asarray(w1[...][3]), names["model.layers.1.block_sparse_moe.experts.3.w1.weight"].T)
   # Without output_router_logits transformers never adds the loss (Mini-Gemini's training).
   off = {**files.read_config(folder), "output_router_logits": False}
-  assert convert_llm.llm_config_from_hf(off)[0]["router_aux_loss_coef"] == 0.0
+  assert llm_weights.llm_config_from_hf(off)[0]["router_aux_loss_coef"] == 0.0
   mgm = {**files.read_config(folder), "model_type": "mgm_mixtral", "architectures": ["MGMMixtralForCausalLM"]}
-  assert convert_llm.detect_family(mgm) == "mixtral"
+  assert llm_weights.detect_family(mgm) == "mixtral"
   with pytest.raises(ConversionError, match="sliding_window=4096"):
-    convert_llm.llm_config_from_hf({**files.read_config(folder), "sliding_window": 4096})
+    llm_weights.llm_config_from_hf({**files.read_config(folder), "sliding_window": 4096})
 
 
 def test_logits_match_transformers(mixtral):
@@ -180,10 +180,10 @@ def test_scanned_layers_equal_the_unrolled_stack_and_decode(scanned):
                                                                                                       "expert", "mlp",
                                                                                                       "embed")
   plain_graph, plain_params = nnx.split(DecoderLM(**KW, rngs=nnx.Rngs(1)))
-  nnx.replace_by_pure_dict(plain_params, llm_module.unstack_layers(scan_state.to_pure_dict()))
+  nnx.replace_by_pure_dict(plain_params, llm.unstack_layers(scan_state.to_pure_dict()))
   plain_loss, plain_grads = _objective(plain_graph, plain_params, ids, segments)
   np.testing.assert_allclose(scan_loss, plain_loss, atol=1e-6)
-  expected = llm_module.stack_layers(jax.tree.map(np.asarray, plain_grads.to_pure_dict()))
+  expected = llm.stack_layers(jax.tree.map(np.asarray, plain_grads.to_pure_dict()))
   for a, b in zip(jax.tree.leaves(scan_grads.to_pure_dict()), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, atol=1e-6)
   # The router gets gradients (from the aux loss and from its weighting of the experts).
@@ -301,10 +301,10 @@ def test_train_step_adds_the_router_loss():
 
 def test_export_import_round_trip(mixtral, tmp_path):
   hf, folder, _ = mixtral
-  found, _ = convert_llm.llm_config_from_hf(files.read_config(folder))
+  found, _ = llm_weights.llm_config_from_hf(files.read_config(folder))
   params, llm_cfg, vocab, unused = import_hf_llm(folder, llm={**found, "scan_layers": True})
   assert not unused and params["layers"]["block_sparse_moe"]["experts"]["w1"].shape == (2, EXPERTS, 32, 48)
-  convert_llm.export_hf_llm(params, llm_cfg, str(tmp_path / "out"), max_shard_bytes=60_000)
+  llm_weights.export_hf_llm(params, llm_cfg, str(tmp_path / "out"), max_shard_bytes=60_000)
   config = json.load(open(os.path.join(tmp_path, "out", "config.json")))
   assert (config["num_local_experts"], config["num_experts_per_tok"], config["router_aux_loss_coef"],
           config["output_router_logits"], config["sliding_window"]) == (EXPERTS, 2, COEF, True, None)
@@ -314,5 +314,5 @@ def test_export_import_round_trip(mixtral, tmp_path):
   assert np.abs(_hf(reloaded, ids).logits.numpy() - _hf(hf, ids).logits.numpy()).max() == 0.0
   again, again_cfg, _, _ = import_hf_llm(str(tmp_path / "out"))
   assert again_cfg == {k: v for k, v in llm_cfg.items() if k != "scan_layers"}
-  for a, b in zip(jax.tree.leaves(llm_module.stack_layers(again)), jax.tree.leaves(params)):
+  for a, b in zip(jax.tree.leaves(llm.stack_layers(again)), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)

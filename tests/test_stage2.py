@@ -239,6 +239,17 @@ def test_stage2_report_holds_both_stages_side_by_side(stage1, data_dir, tmp_path
   assert set(report["drift_bounds"]) == {"val_understanding", "val_text"}
   assert (tmp_path / "report.png").stat().st_size > 5000
   assert "| val_generation | format_rate |" in (tmp_path / "report.md").read_text()
+  # The generation-intent score: requests and ordinary questions together, in both stages,
+  # in report.md and among the paired differences.
+  for stage in ("stage1", "stage2"):
+    intent = report[stage]["generation_intent"]
+    decoded = sum(report[stage][s]["num_answers"] for s in ("val_generation", "val_understanding"))
+    assert intent["num_answers"] > decoded  # val_text's turns too
+    assert intent["num_requests"] == report[stage]["val_generation"]["num_answers"]
+    assert intent["missed_requests"] == round(intent["num_requests"] * (1 - intent["intent_recall"]))
+    assert intent["intent_recall"] == pytest.approx(report[stage]["val_generation"]["format_rate"])
+  assert "intent_recall" in report["compared"]["generation_intent"]
+  assert "| generation_intent | intent_recall |" in (tmp_path / "report.md").read_text()
   assert summary.report == report
   # A finished run asked again reports what it made instead of training more.
   again = train.run(c, str(tmp_path))

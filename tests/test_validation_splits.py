@@ -25,7 +25,11 @@ def test_an_empty_validation_split_is_not_evaluated_and_the_run_says_so(data_dir
   out = capsys.readouterr().out
   folder = os.path.join(data_dir, "mgjax_instructions", "sample_tiny_no_val_text", "1.4.0")
   assert f"warning: val_text of the dataset at {folder} hold(s) no records: not evaluated (no loss, no scores)\n" in out
-  assert set(summary.report["stage1"]) == set(summary.val_loss_end) == {"val_understanding", "val_generation"}
+  assert set(summary.val_loss_end) == {"val_understanding", "val_generation"}
+  # The splits with records, and generation_intent's column over them (val_text left out).
+  assert set(summary.report["stage1"]) == {"val_understanding", "val_generation", "generation_intent"}
+  intent = summary.report["stage1"]["generation_intent"]
+  assert intent["num_answers"] == sum(summary.report["stage1"][s]["num_answers"] for s in summary.val_loss_end)
   assert "NaN" not in open(os.path.join(workdir, "report.json")).read()
   assert all(record["split"] != "val_text" for record in metrics.read(workdir))
   for split in ("val_understanding", "val_generation"):

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mgjax.convert import files
-from mgjax.convert import vision
+from mgjax.convert import vision_weights
 from mgjax.models import MiniGemini, logical_shardings, num_image_tokens
 from mgjax.models.mining import PatchInfoMining, Projector
 from mgjax.models.vision import ConvNeXt, VisionTransformer
@@ -90,7 +90,7 @@ def test_vit_features_equal_transformers(kind, naming, tmp_path):
   hidden = _hf_hidden_states(hf, images)
   for feature_layer in (-2, -1, 1):
     vit = VisionTransformer(**VIT, kind=kind, feature_layer=feature_layer, rngs=nnx.Rngs(0))
-    vision.load_vit(vit, tensors, source=str(tmp_path))
+    vision_weights.load_vit(vit, tensors, source=str(tmp_path))
     ours = nnx.jit(lambda m, x: m(x))(vit, images)
     expected = hidden[feature_layer][:, 1:] if kind == "clip" else hidden[feature_layer]
     assert ours.shape == expected.shape == (2, 16, VIT["width"])
@@ -104,22 +104,22 @@ def test_vit_import_names_every_mismatch(tmp_path):
   # A SigLIP checkpoint for a CLIP config: no class token or pre-layernorm, a patch bias.
   siglip = _state(_hf_vit("siglip"))
   vit = VisionTransformer(**VIT, kind="clip", rngs=nnx.Rngs(0))
-  with pytest.raises(vision.CheckpointMismatch) as err:
-    vision.load_vit(vit, siglip, source="siglip-folder")
+  with pytest.raises(vision_weights.CheckpointMismatch) as err:
+    vision_weights.load_vit(vit, siglip, source="siglip-folder")
   msg = str(err.value)
   assert "siglip-folder" in msg and "embeddings.class_embedding" in msg
   assert "pre_layrnorm.weight" in msg and "embeddings.patch_embedding.bias" in msg
   # A missing tensor and a wrong shape (a config with a wider MLP).
   del clip["encoder.layers.1.mlp.fc2.bias"]
   wide = VisionTransformer(**{**VIT, "mlp": 128}, rngs=nnx.Rngs(0))
-  with pytest.raises(vision.CheckpointMismatch) as err:
-    vision.load_vit(wide, clip)
+  with pytest.raises(vision_weights.CheckpointMismatch) as err:
+    vision_weights.load_vit(wide, clip)
   msg = str(err.value)
   assert "missing tensors: encoder.layers.1.mlp.fc2.bias" in msg
   assert "encoder.layers.0.mlp.fc1.weight (64, 32)" in msg
   # Not a vision tower at all.
-  with pytest.raises(vision.CheckpointMismatch, match="no clip vision tower"):
-    vision.load_vit(vit, {"model.embed_tokens.weight": np.zeros((4, 4), np.float32)})
+  with pytest.raises(vision_weights.CheckpointMismatch, match="no clip vision tower"):
+    vision_weights.load_vit(vit, {"model.embed_tokens.weight": np.zeros((4, 4), np.float32)})
 
 
 # ------------------------------------------------------------------------- ConvNeXt
@@ -164,7 +164,7 @@ def test_convnext_stages_and_highres_map_equal_reference(naming, tmp_path):
     tensors = {"model.vision_tower_aux.vision_" + k: v for k, v in tensors.items()}
   tensors = _roundtrip(tensors, tmp_path, naming)
   net = ConvNeXt(**CONVNEXT, rngs=nnx.Rngs(0))
-  vision.load_convnext(net, tensors, source=naming)
+  vision_weights.load_convnext(net, tensors, source=naming)
 
   images = _images(1, 2, 64)
   with torch.no_grad():
@@ -192,8 +192,8 @@ def test_convnext_import_names_every_mismatch():
   tensors = _timm_names(_state(_hf_convnext()))
   tensors["stages.1.blocks.0.extra.weight"] = np.zeros((3,), np.float32)
   net = ConvNeXt(dims=CONVNEXT["dims"], depths=(1, 2, 2, 1), rngs=nnx.Rngs(0))  # one block more
-  with pytest.raises(vision.CheckpointMismatch) as err:
-    vision.load_convnext(net, tensors, source="convnext.safetensors")
+  with pytest.raises(vision_weights.CheckpointMismatch) as err:
+    vision_weights.load_convnext(net, tensors, source="convnext.safetensors")
   msg = str(err.value)
   assert "convnext.safetensors" in msg
   assert "stages.2.blocks.1.conv_dw.weight" in msg and "stages.2.blocks.1.gamma" in msg
@@ -237,8 +237,8 @@ def test_mining_and_projector_equal_mgm(tmp_path):
   tensors = _roundtrip({f"model.{k}": v for k, v in _state(ref).items()}, tmp_path, "mgm")
   mining = PatchInfoMining(width, aux, rngs=nnx.Rngs(0))
   projector = Projector(width, hidden, rngs=nnx.Rngs(0))
-  vision.load_mining(mining, tensors)
-  vision.load_projector(projector, tensors)
+  vision_weights.load_mining(mining, tensors)
+  vision_weights.load_projector(projector, tensors)
 
   rng = np.random.default_rng(4)
   tokens = rng.standard_normal((2, 16, width)).astype(np.float32)  # 4x4 grid
@@ -251,8 +251,9 @@ def test_mining_and_projector_equal_mgm(tmp_path):
   assert diff < ATOL, diff
 
   del tensors["model.vlm_uni_val_projector.1.bias"]
-  with pytest.raises(vision.CheckpointMismatch, match=r"missing tensors: model\.vlm_uni_val_projector\.1\.bias"):
-    vision.load_mining(mining, tensors)
+  with pytest.raises(vision_weights.CheckpointMismatch,
+                     match=r"missing tensors: model\.vlm_uni_val_projector\.1\.bias"):
+    vision_weights.load_mining(mining, tensors)
 
 
 # ------------------------------------------------------------------------- whole VLM, 8 devices
@@ -275,8 +276,8 @@ def test_vlm_with_imported_towers_is_the_same_on_the_8_device_mesh():
   clip = _state(_hf_vit("clip"))
   convnext = _timm_names(_state(_hf_convnext()))
   single = MiniGemini(cfg, rngs=nnx.Rngs(0))
-  vision.load_vit(single.vision_lowres, clip)
-  vision.load_convnext(single.vision_highres, convnext)
+  vision_weights.load_vit(single.vision_lowres, clip)
+  vision_weights.load_convnext(single.vision_highres, convnext)
 
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
   graphdef, state = nnx.split(single)

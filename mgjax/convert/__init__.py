@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mgjax.convert.files import WeightsError, load_tensors, read_config
-from mgjax.convert.llm import ConversionError, export_hf_llm, import_hf_llm, llm_config_from_hf
+from mgjax.convert.llm_weights import ConversionError, export_hf_llm, import_hf_llm, llm_config_from_hf
 from mgjax.models.llm import DecoderLM
 
 __all__ = [

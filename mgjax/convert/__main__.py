@@ -55,7 +55,7 @@ def _readied_tokenizer(hf_dir: str, template: str):
   """(the folder's tokenizer readied for training with `template`, the template used), or (None,
   template) for a folder without one. A tokenizer whose own chat template marks no answers gets
   mgjax's template of the same layout (the caller prints it as an override)."""
-  from mgjax.convert import llm
+  from mgjax.convert import llm_weights
   from mgjax.data import chat_tokenizers
   if not os.path.exists(os.path.join(hf_dir, "tokenizer_config.json")):
     return None, template
@@ -63,7 +63,7 @@ def _readied_tokenizer(hf_dir: str, template: str):
   if not template and not chat_tokenizers.marks_answers(tok):
     layout = (chat_tokenizers.matching_templates(tok) or (None,))[0]
     if layout is None:
-      raise llm.ConversionError(
+      raise llm_weights.ConversionError(
           chat_tokenizers.own_template_refusal(tok) + "; import with a --config whose model.template "
           "is set")
     template = layout
@@ -112,11 +112,11 @@ def import_llm(argv: Sequence[str]) -> int:
 
   import ml_collections
   from mgjax import config_files
-  from mgjax.convert import checkpoints, files, llm
+  from mgjax.convert import checkpoints, files, llm_weights
   path, _, arg = args.config.partition(":")
   config = config_files.load_config_file(path, arg or None)
   model = config.model.to_dict()
-  found, hf_vocab = llm.llm_config_from_hf(files.read_config(args.hf_dir))
+  found, hf_vocab = llm_weights.llm_config_from_hf(files.read_config(args.hf_dir))
   found["remat"] = model["llm"].get("remat", "none")
   found["scan_layers"] = model["llm"].get("scan_layers", False)
   overrides = []
@@ -125,9 +125,9 @@ def import_llm(argv: Sequence[str]) -> int:
     model["llm"] = found
   else:
     try:
-      llm.check_config_matches(model["llm"], found, what=f"{args.hf_dir}/config.json")
-    except llm.ConversionError as e:
-      raise llm.ConversionError(
+      llm_weights.check_config_matches(model["llm"], found, what=f"{args.hf_dir}/config.json")
+    except llm_weights.ConversionError as e:
+      raise llm_weights.ConversionError(
           f"{e}\nTo import the checkpoint's LLM as it is, add --llm_from_checkpoint: it takes model.llm from "
           "config.json and prints the --config overrides to train with") from None
   # The tokenizer as the trainer will use it: the config's template applied, its special
@@ -139,17 +139,18 @@ def import_llm(argv: Sequence[str]) -> int:
   needed = len(tokenizer) if tokenizer is not None else hf_vocab
   vocab_size = args.vocab_size or max(int(model["vocab_size"]), -(-max(needed, hf_vocab) // 128) * 128)
   if vocab_size < needed:
-    raise llm.ConversionError(f"--vocab_size={vocab_size} is smaller than the tokenizer of {args.hf_dir} with the "
-                              f"template's tokens and <image> added ({needed} tokens); leave --vocab_size out")
+    raise llm_weights.ConversionError(
+        f"--vocab_size={vocab_size} is smaller than the tokenizer of {args.hf_dir} with the "
+        f"template's tokens and <image> added ({needed} tokens); leave --vocab_size out")
   if vocab_size != model["vocab_size"]:
     overrides.append(f"--config.model.vocab_size={vocab_size}")
     model["vocab_size"] = vocab_size
-  params, _, _, unused = llm.import_hf_llm(args.hf_dir, allow_pickle=args.allow_pickle, llm=model["llm"],
-                                           pad_vocab_to=vocab_size)
+  params, _, _, unused = llm_weights.import_hf_llm(args.hf_dir, allow_pickle=args.allow_pickle, llm=model["llm"],
+                                                   pad_vocab_to=vocab_size)
   full = checkpoints.graft(checkpoints.fresh_params(ml_collections.ConfigDict(model), args.seed), "llm", params)
   saved = config.to_dict()
   saved["model"] = model
-  context = llm.text_config(files.read_config(args.hf_dir)).get("max_position_embeddings")
+  context = llm_weights.text_config(files.read_config(args.hf_dir)).get("max_position_embeddings")
   folder = checkpoints.write_init_checkpoint(args.out, full, saved, {"llm": os.path.abspath(args.hf_dir)},
                                              {"max_position_embeddings": context} if context else None)
   print(f'wrote {folder}: model.llm ({found["family"]}, {found["layers"]} layers) from {args.hf_dir}, '
@@ -189,7 +190,7 @@ def export_llm(argv: Sequence[str]) -> int:
   args = parser.parse_args(argv)
 
   from mgjax import checkpoint
-  from mgjax.convert import checkpoints, llm
+  from mgjax.convert import checkpoints, llm_weights
   params, config, folder = checkpoints.read_checkpoint(args.workdir)
   if "llm" not in params or "llm" not in (config.get("model") or {}):
     raise checkpoint.CheckpointError(f"{folder} holds no LLM params or no model.llm config to export")
@@ -206,8 +207,9 @@ def export_llm(argv: Sequence[str]) -> int:
         k: v for k, v in (("bos_token_id", tok.bos_token_id), ("eos_token_id", tok.eos_token_id),
                           ("pad_token_id", tok.pad_token_id)) if v is not None
     }
-  written = llm.export_hf_llm(params["llm"], llm_cfg, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
-                              max_position_embeddings=int(context), extra_config=extra)
+  written = llm_weights.export_hf_llm(params["llm"], llm_cfg, args.out, dtype=args.dtype,
+                                      max_shard_bytes=args.max_shard_size, max_position_embeddings=int(context),
+                                      extra_config=extra)
   # Every file written: the weights and config.json, and the run's tokenizer.
   written = sorted(os.path.basename(f) for f in written + tokenizer_files)
   print(f'wrote {len(written)} file(s) to {args.out} ({", ".join(written)}) from {folder} '
@@ -233,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              if module == "mgjax.convert.__main__" else getattr(importlib.import_module(module), function))
   from mgjax.checkpoint import CheckpointError
   from mgjax.convert.files import WeightsError
-  from mgjax.convert.llm import ConversionError
+  from mgjax.convert.llm_weights import ConversionError
   try:
     return command(argv[1:])
   except (WeightsError, ConversionError, CheckpointError) as e:

@@ -19,7 +19,7 @@ import argparse
 import os
 from collections.abc import Sequence
 
-from mgjax.convert import vision
+from mgjax.convert import vision_weights
 
 
 def import_mgm(argv: Sequence[str]) -> int:
@@ -45,23 +45,24 @@ def import_mgm(argv: Sequence[str]) -> int:
   import numpy as np
   from flax import nnx
   from mgjax import config_files
-  from mgjax.convert import checkpoints, files, llm
+  from mgjax.convert import checkpoints, files, llm_weights
   from mgjax.models.vlm import MiniGemini
   path, _, arg = args.config.partition(":")
   config = config_files.load_config_file(path, arg or None)
   model_cfg = config.model.to_dict()
   llm_dir = args.mgm_dir or args.llm_dir
-  _, hf_vocab = llm.llm_config_from_hf(files.read_config(llm_dir))
+  _, hf_vocab = llm_weights.llm_config_from_hf(files.read_config(llm_dir))
   model_cfg["vocab_size"] = max(hf_vocab, int(model_cfg["vocab_size"]))
-  llm_params, _, _, _ = llm.import_hf_llm(llm_dir, allow_pickle=args.allow_pickle, llm=model_cfg["llm"],
-                                          pad_vocab_to=model_cfg["vocab_size"])
+  llm_params, _, _, _ = llm_weights.import_hf_llm(llm_dir, allow_pickle=args.allow_pickle, llm=model_cfg["llm"],
+                                                  pad_vocab_to=model_cfg["vocab_size"])
   mgm = files.load_tensors(args.mgm_dir, allow_pickle=args.allow_pickle) if args.mgm_dir else {}
 
   def source_for(marker: str, fallback: str, what: str, flag: str) -> tuple[dict, str]:
-    if vision.has_tensor_ending(mgm, marker):
+    if vision_weights.has_tensor_ending(mgm, marker):
       return mgm, args.mgm_dir
     if not fallback:
-      raise vision.CheckpointMismatch(f'no {what}: {args.mgm_dir or "(no --mgm_dir)"} does not hold it; give {flag}')
+      raise vision_weights.CheckpointMismatch(
+          f'no {what}: {args.mgm_dir or "(no --mgm_dir)"} does not hold it; give {flag}')
     return files.load_tensors(fallback, allow_pickle=args.allow_pickle), fallback
 
   imported = {"llm": os.path.abspath(llm_dir)}
@@ -69,14 +70,14 @@ def import_mgm(argv: Sequence[str]) -> int:
   with jax.default_device(jax.devices("cpu")[0]), nnx.use_eager_sharding(False):
     model = MiniGemini(ml_collections.ConfigDict(model_cfg), rngs=nnx.Rngs(args.seed))
     tensors, src = source_for("embeddings.patch_embedding.weight", args.clip_dir, "low-res vision tower", "--clip_dir")
-    vision.load_vit(model.vision_lowres, tensors, source=src)
+    vision_weights.load_vit(model.vision_lowres, tensors, source=src)
     imported["vision_lowres"] = os.path.abspath(src)
     tensors, src = source_for("stem.0.weight", args.convnext, "ConvNeXt tower", "--convnext")
-    vision.load_convnext(model.vision_highres, tensors, source=src)
+    vision_weights.load_convnext(model.vision_highres, tensors, source=src)
     imported["vision_highres"] = os.path.abspath(src)
-    if vision.has_tensor_ending(mgm, "vlm_uni_query_projector.0.weight"):
-      vision.load_mining(model.mining, mgm, source=args.mgm_dir)
-      vision.load_projector(model.projector, mgm, source=args.mgm_dir)
+    if vision_weights.has_tensor_ending(mgm, "vlm_uni_query_projector.0.weight"):
+      vision_weights.load_mining(model.mining, mgm, source=args.mgm_dir)
+      vision_weights.load_projector(model.projector, mgm, source=args.mgm_dir)
       imported["mining"] = imported["projector"] = os.path.abspath(args.mgm_dir)
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.split(model)[1]))
   del model

@@ -1,6 +1,6 @@
 """Evaluators: what a set of weights scores on the validation sets, one module each.
 
-  loss               the validation loss of every val split (early stopping and the drift
+  val_loss           the validation loss of every val split (early stopping and the drift
                      guard read it; val_text's is the text-only conversations' loss)
   understanding      decoded exact-match accuracy on short checkable answers, its chance
                      level, and answers that wrongly hold a <h> prompt

@@ -17,7 +17,7 @@ import ml_collections
 
 from mgjax import decode, metrics, reports, sharding
 from mgjax.data import datasets
-from mgjax.evaluators import DECODED, decoding, loss, understanding
+from mgjax.evaluators import DECODED, decoding, understanding, val_loss
 
 # The evaluation settings that decide the decoded answers (not, e.g., eval.score_start).
 _DECODING_KEYS = ("decode", "max_new_tokens", "batch_size")
@@ -50,7 +50,7 @@ class Suite:
     self._majority: dict[str, tuple[str, ...]] | None = None
 
   def losses(self, step: int, trainable: Any, frozen: Any) -> dict[str, float]:
-    losses = loss.run(self.setup, self.data.encoder, self.data.val_sources, trainable, frozen,
+    losses = val_loss.run(self.setup, self.data.encoder, self.data.val_sources, trainable, frozen,
                       batch_size=self.batch_size, num_threads=self.config.data.num_threads)
     for split, value in losses.items():
       self.writer.write(step, split, loss=value)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mgjax.convert.llm import ConversionError
+from mgjax.convert.llm_weights import ConversionError
 from mgjax.models.mining import PatchInfoMining, Projector
 from mgjax.models.vision import ConvNeXt, VisionTransformer
 
