@@ -4,9 +4,9 @@
 
 Cases: llama2_7b_v5p8, llama2_7b_v5e8, mgm_8b_v5p8, mgm_8b_v6e8. Each runs
 `python -m mgjax.plan --target=...` in its own process (the figures are the TPU compiler's:
-per-device memory, FLOPs and its cost model's step time; a scanned decoder's cost figures come
-from unscanned twins, see mgjax/plan.py) and writes DIR/<case>.json with the command and wall
-time added. Per-device batch 2 x 2048 tokens throughout, full FSDP, as MaxText's train_compile
+per-device memory, hardware FLOPs and its cost model's step time, a scanned decoder's from
+loop-free twins, see mgjax/flops.py; the model FLOPs are mgjax.flops's analytic count) and
+writes DIR/<case>.json with the command and wall time added. Per-device batch 2 x 2048 tokens throughout, full FSDP, as MaxText's train_compile
 figures it is compared with (MaxText 0.2.5, its defaults: splash attention, remat full, scanned
 layers, bf16 activations, float32 weights and AdamW moments, FSDP over all devices). This script
 does not run MaxText.
@@ -16,8 +16,9 @@ llama2_7b_*: mgjax's decoder alone at the Llama-2-7B configuration (vocab 32000,
 no image slot and the sample's tiny vision towers, so the decoder is what is compiled.
 
 Prints each plan's own output, then a table (one row per case: per-device batch, weights +
-optimizer, temporaries, peak, FLOPs/device, modelled step, modelled FLOP utilisation, compile
-time of the main program and of the whole plan; a case the compiler refuses says so). The
+optimizer, temporaries, peak, model and hardware FLOPs per device, modelled step, modelled MFU
+and HFU (model and hardware FLOPs over the modelled step at the chip's bf16 peak), compile time
+of the main program and of the whole plan; a case the compiler refuses says so). The
 targets it is held to and the recorded figures are in benchmarks/RESULTS.md.
 """
 
@@ -85,14 +86,18 @@ def run_case(name: str, out_dir: str) -> dict:
 
 def row(name: str, p: dict) -> str:
   if not p.get("fits", True):
-    return f"| {name} | {p['target']} | refused by the compiler: {p['refused']} | | | | | | |"
+    return f"| {name} | {p['target']} | refused by the compiler: {p['refused']} | | | | | | | | | |"
   per_device_batch = p["batch"]["global"] // (p["mesh"]["data"] * p["mesh"]["fsdp"])
-  util = p.get("modelled_flop_utilisation")
-  return (
-      f"| {name} | {p['target']} | {per_device_batch} x {p['batch']['seq_len']} | "
-      f"{(p['params_bytes'] + p['opt_state_bytes']) / GiB:.1f} GiB | {p['temp_bytes'] / GiB:.2f} GiB | "
-      f"{p['peak_bytes'] / GiB:.2f} GiB | {p['flops_per_device'] / 1e12:.1f} T | "
-      f"{p['modelled_step_seconds']:.3f} s | {util:.2f} | {p['compile_seconds']:.0f} s / {p['wall_seconds']:.0f} s |")
+
+  def figure(key: str, fmt: str, scale: float = 1.0) -> str:
+    return format(p[key] / scale, fmt) if p.get(key) is not None else "none"
+
+  return (f"| {name} | {p['target']} | {per_device_batch} x {p['batch']['seq_len']} | "
+          f"{(p['params_bytes'] + p['opt_state_bytes']) / GiB:.1f} GiB | {p['temp_bytes'] / GiB:.2f} GiB | "
+          f"{p['peak_bytes'] / GiB:.2f} GiB | {p['model_flops_per_device'] / 1e12:.1f} T | "
+          f"{figure('hardware_flops_per_device', '.1f', 1e12)} T | {figure('modelled_step_seconds', '.3f')} s | "
+          f"{figure('modelled_mfu', '.2f')} | {figure('modelled_hfu', '.2f')} | "
+          f"{p['compile_seconds']:.0f} s / {p['wall_seconds']:.0f} s |")
 
 
 def main() -> None:
@@ -102,9 +107,9 @@ def main() -> None:
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   results = {name: run_case(name, args.out) for name in args.cases.split(",")}
-  print("| case | target | per-device batch | weights + optimizer | temporaries | peak | FLOPs/device | "
-        "modelled step | modelled FLOP utilisation | compile (main program / whole plan) |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  print("| case | target | per-device batch | weights + optimizer | temporaries | peak | model FLOPs/device | "
+        "hardware FLOPs/device | modelled step | modelled MFU | modelled HFU | compile (main program / whole plan) |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for name, figures in results.items():
     print(row(name, figures))
 

@@ -15,12 +15,13 @@ Each round runs --steps_per_round consecutive steps of each side and times the l
   python benchmarks/train_step.py --micro=15 --variants=einsum5d,bhtd_causal8,trainer  # attention alone
   python benchmarks/train_step.py --profile=/tmp/trace   # perfetto trace + compiled HLO of one step
 
-Prints a header (CPU, cores, XLA_FLAGS, GLIBC_TUNABLES, parameter counts, analytic GFLOP per
-step, each variant's compile time and XLA's FLOP count), one line per round, then the JAX and
-torch matmul peaks (median, min, max) and one row per side: median step seconds, tokens/s,
-GFLOP/s (one analytic FLOP count for both sides, see `analytic_flops`), ratio to the JAX matmul
-peak, speed relative to torch, loss, and the process's page faults and kernel CPU seconds during
-the timed step. --json also writes every round's values. --micro instead times one layer's
+Prints a header (CPU, cores, XLA_FLAGS, GLIBC_TUNABLES, parameter counts, model GFLOP per step,
+each variant's compile time and hardware GFLOP), one line per round, then the JAX and torch matmul
+peaks (median, min, max) and one row per side: median step seconds, tokens/s, model GFLOP/s and
+MFU (the model FLOPs of mgjax.flops, MaxText's count, one for both sides, against the JAX matmul
+peak), HFU (each JAX variant's hardware FLOPs, XLA's count of its compiled step, against the same
+peak; torch has none), speed relative to torch, loss, and the process's page faults and kernel
+CPU seconds during the timed step. --json also writes every round's values. --micro instead times one layer's
 attention forward + backward per variant, as median ms and the ratio to the first variant.
 Targets (>= 0.8 of the matmul peak, >= 1.0x torch) and results: benchmarks/RESULTS.md.
 
@@ -98,9 +99,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mgjax import train_step  # noqa: E402
-from mgjax.models import attention as mg_attention  # noqa: E402
-from mgjax.models import llm as mg_llm  # noqa: E402
+from mgjax import flops, train_step  # noqa: E402
+from mgjax.models import attention, llm  # noqa: E402
 
 LR = 1e-4
 WEIGHT_DECAY = 0.01
@@ -115,17 +115,13 @@ def param_counts(a: argparse.Namespace) -> dict[str, int]:
   return {"blocks": blocks, "lm_head": a.hidden * a.vocab, "embed": a.vocab * a.hidden, "final_norm": a.hidden}
 
 
-def analytic_flops(a: argparse.Namespace) -> float:
-  """6 * N * tokens + 12 * layers * T^2 * heads*head_dim * batch.
-
-  N: every parameter that takes part in a matmul (the blocks and lm_head; not the embedding
-  lookup). The attention term counts the full T x T score and value matmuls forward (4 T^2 d)
-  and backward (8 T^2 d): both implementations compute the full square, causal or not.
-  """
-  c = param_counts(a)
-  n = c["blocks"] + c["lm_head"]
-  tokens = a.batch * a.seq
-  return 6.0 * n * tokens + 12.0 * a.layers * a.seq**2 * a.heads * a.head_dim * a.batch
+def model_flops(a: argparse.Namespace) -> float:
+  """The model FLOPs of one step (mgjax.flops: 6 x matmul weights x tokens plus the causal
+  attention, MaxText's count), everything trained: one count for every side."""
+  llm_cfg = dict(layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, mlp=a.mlp)
+  model = nnx.eval_shape(lambda: TextOnly(llm.DecoderLM(vocab_size=a.vocab, **llm_cfg, rngs=nnx.Rngs(0))))
+  params = nnx.split(model, nnx.Param)[1].to_pure_dict()
+  return flops.model_flops(params, {"llm": llm_cfg, "vocab_size": a.vocab}, a.seq)(a.batch * a.seq)
 
 
 # ------------------------------------------------------------------ matmul peak
@@ -204,7 +200,7 @@ def causal_blocks(base, blocks: int):
   T x T scores and softmax instead of all of them.
   """
 
-  def attention(q, k, v, mask=None):
+  def blocked(q, k, v, mask=None):
     t = q.shape[1]
     if t != k.shape[1] or t % blocks:
       return base(q, k, v, mask)
@@ -216,7 +212,7 @@ def causal_blocks(base, blocks: int):
       outs.append(base(q[:, i * c:end], k[:, :end], v[:, :end], m))
     return jnp.concatenate(outs, axis=1)
 
-  return attention
+  return blocked
 
 
 ATTENTION = {
@@ -239,7 +235,7 @@ def apply_rope_concat(x, positions, theta=10000.0, *, inv_freq=None):
   back, which XLA:CPU runs as pad/concatenate fusions forward and backward."""
   half = x.shape[-1] // 2
   if inv_freq is None:
-    inv_freq = mg_llm.rope_frequencies(x.shape[-1], theta)
+    inv_freq = llm.rope_frequencies(x.shape[-1], theta)
   angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
   sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
   x32 = x.astype(jnp.float32)
@@ -256,8 +252,8 @@ VARIANTS_HELP = f'attention one of {sorted(ATTENTION)}, optionally followed by +
 class TextOnly(nnx.Module):
   """MiniGemini's call signature around the bare DecoderLM, so step.make_loss_fn runs as is."""
 
-  def __init__(self, llm: mg_llm.DecoderLM):
-    self.llm = llm
+  def __init__(self, decoder: llm.DecoderLM):
+    self.llm = decoder
 
   def hidden_states(self, input_ids, images_lowres, images_highres, *, positions=None, segment_ids=None):
     del images_lowres, images_highres  # text only: no image tokens
@@ -288,19 +284,19 @@ class JaxStep:
 
   def __init__(self, a: argparse.Namespace, variant: str, batch: dict[str, np.ndarray]):
     self.name = variant
-    attention, *swaps = variant.split("+")
-    attention = ATTENTION[attention]
-    original, original_rope = mg_attention.causal_attention, mg_llm.apply_rope
-    if attention is not None:
+    name, *swaps = variant.split("+")
+    formulation = ATTENTION[name]
+    original, original_rope = attention.causal_attention, llm.apply_rope
+    if formulation is not None:
       # The variants take the whole mask and decide about block skipping themselves.
-      mg_attention.causal_attention = lambda q, k, v, segment_ids, implementation="auto": attention(
-          q, k, v, mg_attention.segment_mask(segment_ids, segment_ids))
+      attention.causal_attention = lambda q, k, v, segment_ids, implementation="auto": formulation(
+          q, k, v, attention.segment_mask(segment_ids, segment_ids))
     for swap in swaps:
-      mg_llm.apply_rope = ROPE[swap]
+      llm.apply_rope = ROPE[swap]
     try:
       model = TextOnly(
-          mg_llm.DecoderLM(vocab_size=a.vocab, hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
-                           head_dim=a.head_dim, mlp=a.mlp, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+          llm.DecoderLM(vocab_size=a.vocab, hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
+                        head_dim=a.head_dim, mlp=a.mlp, dtype=jnp.float32, rngs=nnx.Rngs(0)))
       graphdef, params = nnx.split(model, nnx.Param)
       loss_fn = train_step.make_loss_fn(graphdef)
       tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
@@ -319,12 +315,11 @@ class JaxStep:
       lowered = jitted.lower(self.params, self.opt_state, self.batch)
       self.compiled = lowered.compile()
       self.compile_s = time.perf_counter() - t
-      cost = self.compiled.cost_analysis()
-      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-      self.cost_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+      # The step has no loop: XLA's count of it as compiled is the hardware FLOPs.
+      self.hardware_flops = flops.compiled_costs(self.compiled)["flops"] or float("nan")
       self.hlo_text = self.compiled.as_text()
     finally:
-      mg_attention.causal_attention, mg_llm.apply_rope = original, original_rope
+      attention.causal_attention, llm.apply_rope = original, original_rope
     self.loss = None
 
   def run(self) -> float:
@@ -391,11 +386,11 @@ def micro(a: argparse.Namespace, variants: list[str]) -> None:
   shape_kv = (a.batch, a.seq, a.kv_heads, a.head_dim)
   q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (shape_q, shape_kv, shape_kv))
   segments = jnp.ones((a.batch, a.seq), jnp.int32)
-  mask = mg_attention.segment_mask(segments, segments)
+  mask = attention.segment_mask(segments, segments)
   fns = {}
   for name in variants:
     # The trainer's function as Attention.__call__ calls it (segment ids, no mask).
-    f = ATTENTION[name.split("+")[0]] or (lambda q, k, v, mask: mg_attention.xla_attention(q, k, v, segments))
+    f = ATTENTION[name.split("+")[0]] or (lambda q, k, v, mask: attention.xla_attention(q, k, v, segments))
     loss = lambda q, k, v, f=f: jnp.sum(f(q, k, v, mask)**2)
     fns[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     jax.block_until_ready(fns[name](q, k, v))
@@ -424,7 +419,7 @@ def main() -> None:
   if a.micro:
     micro(a, variants)
     return
-  flops = analytic_flops(a)
+  step_flops = model_flops(a)
   tokens = a.batch * a.seq
   counts = param_counts(a)
   cpu = next((l.split(":", 1)[1].strip()
@@ -434,14 +429,15 @@ def main() -> None:
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}  GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")!r}')
   print(f'# non-embedding params {(counts["blocks"] + counts["lm_head"]) / 1e6:.1f}M '
         f'(blocks {counts["blocks"] / 1e6:.1f}M + lm_head {counts["lm_head"] / 1e6:.1f}M), '
-        f'batch {a.batch} x seq {a.seq}; analytic {flops / 1e9:.1f} GFLOP/step')
+        f'batch {a.batch} x seq {a.seq}; model {step_flops / 1e9:.1f} GFLOP/step')
   batch = make_batch(a)
 
   steps = {}
   for v in variants:
     steps[v] = JaxStep(a, v, batch)
-    print(f"# jax {v}: compiled in {steps[v].compile_s:.1f}s, cost_analysis "
-          f"{steps[v].cost_flops / 1e9:.1f} GFLOP", flush=True)
+    print(
+        f"# jax {v}: compiled in {steps[v].compile_s:.1f}s, hardware {steps[v].hardware_flops / 1e9:.1f} "
+        "GFLOP/step", flush=True)
   torch_step = None
   if not a.no_torch:
     import torch
@@ -494,7 +490,7 @@ def main() -> None:
         f'(min {min(peaks["jax"]):.0f}, max {max(peaks["jax"]):.0f})' +
         (f', torch median {statistics.median(peaks["torch"]):.0f} GFLOP/s' if peaks["torch"] else ""))
   rows = []
-  print(f'{"side":<22}{"step s":>8}{"tok/s":>9}{"GFLOP/s":>9}{"/peak":>7}{"/torch":>8}{"loss":>8}'
+  print(f'{"side":<22}{"step s":>8}{"tok/s":>9}{"GFLOP/s":>9}{"MFU":>7}{"HFU":>7}{"/torch":>8}{"loss":>8}'
         f'{"faults":>9}{"sys s":>7}')
   for k, t in times.items():
     if not t:
@@ -505,19 +501,21 @@ def main() -> None:
         "step_s": med,
         "spread_s": [min(t), max(t)],
         "tokens_s": tokens / med,
-        "gflops": flops / med / 1e9,
-        "ratio_peak": flops / med / 1e9 / peak,
+        "model_gflops": step_flops / med / 1e9,
+        "mfu": step_flops / med / 1e9 / peak,
         "ratio_torch": torch_t / med,
         "loss": (torch_step.loss if k == "torch" else steps[k].loss),
         "page_faults": statistics.median(faults[k]),
         "kernel_s": statistics.median(kernel_s[k])
     }
     if k != "torch":
-      row["cost_analysis_gflop"] = steps[k].cost_flops / 1e9
+      row["hardware_gflop"] = steps[k].hardware_flops / 1e9
+      row["hfu"] = steps[k].hardware_flops / med / 1e9 / peak
       row["compile_s"] = steps[k].compile_s
     rows.append(row)
-    print(f'{row["side"]:<22}{med:>8.2f}{row["tokens_s"]:>9.0f}{row["gflops"]:>9.0f}'
-          f'{row["ratio_peak"]:>7.2f}{row["ratio_torch"]:>8.2f}{row["loss"]:>8.3f}'
+    hfu = f'{row["hfu"]:>7.2f}' if "hfu" in row else f'{"":>7}'
+    print(f'{row["side"]:<22}{med:>8.2f}{row["tokens_s"]:>9.0f}{row["model_gflops"]:>9.0f}'
+          f'{row["mfu"]:>7.2f}{hfu}{row["ratio_torch"]:>8.2f}{row["loss"]:>8.3f}'
           f'{row["page_faults"]:>9.0f}{row["kernel_s"]:>7.2f}')
   if a.json:
     with open(a.json, "w") as f:
@@ -529,7 +527,7 @@ def main() -> None:
               "jax": jax.__version__,
               "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-              "analytic_gflop": flops / 1e9,
+              "model_gflop": step_flops / 1e9,
               "peaks": peaks,
               "times": times,
               "page_faults": faults,

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mgjax import throughput
 from mgjax.models.axes import constrain
 
 
@@ -36,12 +35,12 @@ def summed_cross_entropy(hidden: jax.Array, output_embedding: jax.Array, targets
     targets: int [B, T]; weights: float [B, T] (the loss mask).
     chunk: tokens of the sequence per chunk; 0 or >= T computes the whole sequence at once.
     unroll: trace the chunk loop as straight-line code (same values), so that XLA's cost
-      analysis counts every chunk (mgjax.plan's cost figures); training keeps the loop.
+      analysis counts every chunk (the cost twins of mgjax.flops); training keeps the loop.
 
   The chunks run in a jax.lax.scan, one after the other: the output projection's gradient
   is then one accumulator for all of them (a Python loop let XLA keep one partial gradient
   per chunk alive, a [D, V] float32 array each under FSDP). XLA's cost analysis counts the
-  loop once; `chunked_flops` gives the other trips.
+  loop once (mgjax.flops counts every chunk).
   """
   t = hidden.shape[1]
   if chunk <= 0 or chunk >= t:
@@ -64,17 +63,3 @@ def summed_cross_entropy(hidden: jax.Array, output_embedding: jax.Array, targets
   total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), (chunks(hidden), chunks(targets), chunks(weights)),
                           unroll=n if unroll else 1)
   return total
-
-
-def chunked_flops(batch: int, seq_len: int, hidden: int, vocab: int, chunk: int, dtype) -> float:
-  """FLOPs of the chunk loop's trips that XLA's cost analysis leaves out ((n - 1) chunks'
-  forward, recomputation and backward), from the unpartitioned HLO of one chunk."""
-  if chunk <= 0 or chunk >= seq_len:
-    return 0.0
-  n = -(-seq_len // chunk)
-  one = jax.checkpoint(_chunk_loss, policy=jax.checkpoint_policies.nothing_saveable)
-  lowered = jax.jit(jax.grad(one, argnums=(0, 1))).lower(jax.ShapeDtypeStruct((batch, chunk, hidden), dtype),
-                                                         jax.ShapeDtypeStruct((hidden, vocab), dtype),
-                                                         jax.ShapeDtypeStruct((batch, chunk), jnp.int32),
-                                                         jax.ShapeDtypeStruct((batch, chunk), jnp.float32))
-  return (n - 1) * (throughput.lowered_flops(lowered) or 0.0)

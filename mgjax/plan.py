@@ -20,13 +20,13 @@ modelled FLOP utilisation against the chip's bf16 peak.
 for a GPU's (TPU and GPU compilers fuse and lay out differently: weights and optimizer state
 are exact, temporaries are an estimate).
 
-A scanned layer stack (model.llm.scan_layers) and the chunked loss (train.loss_chunk) are
-loops whose body XLA's cost analysis counts once. FLOPs and the modelled step time are
-therefore taken from two twins of the model without loops (layers unscanned, the loss's
-chunk loop unrolled) with one and two layers: cost(L) = cost(1) + (L - 1) * (cost(2) -
-cost(1)), exact for costs that add up op by op, as both of these do. On v5e and v6e the
-compiler also runs FSDP's collective matmuls as windowed-einsum loops; the cost figures there
-come from compiles with those off (the memory figures from the program as it would run).
+FLOPs (mgjax.flops, as the train log counts them): the model FLOPs (analytic, MaxText's
+convention: what MFU divides) for a batch whose every token and image slot is real, and the
+hardware FLOPs (XLA's cost analysis of the compiled step: what HFU divides). A step with loops
+(a scanned decoder, the chunked loss, gradient accumulation; on v5e and v6e the compiler's
+windowed-einsum loops for FSDP's collective matmuls) takes its hardware FLOPs and modelled step
+time from loop-free twins with one and two decoder layers; the memory figures are the program's
+as it would run.
 """
 
 from __future__ import annotations
@@ -82,14 +82,6 @@ TPU_GENERATIONS = {
     "v5e": TpuGeneration("v5e", 1, 2, 197.0, 16.0),
     "v5litepod": TpuGeneration("v5e", 1, 2, 197.0, 16.0),
     "v6e": TpuGeneration("v6e", 1, 2, 918.0, 32.0),
-}
-
-# TPU generations whose compiler runs FSDP's collective matmuls as windowed-einsum loops by
-# default, and the options that turn them off for compiles that only give cost figures.
-WINDOWED_EINSUM_GENERATIONS = ("v5e", "v6e")
-COST_COMPILER_OPTIONS = {
-    "xla_tpu_enable_windowed_einsum_for_all_gather": False,
-    "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False
 }
 
 
@@ -157,20 +149,14 @@ def tpu_devices(accelerator_type: str) -> list:
 class CompiledStep:
   compiled: object
   setup: object  # mgjax.train_step.StepSetup
-  trainable: object  # what the optimizer trains (abstract): the weights, or LoRA adapters
-  frozen: object  # LoRA's base weights (abstract), else None
   batch: dict
   seconds: float  # lower + compile
 
 
-def compile_train_step(config, devices: list, *, unroll_loss: bool = False,
-                       compiler_options: dict | None = None) -> CompiledStep:
-  """config's train step compiled for `devices` on abstract values: the very step train.run
-  jits (mgjax.train_step.setup), on the batch the pipeline yields; unroll_loss traces the chunked
-  loss's loop as straight-line code (the cost twins)."""
-  import jax
-  from flax import nnx
-
+def step_setup(config, devices: list, *, unroll_loops: bool = False):
+  """(mgjax.train_step.StepSetup, batch spec) of config's train step on `devices`: the very step
+  train.run jits, on the batch the pipeline yields; unroll_loops traces the micro-batch and
+  chunked-loss loops as straight-line code (mgjax.flops's cost twins)."""
   from mgjax import sharding, train_step
   from mgjax.data import pipeline
   from mgjax.models import attention
@@ -179,48 +165,21 @@ def compile_train_step(config, devices: list, *, unroll_loss: bool = False,
   model_cfg = config.model.copy_and_resolve_references()
   model_cfg.attention = attention.for_run(model_cfg.get("attention", "auto"), devices[0].platform,
                                           packed=config.data.packing)
-  setup = train_step.setup(config, model_cfg, mesh, config.train.steps, unroll_loss=unroll_loss)
-  trainable = setup.trainable.abstract
-  frozen = setup.abstract_params if setup.trainable.lora else None
-  batch = pipeline.batch_spec(config.data, model_cfg, sharding.batch_sharding(mesh))
+  setup = train_step.setup(config, model_cfg, mesh, config.train.steps, unroll_loops=unroll_loops)
+  return setup, pipeline.batch_spec(config.data, model_cfg, sharding.batch_sharding(mesh))
+
+
+def compile_train_step(config, devices: list, *, unroll_loops: bool = False,
+                       compiler_options: dict | None = None) -> CompiledStep:
+  """config's train step (see `step_setup`) compiled for `devices` on abstract values."""
+  setup, batch = step_setup(config, devices, unroll_loops=unroll_loops)
   started = time.perf_counter()
-  # Progress on stderr: a big model's compile takes minutes (a plan compiles up to four).
-  what = f"{int(model_cfg.llm.layers)}-layer cost twin" if unroll_loss else "train step"
-  print(f"plan: compiling the {what} for {len(devices)} x {devices[0].device_kind} ...", file=sys.stderr, flush=True)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(setup.rules):
-    compiled = setup.train_step.lower(trainable, setup.abstract_opt_state, frozen,
-                                      batch).compile(compiler_options=compiler_options)
+  # Progress on stderr: a big model's compile takes minutes (a plan compiles up to three).
+  print(f"plan: compiling the train step for {len(devices)} x {devices[0].device_kind} ...", file=sys.stderr,
+        flush=True)
+  compiled = setup.compile_train_step(batch, compiler_options=compiler_options)
   print(f"plan: compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-  return CompiledStep(compiled, setup, trainable, frozen, batch, time.perf_counter() - started)
-
-
-def step_costs(step: CompiledStep, config, num_devices: int) -> dict[str, float | None]:
-  """Per-device FLOPs and (TPU) the cost model's step time of one compiled step."""
-  import jax
-  from flax import nnx
-
-  from mgjax import train_step
-
-  with jax.set_mesh(step.setup.mesh), nnx.logical_axis_rules(step.setup.rules):
-    flops = train_step.step_flops_per_device(step.compiled, step.setup.summed_loss, step.trainable, step.frozen,
-                                             step.batch, config.train.grad_accum_steps, num_devices)
-  analysis = step.compiled.cost_analysis() or {}
-  seconds = analysis.get("optimal_seconds")
-  if seconds is not None:
-    # The v5e/v6e cost model scores each ConcatBitcast custom call at -1 s; they cost nothing.
-    seconds += step.compiled.as_text().count('custom_call_target="ConcatBitcast"')
-    if seconds <= 0:  # what the cost model gives for programs it cannot score (e.g. grouped matmuls)
-      seconds = None
-  return {"flops_per_device": flops, "modelled_step_seconds": seconds}
-
-
-def unscanned_twin(config, layers: int):
-  """config with model.llm as `layers` unscanned layers (compiled with the loss's chunk loop
-  unrolled): the same program without loops, for cost figures (see the module docstring)."""
-  twin = config.copy_and_resolve_references()
-  twin.model.llm.layers = layers
-  twin.model.llm.scan_layers = False
-  return twin
+  return CompiledStep(compiled, setup, batch, time.perf_counter() - started)
 
 
 def plan(config, num_devices: int | None = None, *, target: str | None = None) -> dict:
@@ -252,28 +211,20 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None) -
           "required_bytes": _required_bytes(str(e)),
       }
     raise
-  costs = step_costs(step, config, len(devices))
-  # On v5e/v6e the compiler splits FSDP's all-gather/reduce-scatter matmuls into windowed-einsum
-  # loops, counted once too: the cost figures come from a compile without them.
-  options = COST_COMPILER_OPTIONS if target and gen.topology in WINDOWED_EINSUM_GENERATIONS else None
-  if config.model.llm.get("scan_layers", False) or 0 < config.train.loss_chunk < config.data.seq_len:
-    layers = int(config.model.llm.layers)
-    one, two = (step_costs(
-        compile_train_step(unscanned_twin(config, n), devices, unroll_loss=True, compiler_options=options),
-        unscanned_twin(config, n), len(devices)) for n in (1, 2))
-    costs = {
-        k: (one[k] + (layers - 1) * (two[k] - one[k]) if one[k] is not None and two[k] is not None else None)
-        for k in costs
-    }
-  elif options:
-    costs = step_costs(compile_train_step(config, devices, compiler_options=options), config, len(devices))
+  started = time.perf_counter()
+  print("plan: counting the step's FLOPs (loop-free twins where it loops, mgjax.flops) ...", file=sys.stderr,
+        flush=True)
+  costs = step.setup.hardware_costs(step.batch, step.compiled)
+  print(f"plan: counted in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+  b, t, m = config.data.batch_size, config.data.seq_len, config.data.max_images
+  # Every token and image slot real: the most the model FLOPs of a batch can be.
+  model_flops = step.setup.model_flops(t)(b * t, b * m) / len(devices)
 
   def bytes_per_device(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
   memory = step.compiled.memory_analysis()
   num_params = sum(x.size for x in jax.tree.leaves(step.setup.abstract_params))
-  b, t = config.data.batch_size, config.data.seq_len
   out = {
       "mesh": dict(step.setup.mesh.shape),
       "num_params": num_params,
@@ -300,7 +251,9 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None) -
       "compile_seconds": step.seconds,
       # Pallas kernels in the program (splash attention on TPU).
       "pallas_kernels": step.compiled.as_text().count('custom_call_target="tpu_custom_call"'),
-      **costs,
+      "model_flops_per_device": model_flops,
+      "hardware_flops_per_device": costs["flops"],
+      "modelled_step_seconds": costs["modelled_seconds"],
   }
   if target:
     devices_per_chip = len(devices) / chips
@@ -314,8 +267,11 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None) -
         "device_peak_tflops": peak,
         "fits": True
     })
-    if out["flops_per_device"] and out["modelled_step_seconds"]:
-      out["modelled_flop_utilisation"] = out["flops_per_device"] / (out["modelled_step_seconds"] * peak * 1e12)
+    if out["modelled_step_seconds"]:
+      peak_flops = out["modelled_step_seconds"] * peak * 1e12
+      out["modelled_mfu"] = model_flops / peak_flops
+      if costs["flops"]:
+        out["modelled_hfu"] = costs["flops"] / peak_flops
   return out
 
 
@@ -376,26 +332,33 @@ def format_plan(p: dict, config) -> str:
   ]
   if p.get("host_temp_bytes"):
     lines.append(f"  host memory       {_bytes(p['host_temp_bytes'])}  (offloaded activations)")
-  flops = p["flops_per_device"]
-  if flops:
-    total = flops * _num_devices(p)
-    lines.append(f"  FLOPs per step    {_count(flops, 'FLOP')} ({_count(total, 'FLOP')} on all devices, "
-                 f"{_count(total / batch['tokens'], 'FLOP')} per token slot)")
+  model, hardware = p["model_flops_per_device"], p["hardware_flops_per_device"]
+  devices, tokens = _num_devices(p), batch["tokens"]
+  lines.append(f"  model FLOPs       {_count(model, 'FLOP')} per step ({_count(model * devices, 'FLOP')} on all "
+               f"devices, {_count(model * devices / tokens, 'FLOP')} per token): what MFU divides, every token and "
+               "image slot real")
+  if hardware:
+    lines.append(f"  hardware FLOPs    {_count(hardware, 'FLOP')} per step ({_count(hardware * devices, 'FLOP')} on "
+                 f"all devices, {_count(hardware * devices / tokens, 'FLOP')} per token slot): what HFU divides, "
+                 "XLA's count")
   if "target" in p:
     hbm = p["device_hbm_gib"]
     lines.append(f"  fits: peak {p['peak_bytes'] / GiB:.1f} of {hbm:.0f} GiB ({p['peak_bytes'] / GiB / hbm:.0%}); "
                  "the compiler accepted it")
     if p.get("modelled_step_seconds"):
-      lines.append(f"  modelled step     {p['modelled_step_seconds']:.3f} s (the TPU cost model's), FLOP utilisation "
-                   f"{p.get('modelled_flop_utilisation', 0):.2f} of {p['device_peak_tflops']:.0f} TFLOP/s")
+      utilisation = ", ".join(
+          f"{name} {p[key]:.2f}" for name, key in (("MFU", "modelled_mfu"), ("HFU", "modelled_hfu")) if key in p)
+      lines.append(f"  modelled step     {p['modelled_step_seconds']:.3f} s (the TPU cost model's): {utilisation} of "
+                   f"{p['device_peak_tflops']:.0f} TFLOP/s")
     else:
       lines.append("  modelled step     none: the TPU cost model gave no usable time for this program")
     return "\n".join(lines)
-  lines.append("on devices of (fits: peak within 90% of memory; step time at 100% and 40% MFU):")
+  lines.append("on devices of (fits: peak within 90% of memory; step time: the hardware FLOPs at the peak, "
+               "100% HFU; the model FLOPs at 40% MFU):")
   for name, kind, hbm in ACCELERATORS:
-    peak = throughput.vendor_peak_tflops(kind)
+    peak = throughput.vendor_peak_tflops(kind) * 1e12
     fits = "fits" if p["peak_bytes"] <= 0.9 * hbm * GiB else "does NOT fit"
-    timing = f"  {flops / (peak * 1e12):.3g} s, {flops / (0.4 * peak * 1e12):.3g} s" if flops else ""
+    timing = f"  {hardware / peak:.3g} s, {model / (0.4 * peak):.3g} s" if hardware else ""
     lines.append(f"  {name:<10} {hbm:>4.0f} GiB  {fits:<13}{timing}")
   smallest = min((a for a in ACCELERATORS if p["peak_bytes"] > 0.9 * a[2] * GiB), key=lambda a: a[2], default=None)
   if smallest:  # what would make it fit the smallest device it does not fit

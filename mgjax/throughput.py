@@ -1,9 +1,12 @@
-"""How close a run is to the hardware's limit: tokens/s, TFLOP/s and MFU per device.
+"""How close a run is to the hardware's limit: tokens/s, TFLOP/s, MFU and HFU per device.
 
-FLOPs come from XLA's cost analysis of the compiled train step. Under SPMD that program is
-the per-device one, so its FLOPs are already per device. They are the FLOPs the hardware
-executes: recomputation under `model.llm.remat` and padded positions count, so with remat
-the utilisation reported is closer to HFU than to model-FLOPs MFU.
+Two FLOP counts of the train step (mgjax.flops), each against one device's peak:
+  mfu  model FLOPs utilisation: the analytic FLOPs the model needs for the real tokens and
+       images trained on (6 x trained weights x tokens, attention, the towers that run; no
+       padding, no recomputation), MaxText's and PaLM's convention: the one to compare with
+       published MFU figures.
+  hfu  hardware FLOPs utilisation: the FLOPs XLA executes (its cost analysis of the compiled
+       step, per device under SPMD): remat's recomputation, padded slots, everything.
 
 The peak is the dense bf16 matmul peak of one device (the convention of PaLM and MaxText),
 from the vendor table below; on CPU it is the float32 matmul rate measured on this machine,
@@ -14,11 +17,14 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:  # the module itself stays light: jax alone
+  from mgjax.flops import StepFlops
 
 # Dense bf16 TFLOP/s of one JAX device, matched against `device.device_kind` (first match).
 # A TPU v4/v5p chip is one device (megacore); v5e/v6e ("lite") chips have one TensorCore.
@@ -33,33 +39,6 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H200", 989.0),  # SXM, dense (no sparsity)
     ("H100", 989.0),
 )
-
-
-def step_flops(compiled: jax.stages.Compiled) -> float | None:
-  """FLOPs of one call of a compiled program on one device, or None if XLA gives none.
-
-  XLA counts a while loop's body once, whatever its trip count: callers with a scan over
-  micro-batches add the other trips themselves (see `accumulated_flops`).
-  """
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
-    analysis = analysis[0] if analysis else None
-  flops = (analysis or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
-
-
-def lowered_flops(lowered: jax.stages.Lowered) -> float | None:
-  """FLOPs from the unoptimised HLO (no compile): cheap, and close to the compiled count."""
-  analysis = lowered.cost_analysis()
-  flops = (analysis or {}).get("flops") if isinstance(analysis, dict) else None
-  return float(flops) if flops and flops > 0 else None
-
-
-def accumulated_flops(step: float | None, micro_batch: float | None, accum: int) -> float | None:
-  """A gradient-accumulation step's FLOPs: its scan body (one micro-batch) was counted once."""
-  if step is None or micro_batch is None or accum <= 1:
-    return step
-  return step + (accum - 1) * micro_batch
 
 
 @functools.cache
@@ -95,21 +74,27 @@ def vendor_peak_tflops(device_kind: str) -> float | None:
   return None
 
 
-def rates(*, steps: int, seconds: float, tokens: float, flops_per_device: float | None, peak_tflops: float | None,
-          num_devices: int) -> dict[str, float]:
+def rates(*, steps: int, seconds: float, tokens: float, images: float, flops: StepFlops | None,
+          peak_tflops: float | None, num_devices: int) -> dict[str, float]:
   """The per-device rates of a window of `steps` steps that took `seconds` and fed `tokens`
-  real (non-padding) tokens in all; FLOP-based ones only when the FLOPs are known."""
+  real (non-padding) tokens and `images` real images in all; FLOP-based ones when known."""
   out = {"tokens_per_s_per_device": tokens / seconds / num_devices}
-  if flops_per_device:
-    tflops = flops_per_device * steps / seconds / 1e12
-    out["tflops_per_device"] = tflops
-    if peak_tflops:
-      out["mfu"] = tflops / peak_tflops
+  if flops is None:
+    return out
+  tflops = {"model": flops.model(tokens, images) / num_devices / seconds / 1e12}
+  if flops.hardware_per_device:
+    tflops["hardware"] = flops.hardware_per_device * steps / seconds / 1e12
+  for kind, utilisation in (("model", "mfu"), ("hardware", "hfu")):
+    if kind in tflops:
+      out[f"{kind}_tflops_per_device"] = tflops[kind]
+      if peak_tflops:
+        out[utilisation] = tflops[kind] / peak_tflops
   return out
 
 
 class Window:
-  """The steps since the last log line: their losses, real tokens and token slots, and time.
+  """The steps since the last log line: their losses, real tokens, token slots and input ids
+  (where the real images are counted, once the step's FLOPs say which id is an image), and time.
 
   Losses stay device arrays until `close`, so the loop never waits for the device between
   logs; time spent compiling or evaluating is left out (`reset_clock`, `exclude`), so rates
@@ -121,7 +106,7 @@ class Window:
     self.restart()
 
   def restart(self) -> None:
-    self.losses, self.router_losses, self.tokens, self.slots = [], [], 0.0, 0
+    self.losses, self.router_losses, self.tokens, self.slots, self.input_ids = [], [], 0.0, 0, []
     self.started = time.time()
 
   def exclude(self, seconds: float) -> None:
@@ -135,16 +120,21 @@ class Window:
     """This process's batch: every process feeds the same number of rows."""
     self.tokens += float(local_batch["segment_ids"].astype(bool).sum()) * self.num_processes
     self.slots += local_batch["segment_ids"].size * self.num_processes
+    self.input_ids.append(local_batch["input_ids"])
 
   def add_metrics(self, step_metrics: dict[str, Any]) -> None:
     self.losses.append(step_metrics["loss"])
     if "router_aux_loss" in step_metrics:
       self.router_losses.append(step_metrics["router_aux_loss"])
 
-  def close(self, *, flops_per_device: float | None, peak_tflops: float | None, num_devices: int) -> dict[str, float]:
-    """The window's train metrics (mean loss, rates, token efficiency); starts the next window."""
+  def close(self, *, flops: StepFlops | None, peak_tflops: float | None, num_devices: int) -> dict[str, float]:
+    """The window's train metrics (mean loss, rates, token efficiency); starts the next window.
+
+    flops: the train step's (mgjax.train_step.StepSetup.step_flops), None before it is known.
+    """
     losses = [float(l) for l in self.losses]  # waits for the device: timing is honest
     elapsed = time.time() - self.started
+    images = sum(flops.model.images(ids) for ids in self.input_ids) * self.num_processes if flops else 0.0
     out = {
         "loss": float(np.mean(losses)),
         "last_loss": losses[-1],
@@ -152,7 +142,7 @@ class Window:
         "steps_per_s": len(losses) / elapsed,
         # the share of token slots holding real tokens (not padding)
         "token_efficiency": self.tokens / max(self.slots, 1),
-        **rates(steps=len(losses), seconds=elapsed, tokens=self.tokens, flops_per_device=flops_per_device, peak_tflops=peak_tflops, num_devices=num_devices),
+        **rates(steps=len(losses), seconds=elapsed, tokens=self.tokens, images=images, flops=flops, peak_tflops=peak_tflops, num_devices=num_devices),
     }
     if self.router_losses:
       out["router_aux_loss"] = float(np.mean([float(r) for r in self.router_losses]))

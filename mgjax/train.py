@@ -246,7 +246,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, started: float) -> Sum
         batch = sharding.to_global_batch(local, mesh)
         if compiled_step is None:
           compiled_step = setup.train_step.lower(trainable, opt_state, frozen, batch).compile()
-          flops_per_device = setup.flops_per_device(compiled_step, trainable, frozen, batch)
+          flops_per_device = setup.step_flops(compiled_step, batch)
           sharding.wait_for_all_processes("mgjax: train step compiled")  # before its first collective
           window.reset_clock()  # rates measure training, not compiling
         trainable, opt_state, step_metrics = compiled_step(trainable, opt_state, frozen, batch)
@@ -264,12 +264,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str, started: float) -> Sum
           pending = None
         stop = stages.StopTraining("preempted", step, f"{sigterm.signal_name} received") if preempted else None
         if is_log:
-          logged = window.close(flops_per_device=flops_per_device, peak_tflops=peak_tflops, num_devices=mesh.size)
+          logged = window.close(flops=flops_per_device, peak_tflops=peak_tflops, num_devices=mesh.size)
           train_loss, mean_loss = logged.pop("last_loss"), logged.pop("loss")
           writer.write(step, "train", loss=mean_loss, lr=float(setup.lr_schedule(step - 1)),
                        grad_norm=float(step_metrics["grad_norm"]), **logged)
           progress.set_postfix(loss=f"{mean_loss:.3f}",
-                               **{k: f"{logged[k]:.3g}" for k in ("tflops_per_device", "mfu") if k in logged})
+                               **{k: f"{logged[k]:.3g}" for k in ("mfu", "hfu") if k in logged})
         score = None
         if is_eval:
           eval_started = time.time()

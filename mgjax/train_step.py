@@ -3,9 +3,10 @@
   setup(config, model_cfg, mesh, total_steps) -> StepSetup
 
 gives the model's graph and abstract weights, their shardings, what the optimizer trains (the
-weights themselves, or LoRA adapters on frozen weights: `Trainable`), the optimizer, and the
-jitted train, evaluation and weight-merging steps. `mgjax.train` runs them; `mgjax.plan`
-compiles the same ones for a topology it does not have, so the plan is the run's program.
+weights themselves, or LoRA adapters on frozen weights: a `Trainable`), the optimizer, the
+jitted train, evaluation and weight-merging steps, and the train step's FLOPs (`mgjax.flops`).
+`mgjax.train` runs them; `mgjax.plan` compiles the same ones for a topology it does not have,
+so the plan is the run's program.
 
 The step works on plain dicts of arrays (`nnx.split` once, `nnx.merge` inside the traced
 function): jit, shardings, checkpoints and LoRA all see one pytree of weights, and the graph
@@ -14,7 +15,9 @@ is rebuilt from it for free at trace time.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+import re
 from typing import Any, Callable
 
 import jax
@@ -23,8 +26,8 @@ import ml_collections
 import optax
 from flax import nnx
 
-from mgjax import lora, optim, sharding, throughput
-from mgjax.loss import chunked_flops, summed_cross_entropy
+from mgjax import flops, lora, optim, sharding
+from mgjax.loss import summed_cross_entropy
 from mgjax.models import vlm
 
 
@@ -63,7 +66,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, loss_chunk: int = 0, unroll_loss: bool 
   Sums, not a mean, so micro-batches add up to exactly the whole batch's gradient.
   loss_chunk (train.loss_chunk): tokens per chunk of the output projection and loss
   (mgjax.loss), so the whole [B, T, vocab] logits never exist at once; unroll_loss traces
-  its chunk loop as straight-line code (for cost figures, see mgjax.plan).
+  its chunk loop as straight-line code (for cost figures, see mgjax.flops).
   """
   loss_terms = make_loss_terms(graphdef, loss_chunk, unroll_loss)
 
@@ -82,7 +85,7 @@ def split_micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Ar
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, model_params: Callable[[Any, Any], Any],
                     accum: int, freeze: tuple[str, ...] = (), loss_chunk: int = 0,
-                    unroll_loss: bool = False) -> tuple[Callable, Callable]:
+                    unroll_loops: bool = False) -> tuple[Callable, Callable]:
   """The train step (trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics),
   and the summed loss (trainable, frozen, batch) -> (loss sum, token count) it differentiates.
 
@@ -90,7 +93,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mo
   `accum` > 1 sums the gradients of that many micro-batches; `freeze` (optim.freeze) names
   the weights whose gradients are dropped at once, so XLA never computes them (the frozen
   towers' backward pass) and the logged grad_norm covers what trains. Shared by training and
-  by `mgjax.plan`, which compiles it for a topology it does not have.
+  by `mgjax.plan`, which compiles it for a topology it does not have. unroll_loops traces the
+  micro-batch loop and the chunked loss's loop as straight-line code (the cost twins of
+  mgjax.flops; same values).
 
   A decoder with experts also trains its routers' load balance: the step's objective is the
   mean token loss plus model.llm.router_aux_loss_coef times the load-balancing loss, as
@@ -98,7 +103,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mo
   hold `router_aux_loss` (before the coefficient) beside `loss`, which stays the token loss
   alone, comparable with the validation losses and with dense decoders.
   """
-  loss_terms = make_loss_terms(graphdef, loss_chunk, unroll_loss)
+  loss_terms = make_loss_terms(graphdef, loss_chunk, unroll_loops)
 
   def summed_loss(trainable, frozen, batch):
     total, count, _, _ = loss_terms(model_params(trainable, frozen), batch)
@@ -128,7 +133,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mo
       micro_batches = split_micro_batches(batch, accum)
       (_, terms), grads = jax.eval_shape(grad_fn, trainable, frozen, jax.tree.map(lambda x: x[0], micro_batches))
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (*terms, grads))
-      (loss_sum, count, router_sum, grads), _ = jax.lax.scan(add_micro_batch, zeros, micro_batches)
+      (loss_sum, count, router_sum, grads), _ = jax.lax.scan(add_micro_batch, zeros, micro_batches,
+                                                             unroll=accum if unroll_loops else 1)
     # Mean over the whole batch's supervised tokens, however it was split.
     grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
     if freeze:
@@ -145,46 +151,50 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mo
   return train_step, summed_loss
 
 
-def step_flops_per_device(compiled: jax.stages.Compiled, summed_loss: Callable, trainable: Any, frozen: Any,
-                          batch: dict[str, Any], accum: int, num_devices: int,
-                          model_cfg: ml_collections.ConfigDict | None = None, loss_chunk: int = 0) -> float | None:
-  """FLOPs of one call of the compiled train step on one device (make_train_step's step).
-
-  XLA counts a loop's body once. The micro-batch scan's other trips are counted from the
-  un-partitioned HLO of one micro-batch; the other trips of a scanned decoder
-  (model.llm.scan_layers, given model_cfg) and of the chunked loss (loss_chunk) from one
-  layer's and one chunk's forward and backward. All of these are global FLOPs, split over
-  the devices. `batch` may hold arrays or ShapeDtypeStructs.
-  """
-  b, t = batch["input_ids"].shape
-
-  def uncounted_trips(rows: int) -> float:
-    """Global FLOPs of the layer and loss-chunk loops' trips after the first, for `rows` rows."""
-    if model_cfg is None:
-      return 0.0
-    flops = 0.0
-    llm = vlm.abstract_model(model_cfg).llm
-    if llm.scan_layers:
-      flops += (llm.num_layers - 1) * (llm.scanned_layer_flops(rows, t) or 0.0)
-    return flops + chunked_flops(rows, t, llm.hidden, llm.vocab_size, loss_chunk, llm.dtype)
-
-  flops = throughput.step_flops(compiled)
-  if flops:
-    flops += uncounted_trips(b // accum) / num_devices
-  if accum > 1:
-    micro = jax.eval_shape(lambda b: jax.tree.map(lambda x: x[0], split_micro_batches(b, accum)), batch)
-    micro_flops = throughput.lowered_flops(
-        jax.jit(jax.value_and_grad(summed_loss, has_aux=True)).lower(trainable, frozen, micro))
-    if micro_flops:
-      micro_flops += uncounted_trips(b // accum)
-    flops = throughput.accumulated_flops(flops, micro_flops and micro_flops / num_devices, accum)
-  return flops
-
-
 # ------------------------------------------------------------------------------ What trains
 
 
-class FullWeights:
+class Trainable(abc.ABC):
+  """What the optimizer trains, and how the model's weights are made from it: the weights
+  themselves (`FullWeights`) or LoRA adapters on frozen weights (`LoraAdapters`).
+
+  The train step takes (trainable, frozen): `abstract` and `shardings` describe `trainable`,
+  `frozen` is what stays fixed (None, or LoRA's base weights); `freeze` (optim.freeze) names
+  the weights whose gradients the step drops; a checkpoint restores into `restore_target`.
+  """
+  lora: bool
+  abstract: Any
+  shardings: Any
+  freeze: tuple[str, ...]
+  restore_target: Any
+
+  @abc.abstractmethod
+  def model_params(self, trainable: Any, frozen: Any) -> Any:
+    """The model's weights the step runs on."""
+
+  @abc.abstractmethod
+  def start(self, params: Any) -> tuple[Any, Any]:
+    """(trainable, frozen) for a run starting from `params`."""
+
+  @abc.abstractmethod
+  def resume(self, params: Any, adapters: Any, base_params: Callable[[], Any]) -> tuple[Any, Any]:
+    """(trainable, frozen) from a restored checkpoint's params (and adapters)."""
+
+  @abc.abstractmethod
+  def adapters(self, trainable: Any) -> Any:
+    """What a checkpoint stores beside the merged params."""
+
+  @abc.abstractmethod
+  def count(self, params: Any, trainable: Any) -> int:
+    """How many numbers the optimizer trains."""
+
+  @abc.abstractmethod
+  def trains(self, path: str) -> bool:
+    """Whether the step computes the gradient of the model weight at `path`
+    ('llm/layers/0/self_attn/q_proj/kernel'): what the model FLOPs count (mgjax.flops)."""
+
+
+class FullWeights(Trainable):
   """Full fine-tuning: the optimizer trains the weights themselves (optim.freeze names the
   ones whose gradients are dropped). Nothing else is frozen, so `frozen` is None."""
   lora = False
@@ -199,23 +209,24 @@ class FullWeights:
     return trainable
 
   def start(self, params: Any) -> tuple[Any, Any]:
-    """(trainable, frozen) for a run starting from `params`."""
     return params, None
 
   def resume(self, params: Any, adapters: Any, base_params: Callable[[], Any]) -> tuple[Any, Any]:
-    """(trainable, frozen) from a restored checkpoint's params (and adapters)."""
     return params, None
 
   def adapters(self, trainable: Any) -> Any:
-    """What a checkpoint stores beside the merged params: nothing."""
     return None
 
   def count(self, params: Any, trainable: Any) -> int:
     labels = optim.frozen_labels(params, self.freeze)
     return sum(x.size for x, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels)) if l == "trainable")
 
+  def trains(self, path: str) -> bool:
+    # As optim.frozen_labels matches the freeze patterns.
+    return not any(re.fullmatch(pattern, path) for pattern in self.freeze)
 
-class LoraAdapters:
+
+class LoraAdapters(Trainable):
   """LoRA (lora.rank > 0): the optimizer trains low-rank adapters; the weights stay frozen and
   the model runs on their merge (a weight delta, so the forward pass is the model's own)."""
   lora = True
@@ -227,6 +238,7 @@ class LoraAdapters:
     self.abstract = sharding.abstract_like(adapters, self.shardings)
     self.freeze = ()  # optim.freeze applies to plain weights
     self.restore_target = adapters
+    self.adapted = frozenset(lora.target_paths(abstract_params, config.lora))
     self._init = jax.jit(lambda: lora.init(abstract_params, config.lora, jax.random.key(config.seed)),
                          out_shardings=self.shardings)
 
@@ -246,8 +258,10 @@ class LoraAdapters:
   def count(self, params: Any, trainable: Any) -> int:
     return sum(x.size for x in jax.tree.leaves(trainable))
 
+  def trains(self, path: str) -> bool:
+    # An adapter's gradient is the adapted weight's, contracted with the other factor.
+    return path in self.adapted
 
-Trainable = FullWeights | LoraAdapters
 
 # ------------------------------------------------------------------------------ Setup
 
@@ -260,6 +274,8 @@ class StepSetup:
   its first two arguments; `eval_step(trainable, frozen, batch)` -> (loss sum, token count);
   `merged(trainable, frozen)` -> the plain weights (for checkpoints and decoding).
   """
+  config: ml_collections.ConfigDict
+  total_steps: int
   mesh: jax.sharding.Mesh
   rules: tuple
   model_cfg: ml_collections.ConfigDict
@@ -273,20 +289,48 @@ class StepSetup:
   abstract_opt_state: Any
   init_opt_state: Callable[[Any], Any]
   train_step: Any
-  summed_loss: Callable
   eval_step: Any
   merged: Any
-  accum: int
-  loss_chunk: int
 
-  def flops_per_device(self, compiled: jax.stages.Compiled, trainable: Any, frozen: Any, batch: dict) -> float | None:
-    """FLOPs of one call of the compiled train step on one device (see step_flops_per_device)."""
-    return step_flops_per_device(compiled, self.summed_loss, trainable, frozen, batch, self.accum, self.mesh.size,
-                                 self.model_cfg, self.loss_chunk)
+  def compile_train_step(self, batch: dict[str, Any], compiler_options: dict | None = None) -> jax.stages.Compiled:
+    """The train step compiled for `batch` (arrays or ShapeDtypeStructs with their shardings)
+    on abstract weights and optimizer state: nothing is allocated."""
+    frozen = self.abstract_params if self.trainable.lora else None
+    with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+      lowered = self.train_step.lower(self.trainable.abstract, self.abstract_opt_state, frozen, batch)
+      return lowered.compile(compiler_options=compiler_options)
+
+  def hardware_costs(self, batch: dict[str, Any],
+                     compiled: jax.stages.Compiled | None = None) -> dict[str, float | None]:
+    """XLA's `flops` (one device) and, on TPU, `modelled_seconds` of one call of the train step
+    on `batch`, every loop's trips counted (mgjax.flops: from loop-free twins where the step or
+    the compiler loops; else from the step as compiled, `compiled` if given)."""
+    options = flops.cost_compiler_options(self.mesh.devices.flat[0].device_kind)
+    seq_len = batch["input_ids"].shape[1]
+    if options is None and not flops.step_has_loops(self.config, self.model_cfg, seq_len):
+      return flops.compiled_costs(compiled or self.compile_train_step(batch))
+    spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch)
+
+    def compile_twin(layers: int) -> jax.stages.Compiled:
+      twin = setup(self.config, flops.loop_free_model(self.model_cfg, layers), self.mesh, self.total_steps,
+                   unroll_loops=True)
+      return twin.compile_train_step(spec, compiler_options=options)
+
+    return flops.loop_free_costs(compile_twin, int(self.model_cfg.llm.layers))
+
+  def model_flops(self, seq_len: int) -> flops.ModelFlops:
+    """The analytic model FLOPs of training on sequences of seq_len (mgjax.flops)."""
+    return flops.model_flops(self.abstract_params, self.model_cfg, seq_len, self.trainable.trains)
+
+  def step_flops(self, compiled: jax.stages.Compiled, batch: dict[str, Any]) -> flops.StepFlops:
+    """Model and hardware FLOPs of the compiled train step, for the train log
+    (throughput.Window.close)."""
+    return flops.StepFlops(hardware_per_device=self.hardware_costs(batch, compiled)["flops"],
+                           model=self.model_flops(batch["input_ids"].shape[1]))
 
 
 def setup(config: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-          total_steps: int, *, unroll_loss: bool = False) -> StepSetup:
+          total_steps: int, *, unroll_loops: bool = False) -> StepSetup:
   """Everything the train step needs, from shapes alone: nothing is allocated here.
 
   Args:
@@ -294,7 +338,8 @@ def setup(config: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDic
     model_cfg: its `model`, resolved (mgjax.run_files.resolve_model_config, the attention kernel).
     mesh: the device mesh; weights and optimizer state are laid out over it by the config's rules.
     total_steps: the schedule's length.
-    unroll_loss: trace the chunked loss's loop as straight-line code (mgjax.plan's cost twins).
+    unroll_loops: trace the micro-batch loop and the chunked loss's loop as straight-line code
+      (the cost twins of mgjax.flops).
   """
   rules = sharding.logical_rules(config.mesh)
   with nnx.use_eager_sharding(False):
@@ -311,15 +356,14 @@ def setup(config: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDic
   tx, lr_schedule = optim.make(config.optim, total_steps, view.abstract)
   abstract_opt_state = sharding.abstract_optimizer_state(tx, view.abstract, mesh)
   opt_shardings = jax.tree.map(lambda x: x.sharding, abstract_opt_state)
-  accum = config.train.grad_accum_steps
-  train_step, summed_loss = make_train_step(graphdef, tx, view.model_params, accum, view.freeze,
-                                            config.train.loss_chunk, unroll_loss)
+  train_step, summed_loss = make_train_step(graphdef, tx, view.model_params, config.train.grad_accum_steps, view.freeze,
+                                            config.train.loss_chunk, unroll_loops)
   replicated = sharding.replicated(mesh)
   return StepSetup(
-      mesh=mesh, rules=rules, model_cfg=model_cfg, graphdef=graphdef, abstract_params=abstract_params,
-      param_shardings=param_shardings, init_params=jax.jit(create_params, out_shardings=param_shardings),
-      trainable=view, tx=tx, lr_schedule=lr_schedule, abstract_opt_state=abstract_opt_state,
-      init_opt_state=jax.jit(tx.init, out_shardings=opt_shardings),
+      config=config, total_steps=total_steps, mesh=mesh, rules=rules, model_cfg=model_cfg, graphdef=graphdef,
+      abstract_params=abstract_params, param_shardings=param_shardings,
+      init_params=jax.jit(create_params, out_shardings=param_shardings), trainable=view, tx=tx, lr_schedule=lr_schedule,
+      abstract_opt_state=abstract_opt_state, init_opt_state=jax.jit(tx.init, out_shardings=opt_shardings),
       train_step=jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(view.shardings, opt_shardings, replicated)),
-      summed_loss=summed_loss, eval_step=jax.jit(summed_loss, out_shardings=replicated),
-      merged=jax.jit(view.model_params, out_shardings=param_shardings), accum=accum, loss_chunk=config.train.loss_chunk)
+      eval_step=jax.jit(summed_loss, out_shardings=replicated), merged=jax.jit(view.model_params,
+                                                                               out_shardings=param_shardings))

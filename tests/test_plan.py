@@ -37,7 +37,9 @@ def test_fsdp_splits_weights_and_optimizer_state_over_the_devices():
   towers_frozen = sample_config(data=1, fsdp=-1)
   towers_frozen.optim.freeze = ("vision_lowres/.*", "vision_highres/.*")
   frozen = plan.plan(towers_frozen, 8)
-  assert frozen["flops_per_device"] < 0.985 * split["flops_per_device"]  # the towers are small here
+  assert frozen["hardware_flops_per_device"] < 0.985 * split["hardware_flops_per_device"]  # the towers are small here
+  # Frozen towers' model FLOPs are their forward pass alone (a third of training them).
+  assert frozen["model_flops_per_device"] < split["model_flops_per_device"] < frozen["hardware_flops_per_device"]
   assert frozen["opt_state_bytes"] < split["opt_state_bytes"]
   # A train step costs 6 FLOPs per weight of the LLM's matmuls per token slot (2 forward, 2
   # for the activations' gradients, 2 for the weights'), and more: attention's scores and the
@@ -46,7 +48,7 @@ def test_fsdp_splits_weights_and_optimizer_state_over_the_devices():
   _, state = nnx.split(abstract_model(sample_config().model))
   llm = state.to_pure_dict()["llm"]
   matmul_weights = sum(x.size for x in jax.tree.leaves(llm["layers"]) if x.ndim > 1) + llm["lm_head"]["kernel"].size
-  assert 6 * tokens * matmul_weights < split["flops_per_device"] * 8 < 1.5 * 6 * tokens * matmul_weights
+  assert 6 * tokens * matmul_weights < split["hardware_flops_per_device"] * 8 < 1.5 * 6 * tokens * matmul_weights
 
   # The default mesh keeps a whole copy per device: plan's advice says so first, then names
   # FSDP, and its estimate of the state per device is what the FSDP plan above measured.
@@ -100,15 +102,20 @@ def test_cli_sets_up_its_own_devices_and_prints_the_fit(tmp_path):
   for name, key in (("weights", "params_bytes"), ("optimizer state", "opt_state_bytes"), ("temporaries", "temp_bytes"),
                     ("peak", "peak_bytes")):
     assert any(line.split("  (")[0] == f"  {name:<17} {plan._bytes(p[key])}" for line in out), (name, out)
-  flops = p["flops_per_device"]
-  assert f"  FLOPs per step    {plan._count(flops, 'FLOP')} ({plan._count(2 * flops, 'FLOP')} on all devices, " \
-         f"{plan._count(2 * flops / (16 * 128), 'FLOP')} per token slot)" in out
+  model, hardware = p["model_flops_per_device"], p["hardware_flops_per_device"]
+  assert f"  model FLOPs       {plan._count(model, 'FLOP')} per step ({plan._count(2 * model, 'FLOP')} on all " \
+         f"devices, {plan._count(2 * model / (16 * 128), 'FLOP')} per token): what MFU divides, every token and " \
+         "image slot real" in out
+  assert f"  hardware FLOPs    {plan._count(hardware, 'FLOP')} per step ({plan._count(2 * hardware, 'FLOP')} on " \
+         f"all devices, {plan._count(2 * hardware / (16 * 128), 'FLOP')} per token slot): what HFU divides, " \
+         "XLA's count" in out
   # Each device's verdict follows the planned peak against 90% of its memory: a few MiB fit
-  # every one, and the step times are the planned FLOPs at its peak rate.
+  # every one, and the step times are the planned hardware FLOPs at its peak rate and the
+  # model FLOPs at 40% of it.
   assert p["peak_bytes"] < 0.9 * min(hbm for _, _, hbm in plan.ACCELERATORS) * plan.GiB
   h100 = [line for line in out if line.startswith("  H100 80GB")]
-  seconds = flops / (throughput.vendor_peak_tflops("H100") * 1e12)
-  assert h100 == [f"  H100 80GB    80 GiB  fits           {seconds:.3g} s, {seconds / 0.4:.3g} s"]
+  peak = throughput.vendor_peak_tflops("H100") * 1e12
+  assert h100 == [f"  H100 80GB    80 GiB  fits           {hardware / peak:.3g} s, {model / (0.4 * peak):.3g} s"]
   assert sum(" fits " in line for line in out) == len(plan.ACCELERATORS)
   assert not any("does NOT fit" in line for line in out)
 

@@ -29,7 +29,7 @@ The config section `model.llm` (with `model.vocab_size` beside it):
   scan_layers     the layers as one stacked layer run by jax.lax.scan (MaxText's scan_layers):
                   one layer's program compiled once, not L copies; weights carry a leading
                   'layers' axis (llm/layers/self_attn/q_proj/kernel is [L, embed, heads, head_dim])
-  attention       (from model.attention) 'auto' | 'xla' | 'splash' | 'cudnn': see models.attention
+  attention_kernel  (from model.attention) 'auto' | 'xla' | 'splash' | 'cudnn': see models.attention
 
 How the families differ (as Hugging Face computes them):
   llama   RMSNorm scale w, cast to the compute dtype before scaling; SwiGLU (silu gate).
@@ -56,9 +56,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from mgjax import throughput
-from mgjax.models import attention as attention_lib
-from mgjax.models import moe as moe_lib
+from mgjax.models import attention, moe
 from mgjax.models.axes import constrain, partitioned
 from mgjax.models.layers import activation, dot_product_attention
 
@@ -171,12 +169,12 @@ class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE (kv_heads <= heads)."""
 
   def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, *, rope_theta: float,
-               rope_scaling: Mapping[str, Any] | None = None, qkv_bias: bool = False, attention: str = "auto",
+               rope_scaling: Mapping[str, Any] | None = None, qkv_bias: bool = False, attention_kernel: str = "auto",
                dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if heads % kv_heads:
       raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
     self.rope_inv_freq = rope_frequencies(head_dim, rope_theta, rope_scaling)
-    self.attention = attention_lib.check(attention)
+    self.attention_kernel = attention.check(attention_kernel)
 
     def proj(n_heads, head_axis):
       return nnx.LinearGeneral(hidden, (n_heads, head_dim), use_bias=qkv_bias, dtype=dtype, rngs=rngs,
@@ -197,7 +195,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     q, k, v = self._project(x, positions)
-    out = attention_lib.causal_attention(q, k, v, segment_ids, implementation=self.attention)
+    out = attention.causal_attention(q, k, v, segment_ids, implementation=self.attention_kernel)
     return checkpoint_name(self.o_proj(out), "out_proj")
 
   def extend(self, x: jax.Array, positions: jax.Array, mask: jax.Array, kv: dict[str, jax.Array],
@@ -254,18 +252,19 @@ class DecoderLayer(nnx.Module):
   def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, mlp: int, *, rope_theta: float,
                norm_eps: float, dtype: jnp.dtype, rngs: nnx.Rngs, rope_scaling: Mapping[str, Any] | None = None,
                qkv_bias: bool = False, norm_plus_one: bool = False, mlp_activation: str = "silu",
-               attention: str = "auto", num_experts: int = 0, experts_per_token: int = DEFAULT_EXPERTS_PER_TOKEN):
+               attention_kernel: str = "auto", num_experts: int = 0,
+               experts_per_token: int = DEFAULT_EXPERTS_PER_TOKEN):
 
     def norm():
       return RMSNorm(hidden, eps=norm_eps, dtype=dtype, plus_one=norm_plus_one, rngs=rngs)
 
     self.input_layernorm = norm()
     self.self_attn = Attention(hidden, heads, kv_heads, head_dim, rope_theta=rope_theta, rope_scaling=rope_scaling,
-                               qkv_bias=qkv_bias, attention=attention, dtype=dtype, rngs=rngs)
+                               qkv_bias=qkv_bias, attention_kernel=attention_kernel, dtype=dtype, rngs=rngs)
     self.post_attention_layernorm = norm()
     if num_experts:
-      self.block_sparse_moe = moe_lib.SparseMoE(hidden, mlp, num_experts, experts_per_token,
-                                                activation_name=mlp_activation, dtype=dtype, rngs=rngs)
+      self.block_sparse_moe = moe.SparseMoE(hidden, mlp, num_experts, experts_per_token, activation_name=mlp_activation,
+                                            dtype=dtype, rngs=rngs)
     else:
       self.mlp = GatedMLP(hidden, mlp, activation_name=mlp_activation, dtype=dtype, rngs=rngs)
 
@@ -359,7 +358,7 @@ class DecoderLM(nnx.Module):
   def __init__(self, *, vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, mlp: int,
                rope_theta: float = 10000.0, norm_eps: float = 1e-5, tie_embeddings: bool = False, remat: str = "none",
                family: str = "llama", rope_scaling: Mapping[str, Any] | None = None, qkv_bias: bool | None = None,
-               scan_layers: bool = False, attention: str = "auto", num_experts: int | None = None,
+               scan_layers: bool = False, attention_kernel: str = "auto", num_experts: int | None = None,
                experts_per_token: int | None = None, router_aux_loss_coef: float = DEFAULT_ROUTER_AUX_LOSS_COEF,
                dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if remat not in REMAT_POLICIES:
@@ -400,8 +399,8 @@ class DecoderLM(nnx.Module):
                           dtype=self.dtype, rngs=rngs, rope_scaling=rope_scaling,
                           qkv_bias=traits["qkv_bias"] if qkv_bias is None else bool(qkv_bias),
                           norm_plus_one=traits["norm_plus_one"], mlp_activation=traits["mlp_activation"],
-                          attention=attention, num_experts=self.num_experts, experts_per_token=self.experts_per_token or
-                          DEFAULT_EXPERTS_PER_TOKEN)
+                          attention_kernel=attention_kernel, num_experts=self.num_experts,
+                          experts_per_token=self.experts_per_token or DEFAULT_EXPERTS_PER_TOKEN)
 
     if self.scan_layers:
       # One DecoderLayer whose weights have a leading [layers] axis, logical name 'layers'.
@@ -496,27 +495,7 @@ class DecoderLM(nnx.Module):
     if total is None:
       return hidden, jnp.zeros((), jnp.float32)
     rows = self.num_layers * jnp.sum(segment_ids > 0)
-    return hidden, moe_lib.load_balancing_loss(total, rows)
-
-  def scanned_layer_flops(self, batch: int, seq_len: int) -> float | None:
-    """FLOPs of one layer's forward and backward (its remat recomputation included) on
-    [batch, seq_len] tokens, from the unpartitioned HLO: what the scanned stack's loops run
-    `layers` times and XLA's cost analysis counts once."""
-    graphdef, stacked = nnx.split(self.layers)
-    one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), stacked)
-    tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
-    x = jax.ShapeDtypeStruct((batch, seq_len, self.hidden), self.dtype)
-
-    def output_sum(state, x, positions, segment_ids):
-
-      def run_layer(layer, x):
-        return layer(x, positions, segment_ids)
-
-      if self.remat != "none":
-        run_layer = nnx.remat(run_layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-      return jnp.sum(run_layer(nnx.merge(graphdef, state), x).astype(jnp.float32))
-
-    return throughput.lowered_flops(jax.jit(jax.grad(output_sum, argnums=(0, 1))).lower(one, x, tokens, tokens))
+    return hidden, moe.load_balancing_loss(total, rows)
 
   def output_embedding(self) -> jax.Array:
     """The [hidden, vocab] matrix the logits are computed with, in the compute dtype."""

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mgjax.models.axes import constrain, partitioned
-from mgjax.models import attention as attention_lib
+from mgjax.models import attention
 from mgjax.models.layers import activation, layer_norm, linear
 
 _CONV_NAMES = ("conv_kernel", "conv_kernel", "conv_in", "conv_out")
@@ -45,11 +45,11 @@ class Mlp(nnx.Module):
 class VisionAttention(nnx.Module):
   """Bidirectional multi-head self-attention with biases (CLIP)."""
 
-  def __init__(self, width: int, heads: int, *, dtype: jnp.dtype, rngs: nnx.Rngs, attention: str = "auto"):
+  def __init__(self, width: int, heads: int, *, dtype: jnp.dtype, rngs: nnx.Rngs, attention_kernel: str = "auto"):
     if width % heads:
       raise ValueError(f"vision width {width} is not divisible by heads {heads}")
     head_dim = width // heads
-    self.attention = attention_lib.check(attention)
+    self.attention_kernel = attention.check(attention_kernel)
 
     def proj():
       return nnx.LinearGeneral(
@@ -65,17 +65,17 @@ class VisionAttention(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.out_proj(
-        attention_lib.bidirectional_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x),
-                                              implementation=self.attention))
+        attention.bidirectional_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x),
+                                          implementation=self.attention_kernel))
 
 
 class VisionEncoderLayer(nnx.Module):
   """Pre-LN transformer block."""
 
   def __init__(self, width: int, heads: int, mlp: int, *, act: str, norm_eps: float, dtype: jnp.dtype, rngs: nnx.Rngs,
-               attention: str = "auto"):
+               attention_kernel: str = "auto"):
     self.layer_norm1 = layer_norm(width, eps=norm_eps, dtype=dtype, rngs=rngs)
-    self.self_attn = VisionAttention(width, heads, dtype=dtype, rngs=rngs, attention=attention)
+    self.self_attn = VisionAttention(width, heads, dtype=dtype, rngs=rngs, attention_kernel=attention_kernel)
     self.layer_norm2 = layer_norm(width, eps=norm_eps, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(width, mlp, act=act, dtype=dtype, rngs=rngs)
 
@@ -108,7 +108,7 @@ class VisionTransformer(nnx.Module):
 
   def __init__(self, *, image_size: int, patch_size: int, width: int, layers: int, heads: int, mlp: int,
                feature_layer: int = -2, kind: str = "clip", act: str | None = None, norm_eps: float | None = None,
-               dtype: jnp.dtype = jnp.float32, attention: str = "auto", rngs: nnx.Rngs):
+               dtype: jnp.dtype = jnp.float32, attention_kernel: str = "auto", rngs: nnx.Rngs):
     if kind not in VIT_KINDS:
       raise ValueError(f"model.vision_lowres.kind={kind!r}: expected one of {sorted(VIT_KINDS)}")
     spec = VIT_KINDS[kind]
@@ -136,8 +136,8 @@ class VisionTransformer(nnx.Module):
         embedding_init=partitioned(nnx.initializers.normal(0.02), ("pos", "vision_embed")))
     self.pre_layernorm = (layer_norm(width, eps=norm_eps, dtype=dtype, rngs=rngs) if spec["pre_norm"] else None)
     self.layers = nnx.List([
-        VisionEncoderLayer(width, heads, mlp, act=act, norm_eps=norm_eps, dtype=dtype, rngs=rngs, attention=attention)
-        for _ in range(layers)
+        VisionEncoderLayer(width, heads, mlp, act=act, norm_eps=norm_eps, dtype=dtype, rngs=rngs,
+                           attention_kernel=attention_kernel) for _ in range(layers)
     ])
 
   def __call__(self, images: jax.Array) -> jax.Array:

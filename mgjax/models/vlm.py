@@ -78,12 +78,13 @@ class MiniGemini(nnx.Module):
       raise ValueError(f"model.vision_highres.image_size {highres['image_size']}: its 1/4 map must split into "
                        f"the {cells}x{cells} low-res grid (e.g. {4 * cells * 2})")
     # model.attention: the kernel for the decoder and the ViT (mgjax.models.attention).
-    attention = cfg.get("attention", "auto")
-    self.vision_lowres = VisionTransformer(**lowres, dtype=dtype, attention=attention, rngs=rngs)
+    attention_kernel = cfg.get("attention", "auto")
+    self.vision_lowres = VisionTransformer(**lowres, dtype=dtype, attention_kernel=attention_kernel, rngs=rngs)
     self.vision_highres = ConvNeXt(**highres, dtype=dtype, rngs=rngs)
     self.mining = PatchInfoMining(lowres["width"], self.vision_highres.feature_channels, dtype=dtype, rngs=rngs)
     self.projector = Projector(lowres["width"], cfg.llm.hidden, dtype=dtype, rngs=rngs)
-    self.llm = DecoderLM(vocab_size=cfg.vocab_size, **dict(cfg.llm), attention=attention, dtype=dtype, rngs=rngs)
+    self.llm = DecoderLM(vocab_size=cfg.vocab_size, **dict(cfg.llm), attention_kernel=attention_kernel, dtype=dtype,
+                         rngs=rngs)
 
   def encode_images(self, images_lowres: jax.Array, images_highres: jax.Array) -> jax.Array:
     """Visual tokens [N, num_image_tokens, hidden] of N images, as MGM's encode_images.
