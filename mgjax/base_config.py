@@ -142,7 +142,7 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   # (recomputed in the backward pass), so the [batch, seq_len, vocab] float32 logits never
   # exist at once; 0: the whole sequence at once.
   c.train.loss_chunk = 512
-  # MFU in the log is measured against this per-device peak in TFLOP/s; 0: the vendor's
+  # MFU and HFU in the log are measured against this per-device peak in TFLOP/s; 0: the vendor's
   # bf16 peak for known TPUs/GPUs, the measured matmul rate on CPU (mgjax.throughput).
   c.train.peak_tflops = 0.0
 

@@ -231,7 +231,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, started: float) -> Sum
     window = throughput.Window(jax.process_count())
     progress = tqdm.tqdm(total=steps, initial=start.step, disable=jax.process_index() != 0,
                          desc=reports.stage_name(config.stage), dynamic_ncols=True)
-    step, compiled_step, flops_per_device, stop = start.step, None, None, None
+    step, compiled_step, step_flops, stop = start.step, None, None, None
     # A run killed after early stopping or the drift guard ended it, before it reported: the
     # same command finishes it as it was ending, without training past the stop.
     ended = start.saved.get("stopped") or {}
@@ -246,7 +246,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, started: float) -> Sum
         batch = sharding.to_global_batch(local, mesh)
         if compiled_step is None:
           compiled_step = setup.train_step.lower(trainable, opt_state, frozen, batch).compile()
-          flops_per_device = setup.step_flops(compiled_step, batch)
+          step_flops = setup.step_flops(compiled_step, batch)  # model and hardware FLOPs (mgjax.flops)
           sharding.wait_for_all_processes("mgjax: train step compiled")  # before its first collective
           window.reset_clock()  # rates measure training, not compiling
         trainable, opt_state, step_metrics = compiled_step(trainable, opt_state, frozen, batch)
@@ -264,7 +264,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, started: float) -> Sum
           pending = None
         stop = stages.StopTraining("preempted", step, f"{sigterm.signal_name} received") if preempted else None
         if is_log:
-          logged = window.close(flops=flops_per_device, peak_tflops=peak_tflops, num_devices=mesh.size)
+          logged = window.close(flops=step_flops, peak_tflops=peak_tflops, num_devices=mesh.size)
           train_loss, mean_loss = logged.pop("last_loss"), logged.pop("loss")
           writer.write(step, "train", loss=mean_loss, lr=float(setup.lr_schedule(step - 1)),
                        grad_norm=float(step_metrics["grad_norm"]), **logged)

@@ -51,7 +51,7 @@ class Suite:
 
   def losses(self, step: int, trainable: Any, frozen: Any) -> dict[str, float]:
     losses = val_loss.run(self.setup, self.data.encoder, self.data.val_sources, trainable, frozen,
-                      batch_size=self.batch_size, num_threads=self.config.data.num_threads)
+                          batch_size=self.batch_size, num_threads=self.config.data.num_threads)
     for split, value in losses.items():
       self.writer.write(step, split, loss=value)
     return losses
