@@ -156,8 +156,9 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   # started rules out a drop larger than this (mgjax.stats.verdict).
   c.eval.hold_margin = 0.02
   # The decoded evaluators (mgjax/evaluators/, by name), each with its splits and how often
-  # it runs: `every` N steps (logged to metrics.jsonl and TensorBoard), and always at the
-  # stage's start and on its result (report.json and report.md, with 95% intervals).
+  # it runs: always at the stage's start and on its result (report.json and report.md, with
+  # 95% intervals), and every `every` steps (a multiple of train.eval_every; 0: never between)
+  # into metrics.jsonl and TensorBoard.
   c.evals = ml_collections.ConfigDict()
   # Short answers checkable by exact match (the sample's): accuracy and its chance level.
   c.evals.understanding = dict(splits=("val_understanding",), every=0)

@@ -33,8 +33,12 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
     unknown = [s for s in settings.splits if s not in config.data.val_splits]
     if unknown:
       problems.append(f"evals.{name}.splits={tuple(settings.splits)}: {unknown} not in data.val_splits")
-    if settings.get("every", 0) < 0:
-      problems.append(f"evals.{name}.every={settings.every} must be 0 (start and result only) or more")
+    every = settings.get("every", 0)
+    if every < 0:
+      problems.append(f"evals.{name}.every={every} must be 0 (start and result only) or more")
+    elif every and config.train.eval_every >= 1 and every % config.train.eval_every:
+      problems.append(f"evals.{name}.every={every} must be a multiple of train.eval_every="
+                      f"{config.train.eval_every}: decoded evaluators run at evaluation steps")
   return problems
 
 
