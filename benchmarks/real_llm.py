@@ -22,7 +22,7 @@ Measured after each stage, beside the imported LLM as released:
   - understanding accuracy, generation prompt F1 and exact match on the validation sets, with
     their 95% intervals (the trainer's own report.json).
 
-Every run is an ordinary `mgjax.train.run` in WORKDIR/<run>, so an interrupted study resumes.
+Every run is an ordinary stage (`mgjax.run_stage.run`) in WORKDIR/<run>, so an interrupted study resumes.
 Writes WORKDIR/real_llm.json and real_llm.md (as pasted into benchmarks/RESULTS.md).
 """
 
@@ -217,7 +217,7 @@ def markdown(study: dict) -> str:
 def main(argv: list[str]) -> None:
   del argv
   runtime.setup()
-  from mgjax import train
+  from mgjax import run_stage
   from mgjax.convert import gguf
   from mgjax.convert.__main__ import main as convert
 
@@ -235,14 +235,14 @@ def main(argv: list[str]) -> None:
   pretrain = os.path.join(workdir, "pretrain")
   c = phase_config("pretrain", None, data_dir, tokenizer, _PRETRAIN_STEPS.value)
   c.init_from = imported
-  train.run(c, pretrain)
+  run_stage.run(c, pretrain)
   for arm in ARMS:
     start = pretrain
     for stage, phase, steps in ((1, "stage1", _STAGE1_STEPS.value), (2, "stage2", _STAGE2_STEPS.value)):
       run_dir = os.path.join(workdir, f"{arm}_{phase}")
       c = phase_config(phase, arm, data_dir, tokenizer, steps)
       c.init_from = start
-      summary = train.run(c, run_dir)
+      summary = run_stage.run(c, run_dir)
       print(f"{arm} {phase}: {summary.steps} steps, lr {c.optim.lr}", flush=True)
       runs[f"{arm}: stage {stage}"] = dict(measure(run_dir), scores=decoded_scores(run_dir, stage))
       start = run_dir

@@ -129,7 +129,7 @@ def runs_needed(arms: list[str]) -> list[str]:
 def run_seed(seed: int, arms: list[str], workdir: str, data: str, data_dir: str | None,
              steps: dict[str, int | None]) -> dict[str, dict]:
   """Trains (or finds finished) every run of one seed; returns {run: its report}."""
-  from mgjax import train
+  from mgjax import run_stage
 
   configs = run_configs(seed, data, data_dir, steps)
   out = {}
@@ -143,7 +143,7 @@ def run_seed(seed: int, arms: list[str], workdir: str, data: str, data_dir: str 
     finished = (reports.read(run_dir) or {}).get("complete")
     started = time.time()
     try:
-      summary = train.run(config, run_dir)
+      summary = run_stage.run(config, run_dir)
     except stages.GuardTripped as e:  # a finding of the study, not a reason to stop it
       print(f"seed {seed} {run}: {e}", flush=True)
       out[run] = {"failed": str(e).splitlines()[0]}

@@ -37,18 +37,16 @@ def main(argv: list[str]) -> None:
     import jax
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
-  from mgjax import train  # after distributed init: it touches jax devices
+  from mgjax import run_stage  # after distributed init: it touches jax devices
 
   config = _CONFIG.value
   workdir = _WORKDIR.value or config.workdir
   if not workdir:
     raise app.UsageError("no workdir: pass --workdir=DIR")
   from mgjax import base_config, checkpoint, locks, preemption, reports, stages, run_files
-  from mgjax.data import build, datasets, prepare, shared_build
+  from mgjax.data import datasets, prepare, shared_build
   try:
-    train.check_before_data(config)  # what would stop the run, before minutes of building
-    build.build_if_missing(config.data.recipe, config.data.data_dir)  # the trainer only opens built data
-    summary = train.run(config, workdir)
+    summary = run_stage.run(config, workdir)  # the dataset built first if missing
   except (stages.GuardTripped, locks.LockHeld, shared_build.DatasetNotShared, shared_build.DatasetMissing,
           prepare.WorkerDied, datasets.ConfigChanged, base_config.ConfigError, run_files.NotWritable,
           reports.ReportDamaged, checkpoint.ResultMissing) as e:

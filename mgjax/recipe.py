@@ -48,11 +48,11 @@ def phase_configs(data: str = "sample", data_dir: str | None = None,
 def run(configs: dict[str, ml_collections.ConfigDict], workdir: str) -> list:
   """Trains the phases in order, each starting from the one before's result; returns their
   train.Summary objects. Builds each phase's dataset first where it is missing."""
-  from mgjax import train
-  from mgjax.data import build
+  from mgjax import run_stage, train
 
-  for phase in PHASES:  # what would stop a phase, before any phase builds or trains
-    train.check_before_data(configs[phase])
+  for phase in PHASES:  # what would stop an unfinished phase, before any phase builds or trains
+    if not train.is_finished(os.path.join(workdir, phase)):
+      train.check_before_data(configs[phase])
   summaries = []
   previous = None
   for phase in PHASES:
@@ -60,8 +60,7 @@ def run(configs: dict[str, ml_collections.ConfigDict], workdir: str) -> list:
     if previous is not None:
       config.init_from = previous
     previous = os.path.join(workdir, phase)
-    build.build_if_missing(config.data.recipe, config.data.data_dir)
-    summaries.append(train.run(config, previous))
+    summaries.append(run_stage.run(config, previous))
   return summaries
 
 

@@ -189,7 +189,10 @@ def chart(report: dict[str, Any], columns: list[str], workdir: str | None = None
     for record in metrics.read(stage_dir) if stage_dir else []:
       if record["split"] != "train" and "loss" in record:
         losses.setdefault(record["split"], []).append((offset + record["step"], record["loss"], stage_report["stage"]))
-  splits = [s for s in _SHOWN if s in losses or any(s in r.get(c, {}) for _, r in chain for c in columns)]
+  # A panel per validation split (a column with a loss), not per column spanning splits.
+  splits = [
+      s for s in _SHOWN if s in losses or any("loss" in r.get(c, {}).get(s, {}) for _, r in chain for c in columns)
+  ]
   splits += sorted(set(losses) - set(splits))
   fig = Figure(figsize=(4.6 * max(len(splits), 1), 4.4))
   axes = fig.subplots(1, max(len(splits), 1), squeeze=False)[0]

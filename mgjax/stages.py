@@ -188,7 +188,7 @@ class EarlyStopping:
   def update(self, step: int, losses: dict[str, float], within_bounds: bool) -> bool:
     """Records an evaluation; True when the run should stop."""
     value = losses.get(self.split)
-    if value is None:  # an empty split, not evaluated: it decides nothing (train.drop_empty_val_splits)
+    if value is None:  # an empty split, not evaluated: it decides nothing (stage_data.drop_empty_val_splits)
       return False
     if within_bounds and (self.best_step is None or value < self.best_value - self.min_delta):
       self.best_step, self.best_value = step, value

@@ -135,6 +135,15 @@ def init_or_restore(setup: train_step.StepSetup, ckpts: checkpoint.Checkpoints, 
 # ------------------------------------------------------------------------------ The run
 
 
+def is_finished(workdir: str) -> bool:
+  """Whether `workdir` holds a finished stage (its report.json says complete): `run` then
+  reports what it made without training or reading data."""
+  try:
+    return bool((reports.read(workdir) or {}).get("complete"))
+  except reports.ReportDamaged:
+    return False  # rebuilt by the run from its checkpoints
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   """Trains one stage in `workdir` (resuming what a killed run left there) and reports it.
 
@@ -274,7 +283,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, started: float) -> Sum
         if is_eval:
           eval_started = time.time()
           eval_stop, score = validation.evaluate(step, trainable, frozen)
-          if evals.due(step):  # decoded evaluators config.evals runs every N steps
+          if evals.due(step) and not preempted:  # decoded evaluators config.evals runs every N steps
             evals.periodic(step, setup.merged(trainable, frozen))
           stop = eval_stop or stop
           window.exclude(time.time() - eval_started)  # the next log's rates exclude evaluating
@@ -300,7 +309,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, started: float) -> Sum
     result = stages.choose_result(config, validation.early_stop, stop and stop.reason, step, init_from, ckpts)
     result_params = (setup.merged(trainable, frozen) if result.step == step else stages.load_init_params(
         result.checkpoint, setup.abstract_params)[0])
-    val_result = validation.history[result.step]  # the result is always an evaluated step
+    val_result = validation.history.get(result.step)
+    if val_result is None:  # resumed with fewer train.steps than it had trained: the result is now
+      val_result = evals.losses(result.step, trainable, frozen)
     # A stage that never beat its start hands the start on: its scores are already measured.
     decoded_start = init_from and config.eval.score_start
     end_scores = (start_scores if result.step == 0 and decoded_start else evals.scores(

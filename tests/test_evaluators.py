@@ -80,7 +80,7 @@ def test_the_registry_names_every_decoded_evaluator_and_the_config_runs_them(tmp
 
 @pytest.mark.parametrize("change, problem", [
     (lambda c: c.evals.generation.update(splits=("val_nowhere",)),
-     r"evals\.generation\.splits=\('val_nowhere',\): \['val_nowhere'\] not in data\.val_splits"),
+     r"evals\.generation\.splits=\('val_nowhere',\): none of them is in data\.val_splits"),
     (lambda c: c.evals.understanding.update(every=-1), r"evals\.understanding\.every=-1 must be 0"),
     (lambda c: c.evals.generation_intent.update(every=c.train.eval_every + 1),
      r"evals\.generation_intent\.every=\d+ must be a multiple of train\.eval_every=\d+"),

@@ -4,7 +4,7 @@
   model = load_hf_lm('path/to/Llama-3-8B-Instruct')   # a local Hugging Face folder
   logits = model(input_ids)                            # float32 [batch, seq, vocab]
 
-files.py reads and writes the weight files, llm.py maps decoder LMs; the command line
+files.py reads and writes the weight files, llm_weights.py maps decoder LMs; the command line
 (`python -m mgjax.convert --help`) writes checkpoints the trainer starts from.
 """
 

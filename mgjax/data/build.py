@@ -21,6 +21,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import itertools
 import json
 import os
 import sys
@@ -397,6 +398,9 @@ def ensure_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> datasets
   return datasets.load_built(data_cfg, data_dir) or build(data_cfg, data_dir)
 
 
+_BUILD_BARRIERS = itertools.count()
+
+
 def build_if_missing(data_cfg: ml_collections.ConfigDict, data_dir: str) -> None:
   """Builds the dataset for data_cfg in data_dir unless a finished build is there, saying so
   in one line: what mgjax.main and mgjax.recipe do before they start the trainer, which only
@@ -423,7 +427,8 @@ def build_if_missing(data_cfg: ml_collections.ConfigDict, data_dir: str) -> None
     from jax.experimental import multihost_utils
     import numpy as np
 
-    sharding.wait_for_all_processes("mgjax: dataset built", timeout_s=7 * 24 * 3600)
+    # Named uniquely within the run (a recipe builds before each of its phases).
+    sharding.wait_for_all_processes(f"mgjax: dataset built {next(_BUILD_BARRIERS)}", timeout_s=7 * 24 * 3600)
     if not int(multihost_utils.broadcast_one_to_all(np.int32(failed is None))) and failed is None:
       raise RuntimeError(f"process 0 could not build the dataset {data_cfg.name} {data_cfg.version} in "
                          f"{data_dir}: see its log for why")

@@ -18,6 +18,7 @@ stops with `DatasetNotShared`, which says what to mount where.
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 import jax
 from jax.experimental import multihost_utils
@@ -32,6 +33,8 @@ _MOUNT_ADVICE = ("Every process must read the same dataset: put data.data_dir on
                  "same path, e.g. a Cloud Storage bucket mounted with gcsfuse on every worker (launch/tpu_vm.sh "
                  "setup --mount=BUCKET mounts gs://BUCKET at /mnt/BUCKET) and "
                  "--config.data.data_dir=/mnt/BUCKET/data; see launch/README.md")
+
+_barriers = itertools.count()  # barrier names are unique within a run (a recipe opens three times)
 
 
 class DatasetNotShared(RuntimeError):
@@ -88,7 +91,7 @@ def open_shared_build(data_cfg: ml_collections.ConfigDict, data_dir: str) -> dat
     return dataset
   # The barrier: nobody opens the dataset before process 0 has reached this point, after
   # building what was missing (build_if_missing, before the trainer starts).
-  sharding.wait_for_all_processes("mgjax: dataset opened")
+  sharding.wait_for_all_processes(f"mgjax: dataset opened {next(_barriers)}")
   try:
     dataset, problem = datasets.load_built(data_cfg, data_dir), None
   except ValueError as e:  # a build of the same name/version from another config

@@ -45,7 +45,7 @@ SAMPLE_CHAT_TEMPLATE = (
 # The real LLMs' conversation formats, as Mini-Gemini (mgm/conversation.py, after LLaVA)
 # lays them out. Supervised: each answer and the tokens that end its turn, as MGM's
 # preprocess_* functions label them. `<image>` goes first in its turn (IMAGES_FIRST); it must
-# be one token (see tokenizer.py).
+# be one token (see chat_tokenizers.py).
 # ---------------------------------------------------------------------------------------
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "

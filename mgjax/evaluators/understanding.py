@@ -59,7 +59,7 @@ def chance(turns: list[tuple[list[dict], str]], majority: dict[str, tuple[str, .
 def run(answers: decoding.AnswerCache, settings, *, majority: Callable[[], dict] | None = None,
         **_) -> dict[str, dict[str, Any]]:
   """{split: scores} for every split in settings.splits; `majority` gives the training mix's
-  most common answers (majority_answers) for the chance level."""
+  most common answers (majority_answers) for the chance level, or None (no chance level)."""
   scores = {}
   for split in answers.splits(settings.splits):
     got = answers(split)
@@ -69,6 +69,7 @@ def run(answers: decoding.AnswerCache, settings, *, majority: Callable[[], dict]
                 [float(normalize_answer(a) == normalize_answer(ref)) for a, (_, _, ref) in zip(got.answers, got.turns)],
             "spurious_prompt_rate": [float(decode.extract_image_prompt(a) is not None) for a in got.answers],
         }, got.records)
-    if majority is not None and got.turns:
-      scores[split]["chance"] = chance([(prefix, ref) for prefix, _, ref in got.turns], majority())
+    table = majority() if majority is not None else None
+    if table is not None and got.turns:
+      scores[split]["chance"] = chance([(prefix, ref) for prefix, _, ref in got.turns], table)
   return scores
