@@ -51,7 +51,7 @@ def run(configs: dict[str, ml_collections.ConfigDict], workdir: str) -> list:
   from mgjax import run_stage, train
 
   for phase in PHASES:  # what would stop an unfinished phase, before any phase builds or trains
-    if not train.is_finished(os.path.join(workdir, phase)):
+    if not train.finished_report(os.path.join(workdir, phase)):
       train.check_before_data(configs[phase])
   summaries = []
   previous = None

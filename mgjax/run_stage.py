@@ -17,7 +17,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> None:
   """What must hold before the trainer starts, unless the stage in `workdir` is finished (it
   only reports what it made, and needs neither its data nor its tokenizer): the checks that
   stop a run before any data work, then the dataset built where it is missing."""
-  if train.is_finished(workdir):
+  if train.finished_report(workdir):
     return
   train.check_before_data(config)  # what would stop the run, before minutes of building
   build.build_if_missing(config.data.recipe, config.data.data_dir)

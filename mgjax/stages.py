@@ -14,7 +14,9 @@ every evaluation:
                   where stage 2 started (stage 1's final values)?
   EarlyStopping   has val_generation stopped improving?             -> stop, keep the best checkpoint
 
-The classes hold plain numbers and make decisions; the trainer acts on them.
+The classes hold plain numbers and make decisions; the trainer acts on them. Validation
+ties the guards to the stage's evaluations; StopTraining carries the reason a run ends
+early, check_step raises it for a bad step, and stopped_error turns it into what main prints.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from etils import epath
 import ml_collections
 import tqdm
 
-from mgjax import checkpoint
+from mgjax import checkpoint, preemption, reports
 
 DRIFT_ACTIONS = ("off", "warn", "stop", "rollback")
 
@@ -274,3 +276,30 @@ class Validation:
             str(s): v for s, v in self.history.items()
         },
     }
+
+
+def check_step(guard: TrainingGuard, ckpts: checkpoint.Checkpoints, at: int, step_metrics: dict) -> None:
+  """Raises StopTraining('guard') when step `at`'s loss or gradient went wrong."""
+  problem = guard.check(at, float(step_metrics["loss"]), float(step_metrics["grad_norm"]), float(step_metrics["count"]))
+  if problem:
+    # A checkpoint of the step before holds the very weights that gave this loss.
+    ckpts.wait()
+    if at - 1 in ckpts.all_steps():
+      ckpts.delete(at - 1)
+    last = ckpts.latest_step()
+    raise StopTraining("guard", at, problem, str(ckpts.directory / str(last)) if last else None)
+
+
+def stopped_error(config, stop: StopTraining, steps: int, ckpts: checkpoint.Checkpoints, signal_name: str) -> Exception:
+  """What a preempted or guarded run raises to main (which prints it and exits)."""
+  if stop.reason == "preempted":
+    saved = str(ckpts.directory / str(stop.step))
+    return preemption.Preempted(
+        f"{reports.stage_name(config.stage)} stopped by {signal_name} after step {stop.step} of {steps}; "
+        f"checkpoint {saved} holds everything needed: run the same command again to resume.", step=stop.step,
+        checkpoint=saved, signal_name=signal_name)
+  last = stop.last_good_checkpoint
+  return GuardTripped(
+      f"stage {config.stage} stopped at step {stop.step}: {stop.message}\n" +
+      (f"Last good checkpoint: {last} (nothing after it was saved)." if last else "No checkpoint was saved before it."),
+      reason="guard", step=stop.step, checkpoint=last)

@@ -135,13 +135,14 @@ def init_or_restore(setup: train_step.StepSetup, ckpts: checkpoint.Checkpoints, 
 # ------------------------------------------------------------------------------ The run
 
 
-def is_finished(workdir: str) -> bool:
-  """Whether `workdir` holds a finished stage (its report.json says complete): `run` then
-  reports what it made without training or reading data."""
+def finished_report(workdir: str) -> dict | None:
+  """report.json of the finished stage in `workdir`, else None (none, unfinished, or damaged:
+  the run rebuilds it from its checkpoints). `run` then only reports what it made."""
   try:
-    return bool((reports.read(workdir) or {}).get("complete"))
+    report = reports.read(workdir) or {}
   except reports.ReportDamaged:
-    return False  # rebuilt by the run from its checkpoints
+    report = {}
+  return report if report.get("complete") else None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
@@ -154,11 +155,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Summary:
   """
   base_config.check_train(config)  # before any data work or compiling
   started = time.time()
-  try:
-    finished = reports.read(workdir)
-  except reports.ReportDamaged:
-    finished = None  # rebuilt: _run sets it aside and finishes the run from its checkpoints
-  if finished and finished.get("complete"):
+  finished = finished_report(workdir)
+  if finished:
     return _summary_from_report(config, workdir, finished, started)  # nothing to train: report what it made
   if jax.process_index() != 0:
     return _run(config, workdir, started)
@@ -262,14 +260,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str, started: float) -> Sum
         window.add_metrics(step_metrics)
         progress.update(1)
         if pending:
-          check_step(guard, ckpts, *pending)  # the previous step, while this one runs
+          stages.check_step(guard, ckpts, *pending)  # the previous step, while this one runs
         pending = (step, step_metrics)
         is_eval = step % config.train.eval_every == 0 or step == steps
         # SIGTERM (spot VM preemption, a stopped job): the step in flight is done; log and save it.
         preempted = sigterm.requested(step)
         is_log = step % config.train.log_every == 0 or step == steps or preempted
         if is_eval or preempted or is_log or step % config.train.checkpoint_every == 0:
-          check_step(guard, ckpts, *pending)  # nothing bad may be logged as good, or saved
+          stages.check_step(guard, ckpts, *pending)  # nothing bad may be logged as good, or saved
           pending = None
         stop = stages.StopTraining("preempted", step, f"{sigterm.signal_name} received") if preempted else None
         if is_log:
@@ -304,7 +302,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, started: float) -> Sum
     if stop and stop.reason in ("preempted", "guard"):
       writer.close()
       ckpts.close()
-      raise _stopped_error(config, stop, steps, ckpts, sigterm.signal_name)
+      raise stages.stopped_error(config, stop, steps, ckpts, sigterm.signal_name)
 
     result = stages.choose_result(config, validation.early_stop, stop and stop.reason, step, init_from, ckpts)
     result_params = (setup.merged(trainable, frozen) if result.step == step else stages.load_init_params(
@@ -355,34 +353,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str, started: float) -> Sum
                  val_loss_end=val_result, checkpoint=result.checkpoint, num_params=int(num_params),
                  num_trainable=int(num_trainable), seconds=time.time() - started,
                  init_from=init_from["checkpoint"] if init_from else None, report=report)
-
-
-def check_step(guard: stages.TrainingGuard, ckpts: checkpoint.Checkpoints, at: int, step_metrics: dict) -> None:
-  """Raises stages.StopTraining('guard') when step `at`'s loss or gradient went wrong."""
-  problem = guard.check(at, float(step_metrics["loss"]), float(step_metrics["grad_norm"]), float(step_metrics["count"]))
-  if problem:
-    # A checkpoint of the step before holds the very weights that gave this loss.
-    ckpts.wait()
-    if at - 1 in ckpts.all_steps():
-      ckpts.delete(at - 1)
-    last = ckpts.latest_step()
-    raise stages.StopTraining("guard", at, problem, str(ckpts.directory / str(last)) if last else None)
-
-
-def _stopped_error(config, stop: stages.StopTraining, steps: int, ckpts: checkpoint.Checkpoints,
-                   signal_name: str) -> Exception:
-  """What a preempted or guarded run raises to main (which prints it and exits)."""
-  if stop.reason == "preempted":
-    saved = str(ckpts.directory / str(stop.step))
-    return preemption.Preempted(
-        f"{reports.stage_name(config.stage)} stopped by {signal_name} after step {stop.step} of {steps}; "
-        f"checkpoint {saved} holds everything needed: run the same command again to resume.", step=stop.step,
-        checkpoint=saved, signal_name=signal_name)
-  last = stop.last_good_checkpoint
-  return stages.GuardTripped(
-      f"stage {config.stage} stopped at step {stop.step}: {stop.message}\n" +
-      (f"Last good checkpoint: {last} (nothing after it was saved)." if last else "No checkpoint was saved before it."),
-      reason="guard", step=stop.step, checkpoint=last)
 
 
 def _start_key(stage: int, init_from: Any) -> str:

@@ -398,7 +398,7 @@ def ensure_built(data_cfg: ml_collections.ConfigDict, data_dir: str) -> datasets
   return datasets.load_built(data_cfg, data_dir) or build(data_cfg, data_dir)
 
 
-_BUILD_BARRIERS = itertools.count()
+_barriers = itertools.count()  # barrier names are unique within a run (a recipe builds three times)
 
 
 def build_if_missing(data_cfg: ml_collections.ConfigDict, data_dir: str) -> None:
@@ -427,8 +427,7 @@ def build_if_missing(data_cfg: ml_collections.ConfigDict, data_dir: str) -> None
     from jax.experimental import multihost_utils
     import numpy as np
 
-    # Named uniquely within the run (a recipe builds before each of its phases).
-    sharding.wait_for_all_processes(f"mgjax: dataset built {next(_BUILD_BARRIERS)}", timeout_s=7 * 24 * 3600)
+    sharding.wait_for_all_processes(f"mgjax: dataset built {next(_barriers)}", timeout_s=7 * 24 * 3600)
     if not int(multihost_utils.broadcast_one_to_all(np.int32(failed is None))) and failed is None:
       raise RuntimeError(f"process 0 could not build the dataset {data_cfg.name} {data_cfg.version} in "
                          f"{data_dir}: see its log for why")

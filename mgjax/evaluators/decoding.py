@@ -4,7 +4,7 @@ every evaluator that scores them."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -91,6 +91,3 @@ def with_intervals(per_answer: dict[str, list[float]], records: list[int]) -> di
       scores[f"{name}_ci95"] = list(stats.interval(values, records, bounds=(0.0, 1.0)))
   scores["per_answer"] = {"record": records, **per_answer}
   return scores
-
-
-Scorer = Callable[[AnswerCache, Any], dict[str, dict[str, Any]]]
