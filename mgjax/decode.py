@@ -15,6 +15,7 @@ generation convention (a request ending in " <GEN>" is answered with "<h>prompt<
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,6 +30,7 @@ from flax import nnx
 
 from mgjax import checkpoint
 from mgjax import run_files
+from mgjax import sharding
 from mgjax.data import pipeline
 from mgjax.data.records import PROMPT_CLOSE, PROMPT_OPEN
 from mgjax.models import vlm
@@ -259,7 +261,7 @@ class Generator:
   """Answers conversations with a MiniGemini, as the model saw conversations in training."""
 
   def __init__(self, graphdef: nnx.GraphDef, params: Any, tokenizer, encoder, *, max_batch_size: int = 8,
-               length_multiple: int = 64):
+               length_multiple: int = 64, mesh: jax.sharding.Mesh | None = None, rules: tuple = ()):
     """Args:
       graphdef, params: the model (nnx.split of a MiniGemini).
       tokenizer: the tokenizer it was trained with (chat template, eos, decoding).
@@ -267,7 +269,11 @@ class Generator:
       max_batch_size: prompts decoded together; more are decoded in several batches.
       length_multiple: prompts are left-padded to a multiple of this, so that prompts of
         similar length share one compiled program.
+      mesh, rules: the mesh params are split over and its logical axis rules, entered while
+        decoding (`placement`); None when the caller places things itself (the trainer
+        decodes inside its own mesh) or params sit on one device.
     """
+    self.mesh, self.rules = mesh, rules
     self.graphdef = graphdef
     self.params = params
     self.tokenizer = tokenizer
@@ -277,6 +283,15 @@ class Generator:
     self.eos_id = tokenizer.eos_token_id
     if self.eos_id is None:
       raise ValueError(f"tokenizer {tokenizer.name_or_path} has no eos token: generation could never stop")
+
+  @contextlib.contextmanager
+  def placement(self):
+    """The mesh and axis rules the params were split with, for anything computed with them."""
+    if self.mesh is None:
+      yield
+      return
+    with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+      yield
 
   def generate(self, conversations: Sequence[Sequence[Mapping[str, str]]],
                images: Sequence[Sequence[bytes]] | None = None, *, max_new_tokens: int = 64, stop: Sequence[str] = (),
@@ -312,9 +327,10 @@ class Generator:
       batch = left_pad(chunk, pad_id=self.encoder.pad_id,
                        length=-(-longest // self.length_multiple) * self.length_multiple,
                        batch_size=_batch_bucket(len(chunk), self.max_batch_size))
-      tokens = generate(self.graphdef, self.params, batch, max_new_tokens=max_new_tokens, eos_id=self.eos_id,
-                        pad_id=self.encoder.pad_id, temperature=temperature, top_k=top_k, top_p=top_p,
-                        rng=jax.random.fold_in(rng, start), num_tokens=len(self.tokenizer))
+      with self.placement():
+        tokens = generate(self.graphdef, self.params, batch, max_new_tokens=max_new_tokens, eos_id=self.eos_id,
+                          pad_id=self.encoder.pad_id, temperature=temperature, top_k=top_k, top_p=top_p,
+                          rng=jax.random.fold_in(rng, start), num_tokens=len(self.tokenizer))
       answers += [self._detokenize(row, stop) for row in tokens[:len(chunk)]]
     return answers
 
@@ -335,11 +351,16 @@ def _untrained_message(workdir: str) -> str:
       f"`python -m mgjax.main --config=configs/stage2.py --config.init_from={workdir} --workdir=WORKDIR2` (stage 2)")
 
 
-def load_workdir(workdir: str, **generator_kwargs: Any) -> tuple[Generator, ml_collections.ConfigDict]:
-  """A Generator for a workdir's result checkpoint, its params on one device, and the run's config.
+def load_workdir(workdir: str, *, sharded: bool = False,
+                 **generator_kwargs: Any) -> tuple[Generator, ml_collections.ConfigDict]:
+  """A Generator for a workdir's result checkpoint, and the run's config.
 
   Args:
     workdir: a trained workdir, its checkpoints/ folder, or one checkpoints/<step> folder.
+    sharded: False puts the params on this process's first device. True splits them over
+      every device of the job (all processes of a multi-host one) as the trainer splits them
+      (the run's mesh axes and rules); the Generator then decodes under that mesh
+      (Generator.placement), every process passing the same prompts.
     **generator_kwargs: passed to Generator (max_batch_size, length_multiple).
 
   Returns:
@@ -363,11 +384,19 @@ def load_workdir(workdir: str, **generator_kwargs: Any) -> tuple[Generator, ml_c
   with nnx.use_eager_sharding(False):
     abstract_model = nnx.eval_shape(lambda: vlm.MiniGemini(model_cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract_model)
-  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device),
-                        nnx.to_pure_dict(abstract_state))
+  mesh, rules = None, ()
+  if sharded:
+    mesh_cfg = ml_collections.ConfigDict(config.mesh.to_dict())
+    mesh_cfg.num_devices = 0  # every device of the job, whatever the run trained on
+    mesh, rules = sharding.make_mesh(mesh_cfg), sharding.logical_rules(mesh_cfg)
+    shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_state, mesh, rules))
+  else:
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: one_device, nnx.to_pure_dict(abstract_state))
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nnx.to_pure_dict(abstract_state), shardings)
   params, _ = ckpts.restore_params(step, target)
   ckpts.close()
 
   encoder = pipeline.make_encoder(tokenizer, config.data, model_cfg, vlm.num_image_tokens(model_cfg))
-  return Generator(graphdef, params, tokenizer, encoder, **generator_kwargs), config
+  return Generator(graphdef, params, tokenizer, encoder, mesh=mesh, rules=rules, **generator_kwargs), config

@@ -116,9 +116,10 @@ def set_xla_flags() -> None:
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 
 
-def setup() -> None:
+def prepare_backend() -> None:
+  """What any program running mgjax needs before JAX starts a backend, flags or not (the
+  lmms-eval model, which lmms-eval's own command line starts, calls this alone)."""
   set_xla_flags()
-  import jax
   from absl import logging as absl_logging
 
   # Orbax and TFDS log every file they touch at INFO; keep the terminal for the progress bar.
@@ -126,6 +127,13 @@ def setup() -> None:
   import tensorflow_datasets as tfds
 
   tfds.disable_progress_bar()
+
+
+def setup() -> None:
+  """prepare_backend, and the persistent compilation cache of --compilation_cache."""
+  prepare_backend()
+  import jax
+
   if _COMPILATION_CACHE.value:
     # Compiling the train step takes tens of seconds on a small CPU; stage 2 and
     # restarted runs compile the very same programs.

@@ -76,8 +76,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")
 
 
-def decode(data: bytes) -> Image.Image:
-  """Encoded image bytes (JPEG, PNG, ...) -> an RGB PIL image."""
+def decode(data: bytes | Image.Image) -> Image.Image:
+  """Encoded image bytes (JPEG, PNG, ...), or an image another library already opened
+  (lmms-eval hands over PIL images) -> an RGB PIL image."""
+  if isinstance(data, Image.Image):
+    return to_rgb(data)
   return to_rgb(Image.open(io.BytesIO(data)))
 
 

@@ -117,13 +117,14 @@ class ConversationEncoder:
     """The tokens the whole conversation takes as model input (compare with seq_len)."""
     return len(self._encode(example)[0]) - 1
 
-  def unpadded(self, example: dict) -> dict[str, np.ndarray] | None:
+  def unpadded(self, example: dict, *, whole: bool = False) -> dict[str, np.ndarray] | None:
     """One example at its own length (what the packer packs): input_ids, targets, loss_mask
     [n <= seq_len] and images_lowres/highres [k <= max_images, ...] for its k whole images.
-    None when it is longer than seq_len and data.truncation is "drop"."""
+    None when it is longer than seq_len and data.truncation is "drop". With `whole`, never
+    cut to seq_len (scoring an answer, mgjax.likelihood, needs all of it)."""
     ids, assistant = self._encode(example)
     # Predict token t+1 from tokens <= t; train only where t+1 is an assistant token.
-    if len(ids) > self.seq_len + 1:
+    if len(ids) > self.seq_len + 1 and not whole:
       if self.truncation == "drop":
         return None
       if self.truncation == "error":
