@@ -4,16 +4,19 @@ sample's validation records (mgjax.lmms_tasks): its scores must be mgjax's own."
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import tiny_config
 
-from mgjax import decode, lmms_tasks
+from mgjax import decode, likelihood, lmms_model, lmms_tasks, train
 from mgjax.data import datasets
 from mgjax.evaluators import decoding, understanding
 
@@ -75,3 +78,135 @@ def test_lmms_eval_scores_a_checkpoint_as_mgjax_evaluation_does(stage1, val_sour
   assert scores["acc,none"] == pytest.approx(own["accuracy"], abs=1e-12)
   # A second turn is asked with the conversation before it, as mgjax's evaluation asks it.
   assert samples[1]["input"] == "Where is the triangle?" and samples[1]["target"] == "Bottom left."
+
+
+def test_an_answer_scores_as_the_training_loss_on_its_turn(stage1, val_source):
+  """mgjax.likelihood's loss of a reference answer is what the train step's loss function
+  gives that one-turn conversation, and `greedy` says whether decoding gives the answer."""
+  from mgjax import train_step
+
+  generator, _ = decode.load_workdir(stage1.workdir)
+  encoder = generator.encoder
+  turns = list(decoding.assistant_turns(val_source))
+  scores = likelihood.score_answers(generator.graphdef, generator.params, encoder, [t[0] for t in turns],
+                                    [t[1] for t in turns], [t[2] for t in turns], num_tokens=len(generator.tokenizer))
+  loss_fn = train_step.make_loss_fn(generator.graphdef)
+  single_turn = [i for i in range(len(val_source)) if len(val_source[i]["messages"]["role"]) == 2]
+  assert len(single_turn) == 5
+  k = 0  # index of the record's turn among `turns`
+  for i in range(len(val_source)):
+    if i in single_turn:
+      row = {key: value[None] for key, value in encoder(val_source[i]).items()}
+      total, count = loss_fn(generator.params, row)
+      assert scores[k].num_tokens == int(count)
+      assert scores[k].loss == pytest.approx(float(total) / float(count), rel=1e-5)
+    k += len(val_source[i]["messages"]["role"]) // 2
+  answers = generator.generate([t[0] for t in turns], [t[1] for t in turns], max_new_tokens=64)
+  assert [s.greedy for s in scores] == [a == ref for a, (_, _, ref) in zip(answers, turns)]
+  # A wrong answer costs more than the answer greedy decoding gives.
+  decoded = likelihood.score_answers(generator.graphdef, generator.params, encoder, [t[0] for t in turns],
+                                     [t[1] for t in turns], answers, num_tokens=len(generator.tokenizer))
+  assert all(d.greedy for d in decoded if d.num_tokens <= 64)
+
+
+MULTIPLE_CHOICE_YAML = """
+task: mgjax_choice
+dataset_path: parquet
+dataset_kwargs:
+  data_files:
+    test: data/test.parquet
+test_split: test
+output_type: multiple_choice
+doc_to_visual: !function mgjax_split_task.doc_to_visual
+doc_to_text: !function mgjax_split_task.doc_to_text
+doc_to_choice: !function choices.doc_to_choice
+doc_to_target: !function choices.doc_to_target
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def test_multiple_choice_through_lmms_eval_picks_the_likeliest_answer(stage1, val_source, tmp_path):
+  """--force_simple: lmms-eval's loglikelihood requests, scored by mgjax.likelihood."""
+  folder = lmms_tasks.write_task(val_source, SPLIT, str(tmp_path / "tasks"), max_new_tokens=8)
+  turns = list(decoding.assistant_turns(val_source))
+  choices = sorted({ref for _, _, ref in turns if len(ref) < 20})
+  assert len(choices) >= 4
+  with open(os.path.join(folder, "mgjax_choice.yaml"), "w") as f:
+    f.write(MULTIPLE_CHOICE_YAML)
+  with open(os.path.join(folder, "choices.py"), "w") as f:
+    f.write(f"CHOICES = {choices!r}\n\n\ndef doc_to_choice(doc):\n  return CHOICES\n\n\n"
+            "def doc_to_target(doc):\n  return CHOICES.index(doc['answer']) if doc['answer'] in CHOICES else 0\n")
+  scores, samples = run_lmms_eval(tmp_path, f"workdir={stage1.workdir},batch_size=16", "mgjax_choice",
+                                  str(tmp_path / "tasks"), "--force_simple")
+
+  generator, _ = decode.load_workdir(stage1.workdir)
+  picked = []
+  for (_, images, ref), sample in zip(turns, samples):
+    question = sample["input"]  # a simple model's context: the last question alone
+    conversation, files = lmms_model.simple_conversation(question, [Image.open(io.BytesIO(b)) for b in images])
+    own = likelihood.score_answers(generator.graphdef, generator.params, generator.encoder,
+                                   [conversation] * len(choices), [files] * len(choices), choices,
+                                   num_tokens=len(generator.tokenizer))
+    losses = [s.loss for s in own]
+    logged = [float(loss) for loss, _ in sample["filtered_resps"]]
+    np.testing.assert_allclose(logged, losses, rtol=1e-5)
+    picked.append(float(choices[int(np.argmin(losses))] == ref))
+  assert scores["acc,none"] == pytest.approx(np.mean(picked), abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def hd_run(data_dir, tmp_path_factory):
+  """A Mini-Gemini-HD run (a 2x2 grid of low-res views plus a global one per image) with two
+  image slots per row: two steps, enough for a checkpoint of that shape."""
+  config = tiny_config(1, data_dir, steps=2)
+  with config.model.unlocked():
+    config.model.image_grid, config.model.image_global = 2, True
+  config.data.max_images, config.data.seq_len = 2, 384  # 2 images x 5 views x 16 tokens, and the text
+  workdir = tmp_path_factory.mktemp("hd_run")
+  train.run(config, str(workdir))
+  return str(workdir)
+
+
+def png(colour: tuple[int, int, int], size: tuple[int, int]) -> bytes:
+  out = io.BytesIO()
+  Image.new("RGB", size, colour).save(out, format="PNG")
+  return out.getvalue()
+
+
+def test_an_hd_checkpoint_answers_a_two_image_question_through_lmms_eval(hd_run, tmp_path):
+  red, blue = png((220, 30, 30), (96, 64)), png((30, 30, 220), (48, 80))
+  records = [
+      {
+          "id": b"two_images",
+          "messages": {
+              "role": [b"user", b"assistant"],
+              "content": [b"<image>\n<image>\nAre the two squares the same colour?", b"No."]
+          },
+          "images": [red, blue],
+      },
+      {
+          "id": b"one_image",
+          "messages": {
+              "role": [b"user", b"assistant"],
+              "content": [b"<image>\nWhat colour is the square?", b"Blue."]
+          },
+          "images": [blue],
+      },
+  ]
+  lmms_tasks.write_task(records, "val_hd", str(tmp_path / "tasks"), max_new_tokens=12)
+  _, samples = run_lmms_eval(tmp_path, f"workdir={hd_run},batch_size=2", lmms_tasks.task_name("val_hd"),
+                             str(tmp_path / "tasks"))
+
+  generator, _ = decode.load_workdir(hd_run, max_batch_size=2)
+  assert generator.encoder.num_image_tokens == 5 * 16  # the HD layout reached the model
+  own = generator.generate([[{
+      "role": "user",
+      "content": r["messages"]["content"][0].decode()
+  }] for r in records], [r["images"] for r in records], max_new_tokens=12)
+  assert [s["filtered_resps"] for s in samples] == own
