@@ -7,6 +7,7 @@ import glob
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -32,25 +33,37 @@ OFFLINE = {
 }
 
 
-def run_lmms_eval(tmp_path, model_args: str, task: str, include: str, *extra: str) -> tuple[dict, list[dict]]:
-  """`python -m lmms_eval --model mgjax ...`; its results and its logged samples (doc order)."""
-  out = tmp_path / f"out_{task}"
-  env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf_home")}
+def lmms_eval_command(model_args: str, task: str, include: str, out, *extra: str) -> list[str]:
   # DEBUG: lmms-eval's CLI otherwise logs an exception during evaluation and exits 0.
-  command = [
+  return [
       sys.executable, "-m", "lmms_eval", "--model", "mgjax", "--model_args", model_args, "--tasks", task,
       "--include_path", include, "--output_path",
       str(out), "--log_samples", "--verbosity", "DEBUG", *extra
   ]
-  done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+def lmms_eval_env(tmp_path, **extra: str) -> dict[str, str]:
+  return {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf_home"), **extra}
+
+
+def read_output(out, task: str) -> tuple[dict, list[dict]]:
+  """lmms-eval's results for `task` and its logged samples, in document order."""
   results = glob.glob(str(out / "**" / "*_results.json"), recursive=True)
   samples = glob.glob(str(out / "**" / f"*_samples_{task}.jsonl"), recursive=True)
-  assert len(results) == 1 and len(samples) == 1, done.stderr[-6000:]
+  assert len(results) == 1 and len(samples) == 1, (results, samples)
   with open(samples[0]) as f:
     logged = sorted((json.loads(line) for line in f), key=lambda s: s["doc_id"])
   with open(results[0]) as f:
     return json.load(f)["results"][task], logged
+
+
+def run_lmms_eval(tmp_path, model_args: str, task: str, include: str, *extra: str) -> tuple[dict, list[dict]]:
+  """`python -m lmms_eval --model mgjax ...`; its results and its logged samples (doc order)."""
+  out = tmp_path / f"out_{task}"
+  done = subprocess.run(lmms_eval_command(model_args, task, include, out, *extra), cwd=tmp_path,
+                        env=lmms_eval_env(tmp_path), capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+  return read_output(out, task)
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +223,38 @@ def test_an_hd_checkpoint_answers_a_two_image_question_through_lmms_eval(hd_run,
       "content": r["messages"]["content"][0].decode()
   }] for r in records], [r["images"] for r in records], max_new_tokens=12)
   assert [s["filtered_resps"] for s in samples] == own
+
+
+def test_two_processes_answer_through_lmms_eval_as_one_process_over_the_same_devices(stage1, val_source, tmp_path):
+  """lmms-eval started on two hosts (here two processes of 4 CPU devices each, through
+  jax.distributed): the params and each batch split over all 8 devices, one SPMD program;
+  both processes report what one process over 8 devices decodes."""
+  lmms_tasks.write_task(val_source, SPLIT, str(tmp_path / "tasks"), max_new_tokens=8)
+  task, address = lmms_tasks.task_name(SPLIT), f"localhost:{free_port()}"
+  env = lmms_eval_env(tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  processes = [
+      subprocess.Popen(
+          lmms_eval_command(
+              f"workdir={stage1.workdir},batch_size=8,distributed=true,coordinator_address={address},"
+              f"num_processes=2,process_id={i}", task, str(tmp_path / "tasks"), tmp_path / f"out{i}"), cwd=tmp_path,
+          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)
+  ]
+  try:
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  assert all(p.returncode == 0 for p in processes), "\n".join(out[-3000:] for out in outputs)
+  answers = [[s["filtered_resps"] for s in read_output(tmp_path / f"out{i}", task)[1]] for i in range(2)]
+
+  generator, _ = decode.load_workdir(stage1.workdir, sharded=True, max_batch_size=8)
+  assert generator.mesh.devices.size == 8
+  turns = list(decoding.assistant_turns(val_source))
+  own = generator.generate([t[0] for t in turns], [t[1] for t in turns], max_new_tokens=8)
+  assert answers[0] == answers[1] == own
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
