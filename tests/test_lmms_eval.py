@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from lmms_eval.protocol import ChatMessages
 from PIL import Image
 
 from conftest import tiny_config
@@ -67,7 +68,7 @@ def run_lmms_eval(tmp_path, model_args: str, task: str, include: str, *extra: st
 
 
 @pytest.fixture(scope="module")
-def val_source(stage1, data_dir):
+def val_source(data_dir):
   config = tiny_config(1, data_dir)
   return datasets.open_split(datasets.load_built(config.data.recipe, data_dir), SPLIT)
 
@@ -144,35 +145,6 @@ metadata:
 """
 
 
-def test_multiple_choice_through_lmms_eval_picks_the_likeliest_answer(stage1, val_source, tmp_path):
-  """--force_simple: lmms-eval's loglikelihood requests, scored by mgjax.likelihood."""
-  folder = lmms_tasks.write_task(val_source, SPLIT, str(tmp_path / "tasks"), max_new_tokens=8)
-  turns = list(decoding.assistant_turns(val_source))
-  choices = sorted({ref for _, _, ref in turns if len(ref) < 20})
-  assert len(choices) >= 4
-  with open(os.path.join(folder, "mgjax_choice.yaml"), "w") as f:
-    f.write(MULTIPLE_CHOICE_YAML)
-  with open(os.path.join(folder, "choices.py"), "w") as f:
-    f.write(f"CHOICES = {choices!r}\n\n\ndef doc_to_choice(doc):\n  return CHOICES\n\n\n"
-            "def doc_to_target(doc):\n  return CHOICES.index(doc['answer']) if doc['answer'] in CHOICES else 0\n")
-  scores, samples = run_lmms_eval(tmp_path, f"workdir={stage1.workdir},batch_size=16", "mgjax_choice",
-                                  str(tmp_path / "tasks"), "--force_simple")
-
-  generator, _ = decode.load_workdir(stage1.workdir)
-  picked = []
-  for (_, images, ref), sample in zip(turns, samples):
-    question = sample["input"]  # a simple model's context: the last question alone
-    conversation, files = lmms_model.simple_conversation(question, [Image.open(io.BytesIO(b)) for b in images])
-    own = likelihood.score_answers(generator.graphdef, generator.params, generator.encoder,
-                                   [conversation] * len(choices), [files] * len(choices), choices,
-                                   num_tokens=len(generator.tokenizer))
-    losses = [s.loss for s in own]
-    logged = [float(loss) for loss, _ in sample["filtered_resps"]]
-    np.testing.assert_allclose(logged, losses, rtol=1e-5)
-    picked.append(float(choices[int(np.argmin(losses))] == ref))
-  assert scores["acc,none"] == pytest.approx(np.mean(picked), abs=1e-12)
-
-
 @pytest.fixture(scope="module")
 def hd_run(data_dir, tmp_path_factory):
   """A Mini-Gemini-HD run (a 2x2 grid of low-res views plus a global one per image) with two
@@ -192,37 +164,146 @@ def png(colour: tuple[int, int, int], size: tuple[int, int]) -> bytes:
   return out.getvalue()
 
 
-def test_an_hd_checkpoint_answers_a_two_image_question_through_lmms_eval(hd_run, tmp_path):
-  red, blue = png((220, 30, 30), (96, 64)), png((30, 30, 220), (48, 80))
-  records = [
-      {
-          "id": b"two_images",
-          "messages": {
-              "role": [b"user", b"assistant"],
-              "content": [b"<image>\n<image>\nAre the two squares the same colour?", b"No."]
-          },
-          "images": [red, blue],
-      },
-      {
-          "id": b"one_image",
-          "messages": {
-              "role": [b"user", b"assistant"],
-              "content": [b"<image>\nWhat colour is the square?", b"Blue."]
-          },
-          "images": [blue],
-      },
-  ]
-  lmms_tasks.write_task(records, "val_hd", str(tmp_path / "tasks"), max_new_tokens=12)
-  _, samples = run_lmms_eval(tmp_path, f"workdir={hd_run},batch_size=2", lmms_tasks.task_name("val_hd"),
-                             str(tmp_path / "tasks"))
+RED, BLUE = png((220, 30, 30), (96, 64)), png((30, 30, 220), (48, 80))
+IMAGE_QUESTIONS = [
+    {
+        "id": b"two_images",
+        "messages": {
+            "role": [b"user", b"assistant"],
+            "content": [b"<image>\n<image>\nAre the two squares the same colour?", b"No."]
+        },
+        "images": [RED, BLUE],
+    },
+    {
+        "id": b"one_image",
+        "messages": {
+            "role": [b"user", b"assistant"],
+            "content": [b"<image>\nWhat colour is the square?", b"Blue."]
+        },
+        "images": [BLUE],
+    },
+]
 
-  generator, _ = decode.load_workdir(hd_run, max_batch_size=2)
+
+@pytest.fixture(scope="module")
+def simple_interface_run(hd_run, val_source, tmp_path_factory):
+  """One lmms-eval run with --force_simple (the interface multiple-choice tasks need) on the
+  HD checkpoint: a multiple-choice task over the sample's understanding questions, and
+  questions about one and two images."""
+  tmp_path = tmp_path_factory.mktemp("simple_interface")
+  tasks = tmp_path / "tasks"
+  folder = lmms_tasks.write_task(val_source, SPLIT, str(tasks), max_new_tokens=8)
+  choices = sorted({ref for _, _, ref in decoding.assistant_turns(val_source) if len(ref) < 20})
+  assert len(choices) >= 4
+  with open(os.path.join(folder, "mgjax_choice.yaml"), "w") as f:
+    f.write(MULTIPLE_CHOICE_YAML)
+  with open(os.path.join(folder, "choices.py"), "w") as f:
+    f.write(f"CHOICES = {choices!r}\n\n\ndef doc_to_choice(doc):\n  return CHOICES\n\n\n"
+            "def doc_to_target(doc):\n  return CHOICES.index(doc['answer']) if doc['answer'] in CHOICES else 0\n")
+  lmms_tasks.write_task(IMAGE_QUESTIONS, "val_hd", str(tasks), max_new_tokens=12)
+  out = tmp_path / "out"
+  names = ["mgjax_choice", lmms_tasks.task_name("val_hd")]
+  done = subprocess.run(
+      lmms_eval_command(f"workdir={hd_run},batch_size=16", ",".join(names), str(tasks), out, "--force_simple"),
+      cwd=tmp_path, env=lmms_eval_env(tmp_path), capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+  return {"choices": choices, **{name: read_output(out, name) for name in names}}
+
+
+def test_multiple_choice_through_lmms_eval_picks_the_likeliest_answer(simple_interface_run, hd_run, val_source):
+  """lmms-eval's loglikelihood requests, scored by mgjax.likelihood."""
+  scores, samples = simple_interface_run["mgjax_choice"]
+  choices = simple_interface_run["choices"]
+  generator, _ = decode.load_workdir(hd_run)
+  picked = []
+  for (_, images, ref), sample in zip(decoding.assistant_turns(val_source), samples, strict=True):
+    question = sample["input"]  # a simple model's context: the last question alone
+    conversation, files = lmms_model.simple_conversation(question, [Image.open(io.BytesIO(b)) for b in images])
+    own = likelihood.score_answers(generator.graphdef, generator.params, generator.encoder,
+                                   [conversation] * len(choices), [files] * len(choices), choices,
+                                   num_tokens=len(generator.tokenizer))
+    losses = [s.loss for s in own]
+    logged = [float(loss) for loss, _ in sample["filtered_resps"]]
+    np.testing.assert_allclose(logged, losses, rtol=1e-5)
+    picked.append(float(choices[int(np.argmin(losses))] == ref))
+  assert scores["acc,none"] == pytest.approx(np.mean(picked), abs=1e-12)
+
+
+def test_an_hd_checkpoint_answers_a_two_image_question_through_lmms_eval(simple_interface_run, hd_run):
+  _, samples = simple_interface_run[lmms_tasks.task_name("val_hd")]
+  generator, _ = decode.load_workdir(hd_run, max_batch_size=16)
   assert generator.encoder.num_image_tokens == 5 * 16  # the HD layout reached the model
   own = generator.generate([[{
       "role": "user",
       "content": r["messages"]["content"][0].decode()
-  }] for r in records], [r["images"] for r in records], max_new_tokens=12)
+  }] for r in IMAGE_QUESTIONS], [r["images"] for r in IMAGE_QUESTIONS], max_new_tokens=12)
   assert [s["filtered_resps"] for s in samples] == own
+
+
+def test_chat_messages_put_each_image_where_the_task_put_it():
+  """The chat interface's messages as mgjax's conversation: an image item becomes <image>,
+  followed by a newline unless its text starts with one (Mini-Gemini's "<image>\\n" + question)."""
+  red, blue = Image.open(io.BytesIO(RED)), Image.open(io.BytesIO(BLUE))
+  messages = ChatMessages(messages=[
+      {
+          "role": "user",
+          "content": [{
+              "type": "image",
+              "url": red
+          }, {
+              "type": "image",
+              "url": blue
+          }, {
+              "type": "text",
+              "text": "Same colour?"
+          }]
+      },
+      {
+          "role": "assistant",
+          "content": [{
+              "type": "text",
+              "text": "No."
+          }]
+      },
+      {
+          "role": "user",
+          "content": [{
+              "type": "text",
+              "text": "And this one:"
+          }, {
+              "type": "image",
+              "url": RED
+          }, {
+              "type": "text",
+              "text": "\nis it red?"
+          }]
+      },
+  ])
+  conversation, files = lmms_model.chat_conversation(messages)
+  assert conversation == [
+      {
+          "role": "user",
+          "content": "<image>\n<image>\nSame colour?"
+      },
+      {
+          "role": "assistant",
+          "content": "No."
+      },
+      {
+          "role": "user",
+          "content": "And this one:<image>\nis it red?"
+      },
+  ]
+  assert files == [red, blue, RED]
+  with pytest.raises(ValueError, match="text and images only"):
+    lmms_model.chat_conversation(
+        ChatMessages(messages=[{
+            "role": "user",
+            "content": [{
+                "type": "video",
+                "url": "a.mp4"
+            }]
+        }]))
 
 
 def test_two_processes_answer_through_lmms_eval_as_one_process_over_the_same_devices(stage1, val_source, tmp_path):
