@@ -10,6 +10,7 @@ import io
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -21,7 +22,7 @@ from mgjax import decode
 from mgjax.data import pipeline, tokenizer_training
 from mgjax.data.templates import IMAGE
 from mgjax.models import DEFAULT_LOGICAL_AXIS_RULES, MiniGemini, logical_shardings, num_image_tokens
-from mgjax.models.llm import DecoderLM
+from mgjax.models.llm import DecoderLM, stack_layers
 
 TEXTS = [
     "Draw a red circle on a white background. <GEN>", "<h>A flat red circle.</h>", "What is 2 + 3? 2 + 3 = 5.",
@@ -138,6 +139,30 @@ def test_sharded_decoding_equals_single_device(model, model_cfg):
   assert cache["layers"][0]["k"].sharding.is_equivalent_to(expected, 4)
 
 
+def test_a_scanned_decoder_decodes_as_its_layers_one_by_one(model, model_cfg):
+  """The mgm presets scan their decoder (one stacked layer, model.llm.scan_layers): on the CPU
+  decoding unstacks it (decode._layers_unstacked), elsewhere it keeps the scan. Both give the
+  tokens of the same weights as separate layers, greedy and sampled, on one device and a mesh."""
+  graphdef, params = model
+  cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+  cfg.llm.scan_layers = True
+  scanned_def, scanned = nnx.split(MiniGemini(cfg, rngs=nnx.Rngs(1)))
+  weights = nnx.to_pure_dict(params)
+  nnx.replace_by_pure_dict(scanned, {**weights, "llm": stack_layers(weights["llm"])})
+  batch = decode.left_pad(_prompts(model_cfg, (5, 11, 8), image_rows=(1,), seed=4), pad_id=0)
+  settings = dict(max_new_tokens=6, eos_id=EOS, pad_id=0, num_tokens=None)
+  for sampling in (dict(temperature=0.0, top_k=0, top_p=1.0), dict(temperature=1.0, top_k=20, top_p=0.9)):
+    expected = decode.generate(graphdef, params, batch, **settings, **sampling)
+    for unstack in (True, False):
+      tokens = decode._generate_cached(scanned_def, scanned, batch, jax.random.key(0), np.int32(EOS), np.int32(0),
+                                       max_new_tokens=6, num_tokens=None, unstack_layers=unstack, **sampling)
+      np.testing.assert_array_equal(tokens, expected, err_msg=f"{sampling}, unstack_layers={unstack}")
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_LOGICAL_AXIS_RULES):
+    on_mesh = decode.generate(scanned_def, jax.device_put(scanned, logical_shardings(scanned, mesh)), batch, **settings)
+  np.testing.assert_array_equal(on_mesh, decode.generate(graphdef, params, batch, **settings))
+
+
 def test_a_row_stops_at_eos_and_the_loop_ends_when_all_have(model, model_cfg):
   graphdef, params = model
   batch = decode.left_pad(_prompts(model_cfg, (5, 11, 8), seed=2), pad_id=0)
@@ -184,6 +209,11 @@ def test_top_k_and_top_p_restrict_the_support():
   assert support(top_p=0.7) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 reaches it
   assert support(top_p=0.85) == {0, 1, 2}
   assert support(top_k=3, top_p=0.5) == {0}
+  # A tie at the k-th largest keeps every tied token, and top-p counts the probability of all of
+  # them: 0.4, 0.3, 0.3 renormalised, 0.4 < 0.5 so the 0.3s are kept too.
+  tied = jnp.log(jnp.array([[0.4, 0.3, 0.3]] * 2000))
+  assert set(np.asarray(decode.sample_tokens(tied, jax.random.key(0), temperature=1.0, top_k=2,
+                                             top_p=0.5)).tolist()) == {0, 1, 2}
   assert set(np.asarray(decode.sample_tokens(logits, None)).tolist()) == {0}  # greedy
 
 
