@@ -52,6 +52,9 @@ _TARGET = flags.DEFINE_string(
     "target", None, "A TPU accelerator type as gcloud spells it (v5p-8, v5litepod-8 "
     "or v5e-8, v6e-8, v4-8, v5p-16, ...): compile with the TPU compiler for it.")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures as JSON to this path.")
+_DECODING = flags.DEFINE_bool(
+    "decoding", False, "Also size evaluation's decoding (mgjax.decoding_plan): eval.batch_size prompts of "
+    "data.seq_len tokens, eval.max_new_tokens new tokens each, on the same devices and weight layout.")
 flags.mark_flags_as_required(["config"])
 
 GiB = 1024**3
@@ -182,9 +185,9 @@ def compile_train_step(config, devices: list, *, unroll_loops: bool = False,
   return CompiledStep(compiled, setup, batch, time.perf_counter() - started)
 
 
-def plan(config, num_devices: int | None = None, *, target: str | None = None) -> dict:
+def plan(config, num_devices: int | None = None, *, target: str | None = None, decoding: bool = False) -> dict:
   """Compiles config's train step for `num_devices` virtual CPU devices or a TPU `target`;
-  returns per-device figures."""
+  returns per-device figures; with `decoding`, evaluation's decoding's too ("decoding")."""
   import jax
 
   if target:
@@ -255,6 +258,11 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None) -
       "hardware_flops_per_device": costs["flops"],
       "modelled_step_seconds": costs["modelled_seconds"],
   }
+  if decoding:
+    from mgjax import decoding_plan
+
+    print("plan: compiling evaluation's decoding ...", file=sys.stderr, flush=True)
+    out["decoding"] = decoding_plan.plan_decoding(config, step.setup, step.batch)
   if target:
     devices_per_chip = len(devices) / chips
     peak = gen.peak_tflops / devices_per_chip
@@ -341,6 +349,11 @@ def format_plan(p: dict, config) -> str:
     lines.append(f"  hardware FLOPs    {_count(hardware, 'FLOP')} per step ({_count(hardware * devices, 'FLOP')} on "
                  f"all devices, {_count(hardware * devices / tokens, 'FLOP')} per token slot): what HFU divides, "
                  "XLA's count")
+  if "decoding" in p:
+    from mgjax import decoding_plan
+
+    lines += decoding_plan.format_decoding(p["decoding"], _bytes,
+                                           p["device_hbm_gib"] * GiB if "device_hbm_gib" in p else None)
   if "target" in p:
     hbm = p["device_hbm_gib"]
     lines.append(f"  fits: peak {p['peak_bytes'] / GiB:.1f} of {hbm:.0f} GiB ({p['peak_bytes'] / GiB / hbm:.0%}); "
@@ -396,7 +409,7 @@ def main(argv: list[str]) -> None:
 
     # A TPU executable compiled here cannot be loaded back here: don't write it to a cache.
     jax.config.update("jax_enable_compilation_cache", False)
-  result = plan(config, _DEVICES.value, target=_TARGET.value)
+  result = plan(config, _DEVICES.value, target=_TARGET.value, decoding=_DECODING.value)
   print(format_plan(result, config), flush=True)
   if _JSON.value:
     with open(_JSON.value, "w") as f:

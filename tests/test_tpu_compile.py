@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from mgjax import config_files, flops, plan
+from mgjax import config_files, decoding_plan, flops, plan
 
 
 @pytest.mark.parametrize("name, topology, chips", [
@@ -44,7 +44,7 @@ def test_sample_compiles_for_v5p_with_splash_attention(tmp_path):
   out = tmp_path / "plan.json"
   result = subprocess.run([
       sys.executable, "-m", "mgjax.plan", "--config=configs/stage2.py:data=sample:tiny", "--target=v5p-8",
-      f"--json={out}", "--config.mesh.data=1", "--config.mesh.fsdp=-1"
+      f"--json={out}", "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--decoding"
   ], cwd=REPO, env={
       **os.environ, "XLA_FLAGS": ""
   }, capture_output=True, text=True, timeout=900)
@@ -59,6 +59,14 @@ def test_sample_compiles_for_v5p_with_splash_attention(tmp_path):
   # whose FLOPs XLA's cost analysis leaves out, so here the hardware count has no attention.
   assert figures["model_flops_per_device"] > 0 and figures["hardware_flops_per_device"] > 0
   assert 0 < figures["modelled_mfu"] < 1 and 0 < figures["modelled_hfu"] < 1
+  # --decoding: evaluation's decoding on the same slice, weights split as the trainer splits them.
+  decoding = figures["decoding"]
+  assert "decoding (evaluation: 32 prompts of 128 tokens" in result.stdout
+  # Its arguments are the weights in their training layout (split 4 ways) and the prompts (the
+  # TPU's tiled layout pads the images' 3 channels): less than one whole copy of the weights.
+  assert figures["params_bytes"] < decoding["whole"]["argument_bytes"] < 4 * figures["params_bytes"]
+  assert decoding["whole"]["peak_bytes"] > decoding["whole"]["argument_bytes"]
+  assert decoding["modelled_tokens_per_second"] > 0 and decoding["modelled_batch_seconds"] > 0
 
 
 def test_scanned_decoder_and_chunked_loss_cost_the_same_as_the_unrolled_program():
@@ -72,10 +80,17 @@ def test_scanned_decoder_and_chunked_loss_cost_the_same_as_the_unrolled_program(
   unrolled_step = plan.compile_train_step(config, devices, unroll_loops=True,
                                           compiler_options=flops.COST_COMPILER_OPTIONS)
   unrolled = flops.compiled_costs(unrolled_step.compiled)
+  unrolled_decoding = decoding_plan.plan_decoding(config, unrolled_step.setup, unrolled_step.batch)
   config.model.llm.scan_layers = True
-  looped = plan.plan(config, target="v5e-4")
+  looped = plan.plan(config, target="v5e-4", decoding=True)
   # Forward, recomputed forward, dq and dkv: 4 splash kernels per layer, once per loop body.
   kernels = unrolled_step.compiled.as_text().count('custom_call_target="tpu_custom_call"')
   assert (looped["pallas_kernels"], kernels) == (4, 4 * config.model.llm.layers)
   for key, unrolled_key in (("hardware_flops_per_device", "flops"), ("modelled_step_seconds", "modelled_seconds")):
     assert looped[key] == pytest.approx(unrolled[unrolled_key], rel=0.02), key
+  # Evaluation's decoding (plan --decoding): its prefill and decode step cost the same, and
+  # one new token for the batch costs less than the whole prompt's prefill.
+  for part in ("prefill", "step"):
+    for key in ("hardware_flops", "modelled_seconds"):
+      assert looped["decoding"][part][key] == pytest.approx(unrolled_decoding[part][key], rel=0.02), (part, key)
+  assert 0 < looped["decoding"]["step"]["modelled_seconds"] < looped["decoding"]["prefill"]["modelled_seconds"]
