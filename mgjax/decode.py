@@ -74,22 +74,22 @@ def _decode_step(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, cache: 
   return _step_model(nnx.merge(graphdef, params), tokens, cache, num_tokens)
 
 
-def _layers_unstacked(model):
-  """`model` (merged inside a trace) with a scanned decoder's layers as one module each (in place).
+def _layers_unstacked(model, cache: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+  """`model` (merged inside a trace) and its cache with a scanned decoder's layers one by one.
 
   A scanned decoder (model.llm.scan_layers) keeps each weight as one [layers, ...] array and
   its cache as one [layers, B, S, K, D] array per k and v. On XLA:CPU every decode step then
   copies each layer's weights out of the stacked arrays (the dynamic slice is not fused into
   the matmul) and writes the whole cache anew: SmolLM2-135M at batch 8 spent 40 ms of a 98 ms
   step copying weights and 10 ms copying the cache. Unstacked once per `generate` call (one copy
-  of the decoder's weights, a temporary of the program), the loop's steps read the weights
-  where they are and update a per-layer cache in place. `generate` does this on the CPU only:
-  on an accelerator the copy would be a second set of weights on a device that holds the
-  training state too.
+  of the decoder's weights, a temporary of the program), the steps read the weights where they
+  are and update a per-layer cache in place. `generate` does this on the CPU only: on an
+  accelerator the copy would be a second set of weights on a device that holds the training
+  state too. The model is changed in place.
   """
   llm = model.llm
   if not llm.scan_layers:
-    return model
+    return model, cache
   layer_def, stacked = nnx.split(llm.layers)
   llm.layers = nnx.List([
       nnx.merge(layer_def,
@@ -97,7 +97,8 @@ def _layers_unstacked(model):
       for i in range(llm.num_layers)
   ])
   llm.scan_layers = False
-  return model
+  kv = cache["layers"]
+  return model, {**cache, "layers": [{"k": kv["k"][i], "v": kv["v"][i]} for i in range(llm.num_layers)]}
 
 
 @functools.partial(
@@ -110,15 +111,16 @@ def _generate_cached(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.A
 
   The same steps `_prefill` and `_decode_step` take, in one program: no host round trip and no
   dispatch per token (a step's dispatch alone, hashing the graphdef, took 7 ms on the CPU), and
-  the cache stays in place. unstack_layers: see `_layers_unstacked`. Returns int32
-  [B, max_new_tokens] as `generate` does.
+  the cache stays in place. unstack_layers: unstack a scanned decoder for the decode steps (see
+  `_layers_unstacked`); the prefill, run once, keeps the scan, which compiles one layer instead
+  of all of them. Returns int32 [B, max_new_tokens] as `generate` does.
   """
   model = nnx.merge(graphdef, params)
-  if unstack_layers:
-    model = _layers_unstacked(model)
-  graphdef, params = nnx.split(model)
   batch_size, prompt_len = batch["input_ids"].shape
   logits, cache = _prefill_model(model, batch, prompt_len + max_new_tokens, num_tokens)
+  if unstack_layers:
+    model, cache = _layers_unstacked(model, cache)
+  graphdef, params = nnx.split(model)
 
   def sample(logits, i):
     return sample_tokens(logits, jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k, top_p=top_p)

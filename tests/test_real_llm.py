@@ -96,6 +96,46 @@ def test_greedy_continuations_are_token_identical(real):
   assert sorted(lengths)[-2:] == [32, 32], f"two answers should run the whole 32 tokens: {lengths}"
 
 
+def test_batched_generate_of_the_imported_minigemini_equals_transformers(real, smollm2_dir):
+  """decode.generate, as evaluation decodes, on a MiniGemini holding SmolLM2 as import-llm grafts
+  it (mgm_smol: a scanned decoder, vocabulary padded to 49280): the four prompts left-padded into
+  one batch give transformers' greedy tokens for the same batch, row by row. eos is ignored on both
+  sides so every row runs all 24 tokens (past the answer's end too)."""
+  import ml_collections
+
+  from mgjax import config_files, decode
+  from mgjax.convert import checkpoints, llm_weights
+  from mgjax.models import MiniGemini
+
+  tokenizer, hf, _ = real
+  cfg = config_files.preset("models", "mgm_smol")
+  cfg.image_token_id = len(tokenizer)  # <image>, the one token import-llm adds
+  llm, _, _, _ = llm_weights.import_hf_llm(smollm2_dir, llm=cfg.llm.to_dict(), pad_vocab_to=cfg.vocab_size)
+  params = checkpoints.graft(checkpoints.fresh_params(ml_collections.ConfigDict(cfg.to_dict())), "llm", llm)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: MiniGemini(cfg, rngs=nnx.Rngs(0))))
+  assert cfg.llm.scan_layers
+
+  no_images = np.zeros((0, 32, 32, 3), np.float32), np.zeros((0, 64, 64, 3), np.float32)
+  prompts = [{
+      "input_ids": np.array(prompt_ids(tokenizer, q), np.int32),
+      "images_lowres": no_images[0],
+      "images_highres": no_images[1]
+  } for q in QUESTIONS]
+  batch = decode.left_pad(prompts, pad_id=tokenizer.pad_token_id)
+  assert len({int(n) for n in batch["prompt_mask"].sum(1)}) > 1  # rows really are padded differently
+  ours = decode.generate(graphdef, params, batch, max_new_tokens=24, eos_id=-1, pad_id=tokenizer.pad_token_id,
+                         num_tokens=len(tokenizer))
+  with torch.no_grad():
+    theirs = hf.generate(input_ids=torch.as_tensor(batch["input_ids"], dtype=torch.long),
+                         attention_mask=torch.as_tensor(batch["prompt_mask"], dtype=torch.long), max_new_tokens=24,
+                         do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+  theirs = theirs[:, batch["input_ids"].shape[1]:].numpy()
+  for row, question in enumerate(QUESTIONS):
+    assert ours[row].tolist() == theirs[row].tolist(), (
+        f"{question!r}:\n  mgjax        {tokenizer.decode(ours[row])!r}\n  transformers {tokenizer.decode(theirs[row])!r}"
+    )
+
+
 # ------------------------------------------------------------------------------ the user's path
 
 QUESTION = "Who wrote Romeo and Juliet?"
