@@ -2,7 +2,8 @@
 
   python benchmarks/tpu_compile.py [--cases=llama2_7b_v5p8,mgm_8b_v5p8,...] [--out=DIR]
 
-Cases: llama2_7b_v5p8, llama2_7b_v5e8, mgm_8b_v5p8, mgm_8b_v6e8. Each runs
+Cases: llama2_7b_v5p8, llama2_7b_v5p8_no_tpu_flags, llama2_7b_v5e8, llama3_8b_v5p8, llama3_8b_v6e8,
+mgm_8b_v5p8, mgm_8b_v6e8. Each runs
 `python -m mgjax.plan --target=...` in its own process (the figures are the TPU compiler's:
 per-device memory, hardware FLOPs and its cost model's step time, a scanned decoder's from
 loop-free twins, see mgjax/flops.py; the model FLOPs are mgjax.flops's analytic count) and
@@ -14,11 +15,16 @@ does not run MaxText.
 llama2_7b_*: mgjax's decoder alone at the Llama-2-7B configuration (vocab 32000, hidden 4096,
 32 layers, 32 heads, MLP 11008): the mgm_7b preset (Vicuna-7B is Llama-2-7B's shape) with
 no image slot and the sample's tiny vision towers, so the decoder is what is compiled.
+llama3_8b_*: the same at the Llama-3-8B configuration (vocab 128256, hidden 4096, 32 layers,
+32 heads, 8 KV heads, MLP 14336, rope theta 500000), on the mgm_8b preset (Llama-3-8B-Instruct).
+Every case compiles with mgjax's TPU compiler flags (mgjax/tpu_flags.py), as the trainer runs on
+a TPU, except the *_no_tpu_flags ones (plan --tpu_flags=False: libtpu's defaults).
 
 Prints each plan's own output, then a table (one row per case: per-device batch, weights +
 optimizer, temporaries, peak, model and hardware FLOPs per device, modelled step, modelled MFU
-and HFU (model and hardware FLOPs over the modelled step at the chip's bf16 peak), compile time
-of the main program and of the whole plan; a case the compiler refuses says so). The
+and HFU (model and hardware FLOPs over the modelled step at the chip's bf16 peak), the TPU flags
+compiled with and the collectives the compiler fused with compute, compile time of the main
+program and of the whole plan; a case the compiler refuses says so). The
 targets it is held to and the recorded figures are in benchmarks/RESULTS.md.
 """
 
@@ -34,8 +40,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 1024**3
 
-_DECODER_ALONE = [
-    "--config.model.vocab_size=32000",
+_TOWERS_UNUSED = [
     "--config.data.max_images=0",
     # The sample's towers (a few MB): present in the model, never run without image slots.
     "--config.model.vision_lowres.kind=clip",
@@ -49,14 +54,25 @@ _DECODER_ALONE = [
     "--config.model.vision_highres.dims=(16,32,64,128)",
     "--config.model.vision_highres.depths=(1,1,1,1)",
 ]
+# Llama-2-7B's vocabulary on the mgm_7b preset (Vicuna-7B is Llama-2-7B's shape); Llama-3-8B's on
+# mgm_8b (Llama-3-8B-Instruct: 32 layers, hidden 4096, 32 heads, 8 KV heads, MLP 14336, rope theta
+# 500000).
+_LLAMA2_7B = ["--config.model.vocab_size=32000", *_TOWERS_UNUSED]
+_LLAMA3_8B = ["--config.model.vocab_size=128256", *_TOWERS_UNUSED]
+# The same compile without mgjax's TPU compiler flags (mgjax/tpu_flags.py): libtpu's defaults.
+_NO_TPU_FLAGS = ["--tpu_flags=False"]
+
 # Clipping at 1, as MaxText's defaults clip (gradient_clipping_threshold 1.0) and as the recorded
 # figures were compiled; the mgm presets themselves train unclipped, as Mini-Gemini's runs did.
 _FSDP = ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.data.seq_len=2048", "--config.optim.grad_clip=1.0"]
 
 # name: (config, target, global batch, extra overrides)
 CASES = {
-    "llama2_7b_v5p8": ("configs/stage2.py:model=mgm_7b", "v5p-8", 8, _DECODER_ALONE),
-    "llama2_7b_v5e8": ("configs/stage2.py:model=mgm_7b", "v5e-8", 16, _DECODER_ALONE),
+    "llama2_7b_v5p8": ("configs/stage2.py:model=mgm_7b", "v5p-8", 8, _LLAMA2_7B),
+    "llama2_7b_v5p8_no_tpu_flags": ("configs/stage2.py:model=mgm_7b", "v5p-8", 8, _LLAMA2_7B + _NO_TPU_FLAGS),
+    "llama2_7b_v5e8": ("configs/stage2.py:model=mgm_7b", "v5e-8", 16, _LLAMA2_7B),
+    "llama3_8b_v5p8": ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, _LLAMA3_8B),
+    "llama3_8b_v6e8": ("configs/stage2.py:model=mgm_8b", "v6e-8", 16, _LLAMA3_8B),
     "mgm_8b_v5p8": ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, []),
     "mgm_8b_v6e8": ("configs/stage2.py:model=mgm_8b", "v6e-8", 16, []),
 }
@@ -86,7 +102,7 @@ def run_case(name: str, out_dir: str) -> dict:
 
 def row(name: str, p: dict) -> str:
   if not p.get("fits", True):
-    return f"| {name} | {p['target']} | refused by the compiler: {p['refused']} | | | | | | | | | |"
+    return f"| {name} | {p['target']} | refused by the compiler: {p['refused']} | | | | | | | | | | |"
   per_device_batch = p["batch"]["global"] // (p["mesh"]["data"] * p["mesh"]["fsdp"])
 
   def figure(key: str, fmt: str, scale: float = 1.0) -> str:
@@ -97,7 +113,13 @@ def row(name: str, p: dict) -> str:
           f"{p['peak_bytes'] / GiB:.2f} GiB | {p['model_flops_per_device'] / 1e12:.1f} T | "
           f"{figure('hardware_flops_per_device', '.1f', 1e12)} T | {figure('modelled_step_seconds', '.3f')} s | "
           f"{figure('modelled_mfu', '.2f')} | {figure('modelled_hfu', '.2f')} | "
-          f"{p['compile_seconds']:.0f} s / {p['wall_seconds']:.0f} s |")
+          f"{_tpu_flags(p)} | {p['compile_seconds']:.0f} s / {p['wall_seconds']:.0f} s |")
+
+
+def _tpu_flags(p: dict) -> str:
+  """How many flags the compiler got and how many collectives it fused with compute."""
+  flags = f"{len(p['tpu_flags'])} flags" if p.get("tpu_flags") else "none"
+  return f"{flags}, {p['async_collective_fusions']} fused" if "async_collective_fusions" in p else flags
 
 
 def main() -> None:
@@ -108,8 +130,9 @@ def main() -> None:
   os.makedirs(args.out, exist_ok=True)
   results = {name: run_case(name, args.out) for name in args.cases.split(",")}
   print("| case | target | per-device batch | weights + optimizer | temporaries | peak | model FLOPs/device | "
-        "hardware FLOPs/device | modelled step | modelled MFU | modelled HFU | compile (main program / whole plan) |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        "hardware FLOPs/device | modelled step | modelled MFU | modelled HFU | TPU flags (collectives fused) | "
+        "compile (main program / whole plan) |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for name, figures in results.items():
     print(row(name, figures))
 

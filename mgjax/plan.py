@@ -14,7 +14,9 @@ pip install -e '.[tpu]') builds the program for that topology, so the memory fig
 ones the TPU would have, and a config that does not fit is refused by the compiler as it
 would be on the TPU. Its cost model gives the step time it predicts (a sum of per-op
 roofline times: good for comparing configurations, not a wall-clock promise) and the
-modelled FLOP utilisation against the chip's bf16 peak.
+modelled FLOP utilisation against the chip's bf16 peak. It compiles with the TPU compiler flags
+the trainer sets on a TPU (mgjax.tpu_flags: collectives overlapped with compute, as MaxText
+trains; --tpu_flags=False: without them), and the JSON lists what LIBTPU_INIT_ARGS held.
 
 --devices: XLA:CPU compiles for that many virtual devices; its buffer assignment stands in
 for a GPU's (TPU and GPU compilers fuse and lay out differently: weights and optimizer state
@@ -42,7 +44,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from mgjax import fit
+from mgjax import fit, tpu_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config, e.g. configs/stage2.py:model=mgm_8b.")
 _DEVICES = flags.DEFINE_integer(
@@ -133,11 +135,19 @@ def _use_virtual_devices(n: int) -> None:
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+# LIBTPU_INIT_ARGS when this process first asked libtpu for a topology: libtpu reads its flags
+# then, once, and compiles every later program with them.
+_libtpu_init_args: str | None = None
+
+
 def tpu_devices(accelerator_type: str) -> list:
   """The devices of a TPU slice, for compiling only (jax.experimental.topologies + libtpu)."""
   from jax.experimental import topologies
 
+  global _libtpu_init_args
   _, topology, _ = tpu_topology(accelerator_type)
+  if _libtpu_init_args is None:
+    _libtpu_init_args = os.environ.get("LIBTPU_INIT_ARGS", "")
   # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) meant for processes that drive a
   # real TPU; compiling drives none, so several plans (and tests) may compile at once.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -212,6 +222,7 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None, d
           "chips": chips,
           "device_hbm_gib": gen.hbm_gib * chips / len(devices),
           "required_bytes": _required_bytes(str(e)),
+          "tpu_flags": compiled_with_tpu_flags(),
       }
     raise
   started = time.perf_counter()
@@ -273,7 +284,10 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None, d
         "device_kind": devices[0].device_kind,
         "device_hbm_gib": gen.hbm_gib / devices_per_chip,
         "device_peak_tflops": peak,
-        "fits": True
+        "fits": True,
+        "tpu_flags": compiled_with_tpu_flags(),
+        # Collectives the compiler fused with the compute they overlap (mgjax.tpu_flags).
+        "async_collective_fusions": _async_collective_fusions(step.compiled.as_text()),
     })
     if out["modelled_step_seconds"]:
       peak_flops = out["modelled_step_seconds"] * peak * 1e12
@@ -281,6 +295,19 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None, d
       if costs["flops"]:
         out["modelled_hfu"] = costs["flops"] / peak_flops
   return out
+
+
+def compiled_with_tpu_flags() -> list[str]:
+  """The flags libtpu was started with in this process (LIBTPU_INIT_ARGS, split), --undefok
+  left out; [] before any TPU compile."""
+  return [f for f in (_libtpu_init_args or "").split() if f.partition("=")[0] not in ("--undefok", "-undefok")]
+
+
+def _async_collective_fusions(hlo: str) -> int:
+  """How many async collective fusions (a collective fused with the computation it overlaps,
+  mgjax.tpu_flags) the compiled program's text has: the fusion instructions that call one (a
+  loop body's counted once)."""
+  return hlo.count("calls=%async_collective_fusion")
 
 
 def _attention_used(config, devices) -> str:
@@ -356,6 +383,8 @@ def format_plan(p: dict, config) -> str:
                                            p["device_hbm_gib"] * GiB if "device_hbm_gib" in p else None)
   if "target" in p:
     hbm = p["device_hbm_gib"]
+    lines.append(f"  compiler flags    {len(p['tpu_flags'])} in LIBTPU_INIT_ARGS (mgjax.tpu_flags; --tpu_flags=False: "
+                 f"without), {p['async_collective_fusions']} collective(s) fused with compute")
     lines.append(f"  fits: peak {p['peak_bytes'] / GiB:.1f} of {hbm:.0f} GiB ({p['peak_bytes'] / GiB / hbm:.0%}); "
                  "the compiler accepted it")
     if p.get("modelled_step_seconds"):
@@ -401,6 +430,9 @@ def main(argv: list[str]) -> None:
     tpu_topology(_TARGET.value)  # a misspelt target fails before anything is compiled
     # The TPU compiler runs on this host's CPU: jax must not look for a TPU to run on.
     os.environ["JAX_PLATFORMS"] = "cpu"
+    if tpu_flags.ENABLED.value:
+      # The trainer's flags on a TPU, for the same program; libtpu reads them when it loads.
+      tpu_flags.set_libtpu_init_args(os.environ)
   else:
     _use_virtual_devices(_DEVICES.value)
   config = _CONFIG.value

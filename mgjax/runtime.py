@@ -10,6 +10,8 @@ import traceback
 
 from absl import flags
 
+from mgjax import tpu_flags
+
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", os.path.expanduser("~/.cache/mgjax/xla"),
     "Persistent XLA compilation cache: a restarted run or the next stage reuses compiled steps. Empty disables it.")
@@ -91,6 +93,24 @@ def restart_with_malloc_tunables() -> None:
   os.execve(sys.executable, sys.orig_argv, {**os.environ, "GLIBC_TUNABLES": tunables})
 
 
+def runs_on_tpu() -> bool:
+  """Whether JAX will start a TPU backend here: the host has a TPU (/dev/accel*, /dev/vfio on
+  v5e and later) and JAX_PLATFORMS, where set, allows it."""
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms and "tpu" not in platforms.lower().split(","):
+    return False
+  return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def set_tpu_flags(enabled: bool | None = None) -> list[str]:
+  """On a TPU, where enabled (default: --tpu_flags, itself True by default), adds mgjax.tpu_flags'
+  compiler flags to LIBTPU_INIT_ARGS, keeping the user's; returns the names added. Before JAX
+  starts its TPU backend, when libtpu reads the variable (once)."""
+  if not ((tpu_flags.ENABLED.value if enabled is None else enabled) and runs_on_tpu()):
+    return []
+  return tpu_flags.set_libtpu_init_args(os.environ)
+
+
 def cpu_only_without_accelerator() -> None:
   """JAX_PLATFORMS=cpu on a host with no TPU or GPU, unless the user set JAX_PLATFORMS.
 
@@ -130,7 +150,9 @@ def prepare_backend() -> None:
 
 
 def setup() -> None:
-  """prepare_backend, and the persistent compilation cache of --compilation_cache."""
+  """prepare_backend, the TPU compiler's flags (set_tpu_flags), and the persistent compilation
+  cache of --compilation_cache."""
+  set_tpu_flags()
   prepare_backend()
   import jax
 
