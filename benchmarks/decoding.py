@@ -225,7 +225,12 @@ def spread(values: list[float]) -> dict:
 def measure(sides: Sides, batch: dict, mode: str, rounds: int, tokenizer) -> dict:
   batch_size = batch["input_ids"].shape[0]
   new_tokens = batch_size * sides.max_new_tokens
-  result = {"batch": batch_size, "mode": mode, "prompt_lengths": batch["prompt_mask"].sum(1).tolist()}
+  result = {
+      "batch": batch_size,
+      "mode": mode,
+      "prompt_lengths": batch["prompt_mask"].sum(1).tolist(),
+      "load_before": os.getloadavg()[0]
+  }
   # First calls: compilation (mgjax) and warm-up (transformers), timed apart from the rounds.
   first = {"mgjax": sides.mgjax(batch, mode, seed=0), "transformers": sides.transformers(batch, mode, seed=0)}
   result["first_call_s"] = {side: seconds for side, (seconds, _) in first.items()}
@@ -242,6 +247,7 @@ def measure(sides: Sides, batch: dict, mode: str, rounds: int, tokenizer) -> dic
       if mode == "greedy":  # every greedy call must give the first call's tokens
         np.testing.assert_array_equal(tokens, first[side][1], err_msg=f"{side}: greedy tokens changed")
       rates[side].append(new_tokens / seconds)
+  result["load_after"] = os.getloadavg()[0]  # the 1-minute load average: was anything else running?
   result["tokens_per_s"] = {side: spread(v) for side, v in rates.items()}
   result["ratio"] = spread([a / b for a, b in zip(rates["mgjax"], rates["transformers"])])
   result["ratio"][
@@ -256,7 +262,7 @@ def markdown(results: list[dict]) -> str:
 
   rows = [
       "| batch | mode | mgjax tokens/s | transformers tokens/s | mgjax / transformers | greedy rows identical | "
-      "first call mgjax / transformers (s) |", "|---|---|---|---|---|---|---|"
+      "first call mgjax / transformers (s) | load |", "|---|---|---|---|---|---|---|---|"
   ]
   for r in results:
     ratio = r["ratio"]
@@ -268,7 +274,8 @@ def markdown(results: list[dict]) -> str:
     rows.append(f"| {r['batch']} | {r['mode']} | {rate(r['tokens_per_s']['mgjax'])} | "
                 f"{rate(r['tokens_per_s']['transformers'])} | {ratio['of_medians']:.2f}x "
                 f"({ratio['min']:.2f}-{ratio['max']:.2f}) | {same} | "
-                f"{r['first_call_s']['mgjax']:.1f} / {r['first_call_s']['transformers']:.1f} |")
+                f"{r['first_call_s']['mgjax']:.1f} / {r['first_call_s']['transformers']:.1f} | "
+                f"{r['load_before']:.1f}-{r['load_after']:.1f} |")
   return "\n".join(rows)
 
 

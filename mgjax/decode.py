@@ -2,7 +2,7 @@
 
 Two levels:
   `generate`   left-padded token batch -> new token ids. Greedy or sampled (temperature,
-               top-k, top-p); with a KV cache (one prefill, then one jitted step per token)
+               top-k, top-p); with a KV cache (one program: a prefill, then a loop of steps)
                or, as the reference the cache is tested against, without one.
   `Generator`  conversations and image files -> answer strings: the chat template, <image>
                expansion and image preprocessing of training (ConversationEncoder.encode_prompt),
@@ -81,7 +81,7 @@ def _layers_unstacked(model, cache: dict[str, Any]) -> tuple[Any, dict[str, Any]
   its cache as one [layers, B, S, K, D] array per k and v. On XLA:CPU every decode step then
   copies each layer's weights out of the stacked arrays (the dynamic slice is not fused into
   the matmul) and writes the whole cache anew: SmolLM2-135M at batch 8 spent 40 ms of a 98 ms
-  step copying weights and 10 ms copying the cache. Unstacked once per `generate` call (one copy
+  step copying weights and 12 ms writing the cache. Unstacked once per `generate` call (one copy
   of the decoder's weights, a temporary of the program), the steps read the weights where they
   are and update a per-layer cache in place. `generate` does this on the CPU only: on an
   accelerator the copy would be a second set of weights on a device that holds the training
