@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from mgjax import config_files, decoding_plan, flops, plan
+from mgjax import config_files, decoding_plan, flops, plan, tpu_flags
 
 
 @pytest.mark.parametrize("name, topology, chips", [
@@ -46,7 +46,9 @@ def test_sample_compiles_for_v5p_with_splash_attention(tmp_path):
       sys.executable, "-m", "mgjax.plan", "--config=configs/stage2.py:data=sample:tiny", "--target=v5p-8",
       f"--json={out}", "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--decoding"
   ], cwd=REPO, env={
-      **os.environ, "XLA_FLAGS": ""
+      **{
+          k: v for k, v in os.environ.items() if k != "LIBTPU_INIT_ARGS"
+      }, "XLA_FLAGS": ""
   }, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "TPU compiler, v5p-8 = v5p:2x2x1" in result.stdout and "modelled step" in result.stdout
@@ -54,6 +56,11 @@ def test_sample_compiles_for_v5p_with_splash_attention(tmp_path):
   assert figures["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and figures["device_kind"] == "TPU v5"
   # Splash's forward, dq and dkv kernels in each of the 4 decoder layers.
   assert figures["attention"] == "splash" and figures["pallas_kernels"] == 3 * 4
+  # Compiled with the trainer's TPU compiler flags (mgjax.tpu_flags), which fuse FSDP's weight
+  # all-gathers with the compute they overlap.
+  assert figures["tpu_flags"] == [f"--{name}={value}" for name, value in tpu_flags.TPU_FLAGS.items()]
+  assert figures["async_collective_fusions"] > 0
+  assert f"compiler flags    {len(tpu_flags.TPU_FLAGS)} in LIBTPU_INIT_ARGS" in result.stdout
   assert figures["params_bytes"] + figures["opt_state_bytes"] < figures["peak_bytes"] < 0.01 * 95 * 2**30
   # Both FLOP counts and both utilisations of the modelled step. Splash's kernels are custom calls
   # whose FLOPs XLA's cost analysis leaves out, so here the hardware count has no attention.
