@@ -22,6 +22,7 @@ import string
 import sys
 from typing import Any
 
+import ml_collections
 from absl import app, flags
 from etils import epath
 
@@ -30,11 +31,6 @@ from mgjax.data import datasets
 from mgjax.evaluators import decoding
 
 TASK_FILES = epath.Path(__file__).parent / "lmms_task_files"
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "A trained workdir (or one of its checkpoints/<step> folders).")
-_SPLIT = flags.DEFINE_string("split", "val_understanding", "The validation split to write.")
-_OUT = flags.DEFINE_string("out", None, "The folder to write the task into (lmms-eval's --include_path).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the dataset was built, if not where the run read it.")
 
 
 def task_name(split: str) -> str:
@@ -86,26 +82,31 @@ def write_task(source, split: str, out: str, *, max_new_tokens: int) -> str:
   return folder
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value or not _OUT.value:
-    raise app.UsageError("pass --workdir=RUN and --out=FOLDER")
-  try:
-    run_dir, step = checkpoint.locate(_WORKDIR.value)
-    config = checkpoint.Checkpoints(run_dir, read_only=True).meta(step)["config"]
-  except checkpoint.CheckpointError as e:
-    sys.exit(f"error: {e}")
-  data_dir = _DATA_DIR.value or config["data"]["data_dir"]
-  import ml_collections
-  dataset = datasets.load_built(ml_collections.ConfigDict(config["data"]["recipe"]), data_dir)
-  if dataset is None:
-    sys.exit(f"error: no build of the run's dataset in {data_dir}: build it (python -m mgjax.data.build) or pass "
-             "--data_dir where it is")
-  folder = write_task(datasets.open_split(dataset, _SPLIT.value), _SPLIT.value, _OUT.value,
-                      max_new_tokens=int(config["eval"]["max_new_tokens"]))
-  print(f"wrote {folder}: run it with --tasks {task_name(_SPLIT.value)} --include_path {_OUT.value}")
-
-
 if __name__ == "__main__":
+  # The flags exist only when this module is the program: another entry point (mgjax.recipe,
+  # mgjax.predict) defines --workdir too, and both may be imported in one process.
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A trained workdir (or one of its checkpoints/<step> folders).")
+  _SPLIT = flags.DEFINE_string("split", "val_understanding", "The validation split to write.")
+  _OUT = flags.DEFINE_string("out", None, "The folder to write the task into (lmms-eval's --include_path).")
+  _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the dataset was built, if not where the run read it.")
+
+  def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not _WORKDIR.value or not _OUT.value:
+      raise app.UsageError("pass --workdir=RUN and --out=FOLDER")
+    try:
+      run_dir, step = checkpoint.locate(_WORKDIR.value)
+      config = checkpoint.Checkpoints(run_dir, read_only=True).meta(step)["config"]
+    except checkpoint.CheckpointError as e:
+      sys.exit(f"error: {e}")
+    data_dir = _DATA_DIR.value or config["data"]["data_dir"]
+    dataset = datasets.load_built(ml_collections.ConfigDict(config["data"]["recipe"]), data_dir)
+    if dataset is None:
+      sys.exit(f"error: no build of the run's dataset in {data_dir}: build it (python -m mgjax.data.build) or pass "
+               "--data_dir where it is")
+    folder = write_task(datasets.open_split(dataset, _SPLIT.value), _SPLIT.value, _OUT.value,
+                        max_new_tokens=int(config["eval"]["max_new_tokens"]))
+    print(f"wrote {folder}: run it with --tasks {task_name(_SPLIT.value)} --include_path {_OUT.value}")
+
   app.run(main, flags_parser=runtime.parse_flags)

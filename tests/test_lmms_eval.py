@@ -16,7 +16,7 @@ import pytest
 from lmms_eval.protocol import ChatMessages
 from PIL import Image
 
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 
 from mgjax import decode, likelihood, lmms_model, lmms_tasks, train
 from mgjax.data import datasets
@@ -78,7 +78,15 @@ def test_lmms_eval_scores_a_checkpoint_as_mgjax_evaluation_does(stage1, val_sour
   generator, config = decode.load_workdir(workdir)
   generator.max_batch_size = config.eval.batch_size  # as the trainer's evaluation decodes
   tasks = tmp_path / "tasks"
-  lmms_tasks.write_task(val_source, SPLIT, str(tasks), max_new_tokens=config.eval.max_new_tokens)
+  # The task as a user writes it: the run's own split, its eval.max_new_tokens.
+  written = subprocess.run(
+      [sys.executable, "-m", "mgjax.lmms_tasks", f"--workdir={workdir}", f"--split={SPLIT}", f"--out={tasks}"],
+      cwd=REPO, env={
+          **os.environ,
+          **OFFLINE
+      }, capture_output=True, text=True, timeout=300)
+  assert written.returncode == 0, written.stderr[-3000:]
+  assert f"--tasks {lmms_tasks.task_name(SPLIT)} --include_path {tasks}" in written.stdout
 
   # mgjax's own evaluation of the same checkpoint and records, at its batch size.
   answers = decoding.AnswerCache(generator, {SPLIT: val_source}, config.eval.max_new_tokens)
