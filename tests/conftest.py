@@ -108,12 +108,14 @@ def load_params(workdir: str, step: int):
 
 
 # The slowest test files, slowest first (measured with -n 2 on 2 cores, warm caches: test_train
-# about 10 minutes, test_multihost 8.5, test_stage2 and test_real_llm about 4, the rest 2 or less).
+# about 10 minutes, test_multihost 8.5, test_lmms_eval about 5 (one worker, its own lmms-eval
+# processes beside), test_stage2 and test_real_llm about 4, the rest 2 or less).
 # With -n, workers take whole files in collection order as they finish one: the long ones go
 # first, so that no worker starts one while the other has nothing left to do. Files not named follow.
 SLOW_FILES = (
     "test_train.py",
     "test_multihost.py",
+    "test_lmms_eval.py",
     "test_stage2.py",
     "test_real_llm.py",
     "test_resilience.py",
