@@ -3,7 +3,8 @@
   python benchmarks/tpu_compile.py [--cases=llama2_7b_v5p8,mgm_8b_v5p8,...] [--out=DIR]
 
 Cases: llama2_7b_v5p8, llama2_7b_v5p8_no_tpu_flags, llama2_7b_v5e8, llama3_8b_v5p8,
-llama3_8b_v5p8_no_tpu_flags, llama3_8b_v6e8, mgm_8b_v5p8, mgm_8b_v6e8. Each runs
+llama3_8b_v5p8_no_tpu_flags, llama3_8b_v6e8, llama3_8b_v6e8_no_tpu_flags, mgm_8b_v5p8, mgm_8b_v6e8.
+Each runs
 `python -m mgjax.plan --target=...` in its own process (the figures are the TPU compiler's:
 per-device memory, hardware FLOPs and its cost model's step time, a scanned decoder's from
 loop-free twins, see mgjax/flops.py; the model FLOPs are mgjax.flops's analytic count) and
@@ -74,6 +75,7 @@ CASES = {
     "llama3_8b_v5p8": ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, _LLAMA3_8B),
     "llama3_8b_v5p8_no_tpu_flags": ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, _LLAMA3_8B + _NO_TPU_FLAGS),
     "llama3_8b_v6e8": ("configs/stage2.py:model=mgm_8b", "v6e-8", 16, _LLAMA3_8B),
+    "llama3_8b_v6e8_no_tpu_flags": ("configs/stage2.py:model=mgm_8b", "v6e-8", 16, _LLAMA3_8B + _NO_TPU_FLAGS),
     "mgm_8b_v5p8": ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, []),
     "mgm_8b_v6e8": ("configs/stage2.py:model=mgm_8b", "v6e-8", 16, []),
 }
