@@ -22,16 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mgjax import decode, flops, sharding
-from mgjax.models import vlm
-
-
-def _abstract_model(model_cfg, mesh, rules) -> tuple[nnx.GraphDef, Any]:
-  """The model's graph and its weights as ShapeDtypeStructs laid out over `mesh` by `rules`."""
-  with nnx.use_eager_sharding(False):
-    graphdef, abstract_state = nnx.split(vlm.abstract_model(model_cfg))
-  shardings = sharding.state_shardings(abstract_state, mesh, rules).to_pure_dict()
-  return graphdef, sharding.abstract_like(abstract_state.to_pure_dict(), shardings)
+from mgjax import decode, flops, sharding, train_step
 
 
 def _prompt_batch(config, mesh, train_batch: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.ShapeDtypeStruct]:
@@ -97,7 +88,7 @@ def plan_decoding(config, setup, train_batch: dict[str, jax.ShapeDtypeStruct]) -
     if model_cfg.llm.get("scan_layers", False):
 
       def twin(n):
-        graphdef, params = _abstract_model(flops.loop_free_model(model_cfg, n), mesh, rules)
+        graphdef, params, _ = train_step.abstract_weights(flops.loop_free_model(model_cfg, n), mesh, rules)
         return graphdef, params, prefill(graphdef, params, options)
 
       twins = {n: twin(n) for n in ((1, 2) if layers > 1 else (1,))}

@@ -51,7 +51,8 @@ def _answer_row(encoder: ConversationEncoder, conversation: Sequence[Mapping[str
   """The conversation with `answer` as the assistant's next turn, encoded whole, with
   `loss_mask` on that turn's tokens only (not on earlier assistant turns)."""
   messages = [dict(m) for m in conversation]
-  prompt_len = len(encoder.encode_prompt(messages, list(images))["input_ids"])
+  prompt = encoder.prompt_ids(messages, len(images))
+  prompt_len = len(prompt)
   messages.append({"role": "assistant", "content": answer})
   example = {
       "messages": {
@@ -64,7 +65,7 @@ def _answer_row(encoder: ConversationEncoder, conversation: Sequence[Mapping[str
   # The template's generation prompt must be the start of the assistant turn it renders;
   # else the tokens after prompt_len would not be the answer's.
   whole = np.concatenate([row["input_ids"], row["targets"][-1:]])
-  if not np.array_equal(whole[:prompt_len], encoder.encode_prompt(messages[:-1], list(images))["input_ids"]):
+  if not np.array_equal(whole[:prompt_len], prompt):
     raise ValueError("the chat template renders a conversation's generation prompt differently from the start of "
                      "its assistant turn: answers cannot be scored with it")
   # targets[t] is token t + 1: the answer's tokens are targets[prompt_len - 1:].

@@ -168,7 +168,7 @@ class _MgjaxModel(lmms):
     self.max_new_tokens = int(max_new_tokens)
     self.seed = int(seed)
     sharded = jax.process_count() > 1 if sharded is None else str(sharded).lower() in _TRUE
-    self.generator, self.config = decode.load_workdir(workdir, sharded=sharded, max_batch_size=self.batch_size_per_gpu)
+    self.generator, _ = decode.load_workdir(workdir, sharded=sharded, max_batch_size=self.batch_size_per_gpu)
 
   @classmethod
   def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):

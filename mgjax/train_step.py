@@ -329,6 +329,15 @@ class StepSetup:
                            model=self.model_flops(batch["input_ids"].shape[1]))
 
 
+def abstract_weights(model_cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: tuple):
+  """(graph, weights as ShapeDtypeStructs, their shardings) of the model, laid out over `mesh`
+  by `rules`: nothing is allocated."""
+  with nnx.use_eager_sharding(False):
+    graphdef, abstract_state = nnx.split(vlm.abstract_model(model_cfg))
+  param_shardings = sharding.state_shardings(abstract_state, mesh, rules).to_pure_dict()
+  return graphdef, sharding.abstract_like(abstract_state.to_pure_dict(), param_shardings), param_shardings
+
+
 def setup(config: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
           total_steps: int, *, unroll_loops: bool = False) -> StepSetup:
   """Everything the train step needs, from shapes alone: nothing is allocated here.
@@ -342,10 +351,7 @@ def setup(config: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDic
       (the cost twins of mgjax.flops).
   """
   rules = sharding.logical_rules(config.mesh)
-  with nnx.use_eager_sharding(False):
-    graphdef, abstract_state = nnx.split(vlm.abstract_model(model_cfg))
-  param_shardings = sharding.state_shardings(abstract_state, mesh, rules).to_pure_dict()
-  abstract_params = sharding.abstract_like(abstract_state.to_pure_dict(), param_shardings)
+  graphdef, abstract_params, param_shardings = abstract_weights(model_cfg, mesh, rules)
 
   def create_params():
     # Every weight is created directly in its shard.

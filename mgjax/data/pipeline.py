@@ -158,17 +158,24 @@ class ConversationEncoder:
       [max_images, V, l, l, 3]) and images_highres [max_images, h, h, 3] float32 (zeros in
       unused slots).
     """
+    ids = self.prompt_ids(messages, len(image_files))
+    return {"input_ids": ids, **self._images({"images": image_files}, num_slots=len(image_files))}
+
+  def prompt_ids(self, messages: list[dict[str, str]], num_images: int) -> np.ndarray:
+    """encode_prompt's input_ids alone (no image is read): the template with its generation
+    prompt, each <image> expanded to the model's image tokens; refused unless the messages
+    hold one placeholder per image, within data.max_images."""
     encoded = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
     token_ids = list(encoded["input_ids"])
     ids, _ = self._expand_images(token_ids, [0] * len(token_ids))
     num_placeholders = int((ids == self.image_token_id).sum()) // self.num_image_tokens
-    if num_placeholders != len(image_files):
+    if num_placeholders != num_images:
       raise ValueError(
-          f"the messages hold {num_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(image_files)} image(s) were given"
+          f"the messages hold {num_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {num_images} image(s) were given"
       )
-    if len(image_files) > self.max_images:
-      raise ValueError(f"{len(image_files)} images but the model was trained with data.max_images={self.max_images}")
-    return {"input_ids": ids, **self._images({"images": image_files}, num_slots=len(image_files))}
+    if num_images > self.max_images:
+      raise ValueError(f"{num_images} images but the model was trained with data.max_images={self.max_images}")
+    return ids
 
   def _expand_images(self, ids: list[int], assistant: list[int]) -> tuple[np.ndarray, np.ndarray]:
     out_ids, out_mask = [], []
