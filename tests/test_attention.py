@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.mesh import AbstractDevice  # what a mesh of TPU devices reports
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mgjax.models import attention
@@ -59,6 +60,87 @@ def test_splash_matches_xla_forward_and_gradients(packed):
   np.testing.assert_allclose(splash_value, xla_value, rtol=1e-5)
   for a, b_ in zip(splash_grads, xla_grads):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=2e-4)
+
+
+# Non-512 blocks in every kernel, with the fused backward kernel and with the separate dq and dkv
+# kernels; kv blocks stepped through in smaller compute blocks.
+@pytest.mark.parametrize("blocks", [
+    "block_q=128,block_kv=256,block_kv_compute=128,block_q_dkv=256,block_kv_dkv=128,use_fused_bwd_kernel=true",
+    "v6e,block_q=256,block_kv_compute=128",
+    "block_q=256,block_kv=128,block_q_dkv=128,block_kv_dkv=256,block_kv_dkv_compute=128,block_q_dq=128,"
+    "block_kv_dq=256",
+])
+def test_splash_blocks_and_fused_backward_match_xla_on_packed_rows(blocks):
+  b, t = 2, 256
+  q, k, v = _qkv(11, b, t)
+  segments = _packed(b, t)
+  weights = (segments != 0).astype(jnp.float32)[..., None, None]
+  sizes = attention.splash_block_sizes(blocks, t)
+  assert sizes["use_fused_bwd_kernel"] == ("fused" in blocks or blocks.startswith("v6e"))
+  assert any(size not in (None, 512, t) for size in sizes.values() if not isinstance(size, bool))
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, segments)) * weights)
+
+  splash = lambda q, k, v, s: attention.splash_attention(q, k, v, s, interpret=True, blocks=blocks)
+  (xla_value, xla_grads) = jax.value_and_grad(loss(attention.xla_attention), argnums=(0, 1, 2))(q, k, v)
+  (splash_value, splash_grads) = jax.value_and_grad(loss(splash), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(splash_value, xla_value, rtol=1e-5)
+  for a, b_ in zip(splash_grads, xla_grads):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=2e-4)
+  # The forward kernel and one fused backward kernel, or the forward, dq and dkv kernels.
+  kernels = str(jax.make_jaxpr(jax.grad(loss(splash), argnums=(0, 1, 2)))(q, k, v)).count("pallas_call[")
+  assert kernels == (2 if sizes["use_fused_bwd_kernel"] else 3)
+
+
+def test_splash_blocks_auto_takes_the_generation_compiled_for_and_an_explicit_setting_wins():
+  uniform = lambda block, fused: {
+      **{
+          name: block for name in attention.SPLASH_SIZES
+      }, "use_fused_bwd_kernel": fused,
+      **({
+          "block_q_dq": None,
+          "block_kv_dq": None
+      } if fused else {})
+  }
+  # MaxText's recipes: v6e and v5e 2048 blocks and the fused backward kernel, v5p 2048 blocks,
+  # anything else its 512 defaults; cut to the sequence.
+  assert attention.splash_block_sizes("auto", 4096, "TPU v6 lite") == uniform(2048, True)
+  assert attention.splash_block_sizes("auto", 4096, "TPU v5 lite") == uniform(2048, True)
+  assert attention.splash_block_sizes("auto", 4096, "TPU v5") == uniform(2048, False)
+  assert attention.splash_block_sizes("auto", 4096, "TPU v4") == uniform(512, False)
+  assert attention.splash_block_sizes("auto", 1024, "TPU v6 lite") == uniform(1024, True)
+  # A sequence the table's blocks do not divide (17 x 128) steps down to blocks that do.
+  assert attention.splash_block_sizes("auto", 2176, "TPU v5") == uniform(128, False)
+  # The generation is that of the mesh the step is traced for (a TPU's when planning on a CPU).
+  tpu_mesh = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=AbstractDevice("TPU v6 lite", None, "tpu"))
+  with jax.sharding.use_abstract_mesh(tpu_mesh):
+    assert attention.splash_block_sizes("auto", 2048) == uniform(2048, True)
+  # An explicit setting wins over the table: over 'default' alone, or over a named generation.
+  v6e = "TPU v6 lite"
+  assert attention.splash_block_sizes("default", 2048, v6e) == uniform(512, False)
+  assert attention.splash_block_sizes("block_q=1024", 2048, v6e) == {**uniform(512, False), "block_q": 1024}
+  assert attention.splash_block_sizes("v6e,block_q=1024", 2048, "TPU v5") == {**uniform(2048, True), "block_q": 1024}
+  assert attention.splash_block_sizes("v5p,use_fused_bwd_kernel=true", 2048, "cpu") == uniform(2048, True)
+
+
+@pytest.mark.parametrize("blocks, message", [
+    ("block_q=1000", r"model.splash_blocks='block_q=1000': block_q=1000 is not a positive multiple of 128 .* "
+     r"block_q=1024"),
+    ("blockq=512", r"model.splash_blocks='blockq=512': bad setting .* names from \('block_q'"),
+    ("v7", r"model.splash_blocks='v7': unknown setting 'v7'; expected 'auto', one of \['default', 'v5e'"),
+    ("block_kv=512,block_kv_compute=384", r"block_kv_compute=384 must divide block_kv=512"),
+])
+def test_a_bad_splash_setting_names_the_key_and_the_fix(blocks, message):
+  with pytest.raises(ValueError, match=message):
+    attention.check_splash_blocks(blocks)
+
+
+def test_an_explicit_splash_block_must_divide_the_sequence():
+  with pytest.raises(
+      ValueError, match=r"block_q=1024 does not divide the sequence of 1536 tokens; use a "
+      r"multiple of 128 that does \(e.g. block_q=768\) or 'auto'"):
+    attention.splash_block_sizes("block_q=1024", 1536, "TPU v6 lite")
 
 
 def test_splash_under_a_mesh_runs_per_shard_and_matches_xla():

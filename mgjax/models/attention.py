@@ -7,6 +7,8 @@
           packed rows, grouped-query heads native. The TPU default. Mosaic kernels cannot be
           partitioned by XLA, so it runs under shard_map: the batch split as the activations
           are ('batch' rule), heads as the q/k/v projections ('heads', 'kv_heads' rules).
+          Its block sizes and backward kernels come from `model.splash_blocks` (see
+          `splash_block_sizes`): by default per TPU generation, as MaxText's tuned recipes set them.
   cudnn   cuDNN's fused flash attention through jax.nn.dot_product_attention. Its public API
           takes sequence lengths, not segment ids, so it serves rows that hold one sequence
           with padding at the end (data.packing off); the trainer chooses xla for packed rows.
@@ -21,6 +23,7 @@ give the same result; padding tokens' outputs are not read and differ between th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -37,6 +40,43 @@ CAUSAL_BLOCK = 128
 # shorter. A block must be a multiple of 128 (the TPU lane width) and divide the sequence.
 SPLASH_BLOCK = 512
 _LANES = 128
+# The fields of splash's BlockSizes that model.splash_blocks sets (MaxText's sa_block_* and
+# sa_use_fused_bwd_kernel). *_compute blocks are the steps each kernel takes through its kv block.
+SPLASH_SIZES = ("block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dkv", "block_kv_dkv_compute",
+                "block_q_dq", "block_kv_dq")
+_FUSED = "use_fused_bwd_kernel"
+
+
+def _uniform(block: int, fused: bool) -> dict:
+  return {**{name: block for name in SPLASH_SIZES}, _FUSED: fused}
+
+
+# model.splash_blocks='auto': the settings for the TPU generation the step is compiled for, read
+# from MaxText's configs (AI-Hypercomputer/maxtext). 'default' is its base.yml: every block 512 and
+# the separate dq and dkv backward kernels (also any other device: v4, GPU, CPU tests). Its tuned
+# Llama-3.1-8B recipes (benchmarks/maxtext_trillium_model_configs.py llama3_1-8b-8192 for v6e,
+# maxtext_v5e_model_configs.py llama3_1-8b-8192-v5e-256 for v5e) set every block to 2048 with the
+# fused backward kernel (dq computed inside the dkv kernel: one pass over the scores instead of
+# two). Its v5p recipes have no Llama-3-8B; those that set blocks (Llama-3.1-405B v5p-1024, Llama-4
+# Scout v5p-256, DeepSeek-V3 v5p-1024) set every block to 2048 with the separate kernels. Those
+# recipes train at 8192 tokens; blocks are cut to the sequence, so at 2048 tokens a 2048 block is
+# the whole sequence.
+SPLASH_TABLE = {
+    "default": _uniform(SPLASH_BLOCK, False),
+    "v5e": _uniform(2048, True),
+    "v5p": _uniform(2048, False),
+    "v6e": _uniform(2048, True),
+}
+# Device kinds (lower case, first match) to SPLASH_TABLE's generations: libtpu names v5e and v6e
+# chips "TPU v5 lite" and "TPU v6 lite", and v5p "TPU v5".
+_GENERATIONS = (
+    ("v6 lite", "v6e"),
+    ("v6e", "v6e"),
+    ("v5 lite", "v5e"),
+    ("v5e", "v5e"),
+    ("v5p", "v5p"),
+    ("tpu v5", "v5p"),
+)
 
 
 def check(name: str) -> str:
@@ -90,14 +130,24 @@ def _platform() -> str:
   return jax.default_backend()
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
-                     implementation: str = "auto") -> jax.Array:
+def _device_kind() -> str:
+  """The kind of device the code being traced will run on ('TPU v5', 'TPU v6 lite', ...): the
+  mesh's when a mesh is set, else JAX's first device's."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.device_kind
+  return jax.devices()[0].device_kind
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, implementation: str = "auto",
+                     splash_blocks: str = "auto") -> jax.Array:
   """Causal attention within segments.
 
   Args:
     q: [B, T, H, D] queries (unscaled); k, v: [B, T, K, D] with H % K == 0.
     segment_ids: int [B, T]; a token sees the earlier tokens of its own segment. 0 is padding.
     implementation: one of IMPLEMENTATIONS; 'auto' picks by platform (splash on TPU).
+    splash_blocks: splash's block sizes (model.splash_blocks, see `splash_block_sizes`).
 
   Returns:
     [B, T, H, D] in v's dtype.
@@ -108,7 +158,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   if name == "auto":
     name = "splash" if _platform() == "tpu" and splash_fits(q.shape[1]) else "xla"
   if name == "splash":
-    return splash_attention(q, k, v, segment_ids, interpret=_platform() != "tpu")
+    return splash_attention(q, k, v, segment_ids, interpret=_platform() != "tpu", blocks=splash_blocks)
   if name == "cudnn":
     return cudnn_attention(q, k, v, segment_ids)
   return xla_attention(q, k, v, segment_ids)
@@ -188,41 +238,139 @@ def splash_fits(seq_len: int) -> bool:
   return seq_len % _LANES == 0
 
 
-def _splash_block(seq_len: int) -> int:
-  block = min(SPLASH_BLOCK, seq_len)
-  while seq_len % block:
+def check_splash_blocks(spec: str) -> str:
+  """Checks a model.splash_blocks setting (see `splash_block_sizes`); returns it."""
+  _parse_splash_blocks(spec)
+  return spec
+
+
+def _parse_splash_blocks(spec: str) -> tuple[dict | None, dict]:
+  """(the base settings, None for 'auto'; the explicit name=value settings over them)."""
+  fix = (f"expected 'auto', one of {sorted(SPLASH_TABLE)}, or name=value pairs over 'default' or over a "
+         f"generation first (e.g. 'v6e,block_q=1024' or 'block_q=1024,block_kv=1024,{_FUSED}=true'), names "
+         f"from {SPLASH_SIZES + (_FUSED,)}, sizes multiples of {_LANES}")
+  items = [item.strip() for item in str(spec).split(",") if item.strip()]
+  if not items:
+    raise ValueError(f"model.splash_blocks={spec!r}: {fix}")
+  base: dict | None = dict(SPLASH_TABLE["default"])
+  if "=" not in items[0]:
+    name = items.pop(0)
+    if name != "auto" and name not in SPLASH_TABLE:
+      raise ValueError(f"model.splash_blocks={spec!r}: unknown setting {name!r}; {fix}")
+    base = None if name == "auto" else dict(SPLASH_TABLE[name])
+    if base is None and items:
+      raise ValueError(f"model.splash_blocks={spec!r}: 'auto' takes no sizes; start from a generation "
+                       f"({sorted(SPLASH_TABLE)}) to set some")
+  explicit = {}
+  for item in items:
+    name, _, value = (part.strip() for part in item.partition("="))
+    if name == _FUSED and value.lower() in ("true", "false", "1", "0"):
+      explicit[name] = value.lower() in ("true", "1")
+    elif name in SPLASH_SIZES and value.isdigit() and int(value) > 0 and int(value) % _LANES == 0:
+      explicit[name] = int(value)
+    elif name in SPLASH_SIZES:
+      near = max(_LANES, -(-int(value) // _LANES) * _LANES) if value.isdigit() else SPLASH_BLOCK
+      raise ValueError(f"model.splash_blocks={spec!r}: {name}={value} is not a positive multiple of {_LANES} "
+                       f"(the TPU lane width); use e.g. {name}={near}")
+    else:
+      raise ValueError(f"model.splash_blocks={spec!r}: bad setting {item!r}; {fix}")
+  merged = {**(base or SPLASH_TABLE["default"]), **explicit}
+  # A compute block larger than its kv block is cut to it, as blocks are cut to the sequence.
+  for compute, memory in (("block_kv_compute", "block_kv"), ("block_kv_dkv_compute", "block_kv_dkv")):
+    if merged[memory] % min(merged[compute], merged[memory]):
+      raise ValueError(f"model.splash_blocks={spec!r}: {compute}={merged[compute]} must divide "
+                       f"{memory}={merged[memory]} (the kernel steps through a kv block in compute blocks)")
+  return base, explicit
+
+
+def splash_generation(device_kind: str) -> str:
+  """SPLASH_TABLE's entry for a device kind ('TPU v6 lite' -> 'v6e'); 'default' if none."""
+  kind = device_kind.lower()
+  return next((gen for key, gen in _GENERATIONS if key in kind), "default")
+
+
+def _fused_bwd_available() -> bool:
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
+  return _FUSED in {f.name for f in dataclasses.fields(kernel.BlockSizes)}
+
+
+def _divisor_block(block: int, length: int) -> int:
+  """The largest multiple of 128 at most `block` that divides `length` (a multiple of 128)."""
+  block = min(block, length)
+  while length % block:
     block -= _LANES
   return block
 
 
+def splash_block_sizes(spec: str, seq_len: int, device_kind: str | None = None) -> dict:
+  """Splash's BlockSizes arguments for a sequence of seq_len tokens under model.splash_blocks.
+
+  spec: 'auto' takes SPLASH_TABLE's settings for the device kind (that of the mesh the step is
+  traced for when None); a generation name ('default', 'v5e', 'v5p', 'v6e') takes its settings
+  on any device; name=value pairs ('block_q=1024,use_fused_bwd_kernel=true') set those fields
+  over 'default', or over a generation named first ('v6e,block_q=1024').
+
+  Every block is cut to the sequence when it is longer. The table's blocks that do not divide
+  the sequence step down to the largest multiple of 128 that does; an explicit one that does not
+  is an error. The fused backward kernel is used only where the installed jax has it, unless
+  asked for explicitly; with it there are no dq blocks (None).
+  """
+  base, explicit = _parse_splash_blocks(spec)
+  if base is None:
+    base = dict(SPLASH_TABLE[splash_generation(device_kind if device_kind is not None else _device_kind())])
+  settings = {**base, **explicit}
+  if settings[_FUSED] and not _fused_bwd_available():
+    if explicit.get(_FUSED):
+      raise ValueError(f"model.splash_blocks={spec!r}: this jax's splash attention has no fused backward "
+                       f"kernel; drop {_FUSED}=true or upgrade jax")
+    settings[_FUSED] = False
+  sizes = {}
+  for name in SPLASH_SIZES:
+    memory = name.replace("_compute", "")
+    length = sizes[memory] if name != memory else seq_len
+    block = min(settings[name], length)
+    if length % block:
+      if name in explicit:
+        whole = f"the sequence of {seq_len} tokens" if name == memory else f"{memory}={length}"
+        raise ValueError(f"model.splash_blocks={spec!r}: {name}={settings[name]} does not divide {whole}; use a "
+                         f"multiple of {_LANES} that does (e.g. {name}={_divisor_block(block, length)}) or 'auto'")
+      block = _divisor_block(block, length)
+    sizes[name] = block
+  if settings[_FUSED]:
+    sizes.update(block_q_dq=None, block_kv_dq=None)
+  return {**sizes, _FUSED: settings[_FUSED]}
+
+
 @functools.lru_cache(maxsize=32)
-def _splash_kernel(heads: int, seq_len: int, interpret: bool):
+def _splash_kernel(heads: int, seq_len: int, interpret: bool, sizes: tuple):
   # Imported here: the Pallas TPU modules are only needed when this kernel is chosen.
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-  block = _splash_block(seq_len)
-  sizes = kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                            block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  sizes = dict(sizes)
+  if not sizes[_FUSED]:
+    del sizes[_FUSED]  # a jax without the fused kernel has no such field
   mask = masks.MultiHeadMask([masks.CausalMask((seq_len, seq_len)) for _ in range(heads)])
-  return kernel.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+  return kernel.make_splash_mha(mask, block_sizes=kernel.BlockSizes(**sizes), head_shards=1, q_seq_shards=1,
                                 interpret=interpret), kernel.SegmentIds
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
-                     interpret: bool = False) -> jax.Array:
-  """Splash attention; `interpret` runs the kernel in Pallas' interpreter (CPU tests)."""
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, interpret: bool = False,
+                     blocks: str = "auto") -> jax.Array:
+  """Splash attention; `interpret` runs the kernel in Pallas' interpreter (CPU tests); `blocks`
+  its block sizes and backward kernels (model.splash_blocks, see `splash_block_sizes`)."""
   b, t, h, d = q.shape
   if not splash_fits(t):
     raise ValueError(f"splash attention tiles the sequence in blocks of {_LANES}: seq_len {t} is "
                      f"not a multiple; use data.seq_len={-(-t // _LANES) * _LANES} or model.attention=xla")
+  sizes = tuple(splash_block_sizes(blocks, t).items())
   # Splash takes [heads, T, D] per example and leaves the scaling to the caller.
   qh = (q * jnp.asarray(d**-0.5, q.dtype)).transpose(0, 2, 1, 3)
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   segment_ids = segment_ids.astype(jnp.int32)
 
   def local(qh, kh, vh, segments):
-    kernel, segment_type = _splash_kernel(qh.shape[1], t, interpret)
+    kernel, segment_type = _splash_kernel(qh.shape[1], t, interpret, sizes)
     return jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=segment_type(s1, s1)))(qh, kh, vh, segments)
 
   mesh = jax.sharding.get_abstract_mesh()
