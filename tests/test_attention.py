@@ -1,6 +1,8 @@
 """The attention implementations agree: XLA's blocked path, Pallas splash (in Pallas' interpreter
 on CPU) and the cuDNN call's arguments, forward and gradients, packed and unpacked rows."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,7 +95,7 @@ def test_splash_blocks_and_fused_backward_match_xla_on_packed_rows(blocks):
   assert kernels == (2 if sizes["use_fused_bwd_kernel"] else 3)
 
 
-def test_splash_blocks_auto_takes_the_generation_compiled_for_and_an_explicit_setting_wins():
+def test_splash_blocks_auto_takes_the_generation_compiled_for_and_an_explicit_setting_wins(monkeypatch):
   uniform = lambda block, fused: {
       **{
           name: block for name in attention.SPLASH_SIZES
@@ -103,23 +105,33 @@ def test_splash_blocks_auto_takes_the_generation_compiled_for_and_an_explicit_se
           "block_kv_dq": None
       } if fused else {})
   }
-  # MaxText's recipes: v6e and v5e 2048 blocks and the fused backward kernel, v5p 2048 blocks,
-  # anything else its 512 defaults; cut to the sequence.
-  assert attention.splash_block_sizes("auto", 4096, "TPU v6 lite") == uniform(2048, True)
-  assert attention.splash_block_sizes("auto", 4096, "TPU v5 lite") == uniform(2048, True)
-  assert attention.splash_block_sizes("auto", 4096, "TPU v5") == uniform(2048, False)
-  assert attention.splash_block_sizes("auto", 4096, "TPU v4") == uniform(512, False)
-  assert attention.splash_block_sizes("auto", 1024, "TPU v6 lite") == uniform(1024, True)
+  # MaxText's recipes, with the scoped VMEM limit they run with: v6e and v5e 2048 blocks and the
+  # fused backward kernel, v5p 2048 blocks, anything else its 512 defaults; cut to the sequence.
+  tuned = functools.partial(attention.splash_block_sizes, vmem_limit_kib=98304)
+  assert tuned("auto", 4096, "TPU v6 lite") == uniform(2048, True)
+  assert tuned("auto", 4096, "TPU v5 lite") == uniform(2048, True)
+  assert tuned("auto", 4096, "TPU v5") == uniform(2048, False)
+  assert tuned("auto", 4096, "TPU v4") == uniform(512, False)
+  assert tuned("auto", 1024, "TPU v6 lite") == uniform(1024, True)
   # A sequence the table's blocks do not divide (17 x 128) steps down to blocks that do.
-  assert attention.splash_block_sizes("auto", 2176, "TPU v5") == uniform(128, False)
-  # The generation is that of the mesh the step is traced for (a TPU's when planning on a CPU).
+  assert tuned("auto", 2176, "TPU v5") == uniform(128, False)
+  # Under libtpu's default limit (no flag) 2048 blocks do not compile: 'auto' keeps 512.
+  assert attention.splash_block_sizes("auto", 4096, "TPU v6 lite", vmem_limit_kib=0) == uniform(512, False)
+  assert attention.splash_block_sizes("auto", 4096, "TPU v5", vmem_limit_kib=32768) == uniform(512, False)
+  # The generation is that of the mesh the step is traced for (a TPU's when planning on a CPU),
+  # the limit the one LIBTPU_INIT_ARGS gives libtpu.
   tpu_mesh = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=AbstractDevice("TPU v6 lite", None, "tpu"))
+  monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_tpu_enable_async_all_gather=true --xla_tpu_scoped_vmem_limit_kib=98304")
+  assert attention.scoped_vmem_limit_kib() == 98304
   with jax.sharding.use_abstract_mesh(tpu_mesh):
     assert attention.splash_block_sizes("auto", 2048) == uniform(2048, True)
+  monkeypatch.delenv("LIBTPU_INIT_ARGS")
+  with jax.sharding.use_abstract_mesh(tpu_mesh):
+    assert attention.splash_block_sizes("auto", 2048) == uniform(512, False)
   # An explicit setting wins over the table: over 'default' alone, or over a named generation.
   v6e = "TPU v6 lite"
-  assert attention.splash_block_sizes("default", 2048, v6e) == uniform(512, False)
-  assert attention.splash_block_sizes("block_q=1024", 2048, v6e) == {**uniform(512, False), "block_q": 1024}
+  assert tuned("default", 2048, v6e) == uniform(512, False)
+  assert tuned("block_q=1024", 2048, v6e) == {**uniform(512, False), "block_q": 1024}
   assert attention.splash_block_sizes("v6e,block_q=1024", 2048, "TPU v5") == {**uniform(2048, True), "block_q": 1024}
   assert attention.splash_block_sizes("v5p,use_fused_bwd_kernel=true", 2048, "cpu") == uniform(2048, True)
 
@@ -196,3 +208,4 @@ def test_auto_picks_by_platform_and_refuses_what_cannot_serve_the_rows():
   assert attention.chosen("auto", "tpu", 2000, packed=True) == "xla"
   with pytest.raises(ValueError, match=r"model.attention='flash'"):
     attention.resolve("flash", "tpu", packed=False)
+

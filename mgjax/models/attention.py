@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -60,13 +62,22 @@ def _uniform(block: int, fused: bool) -> dict:
 # two). Its v5p recipes have no Llama-3-8B; those that set blocks (Llama-3.1-405B v5p-1024, Llama-4
 # Scout v5p-256, DeepSeek-V3 v5p-1024) set every block to 2048 with the separate kernels. Those
 # recipes train at 8192 tokens; blocks are cut to the sequence, so at 2048 tokens a 2048 block is
-# the whole sequence.
+# the whole sequence. Every one of them also raises the TPU compiler's scoped VMEM limit to
+# SPLASH_TUNED_VMEM_KIB; see there.
 SPLASH_TABLE = {
     "default": _uniform(SPLASH_BLOCK, False),
     "v5e": _uniform(2048, True),
     "v5p": _uniform(2048, False),
     "v6e": _uniform(2048, True),
 }
+# The scoped VMEM limit (libtpu's --xla_tpu_scoped_vmem_limit_kib, in LIBTPU_INIT_ARGS) that
+# MaxText runs its 2048 blocks with (benchmarks/xla_flags_library.py DENSE_VMEM_LIMIT_FLAG, in
+# each recipe above). Under libtpu's defaults (16 MiB on v5e and v5p, 32 MiB on v6e) the backward
+# kernel at 2048 blocks does not compile for the Llama-3-8B decoder at 2 x 2048 tokens a device
+# (TPU compiler, libtpu 0.0.42.1: 30.9 MiB needed on v5p, 28.7 on v5e, 32.8 on v6e with the fused
+# kernel), so 'auto' takes a generation's tuned blocks only when the limit is at least this, and
+# 'default' otherwise.
+SPLASH_TUNED_VMEM_KIB = 98304
 # Device kinds (lower case, first match) to SPLASH_TABLE's generations: libtpu names v5e and v6e
 # chips "TPU v5 lite" and "TPU v6 lite", and v5p "TPU v5".
 _GENERATIONS = (
@@ -289,6 +300,12 @@ def splash_generation(device_kind: str) -> str:
   return next((gen for key, gen in _GENERATIONS if key in kind), "default")
 
 
+def scoped_vmem_limit_kib() -> int:
+  """The TPU compiler's scoped VMEM limit set in LIBTPU_INIT_ARGS (KiB), 0 if it is not set."""
+  found = re.findall(r"--xla_tpu_scoped_vmem_limit_kib=(\d+)", os.environ.get("LIBTPU_INIT_ARGS", ""))
+  return int(found[-1]) if found else 0
+
+
 def _fused_bwd_available() -> bool:
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
   return _FUSED in {f.name for f in dataclasses.fields(kernel.BlockSizes)}
@@ -302,13 +319,17 @@ def _divisor_block(block: int, length: int) -> int:
   return block
 
 
-def splash_block_sizes(spec: str, seq_len: int, device_kind: str | None = None) -> dict:
+def splash_block_sizes(spec: str, seq_len: int, device_kind: str | None = None,
+                       vmem_limit_kib: int | None = None) -> dict:
   """Splash's BlockSizes arguments for a sequence of seq_len tokens under model.splash_blocks.
 
   spec: 'auto' takes SPLASH_TABLE's settings for the device kind (that of the mesh the step is
-  traced for when None); a generation name ('default', 'v5e', 'v5p', 'v6e') takes its settings
-  on any device; name=value pairs ('block_q=1024,use_fused_bwd_kernel=true') set those fields
-  over 'default', or over a generation named first ('v6e,block_q=1024').
+  traced for when None) where the TPU compiler's scoped VMEM limit (`scoped_vmem_limit_kib()`
+  when None) is at least SPLASH_TUNED_VMEM_KIB, else 'default'; a generation name ('default', 'v5e', 'v5p', 'v6e') takes its settings
+  on any device (the tuned ones compile with the raised VMEM limit alone:
+  LIBTPU_INIT_ARGS=--xla_tpu_scoped_vmem_limit_kib=98304); name=value pairs
+  ('block_q=1024,use_fused_bwd_kernel=true') set those fields over 'default', or over a
+  generation named first ('v6e,block_q=1024').
 
   Every block is cut to the sequence when it is longer. The table's blocks that do not divide
   the sequence step down to the largest multiple of 128 that does; an explicit one that does not
@@ -317,7 +338,9 @@ def splash_block_sizes(spec: str, seq_len: int, device_kind: str | None = None) 
   """
   base, explicit = _parse_splash_blocks(spec)
   if base is None:
-    base = dict(SPLASH_TABLE[splash_generation(device_kind if device_kind is not None else _device_kind())])
+    generation = splash_generation(device_kind if device_kind is not None else _device_kind())
+    vmem = vmem_limit_kib if vmem_limit_kib is not None else scoped_vmem_limit_kib()
+    base = dict(SPLASH_TABLE[generation if vmem >= SPLASH_TUNED_VMEM_KIB else "default"])
   settings = {**base, **explicit}
   if settings[_FUSED] and not _fused_bwd_available():
     if explicit.get(_FUSED):
