@@ -92,6 +92,15 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   # The attention kernel (mgjax.models.attention): auto | xla | splash | cudnn. auto takes
   # splash on TPU, cuDNN on GPU when rows are not packed, XLA otherwise.
   c.model.attention = c.model.get("attention", "auto")
+  # Splash attention's block sizes and backward kernels (mgjax.models.attention.splash_block_sizes):
+  # auto takes, for the TPU generation compiled for, the settings of MaxText's tuned recipes (v5e,
+  # v6e: 2048 blocks, fused backward kernel; v5p: 2048 blocks) when LIBTPU_INIT_ARGS raises the
+  # scoped VMEM limit as those recipes do (--xla_tpu_scoped_vmem_limit_kib=98304; without it they
+  # do not compile), else MaxText's default 512 blocks; or a generation ('default' | 'v5e' | 'v5p' |
+  # 'v6e'), or BlockSizes fields over 'default' or a generation named first: 'v6e,block_q=1024',
+  # 'block_q=1024,use_fused_bwd_kernel=true'. Blocks are cut to the sequence; sizes are multiples
+  # of 128 that divide it.
+  c.model.splash_blocks = c.model.get("splash_blocks", "auto")
   # The LLM's own tokenizer, a local folder (an imported LLM: its Hugging Face folder, or the
   # readied copy `import-llm` saves in OUT/tokenizer); '' takes the built dataset's (the sample
   # trains a small one for its tiny model).
@@ -117,6 +126,12 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   # Adam's first moment in this dtype (optax's mu_dtype): "bfloat16" takes a quarter off the
   # optimizer state; the second moment stays float32 (its small values underflow in bf16).
   c.optim.mu_dtype = "float32"
+  # Keep the optimizer state (Adam's moments) in the host's memory between steps, as MaxText's
+  # optimizer_memory_host_offload: each step fetches it to the device for the update and puts the
+  # new state back. Frees the moments' device memory (twice the trainable weights in float32)
+  # for host-device transfers every step (on a CPU, where host and device memory are one, it
+  # changes nothing but the copies).
+  c.optim.offload = False
   # Regexes over parameter paths like "vision_lowres/encoder/layers/0/mlp/fc1/kernel";
   # matching parameters are not updated (and get no optimizer state).
   # A model preset may name what its recipe freezes (Mini-Gemini: both vision towers).
@@ -142,6 +157,11 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   # (recomputed in the backward pass), so the [batch, seq_len, vocab] float32 logits never
   # exist at once; 0: the whole sequence at once.
   c.train.loss_chunk = 512
+  # Inside the chunked loss, split the output projection over the vocabulary across every
+  # device instead of gathering it whole on each (mgjax.loss): no gathered [hidden, vocab] copy
+  # and no unsharded float32 partial of its gradient, for an all-gather of each chunk's hidden
+  # states. Needs the vocabulary to divide by the device count (else the gathered path runs).
+  c.train.loss_vocab_sharded = True
   # MFU and HFU in the log are measured against this per-device peak in TFLOP/s; 0: the vendor's
   # bf16 peak for known TPUs/GPUs, the measured matmul rate on CPU (mgjax.throughput).
   c.train.peak_tflops = 0.0

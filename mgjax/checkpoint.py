@@ -95,7 +95,9 @@ def _checksum(tree: Any) -> jax.Array:
   on how the arrays are sharded (save and restore may shard them differently)."""
   lanes = jnp.zeros(2, jnp.uint32)
   for n, leaf in enumerate(x for x in jax.tree.leaves(tree) if hasattr(x, "dtype")):
-    words = _words(leaf).ravel()
+    # An optimizer state kept in host memory (optim.offload) is summed on the device, a leaf
+    # at a time: XLA computes only on device memory.
+    words = _words(jax.device_put(leaf, jax.memory.Space.Device)).ravel()
     place = _mix(jnp.arange(words.size, dtype=jnp.uint32) ^ _mix(jnp.uint32(n + 1) * jnp.uint32(0x9E3779B9)))
     first = _mix(words ^ place)
     second = _mix(first ^ jnp.uint32(0x5BD1E995) ^ (place >> 7))

@@ -6,6 +6,9 @@ levers, each with the flags that pull it and, where the plan measured the figure
 much it saves per device; a lever is named only when its estimate lowers memory:
   FSDP over all devices   weights and optimizer state split over every device, not a few
   a bf16 first moment     Adam's first moment in bfloat16: a quarter off the optimizer state
+  optimizer offload       the optimizer state in host memory between steps (optim.offload)
+  a vocabulary-split loss the output projection split over the vocabulary inside the loss
+                          (train.loss_vocab_sharded), where it is off and the vocabulary splits
   LoRA                    only low-rank adapters train and carry optimizer state (changes the recipe)
   rematerialisation       the backward pass recomputes activations instead of keeping them
   gradient accumulation   from one micro-batch to two, when half the activations outweigh the
@@ -16,12 +19,11 @@ Not advised once a run accumulates gradients: fewer rows per micro-batch, by mor
 or a smaller batch. Past a few rows per device the gradients, their accumulator and the weight
 copies, not the activations, fill the temporaries, and more micro-batches only add buffers
 (mgm_2b on v5e-4: temporaries rose from 23.5 to 28.6 GiB going from 8 to 16 micro-batches).
-Nor does it name a lever this trainer lacks: the optimizer state stays on the devices (no
-host offload).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 GiB, MiB = 2**30, 2**20
@@ -105,6 +107,11 @@ def advice(config, num_devices: int, plan: dict[str, Any] | None = None, *, devi
     levers.append(f"shard weights and optimizer state over all {num_devices} devices (FSDP): "
                   f"--config.mesh.fsdp=-1 --config.mesh.data=1: weights and optimizer state "
                   f"{size(params + opt_state)} -> about {size(total / num_devices)}")
+  plan_levers = {lever["key"]: lever for lever in lever_savings(config, plan)} if plan else {}
+  for key in ("optim.offload", "train.loss_vocab_sharded"):
+    lever = plan_levers.get(key)
+    if lever and not lever["on"] and lever["saves_bytes"]:
+      levers.append(f"{lever['what']}: {lever['flag']}: about {size(lever['saves_bytes'])} less device memory")
   if config.optim.get("mu_dtype", "float32") == "float32" and opt_state:
     # Adam's state is two float32 moments per trained weight: the first in bf16 saves a quarter.
     levers.append(f"keep Adam's first moment in bfloat16: --config.optim.mu_dtype=bfloat16: optimizer state "
@@ -141,6 +148,36 @@ def advice(config, num_devices: int, plan: dict[str, Any] | None = None, *, devi
                   "smaller batch): past a few rows per device the temporaries are gradients, their accumulator "
                   "and weight copies, and more micro-batches were measured to raise them")
   return lines + levers
+
+
+def lever_savings(config, plan: dict[str, Any]) -> list[dict[str, Any]]:
+  """The memory levers of mgjax's own (optim.mu_dtype, optim.offload, train.loss_vocab_sharded):
+  for each, its config key, whether `config` has it on, and the device memory per device it
+  saves (when on) or would save (when off), estimated from `plan`'s per-device optimizer state
+  and the output projection's shape; a compile with and without it gives the exact figure.
+  """
+  mesh = plan.get("mesh") or {}
+  n = math.prod(mesh.values()) if mesh else 1
+  opt_state = plan.get("opt_state_bytes", 0)
+  mu_bf16 = config.optim.get("mu_dtype", "float32") == "bfloat16"
+  # Two moments: float32 both (8 bytes a trained weight), or the first in bf16 (6 bytes).
+  first_moment = opt_state * (2 / 6 if mu_bf16 else 4 / 8)
+  hidden, vocab = plan.get("output_projection", (0, 0))
+  splits = n > 1 and vocab % n == 0
+  out = [
+      dict(key="optim.mu_dtype", flag="--config.optim.mu_dtype=bfloat16", on=mu_bf16, saves_bytes=first_moment / 2,
+           what="Adam's first moment in bfloat16"),
+      dict(key="optim.offload", flag="--config.optim.offload=True", on=bool(config.optim.get("offload", False)),
+           saves_bytes=opt_state, what="the optimizer state in host memory between steps"),
+  ]
+  if splits:
+    # The gathered bf16 projection and its float32 gradient partial, whole on every device, less
+    # the slice of each that stays.
+    out.append(
+        dict(key="train.loss_vocab_sharded", flag="--config.train.loss_vocab_sharded=True",
+             on=bool(config.train.get("loss_vocab_sharded", False)), saves_bytes=hidden * vocab * 6 * (1 - 1 / n),
+             what=f"the output projection split over the vocabulary in the loss ({vocab} / {n} devices)"))
+  return out
 
 
 def _smallest_slice(sharded: float, activations: float | None, rows: int, micro_batch: int, num_devices: int,

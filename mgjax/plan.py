@@ -259,6 +259,8 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None, d
       "alias_bytes": memory.alias_size_in_bytes,
       "temp_bytes": memory.temp_size_in_bytes,
       "host_temp_bytes": memory.host_temp_size_in_bytes,
+      # The optimizer state when it lives in host memory (optim.offload).
+      "host_argument_bytes": memory.host_argument_size_in_bytes,
       # Donated inputs alias outputs: they are only counted once.
       "peak_bytes": memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes +
                     memory.temp_size_in_bytes,
@@ -268,7 +270,9 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None, d
       "model_flops_per_device": model_flops,
       "hardware_flops_per_device": costs["flops"],
       "modelled_step_seconds": costs["modelled_seconds"],
+      "output_projection": _output_projection_shape(step.setup.abstract_params),
   }
+  out["levers"] = fit.lever_savings(config, out)
   if decoding:
     from mgjax import decoding_plan
 
@@ -295,6 +299,14 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None, d
       if costs["flops"]:
         out["modelled_hfu"] = costs["flops"] / peak_flops
   return out
+
+
+def _output_projection_shape(abstract_params) -> tuple[int, int]:
+  """[hidden, vocab] of the matrix the logits are computed with (the tied embedding's transpose)."""
+  llm = abstract_params["llm"]
+  if "lm_head" in llm:
+    return tuple(llm["lm_head"]["kernel"].shape)
+  return tuple(reversed(llm["embed_tokens"]["embedding"].shape))
 
 
 def compiled_with_tpu_flags() -> list[str]:
@@ -361,10 +373,14 @@ def format_plan(p: dict, config) -> str:
       "per device" + (f" (TPU compiler, {p['target']} = {p['topology']}, {p['device_kind']}):"
                       if "target" in p else " (XLA:CPU's buffer assignment: an estimate of a GPU's):"),
       f"  weights           {_bytes(p['params_bytes'])}",
-      f"  optimizer state   {_bytes(p['opt_state_bytes'])}",
+      f"  optimizer state   {_bytes(p['opt_state_bytes'])}" +
+      ("  (in host memory between steps: optim.offload)" if config.optim.get("offload") else ""),
       f"  temporaries       {_bytes(p['temp_bytes'])}  (activations, gradients, compiler buffers)",
       f"  peak              {_bytes(p['peak_bytes'])}",
   ]
+  if p.get("host_argument_bytes"):
+    lines.append(f"  host memory       {_bytes(p['host_argument_bytes'])}  (the optimizer state, optim.offload: "
+                 "not in the peak)")
   if p.get("host_temp_bytes"):
     lines.append(f"  host memory       {_bytes(p['host_temp_bytes'])}  (offloaded activations)")
   model, hardware = p["model_flops_per_device"], p["hardware_flops_per_device"]
@@ -394,7 +410,8 @@ def format_plan(p: dict, config) -> str:
                    f"{p['device_peak_tflops']:.0f} TFLOP/s")
     else:
       lines.append("  modelled step     none: the TPU cost model gave no usable time for this program")
-    return "\n".join(lines)
+    return "\n".join(lines + _lever_lines(p))
+  lines += _lever_lines(p)
   lines.append("on devices of (fits: peak within 90% of memory; step time: the hardware FLOPs at the peak, "
                "100% HFU; the model FLOPs at 40% MFU):")
   for name, kind, hbm in ACCELERATORS:
@@ -408,6 +425,15 @@ def format_plan(p: dict, config) -> str:
         fit.format_advice(config, _num_devices(p), p, device=f"{smallest[0]} ({smallest[2]:.0f} GiB)",
                           device_bytes=smallest[2] * GiB))
   return "\n".join(lines)
+
+
+def _lever_lines(p: dict) -> list[str]:
+  """What each of mgjax's memory levers saves (mgjax.fit.lever_savings), on or off."""
+  lines = ["memory levers (device memory each saves per device, estimated from shapes):"]
+  for lever in p.get("levers", ()):
+    state = "on, saves" if lever["on"] else f"off ({lever['flag']}), would save"
+    lines.append(f"  {lever['key']:<25} {state} about {_bytes(lever['saves_bytes'])}: {lever['what']}")
+  return lines
 
 
 def _num_devices(p: dict) -> int:

@@ -31,7 +31,8 @@ from mgjax.loss import summed_cross_entropy
 from mgjax.models import vlm
 
 
-def make_loss_terms(graphdef: nnx.GraphDef, loss_chunk: int = 0, unroll_loss: bool = False):
+def make_loss_terms(graphdef: nnx.GraphDef, loss_chunk: int = 0, unroll_loss: bool = False,
+                    vocab_sharded: bool = False):
   """(params, batch) -> (sum of token losses, number of supervised tokens, router loss, its
   coefficient).
 
@@ -53,22 +54,23 @@ def make_loss_terms(graphdef: nnx.GraphDef, loss_chunk: int = 0, unroll_loss: bo
                                    positions=batch["positions"], segment_ids=batch["segment_ids"])
       router_loss = None
     total = summed_cross_entropy(hidden, model.llm.output_embedding(), batch["targets"], batch["loss_mask"], loss_chunk,
-                                 unroll=unroll_loss)
+                                 unroll=unroll_loss, vocab_sharded=vocab_sharded)
     coef = model.llm.router_aux_loss_coef if router_loss is not None else None
     return total, jnp.sum(batch["loss_mask"]), router_loss, coef
 
   return loss_terms
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, loss_chunk: int = 0, unroll_loss: bool = False):
+def make_loss_fn(graphdef: nnx.GraphDef, loss_chunk: int = 0, unroll_loss: bool = False, vocab_sharded: bool = False):
   """(params, batch) -> (sum of token losses, number of supervised tokens).
 
   Sums, not a mean, so micro-batches add up to exactly the whole batch's gradient.
   loss_chunk (train.loss_chunk): tokens per chunk of the output projection and loss
   (mgjax.loss), so the whole [B, T, vocab] logits never exist at once; unroll_loss traces
-  its chunk loop as straight-line code (for cost figures, see mgjax.flops).
+  its chunk loop as straight-line code (for cost figures, see mgjax.flops); vocab_sharded
+  (train.loss_vocab_sharded) splits the output projection over the vocabulary in the loss.
   """
-  loss_terms = make_loss_terms(graphdef, loss_chunk, unroll_loss)
+  loss_terms = make_loss_terms(graphdef, loss_chunk, unroll_loss, vocab_sharded)
 
   def loss_fn(params, batch):
     total, count, _, _ = loss_terms(params, batch)
@@ -84,8 +86,8 @@ def split_micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Ar
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, model_params: Callable[[Any, Any], Any],
-                    accum: int, freeze: tuple[str, ...] = (), loss_chunk: int = 0,
-                    unroll_loops: bool = False) -> tuple[Callable, Callable]:
+                    accum: int, freeze: tuple[str, ...] = (), loss_chunk: int = 0, unroll_loops: bool = False,
+                    vocab_sharded: bool = False, opt_state_on_device: Any = None) -> tuple[Callable, Callable]:
   """The train step (trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics),
   and the summed loss (trainable, frozen, batch) -> (loss sum, token count) it differentiates.
 
@@ -95,7 +97,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mo
   towers' backward pass) and the logged grad_norm covers what trains. Shared by training and
   by `mgjax.plan`, which compiles it for a topology it does not have. unroll_loops traces the
   micro-batch loop and the chunked loss's loop as straight-line code (the cost twins of
-  mgjax.flops; same values).
+  mgjax.flops; same values). `opt_state_on_device`: the optimizer state's device shardings when
+  it lives in host memory between steps (optim.offload): the step fetches it to them first.
 
   A decoder with experts also trains its routers' load balance: the step's objective is the
   mean token loss plus model.llm.router_aux_loss_coef times the load-balancing loss, as
@@ -103,7 +106,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mo
   hold `router_aux_loss` (before the coefficient) beside `loss`, which stays the token loss
   alone, comparable with the validation losses and with dense decoders.
   """
-  loss_terms = make_loss_terms(graphdef, loss_chunk, unroll_loops)
+  loss_terms = make_loss_terms(graphdef, loss_chunk, unroll_loops, vocab_sharded)
 
   def summed_loss(trainable, frozen, batch):
     total, count, _, _ = loss_terms(model_params(trainable, frozen), batch)
@@ -121,6 +124,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mo
     return total + coef * router_sum, (total, count, router_sum)
 
   def train_step(trainable, opt_state, frozen, batch):
+    if opt_state_on_device is not None:
+      # Host to device; the jit's out_shardings put the new state back in host memory.
+      opt_state = jax.device_put(opt_state, opt_state_on_device)
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     if accum == 1:
       (_, (loss_sum, count, router_sum)), grads = grad_fn(trainable, frozen, batch)
@@ -362,8 +368,16 @@ def setup(config: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDic
   tx, lr_schedule = optim.make(config.optim, total_steps, view.abstract)
   abstract_opt_state = sharding.abstract_optimizer_state(tx, view.abstract, mesh)
   opt_shardings = jax.tree.map(lambda x: x.sharding, abstract_opt_state)
+  opt_state_on_device = None
+  if config.optim.offload:
+    # The state lives in host memory (created, stepped, checkpointed and restored there); only
+    # the step's update holds it on the device.
+    opt_state_on_device = opt_shardings
+    opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
+    abstract_opt_state = sharding.abstract_like(abstract_opt_state, opt_shardings)
   train_step, summed_loss = make_train_step(graphdef, tx, view.model_params, config.train.grad_accum_steps, view.freeze,
-                                            config.train.loss_chunk, unroll_loops)
+                                            config.train.loss_chunk, unroll_loops, config.train.loss_vocab_sharded,
+                                            opt_state_on_device)
   replicated = sharding.replicated(mesh)
   return StepSetup(
       config=config, total_steps=total_steps, mesh=mesh, rules=rules, model_cfg=model_cfg, graphdef=graphdef,

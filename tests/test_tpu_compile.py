@@ -40,11 +40,12 @@ def test_a_target_that_is_no_tpu_slice_is_named(name, message):
 
 
 def test_sample_compiles_for_v5p_with_splash_attention(tmp_path):
-  # The CLI as a user runs it: the sample model with FSDP over a v5p-8 slice (4 chips).
+  # The CLI as a user runs it: the sample model with FSDP over a v5p-8 slice (4 chips), its
+  # optimizer state in host memory.
   out = tmp_path / "plan.json"
   result = subprocess.run([
       sys.executable, "-m", "mgjax.plan", "--config=configs/stage2.py:data=sample:tiny", "--target=v5p-8",
-      f"--json={out}", "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--decoding"
+      f"--json={out}", "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--decoding", "--config.optim.offload=True"
   ], cwd=REPO, env={
       **{
           k: v for k, v in os.environ.items() if k != "LIBTPU_INIT_ARGS"
@@ -62,6 +63,15 @@ def test_sample_compiles_for_v5p_with_splash_attention(tmp_path):
   assert figures["async_collective_fusions"] > 0
   assert f"compiler flags    {len(tpu_flags.TPU_FLAGS)} in LIBTPU_INIT_ARGS" in result.stdout
   assert figures["params_bytes"] + figures["opt_state_bytes"] < figures["peak_bytes"] < 0.01 * 95 * 2**30
+  # The optimizer state is the compiler's host memory (its small moments padded to the TPU's
+  # tiles), not among the device's arguments: those are the weights and the batch.
+  assert figures["opt_state_bytes"] <= figures["host_argument_bytes"] < 2 * figures["opt_state_bytes"]
+  assert figures["params_bytes"] < figures["argument_bytes"] < figures["params_bytes"] + figures["opt_state_bytes"]
+  assert "(in host memory between steps: optim.offload)" in result.stdout
+  levers = {lever["key"]: lever for lever in figures["levers"]}
+  assert levers["optim.offload"]["on"] and levers["optim.offload"]["saves_bytes"] == figures["opt_state_bytes"]
+  assert levers["train.loss_vocab_sharded"]["on"] and not levers["optim.mu_dtype"]["on"]
+  assert "memory levers (device memory each saves per device, estimated from shapes):" in result.stdout
   # Both FLOP counts and both utilisations of the modelled step. Splash's kernels are custom calls
   # whose FLOPs XLA's cost analysis leaves out, so here the hardware count has no attention.
   assert figures["model_flops_per_device"] > 0 and figures["hardware_flops_per_device"] > 0
