@@ -48,11 +48,11 @@ def _allowed(model, logits: jax.Array, num_tokens: int | None) -> jax.Array:
 
 
 def _prefill_model(model, batch: Mapping[str, jax.Array], cache_size: int, num_tokens: int | None):
-  cache = model.llm.init_cache(batch["input_ids"].shape[0], cache_size)
   embeds = model.embed_inputs(batch["input_ids"], batch["images_lowres"], batch["images_highres"])
-  logits, cache = model.llm.extend(inputs_embeds=embeds, token_mask=batch["prompt_mask"], cache=cache)
-  # Left padding puts every row's last prompt token in the last column.
-  return _allowed(model, logits[:, -1], num_tokens), cache
+  # DecoderLM.prefill: training's attention (no [B, P, cache_size] mask) and the logits of the
+  # last column only, which left padding makes every row's last prompt token.
+  logits, cache = model.llm.prefill(inputs_embeds=embeds, token_mask=batch["prompt_mask"], cache_size=cache_size)
+  return _allowed(model, logits, num_tokens), cache
 
 
 def _step_model(model, tokens: jax.Array, cache: dict[str, Any], num_tokens: int | None):

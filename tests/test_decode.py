@@ -91,6 +91,111 @@ def test_extend_logits_equal_the_full_forward():
       np.testing.assert_allclose(got[row], full[n - 1 + step], atol=1e-5, rtol=0)
 
 
+def _tiny_llm(*, scan_layers: bool = False, attention_kernel: str = "auto", family: str = "llama") -> DecoderLM:
+  """A tiny decoder; the scanned one has the unscanned one's weights, stacked."""
+  experts = dict(num_experts=4, experts_per_token=2) if family == "mixtral" else {}
+
+  def make(scan, seed):
+    return DecoderLM(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp=64, scan_layers=scan,
+                     attention_kernel=attention_kernel, family=family, rngs=nnx.Rngs(seed), **experts)
+
+  llm = make(False, 0)
+  if not scan_layers:
+    return llm
+  graphdef, state = nnx.split(make(True, 1))
+  nnx.replace_by_pure_dict(state, stack_layers(nnx.to_pure_dict(nnx.state(llm))))
+  return nnx.merge(graphdef, state)
+
+
+def _layers_kv(cache):
+  """A cache's keys and values as one [B, S, K, D] pair per layer, scanned or not."""
+  kv = cache["layers"]
+  if isinstance(kv, dict):
+    return [{"k": kv["k"][i], "v": kv["v"][i]} for i in range(kv["k"].shape[0])]
+  return kv
+
+
+def _greedy_steps(llm, logits, cache, steps):
+  """Greedy tokens [B, steps] from prefill logits [B, vocab], one extend a token."""
+  step = nnx.jit(lambda llm, tokens, cache: llm.extend(tokens[:, None], cache=cache))
+  tokens = [jnp.argmax(logits, axis=-1)]
+  for _ in range(steps - 1):
+    logits, cache = step(llm, tokens[-1], cache)
+    tokens.append(jnp.argmax(logits[:, 0], axis=-1))
+  return np.stack([np.asarray(t) for t in tokens], axis=1)
+
+
+# (scan_layers, model.attention, family): the splash case runs Pallas' interpreter on the CPU,
+# the cudnn one must fall back (cuDNN's sequence lengths cannot serve left padding), the
+# mixtral one routes every token to its experts.
+@pytest.mark.parametrize("scan_layers, kernel, family", [(False, "auto", "llama"), (True, "auto", "llama"),
+                                                         (False, "cudnn", "llama"), (True, "splash", "llama"),
+                                                         (True, "auto", "mixtral")])
+def test_prefill_fills_the_cache_as_extend_does(scan_layers, kernel, family):
+  """DecoderLM.prefill (training's attention, last-column logits) against extend on a fresh
+  cache (a dense [B, T, S] mask, every column's logits) and the no-cache forward of each row."""
+  llm = _tiny_llm(scan_layers=scan_layers, attention_kernel=kernel, family=family)
+  t, steps = 128, 4  # 128: a length splash's blocks tile
+  size = t + steps
+  lengths = np.array([37, 128, 90, 1])
+  ids = np.asarray(jax.random.randint(jax.random.key(2), (4, t), 3, 64))
+  mask = np.arange(t)[None] >= t - lengths[:, None]
+  prompt = np.where(mask, ids, 0)
+  prefill = nnx.jit(lambda llm, ids, mask: llm.prefill(ids, token_mask=mask, cache_size=size))
+  logits, cache = prefill(llm, prompt, mask)
+  extend = nnx.jit(lambda llm, ids, mask, cache: llm.extend(ids, token_mask=mask, cache=cache))
+  all_logits, expected = extend(llm, prompt, mask, llm.init_cache(4, size))
+
+  assert logits.shape == (4, 64) and logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, all_logits[:, -1], atol=1e-5, rtol=0)
+  assert int(cache["index"]) == int(expected["index"]) == t
+  np.testing.assert_array_equal(cache["valid"], expected["valid"])
+  np.testing.assert_array_equal(cache["length"], lengths)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), cache) == jax.tree.map(lambda x: (x.shape, x.dtype), expected)
+  for layer, (got, want) in enumerate(zip(_layers_kv(cache), _layers_kv(expected))):
+    for name in ("k", "v"):
+      # Keys and values of the real tokens in the same slots; padding slots are never read.
+      np.testing.assert_allclose(
+          np.asarray(got[name])[:, :t][mask],
+          np.asarray(want[name])[:, :t][mask], atol=1e-5, rtol=0, err_msg=f"layer {layer} {name}")
+      assert not np.asarray(got[name])[:, t:].any(), "slots after the prompt stay empty"
+
+  # Decoding continues from either cache with the same tokens, which are the greedy tokens of
+  # the no-cache forward over prompt and tokens (as decode._full_forward runs it, with the
+  # xla kernel: cuDNN's needs a GPU).
+  tokens = _greedy_steps(llm, logits, cache, steps)
+  np.testing.assert_array_equal(tokens, _greedy_steps(llm, all_logits[:, -1], expected, steps))
+  sequence = np.concatenate([prompt, tokens[:, :-1]], axis=1)
+  real = np.concatenate([mask, np.ones((4, steps - 1), bool)], axis=1)
+  full = nnx.jit(lambda llm, ids, positions, segments: llm(ids, positions=positions, segment_ids=segments))(
+      _tiny_llm(family=family), sequence, np.maximum(np.cumsum(real, axis=1) - 1, 0), real.astype(np.int32))
+  np.testing.assert_allclose(logits, full[:, t - 1], atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(tokens, np.argmax(full[:, t - 1:], axis=-1))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_prefill_on_a_mesh_equals_one_device(scan_layers):
+  assert jax.device_count() == 8, "tests/conftest.py sets 8 virtual CPU devices"
+  llm = _tiny_llm(scan_layers=scan_layers)
+  lengths = np.array([5, 12, 9, 1])
+  ids = np.asarray(jax.random.randint(jax.random.key(3), (4, 12), 3, 64))
+  mask = np.arange(12)[None] >= 12 - lengths[:, None]
+  prefill = nnx.jit(lambda llm, ids, mask: llm.prefill(ids, token_mask=mask, cache_size=16))
+  logits, cache = prefill(llm, ids, mask)
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  graphdef, state = nnx.split(llm)
+  sharded = nnx.merge(graphdef, jax.device_put(state, logical_shardings(state, mesh)))
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_LOGICAL_AXIS_RULES):
+    on_mesh, mesh_cache = prefill(sharded, ids, mask)
+  np.testing.assert_allclose(on_mesh, logits, atol=1e-5, rtol=0)
+  for got, want in zip(jax.tree.leaves(mesh_cache), jax.tree.leaves(cache)):
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=1e-5, rtol=0)
+  # The cache is split over the batch and the kv heads, as extend splits it.
+  expected = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+  assert _layers_kv(mesh_cache)[0]["k"].sharding.is_equivalent_to(expected, 4)
+  assert mesh_cache["valid"].sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), None)), 2)
+
+
 @pytest.mark.parametrize("with_images", [False, True])
 def test_cached_greedy_equals_recomputing_everything(model, model_cfg, with_images):
   graphdef, params = model

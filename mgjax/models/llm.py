@@ -44,6 +44,8 @@ inputs_embeds); for text alone it equals scaling the embedding lookup, as transf
 
 Decoding uses an explicit KV cache, a pytree passed in and returned (`DecoderLM.init_cache`,
 `DecoderLM.extend`), so prefill and per-token steps are plain jittable functions.
+`DecoderLM.prefill` fills a fresh cache with a prompt as `extend` would, attending as training
+does (no [B, T, S] mask) and computing the last position's logits only.
 """
 
 import math
@@ -198,6 +200,19 @@ class Attention(nnx.Module):
     out = attention.causal_attention(q, k, v, segment_ids, implementation=self.attention_kernel)
     return checkpoint_name(self.o_proj(out), "out_proj")
 
+  def prefill(self, x: jax.Array, positions: jax.Array,
+              segment_ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """__call__ for a left-padded prompt that fills a fresh KV cache.
+
+    Attends as training does (causal within segments, no [B, T, S] mask), with the kernel
+    `_prompt_kernel` picks. Returns the output [B, T, hidden] and the keys and values
+    [B, T, kv_heads, head_dim] (keys after RoPE) for the cache.
+    """
+    q, k, v = self._project(x, positions)
+    out = attention.causal_attention(q, k, v, segment_ids,
+                                     implementation=_prompt_kernel(self.attention_kernel, x.shape[1]))
+    return self.o_proj(out), k, v
+
   def extend(self, x: jax.Array, positions: jax.Array, mask: jax.Array, kv: dict[str, jax.Array],
              index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Writes the new tokens' keys/values into cache slots index.. and attends over the cache.
@@ -220,6 +235,18 @@ class Attention(nnx.Module):
 
     kv = {"k": write(kv["k"], k), "v": write(kv["v"], v)}
     return self.o_proj(dot_product_attention(q, kv["k"], kv["v"], mask)), kv
+
+
+def _prompt_kernel(kernel: str, length: int) -> str:
+  """The attention implementation for a left-padded prompt of `length` tokens.
+
+  cuDNN's takes sequence lengths, so it serves padding at the end only; an explicit 'splash'
+  needs the length to tile into its blocks, which a prompt's need not (decode.Generator pads
+  to multiples of 64). Both become 'auto': splash on TPU where the length tiles, else XLA.
+  """
+  if kernel == "cudnn" or (kernel == "splash" and not attention.splash_fits(length)):
+    return "auto"
+  return kernel
 
 
 class GatedMLP(nnx.Module):
@@ -284,6 +311,14 @@ class DecoderLayer(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     return self.forward(x, positions, segment_ids)[0]
+
+  def prefill(self, x: jax.Array, positions: jax.Array,
+              segment_ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """__call__ for a prompt filling a fresh KV cache: the output and this layer's keys and
+    values (see Attention.prefill). Router statistics are for the training loss: not kept."""
+    attended, k, v = self.self_attn.prefill(self.input_layernorm(x), positions, segment_ids)
+    x = x + attended
+    return x + self._feed_forward(self.post_attention_layernorm(x), None)[0], k, v
 
   def extend(self, x: jax.Array, positions: jax.Array, mask: jax.Array, kv: dict[str, jax.Array],
              index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -534,6 +569,68 @@ class DecoderLM(nnx.Module):
         "index": jnp.zeros((), jnp.int32),
         "length": constrain(jnp.zeros((batch_size,), jnp.int32), ("batch",)),
     }
+
+  def prefill(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+              token_mask: jax.Array, cache_size: int) -> tuple[jax.Array, dict[str, Any]]:
+    """A left-padded prompt into a fresh KV cache: `extend` on `init_cache(B, cache_size)`,
+    without its [B, T, S] mask and [B, T, vocab] logits.
+
+    The prompt attends as in training (models.attention.causal_attention, segment ids from
+    token_mask: padding 0, real tokens 1), which never forms a [B, T, S] mask (splash on TPU,
+    XLA's per-block masks elsewhere), and only the last column's logits are computed: with
+    left padding it holds every row's last real token, the only logits decoding reads. At
+    a Llama-3-8B's 128K vocabulary the whole prompt's float32 logits are 2.1 GB a 4096-token row.
+
+    Args:
+      input_ids: [B, T] token ids, or
+      inputs_embeds: [B, T, hidden] ready embeddings (exactly one of the two).
+      token_mask: bool [B, T], False on left padding only (before a row's first real token).
+        A row's real tokens get RoPE positions 0, 1, ... as `extend` gives them.
+      cache_size: the cache's slots S >= T; the prompt fills slots 0..T-1.
+
+    Returns:
+      Logits float32 [B, vocab] for the last column, and the cache as `extend` leaves it:
+      the same valid, index and length, keys and values in the same slots. (Padding slots,
+      never valid and so never read, may hold other values: splash lets padding attend to
+      padding, `extend` lets a padding token see itself alone.)
+    """
+    x = self._inputs(input_ids, inputs_embeds)
+    b, t = x.shape[:2]
+    if cache_size < t:
+      raise ValueError(f"a cache of {cache_size} slots cannot hold a prompt of {t} tokens")
+    token_mask = token_mask.astype(bool)
+    # Padding before a row's first real token would get -1: clamp, it is never attended to.
+    positions = jnp.maximum(jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1, 0)
+    segment_ids = token_mask.astype(jnp.int32)
+
+    def to_cache(new: jax.Array) -> jax.Array:
+      # [B, T, K, D] into slots 0..T-1 of [B, cache_size, K, D], the rest zeros as init_cache's.
+      slots = jnp.pad(new.astype(self.dtype), ((0, 0), (0, cache_size - t), (0, 0), (0, 0)))
+      return constrain(slots, _CACHE_KV)
+
+    x = constrain(x, _RESIDUAL)
+    if self.scan_layers:
+      graphdef, stacked = nnx.split(self.layers)
+
+      def body(x, layer_state):
+        x, k, v = nnx.merge(graphdef, layer_state).prefill(x, positions, segment_ids)
+        return constrain(x, _RESIDUAL), {"k": to_cache(k), "v": to_cache(v)}
+
+      x, layers_kv = jax.lax.scan(body, x, stacked)
+    else:
+      layers_kv = []
+      for layer in self.layers:
+        x, k, v = layer.prefill(x, positions, segment_ids)
+        x = constrain(x, _RESIDUAL)
+        layers_kv.append({"k": to_cache(k), "v": to_cache(v)})
+    cache = {
+        "layers": layers_kv,
+        "valid": constrain(jnp.pad(token_mask, ((0, 0), (0, cache_size - t))), ("batch", None)),
+        "index": jnp.asarray(t, jnp.int32),
+        "length": constrain(jnp.sum(token_mask, axis=1, dtype=jnp.int32), ("batch",)),
+    }
+    # The final norm is per token: normalising the last column alone gives its logits.
+    return self.logits(self.norm(x[:, -1:]))[:, 0], cache
 
   def extend(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
              token_mask: jax.Array | None = None, cache: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
