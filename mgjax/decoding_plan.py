@@ -5,8 +5,9 @@ layout the trainer decodes with (its mesh and rules): `eval.batch_size` prompts 
 `data.seq_len` tokens with `data.max_images` image slots, each continued by up to
 `eval.max_new_tokens` tokens.
 
-  whole program  `decode._generate_cached`, what evaluation runs: the prefill, then the decode
-                 steps in a while loop over one KV cache. Its memory is the figure that decides
+  whole program  `decode._generate_cached`, what evaluation runs: the prefill (DecoderLM.prefill:
+                 training's attention, no [B, T, S] mask, the last position's logits only), then
+                 the decode steps in a while loop over one KV cache. Its memory is the figure that decides
                  whether decoding fits beside nothing else (the trainer's state is not live then
                  in a separate evaluation; during training it is: add the train step's weights).
   prefill, step  `decode._prefill` and `decode._decode_step` alone, for their cost figures: XLA
