@@ -3,7 +3,11 @@
   python benchmarks/tpu_compile.py [--cases=llama2_7b_v5p8,mgm_8b_v5p8,...] [--out=DIR]
 
 Cases: llama2_7b_v5p8, llama2_7b_v5p8_no_tpu_flags, llama2_7b_v5e8, llama3_8b_v5p8,
-llama3_8b_v5p8_no_tpu_flags, llama3_8b_v6e8, llama3_8b_v6e8_no_tpu_flags, mgm_8b_v5p8, mgm_8b_v6e8.
+llama3_8b_v5p8_no_tpu_flags, llama3_8b_v6e8, llama3_8b_v6e8_no_tpu_flags, mgm_8b_v5p8, mgm_8b_v6e8,
+llama3_8b_4l_v5p8_splash512, llama3_8b_4l_v5p8_splash512_vmem96, llama3_8b_4l_v5p8_splash_auto_vmem96,
+llama3_8b_4l_v6e8_splash512, llama3_8b_4l_v6e8_splash512_vmem96, llama3_8b_4l_v6e8_splash_auto_vmem96,
+llama3_8b_4l_v6e8_splash_q1024_vmem96, mgm_8b_stage1_v5p8, mgm_8b_stage1_v6e8, llama2_7b_v6e8,
+llama3_8b_v5e8, llama2_7b_v5p8_gathered_loss, llama3_8b_v5p8_gathered_loss.
 Each runs
 `python -m mgjax.plan --target=...` in its own process (the figures are the TPU compiler's:
 per-device memory, hardware FLOPs and its cost model's step time, a scanned decoder's from
@@ -20,6 +24,19 @@ llama3_8b_*: the same at the Llama-3-8B configuration (vocab 128256, hidden 4096
 32 heads, 8 KV heads, MLP 14336, rope theta 500000), on the mgm_8b preset (Llama-3-8B-Instruct).
 Every case compiles with mgjax's TPU compiler flags (mgjax/tpu_flags.py), as the trainer runs on
 a TPU, except the *_no_tpu_flags ones (plan --tpu_flags=False: libtpu's defaults).
+llama3_8b_4l_*_splash*: the Llama-3-8B decoder with 4 of its 32 layers (the same width, a compile of
+minutes), with splash attention's blocks (model.splash_blocks) at 'default' (every block 512, the
+separate dq and dkv backward kernels: MaxText's base.yml), 'auto' (the generation's settings from
+MaxText's tuned recipes: 2048 blocks on v5p, 2048 blocks and the fused backward kernel on v6e) or
+MaxText's v6e Llama-3-8B recipe at 8192 tokens (block_q 1024, block_q_dkv and block_q_dq 2048, the rest
+512). The *_vmem96 cases add --xla_tpu_scoped_vmem_limit_kib=98304 to LIBTPU_INIT_ARGS (after the
+user's), the scoped VMEM limit MaxText's tuned recipes set with those blocks, and without which
+'auto' keeps the 512 blocks (mgjax.models.attention.SPLASH_TUNED_VMEM_KIB); splash512_vmem96 is
+that limit alone. The cost model scores Pallas kernels as nearly free, so these compare memory and
+the kernel count; the blocks' effect on step time needs a TPU: the trainer's logged steps_per_s and
+tokens_per_s (WORKDIR/metrics.jsonl) of the same run with each setting, e.g.
+`python -m mgjax.main --config=configs/stage2.py:model=mgm_8b --workdir=W --config.model.splash_blocks=default`
+against `--config.model.splash_blocks=auto`.
 
 Prints each plan's own output, then a table (one row per case: per-device batch, weights +
 optimizer, temporaries, peak, model and hardware FLOPs per device, modelled step, modelled MFU
@@ -67,6 +84,21 @@ _NO_TPU_FLAGS = ["--tpu_flags=False"]
 # figures were compiled; the mgm presets themselves train unclipped, as Mini-Gemini's runs did.
 _FSDP = ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.data.seq_len=2048", "--config.optim.grad_clip=1.0"]
 
+# The Llama-3-8B decoder's width with 4 layers, for comparing splash attention's block sizes.
+_LLAMA3_8B_4L = _LLAMA3_8B + ["--config.model.llm.layers=4"]
+_SPLASH_512 = ["--config.model.splash_blocks=default"]
+_SPLASH_AUTO = ["--config.model.splash_blocks=auto"]
+_SPLASH_Q1024 = ["--config.model.splash_blocks=default,block_q=1024,block_q_dkv=2048,block_q_dq=2048"]
+# Added to LIBTPU_INIT_ARGS for a case: MaxText's DENSE_VMEM_LIMIT_FLAG (benchmarks/xla_flags_library.py).
+_VMEM96 = "--xla_tpu_scoped_vmem_limit_kib=98304"
+CASE_LIBTPU_ARGS = {
+    "llama3_8b_4l_v5p8_splash512_vmem96": _VMEM96,
+    "llama3_8b_4l_v5p8_splash_auto_vmem96": _VMEM96,
+    "llama3_8b_4l_v6e8_splash512_vmem96": _VMEM96,
+    "llama3_8b_4l_v6e8_splash_auto_vmem96": _VMEM96,
+    "llama3_8b_4l_v6e8_splash_q1024_vmem96": _VMEM96,
+}
+
 # name: (config, target, global batch, extra overrides)
 CASES = {
     "llama2_7b_v5p8": ("configs/stage2.py:model=mgm_7b", "v5p-8", 8, _LLAMA2_7B),
@@ -78,6 +110,28 @@ CASES = {
     "llama3_8b_v6e8_no_tpu_flags": ("configs/stage2.py:model=mgm_8b", "v6e-8", 16, _LLAMA3_8B + _NO_TPU_FLAGS),
     "mgm_8b_v5p8": ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, []),
     "mgm_8b_v6e8": ("configs/stage2.py:model=mgm_8b", "v6e-8", 16, []),
+    # The presets' stage 1 as it trains: packed 2048-token rows with 4 image slots each.
+    "mgm_8b_stage1_v5p8": ("configs/stage1.py:model=mgm_8b", "v5p-8", 8, []),
+    "mgm_8b_stage1_v6e8": ("configs/stage1.py:model=mgm_8b", "v6e-8", 16, []),
+    # Llama-2-7B's decoder on v6e-8 and Llama-3-8B's on v5e-8 (MaxText's does not fit there at 1 x 2048).
+    "llama2_7b_v6e8": ("configs/stage2.py:model=mgm_7b", "v6e-8", 16, _LLAMA2_7B),
+    "llama3_8b_v5e8": ("configs/stage2.py:model=mgm_8b", "v5e-8", 8, _LLAMA3_8B),
+    # Without the vocabulary-split loss (train.loss_vocab_sharded=False): the output projection
+    # gathered on every device, as before it and as MaxText's FSDP computes it.
+    "llama2_7b_v5p8_gathered_loss":
+        ("configs/stage2.py:model=mgm_7b", "v5p-8", 8, _LLAMA2_7B + ["--config.train.loss_vocab_sharded=False"]),
+    "llama3_8b_v5p8_gathered_loss":
+        ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, _LLAMA3_8B + ["--config.train.loss_vocab_sharded=False"]),
+    "llama3_8b_4l_v5p8_splash512": ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, _LLAMA3_8B_4L + _SPLASH_512),
+    "llama3_8b_4l_v5p8_splash512_vmem96": ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, _LLAMA3_8B_4L + _SPLASH_512),
+    "llama3_8b_4l_v5p8_splash_auto_vmem96":
+        ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, _LLAMA3_8B_4L + _SPLASH_AUTO),
+    "llama3_8b_4l_v6e8_splash512": ("configs/stage2.py:model=mgm_8b", "v6e-8", 16, _LLAMA3_8B_4L + _SPLASH_512),
+    "llama3_8b_4l_v6e8_splash512_vmem96": ("configs/stage2.py:model=mgm_8b", "v6e-8", 16, _LLAMA3_8B_4L + _SPLASH_512),
+    "llama3_8b_4l_v6e8_splash_auto_vmem96":
+        ("configs/stage2.py:model=mgm_8b", "v6e-8", 16, _LLAMA3_8B_4L + _SPLASH_AUTO),
+    "llama3_8b_4l_v6e8_splash_q1024_vmem96":
+        ("configs/stage2.py:model=mgm_8b", "v6e-8", 16, _LLAMA3_8B_4L + _SPLASH_Q1024),
 }
 
 
@@ -88,8 +142,11 @@ def run_case(name: str, out_dir: str) -> dict:
       sys.executable, "-m", "mgjax.plan", f"--config={config}", f"--target={target}",
       f"--config.data.batch_size={batch}", f"--json={path}", *_FSDP, *extra
   ]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  if name in CASE_LIBTPU_ARGS:
+    env["LIBTPU_INIT_ARGS"] = f"{env.get('LIBTPU_INIT_ARGS', '')} {CASE_LIBTPU_ARGS[name]}".strip()
   started = time.perf_counter()
-  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
   wall = time.perf_counter() - started
   print(result.stdout, flush=True)
   if not os.path.exists(path):
@@ -98,6 +155,8 @@ def run_case(name: str, out_dir: str) -> dict:
     figures = json.load(f)
   figures["wall_seconds"] = wall
   figures["command"] = " ".join(command[1:])
+  if name in CASE_LIBTPU_ARGS:
+    figures["command"] = f"LIBTPU_INIT_ARGS={env['LIBTPU_INIT_ARGS']} {figures['command']}"
   with open(path, "w") as f:
     json.dump(figures, f, indent=1)
   return figures
