@@ -7,7 +7,8 @@ llama3_8b_v5p8_no_tpu_flags, llama3_8b_v6e8, llama3_8b_v6e8_no_tpu_flags, mgm_8b
 llama3_8b_4l_v5p8_splash512, llama3_8b_4l_v5p8_splash512_vmem96, llama3_8b_4l_v5p8_splash_auto_vmem96,
 llama3_8b_4l_v6e8_splash512, llama3_8b_4l_v6e8_splash512_vmem96, llama3_8b_4l_v6e8_splash_auto_vmem96,
 llama3_8b_4l_v6e8_splash_q1024_vmem96, mgm_8b_stage1_v5p8, mgm_8b_stage1_v6e8, llama2_7b_v6e8,
-llama3_8b_v5e8, llama2_7b_v5p8_gathered_loss, llama3_8b_v5p8_gathered_loss.
+llama3_8b_v5e8, llama2_7b_v5p8_vocab_split_loss, llama3_8b_v5p8_vocab_split_loss, llama3_8b_2l_v5p8,
+llama3_8b_2l_v5p8_vocab_split_loss, mgm_8b_v5p8_offload.
 Each runs
 `python -m mgjax.plan --target=...` in its own process (the figures are the TPU compiler's:
 per-device memory, hardware FLOPs and its cost model's step time, a scanned decoder's from
@@ -99,6 +100,9 @@ CASE_LIBTPU_ARGS = {
     "llama3_8b_4l_v6e8_splash_q1024_vmem96": _VMEM96,
 }
 
+_VOCAB_SPLIT = ["--config.train.loss_vocab_sharded=True"]
+_TWO_LAYERS = ["--config.model.llm.layers=2"]
+
 # name: (config, target, global batch, extra overrides)
 CASES = {
     "llama2_7b_v5p8": ("configs/stage2.py:model=mgm_7b", "v5p-8", 8, _LLAMA2_7B),
@@ -116,12 +120,15 @@ CASES = {
     # Llama-2-7B's decoder on v6e-8 and Llama-3-8B's on v5e-8 (MaxText's does not fit there at 1 x 2048).
     "llama2_7b_v6e8": ("configs/stage2.py:model=mgm_7b", "v6e-8", 16, _LLAMA2_7B),
     "llama3_8b_v5e8": ("configs/stage2.py:model=mgm_8b", "v5e-8", 8, _LLAMA3_8B),
-    # Without the vocabulary-split loss (train.loss_vocab_sharded=False): the output projection
-    # gathered on every device, as before it and as MaxText's FSDP computes it.
-    "llama2_7b_v5p8_gathered_loss":
-        ("configs/stage2.py:model=mgm_7b", "v5p-8", 8, _LLAMA2_7B + ["--config.train.loss_vocab_sharded=False"]),
-    "llama3_8b_v5p8_gathered_loss":
-        ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, _LLAMA3_8B + ["--config.train.loss_vocab_sharded=False"]),
+    # The memory levers (mgjax.fit.lever_savings): the vocabulary-split loss
+    # (train.loss_vocab_sharded=True; by default the output projection is gathered on every
+    # device, as MaxText's FSDP computes it) and the optimizer state in host memory.
+    "llama2_7b_v5p8_vocab_split_loss": ("configs/stage2.py:model=mgm_7b", "v5p-8", 8, _LLAMA2_7B + _VOCAB_SPLIT),
+    "llama3_8b_v5p8_vocab_split_loss": ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, _LLAMA3_8B + _VOCAB_SPLIT),
+    "llama3_8b_2l_v5p8": ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, _LLAMA3_8B + _TWO_LAYERS),
+    "llama3_8b_2l_v5p8_vocab_split_loss":
+        ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, _LLAMA3_8B + _TWO_LAYERS + _VOCAB_SPLIT),
+    "mgm_8b_v5p8_offload": ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, ["--config.optim.offload=True"]),
     "llama3_8b_4l_v5p8_splash512": ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, _LLAMA3_8B_4L + _SPLASH_512),
     "llama3_8b_4l_v5p8_splash512_vmem96": ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, _LLAMA3_8B_4L + _SPLASH_512),
     "llama3_8b_4l_v5p8_splash_auto_vmem96":

@@ -159,9 +159,12 @@ def base_config(model: str = "sample", data: str = "sample") -> ml_collections.C
   c.train.loss_chunk = 512
   # Inside the chunked loss, split the output projection over the vocabulary across every
   # device instead of gathering it whole on each (mgjax.loss): no gathered [hidden, vocab] copy
-  # and no unsharded float32 partial of its gradient, for an all-gather of each chunk's hidden
-  # states. Needs the vocabulary to divide by the device count (else the gathered path runs).
-  c.train.loss_vocab_sharded = True
+  # and no unsharded float32 partial of its gradient while the loss runs, for an all-gather of
+  # each chunk's hidden states. It lowers the peak only where the loss is the peak (a shallow
+  # decoder under a large vocabulary); a full-depth one peaks at the end of the backward pass,
+  # where it was measured to add a little (benchmarks/RESULTS.md), hence off by default. Needs
+  # the vocabulary to divide by the device count (else the gathered path runs).
+  c.train.loss_vocab_sharded = False
   # MFU and HFU in the log are measured against this per-device peak in TFLOP/s; 0: the vendor's
   # bf16 peak for known TPUs/GPUs, the measured matmul rate on CPU (mgjax.throughput).
   c.train.peak_tflops = 0.0

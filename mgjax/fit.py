@@ -7,8 +7,6 @@ much it saves per device; a lever is named only when its estimate lowers memory:
   FSDP over all devices   weights and optimizer state split over every device, not a few
   a bf16 first moment     Adam's first moment in bfloat16: a quarter off the optimizer state
   optimizer offload       the optimizer state in host memory between steps (optim.offload)
-  a vocabulary-split loss the output projection split over the vocabulary inside the loss
-                          (train.loss_vocab_sharded), where it is off and the vocabulary splits
   LoRA                    only low-rank adapters train and carry optimizer state (changes the recipe)
   rematerialisation       the backward pass recomputes activations instead of keeping them
   gradient accumulation   from one micro-batch to two, when half the activations outweigh the
@@ -108,7 +106,7 @@ def advice(config, num_devices: int, plan: dict[str, Any] | None = None, *, devi
                   f"--config.mesh.fsdp=-1 --config.mesh.data=1: weights and optimizer state "
                   f"{size(params + opt_state)} -> about {size(total / num_devices)}")
   plan_levers = {lever["key"]: lever for lever in lever_savings(config, plan)} if plan else {}
-  for key in ("optim.offload", "train.loss_vocab_sharded"):
+  for key in ("optim.offload",):
     lever = plan_levers.get(key)
     if lever and not lever["on"] and lever["saves_bytes"]:
       levers.append(f"{lever['what']}: {lever['flag']}: about {size(lever['saves_bytes'])} less device memory")
@@ -155,6 +153,9 @@ def lever_savings(config, plan: dict[str, Any]) -> list[dict[str, Any]]:
   for each, its config key, whether `config` has it on, and the device memory per device it
   saves (when on) or would save (when off), estimated from `plan`'s per-device optimizer state
   and the output projection's shape; a compile with and without it gives the exact figure.
+  The optimizer state is live for the whole step, so its levers lower the peak by what they
+  save; the vocabulary-split loss saves only while the loss runs, so it lowers the peak only
+  where the loss phase is the peak, and the advice does not name it.
   """
   mesh = plan.get("mesh") or {}
   n = math.prod(mesh.values()) if mesh else 1
@@ -174,9 +175,11 @@ def lever_savings(config, plan: dict[str, Any]) -> list[dict[str, Any]]:
     # The gathered bf16 projection and its float32 gradient partial, whole on every device, less
     # the slice of each that stays.
     out.append(
-        dict(key="train.loss_vocab_sharded", flag="--config.train.loss_vocab_sharded=True",
-             on=bool(config.train.get("loss_vocab_sharded", False)), saves_bytes=hidden * vocab * 6 * (1 - 1 / n),
-             what=f"the output projection split over the vocabulary in the loss ({vocab} / {n} devices)"))
+        dict(
+            key="train.loss_vocab_sharded", flag="--config.train.loss_vocab_sharded=True",
+            on=bool(config.train.get("loss_vocab_sharded", False)), saves_bytes=hidden * vocab * 6 * (1 - 1 / n),
+            what=f"the output projection split over the vocabulary in the loss ({vocab} / {n} devices), while "
+            "the loss runs: the peak falls only where the loss is the peak"))
   return out
 
 
