@@ -209,3 +209,18 @@ def test_auto_picks_by_platform_and_refuses_what_cannot_serve_the_rows():
   with pytest.raises(ValueError, match=r"model.attention='flash'"):
     attention.resolve("flash", "tpu", packed=False)
 
+
+def test_the_config_key_reaches_every_decoder_layer_and_a_bad_one_fails_at_construction():
+  from flax import nnx
+
+  from mgjax import base_config
+  from mgjax.models.vlm import MiniGemini
+
+  config = base_config.base_config()
+  assert config.model.splash_blocks == "auto"
+  config.model.splash_blocks = "v6e,block_q=1024"
+  model = nnx.eval_shape(lambda: MiniGemini(config.model, rngs=nnx.Rngs(0)))
+  assert [layer.self_attn.splash_blocks for layer in model.llm.layers] == ["v6e,block_q=1024"] * len(model.llm.layers)
+  config.model.splash_blocks = "block_q=100"
+  with pytest.raises(ValueError, match=r"model.splash_blocks='block_q=100': block_q=100 is not a positive multiple"):
+    MiniGemini(config.model, rngs=nnx.Rngs(0))

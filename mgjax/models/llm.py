@@ -30,6 +30,7 @@ The config section `model.llm` (with `model.vocab_size` beside it):
                   one layer's program compiled once, not L copies; weights carry a leading
                   'layers' axis (llm/layers/self_attn/q_proj/kernel is [L, embed, heads, head_dim])
   attention_kernel  (from model.attention) 'auto' | 'xla' | 'splash' | 'cudnn': see models.attention
+  splash_blocks   (from model.splash_blocks) splash's block sizes: see attention.splash_block_sizes
 
 How the families differ (as Hugging Face computes them):
   llama   RMSNorm scale w, cast to the compute dtype before scaling; SwiGLU (silu gate).
@@ -172,11 +173,12 @@ class Attention(nnx.Module):
 
   def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, *, rope_theta: float,
                rope_scaling: Mapping[str, Any] | None = None, qkv_bias: bool = False, attention_kernel: str = "auto",
-               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+               splash_blocks: str = "auto", dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if heads % kv_heads:
       raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
     self.rope_inv_freq = rope_frequencies(head_dim, rope_theta, rope_scaling)
     self.attention_kernel = attention.check(attention_kernel)
+    self.splash_blocks = attention.check_splash_blocks(splash_blocks)
 
     def proj(n_heads, head_axis):
       return nnx.LinearGeneral(hidden, (n_heads, head_dim), use_bias=qkv_bias, dtype=dtype, rngs=rngs,
@@ -197,7 +199,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     q, k, v = self._project(x, positions)
-    out = attention.causal_attention(q, k, v, segment_ids, implementation=self.attention_kernel)
+    out = attention.causal_attention(q, k, v, segment_ids, implementation=self.attention_kernel,
+                                     splash_blocks=self.splash_blocks)
     return checkpoint_name(self.o_proj(out), "out_proj")
 
   def prefill(self, x: jax.Array, positions: jax.Array,
@@ -210,7 +213,8 @@ class Attention(nnx.Module):
     """
     q, k, v = self._project(x, positions)
     out = attention.causal_attention(q, k, v, segment_ids,
-                                     implementation=_prompt_kernel(self.attention_kernel, x.shape[1]))
+                                     implementation=_prompt_kernel(self.attention_kernel,
+                                                                   x.shape[1]), splash_blocks=self.splash_blocks)
     return self.o_proj(out), k, v
 
   def extend(self, x: jax.Array, positions: jax.Array, mask: jax.Array, kv: dict[str, jax.Array],
@@ -279,7 +283,7 @@ class DecoderLayer(nnx.Module):
   def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, mlp: int, *, rope_theta: float,
                norm_eps: float, dtype: jnp.dtype, rngs: nnx.Rngs, rope_scaling: Mapping[str, Any] | None = None,
                qkv_bias: bool = False, norm_plus_one: bool = False, mlp_activation: str = "silu",
-               attention_kernel: str = "auto", num_experts: int = 0,
+               attention_kernel: str = "auto", splash_blocks: str = "auto", num_experts: int = 0,
                experts_per_token: int = DEFAULT_EXPERTS_PER_TOKEN):
 
     def norm():
@@ -287,7 +291,8 @@ class DecoderLayer(nnx.Module):
 
     self.input_layernorm = norm()
     self.self_attn = Attention(hidden, heads, kv_heads, head_dim, rope_theta=rope_theta, rope_scaling=rope_scaling,
-                               qkv_bias=qkv_bias, attention_kernel=attention_kernel, dtype=dtype, rngs=rngs)
+                               qkv_bias=qkv_bias, attention_kernel=attention_kernel, splash_blocks=splash_blocks,
+                               dtype=dtype, rngs=rngs)
     self.post_attention_layernorm = norm()
     if num_experts:
       self.block_sparse_moe = moe.SparseMoE(hidden, mlp, num_experts, experts_per_token, activation_name=mlp_activation,
@@ -393,9 +398,10 @@ class DecoderLM(nnx.Module):
   def __init__(self, *, vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, mlp: int,
                rope_theta: float = 10000.0, norm_eps: float = 1e-5, tie_embeddings: bool = False, remat: str = "none",
                family: str = "llama", rope_scaling: Mapping[str, Any] | None = None, qkv_bias: bool | None = None,
-               scan_layers: bool = False, attention_kernel: str = "auto", num_experts: int | None = None,
-               experts_per_token: int | None = None, router_aux_loss_coef: float = DEFAULT_ROUTER_AUX_LOSS_COEF,
-               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+               scan_layers: bool = False, attention_kernel: str = "auto", splash_blocks: str = "auto",
+               num_experts: int | None = None, experts_per_token: int | None = None,
+               router_aux_loss_coef: float = DEFAULT_ROUTER_AUX_LOSS_COEF, dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"model.llm.remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}")
     if family not in FAMILIES:
@@ -434,7 +440,7 @@ class DecoderLM(nnx.Module):
                           dtype=self.dtype, rngs=rngs, rope_scaling=rope_scaling,
                           qkv_bias=traits["qkv_bias"] if qkv_bias is None else bool(qkv_bias),
                           norm_plus_one=traits["norm_plus_one"], mlp_activation=traits["mlp_activation"],
-                          attention_kernel=attention_kernel, num_experts=self.num_experts,
+                          attention_kernel=attention_kernel, splash_blocks=splash_blocks, num_experts=self.num_experts,
                           experts_per_token=self.experts_per_token or DEFAULT_EXPERTS_PER_TOKEN)
 
     if self.scan_layers:

@@ -83,8 +83,9 @@ class MiniGemini(nnx.Module):
     self.vision_highres = ConvNeXt(**highres, dtype=dtype, rngs=rngs)
     self.mining = PatchInfoMining(lowres["width"], self.vision_highres.feature_channels, dtype=dtype, rngs=rngs)
     self.projector = Projector(lowres["width"], cfg.llm.hidden, dtype=dtype, rngs=rngs)
-    self.llm = DecoderLM(vocab_size=cfg.vocab_size, **dict(cfg.llm), attention_kernel=attention_kernel, dtype=dtype,
-                         rngs=rngs)
+    # model.splash_blocks: splash's block sizes for the decoder (attention.splash_block_sizes).
+    self.llm = DecoderLM(vocab_size=cfg.vocab_size, **dict(cfg.llm), attention_kernel=attention_kernel,
+                         splash_blocks=cfg.get("splash_blocks", "auto"), dtype=dtype, rngs=rngs)
 
   def encode_images(self, images_lowres: jax.Array, images_highres: jax.Array) -> jax.Array:
     """Visual tokens [N, num_image_tokens, hidden] of N images, as MGM's encode_images.
