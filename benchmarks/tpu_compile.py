@@ -8,7 +8,7 @@ llama3_8b_4l_v5p8_splash512, llama3_8b_4l_v5p8_splash512_vmem96, llama3_8b_4l_v5
 llama3_8b_4l_v6e8_splash512, llama3_8b_4l_v6e8_splash512_vmem96, llama3_8b_4l_v6e8_splash_auto_vmem96,
 llama3_8b_4l_v6e8_splash_q1024_vmem96, mgm_8b_stage1_v5p8, mgm_8b_stage1_v6e8, llama2_7b_v6e8,
 llama3_8b_v5e8, llama2_7b_v5p8_vocab_split_loss, llama3_8b_v5p8_vocab_split_loss, llama3_8b_2l_v5p8,
-llama3_8b_2l_v5p8_vocab_split_loss, mgm_8b_v5p8_offload.
+llama3_8b_2l_v5p8_vocab_split_loss, mgm_8b_v5p8_offload, mgm_8b_stage1_packed4_v5p8.
 Each runs
 `python -m mgjax.plan --target=...` in its own process (the figures are the TPU compiler's:
 per-device memory, hardware FLOPs and its cost model's step time, a scanned decoder's from
@@ -117,6 +117,10 @@ CASES = {
     # The presets' stage 1 as it trains: packed 2048-token rows with 4 image slots each.
     "mgm_8b_stage1_v5p8": ("configs/stage1.py:model=mgm_8b", "v5p-8", 8, []),
     "mgm_8b_stage1_v6e8": ("configs/stage1.py:model=mgm_8b", "v6e-8", 16, []),
+    # Stage 1 with packed rows of up to 4 images (configs/stage1.py's own default; the mgm presets
+    # train as Mini-Gemini does, one conversation and one image slot a row): memory only.
+    "mgm_8b_stage1_packed4_v5p8": ("configs/stage1.py:model=mgm_8b", "v5p-8", 8,
+                                   ["--config.data.packing=True", "--config.data.max_images=4", "--nocosts"]),
     # Llama-2-7B's decoder on v6e-8 and Llama-3-8B's on v5e-8 (MaxText's does not fit there at 1 x 2048).
     "llama2_7b_v6e8": ("configs/stage2.py:model=mgm_7b", "v6e-8", 16, _LLAMA2_7B),
     "llama3_8b_v5e8": ("configs/stage2.py:model=mgm_8b", "v5e-8", 8, _LLAMA3_8B),

@@ -57,6 +57,10 @@ _JSON = flags.DEFINE_string("json", None, "Also write the figures as JSON to thi
 _DECODING = flags.DEFINE_bool(
     "decoding", False, "Also size evaluation's decoding (mgjax.decoding_plan): eval.batch_size prompts of "
     "data.seq_len tokens, eval.max_new_tokens new tokens each, on the same devices and weight layout.")
+_COSTS = flags.DEFINE_bool(
+    "costs", True, "Count the step's hardware FLOPs and the TPU cost model's step time (for a scanned "
+    "decoder from two loop-free twins: two more compiles). --nocosts: memory and model FLOPs only, "
+    "in one compile.")
 flags.mark_flags_as_required(["config"])
 
 GiB = 1024**3
@@ -195,7 +199,8 @@ def compile_train_step(config, devices: list, *, unroll_loops: bool = False,
   return CompiledStep(compiled, setup, batch, time.perf_counter() - started)
 
 
-def plan(config, num_devices: int | None = None, *, target: str | None = None, decoding: bool = False) -> dict:
+def plan(config, num_devices: int | None = None, *, target: str | None = None, decoding: bool = False,
+         costs: bool = True) -> dict:
   """Compiles config's train step for `num_devices` virtual CPU devices or a TPU `target`;
   returns per-device figures; with `decoding`, evaluation's decoding's too ("decoding")."""
   import jax
@@ -225,11 +230,14 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None, d
           "tpu_flags": compiled_with_tpu_flags(),
       }
     raise
-  started = time.perf_counter()
-  print("plan: counting the step's FLOPs (loop-free twins where it loops, mgjax.flops) ...", file=sys.stderr,
-        flush=True)
-  costs = step.setup.hardware_costs(step.batch, step.compiled)
-  print(f"plan: counted in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+  if costs:
+    started = time.perf_counter()
+    print("plan: counting the step's FLOPs (loop-free twins where it loops, mgjax.flops) ...", file=sys.stderr,
+          flush=True)
+    costs = step.setup.hardware_costs(step.batch, step.compiled)
+    print(f"plan: counted in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+  else:
+    costs = {"flops": None, "modelled_seconds": None}
   b, t, m = config.data.batch_size, config.data.seq_len, config.data.max_images
   # Every token and image slot real: the most the model FLOPs of a batch can be.
   model_flops = step.setup.model_flops(t)(b * t, b * m) / len(devices)
@@ -408,6 +416,8 @@ def format_plan(p: dict, config) -> str:
           f"{name} {p[key]:.2f}" for name, key in (("MFU", "modelled_mfu"), ("HFU", "modelled_hfu")) if key in p)
       lines.append(f"  modelled step     {p['modelled_step_seconds']:.3f} s (the TPU cost model's): {utilisation} of "
                    f"{p['device_peak_tflops']:.0f} TFLOP/s")
+    elif p.get("hardware_flops_per_device") is None:
+      lines.append("  modelled step     not counted (--nocosts)")
     else:
       lines.append("  modelled step     none: the TPU cost model gave no usable time for this program")
     return "\n".join(lines + _lever_lines(p))
@@ -467,7 +477,7 @@ def main(argv: list[str]) -> None:
 
     # A TPU executable compiled here cannot be loaded back here: don't write it to a cache.
     jax.config.update("jax_enable_compilation_cache", False)
-  result = plan(config, _DEVICES.value, target=_TARGET.value, decoding=_DECODING.value)
+  result = plan(config, _DEVICES.value, target=_TARGET.value, decoding=_DECODING.value, costs=_COSTS.value)
   print(format_plan(result, config), flush=True)
   if _JSON.value:
     with open(_JSON.value, "w") as f:

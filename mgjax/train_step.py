@@ -124,9 +124,6 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mo
     return total + coef * router_sum, (total, count, router_sum)
 
   def train_step(trainable, opt_state, frozen, batch):
-    if opt_state_on_device is not None:
-      # Host to device; the jit's out_shardings put the new state back in host memory.
-      opt_state = jax.device_put(opt_state, opt_state_on_device)
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     if accum == 1:
       (_, (loss_sum, count, router_sum)), grads = grad_fn(trainable, frozen, batch)
@@ -147,6 +144,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mo
       # Zeros that read nothing: the frozen weights' gradients become dead code.
       labels = optim.frozen_labels(grads, freeze)
       grads = jax.tree.map(lambda g, label: jnp.zeros_like(g) if label == "frozen" else g, grads, labels)
+    if opt_state_on_device is not None:
+      # Host to device for the update only, after the gradients (the jit's out_shardings put
+      # the new state back in host memory). Fetched at the step's start, the TPU compiler kept
+      # the whole state on the device through the backward pass: mgm_8b on v5p-8 then needed
+      # 20.7 GiB more temporaries than without offloading, 5.7 GiB more peak.
+      opt_state = jax.device_put(opt_state, opt_state_on_device)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     step_metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "count": count, "grad_norm": optax.tree.norm(grads)}
