@@ -123,6 +123,7 @@ SLOW_FILES = (
     "test_notebook.py",
     "test_predict.py",
     "test_plan.py",
+    "test_memory_levers.py",
     "test_pretrain.py",
     "test_data_build.py",
     "test_hd.py",
