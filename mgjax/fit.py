@@ -168,8 +168,10 @@ def lever_savings(config, plan: dict[str, Any]) -> list[dict[str, Any]]:
   out = [
       dict(key="optim.mu_dtype", flag="--config.optim.mu_dtype=bfloat16", on=mu_bf16, saves_bytes=first_moment / 2,
            what="Adam's first moment in bfloat16"),
-      dict(key="optim.offload", flag="--config.optim.offload=True", on=bool(config.optim.get("offload", False)),
-           saves_bytes=opt_state, what="the optimizer state in host memory between steps"),
+      dict(
+          key="optim.offload", flag="--config.optim.offload=True", on=bool(config.optim.get("offload", False)),
+          saves_bytes=opt_state, what="the optimizer state in host memory between steps (at most: the compiler "
+          "may hold it on the device for the update; plan it)"),
   ]
   if splits:
     # The gathered bf16 projection and its float32 gradient partial, whole on every device, less

@@ -145,10 +145,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mo
       labels = optim.frozen_labels(grads, freeze)
       grads = jax.tree.map(lambda g, label: jnp.zeros_like(g) if label == "frozen" else g, grads, labels)
     if opt_state_on_device is not None:
-      # Host to device for the update only, after the gradients (the jit's out_shardings put
-      # the new state back in host memory). Fetched at the step's start, the TPU compiler kept
-      # the whole state on the device through the backward pass: mgm_8b on v5p-8 then needed
-      # 20.7 GiB more temporaries than without offloading, 5.7 GiB more peak.
+      # Host to device for the update, after the gradients (the jit's out_shardings put the
+      # new state back in host memory). When the compiler schedules the copies is its own
+      # choice: on mgm_8b (v5p-8) it holds the fetched state through the backward pass, a peak
+      # above the one without offloading (benchmarks/RESULTS.md).
       opt_state = jax.device_put(opt_state, opt_state_on_device)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
