@@ -105,11 +105,9 @@ def advice(config, num_devices: int, plan: dict[str, Any] | None = None, *, devi
     levers.append(f"shard weights and optimizer state over all {num_devices} devices (FSDP): "
                   f"--config.mesh.fsdp=-1 --config.mesh.data=1: weights and optimizer state "
                   f"{size(params + opt_state)} -> about {size(total / num_devices)}")
-  plan_levers = {lever["key"]: lever for lever in lever_savings(config, plan)} if plan else {}
-  for key in ("optim.offload",):
-    lever = plan_levers.get(key)
-    if lever and not lever["on"] and lever["saves_bytes"]:
-      levers.append(f"{lever['what']}: {lever['flag']}: about {size(lever['saves_bytes'])} less device memory")
+  offload = next(lever for lever in lever_savings(config, plan) if lever["key"] == "optim.offload")
+  if plan and not offload["on"] and offload["saves_bytes"]:
+    levers.append(f"{offload['what']}: {offload['flag']}: about {size(offload['saves_bytes'])} less device memory")
   if config.optim.get("mu_dtype", "float32") == "float32" and opt_state:
     # Adam's state is two float32 moments per trained weight: the first in bf16 saves a quarter.
     levers.append(f"keep Adam's first moment in bfloat16: --config.optim.mu_dtype=bfloat16: optimizer state "
@@ -152,7 +150,8 @@ def lever_savings(config, plan: dict[str, Any]) -> list[dict[str, Any]]:
   """The memory levers of mgjax's own (optim.mu_dtype, optim.offload, train.loss_vocab_sharded):
   for each, its config key, whether `config` has it on, and the device memory per device it
   saves (when on) or would save (when off), estimated from `plan`'s per-device optimizer state
-  and the output projection's shape; a compile with and without it gives the exact figure.
+  and mesh and the output projection's shape ([model.llm.hidden, model.vocab_size]); a compile
+  with and without it gives the exact figure.
   The optimizer state is live for the whole step, so its levers lower the peak by what they
   save; the vocabulary-split loss saves only while the loss runs, so it lowers the peak only
   where the loss phase is the peak, and the advice does not name it.
@@ -163,7 +162,7 @@ def lever_savings(config, plan: dict[str, Any]) -> list[dict[str, Any]]:
   mu_bf16 = config.optim.get("mu_dtype", "float32") == "bfloat16"
   # Two moments: float32 both (8 bytes a trained weight), or the first in bf16 (6 bytes).
   first_moment = opt_state * (2 / 6 if mu_bf16 else 4 / 8)
-  hidden, vocab = plan.get("output_projection", (0, 0))
+  hidden, vocab = int(config.model.llm.hidden), int(config.model.vocab_size)
   splits = n > 1 and vocab % n == 0
   out = [
       dict(key="optim.mu_dtype", flag="--config.optim.mu_dtype=bfloat16", on=mu_bf16, saves_bytes=first_moment / 2,

@@ -278,7 +278,6 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None, d
       "model_flops_per_device": model_flops,
       "hardware_flops_per_device": costs["flops"],
       "modelled_step_seconds": costs["modelled_seconds"],
-      "output_projection": _output_projection_shape(step.setup.abstract_params),
   }
   out["levers"] = fit.lever_savings(config, out)
   if decoding:
@@ -307,14 +306,6 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None, d
       if costs["flops"]:
         out["modelled_hfu"] = costs["flops"] / peak_flops
   return out
-
-
-def _output_projection_shape(abstract_params) -> tuple[int, int]:
-  """[hidden, vocab] of the matrix the logits are computed with (the tied embedding's transpose)."""
-  llm = abstract_params["llm"]
-  if "lm_head" in llm:
-    return tuple(llm["lm_head"]["kernel"].shape)
-  return tuple(reversed(llm["embed_tokens"]["embedding"].shape))
 
 
 def compiled_with_tpu_flags() -> list[str]:
