@@ -60,6 +60,13 @@ TPU_FLAGS: dict[str, str] = {
     # of megacore fusions, where they could not overlap as above. MaxText's v5p recipe sets it
     # with the rest.
     "xla_tpu_megacore_fusion_allow_ags": "false",
+    # Not one of MaxText's: the compiler's bf16 propagation, off. It narrows a scanned decoder's
+    # float32 weight stack, which each layer reads only as bf16, to a bf16 copy of every layer
+    # converted once before the loops and held through the forward and backward passes (half the
+    # weights' bytes per device: about 3 GiB for Llama-2-7B on 4 chips), instead of one layer's
+    # cast at a time. The FSDP all-gathers move bf16 either way (benchmarks/RESULTS.md, "TPU
+    # compile").
+    "xla_jf_bf16_propagation": "false",
 }
 
 
