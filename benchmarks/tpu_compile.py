@@ -41,7 +41,8 @@ tokens_per_s (WORKDIR/metrics.jsonl) of the same run with each setting, e.g.
 against `--config.model.splash_blocks=auto`.
 
 Prints each plan's own output, then a table (one row per case: per-device batch, weights +
-optimizer, temporaries, peak, model and hardware FLOPs per device, modelled step, modelled MFU
+optimizer, temporaries, peak (their sum) and the compiler's own peak (what its buffer assignment
+has live at once, by which it accepts a program), model and hardware FLOPs per device, modelled step, modelled MFU
 and HFU (model and hardware FLOPs over the modelled step at the chip's bf16 peak), the TPU flags
 compiled with and the collectives the compiler fused with compute, compile time of the main
 program and of the whole plan; a case the compiler refuses says so). The
@@ -181,7 +182,7 @@ def run_case(name: str, out_dir: str) -> dict:
 
 def row(name: str, p: dict) -> str:
   if not p.get("fits", True):
-    return f"| {name} | {p['target']} | refused by the compiler: {p['refused']} | | | | | | | | | | |"
+    return f"| {name} | {p['target']} | refused by the compiler: {p['refused']} | | | | | | | | | | | |"
   per_device_batch = p["batch"]["global"] // (p["mesh"]["data"] * p["mesh"]["fsdp"])
 
   def figure(key: str, fmt: str, scale: float = 1.0) -> str:
@@ -189,7 +190,8 @@ def row(name: str, p: dict) -> str:
 
   return (f"| {name} | {p['target']} | {per_device_batch} x {p['batch']['seq_len']} | "
           f"{(p['params_bytes'] + p['opt_state_bytes']) / GiB:.1f} GiB | {p['temp_bytes'] / GiB:.2f} GiB | "
-          f"{p['peak_bytes'] / GiB:.2f} GiB | {p['model_flops_per_device'] / 1e12:.1f} T | "
+          f"{p['peak_bytes'] / GiB:.2f} GiB | {figure('compiler_peak_bytes', '.2f', GiB)} GiB | "
+          f"{p['model_flops_per_device'] / 1e12:.1f} T | "
           f"{figure('hardware_flops_per_device', '.1f', 1e12)} T | {figure('modelled_step_seconds', '.3f')} s | "
           f"{figure('modelled_mfu', '.2f')} | {figure('modelled_hfu', '.2f')} | "
           f"{_tpu_flags(p)} | {p['compile_seconds']:.0f} s / {p['wall_seconds']:.0f} s |")
@@ -208,10 +210,11 @@ def main() -> None:
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   results = {name: run_case(name, args.out) for name in args.cases.split(",")}
-  print("| case | target | per-device batch | weights + optimizer | temporaries | peak | model FLOPs/device | "
+  print("| case | target | per-device batch | weights + optimizer | temporaries | peak | compiler's peak | "
+        "model FLOPs/device | "
         "hardware FLOPs/device | modelled step | modelled MFU | modelled HFU | TPU flags (collectives fused) | "
         "compile (main program / whole plan) |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for name, figures in results.items():
     print(row(name, figures))
 

@@ -3,9 +3,11 @@ this CPU: a change that breaks the TPU path fails here before any user meets it.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from conftest import REPO
@@ -63,6 +65,9 @@ def test_sample_compiles_for_v5p_with_splash_attention(tmp_path):
   assert figures["async_collective_fusions"] > 0
   assert f"compiler flags    {len(tpu_flags.TPU_FLAGS)} in LIBTPU_INIT_ARGS" in result.stdout
   assert figures["params_bytes"] + figures["opt_state_bytes"] < figures["peak_bytes"] < 0.01 * 95 * 2**30
+  # The compiler's own peak (what it has live at once) is at most the sum of arguments and temporaries.
+  assert figures["params_bytes"] < figures["compiler_peak_bytes"] <= figures["peak_bytes"]
+  assert "compiler's peak" in result.stdout and "fits: the compiler's peak" in result.stdout
   # The optimizer state is the compiler's host memory (its small moments padded to the TPU's
   # tiles), not among the device's arguments: those are the weights and the batch.
   assert figures["opt_state_bytes"] <= figures["host_argument_bytes"] < 2 * figures["opt_state_bytes"]
@@ -111,3 +116,34 @@ def test_scanned_decoder_and_chunked_loss_cost_the_same_as_the_unrolled_program(
     for key in ("hardware_flops", "modelled_seconds"):
       assert looped["decoding"][part][key] == pytest.approx(unrolled_decoding[part][key], rel=0.02), (part, key)
   assert 0 < looped["decoding"]["step"]["modelled_seconds"] < looped["decoding"]["prefill"]["modelled_seconds"]
+
+
+def test_a_scanned_decoder_casts_its_weights_to_bf16_a_layer_at_a_time():
+  # bf16 compute over float32 weights in a scanned decoder. With the compiler's bf16 propagation
+  # (libtpu's default) the whole weight stack enters the decoder's loops as one bf16 copy, held
+  # through the forward and backward passes; mgjax's TPU flags turn it off, so each layer's
+  # weights are cast as that layer runs.
+  config = config_files.load_config_file(os.path.join(REPO, "configs", "stage2.py"), "data=sample:tiny")
+  config.mesh.data, config.mesh.fsdp, config.data.max_images = 1, -1, 0
+  config.model.dtype, config.model.llm.scan_layers, config.model.llm.remat = "bfloat16", True, "full"
+  devices = plan.tpu_devices("v5p-8")
+  setup, batch = plan.step_setup(config, devices)
+  # Per-device shapes of the stacked matrices ([layers, ...], FSDP-split), as the program spells them.
+  layers = zip(jax.tree.leaves(setup.abstract_params["llm"]["layers"]),
+               jax.tree.leaves(setup.param_shardings["llm"]["layers"]))
+  stacked = {
+      "bf16[" + ",".join(map(str, sharding.shard_shape(leaf.shape))) + "]"
+      for leaf, sharding in layers
+      if leaf.ndim >= 3
+  }
+  assert stacked
+
+  def bf16_stacks_in_loops(bf16_propagation: bool) -> set[str]:
+    option = {"xla_jf_bf16_propagation": bf16_propagation}
+    hlo = setup.compile_train_step(batch, compiler_options=option).as_text()
+    loops = " ".join(line for line in hlo.splitlines() if " while(" in line)
+    return {shape for shape in set(re.findall(r"bf16\[[\d,]+\]", loops)) if shape in stacked}
+
+  assert tpu_flags.TPU_FLAGS["xla_jf_bf16_propagation"] == "false"
+  assert bf16_stacks_in_loops(False) == set()
+  assert bf16_stacks_in_loops(True) == stacked  # libtpu's default: the copy this flag removes
