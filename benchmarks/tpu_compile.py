@@ -9,7 +9,8 @@ llama3_8b_4l_v6e8_splash512, llama3_8b_4l_v6e8_splash512_vmem96, llama3_8b_4l_v6
 llama3_8b_4l_v6e8_splash_q1024_vmem96, mgm_8b_stage1_v5p8, mgm_8b_stage1_v6e8, llama2_7b_v6e8,
 llama3_8b_v5e8, llama2_7b_v5p8_vocab_split_loss, llama3_8b_v5p8_vocab_split_loss, llama3_8b_2l_v5p8,
 llama3_8b_2l_v5p8_vocab_split_loss, llama3_8b_2l_v5p8_offload, mgm_8b_v5p8_vocab_split_loss,
-mgm_8b_v5p8_offload, llama2_7b_v5e8_offload, mgm_8b_stage1_packed4_v5p8.
+mgm_8b_v5p8_vocab_split_loss_bf16_mu, mgm_8b_v5p8_offload, llama2_7b_v5e8_offload,
+mgm_8b_stage1_packed4_v5p8.
 Each runs
 `python -m mgjax.plan --target=...` in its own process (the figures are the TPU compiler's:
 per-device memory, hardware FLOPs and its cost model's step time, a scanned decoder's from
@@ -137,6 +138,9 @@ CASES = {
     "llama3_8b_2l_v5p8_offload":
         ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, _LLAMA3_8B + _TWO_LAYERS + ["--config.optim.offload=True"]),
     "mgm_8b_v5p8_vocab_split_loss": ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, _VOCAB_SPLIT + ["--nocosts"]),
+    # Both on-device levers: the vocabulary-split loss and Adam's first moment in bf16 (optim.mu_dtype).
+    "mgm_8b_v5p8_vocab_split_loss_bf16_mu": ("configs/stage2.py:model=mgm_8b", "v5p-8", 8,
+                                             _VOCAB_SPLIT + ["--config.optim.mu_dtype=bfloat16", "--nocosts"]),
     "mgm_8b_v5p8_offload": ("configs/stage2.py:model=mgm_8b", "v5p-8", 8, ["--config.optim.offload=True"]),
     "llama2_7b_v5e8_offload":
         ("configs/stage2.py:model=mgm_7b", "v5e-8", 16, _LLAMA2_7B + ["--config.optim.offload=True", "--nocosts"]),
