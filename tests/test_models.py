@@ -148,6 +148,36 @@ def test_convnext_stage_outputs_and_highres_map():
   _close(up, jnp.ones_like(up))
 
 
+def test_scanned_towers_equal_the_unrolled_ones():
+  # model.llm.scan_layers scans the towers' repeated layers over their stacked weights: the same
+  # weights (same seed, the same per-layer layout) give the same features and gradients.
+  images = jax.random.normal(jax.random.key(8), (2, 32, 32, 3))
+
+  def loss_and_grads(tower, features):
+    return nnx.jit(nnx.value_and_grad(lambda t: jnp.mean(features(t)**2)))(tower)
+
+  vit_kw = dict(image_size=32, patch_size=8, width=32, layers=4, heads=2, mlp=64)
+  convnext_kw = dict(dims=(8, 16, 32, 64), depths=(1, 3, 2, 1), ls_init=1.0)
+  pairs = [
+      (VisionTransformer(**vit_kw, rngs=nnx.Rngs(0)), VisionTransformer(**vit_kw, scan_layers=True,
+                                                                        rngs=nnx.Rngs(0)), lambda t: t(images)),
+      (ConvNeXt(**convnext_kw, rngs=nnx.Rngs(0)), ConvNeXt(**convnext_kw, scan_blocks=True,
+                                                           rngs=nnx.Rngs(0)), lambda t: t.feature_map(images)),
+  ]
+  for unrolled, scanned, features in pairs:
+    unrolled_loss, unrolled_grads = loss_and_grads(unrolled, features)
+    scanned_loss, scanned_grads = loss_and_grads(scanned, features)
+    _close(scanned_loss, unrolled_loss, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(scanned_grads), jax.tree.leaves(unrolled_grads)):
+      _close(a, b, atol=1e-5)
+  # The ViT runs its layers up to the feature layer only, scanned too: the last layer's weights
+  # change nothing.
+  vit = pairs[0][1]
+  before = _call(vit, images)
+  vit.layers[3].mlp.fc1.kernel[...] = vit.layers[3].mlp.fc1.kernel[...] + 1.0
+  _close(_call(vit, images), before, atol=0)
+
+
 def test_depthwise_conv_equals_grouped_convolution():
   conv = DepthwiseConv(8, 7, rngs=nnx.Rngs(0))
   conv.bias[...] = jnp.arange(8.0)

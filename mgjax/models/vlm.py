@@ -79,8 +79,11 @@ class MiniGemini(nnx.Module):
                        f"the {cells}x{cells} low-res grid (e.g. {4 * cells * 2})")
     # model.attention: the kernel for the decoder and the ViT (mgjax.models.attention).
     attention_kernel = cfg.get("attention", "auto")
-    self.vision_lowres = VisionTransformer(**lowres, dtype=dtype, attention_kernel=attention_kernel, rngs=rngs)
-    self.vision_highres = ConvNeXt(**highres, dtype=dtype, rngs=rngs)
+    # model.llm.scan_layers scans the towers' repeated layers too (vision.run_in_order).
+    scan = bool(cfg.llm.get("scan_layers", False))
+    self.vision_lowres = VisionTransformer(**lowres, dtype=dtype, attention_kernel=attention_kernel, scan_layers=scan,
+                                           rngs=rngs)
+    self.vision_highres = ConvNeXt(**highres, dtype=dtype, scan_blocks=scan, rngs=rngs)
     self.mining = PatchInfoMining(lowres["width"], self.vision_highres.feature_channels, dtype=dtype, rngs=rngs)
     self.projector = Projector(lowres["width"], cfg.llm.hidden, dtype=dtype, rngs=rngs)
     # model.splash_blocks: splash's block sizes for the decoder (attention.splash_block_sizes).
