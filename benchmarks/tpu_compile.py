@@ -43,11 +43,11 @@ against `--config.model.splash_blocks=auto`.
 
 Prints each plan's own output, then a table (one row per case: per-device batch, weights +
 optimizer, temporaries, peak (their sum) and the compiler's own peak (what its buffer assignment
-has live at once: the figure to hold against the chip), model and hardware FLOPs per device, modelled step, modelled MFU
-and HFU (model and hardware FLOPs over the modelled step at the chip's bf16 peak), the TPU flags
-compiled with and the collectives the compiler fused with compute, compile time of the main
-program and of the whole plan; a case the compiler refuses says so). The
-targets it is held to and the recorded figures are in benchmarks/RESULTS.md.
+has live at once: the figure to hold against the chip), model and hardware FLOPs per device,
+modelled step, modelled MFU and HFU (model and hardware FLOPs over the modelled step at the chip's
+bf16 peak), the TPU flags compiled with and the collectives the compiler fused with compute,
+compile time of the main program and of the whole plan; a case the compiler refuses says so).
+The targets it is held to and the recorded figures are in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -230,14 +230,13 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None, d
           "tpu_flags": compiled_with_tpu_flags(),
       }
     raise
+  step_costs = {"flops": None, "modelled_seconds": None}
   if costs:
     started = time.perf_counter()
     print("plan: counting the step's FLOPs (loop-free twins where it loops, mgjax.flops) ...", file=sys.stderr,
           flush=True)
-    costs = step.setup.hardware_costs(step.batch, step.compiled)
+    step_costs = step.setup.hardware_costs(step.batch, step.compiled)
     print(f"plan: counted in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-  else:
-    costs = {"flops": None, "modelled_seconds": None}
   b, t, m = config.data.batch_size, config.data.seq_len, config.data.max_images
   # Every token and image slot real: the most the model FLOPs of a batch can be.
   model_flops = step.setup.model_flops(t)(b * t, b * m) / len(devices)
@@ -281,8 +280,8 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None, d
       # Pallas kernels in the program (splash attention on TPU).
       "pallas_kernels": step.compiled.as_text().count('custom_call_target="tpu_custom_call"'),
       "model_flops_per_device": model_flops,
-      "hardware_flops_per_device": costs["flops"],
-      "modelled_step_seconds": costs["modelled_seconds"],
+      "hardware_flops_per_device": step_costs["flops"],
+      "modelled_step_seconds": step_costs["modelled_seconds"],
   }
   out["levers"] = fit.lever_savings(config, out)
   if decoding:
@@ -308,8 +307,8 @@ def plan(config, num_devices: int | None = None, *, target: str | None = None, d
     if out["modelled_step_seconds"]:
       peak_flops = out["modelled_step_seconds"] * peak * 1e12
       out["modelled_mfu"] = model_flops / peak_flops
-      if costs["flops"]:
-        out["modelled_hfu"] = costs["flops"] / peak_flops
+      if step_costs["flops"]:
+        out["modelled_hfu"] = step_costs["flops"] / peak_flops
   return out
 
 
@@ -408,7 +407,7 @@ def format_plan(p: dict, config) -> str:
     hbm = p["device_hbm_gib"]
     lines.append(f"  compiler flags    {len(p['tpu_flags'])} in LIBTPU_INIT_ARGS (mgjax.tpu_flags; --tpu_flags=False: "
                  f"without), {p['async_collective_fusions']} collective(s) fused with compute")
-    # The compiler judges by its own peak where it gives one.
+    # The compiler's own peak where it gives one: it accepts programs whose sum is above the chip.
     name, held = ("the compiler's peak",
                   p["compiler_peak_bytes"]) if p.get("compiler_peak_bytes") else ("peak", p["peak_bytes"])
     lines.append(f"  fits: {name} {held / GiB:.1f} of {hbm:.0f} GiB ({held / GiB / hbm:.0%}); the compiler accepted it")
